@@ -1,0 +1,16 @@
+//! The virtwarden policy language: `HostPolicy` documents, loading them from files with
+//! located errors, semantic validation and merging into one desired state. No host I/O.
+
+pub mod desired;
+pub mod duration;
+pub mod load;
+pub mod locate;
+pub mod merge;
+pub mod schema;
+pub mod types;
+pub mod validate;
+
+pub use desired::{DesiredState, ForwardingSetting, ManagedBridge, ManagedDomain};
+pub use duration::Duration;
+pub use load::{Diagnostic, LoadError, LoadedPolicies, load_paths, load_texts};
+pub use types::*;

@@ -1,0 +1,336 @@
+//! The HostPolicy document: the one policy language shared by host files and the CRD.
+//! Field names are the public contract; every struct rejects unknown fields.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+
+/// The only accepted `apiVersion`.
+pub const API_VERSION: &str = "virtwarden.io/v1alpha1";
+/// The only accepted `kind`.
+pub const KIND: &str = "HostPolicy";
+
+/// One policy document as written in a YAML file.
+///
+/// ```yaml
+/// apiVersion: virtwarden.io/v1alpha1
+/// kind: HostPolicy
+/// metadata: { name: web-tier }
+/// spec:
+///   domains: [{ name: web1, state: running, restart: on-failure }]
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(title = "HostPolicy", description = "Desired state of a libvirt/KVM host, reconciled by virtwarden.")]
+pub struct HostPolicy {
+    /// Always `virtwarden.io/v1alpha1`.
+    #[schemars(extend("enum" = [API_VERSION]))]
+    pub api_version: String,
+    /// Always `HostPolicy`.
+    #[schemars(extend("enum" = [KIND]))]
+    pub kind: String,
+    pub metadata: Metadata,
+    #[serde(default)]
+    pub spec: HostPolicySpec,
+}
+
+/// Identifies a policy; `name` appears in plans, status and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    /// Lowercase letters, digits, `-` and `.`, at most 253 characters (a Kubernetes object name).
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// What the host should look like.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostPolicySpec {
+    /// Kubernetes operator only: node labels this policy applies to. Host mode ignores it, so
+    /// one document works in both modes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// libvirt domains under management. Domains not listed in any policy are never touched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<DomainPolicy>,
+    /// Linux bridges under management. Bridges not listed in any policy are never touched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bridges: Vec<BridgePolicy>,
+    /// IP forwarding of the host's network namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarding: Option<Forwarding>,
+}
+
+/// Desired state and healing rules for one libvirt domain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DomainPolicy {
+    /// The libvirt domain name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[serde(default)]
+    pub state: DesiredDomainState,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Enforce libvirt's autostart flag; absent leaves it as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
+    /// Desired boot order of the persistent definition; absent leaves it as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Vec<BootDevice>>,
+    /// Crash-loop protection; absent fields take the documented defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    /// Escalation ladder tried as consecutive failures accumulate; absent means `start` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remediation: Option<Vec<RemediationStep>>,
+    /// How long a graceful shutdown may take before the domain is destroyed (default 60s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+/// Default wait for a graceful shutdown before falling back to destroy.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl DomainPolicy {
+    /// A policy with every optional field absent (handy for tests and builders).
+    pub fn named(name: impl Into<String>) -> Self {
+        DomainPolicy {
+            name: name.into(),
+            state: DesiredDomainState::default(),
+            restart: RestartPolicy::default(),
+            autostart: None,
+            boot: None,
+            backoff: None,
+            remediation: None,
+            shutdown_timeout: None,
+        }
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT)
+    }
+}
+
+/// Whether the domain should run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DesiredDomainState {
+    /// Keep it running (how a stop is treated depends on `restart`).
+    #[default]
+    Running,
+    /// Keep it shut off: shut down gracefully, destroy after `shutdownTimeout`.
+    Stopped,
+    /// Observe and report only; never act on it.
+    Ignored,
+}
+
+/// When a domain that stopped is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// After any stop, including a guest or admin shutdown.
+    Always,
+    /// Only after a crash; a guest or admin shutdown is honoured.
+    #[default]
+    OnFailure,
+    /// Never restart; only report.
+    Never,
+}
+
+/// A boot device class, as libvirt's `<os><boot dev=…>` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootDevice {
+    Hd,
+    Cdrom,
+    Network,
+    Fd,
+}
+
+impl BootDevice {
+    /// The name libvirt uses in `<boot dev=…>`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootDevice::Hd => "hd",
+            BootDevice::Cdrom => "cdrom",
+            BootDevice::Network => "network",
+            BootDevice::Fd => "fd",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "hd" => Some(BootDevice::Hd),
+            "cdrom" => Some(BootDevice::Cdrom),
+            "network" => Some(BootDevice::Network),
+            "fd" => Some(BootDevice::Fd),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for BootDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Crash-loop protection. See [`Backoff::resolve`] for the defaults.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backoff {
+    /// Delay before restarting a domain that failed again soon after a restart (default 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_delay: Option<Duration>,
+    /// Upper bound of the doubling delay (default 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<Duration>,
+    /// Healthy uptime after which the failure count resets (default 10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_after: Option<Duration>,
+    /// More restarts than this within `window` quarantines the domain (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_restarts: Option<u32>,
+    /// Sliding window for `maxRestarts` (default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Duration>,
+}
+
+/// [`Backoff`] with every default filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffSettings {
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    pub reset_after: Duration,
+    pub max_restarts: u32,
+    pub window: Duration,
+}
+
+impl BackoffSettings {
+    pub const DEFAULT: BackoffSettings = BackoffSettings {
+        initial_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(300),
+        reset_after: Duration::from_secs(600),
+        max_restarts: 10,
+        window: Duration::from_secs(3600),
+    };
+}
+
+impl Backoff {
+    pub fn resolve(backoff: Option<&Backoff>) -> BackoffSettings {
+        let d = BackoffSettings::DEFAULT;
+        let Some(b) = backoff else { return d };
+        BackoffSettings {
+            initial_delay: b.initial_delay.unwrap_or(d.initial_delay),
+            max_delay: b.max_delay.unwrap_or(d.max_delay),
+            reset_after: b.reset_after.unwrap_or(d.reset_after),
+            max_restarts: b.max_restarts.unwrap_or(d.max_restarts),
+            window: b.window.unwrap_or(d.window),
+        }
+    }
+}
+
+/// One rung of the remediation ladder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemediationStep {
+    pub action: RemediationAction,
+    /// Used from this many consecutive failures on (default 0 = from the first failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u32>,
+    /// `exec` only: argv, no shell; the first element is an absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// `exec` only: kill the command after this long (default 60s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+}
+
+/// Default time an `exec` remediation may run.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A remediation the engine knows how to carry out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemediationAction {
+    Start,
+    Reset,
+    DestroyStart,
+    RedefineBootOrder,
+    Exec,
+}
+
+impl RemediationAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemediationAction::Start => "start",
+            RemediationAction::Reset => "reset",
+            RemediationAction::DestroyStart => "destroy-start",
+            RemediationAction::RedefineBootOrder => "redefine-boot-order",
+            RemediationAction::Exec => "exec",
+        }
+    }
+}
+
+/// A Linux bridge and its ports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BridgePolicy {
+    /// Interface name: 1–15 bytes, no `/`, `:` or whitespace.
+    #[schemars(length(min = 1, max = 15))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stp: Option<Stp>,
+    /// Host interfaces that must be ports of this bridge. VM taps follow from the domains' XML.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    /// Allow changing the ports of a bridge that carries the host's default route (default false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_uplink_change: bool,
+}
+
+/// Spanning tree settings; timers in seconds, as `ip link … type bridge` takes them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Stp {
+    pub enabled: bool,
+    /// Seconds, 2–30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 30))]
+    pub forward_delay: Option<u32>,
+    /// Seconds, 1–10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
+    pub hello_time: Option<u32>,
+    /// Seconds, 6–40.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 6, max = 40))]
+    pub max_age: Option<u32>,
+    /// Bridge priority, 0–65535 (lower wins the root election).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u16>,
+}
+
+/// The kernel's accepted ranges (seconds) for STP timers while STP is on.
+pub const FORWARD_DELAY_RANGE: std::ops::RangeInclusive<u32> = 2..=30;
+pub const HELLO_TIME_RANGE: std::ops::RangeInclusive<u32> = 1..=10;
+pub const MAX_AGE_RANGE: std::ops::RangeInclusive<u32> = 6..=40;
+
+/// IP forwarding switches; absent leaves the setting as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Forwarding {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<bool>,
+}
