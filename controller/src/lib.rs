@@ -1,1 +1,9 @@
+//! virtwarden: a self-healing reconciliation controller for libvirt/KVM hosts.
+//! observe → plan (pure) → act → verify; front ends (CLI, host service, operator) drive it.
 
+pub mod act;
+pub mod cli;
+pub mod hypervisor;
+pub mod libvirt;
+pub mod observe;
+pub mod plan;

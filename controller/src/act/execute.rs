@@ -1,0 +1,109 @@
+//! Executing one action, and a whole plan followed by verification (nmstate's habit: after
+//! applying, observe again and report what did not stick).
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use virtwarden_policies::DesiredState;
+
+use super::boot_xml::{BootXmlError, rewrite_boot_order};
+use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::observe::DomainState;
+use crate::plan::{Action, ActionKind, Plan, plan};
+
+/// How often a graceful shutdown is checked on.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActError {
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error("rewriting the boot order of {domain}: {source}")]
+    BootXml { domain: String, source: BootXmlError },
+}
+
+/// What happened to one action.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionOutcome {
+    pub action: Action,
+    /// `None` on success, else the error text.
+    pub error: Option<String>,
+    pub millis: u128,
+}
+
+/// The result of applying a plan and verifying it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyReport {
+    pub outcomes: Vec<ActionOutcome>,
+    /// The plan computed from the state observed after applying: empty when converged.
+    pub remaining: Plan,
+}
+
+impl ApplyReport {
+    pub fn failed(&self) -> usize {
+        self.outcomes.iter().filter(|o| o.error.is_some()).count()
+    }
+
+    /// Every action succeeded and a fresh plan is empty.
+    pub fn converged(&self) -> bool {
+        self.failed() == 0 && self.remaining.is_empty()
+    }
+}
+
+/// Carry out one action. Blocks (graceful shutdown waits up to its timeout).
+pub fn execute_action(hv: &dyn Hypervisor, action: &Action) -> Result<(), ActError> {
+    let name = action.domain.as_str();
+    match &action.kind {
+        ActionKind::Start => hv.start(name)?,
+        ActionKind::Restart => {
+            if hv.observe_domain(name)?.is_some_and(|d| d.state.is_active()) {
+                hv.destroy(name)?;
+            }
+            hv.start(name)?;
+        }
+        ActionKind::Resume => hv.resume(name)?,
+        ActionKind::Destroy => hv.destroy(name)?,
+        ActionKind::Shutdown { timeout } => shutdown(hv, name, timeout.as_std())?,
+        ActionKind::SetAutostart { on } => hv.set_autostart(name, *on)?,
+        ActionKind::SetBootOrder { order } => {
+            let xml = hv.persistent_xml(name)?;
+            let new = rewrite_boot_order(&xml, order).map_err(|source| ActError::BootXml { domain: name.to_string(), source })?;
+            hv.define_xml(name, &new)?;
+        }
+    }
+    Ok(())
+}
+
+/// Ask the guest to shut down; destroy it if it is still up after `timeout`.
+fn shutdown(hv: &dyn Hypervisor, name: &str, timeout: Duration) -> Result<(), HypervisorError> {
+    hv.shutdown(name)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match hv.observe_domain(name)? {
+            None => return Ok(()),
+            Some(d) if d.state == DomainState::ShutOff => return Ok(()),
+            Some(_) if Instant::now() >= deadline => {
+                tracing::warn!(domain = name, timeout = ?timeout, "graceful shutdown timed out; destroying");
+                return hv.destroy(name);
+            }
+            Some(_) => std::thread::sleep(SHUTDOWN_POLL),
+        }
+    }
+}
+
+/// Execute `plan` in order, continuing past failures, then observe again and re-plan.
+pub fn apply_plan(hv: &dyn Hypervisor, desired: &DesiredState, to_apply: &Plan) -> Result<ApplyReport, HypervisorError> {
+    let mut outcomes = Vec::with_capacity(to_apply.actions.len());
+    for action in &to_apply.actions {
+        let started = Instant::now();
+        let result = execute_action(hv, action);
+        let millis = started.elapsed().as_millis();
+        match &result {
+            Ok(()) => tracing::info!(domain = %action.domain, action = action.kind.name(), millis, "action done"),
+            Err(err) => tracing::warn!(domain = %action.domain, action = action.kind.name(), %err, "action failed"),
+        }
+        outcomes.push(ActionOutcome { action: action.clone(), error: result.err().map(|e| e.to_string()), millis });
+    }
+    let observed = hv.observe_host()?;
+    Ok(ApplyReport { outcomes, remaining: plan(desired, &observed) })
+}

@@ -1,0 +1,263 @@
+//! The real [`Hypervisor`](crate::hypervisor::Hypervisor): libvirt through the `virt` crate.
+//! Calls block; async callers run them on blocking threads.
+
+use std::mem::ManuallyDrop;
+
+use virt::connect::Connect;
+use virt::domain::{
+    Domain, DomainCrashedReason, DomainPausedReason, DomainRunningReason, DomainShutdownReason,
+    DomainShutoffReason, DomainState as VState, DomainStateReason,
+};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+
+use crate::hypervisor::{DomainControl, DomainReader, HypervisorError};
+use crate::observe::domain_xml::parse_domain_xml;
+use crate::observe::{DomainState, ObservedDomain, ObservedHost, ObservedNetwork};
+
+const XML_SECURE: u32 = virt::sys::VIR_DOMAIN_XML_SECURE;
+const XML_INACTIVE: u32 = virt::sys::VIR_DOMAIN_XML_INACTIVE;
+
+/// The connect URI to use: the flag, else `$LIBVIRT_DEFAULT_URI`, else `qemu:///system`.
+pub fn resolve_uri(flag: Option<&str>) -> String {
+    flag.map(str::to_string)
+        .or_else(|| std::env::var("LIBVIRT_DEFAULT_URI").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "qemu:///system".to_string())
+}
+
+/// An open libvirt connection.
+pub struct LibvirtHost {
+    // virt's Drop for Connect panics when virConnectClose fails; we close it ourselves.
+    conn: ManuallyDrop<Connect>,
+    uri: String,
+}
+
+impl LibvirtHost {
+    pub fn open(uri: &str) -> Result<Self, HypervisorError> {
+        let conn = Connect::open(Some(uri)).map_err(|source| HypervisorError::Connect { uri: uri.to_string(), source })?;
+        Ok(LibvirtHost { conn: ManuallyDrop::new(conn), uri: uri.to_string() })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    pub fn connection(&self) -> &Connect {
+        &self.conn
+    }
+
+    fn lookup(&self, op: &'static str, name: &str) -> Result<Domain, HypervisorError> {
+        self.conn.lookup_domain_by_name(name).map_err(|source| {
+            if is_no_domain(&source) {
+                HypervisorError::NoSuchDomain { domain: name.to_string() }
+            } else {
+                HypervisorError::Call { op, domain: name.to_string(), source }
+            }
+        })
+    }
+
+    fn observe_one(&self, dom: &Domain) -> Result<ObservedDomain, HypervisorError> {
+        let name = dom.name().map_err(|source| HypervisorError::Host { op: "name", source })?;
+        let call = |op: &'static str| {
+            let name = name.clone();
+            move |source| HypervisorError::Call { op, domain: name, source }
+        };
+        let uuid = dom.uuid_string().map_err(call("uuid"))?;
+        let (state, reason) = map_state(dom.state().map_err(call("state"))?);
+        let persistent = dom.is_persistent().map_err(call("is_persistent"))?;
+        let autostart = if persistent { dom.autostart().map_err(call("autostart"))? } else { false };
+        // Live XML has the taps; the persistent one has the boot order the next start uses.
+        let live_xml = dom.xml_desc(0).map_err(call("dumpxml"))?;
+        let live = parse_domain_xml(&live_xml).map_err(|source| HypervisorError::Xml { domain: name.clone(), source })?;
+        let boot = if persistent && state.is_active() {
+            let xml = dom.xml_desc(XML_INACTIVE).map_err(call("dumpxml --inactive"))?;
+            parse_domain_xml(&xml).map_err(|source| HypervisorError::Xml { domain: name.clone(), source })?.boot
+        } else {
+            live.boot
+        };
+        Ok(ObservedDomain {
+            name,
+            uuid,
+            state,
+            reason,
+            persistent,
+            autostart,
+            boot,
+            interfaces: live.interfaces,
+            disks: live.disks,
+        })
+    }
+}
+
+impl Drop for LibvirtHost {
+    fn drop(&mut self) {
+        // SAFETY: the pointer comes from a Connect we own and never use again; taking it out of
+        // ManuallyDrop without running virt's Drop avoids its panic on a failed close.
+        let rc = unsafe { virt::sys::virConnectClose(self.conn.as_ptr()) };
+        if rc < 0 {
+            tracing::warn!(uri = %self.uri, "closing the libvirt connection failed");
+        }
+    }
+}
+
+fn is_no_domain(e: &virt::error::Error) -> bool {
+    matches!(e.code(), Enum::Known(ErrorNumber::NoDomain))
+}
+
+fn map_state(
+    (state, reason): (virt::domain::DomainStateEnum, virt::domain::DomainStateReasonEnum),
+) -> (DomainState, String) {
+    let state = match state {
+        Enum::Known(VState::Running) => DomainState::Running,
+        Enum::Known(VState::Blocked) => DomainState::Blocked,
+        Enum::Known(VState::Paused) => DomainState::Paused,
+        Enum::Known(VState::Shutdown) => DomainState::ShuttingDown,
+        Enum::Known(VState::Shutoff) => DomainState::ShutOff,
+        Enum::Known(VState::Crashed) => DomainState::Crashed,
+        Enum::Known(VState::PMSuspended) => DomainState::PmSuspended,
+        Enum::Known(VState::NoState) | Enum::Unknown(_) => DomainState::NoState,
+    };
+    let reason = match reason {
+        Enum::Known(r) => reason_text(r),
+        Enum::Unknown(_) => "unknown",
+    };
+    (state, reason.to_string())
+}
+
+/// The reason words `virsh domstate --reason` prints.
+fn reason_text(r: DomainStateReason) -> &'static str {
+    use DomainStateReason as R;
+    match r {
+        R::Running(Enum::Known(x)) => match x {
+            DomainRunningReason::Booted => "booted",
+            DomainRunningReason::Migrated => "migrated",
+            DomainRunningReason::Restored => "restored",
+            DomainRunningReason::FromSnapshot => "from snapshot",
+            DomainRunningReason::Unpaused => "unpaused",
+            DomainRunningReason::MigrationCancelled => "migration canceled",
+            DomainRunningReason::SaveCancelled => "save canceled",
+            DomainRunningReason::Wakeup => "event wakeup",
+            DomainRunningReason::Crashed => "crashed",
+            DomainRunningReason::PostCopy => "post-copy",
+            DomainRunningReason::PostCopyFailed => "post-copy failed",
+            DomainRunningReason::Unknown => "unknown",
+        },
+        R::Paused(Enum::Known(x)) => match x {
+            DomainPausedReason::User => "user",
+            DomainPausedReason::Migration => "migrating",
+            DomainPausedReason::Save => "saving",
+            DomainPausedReason::Dump => "dumping",
+            DomainPausedReason::IOError => "I/O error",
+            DomainPausedReason::Watchdog => "watchdog",
+            DomainPausedReason::FromSnapshot => "from snapshot",
+            DomainPausedReason::ShuttingDown => "shutting down",
+            DomainPausedReason::Snapshot => "creating snapshot",
+            DomainPausedReason::Crashed => "crashed",
+            DomainPausedReason::StartingUp => "starting up",
+            DomainPausedReason::PostCopy => "post-copy",
+            DomainPausedReason::PostCopyFailed => "post-copy failed",
+            DomainPausedReason::APIError => "api error",
+            DomainPausedReason::Unknown => "unknown",
+        },
+        R::Shutdown(Enum::Known(DomainShutdownReason::User)) => "user",
+        R::Shutoff(Enum::Known(x)) => match x {
+            DomainShutoffReason::Shutdown => "shutdown",
+            DomainShutoffReason::Destroyed => "destroyed",
+            DomainShutoffReason::Crashed => "crashed",
+            DomainShutoffReason::Migrated => "migrated",
+            DomainShutoffReason::Saved => "saved",
+            DomainShutoffReason::Failed => "failed",
+            DomainShutoffReason::FromSnapshot => "from snapshot",
+            DomainShutoffReason::Daemon => "daemon",
+            DomainShutoffReason::Unknown => "unknown",
+        },
+        R::Crashed(Enum::Known(DomainCrashedReason::Panicked)) => "panicked",
+        _ => "unknown",
+    }
+}
+
+impl DomainReader for LibvirtHost {
+    fn observe_host(&self) -> Result<ObservedHost, HypervisorError> {
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|source| HypervisorError::Host { op: "list domains", source })?;
+        let mut host = ObservedHost::default();
+        for dom in &domains {
+            match self.observe_one(dom) {
+                Ok(d) => host.domains.push(d),
+                // Undefined between listing and reading: it is simply gone.
+                Err(HypervisorError::Call { source, .. }) if is_no_domain(&source) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        host.domains.sort_by(|a, b| a.name.cmp(&b.name));
+        let networks = self
+            .conn
+            .list_all_networks(0)
+            .map_err(|source| HypervisorError::Host { op: "list networks", source })?;
+        for net in &networks {
+            let name = net.name().map_err(|source| HypervisorError::Host { op: "network name", source })?;
+            host.networks.push(ObservedNetwork {
+                bridge: net.bridge_name().ok(),
+                active: net.is_active().unwrap_or(false),
+                name,
+            });
+        }
+        host.networks.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(host)
+    }
+
+    fn observe_domain(&self, name: &str) -> Result<Option<ObservedDomain>, HypervisorError> {
+        match self.lookup("lookup", name) {
+            Ok(dom) => match self.observe_one(&dom) {
+                Ok(d) => Ok(Some(d)),
+                Err(HypervisorError::Call { source, .. }) if is_no_domain(&source) => Ok(None),
+                Err(e) => Err(e),
+            },
+            Err(HypervisorError::NoSuchDomain { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl DomainControl for LibvirtHost {
+    fn start(&self, name: &str) -> Result<(), HypervisorError> {
+        let dom = self.lookup("start", name)?;
+        dom.create().map_err(|source| HypervisorError::Call { op: "start", domain: name.into(), source })
+    }
+
+    fn shutdown(&self, name: &str) -> Result<(), HypervisorError> {
+        let dom = self.lookup("shutdown", name)?;
+        dom.shutdown().map_err(|source| HypervisorError::Call { op: "shutdown", domain: name.into(), source })
+    }
+
+    fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
+        let dom = self.lookup("destroy", name)?;
+        dom.destroy().map_err(|source| HypervisorError::Call { op: "destroy", domain: name.into(), source })
+    }
+
+    fn resume(&self, name: &str) -> Result<(), HypervisorError> {
+        let dom = self.lookup("resume", name)?;
+        dom.resume().map_err(|source| HypervisorError::Call { op: "resume", domain: name.into(), source })
+    }
+
+    fn set_autostart(&self, name: &str, on: bool) -> Result<(), HypervisorError> {
+        let dom = self.lookup("set autostart", name)?;
+        dom.set_autostart(on)
+            .map_err(|source| HypervisorError::Call { op: "set autostart", domain: name.into(), source })
+    }
+
+    fn persistent_xml(&self, name: &str) -> Result<String, HypervisorError> {
+        let dom = self.lookup("dumpxml", name)?;
+        // SECURE keeps passwords (e.g. VNC) in the XML, so redefining does not drop them.
+        dom.xml_desc(XML_INACTIVE | XML_SECURE)
+            .map_err(|source| HypervisorError::Call { op: "dumpxml --inactive --security-info", domain: name.into(), source })
+    }
+
+    fn define_xml(&self, name: &str, xml: &str) -> Result<(), HypervisorError> {
+        self.conn.define_domain_xml(xml)
+            .map(drop)
+            .map_err(|source| HypervisorError::Call { op: "define", domain: name.into(), source })
+    }
+}

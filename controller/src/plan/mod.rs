@@ -1,0 +1,144 @@
+//! The pure planner: desired state × observed state → ordered actions, each with a one-line
+//! human reason. No I/O here; everything it reads is a value.
+
+mod domains;
+mod render;
+
+use serde::Serialize;
+use virtwarden_policies::{BootDevice, DesiredState, Duration};
+
+use crate::observe::ObservedHost;
+
+pub use render::render_text;
+
+/// What to do to one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum ActionKind {
+    Start,
+    /// Destroy what is left of a crashed domain, then start it.
+    Restart,
+    Resume,
+    /// Graceful shutdown; destroy if it has not stopped after `timeout`.
+    Shutdown { timeout: Duration },
+    Destroy,
+    SetAutostart { on: bool },
+    SetBootOrder { order: Vec<BootDevice> },
+}
+
+impl ActionKind {
+    /// The verb shown after the arrow in a plan line.
+    pub fn verb(&self) -> String {
+        match self {
+            ActionKind::Start => "start".into(),
+            ActionKind::Restart => "destroy, then start".into(),
+            ActionKind::Resume => "resume".into(),
+            ActionKind::Shutdown { timeout } => format!("shut down (destroy after {timeout})"),
+            ActionKind::Destroy => "destroy".into(),
+            ActionKind::SetAutostart { on } => format!("set autostart {}", on_off(*on)),
+            ActionKind::SetBootOrder { order } => format!("set boot order {}", boot_list(order)),
+        }
+    }
+
+    /// Execution phase: configuration first, then stops, then starts, so a domain starts with
+    /// its corrected boot order.
+    fn phase(&self) -> u8 {
+        match self {
+            ActionKind::SetBootOrder { .. } | ActionKind::SetAutostart { .. } => 0,
+            ActionKind::Shutdown { .. } | ActionKind::Destroy => 1,
+            ActionKind::Start | ActionKind::Restart | ActionKind::Resume => 2,
+        }
+    }
+
+    /// A short stable name for metrics and JSON (`start`, `set-boot-order`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ActionKind::Start => "start",
+            ActionKind::Restart => "restart",
+            ActionKind::Resume => "resume",
+            ActionKind::Shutdown { .. } => "shutdown",
+            ActionKind::Destroy => "destroy",
+            ActionKind::SetAutostart { .. } => "set-autostart",
+            ActionKind::SetBootOrder { .. } => "set-boot-order",
+        }
+    }
+}
+
+/// One planned change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Action {
+    pub domain: String,
+    /// The policy that asks for it.
+    pub policy: String,
+    #[serde(flatten)]
+    pub kind: ActionKind,
+    /// Why: what was observed and what the policy wants.
+    pub reason: String,
+}
+
+impl Action {
+    /// `web1: shut off (crashed), policy wants running → start`
+    pub fn line(&self) -> String {
+        format!("{}: {} → {}", self.domain, self.reason, self.kind.verb())
+    }
+}
+
+/// How much a note matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+}
+
+/// Something observed and reported without an action (drift we will not or cannot fix).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Note {
+    pub subject: String,
+    pub severity: Severity,
+    pub message: String,
+}
+
+impl Note {
+    pub fn line(&self) -> String {
+        let tag = match self.severity {
+            Severity::Info => "note",
+            Severity::Warning => "warning",
+        };
+        format!("{tag}: {}: {}", self.subject, self.message)
+    }
+}
+
+/// The plan: actions in execution order plus notes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub notes: Vec<Note>,
+}
+
+impl Plan {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+/// Plan every managed domain. Domains no policy names never appear in the plan.
+pub fn plan(desired: &DesiredState, observed: &ObservedHost) -> Plan {
+    let mut plan = Plan::default();
+    for managed in &desired.domains {
+        domains::plan_domain(managed, observed.domain(&managed.spec.name), &mut plan);
+    }
+    // Stable: by phase, then policy order (sort_by_key is stable).
+    plan.actions.sort_by_key(|a| a.kind.phase());
+    plan
+}
+
+pub(crate) fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
+}
+
+pub(crate) fn boot_list(order: &[BootDevice]) -> String {
+    let names: Vec<&str> = order.iter().map(|d| d.as_str()).collect();
+    format!("[{}]", names.join(", "))
+}
