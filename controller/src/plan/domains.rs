@@ -37,6 +37,7 @@ pub(super) fn plan_domain(managed: &ManagedDomain, observed: Option<&ObservedDom
     };
     if spec.state == DesiredDomainState::Ignored {
         // Observe and report only: every would-be action becomes a note.
+        let observed_notes = std::mem::take(&mut notes);
         for (kind, reason) in wanted {
             let a = action(kind, reason);
             notes.push(Note {
@@ -45,6 +46,7 @@ pub(super) fn plan_domain(managed: &ManagedDomain, observed: Option<&ObservedDom
                 message: format!("{} → would {} (state: ignored, not acting)", a.reason, a.kind.verb()),
             });
         }
+        notes.extend(observed_notes);
     } else {
         plan.actions.extend(wanted.into_iter().map(|(k, r)| action(k, r)));
     }
