@@ -5,12 +5,12 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use virtwarden_policies::{LoadError, LoadedPolicies, load_paths};
+use virtwarden_policies::{load_paths, LoadError, LoadedPolicies};
 
-use crate::act::{ApplyReport, apply_plan};
+use crate::act::{apply_plan, ApplyReport};
 use crate::hypervisor::Hypervisor;
-use crate::libvirt::{LibvirtHost, resolve_uri};
-use crate::plan::{Plan, plan, render_text};
+use crate::libvirt::{resolve_uri, LibvirtHost};
+use crate::plan::{plan, render_text, Plan};
 
 /// Process exit codes.
 pub mod exit {
@@ -83,37 +83,57 @@ pub enum Command {
 pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let result = match command {
         Command::Check { paths } => check(&paths, out, err),
-        Command::Plan { connect, output, paths } => with_host(&paths, connect.as_deref(), err, |loaded, hv| {
+        Command::Plan {
+            connect,
+            output,
+            paths,
+        } => with_host(&paths, connect.as_deref(), err, |loaded, hv| {
             plan_cmd(loaded, hv, output, out)
         }),
-        Command::Apply { connect, output, paths } => with_host(&paths, connect.as_deref(), err, |loaded, hv| {
+        Command::Apply {
+            connect,
+            output,
+            paths,
+        } => with_host(&paths, connect.as_deref(), err, |loaded, hv| {
             apply_cmd(loaded, hv, output, out)
         }),
-        Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
+        Command::Schema => write!(
+            out,
+            "{}",
+            virtwarden_policies::schema::host_policy_schema_json()
+        )
+        .map(|_| exit::OK),
     };
     result.unwrap_or(exit::RUNTIME)
 }
 
+/// Load policies; on failure report them on `err` (a failed write must not change the exit
+/// code, so it is ignored) and return `None`.
 fn load(paths: &[PathBuf], err: &mut dyn Write) -> std::io::Result<Option<LoadedPolicies>> {
     match load_paths(paths) {
         Ok(l) => Ok(Some(l)),
         Err(e @ LoadError::Invalid(_)) => {
-            writeln!(err, "{e}")?;
+            let _ = writeln!(err, "{e}");
             Ok(None)
         }
         Err(e) => {
-            writeln!(err, "error: {e}")?;
+            let _ = writeln!(err, "error: {e}");
             Ok(None)
         }
     }
 }
 
 fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
-    let Some(loaded) = load(paths, err)? else { return Ok(exit::INVALID_POLICY) };
+    let Some(loaded) = load(paths, err)? else {
+        return Ok(exit::INVALID_POLICY);
+    };
     let d = &loaded.desired;
     let fwd: Vec<String> = [("ipv4", &d.ipv4_forwarding), ("ipv6", &d.ipv6_forwarding)]
         .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|s| format!("{k}={}", if s.enabled { "on" } else { "off" })))
+        .filter_map(|(k, v)| {
+            v.as_ref()
+                .map(|s| format!("{k}={}", if s.enabled { "on" } else { "off" }))
+        })
         .collect();
     writeln!(
         out,
@@ -123,7 +143,11 @@ fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io
         if d.policies.len() == 1 { "y" } else { "ies" },
         d.domains.len(),
         d.bridges.len(),
-        if fwd.is_empty() { "unmanaged".to_string() } else { fwd.join(" ") }
+        if fwd.is_empty() {
+            "unmanaged".to_string()
+        } else {
+            fwd.join(" ")
+        }
     )?;
     Ok(exit::OK)
 }
@@ -134,7 +158,9 @@ fn with_host(
     err: &mut dyn Write,
     body: impl FnOnce(&LoadedPolicies, &dyn Hypervisor) -> std::io::Result<i32>,
 ) -> std::io::Result<i32> {
-    let Some(loaded) = load(paths, err)? else { return Ok(exit::INVALID_POLICY) };
+    let Some(loaded) = load(paths, err)? else {
+        return Ok(exit::INVALID_POLICY);
+    };
     let uri = resolve_uri(connect);
     let host = match LibvirtHost::open(&uri) {
         Ok(h) => h,
@@ -157,23 +183,45 @@ fn observe_and_plan(loaded: &LoadedPolicies, hv: &dyn Hypervisor) -> std::io::Re
     Ok(plan(&loaded.desired, &observed))
 }
 
-fn plan_cmd(loaded: &LoadedPolicies, hv: &dyn Hypervisor, output: Output, out: &mut dyn Write) -> std::io::Result<i32> {
+fn plan_cmd(
+    loaded: &LoadedPolicies,
+    hv: &dyn Hypervisor,
+    output: Output,
+    out: &mut dyn Write,
+) -> std::io::Result<i32> {
     let p = observe_and_plan(loaded, hv)?;
     match output {
         Output::Text => write!(out, "{}", render_text(&p))?,
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&p).map_err(std::io::Error::other)?)?,
+        Output::Json => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&p).map_err(std::io::Error::other)?
+        )?,
     }
     Ok(if p.is_empty() { exit::OK } else { exit::DRIFT })
 }
 
-fn apply_cmd(loaded: &LoadedPolicies, hv: &dyn Hypervisor, output: Output, out: &mut dyn Write) -> std::io::Result<i32> {
+fn apply_cmd(
+    loaded: &LoadedPolicies,
+    hv: &dyn Hypervisor,
+    output: Output,
+    out: &mut dyn Write,
+) -> std::io::Result<i32> {
     let p = observe_and_plan(loaded, hv)?;
     let report = apply_plan(hv, &loaded.desired, &p).map_err(std::io::Error::other)?;
     match output {
         Output::Text => write_apply_text(&p, &report, out)?,
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?)?,
+        Output::Json => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?
+        )?,
     }
-    Ok(if report.converged() { exit::OK } else { exit::RUNTIME })
+    Ok(if report.converged() {
+        exit::OK
+    } else {
+        exit::RUNTIME
+    })
 }
 
 fn write_apply_text(p: &Plan, report: &ApplyReport, out: &mut dyn Write) -> std::io::Result<()> {
@@ -197,7 +245,12 @@ fn write_apply_text(p: &Plan, report: &ApplyReport, out: &mut dyn Write) -> std:
     if report.converged() {
         writeln!(out, "converged")?;
     } else {
-        writeln!(out, "NOT converged: {} action(s) failed, {} still planned", report.failed(), report.remaining.actions.len())?;
+        writeln!(
+            out,
+            "NOT converged: {} action(s) failed, {} still planned",
+            report.failed(),
+            report.remaining.actions.len()
+        )?;
     }
     Ok(())
 }

@@ -7,18 +7,35 @@ use crate::observe::{ObservedDomain, ObservedHost};
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     #[error("cannot connect to {uri}: {source}")]
-    Connect { uri: String, source: virt::error::Error },
+    Connect {
+        uri: String,
+        source: virt::error::Error,
+    },
     #[error("{op} {domain}: {source}")]
-    Call { op: &'static str, domain: String, source: virt::error::Error },
+    Call {
+        op: &'static str,
+        domain: String,
+        source: virt::error::Error,
+    },
     #[error("{op}: {source}")]
-    Host { op: &'static str, source: virt::error::Error },
+    Host {
+        op: &'static str,
+        source: virt::error::Error,
+    },
     #[error("domain {domain}: {source}")]
-    Xml { domain: String, source: crate::observe::domain_xml::XmlError },
+    Xml {
+        domain: String,
+        source: crate::observe::domain_xml::XmlError,
+    },
     #[error("domain {domain} does not exist")]
     NoSuchDomain { domain: String },
     /// Raised by test doubles and by checks that are not libvirt calls.
     #[error("{op} {domain}: {message}")]
-    Failed { op: &'static str, domain: String, message: String },
+    Failed {
+        op: &'static str,
+        domain: String,
+        message: String,
+    },
 }
 
 impl HypervisorError {

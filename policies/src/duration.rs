@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
-use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A duration written as one or more `<number><unit>` parts, units `ms`, `s`, `m`, `h`, `d`.
@@ -151,8 +151,20 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "10", "s", "1x", "1.5s", "-1s", "1s2", "99999999999999999999s"] {
-            assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "",
+            "10",
+            "s",
+            "1x",
+            "1.5s",
+            "-1s",
+            "1s2",
+            "99999999999999999999s",
+        ] {
+            assert!(
+                bad.parse::<Duration>().is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 

@@ -12,5 +12,5 @@ pub mod validate;
 
 pub use desired::{DesiredState, ForwardingSetting, ManagedBridge, ManagedDomain};
 pub use duration::Duration;
-pub use load::{Diagnostic, LoadError, LoadedPolicies, load_paths, load_texts};
+pub use load::{load_paths, load_texts, Diagnostic, LoadError, LoadedPolicies};
 pub use types::*;

@@ -5,8 +5,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::desired::DesiredState;
-use crate::locate::{DocumentIndex, Position, index_documents};
-use crate::merge::{Site, merge};
+use crate::locate::{index_documents, DocumentIndex, Position};
+use crate::merge::{merge, Site};
 use crate::types::HostPolicy;
 use crate::validate::validate_document;
 
@@ -27,7 +27,13 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// `file:line:column: message`, the first line of the display.
     pub fn headline(&self) -> String {
-        format!("{}:{}:{}: {}", self.file.display(), self.position.line, self.position.column, self.message)
+        format!(
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.position.line,
+            self.position.column,
+            self.message
+        )
     }
 }
 
@@ -41,7 +47,11 @@ impl fmt::Display for Diagnostic {
                 .take(self.position.column.saturating_sub(1) as usize)
                 .map(|c| if c == '\t' { '\t' } else { ' ' })
                 .collect();
-            write!(f, "\n {:>gutter$} | {line}\n {:>gutter$} | {caret_pad}^", self.position.line, "")?;
+            write!(
+                f,
+                "\n {:>gutter$} | {line}\n {:>gutter$} | {caret_pad}^",
+                self.position.line, ""
+            )?;
         }
         if let Some(hint) = &self.hint {
             write!(f, "\n  hint: {hint}")?;
@@ -54,7 +64,10 @@ impl fmt::Display for Diagnostic {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{} does not exist", path.display())]
     Missing { path: PathBuf },
     #[error("{}", render_diagnostics(.0))]
@@ -78,7 +91,10 @@ fn render_diagnostics(diags: &[Diagnostic]) -> String {
         out.push('\n');
     }
     let n = diags.len();
-    out.push_str(&format!("{n} error{} found; no policy was loaded", if n == 1 { "" } else { "s" }));
+    out.push_str(&format!(
+        "{n} error{} found; no policy was loaded",
+        if n == 1 { "" } else { "s" }
+    ));
     out
 }
 
@@ -106,13 +122,22 @@ pub fn policy_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
     for path in paths {
         let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => LoadError::Missing { path: path.clone() },
-            _ => LoadError::Read { path: path.clone(), source },
+            _ => LoadError::Read {
+                path: path.clone(),
+                source,
+            },
         })?;
         if meta.is_dir() {
-            let entries = std::fs::read_dir(path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
+            let entries = std::fs::read_dir(path).map_err(|source| LoadError::Read {
+                path: path.clone(),
+                source,
+            })?;
             let mut found = Vec::new();
             for entry in entries {
-                let entry = entry.map_err(|source| LoadError::Read { path: path.clone(), source })?;
+                let entry = entry.map_err(|source| LoadError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
                 let p = entry.path();
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
@@ -141,7 +166,9 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<LoadedPolicies, LoadError> {
 }
 
 /// Load from in-memory `(file name, text)` pairs; same rules as [`load_paths`].
-pub fn load_texts<'a>(inputs: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<LoadedPolicies, LoadError> {
+pub fn load_texts<'a>(
+    inputs: impl IntoIterator<Item = (&'a Path, &'a str)>,
+) -> Result<LoadedPolicies, LoadError> {
     let mut diagnostics = Vec::new();
     let mut documents = Vec::new();
     let mut files = Vec::new();
@@ -174,7 +201,11 @@ pub fn load_texts<'a>(inputs: impl IntoIterator<Item = (&'a Path, &'a str)>) -> 
     if !diagnostics.is_empty() {
         return Err(LoadError::Invalid(diagnostics));
     }
-    Ok(LoadedPolicies { desired, documents, files })
+    Ok(LoadedPolicies {
+        desired,
+        documents,
+        files,
+    })
 }
 
 fn locate(documents: &[SourcedPolicy], site: &Site) -> String {
@@ -184,13 +215,19 @@ fn locate(documents: &[SourcedPolicy], site: &Site) -> String {
 }
 
 fn read_policy_file(file: &Path) -> Result<String, LoadError> {
-    let read_err = |source| LoadError::Read { path: file.to_path_buf(), source };
+    let read_err = |source| LoadError::Read {
+        path: file.to_path_buf(),
+        source,
+    };
     let meta = std::fs::metadata(file).map_err(read_err)?;
     if meta.len() > MAX_FILE_BYTES {
         return Err(LoadError::Invalid(vec![Diagnostic {
             file: file.to_path_buf(),
             position: Position { line: 1, column: 1 },
-            message: format!("file is {} bytes; policy files are limited to {MAX_FILE_BYTES} bytes", meta.len()),
+            message: format!(
+                "file is {} bytes; policy files are limited to {MAX_FILE_BYTES} bytes",
+                meta.len()
+            ),
             hint: Some("split it into several files in a policy directory".into()),
             source_line: None,
         }]));
@@ -219,7 +256,10 @@ pub fn parse_text(file: &Path, text: &str) -> Result<Vec<SourcedPolicy>, Vec<Dia
         Err(err) => {
             let pos = err
                 .location()
-                .map(|l| Position { line: l.line(), column: l.column() })
+                .map(|l| Position {
+                    line: l.line(),
+                    column: l.column(),
+                })
                 .unwrap_or(Position { line: 1, column: 1 });
             let message = bare_message(&err, pos);
             let hint = hint_for(&message);
@@ -259,7 +299,10 @@ impl SourcedPolicy {
             position,
             message,
             hint,
-            source_line: self.text_line.get(position.line.saturating_sub(1) as usize).cloned(),
+            source_line: self
+                .text_line
+                .get(position.line.saturating_sub(1) as usize)
+                .cloned(),
         }
     }
 }
@@ -268,7 +311,20 @@ impl SourcedPolicy {
 fn bare_message(err: &serde_saphyr::Error, pos: Position) -> String {
     let text = err.without_snippet().to_string();
     let suffix = format!(" at line {}, column {}", pos.line, pos.column);
-    text.strip_suffix(&suffix).unwrap_or(&text).trim().to_string()
+    let text = text.strip_suffix(&suffix).unwrap_or(&text).trim();
+    // Reword the parser's terse or implementation-facing messages for people.
+    let reworded = match text {
+        "invalid u16" => "expected a whole number from 0 to 65535".to_string(),
+        "invalid u32" => "expected a whole number from 0 to 4294967295".to_string(),
+        "invalid boolean" => "expected true or false".to_string(),
+        "expected sequence start" => "expected a list".to_string(),
+        "expected mapping start" => "expected a mapping of `key: value` pairs".to_string(),
+        other => match other.split_once(", set DuplicateKeyPolicy") {
+            Some((head, _)) => head.to_string(),
+            None => other.to_string(),
+        },
+    };
+    reworded
 }
 
 /// A hint for the common serde errors, keyed on their stable wording.
@@ -281,7 +337,7 @@ fn hint_for(message: &str) -> Option<String> {
         "add the field; `virtwarden schema` shows which fields are required"
     } else if message.contains("invalid duration") {
         "write durations like 500ms, 30s, 5m, 1h or 1h30m"
-    } else if message.starts_with("invalid type") || message.starts_with("expected") || message.starts_with("invalid u") {
+    } else if message.starts_with("invalid type") || message.starts_with("expected") {
         "check the value's type against `virtwarden schema`"
     } else if message.contains("duplicate") {
         "remove one of the duplicate keys"

@@ -72,7 +72,9 @@ pub fn index_documents(text: &str) -> Vec<DocumentIndex> {
                 }
             }
             Event::Scalar(value, style, ..) => {
-                let Some(doc) = current.as_mut() else { continue };
+                let Some(doc) = current.as_mut() else {
+                    continue;
+                };
                 if let Some(Frame::Map { key }) = stack.last_mut() {
                     if key.is_none() {
                         *key = Some(value.into_owned());
@@ -87,11 +89,15 @@ pub fn index_documents(text: &str) -> Vec<DocumentIndex> {
                 record(doc, &mut stack, &path, pos);
             }
             Event::Alias(..) => {
-                let Some(doc) = current.as_mut() else { continue };
+                let Some(doc) = current.as_mut() else {
+                    continue;
+                };
                 record(doc, &mut stack, &path, pos);
             }
             Event::SequenceStart(..) | Event::MappingStart(..) => {
-                let Some(doc) = current.as_mut() else { continue };
+                let Some(doc) = current.as_mut() else {
+                    continue;
+                };
                 if let Some(Frame::Map { key: None }) = stack.last() {
                     // A collection used as a mapping key: not something a policy has.
                     // Track it so the structure stays balanced.
@@ -140,7 +146,9 @@ fn child_segment(stack: &mut [Frame]) -> Option<String> {
 
 fn record(doc: &mut DocumentIndex, stack: &mut [Frame], path: &[String], pos: Position) {
     let segment = child_segment(stack);
-    doc.positions.entry(join(path, segment.as_deref())).or_insert(pos);
+    doc.positions
+        .entry(join(path, segment.as_deref()))
+        .or_insert(pos);
     if let Some(Frame::Map { key }) = stack.last_mut() {
         *key = None;
     }
@@ -175,17 +183,50 @@ metadata: {name: b}
         let docs = index_documents(TEXT);
         assert_eq!(docs.len(), 2);
         let d = &docs[0];
-        assert_eq!(d.find("apiVersion"), Position { line: 1, column: 13 });
-        assert_eq!(d.find("spec.domains[0].name"), Position { line: 4, column: 13 });
-        assert_eq!(d.find("spec.domains[0].boot[1]"), Position { line: 5, column: 18 });
-        assert_eq!(d.find("spec.domains[1].name"), Position { line: 6, column: 13 });
-        assert_eq!(docs[1].find("metadata.name"), Position { line: 9, column: 18 });
+        assert_eq!(
+            d.find("apiVersion"),
+            Position {
+                line: 1,
+                column: 13
+            }
+        );
+        assert_eq!(
+            d.find("spec.domains[0].name"),
+            Position {
+                line: 4,
+                column: 13
+            }
+        );
+        assert_eq!(
+            d.find("spec.domains[0].boot[1]"),
+            Position {
+                line: 5,
+                column: 18
+            }
+        );
+        assert_eq!(
+            d.find("spec.domains[1].name"),
+            Position {
+                line: 6,
+                column: 13
+            }
+        );
+        assert_eq!(
+            docs[1].find("metadata.name"),
+            Position {
+                line: 9,
+                column: 18
+            }
+        );
     }
 
     #[test]
     fn falls_back_to_the_closest_written_ancestor() {
         let docs = index_documents(TEXT);
-        assert_eq!(docs[0].find("spec.domains[1].restart"), Position { line: 6, column: 7 });
+        assert_eq!(
+            docs[0].find("spec.domains[1].restart"),
+            Position { line: 6, column: 7 }
+        );
         assert_eq!(docs[0].find("nothing.here"), docs[0].start);
     }
 }

@@ -4,9 +4,8 @@
 use std::collections::HashSet;
 
 use crate::types::{
-    API_VERSION, BridgePolicy, DesiredDomainState, DomainPolicy, FORWARD_DELAY_RANGE,
-    HELLO_TIME_RANGE, HostPolicy, KIND, MAX_AGE_RANGE, RemediationAction, RemediationStep,
-    RestartPolicy,
+    BridgePolicy, DesiredDomainState, DomainPolicy, HostPolicy, RemediationAction, RemediationStep,
+    RestartPolicy, API_VERSION, FORWARD_DELAY_RANGE, HELLO_TIME_RANGE, KIND, MAX_AGE_RANGE,
 };
 
 /// One semantic problem in a document.
@@ -20,7 +19,11 @@ pub struct Issue {
 
 impl Issue {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Issue { path: path.into(), message: message.into(), hint: None }
+        Issue {
+            path: path.into(),
+            message: message.into(),
+            hint: None,
+        }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -46,8 +49,13 @@ pub fn interface_name_problem(name: &str) -> Option<String> {
     if name == "." || name == ".." {
         return Some(format!("`{name}` is not a valid interface name"));
     }
-    if let Some(c) = name.chars().find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control()) {
-        return Some(format!("interface name `{name}` contains {c:?}, which Linux does not allow"));
+    if let Some(c) = name
+        .chars()
+        .find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Some(format!(
+            "interface name `{name}` contains {c:?}, which Linux does not allow"
+        ));
     }
     None
 }
@@ -57,13 +65,17 @@ pub fn validate_document(doc: &HostPolicy) -> Vec<Issue> {
     let mut issues = Vec::new();
     if doc.api_version != API_VERSION {
         issues.push(
-            Issue::new("apiVersion", format!("unsupported apiVersion `{}`", doc.api_version))
-                .hint(format!("use `apiVersion: {API_VERSION}`")),
+            Issue::new(
+                "apiVersion",
+                format!("unsupported apiVersion `{}`", doc.api_version),
+            )
+            .hint(format!("use `apiVersion: {API_VERSION}`")),
         );
     }
     if doc.kind != KIND {
         issues.push(
-            Issue::new("kind", format!("unsupported kind `{}`", doc.kind)).hint(format!("use `kind: {KIND}`")),
+            Issue::new("kind", format!("unsupported kind `{}`", doc.kind))
+                .hint(format!("use `kind: {KIND}`")),
         );
     }
     if let Some(problem) = object_name_problem(&doc.metadata.name) {
@@ -86,7 +98,10 @@ fn object_name_problem(name: &str) -> Option<String> {
         return Some("metadata.name is empty".into());
     }
     if name.len() > 253 {
-        return Some(format!("metadata.name is {} characters long; at most 253 are allowed", name.len()));
+        return Some(format!(
+            "metadata.name is {} characters long; at most 253 are allowed",
+            name.len()
+        ));
     }
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
     let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
@@ -98,14 +113,29 @@ fn object_name_problem(name: &str) -> Option<String> {
 
 fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
     if d.name.is_empty() {
-        issues.push(Issue::new(format!("{at}.name"), "domain name is empty").hint("use the name `virsh list --all` shows"));
+        issues.push(
+            Issue::new(format!("{at}.name"), "domain name is empty")
+                .hint("use the name `virsh list --all` shows"),
+        );
     } else if let Some(c) = d.name.chars().find(|c| *c == '/' || c.is_control()) {
-        issues.push(Issue::new(format!("{at}.name"), format!("domain name `{}` contains {c:?}, which libvirt does not allow", d.name)));
+        issues.push(
+            Issue::new(
+                format!("{at}.name"),
+                format!(
+                    "domain name `{}` contains {c:?}, which libvirt does not allow",
+                    d.name
+                ),
+            )
+            .hint("use the name `virsh list --all` shows"),
+        );
     }
     if d.state == DesiredDomainState::Stopped && d.restart == RestartPolicy::Always {
         issues.push(
-            Issue::new(format!("{at}.restart"), "`restart: always` contradicts `state: stopped`")
-                .hint("use `restart: on-failure` or `never`, or `state: running`"),
+            Issue::new(
+                format!("{at}.restart"),
+                "`restart: always` contradicts `state: stopped`",
+            )
+            .hint("use `restart: on-failure` or `never`, or `state: running`"),
         );
     }
     if let Some(boot) = &d.boot {
@@ -119,8 +149,11 @@ fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
         for (i, dev) in boot.iter().enumerate() {
             if !seen.insert(*dev) {
                 issues.push(
-                    Issue::new(format!("{at}.boot[{i}]"), format!("boot device `{dev}` is listed twice"))
-                        .hint("each device class may appear once in the boot order"),
+                    Issue::new(
+                        format!("{at}.boot[{i}]"),
+                        format!("boot device `{dev}` is listed twice"),
+                    )
+                    .hint("each device class may appear once in the boot order"),
                 );
             }
         }
@@ -129,19 +162,33 @@ fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
         if let (Some(initial), Some(max)) = (b.initial_delay, b.max_delay) {
             if initial > max {
                 issues.push(
-                    Issue::new(format!("{at}.backoff.initialDelay"), format!("initialDelay {initial} is longer than maxDelay {max}"))
-                        .hint("initialDelay doubles up to maxDelay; make maxDelay at least initialDelay"),
+                    Issue::new(
+                        format!("{at}.backoff.initialDelay"),
+                        format!("initialDelay {initial} is longer than maxDelay {max}"),
+                    )
+                    .hint(
+                        "initialDelay doubles up to maxDelay; make maxDelay at least initialDelay",
+                    ),
                 );
             }
         }
         if b.max_restarts == Some(0) {
             issues.push(
-                Issue::new(format!("{at}.backoff.maxRestarts"), "maxRestarts must be at least 1")
-                    .hint("use `restart: never` to never restart a domain"),
+                Issue::new(
+                    format!("{at}.backoff.maxRestarts"),
+                    "maxRestarts must be at least 1",
+                )
+                .hint("use `restart: never` to never restart a domain"),
             );
         }
         if b.window.is_some_and(|w| w.0.is_zero()) {
-            issues.push(Issue::new(format!("{at}.backoff.window"), "window must be longer than 0s").hint("e.g. `window: 1h`"));
+            issues.push(
+                Issue::new(
+                    format!("{at}.backoff.window"),
+                    "window must be longer than 0s",
+                )
+                .hint("e.g. `window: 1h`"),
+            );
         }
     }
     if let Some(ladder) = &d.remediation {
@@ -152,8 +199,9 @@ fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
 fn validate_ladder(at: &str, ladder: &[RemediationStep], issues: &mut Vec<Issue>) {
     if ladder.is_empty() {
         issues.push(
-            Issue::new(at, "remediation ladder is empty")
-                .hint("list at least one step, or remove `remediation` to use the default (`start`)"),
+            Issue::new(at, "remediation ladder is empty").hint(
+                "list at least one step, or remove `remediation` to use the default (`start`)",
+            ),
         );
     }
     let mut previous: Option<u32> = None;
@@ -185,20 +233,29 @@ fn validate_ladder(at: &str, ladder: &[RemediationStep], issues: &mut Vec<Issue>
                 Some(_) => {}
             }
             if step.timeout.is_some_and(|t| t.0.is_zero()) {
-                issues.push(Issue::new(format!("{here}.timeout"), "timeout must be longer than 0s").hint("e.g. `timeout: 60s`"));
+                issues.push(
+                    Issue::new(format!("{here}.timeout"), "timeout must be longer than 0s")
+                        .hint("e.g. `timeout: 60s`"),
+                );
             }
         } else {
             let action = step.action.as_str();
             if step.command.is_some() {
                 issues.push(
-                    Issue::new(format!("{here}.command"), format!("`command` is only used by `action: exec`, not `{action}`"))
-                        .hint("remove `command` or use `action: exec`"),
+                    Issue::new(
+                        format!("{here}.command"),
+                        format!("`command` is only used by `action: exec`, not `{action}`"),
+                    )
+                    .hint("remove `command` or use `action: exec`"),
                 );
             }
             if step.timeout.is_some() {
                 issues.push(
-                    Issue::new(format!("{here}.timeout"), format!("`timeout` is only used by `action: exec`, not `{action}`"))
-                        .hint("remove `timeout`"),
+                    Issue::new(
+                        format!("{here}.timeout"),
+                        format!("`timeout` is only used by `action: exec`, not `{action}`"),
+                    )
+                    .hint("remove `timeout`"),
                 );
             }
         }
@@ -208,7 +265,8 @@ fn validate_ladder(at: &str, ladder: &[RemediationStep], issues: &mut Vec<Issue>
 fn validate_bridge(at: &str, b: &BridgePolicy, issues: &mut Vec<Issue>) {
     let ifname_hint = "interface names are 1–15 bytes without '/', ':' or whitespace";
     if let Some(problem) = interface_name_problem(&b.name) {
-        issues.push(Issue::new(format!("{at}.name"), format!("bridge {problem}")).hint(ifname_hint));
+        issues
+            .push(Issue::new(format!("{at}.name"), format!("bridge {problem}")).hint(ifname_hint));
     }
     let mut seen = HashSet::new();
     for (i, port) in b.ports.iter().enumerate() {
@@ -216,9 +274,15 @@ fn validate_bridge(at: &str, b: &BridgePolicy, issues: &mut Vec<Issue>) {
         if let Some(problem) = interface_name_problem(port) {
             issues.push(Issue::new(here, format!("port {problem}")).hint(ifname_hint));
         } else if port == &b.name {
-            issues.push(Issue::new(here, format!("bridge `{port}` cannot be a port of itself")));
+            issues.push(
+                Issue::new(here, format!("bridge `{port}` cannot be a port of itself"))
+                    .hint("list the host interfaces to enslave, not the bridge"),
+            );
         } else if !seen.insert(port.as_str()) {
-            issues.push(Issue::new(here, format!("port `{port}` is listed twice")).hint("remove the duplicate"));
+            issues.push(
+                Issue::new(here, format!("port `{port}` is listed twice"))
+                    .hint("remove the duplicate"),
+            );
         }
     }
     if let Some(stp) = &b.stp {
@@ -233,9 +297,17 @@ fn validate_bridge(at: &str, b: &BridgePolicy, issues: &mut Vec<Issue>) {
                     issues.push(
                         Issue::new(
                             format!("{at}.stp.{field}"),
-                            format!("{field} {v} is outside the kernel's range {}–{} seconds", range.start(), range.end()),
+                            format!(
+                                "{field} {v} is outside the kernel's range {}–{} seconds",
+                                range.start(),
+                                range.end()
+                            ),
                         )
-                        .hint(format!("the kernel rejects {field} outside {}–{} s while STP is on", range.start(), range.end())),
+                        .hint(format!(
+                            "the kernel rejects {field} outside {}–{} s while STP is on",
+                            range.start(),
+                            range.end()
+                        )),
                     );
                 }
             }

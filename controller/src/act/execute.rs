@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use virtwarden_policies::DesiredState;
 
-use super::boot_xml::{BootXmlError, rewrite_boot_order};
+use super::boot_xml::{rewrite_boot_order, BootXmlError};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::observe::DomainState;
-use crate::plan::{Action, ActionKind, Plan, plan};
+use crate::plan::{plan, Action, ActionKind, Plan};
 
 /// How often a graceful shutdown is checked on.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
@@ -19,7 +19,10 @@ pub enum ActError {
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
     #[error("rewriting the boot order of {domain}: {source}")]
-    BootXml { domain: String, source: BootXmlError },
+    BootXml {
+        domain: String,
+        source: BootXmlError,
+    },
 }
 
 /// What happened to one action.
@@ -56,7 +59,10 @@ pub fn execute_action(hv: &dyn Hypervisor, action: &Action) -> Result<(), ActErr
     match &action.kind {
         ActionKind::Start => hv.start(name)?,
         ActionKind::Restart => {
-            if hv.observe_domain(name)?.is_some_and(|d| d.state.is_active()) {
+            if hv
+                .observe_domain(name)?
+                .is_some_and(|d| d.state.is_active())
+            {
                 hv.destroy(name)?;
             }
             hv.start(name)?;
@@ -67,7 +73,10 @@ pub fn execute_action(hv: &dyn Hypervisor, action: &Action) -> Result<(), ActErr
         ActionKind::SetAutostart { on } => hv.set_autostart(name, *on)?,
         ActionKind::SetBootOrder { order } => {
             let xml = hv.persistent_xml(name)?;
-            let new = rewrite_boot_order(&xml, order).map_err(|source| ActError::BootXml { domain: name.to_string(), source })?;
+            let new = rewrite_boot_order(&xml, order).map_err(|source| ActError::BootXml {
+                domain: name.to_string(),
+                source,
+            })?;
             hv.define_xml(name, &new)?;
         }
     }
@@ -92,18 +101,33 @@ fn shutdown(hv: &dyn Hypervisor, name: &str, timeout: Duration) -> Result<(), Hy
 }
 
 /// Execute `plan` in order, continuing past failures, then observe again and re-plan.
-pub fn apply_plan(hv: &dyn Hypervisor, desired: &DesiredState, to_apply: &Plan) -> Result<ApplyReport, HypervisorError> {
+pub fn apply_plan(
+    hv: &dyn Hypervisor,
+    desired: &DesiredState,
+    to_apply: &Plan,
+) -> Result<ApplyReport, HypervisorError> {
     let mut outcomes = Vec::with_capacity(to_apply.actions.len());
     for action in &to_apply.actions {
         let started = Instant::now();
         let result = execute_action(hv, action);
         let millis = started.elapsed().as_millis();
         match &result {
-            Ok(()) => tracing::info!(domain = %action.domain, action = action.kind.name(), millis, "action done"),
-            Err(err) => tracing::warn!(domain = %action.domain, action = action.kind.name(), %err, "action failed"),
+            Ok(()) => {
+                tracing::info!(domain = %action.domain, action = action.kind.name(), millis, "action done")
+            }
+            Err(err) => {
+                tracing::warn!(domain = %action.domain, action = action.kind.name(), %err, "action failed")
+            }
         }
-        outcomes.push(ActionOutcome { action: action.clone(), error: result.err().map(|e| e.to_string()), millis });
+        outcomes.push(ActionOutcome {
+            action: action.clone(),
+            error: result.err().map(|e| e.to_string()),
+            millis,
+        });
     }
     let observed = hv.observe_host()?;
-    Ok(ApplyReport { outcomes, remaining: plan(desired, &observed) })
+    Ok(ApplyReport {
+        outcomes,
+        remaining: plan(desired, &observed),
+    })
 }

@@ -3,4 +3,4 @@
 pub mod boot_xml;
 mod execute;
 
-pub use execute::{ActError, ActionOutcome, ApplyReport, apply_plan, execute_action};
+pub use execute::{apply_plan, execute_action, ActError, ActionOutcome, ApplyReport};

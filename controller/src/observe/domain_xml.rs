@@ -23,7 +23,10 @@ pub fn parse_domain_xml(xml: &str) -> Result<DomainXmlFacts, XmlError> {
     let doc = Document::parse(xml)?;
     let root = doc.root_element();
     let devices = child(root, "devices");
-    let mut facts = DomainXmlFacts { boot: boot_config(root), ..Default::default() };
+    let mut facts = DomainXmlFacts {
+        boot: boot_config(root),
+        ..Default::default()
+    };
     if let Some(devices) = devices {
         for dev in devices.children().filter(Node::is_element) {
             match dev.tag_name().name() {
@@ -37,16 +40,23 @@ pub fn parse_domain_xml(xml: &str) -> Result<DomainXmlFacts, XmlError> {
 }
 
 pub(crate) fn child<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
-    node.children().find(|n| n.is_element() && n.tag_name().name() == name)
+    node.children()
+        .find(|n| n.is_element() && n.tag_name().name() == name)
 }
 
 fn attr_of(node: Node, child_name: &str, attr: &str) -> Option<String> {
-    child(node, child_name).and_then(|c| c.attribute(attr)).map(str::to_string)
+    child(node, child_name)
+        .and_then(|c| c.attribute(attr))
+        .map(str::to_string)
 }
 
 fn interface(dev: Node) -> Interface {
     let kind = dev.attribute("type").unwrap_or("").to_string();
-    let source = child(dev, "source").and_then(|s| s.attribute("bridge").or(s.attribute("network")).or(s.attribute("dev")));
+    let source = child(dev, "source").and_then(|s| {
+        s.attribute("bridge")
+            .or(s.attribute("network"))
+            .or(s.attribute("dev"))
+    });
     Interface {
         kind,
         source: source.map(str::to_string),
@@ -56,8 +66,12 @@ fn interface(dev: Node) -> Interface {
 }
 
 fn disk(dev: Node) -> Disk {
-    let source = child(dev, "source")
-        .and_then(|s| s.attribute("file").or(s.attribute("dev")).or(s.attribute("name")).or(s.attribute("volume")));
+    let source = child(dev, "source").and_then(|s| {
+        s.attribute("file")
+            .or(s.attribute("dev"))
+            .or(s.attribute("name"))
+            .or(s.attribute("volume"))
+    });
     Disk {
         device: dev.attribute("device").unwrap_or("disk").to_string(),
         source: source.map(str::to_string),
@@ -83,7 +97,9 @@ pub(crate) fn device_boot_class(dev: Node) -> Option<BootDevice> {
 
 /// Devices carrying `<boot order='N'/>`, with N, in document order.
 pub(crate) fn per_device_boot<'a, 'i>(root: Node<'a, 'i>) -> Vec<(Node<'a, 'i>, u32)> {
-    let Some(devices) = child(root, "devices") else { return Vec::new() };
+    let Some(devices) = child(root, "devices") else {
+        return Vec::new();
+    };
     devices
         .children()
         .filter(Node::is_element)
@@ -105,7 +121,10 @@ fn boot_config(root: Node) -> BootConfig {
                 order.push(class);
             }
         }
-        return BootConfig { style: BootStyle::PerDevice, order };
+        return BootConfig {
+            style: BootStyle::PerDevice,
+            order,
+        };
     }
     let os_boot: Vec<BootDevice> = child(root, "os")
         .map(|os| {
@@ -118,7 +137,10 @@ fn boot_config(root: Node) -> BootConfig {
     if os_boot.is_empty() {
         BootConfig::default()
     } else {
-        BootConfig { style: BootStyle::Os, order: os_boot }
+        BootConfig {
+            style: BootStyle::Os,
+            order: os_boot,
+        }
     }
 }
 
@@ -138,7 +160,13 @@ mod tests {
               <target dev='vnet3'/></interface>
           </devices></domain>"#;
         let f = parse_domain_xml(xml).unwrap();
-        assert_eq!(f.boot, BootConfig { style: BootStyle::Os, order: vec![BootDevice::Network, BootDevice::Hd] });
+        assert_eq!(
+            f.boot,
+            BootConfig {
+                style: BootStyle::Os,
+                order: vec![BootDevice::Network, BootDevice::Hd]
+            }
+        );
         assert_eq!(f.interfaces[0].source.as_deref(), Some("br0"));
         assert_eq!(f.interfaces[0].target.as_deref(), Some("vnet3"));
         assert_eq!(f.interfaces[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
@@ -156,7 +184,13 @@ mod tests {
             <interface type='network'><source network='default'/><boot order='1'/></interface>
           </devices></domain>"#;
         let f = parse_domain_xml(xml).unwrap();
-        assert_eq!(f.boot, BootConfig { style: BootStyle::PerDevice, order: vec![BootDevice::Network, BootDevice::Hd] });
+        assert_eq!(
+            f.boot,
+            BootConfig {
+                style: BootStyle::PerDevice,
+                order: vec![BootDevice::Network, BootDevice::Hd]
+            }
+        );
     }
 
     #[test]

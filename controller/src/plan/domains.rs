@@ -2,7 +2,7 @@
 
 use virtwarden_policies::{DesiredDomainState, ManagedDomain, RestartPolicy};
 
-use super::{Action, ActionKind, Note, Plan, Severity, boot_list, on_off};
+use super::{boot_list, on_off, Action, ActionKind, Note, Plan, Severity};
 use crate::observe::{DomainState, ObservedDomain};
 
 /// Shut-off reasons that mean the domain died rather than being stopped on purpose.
@@ -10,17 +10,29 @@ const FAILURE_REASONS: &[&str] = &["crashed", "failed", "daemon"];
 /// Shut-off reasons that carry no intent (never started since defined, reverted snapshot).
 const NEUTRAL_REASONS: &[&str] = &["unknown", "from snapshot"];
 /// Pause reasons that are operations in progress; they end on their own.
-const TRANSIENT_PAUSE_REASONS: &[&str] =
-    &["migrating", "saving", "dumping", "shutting down", "creating snapshot", "starting up", "post-copy"];
+const TRANSIENT_PAUSE_REASONS: &[&str] = &[
+    "migrating",
+    "saving",
+    "dumping",
+    "shutting down",
+    "creating snapshot",
+    "starting up",
+    "post-copy",
+];
 
-pub(super) fn plan_domain(managed: &ManagedDomain, observed: Option<&ObservedDomain>, plan: &mut Plan) {
+pub(super) fn plan_domain(
+    managed: &ManagedDomain,
+    observed: Option<&ObservedDomain>,
+    plan: &mut Plan,
+) {
     let spec = &managed.spec;
     let name = spec.name.as_str();
     let Some(obs) = observed else {
         plan.notes.push(Note {
             subject: name.to_string(),
             severity: Severity::Warning,
-            message: "not defined on this host → nothing to do (define it with `virsh define`)".into(),
+            message: "not defined on this host → nothing to do (define it with `virsh define`)"
+                .into(),
         });
         return;
     };
@@ -43,12 +55,17 @@ pub(super) fn plan_domain(managed: &ManagedDomain, observed: Option<&ObservedDom
             notes.push(Note {
                 subject: name.to_string(),
                 severity: Severity::Info,
-                message: format!("{} → would {} (state: ignored, not acting)", a.reason, a.kind.verb()),
+                message: format!(
+                    "{} → would {} (state: ignored, not acting)",
+                    a.reason,
+                    a.kind.verb()
+                ),
             });
         }
         notes.extend(observed_notes);
     } else {
-        plan.actions.extend(wanted.into_iter().map(|(k, r)| action(k, r)));
+        plan.actions
+            .extend(wanted.into_iter().map(|(k, r)| action(k, r)));
     }
     plan.notes.extend(notes);
 }
@@ -56,22 +73,49 @@ pub(super) fn plan_domain(managed: &ManagedDomain, observed: Option<&ObservedDom
 type Wanted = Vec<(ActionKind, String)>;
 
 fn note(notes: &mut Vec<Note>, subject: &str, severity: Severity, message: String) {
-    notes.push(Note { subject: subject.to_string(), severity, message });
+    notes.push(Note {
+        subject: subject.to_string(),
+        severity,
+        message,
+    });
 }
 
-fn config_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wanted, notes: &mut Vec<Note>) {
+fn config_actions(
+    managed: &ManagedDomain,
+    obs: &ObservedDomain,
+    wanted: &mut Wanted,
+    notes: &mut Vec<Note>,
+) {
     let spec = &managed.spec;
-    let next_boot = if obs.state.is_active() { " (takes effect at next boot)" } else { "" };
+    let next_boot = if obs.state.is_active() {
+        " (takes effect at next boot)"
+    } else {
+        ""
+    };
     if let Some(order) = &spec.boot {
         if obs.boot.order != *order {
             if obs.persistent {
-                let current = if obs.boot.order.is_empty() { "libvirt's default".to_string() } else { boot_list(&obs.boot.order) };
+                let current = if obs.boot.order.is_empty() {
+                    "libvirt's default".to_string()
+                } else {
+                    boot_list(&obs.boot.order)
+                };
                 wanted.push((
-                    ActionKind::SetBootOrder { order: order.clone() },
-                    format!("boot order {current}, policy wants {}{next_boot}", boot_list(order)),
+                    ActionKind::SetBootOrder {
+                        order: order.clone(),
+                    },
+                    format!(
+                        "boot order {current}, policy wants {}{next_boot}",
+                        boot_list(order)
+                    ),
                 ));
             } else {
-                note(notes, &spec.name, Severity::Warning, "transient domain: a boot order cannot be stored → skipped".into());
+                note(
+                    notes,
+                    &spec.name,
+                    Severity::Warning,
+                    "transient domain: a boot order cannot be stored → skipped".into(),
+                );
             }
         }
     }
@@ -80,22 +124,41 @@ fn config_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wa
             if obs.persistent {
                 wanted.push((
                     ActionKind::SetAutostart { on },
-                    format!("autostart {}, policy wants {}", on_off(obs.autostart), on_off(on)),
+                    format!(
+                        "autostart {}, policy wants {}",
+                        on_off(obs.autostart),
+                        on_off(on)
+                    ),
                 ));
             } else if on {
-                note(notes, &spec.name, Severity::Warning, "transient domain: libvirt cannot autostart it → skipped".into());
+                note(
+                    notes,
+                    &spec.name,
+                    Severity::Warning,
+                    "transient domain: libvirt cannot autostart it → skipped".into(),
+                );
             }
         }
     }
 }
 
-fn state_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wanted, notes: &mut Vec<Note>) {
+fn state_actions(
+    managed: &ManagedDomain,
+    obs: &ObservedDomain,
+    wanted: &mut Wanted,
+    notes: &mut Vec<Note>,
+) {
     let spec = &managed.spec;
     let name = spec.name.as_str();
     let seen = obs.state_text();
     match spec.state {
         DesiredDomainState::Ignored => {
-            note(notes, name, Severity::Info, format!("{seen}; state: ignored → observed only"));
+            note(
+                notes,
+                name,
+                Severity::Info,
+                format!("{seen}; state: ignored → observed only"),
+            );
         }
         DesiredDomainState::Running => {
             let wants = "policy wants running";
@@ -103,26 +166,59 @@ fn state_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wan
                 DomainState::Running | DomainState::Blocked | DomainState::ShuttingDown => {}
                 DomainState::ShutOff => shut_off(spec.restart, obs, name, wanted, notes),
                 DomainState::Crashed => match spec.restart {
-                    RestartPolicy::Never => note(notes, name, Severity::Warning, format!("{seen}; restart: never → left as it is")),
+                    RestartPolicy::Never => note(
+                        notes,
+                        name,
+                        Severity::Warning,
+                        format!("{seen}; restart: never → left as it is"),
+                    ),
                     _ => wanted.push((ActionKind::Restart, format!("{seen}, {wants}"))),
                 },
                 DomainState::Paused => {
                     let r = obs.reason.as_str();
                     if TRANSIENT_PAUSE_REASONS.contains(&r) {
-                        note(notes, name, Severity::Info, format!("{seen}: an operation is in progress → not touched"));
+                        note(
+                            notes,
+                            name,
+                            Severity::Info,
+                            format!("{seen}: an operation is in progress → not touched"),
+                        );
                     } else if r == "user" && spec.restart != RestartPolicy::Always {
-                        note(notes, name, Severity::Info, format!("{seen}: paused by an admin; honoured (restart: {})", restart_name(spec.restart)));
+                        note(
+                            notes,
+                            name,
+                            Severity::Info,
+                            format!(
+                                "{seen}: paused by an admin; honoured (restart: {})",
+                                restart_name(spec.restart)
+                            ),
+                        );
                     } else if spec.restart == RestartPolicy::Never {
-                        note(notes, name, Severity::Warning, format!("{seen}; restart: never → left paused"));
+                        note(
+                            notes,
+                            name,
+                            Severity::Warning,
+                            format!("{seen}; restart: never → left paused"),
+                        );
                     } else {
                         wanted.push((ActionKind::Resume, format!("{seen}, {wants}")));
                     }
                 }
                 DomainState::PmSuspended => {
-                    note(notes, name, Severity::Info, format!("{seen}: the guest suspended itself → not touched"));
+                    note(
+                        notes,
+                        name,
+                        Severity::Info,
+                        format!("{seen}: the guest suspended itself → not touched"),
+                    );
                 }
                 DomainState::NoState => {
-                    note(notes, name, Severity::Warning, format!("{seen}: libvirt reports no state → not touched"));
+                    note(
+                        notes,
+                        name,
+                        Severity::Warning,
+                        format!("{seen}: libvirt reports no state → not touched"),
+                    );
                 }
             }
         }
@@ -130,14 +226,19 @@ fn state_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wan
             let wants = "policy wants stopped";
             match obs.state {
                 DomainState::ShutOff | DomainState::NoState => {}
-                DomainState::Running | DomainState::Blocked | DomainState::ShuttingDown => wanted.push((
-                    ActionKind::Shutdown { timeout: spec.shutdown_timeout() },
-                    format!("{seen}, {wants}"),
-                )),
+                DomainState::Running | DomainState::Blocked | DomainState::ShuttingDown => wanted
+                    .push((
+                        ActionKind::Shutdown {
+                            timeout: spec.shutdown_timeout(),
+                        },
+                        format!("{seen}, {wants}"),
+                    )),
                 // A paused, suspended or crashed guest cannot handle an ACPI shutdown request.
-                DomainState::Paused | DomainState::PmSuspended | DomainState::Crashed => {
-                    wanted.push((ActionKind::Destroy, format!("{seen}, {wants} (it cannot shut down gracefully)")))
-                }
+                DomainState::Paused | DomainState::PmSuspended | DomainState::Crashed => wanted
+                    .push((
+                        ActionKind::Destroy,
+                        format!("{seen}, {wants} (it cannot shut down gracefully)"),
+                    )),
             }
         }
     }
@@ -152,12 +253,25 @@ fn restart_name(r: RestartPolicy) -> &'static str {
 }
 
 /// A shut-off domain the policy wants running: start it or not, by restart strategy and reason.
-fn shut_off(restart: RestartPolicy, obs: &ObservedDomain, name: &str, wanted: &mut Wanted, notes: &mut Vec<Note>) {
+fn shut_off(
+    restart: RestartPolicy,
+    obs: &ObservedDomain,
+    name: &str,
+    wanted: &mut Wanted,
+    notes: &mut Vec<Note>,
+) {
     let seen = obs.state_text();
     let reason = obs.reason.as_str();
     if reason == "migrated" {
         // Running it here as well could corrupt its disks: it runs on another host now.
-        note(notes, name, Severity::Warning, format!("{seen}: it was migrated away; starting it here could run it twice → not started"));
+        note(
+            notes,
+            name,
+            Severity::Warning,
+            format!(
+                "{seen}: it was migrated away; starting it here could run it twice → not started"
+            ),
+        );
         return;
     }
     let failed = FAILURE_REASONS.contains(&reason);
@@ -199,23 +313,45 @@ mod tests {
     }
 
     fn desired(policy: DomainPolicy) -> DesiredState {
-        DesiredState { domains: vec![ManagedDomain { policy: "p".into(), spec: policy }], ..Default::default() }
+        DesiredState {
+            domains: vec![ManagedDomain {
+                policy: "p".into(),
+                spec: policy,
+            }],
+            ..Default::default()
+        }
     }
 
     fn lines(policy: DomainPolicy, obs: ObservedDomain) -> Vec<String> {
-        let p = plan(&desired(policy), &ObservedHost { domains: vec![obs], networks: vec![] });
-        p.actions.iter().map(|a| a.line()).chain(p.notes.iter().map(|n| n.line())).collect()
+        let p = plan(
+            &desired(policy),
+            &ObservedHost {
+                domains: vec![obs],
+                networks: vec![],
+            },
+        );
+        p.actions
+            .iter()
+            .map(|a| a.line())
+            .chain(p.notes.iter().map(|n| n.line()))
+            .collect()
     }
 
     fn with_restart(r: RestartPolicy) -> DomainPolicy {
-        DomainPolicy { restart: r, ..DomainPolicy::named("web1") }
+        DomainPolicy {
+            restart: r,
+            ..DomainPolicy::named("web1")
+        }
     }
 
     #[test]
     fn crash_is_restarted_under_on_failure_and_always() {
         for r in [RestartPolicy::OnFailure, RestartPolicy::Always] {
             assert_eq!(
-                lines(with_restart(r), observed("web1", DomainState::ShutOff, "crashed")),
+                lines(
+                    with_restart(r),
+                    observed("web1", DomainState::ShutOff, "crashed")
+                ),
                 ["web1: shut off (crashed), policy wants running → start"]
             );
         }
@@ -226,26 +362,47 @@ mod tests {
         let obs = || observed("web1", DomainState::ShutOff, "shutdown");
         let l = lines(with_restart(RestartPolicy::OnFailure), obs());
         assert_eq!(l.len(), 1);
-        assert!(l[0].starts_with("note: web1: shut off (shutdown): stopped on purpose; honoured"), "{l:?}");
-        assert_eq!(lines(with_restart(RestartPolicy::Always), obs()), ["web1: shut off (shutdown), policy wants running → start"]);
+        assert!(
+            l[0].starts_with("note: web1: shut off (shutdown): stopped on purpose; honoured"),
+            "{l:?}"
+        );
+        assert_eq!(
+            lines(with_restart(RestartPolicy::Always), obs()),
+            ["web1: shut off (shutdown), policy wants running → start"]
+        );
     }
 
     #[test]
     fn never_only_reports() {
-        let l = lines(with_restart(RestartPolicy::Never), observed("web1", DomainState::ShutOff, "crashed"));
-        assert_eq!(l, ["warning: web1: shut off (crashed); restart: never → left off"]);
+        let l = lines(
+            with_restart(RestartPolicy::Never),
+            observed("web1", DomainState::ShutOff, "crashed"),
+        );
+        assert_eq!(
+            l,
+            ["warning: web1: shut off (crashed); restart: never → left off"]
+        );
     }
 
     #[test]
     fn migrated_away_domain_is_never_started() {
-        let l = lines(with_restart(RestartPolicy::Always), observed("web1", DomainState::ShutOff, "migrated"));
+        let l = lines(
+            with_restart(RestartPolicy::Always),
+            observed("web1", DomainState::ShutOff, "migrated"),
+        );
         assert_eq!(l.len(), 1);
-        assert!(l[0].starts_with("warning: web1: shut off (migrated): it was migrated away"), "{l:?}");
+        assert!(
+            l[0].starts_with("warning: web1: shut off (migrated): it was migrated away"),
+            "{l:?}"
+        );
     }
 
     #[test]
     fn stopped_policy_shuts_down_running_and_destroys_paused() {
-        let stop = || DomainPolicy { state: DesiredDomainState::Stopped, ..DomainPolicy::named("web1") };
+        let stop = || DomainPolicy {
+            state: DesiredDomainState::Stopped,
+            ..DomainPolicy::named("web1")
+        };
         assert_eq!(
             lines(stop(), observed("web1", DomainState::Running, "booted")),
             ["web1: running (booted), policy wants stopped → shut down (destroy after 1m)"]
@@ -258,9 +415,16 @@ mod tests {
 
     #[test]
     fn config_comes_before_start_and_ignored_only_reports() {
-        let policy = DomainPolicy { autostart: Some(true), boot: Some(vec![BootDevice::Hd]), ..DomainPolicy::named("web1") };
+        let policy = DomainPolicy {
+            autostart: Some(true),
+            boot: Some(vec![BootDevice::Hd]),
+            ..DomainPolicy::named("web1")
+        };
         let mut obs = observed("web1", DomainState::ShutOff, "unknown");
-        obs.boot = BootConfig { style: BootStyle::Os, order: vec![BootDevice::Network, BootDevice::Hd] };
+        obs.boot = BootConfig {
+            style: BootStyle::Os,
+            order: vec![BootDevice::Network, BootDevice::Hd],
+        };
         assert_eq!(
             lines(policy.clone(), obs.clone()),
             [
@@ -269,23 +433,40 @@ mod tests {
                 "web1: shut off (unknown), policy wants running → start",
             ]
         );
-        let ignored = DomainPolicy { state: DesiredDomainState::Ignored, ..policy };
+        let ignored = DomainPolicy {
+            state: DesiredDomainState::Ignored,
+            ..policy
+        };
         let l = lines(ignored, obs);
         assert_eq!(l.len(), 3);
-        assert!(l[..2].iter().all(|l| l.starts_with("note: web1: ") && l.contains("(state: ignored, not acting)")), "{l:?}");
-        assert_eq!(l[2], "note: web1: shut off (unknown); state: ignored → observed only");
+        assert!(
+            l[..2].iter().all(
+                |l| l.starts_with("note: web1: ") && l.contains("(state: ignored, not acting)")
+            ),
+            "{l:?}"
+        );
+        assert_eq!(
+            l[2],
+            "note: web1: shut off (unknown); state: ignored → observed only"
+        );
     }
 
     #[test]
     fn missing_domain_is_reported_not_an_error() {
-        let p = plan(&desired(DomainPolicy::named("ghost")), &ObservedHost::default());
+        let p = plan(
+            &desired(DomainPolicy::named("ghost")),
+            &ObservedHost::default(),
+        );
         assert!(p.actions.is_empty());
         assert_eq!(p.notes[0].subject, "ghost");
     }
 
     #[test]
     fn unmanaged_domains_never_appear() {
-        let host = ObservedHost { domains: vec![observed("legacy", DomainState::ShutOff, "crashed")], networks: vec![] };
+        let host = ObservedHost {
+            domains: vec![observed("legacy", DomainState::ShutOff, "crashed")],
+            networks: vec![],
+        };
         let p = plan(&desired(DomainPolicy::named("web1")), &host);
         assert!(p.actions.iter().all(|a| a.domain != "legacy"));
         assert!(p.notes.iter().all(|n| n.subject != "legacy"));

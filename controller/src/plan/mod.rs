@@ -20,10 +20,16 @@ pub enum ActionKind {
     Restart,
     Resume,
     /// Graceful shutdown; destroy if it has not stopped after `timeout`.
-    Shutdown { timeout: Duration },
+    Shutdown {
+        timeout: Duration,
+    },
     Destroy,
-    SetAutostart { on: bool },
-    SetBootOrder { order: Vec<BootDevice> },
+    SetAutostart {
+        on: bool,
+    },
+    SetBootOrder {
+        order: Vec<BootDevice>,
+    },
 }
 
 impl ActionKind {
@@ -135,7 +141,11 @@ pub fn plan(desired: &DesiredState, observed: &ObservedHost) -> Plan {
 }
 
 pub(crate) fn on_off(on: bool) -> &'static str {
-    if on { "on" } else { "off" }
+    if on {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 pub(crate) fn boot_list(order: &[BootDevice]) -> String {
