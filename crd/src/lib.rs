@@ -2,6 +2,9 @@
 //! policy file, `nodeSelector` included) and the per-node `HostPolicyEnactment` status object.
 //! `crdgen` prints both CRDs; nobody writes schema YAML by hand.
 
+// kube's printcolumn(...) repeats keys like `type_` by design; clippy reads them as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;

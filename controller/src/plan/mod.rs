@@ -7,7 +7,9 @@ mod render;
 use serde::Serialize;
 use virtwarden_policies::{BootDevice, DesiredState, Duration};
 
-use crate::observe::ObservedHost;
+use std::collections::HashMap;
+
+use crate::observe::{ObservedDomain, ObservedHost};
 
 pub use render::render_text;
 
@@ -132,8 +134,17 @@ impl Plan {
 /// Plan every managed domain. Domains no policy names never appear in the plan.
 pub fn plan(desired: &DesiredState, observed: &ObservedHost) -> Plan {
     let mut plan = Plan::default();
+    let by_name: HashMap<&str, &ObservedDomain> = observed
+        .domains
+        .iter()
+        .map(|d| (d.name.as_str(), d))
+        .collect();
     for managed in &desired.domains {
-        domains::plan_domain(managed, observed.domain(&managed.spec.name), &mut plan);
+        domains::plan_domain(
+            managed,
+            by_name.get(managed.spec.name.as_str()).copied(),
+            &mut plan,
+        );
     }
     // Stable: by phase, then policy order (sort_by_key is stable).
     plan.actions.sort_by_key(|a| a.kind.phase());
