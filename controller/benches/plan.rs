@@ -15,13 +15,13 @@ fn node_xml(n: usize) -> String {
     let mut xml = String::from("<node>\n");
     for i in 0..n {
         let state = if i % 2 == 0 { 1 } else { 5 };
-        let _ = write!(
+        let _ = writeln!(
             xml,
             "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>vm{i:04}</name>\
              <memory>65536</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>\
              <devices><disk type='file' device='disk'><source file='/img/vm{i}.qcow2'/><target dev='vda' bus='virtio'/></disk>\
              <interface type='bridge'><source bridge='br0'/><mac address='52:54:00:00:{:02x}:{:02x}'/></interface></devices>\
-             <test:runstate>{state}</test:runstate></domain>\n",
+             <test:runstate>{state}</test:runstate></domain>",
             i / 256,
             i % 256
         );
