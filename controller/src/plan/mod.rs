@@ -3,6 +3,7 @@
 
 mod domains;
 mod render;
+pub mod restart;
 
 use serde::Serialize;
 use virtwarden_policies::{BootDevice, DesiredState, Duration};
