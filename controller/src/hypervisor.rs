@@ -39,6 +39,28 @@ pub enum HypervisorError {
 }
 
 impl HypervisorError {
+    /// Worth retrying soon: libvirt could not get the domain's job lock or timed out.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HypervisorError::Call { source, .. } => matches!(
+                source.code(),
+                virt::enumutil::Enum::Known(virt::error::ErrorNumber::OperationTimeout)
+            ) || source.message().contains("cannot acquire state change lock"),
+            _ => false,
+        }
+    }
+
+    /// The connection itself is gone (libvirtd died or restarted).
+    pub fn is_connection_lost(&self) -> bool {
+        use virt::error::ErrorNumber as N;
+        let source = match self {
+            HypervisorError::Call { source, .. } | HypervisorError::Host { source, .. } => source,
+            _ => return false,
+        };
+        matches!(source.code(), virt::enumutil::Enum::Known(N::SystemError | N::Rpc | N::NoConnect | N::InvalidConn))
+            || source.message().contains("client socket is closed")
+    }
+
     /// libvirt's own message, without our prefix (for status and reports).
     pub fn detail(&self) -> String {
         match self {
@@ -66,6 +88,8 @@ pub trait DomainControl {
     /// Power off at once.
     fn destroy(&self, name: &str) -> Result<(), HypervisorError>;
     fn resume(&self, name: &str) -> Result<(), HypervisorError>;
+    /// Hard reset, like pressing the reset button.
+    fn reset(&self, name: &str) -> Result<(), HypervisorError>;
     fn set_autostart(&self, name: &str, on: bool) -> Result<(), HypervisorError>;
     /// The persistent definition including secrets, suitable for redefining.
     fn persistent_xml(&self, name: &str) -> Result<String, HypervisorError>;

@@ -2,6 +2,7 @@
 //! observe → plan (pure) → act → verify; front ends (CLI, host service, operator) drive it.
 
 pub mod act;
+pub mod engine;
 pub mod cli;
 pub mod hypervisor;
 pub mod libvirt;

@@ -11,6 +11,8 @@ use virt::domain::{
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
+pub mod events;
+
 use crate::hypervisor::{DomainControl, DomainReader, HypervisorError};
 use crate::observe::domain_xml::parse_domain_xml;
 use crate::observe::{DomainState, ObservedDomain, ObservedHost, ObservedNetwork};
@@ -304,6 +306,11 @@ impl DomainControl for LibvirtHost {
             domain: name.into(),
             source,
         })
+    }
+
+    fn reset(&self, name: &str) -> Result<(), HypervisorError> {
+        let dom = self.lookup("reset", name)?;
+        dom.reset().map_err(|source| HypervisorError::Call { op: "reset", domain: name.into(), source })
     }
 
     fn set_autostart(&self, name: &str, on: bool) -> Result<(), HypervisorError> {

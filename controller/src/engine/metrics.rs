@@ -1,0 +1,79 @@
+//! Prometheus metrics. Labels are bounded: domain names (from policies) and fixed enums, never
+//! error strings.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainLabel {
+    pub domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub kind: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabel {
+    pub kind: String,
+}
+
+/// Every metric the engine exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub restarts: Family<DomainLabel, Counter>,
+    pub actions: Family<ActionLabels, Counter>,
+    pub drift: Family<DriftLabel, Counter>,
+    pub reconcile_seconds: Histogram,
+    pub event_lag_seconds: Histogram,
+    pub quarantined: Gauge,
+    pub connected: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("virtwarden");
+        let restarts = Family::<DomainLabel, Counter>::default();
+        let actions = Family::<ActionLabels, Counter>::default();
+        let drift = Family::<DriftLabel, Counter>::default();
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let event_lag_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
+        let quarantined = Gauge::default();
+        let connected = Gauge::default();
+        registry.register("restarts", "Restarts issued, by domain", restarts.clone());
+        registry.register("actions", "Actions carried out, by kind and result (ok|error)", actions.clone());
+        registry.register("drift_detected", "Drift found, by kind", drift.clone());
+        registry.register("reconcile_duration_seconds", "Time to reconcile one domain", reconcile_seconds.clone());
+        registry.register("event_lag_seconds", "From a libvirt event's arrival to its reconcile starting", event_lag_seconds.clone());
+        registry.register("quarantined_domains", "Domains with automatic restarts stopped", quarantined.clone());
+        registry.register("connected", "1 while the libvirt connection is up", connected.clone());
+        Metrics { registry, restarts, actions, drift, reconcile_seconds, event_lag_seconds, quarantined, connected }
+    }
+}
+
+impl Metrics {
+    pub fn action(&self, kind: &str, ok: bool) {
+        self.actions
+            .get_or_create(&ActionLabels { kind: kind.to_string(), result: if ok { "ok" } else { "error" }.to_string() })
+            .inc();
+    }
+
+    pub fn drift(&self, kind: &str) {
+        self.drift.get_or_create(&DriftLabel { kind: kind.to_string() }).inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,120 @@
+//! What the engine knows about each managed domain, for `virtwarden status`, the status file and
+//! (later) Kubernetes enactments. Written atomically (temp file + rename).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The status file's content.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    pub updated: Option<DateTime<Utc>>,
+    pub pid: u32,
+    pub uri: String,
+    pub connected: bool,
+    /// Policies in force (the last good load).
+    pub policies: Vec<String>,
+    /// The last reload error, if the newest edit was rejected (the previous policy stays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_error: Option<String>,
+    pub domains: Vec<DomainStatus>,
+}
+
+/// One managed domain.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainStatus {
+    pub name: String,
+    pub policy: String,
+    /// As virsh prints it: `running (booted)`, `shut off (crashed)`, or `not defined`.
+    pub state: String,
+    /// Restarts virtwarden issued since it started.
+    pub restarts: u32,
+    pub restarts_in_window: u32,
+    pub consecutive_failures: u32,
+    /// Last failure: the lifecycle event and state reason, plus libvirt's error text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_at: Option<DateTime<Utc>>,
+    /// e.g. `start (attempt 2)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<String>,
+    /// `ok`, or the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_outcome: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry: Option<DateTime<Utc>>,
+    /// Why automatic restarts stopped, if they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Domain status by name.
+pub type StatusBook = BTreeMap<String, DomainStatus>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot write status file {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("cannot read status file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("status file {path} is not valid: {source}")]
+    Parse { path: String, source: serde_json::Error },
+}
+
+/// Write `report` to `path` atomically: readers see the old or the new file, never half of one.
+pub fn write_atomically(path: &Path, report: &StatusReport) -> Result<(), StatusError> {
+    let err = |source| StatusError::Write { path: path.display().to_string(), source };
+    let text = serde_json::to_vec_pretty(report).map_err(|e| err(std::io::Error::other(e)))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+pub fn read(path: &Path) -> Result<StatusReport, StatusError> {
+    let text = std::fs::read(path).map_err(|source| StatusError::Read { path: path.display().to_string(), source })?;
+    serde_json::from_slice(&text).map_err(|source| StatusError::Parse { path: path.display().to_string(), source })
+}
+
+/// A table for people.
+pub fn render_text(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let updated = report.updated.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into());
+    out.push_str(&format!(
+        "virtwarden pid {} on {} ({}), updated {updated}\npolicies: {}\n",
+        report.pid,
+        report.uri,
+        if report.connected { "connected" } else { "DISCONNECTED" },
+        if report.policies.is_empty() { "none".to_string() } else { report.policies.join(", ") }
+    ));
+    if let Some(e) = &report.policy_error {
+        out.push_str(&format!("last reload REJECTED (previous policy in force):\n{e}\n"));
+    }
+    out.push_str(&format!("{:<20} {:<26} {:>8} {:<12} {}\n", "DOMAIN", "STATE", "RESTARTS", "QUARANTINED", "LAST FAILURE / ACTION"));
+    for d in &report.domains {
+        let q = if d.quarantined.is_some() { "yes" } else { "no" };
+        let mut detail = Vec::new();
+        if let Some(f) = &d.last_failure {
+            detail.push(format!("failure: {f}"));
+        }
+        if let Some(a) = &d.last_action {
+            detail.push(format!("action: {a} → {}", d.last_outcome.as_deref().unwrap_or("pending")));
+        }
+        if let Some(t) = d.next_retry {
+            detail.push(format!("next retry {}", t.to_rfc3339()));
+        }
+        out.push_str(&format!("{:<20} {:<26} {:>8} {:<12} {}\n", d.name, d.state, d.restarts, q, detail.join("; ")));
+        if let Some(reason) = &d.quarantined {
+            out.push_str(&format!("{:<20} quarantined: {reason}\n", ""));
+        }
+    }
+    out
+}
