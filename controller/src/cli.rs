@@ -24,7 +24,9 @@ const EXIT_CODES: &str = "\
 Exit codes:
   check   0 valid, 2 invalid policy
   plan    0 in sync, 3 drift found, 2 invalid policy, 1 runtime error (e.g. cannot connect)
-  apply   0 converged, 1 some action failed or did not stick, 2 invalid policy";
+  apply   0 converged, 1 some action failed or did not stick, 2 invalid policy
+  run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid policy
+  status  0 shown, 1 no status file";
 
 #[derive(Debug, Parser)]
 #[command(name = "virtwarden", version, about = "Self-healing reconciliation for libvirt/KVM hosts", after_help = EXIT_CODES)]
@@ -75,6 +77,30 @@ pub enum Command {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
+    /// Run as a host service: react to libvirt events and policy changes, resync periodically.
+    Run {
+        /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
+        #[arg(long, short = 'c')]
+        connect: Option<String>,
+        /// Full resync period (safety net for missed events).
+        #[arg(long, default_value = "60s")]
+        resync: virtwarden_policies::Duration,
+        /// Where to serve /metrics, /healthz and /readyz; `off` disables it.
+        #[arg(long, default_value = "127.0.0.1:9477")]
+        metrics_addr: String,
+        /// Lock file and status file directory.
+        #[arg(long, default_value = "/run/virtwarden")]
+        state_dir: PathBuf,
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// Show what a running `virtwarden run` reports (from its status file).
+    Status {
+        #[arg(long, default_value = "/run/virtwarden")]
+        state_dir: PathBuf,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Print the JSON Schema of a HostPolicy document (for editors' YAML language servers).
     Schema,
 }
@@ -103,6 +129,14 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             virtwarden_policies::schema::host_policy_schema_json()
         )
         .map(|_| exit::OK),
+        Command::Run {
+            connect,
+            resync,
+            metrics_addr,
+            state_dir,
+            paths,
+        } => run_service(connect, resync, &metrics_addr, state_dir, paths, err),
+        Command::Status { state_dir, output } => status_cmd(&state_dir, output, out, err),
     };
     result.unwrap_or(exit::RUNTIME)
 }
@@ -253,4 +287,83 @@ fn write_apply_text(p: &Plan, report: &ApplyReport, out: &mut dyn Write) -> std:
         )?;
     }
     Ok(())
+}
+
+fn run_service(
+    connect: Option<String>,
+    resync: virtwarden_policies::Duration,
+    metrics_addr: &str,
+    state_dir: PathBuf,
+    paths: Vec<PathBuf>,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let metrics_addr = match metrics_addr {
+        "off" | "" => None,
+        text => match text.parse() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                writeln!(
+                    err,
+                    "error: --metrics-addr {text}: {e} (use HOST:PORT or `off`)"
+                )?;
+                return Ok(exit::INVALID_POLICY);
+            }
+        },
+    };
+    if resync.as_std().is_zero() {
+        writeln!(err, "error: --resync must be longer than 0s")?;
+        return Ok(exit::INVALID_POLICY);
+    }
+    let opts = crate::host::RunOptions {
+        uri: resolve_uri(connect.as_deref()),
+        resync: resync.as_std(),
+        metrics_addr,
+        state_dir,
+        paths,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .thread_name("virtwarden")
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(crate::host::run(opts)))
+}
+
+fn status_cmd(
+    state_dir: &std::path::Path,
+    output: Output,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let path = state_dir.join(crate::host::STATUS_FILE);
+    let report = match crate::engine::status::read(&path) {
+        Ok(r) => r,
+        Err(e) => {
+            writeln!(
+                err,
+                "error: {e}\n  hint: is `virtwarden run --state-dir {}` running?",
+                state_dir.display()
+            )?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    match output {
+        Output::Json => writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?
+        )?,
+        Output::Text => {
+            write!(out, "{}", crate::engine::status::render_text(&report))?;
+            if !std::path::Path::new(&format!("/proc/{}", report.pid)).exists() {
+                writeln!(
+                    out,
+                    "note: pid {} is not running; this status is from its last run",
+                    report.pid
+                )?;
+            }
+        }
+    }
+    Ok(exit::OK)
 }

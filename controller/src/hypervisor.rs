@@ -42,10 +42,14 @@ impl HypervisorError {
     /// Worth retrying soon: libvirt could not get the domain's job lock or timed out.
     pub fn is_transient(&self) -> bool {
         match self {
-            HypervisorError::Call { source, .. } => matches!(
-                source.code(),
-                virt::enumutil::Enum::Known(virt::error::ErrorNumber::OperationTimeout)
-            ) || source.message().contains("cannot acquire state change lock"),
+            HypervisorError::Call { source, .. } => {
+                matches!(
+                    source.code(),
+                    virt::enumutil::Enum::Known(virt::error::ErrorNumber::OperationTimeout)
+                ) || source
+                    .message()
+                    .contains("cannot acquire state change lock")
+            }
             _ => false,
         }
     }
@@ -57,8 +61,10 @@ impl HypervisorError {
             HypervisorError::Call { source, .. } | HypervisorError::Host { source, .. } => source,
             _ => return false,
         };
-        matches!(source.code(), virt::enumutil::Enum::Known(N::SystemError | N::Rpc | N::NoConnect | N::InvalidConn))
-            || source.message().contains("client socket is closed")
+        matches!(
+            source.code(),
+            virt::enumutil::Enum::Known(N::SystemError | N::Rpc | N::NoConnect | N::InvalidConn)
+        ) || source.message().contains("client socket is closed")
     }
 
     /// libvirt's own message, without our prefix (for status and reports).

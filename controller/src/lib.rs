@@ -2,8 +2,9 @@
 //! observe → plan (pure) → act → verify; front ends (CLI, host service, operator) drive it.
 
 pub mod act;
-pub mod engine;
 pub mod cli;
+pub mod engine;
+pub mod host;
 pub mod hypervisor;
 pub mod libvirt;
 pub mod observe;

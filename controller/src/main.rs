@@ -1,10 +1,17 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use virtwarden::cli::{run, Cli, LogFormat};
+use virtwarden::cli::{run, Cli, Command, LogFormat};
 
 fn main() {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    // The service reports what it does; one-shot commands print their results instead.
+    let default_level = if matches!(cli.command, Command::Run { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -12,10 +19,7 @@ fn main() {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    let code = run(
-        cli.command,
-        &mut std::io::stdout().lock(),
-        &mut std::io::stderr().lock(),
-    );
+    // Unlocked handles: while `run` serves, other threads log to stderr.
+    let code = run(cli.command, &mut std::io::stdout(), &mut std::io::stderr());
     std::process::exit(code);
 }

@@ -10,17 +10,19 @@ use virtwarden::engine::connect::SharedConnector;
 use virtwarden::engine::status::{DomainStatus, StatusReport};
 use virtwarden::engine::{Engine, EngineConfig, EngineHandle};
 use virtwarden::hypervisor::{DomainControl, DomainReader};
-use virtwarden::libvirt::LibvirtHost;
 use virtwarden::libvirt::events::start_event_loop;
+use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
-use virtwarden_policies::{DesiredState, load_texts};
+use virtwarden_policies::{load_texts, DesiredState};
 use virtwarden_tests::testbed_uri;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 fn policy(yaml_spec: &str) -> DesiredState {
     let text = format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{yaml_spec}");
-    load_texts([(std::path::Path::new("inline.yaml"), text.as_str())]).expect("inline policy is valid").desired
+    load_texts([(std::path::Path::new("inline.yaml"), text.as_str())])
+        .expect("inline policy is valid")
+        .desired
 }
 
 struct Rig {
@@ -33,11 +35,20 @@ async fn rig(desired: DesiredState) -> Rig {
     start_event_loop();
     let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
     let connector = Arc::new(SharedConnector { host: host.clone() });
-    let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
+    let config = EngineConfig {
+        resync: Duration::from_secs(3600),
+        ..Default::default()
+    };
     let (engine, task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
     assert!(engine.wait_for(WAIT, |_| true).await.is_some());
     let r = Rig { host, engine, task };
-    assert!(r.engine.wait_for(WAIT, |_| r_ready(&r.engine)).await.is_some(), "engine never became ready");
+    assert!(
+        r.engine
+            .wait_for(WAIT, |_| r_ready(&r.engine))
+            .await
+            .is_some(),
+        "engine never became ready"
+    );
     r
 }
 
@@ -46,14 +57,20 @@ fn r_ready(e: &EngineHandle) -> bool {
 }
 
 fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {
-    r.domains.iter().find(|d| d.name == name).unwrap_or_else(|| panic!("{name} not in status: {r:#?}"))
+    r.domains
+        .iter()
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("{name} not in status: {r:#?}"))
 }
 
 impl Rig {
     async fn until(&self, what: &str, cond: impl Fn(&StatusReport) -> bool) -> StatusReport {
         match self.engine.wait_for(WAIT, cond).await {
             Some(r) => r,
-            None => panic!("timed out waiting for: {what}\nstatus: {:#?}", self.engine.status()),
+            None => panic!(
+                "timed out waiting for: {what}\nstatus: {:#?}",
+                self.engine.status()
+            ),
         }
     }
 
@@ -63,19 +80,35 @@ impl Rig {
 
     async fn stop(self) {
         self.engine.shutdown();
-        tokio::time::timeout(WAIT, self.task).await.expect("engine stops").unwrap();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("engine stops")
+            .unwrap();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroyed_domain_is_restarted_under_always() {
-    let r = rig(policy("  domains:\n    - name: web2\n      restart: always\n")).await;
+    let r = rig(policy(
+        "  domains:\n    - name: web2\n      restart: always\n",
+    ))
+    .await;
     r.host.destroy("web2").unwrap();
-    let s = r.until("web2 restarted", |s| domain(s, "web2").restarts == 1 && domain(s, "web2").state.starts_with("running")).await;
+    let s = r
+        .until("web2 restarted", |s| {
+            domain(s, "web2").restarts == 1 && domain(s, "web2").state.starts_with("running")
+        })
+        .await;
     let d = domain(&s, "web2");
     assert_eq!(d.last_outcome.as_deref(), Some("ok: running again"));
     assert_eq!(d.last_action.as_deref(), Some("start (attempt 1)"));
-    assert!(d.last_failure.as_deref().unwrap().starts_with("stopped/destroyed"), "{d:#?}");
+    assert!(
+        d.last_failure
+            .as_deref()
+            .unwrap()
+            .starts_with("stopped/destroyed"),
+        "{d:#?}"
+    );
     assert_eq!(r.state("web2"), DomainState::Running);
     r.stop().await;
 }
@@ -100,22 +133,31 @@ async fn on_failure_honours_admin_destroy_and_guest_shutdown_never_only_reports(
         assert_eq!(domain(&s, name).restarts, 0, "{name} must not be restarted");
         assert_eq!(r.state(name), DomainState::ShutOff);
     }
-    assert!(domain(&s, "web2").notes[0].contains("stopped on purpose; honoured (restart: on-failure)"));
+    assert!(
+        domain(&s, "web2").notes[0].contains("stopped on purpose; honoured (restart: on-failure)")
+    );
     assert!(domain(&s, "batch1").notes[0].contains("restart: never → left off"));
     r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmanaged_domains_are_never_touched() {
-    let r = rig(policy("  domains:\n    - name: web2\n      restart: always\n")).await;
+    let r = rig(policy(
+        "  domains:\n    - name: web2\n      restart: always\n",
+    ))
+    .await;
     r.host.destroy("db1").unwrap(); // no policy names db1
     r.host.destroy("web2").unwrap();
-    r.until("web2 restarted", |s| domain(s, "web2").restarts == 1).await;
+    r.until("web2 restarted", |s| domain(s, "web2").restarts == 1)
+        .await;
     // Events are handled in order, so db1's was handled before web2's restart.
     assert_eq!(r.state("db1"), DomainState::ShutOff);
     assert!(r.engine.status().domains.iter().all(|d| d.name != "db1"));
     r.engine.resync();
-    r.until("a resync pass", |s| domain(s, "web2").state.starts_with("running")).await;
+    r.until("a resync pass", |s| {
+        domain(s, "web2").state.starts_with("running")
+    })
+    .await;
     assert_eq!(r.state("db1"), DomainState::ShutOff);
     r.stop().await;
 }
@@ -139,36 +181,67 @@ async fn run_then_crash_loop_walks_the_ladder_then_quarantines() {
     // A guest that dies every time it comes up: kill it after each restart.
     for n in 1..=4u32 {
         r.host.destroy("web2").unwrap();
-        r.until(&format!("restart {n}"), |s| domain(s, "web2").restarts == n && domain(s, "web2").state.starts_with("running"))
-            .await;
+        r.until(&format!("restart {n}"), |s| {
+            domain(s, "web2").restarts == n && domain(s, "web2").state.starts_with("running")
+        })
+        .await;
     }
     r.host.destroy("web2").unwrap();
-    let s = r.until("quarantine", |s| domain(s, "web2").quarantined.is_some()).await;
+    let s = r
+        .until("quarantine", |s| domain(s, "web2").quarantined.is_some())
+        .await;
     let d = domain(&s, "web2");
     assert_eq!(d.restarts, 4);
-    assert!(d.quarantined.as_deref().unwrap().starts_with("4 restarts within 1h"), "{d:#?}");
-    assert_eq!(r.state("web2"), DomainState::ShutOff, "quarantined domains stay down");
+    assert!(
+        d.quarantined
+            .as_deref()
+            .unwrap()
+            .starts_with("4 restarts within 1h"),
+        "{d:#?}"
+    );
+    assert_eq!(
+        r.state("web2"),
+        DomainState::ShutOff,
+        "quarantined domains stay down"
+    );
     // Steps: attempt 1 start (immediate), 2 destroy-start, 3 and 4 exec (the hook ran twice).
     let hook_log = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = hook_log.lines().collect();
     assert_eq!(lines.len(), 2, "{hook_log}");
-    assert!(lines[0].starts_with("web2 3 from-test reason=stopped/destroyed"), "{hook_log}");
+    assert!(
+        lines[0].starts_with("web2 3 from-test reason=stopped/destroyed"),
+        "{hook_log}"
+    );
     assert!(lines[1].starts_with("web2 4 from-test"), "{hook_log}");
 
     // A reload with the same policy and quarantine cleared (SIGHUP) restarts it again.
     r.engine.reload(policy(&spec), true);
-    r.until("restart after reload", |s| domain(s, "web2").quarantined.is_none() && domain(s, "web2").state.starts_with("running"))
-        .await;
+    r.until("restart after reload", |s| {
+        domain(s, "web2").quarantined.is_none() && domain(s, "web2").state.starts_with("running")
+    })
+    .await;
     r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_drift_is_repaired_and_metrics_count_it() {
-    let r = rig(policy("  domains:\n    - name: db1\n      autostart: true\n")).await;
-    r.until("autostart set", |s| domain(s, "db1").last_outcome.as_deref() == Some("ok")).await;
+    let r = rig(policy(
+        "  domains:\n    - name: db1\n      autostart: true\n",
+    ))
+    .await;
+    r.until("autostart set", |s| {
+        domain(s, "db1").last_outcome.as_deref() == Some("ok")
+    })
+    .await;
     assert!(r.host.observe_domain("db1").unwrap().unwrap().autostart);
     let metrics = r.engine.metrics_text();
-    assert!(metrics.contains("virtwarden_actions_total{kind=\"set-autostart\",result=\"ok\"} 1"), "{metrics}");
-    assert!(metrics.contains("virtwarden_drift_detected_total{kind=\"set-autostart\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("virtwarden_actions_total{kind=\"set-autostart\",result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("virtwarden_drift_detected_total{kind=\"set-autostart\"} 1"),
+        "{metrics}"
+    );
     r.stop().await;
 }

@@ -1,7 +1,7 @@
 //! Carrying out planned actions through the hypervisor, then re-reading to verify them.
 
 pub mod boot_xml;
-pub mod remediation;
 mod execute;
+pub mod remediation;
 
 pub use execute::{apply_plan, execute_action, ActError, ActionOutcome, ApplyReport};

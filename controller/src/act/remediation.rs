@@ -35,11 +35,18 @@ pub enum RemediationError {
     #[error("rewriting the boot order: {0}")]
     BootXml(#[from] super::boot_xml::BootXmlError),
     #[error("cannot run {}: {source}", program.display())]
-    Spawn { program: PathBuf, source: std::io::Error },
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{} timed out after {timeout:?} and was killed", program.display())]
     Timeout { program: PathBuf, timeout: Duration },
     #[error("{} exited with {status}{}", program.display(), if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
-    Exit { program: PathBuf, status: std::process::ExitStatus, stderr: String },
+    Exit {
+        program: PathBuf,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
     #[error("no remediation registered for `{0}`")]
     Unknown(&'static str),
 }
@@ -57,11 +64,19 @@ pub struct Registry {
 
 impl Registry {
     pub fn with_builtins() -> Self {
-        let mut r = Registry { map: HashMap::new() };
+        let mut r = Registry {
+            map: HashMap::new(),
+        };
         r.register(RemediationAction::Start, Box::new(StartRemediation));
         r.register(RemediationAction::Reset, Box::new(ResetRemediation));
-        r.register(RemediationAction::DestroyStart, Box::new(DestroyStartRemediation));
-        r.register(RemediationAction::RedefineBootOrder, Box::new(RedefineBootOrderRemediation));
+        r.register(
+            RemediationAction::DestroyStart,
+            Box::new(DestroyStartRemediation),
+        );
+        r.register(
+            RemediationAction::RedefineBootOrder,
+            Box::new(RedefineBootOrderRemediation),
+        );
         r.register(RemediationAction::Exec, Box::new(ExecRemediation));
         r
     }
@@ -71,8 +86,15 @@ impl Registry {
         self.map.insert(action, remediation);
     }
 
-    pub fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        let r = self.map.get(&ctx.step.action).ok_or(RemediationError::Unknown(ctx.step.action.as_str()))?;
+    pub fn run(
+        &self,
+        ctx: &RemediationContext,
+        hv: &dyn Hypervisor,
+    ) -> Result<(), RemediationError> {
+        let r = self
+            .map
+            .get(&ctx.step.action)
+            .ok_or(RemediationError::Unknown(ctx.step.action.as_str()))?;
         r.run(ctx, hv)
     }
 }
@@ -81,7 +103,9 @@ impl Registry {
 /// paused, destroy-then-start when libvirt holds it crashed.
 pub fn bring_up(name: &str, hv: &dyn Hypervisor) -> Result<(), HypervisorError> {
     let Some(d) = hv.observe_domain(name)? else {
-        return Err(HypervisorError::NoSuchDomain { domain: name.to_string() });
+        return Err(HypervisorError::NoSuchDomain {
+            domain: name.to_string(),
+        });
     };
     match d.state {
         DomainState::Running | DomainState::Blocked => Ok(()),
@@ -104,7 +128,12 @@ impl Remediation for StartRemediation {
 struct ResetRemediation;
 impl Remediation for ResetRemediation {
     fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        let active = hv.observe_domain(&ctx.domain)?.is_some_and(|d| matches!(d.state, DomainState::Running | DomainState::Blocked | DomainState::Paused));
+        let active = hv.observe_domain(&ctx.domain)?.is_some_and(|d| {
+            matches!(
+                d.state,
+                DomainState::Running | DomainState::Blocked | DomainState::Paused
+            )
+        });
         if active {
             hv.reset(&ctx.domain)?;
             // A reset of a paused guest leaves it paused.
@@ -117,7 +146,10 @@ impl Remediation for ResetRemediation {
 struct DestroyStartRemediation;
 impl Remediation for DestroyStartRemediation {
     fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        if hv.observe_domain(&ctx.domain)?.is_some_and(|d| d.state.is_active()) {
+        if hv
+            .observe_domain(&ctx.domain)?
+            .is_some_and(|d| d.state.is_active())
+        {
             hv.destroy(&ctx.domain)?;
         }
         Ok(hv.start(&ctx.domain)?)
@@ -132,9 +164,14 @@ impl Remediation for RedefineBootOrderRemediation {
                 let xml = hv.persistent_xml(&ctx.domain)?;
                 hv.define_xml(&ctx.domain, &rewrite_boot_order(&xml, order)?)?;
             }
-            None => tracing::warn!(domain = %ctx.domain, "redefine-boot-order without `boot` in the policy: only starting"),
+            None => {
+                tracing::warn!(domain = %ctx.domain, "redefine-boot-order without `boot` in the policy: only starting")
+            }
         }
-        if hv.observe_domain(&ctx.domain)?.is_some_and(|d| d.state.is_active()) {
+        if hv
+            .observe_domain(&ctx.domain)?
+            .is_some_and(|d| d.state.is_active())
+        {
             hv.destroy(&ctx.domain)?;
         }
         Ok(hv.start(&ctx.domain)?)
@@ -175,7 +212,10 @@ pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| RemediationError::Spawn { program: program.clone(), source })?;
+        .map_err(|source| RemediationError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
     let deadline = Instant::now() + ctx.step.timeout;
     let status = loop {
         match child.try_wait() {
@@ -183,7 +223,10 @@ pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(RemediationError::Timeout { program, timeout: ctx.step.timeout });
+                return Err(RemediationError::Timeout {
+                    program,
+                    timeout: ctx.step.timeout,
+                });
             }
             Ok(None) => std::thread::sleep(HOOK_POLL),
             Err(source) => return Err(RemediationError::Spawn { program, source }),
@@ -199,5 +242,9 @@ pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
         let n = pipe.read(&mut buf).unwrap_or(0);
         stderr = String::from_utf8_lossy(&buf[..n]).trim().to_string();
     }
-    Err(RemediationError::Exit { program, status, stderr })
+    Err(RemediationError::Exit {
+        program,
+        status,
+        stderr,
+    })
 }

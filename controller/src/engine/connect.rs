@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::libvirt::events::{start_event_loop, subscribe, EventSubscription, HypervisorEvent};
 use crate::libvirt::LibvirtHost;
-use crate::libvirt::events::{EventSubscription, HypervisorEvent, start_event_loop, subscribe};
 
 /// An open connection and what keeps its events flowing.
 pub struct Connection {
@@ -18,7 +18,10 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(hypervisor: Arc<dyn Hypervisor>, subscription: Option<EventSubscription>) -> Self {
-        Connection { subscription, hypervisor }
+        Connection {
+            subscription,
+            hypervisor,
+        }
     }
 
     pub fn has_events(&self) -> bool {
@@ -30,7 +33,10 @@ impl Connection {
 pub trait Connector: Send + Sync + 'static {
     fn uri(&self) -> String;
     /// Open a connection whose events go to `events`. Blocks.
-    fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError>;
+    fn connect(
+        &self,
+        events: UnboundedSender<HypervisorEvent>,
+    ) -> Result<Connection, HypervisorError>;
 }
 
 /// libvirt at a URI.
@@ -43,7 +49,10 @@ impl Connector for LibvirtConnector {
         self.uri.clone()
     }
 
-    fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError> {
+    fn connect(
+        &self,
+        events: UnboundedSender<HypervisorEvent>,
+    ) -> Result<Connection, HypervisorError> {
         start_event_loop();
         let host = Arc::new(LibvirtHost::open(&self.uri)?);
         let subscription = match subscribe(&host, events) {
@@ -68,9 +77,15 @@ impl Connector for SharedConnector {
         self.host.uri().to_string()
     }
 
-    fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError> {
-        let subscription = subscribe(&self.host, events)
-            .map_err(|e| HypervisorError::Failed { op: "subscribe", domain: String::new(), message: e.to_string() })?;
+    fn connect(
+        &self,
+        events: UnboundedSender<HypervisorEvent>,
+    ) -> Result<Connection, HypervisorError> {
+        let subscription = subscribe(&self.host, events).map_err(|e| HypervisorError::Failed {
+            op: "subscribe",
+            domain: String::new(),
+            message: e.to_string(),
+        })?;
         Ok(Connection::new(self.host.clone(), Some(subscription)))
     }
 }

@@ -5,7 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,25 +47,61 @@ impl Default for Metrics {
         let quarantined = Gauge::default();
         let connected = Gauge::default();
         registry.register("restarts", "Restarts issued, by domain", restarts.clone());
-        registry.register("actions", "Actions carried out, by kind and result (ok|error)", actions.clone());
+        registry.register(
+            "actions",
+            "Actions carried out, by kind and result (ok|error)",
+            actions.clone(),
+        );
         registry.register("drift_detected", "Drift found, by kind", drift.clone());
-        registry.register("reconcile_duration_seconds", "Time to reconcile one domain", reconcile_seconds.clone());
-        registry.register("event_lag_seconds", "From a libvirt event's arrival to its reconcile starting", event_lag_seconds.clone());
-        registry.register("quarantined_domains", "Domains with automatic restarts stopped", quarantined.clone());
-        registry.register("connected", "1 while the libvirt connection is up", connected.clone());
-        Metrics { registry, restarts, actions, drift, reconcile_seconds, event_lag_seconds, quarantined, connected }
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time to reconcile one domain",
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "event_lag_seconds",
+            "From a libvirt event's arrival to its reconcile starting",
+            event_lag_seconds.clone(),
+        );
+        registry.register(
+            "quarantined_domains",
+            "Domains with automatic restarts stopped",
+            quarantined.clone(),
+        );
+        registry.register(
+            "connected",
+            "1 while the libvirt connection is up",
+            connected.clone(),
+        );
+        Metrics {
+            registry,
+            restarts,
+            actions,
+            drift,
+            reconcile_seconds,
+            event_lag_seconds,
+            quarantined,
+            connected,
+        }
     }
 }
 
 impl Metrics {
     pub fn action(&self, kind: &str, ok: bool) {
         self.actions
-            .get_or_create(&ActionLabels { kind: kind.to_string(), result: if ok { "ok" } else { "error" }.to_string() })
+            .get_or_create(&ActionLabels {
+                kind: kind.to_string(),
+                result: if ok { "ok" } else { "error" }.to_string(),
+            })
             .inc();
     }
 
     pub fn drift(&self, kind: &str) {
-        self.drift.get_or_create(&DriftLabel { kind: kind.to_string() }).inc();
+        self.drift
+            .get_or_create(&DriftLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
     }
 
     /// The text exposition format.

@@ -10,12 +10,12 @@ use virtwarden_policies::{Backoff, DesiredState, ManagedDomain};
 
 use super::Shared;
 use crate::act::remediation::RemediationContext;
-use crate::act::{ActError, execute_action};
+use crate::act::{execute_action, ActError};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::libvirt::events::LifecycleEvent;
 use crate::observe::{DomainState, ObservedDomain, ObservedHost};
 use crate::plan::restart::{Decision, Ladder, RestartTracker};
-use crate::plan::{Action, ActionKind, plan};
+use crate::plan::{plan, Action, ActionKind};
 
 /// Why a worker should look at its domain again.
 #[derive(Debug, Default)]
@@ -46,7 +46,10 @@ pub(super) struct Worker {
 }
 
 fn is_recovery(kind: &ActionKind) -> bool {
-    matches!(kind, ActionKind::Start | ActionKind::Restart | ActionKind::Resume)
+    matches!(
+        kind,
+        ActionKind::Start | ActionKind::Restart | ActionKind::Resume
+    )
 }
 
 fn is_up(d: &ObservedDomain) -> bool {
@@ -54,15 +57,29 @@ fn is_up(d: &ObservedDomain) -> bool {
 }
 
 impl Worker {
-    pub(super) fn new(shared: Arc<Shared>, managed: ManagedDomain, rx: UnboundedReceiver<Kick>) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        managed: ManagedDomain,
+        rx: UnboundedReceiver<Kick>,
+    ) -> Self {
         let spec = &managed.spec;
-        let tracker = RestartTracker::new(Backoff::resolve(spec.backoff.as_ref()), Ladder::new(spec.remediation.as_deref()));
+        let tracker = RestartTracker::new(
+            Backoff::resolve(spec.backoff.as_ref()),
+            Ladder::new(spec.remediation.as_deref()),
+        );
         let desired_one = DesiredState {
             policies: vec![managed.policy.clone()],
             domains: vec![managed.clone()],
             ..Default::default()
         };
-        Worker { shared, managed, desired_one, tracker, last_event: None, rx }
+        Worker {
+            shared,
+            managed,
+            desired_one,
+            tracker,
+            last_event: None,
+            rx,
+        }
     }
 
     fn name(&self) -> &str {
@@ -86,14 +103,20 @@ impl Worker {
                 self.tracker.clear_quarantine();
             }
             if let Some(ev) = &kick.event {
-                self.shared.metrics.event_lag_seconds.observe(ev.received.elapsed().as_secs_f64());
+                self.shared
+                    .metrics
+                    .event_lag_seconds
+                    .observe(ev.received.elapsed().as_secs_f64());
                 if ev.is_down() {
                     self.last_event = Some(ev.text());
                 }
             }
             let started = std::time::Instant::now();
             wake = self.reconcile().await;
-            self.shared.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+            self.shared
+                .metrics
+                .reconcile_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
     }
 
@@ -124,13 +147,21 @@ impl Worker {
             Ok(o) => o,
             Err(e) => {
                 self.shared.hypervisor_error(&e);
-                self.shared.update_domain(self.name(), |s| s.notes = vec![format!("cannot observe: {e}")]);
+                self.shared.update_domain(self.name(), |s| {
+                    s.notes = vec![format!("cannot observe: {e}")]
+                });
                 return Some(Instant::now() + OBSERVE_RETRY);
             }
         };
-        let host = ObservedHost { domains: observed.clone().into_iter().collect(), networks: vec![] };
+        let host = ObservedHost {
+            domains: observed.clone().into_iter().collect(),
+            networks: vec![],
+        };
         let p = plan(&self.desired_one, &host);
-        let state = observed.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
+        let state = observed
+            .as_ref()
+            .map(ObservedDomain::state_text)
+            .unwrap_or_else(|| "not defined".into());
         let notes: Vec<String> = p.notes.iter().map(|n| n.line()).collect();
         self.shared.update_domain(self.name(), |s| {
             s.state = state.clone();
@@ -139,7 +170,8 @@ impl Worker {
         if observed.as_ref().is_some_and(is_up) {
             self.tracker.on_up();
         }
-        let (recovery, others): (Vec<Action>, Vec<Action>) = p.actions.into_iter().partition(|a| is_recovery(&a.kind));
+        let (recovery, others): (Vec<Action>, Vec<Action>) =
+            p.actions.into_iter().partition(|a| is_recovery(&a.kind));
         for action in others {
             self.run_action(action).await;
         }
@@ -156,7 +188,9 @@ impl Worker {
         self.shared.metrics.drift(action.kind.name());
         tracing::info!(domain = %self.name(), reason = %action.reason, action = action.kind.name(), "correcting drift");
         let a = action.clone();
-        let result = self.blocking(move |hv| execute_with_retry(hv, &a).map_err(into_hv)).await;
+        let result = self
+            .blocking(move |hv| execute_with_retry(hv, &a).map_err(into_hv))
+            .await;
         let ok = matches!(result, Some(Ok(())));
         self.shared.metrics.action(action.kind.name(), ok);
         let outcome = match result {
@@ -176,20 +210,27 @@ impl Worker {
     }
 
     fn failure_text(&self, observed: Option<&ObservedDomain>) -> String {
-        let state = observed.map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
+        let state = observed
+            .map(ObservedDomain::state_text)
+            .unwrap_or_else(|| "not defined".into());
         match &self.last_event {
             Some(ev) => format!("{ev}; {state}"),
             None => state,
         }
     }
 
-    async fn recover(&mut self, action: Action, observed: Option<ObservedDomain>) -> Option<Instant> {
+    async fn recover(
+        &mut self,
+        action: Action,
+        observed: Option<ObservedDomain>,
+    ) -> Option<Instant> {
         let now = self.shared.tick();
         let decision = self.tracker.on_down(now, fastrand::f64());
         let failure = self.failure_text(observed.as_ref());
         match decision {
             Decision::WaitUntil(at) => {
-                self.shared.update_domain(self.name(), |s| s.last_failure = Some(failure));
+                self.shared
+                    .update_domain(self.name(), |s| s.last_failure = Some(failure));
                 self.refresh_tracker_status();
                 Some(self.shared.instant_at(at))
             }
@@ -210,7 +251,10 @@ impl Worker {
                 tracing::info!(domain = %self.name(), reason = %action.reason, step = step.action.as_str(), attempt, "restarting");
                 let ctx = RemediationContext {
                     domain: self.name().to_string(),
-                    uuid: observed.as_ref().map(|d| d.uuid.clone()).unwrap_or_default(),
+                    uuid: observed
+                        .as_ref()
+                        .map(|d| d.uuid.clone())
+                        .unwrap_or_default(),
                     reason: failure.clone(),
                     attempt,
                     step: step.clone(),
@@ -219,10 +263,12 @@ impl Worker {
                 let shared = self.shared.clone();
                 let result = self
                     .blocking(move |hv| {
-                        retry_transient(|| shared.remediations.run(&ctx, hv)).map_err(|e| HypervisorError::Failed {
-                            op: "remediate",
-                            domain: ctx.domain.clone(),
-                            message: e.to_string(),
+                        retry_transient(|| shared.remediations.run(&ctx, hv)).map_err(|e| {
+                            HypervisorError::Failed {
+                                op: "remediate",
+                                domain: ctx.domain.clone(),
+                                message: e.to_string(),
+                            }
                         })
                     })
                     .await;
@@ -230,12 +276,24 @@ impl Worker {
                 let recovered = after.as_ref().is_some_and(is_up);
                 let done = self.shared.tick();
                 self.tracker.attempted(done, recovered, fastrand::f64());
-                self.shared.metrics.restarts.get_or_create(&super::metrics::DomainLabel { domain: self.name().to_string() }).inc();
+                self.shared
+                    .metrics
+                    .restarts
+                    .get_or_create(&super::metrics::DomainLabel {
+                        domain: self.name().to_string(),
+                    })
+                    .inc();
                 self.shared.metrics.action(step.action.as_str(), recovered);
                 let outcome = match (&result, recovered) {
                     (Some(Ok(())), true) => "ok: running again".to_string(),
                     (Some(Ok(())), false) => {
-                        format!("did not come up: {}", after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "gone".into()))
+                        format!(
+                            "did not come up: {}",
+                            after
+                                .as_ref()
+                                .map(ObservedDomain::state_text)
+                                .unwrap_or_else(|| "gone".into())
+                        )
                     }
                     (Some(Err(e)), _) => e.detail(),
                     (None, _) => "not attempted: disconnected".into(),
@@ -246,10 +304,17 @@ impl Worker {
                 } else {
                     tracing::warn!(domain = %self.name(), attempt, %outcome, "restart failed");
                 }
-                let state = after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
+                let state = after
+                    .as_ref()
+                    .map(ObservedDomain::state_text)
+                    .unwrap_or_else(|| "not defined".into());
                 self.shared.update_domain(self.name(), |s| {
                     s.state = state;
-                    s.last_failure = Some(if recovered { failure } else { format!("{failure}; {outcome}") });
+                    s.last_failure = Some(if recovered {
+                        failure
+                    } else {
+                        format!("{failure}; {outcome}")
+                    });
                     s.last_failure_at = Some(chrono::Utc::now());
                     s.last_action = Some(format!("{} (attempt {attempt})", step.action.as_str()));
                     s.last_outcome = Some(outcome);
@@ -285,7 +350,11 @@ async fn sleep_until(at: Option<Instant>) {
 fn into_hv(e: ActError) -> HypervisorError {
     match e {
         ActError::Hypervisor(h) => h,
-        other => HypervisorError::Failed { op: "act", domain: String::new(), message: other.to_string() },
+        other => HypervisorError::Failed {
+            op: "act",
+            domain: String::new(),
+            message: other.to_string(),
+        },
     }
 }
 

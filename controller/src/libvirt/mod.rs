@@ -310,7 +310,11 @@ impl DomainControl for LibvirtHost {
 
     fn reset(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("reset", name)?;
-        dom.reset().map_err(|source| HypervisorError::Call { op: "reset", domain: name.into(), source })
+        dom.reset().map_err(|source| HypervisorError::Call {
+            op: "reset",
+            domain: name.into(),
+            source,
+        })
     }
 
     fn set_autostart(&self, name: &str, on: bool) -> Result<(), HypervisorError> {

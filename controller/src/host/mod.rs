@@ -1,0 +1,210 @@
+//! The host service (`virtwarden run`): policy files and SIGHUP feed the engine, systemd gets
+//! READY/STATUS/WATCHDOG, metrics are served on loopback, one instance per host.
+
+pub mod http;
+pub mod lock;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use virtwarden_policies::load_paths;
+
+use crate::act::remediation::Registry;
+use crate::cli::exit;
+use crate::engine::connect::LibvirtConnector;
+use crate::engine::{Engine, EngineConfig, EngineHandle};
+
+/// Options of `virtwarden run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub uri: String,
+    pub resync: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    pub paths: Vec<PathBuf>,
+}
+
+/// Name of the status file inside the state directory.
+pub const STATUS_FILE: &str = "status.json";
+
+/// Run until SIGTERM/SIGINT. Returns the process exit code.
+pub async fn run(opts: RunOptions) -> i32 {
+    let _lock = match lock::acquire(&opts.state_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::RUNTIME;
+        }
+    };
+    let desired = match load_blocking(opts.paths.clone()).await {
+        Ok(d) => d,
+        Err(text) => {
+            eprintln!("{text}");
+            return exit::INVALID_POLICY;
+        }
+    };
+    let config = EngineConfig {
+        resync: opts.resync,
+        status_path: Some(opts.state_dir.join(STATUS_FILE)),
+        ..Default::default()
+    };
+    let connector = Arc::new(LibvirtConnector {
+        uri: opts.uri.clone(),
+    });
+    let (engine, mut engine_task) =
+        Engine::spawn(connector, desired, config, Registry::with_builtins());
+
+    if let Some(addr) = opts.metrics_addr {
+        match http::serve(addr, engine.clone()).await {
+            Ok(bound) => tracing::info!(%bound, "serving /metrics, /healthz, /readyz"),
+            Err(e) => {
+                eprintln!("error: cannot serve metrics on {addr}: {e}");
+                engine.shutdown();
+                let _ = engine_task.await;
+                return exit::RUNTIME;
+            }
+        }
+    }
+
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
+    let _watcher = match watch::watch(&opts.paths, reload_tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(%e, "cannot watch policy files; use SIGHUP to reload");
+            None
+        }
+    };
+    let (mut hup, mut term, mut int) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+        _ => {
+            eprintln!("error: cannot install signal handlers");
+            engine.shutdown();
+            let _ = engine_task.await;
+            return exit::RUNTIME;
+        }
+    };
+    tokio::spawn(systemd_notifier(engine.clone()));
+    tracing::info!(uri = %opts.uri, state_dir = %opts.state_dir.display(), "virtwarden running");
+
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading policies, lifting quarantines, resyncing");
+                let _ = sd_notify::notify(&[NotifyState::Reloading]);
+                reload(&engine, &opts.paths, true).await;
+                let _ = sd_notify::notify(&[NotifyState::Ready]);
+            }
+            Some(()) = reload_rx.recv() => {
+                tracing::info!("policy files changed: reloading");
+                reload(&engine, &opts.paths, false).await;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = &mut engine_task => {
+                tracing::error!("engine stopped unexpectedly");
+                return exit::RUNTIME;
+            }
+        }
+    }
+    tracing::info!("stopping");
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    engine.shutdown();
+    let _ = engine_task.await;
+    exit::OK
+}
+
+async fn load_blocking(paths: Vec<PathBuf>) -> Result<virtwarden_policies::DesiredState, String> {
+    match tokio::task::spawn_blocking(move || load_paths(&paths)).await {
+        Ok(Ok(loaded)) => Ok(loaded.desired),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("policy loading failed: {e}")),
+    }
+}
+
+/// Load the policies again; on any error keep the last good ones in force and say why.
+async fn reload(engine: &EngineHandle, paths: &[PathBuf], clear_quarantine: bool) {
+    match load_blocking(paths.to_vec()).await {
+        Ok(desired) => {
+            tracing::info!(policies = ?desired.policies, domains = desired.domains.len(), "policies reloaded");
+            engine.reload(desired, clear_quarantine);
+        }
+        Err(text) => {
+            for line in text.lines().filter(|l| !l.starts_with(' ')) {
+                tracing::error!(error = %line, "policy reload rejected; the last good policy stays in force");
+            }
+            engine.policy_rejected(text);
+            if clear_quarantine {
+                engine.resync();
+            }
+        }
+    }
+}
+
+/// READY once connected and resynced, STATUS on changes (at most once a second), WATCHDOG
+/// while the engine runs. Nothing here polls when systemd asked for no watchdog.
+async fn systemd_notifier(engine: EngineHandle) {
+    let mut changes = engine.subscribe();
+    let mut watchdog = sd_notify::watchdog_enabled().map(|w| tokio::time::interval(w / 2));
+    let mut ready = false;
+    let mut last = String::new();
+    loop {
+        if !ready && engine.is_ready() {
+            ready = true;
+            let _ = sd_notify::notify(&[NotifyState::Ready]);
+        }
+        let status = engine.status();
+        let down = status
+            .domains
+            .iter()
+            .filter(|d| !d.state.starts_with("running"))
+            .count();
+        let quarantined = status
+            .domains
+            .iter()
+            .filter(|d| d.quarantined.is_some())
+            .count();
+        let text = format!(
+            "{} domains managed, {down} not running, {quarantined} quarantined{}",
+            status.domains.len(),
+            if status.connected {
+                ""
+            } else {
+                "; libvirt DISCONNECTED"
+            }
+        );
+        if text != last {
+            let _ = sd_notify::notify(&[NotifyState::Status(&text)]);
+            last = text;
+        }
+        tokio::select! {
+            _ = tick(watchdog.as_mut()) => {
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn tick(interval: Option<&mut tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
