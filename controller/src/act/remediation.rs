@@ -248,3 +248,86 @@ pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
         stderr,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn ctx(command: Vec<String>, timeout: Duration) -> RemediationContext {
+        RemediationContext {
+            domain: "web1".into(),
+            uuid: "4dea22b3-1d52-d8f3-2516-782e98a3e001".into(),
+            reason: "stopped/failed; shut off (crashed)".into(),
+            attempt: 3,
+            step: Step {
+                action: RemediationAction::Exec,
+                command,
+                timeout,
+            },
+            boot: None,
+        }
+    }
+
+    fn script(dir: &std::path::Path, body: &str) -> String {
+        let path = dir.join("hook.sh");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn hook_gets_argv_without_a_shell_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let hook = script(
+            dir.path(),
+            &format!(
+                "printf '%s|' \"$@\" \"$VIRTWARDEN_DOMAIN\" \"$VIRTWARDEN_UUID\" \"$VIRTWARDEN_REASON\" \"$VIRTWARDEN_ATTEMPT\" > {}",
+                out.display()
+            ),
+        );
+        let argv = vec![hook, "--flag".into(), "two words; $(not run)".into()];
+        run_hook(&ctx(argv, Duration::from_secs(5))).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out).unwrap(),
+            "--flag|two words; $(not run)|web1|4dea22b3-1d52-d8f3-2516-782e98a3e001|stopped/failed; shut off (crashed)|3|"
+        );
+    }
+
+    #[test]
+    fn nonzero_exit_is_a_failure_with_its_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let hook = script(dir.path(), "echo 'disk image missing' >&2\nexit 3");
+        match run_hook(&ctx(vec![hook], Duration::from_secs(5))) {
+            Err(RemediationError::Exit { status, stderr, .. }) => {
+                assert_eq!(status.code(), Some(3));
+                assert_eq!(stderr, "disk image missing");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hook_is_killed_after_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let hook = script(dir.path(), "exec sleep 30");
+        let started = std::time::Instant::now();
+        let r = run_hook(&ctx(vec![hook], Duration::from_millis(200)));
+        assert!(matches!(r, Err(RemediationError::Timeout { .. })), "{r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the hook must be killed, not waited for"
+        );
+    }
+
+    #[test]
+    fn missing_program_is_reported() {
+        let r = run_hook(&ctx(
+            vec!["/nonexistent/hook".into()],
+            Duration::from_secs(1),
+        ));
+        assert!(matches!(r, Err(RemediationError::Spawn { .. })), "{r:?}");
+    }
+}
