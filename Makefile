@@ -50,7 +50,7 @@ test-fast: deps
 	$(CARGO) test --workspace
 
 bench: deps
-	$(CARGO) bench -p virtwarden --bench plan
+	$(CARGO) bench -p virtwarden --bench plan --bench events --bench idle
 
 fmt:
 	$(CARGO) fmt --all
