@@ -245,3 +245,108 @@ async fn config_drift_is_repaired_and_metrics_count_it() {
     );
     r.stop().await;
 }
+
+/// Hands out the same test-driver connection on every connect, counting connects, and keeps
+/// the event sender so the test can announce a lost connection the way libvirt's close
+/// callback does.
+struct FlakyConnector {
+    host: Arc<LibvirtHost>,
+    connects: std::sync::Mutex<
+        Vec<tokio::sync::mpsc::UnboundedSender<virtwarden::libvirt::events::HypervisorEvent>>,
+    >,
+    fail_next: std::sync::atomic::AtomicUsize,
+}
+
+impl virtwarden::engine::connect::Connector for FlakyConnector {
+    fn uri(&self) -> String {
+        self.host.uri().to_string()
+    }
+
+    fn connect(
+        &self,
+        events: tokio::sync::mpsc::UnboundedSender<virtwarden::libvirt::events::HypervisorEvent>,
+    ) -> Result<virtwarden::engine::connect::Connection, virtwarden::hypervisor::HypervisorError>
+    {
+        if self.fail_next.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.fail_next
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(virtwarden::hypervisor::HypervisorError::Failed {
+                op: "connect",
+                domain: String::new(),
+                message: "libvirtd is restarting".into(),
+            });
+        }
+        let sub = virtwarden::libvirt::events::subscribe(&self.host, events.clone()).unwrap();
+        self.connects.lock().unwrap().push(events);
+        Ok(virtwarden::engine::connect::Connection::new(
+            self.host.clone(),
+            Some(sub),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_connection_loss_resyncs_and_keeps_healing() {
+    start_event_loop();
+    let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
+    let connector = Arc::new(FlakyConnector {
+        host: host.clone(),
+        connects: Default::default(),
+        fail_next: 2.into(),
+    });
+    let config = EngineConfig {
+        resync: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let desired = policy("  domains:\n    - name: web2\n      restart: always\n");
+    let (engine, task) = Engine::spawn(
+        connector.clone(),
+        desired,
+        config,
+        Registry::with_builtins(),
+    );
+    // Two failed connects first (backoff), then connected.
+    engine
+        .wait_for(WAIT, |s| s.connected)
+        .await
+        .expect("connected after retries");
+    assert_eq!(connector.connects.lock().unwrap().len(), 1);
+
+    // libvirt says the connection closed; while it is down the domain dies.
+    connector
+        .fail_next
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let tx = connector.connects.lock().unwrap()[0].clone();
+    tx.send(
+        virtwarden::libvirt::events::HypervisorEvent::ConnectionClosed {
+            reason: "end of file",
+        },
+    )
+    .unwrap();
+    engine
+        .wait_for(WAIT, |s| !s.connected)
+        .await
+        .expect("disconnect noticed");
+    host.destroy("web2").unwrap();
+    // After reconnecting, the resync finds web2 down and restarts it exactly once.
+    let s = engine
+        .wait_for(WAIT, |s| {
+            s.connected
+                && domain(s, "web2").restarts == 1
+                && domain(s, "web2").state.starts_with("running")
+        })
+        .await
+        .unwrap_or_else(|| panic!("no recovery after reconnect: {:#?}", engine.status()));
+    assert_eq!(connector.connects.lock().unwrap().len(), 2);
+    assert_eq!(domain(&s, "web2").restarts, 1, "no duplicate start");
+    // Events flow on the new subscription: a crash after the reconnect is still healed.
+    host.destroy("web2").unwrap();
+    engine
+        .wait_for(WAIT, |s| {
+            domain(s, "web2").restarts == 2 && domain(s, "web2").state.starts_with("running")
+        })
+        .await
+        .expect("healed after reconnect");
+    engine.shutdown();
+    task.await.unwrap();
+}

@@ -10,7 +10,11 @@ use std::time::Duration;
 pub fn node_xml(n: usize, shut_off_every: usize) -> String {
     let mut xml = String::from("<node>\n");
     for i in 0..n {
-        let state = if shut_off_every > 0 && i % shut_off_every == 1 { 5 } else { 1 };
+        let state = if shut_off_every > 0 && i % shut_off_every == 1 {
+            5
+        } else {
+            1
+        };
         let _ = writeln!(
             xml,
             "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>vm{i:04}</name>\
