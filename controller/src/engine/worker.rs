@@ -359,10 +359,9 @@ fn into_hv(e: ActError) -> HypervisorError {
 }
 
 /// Transient libvirt errors (a held job lock, a timeout) are retried a few times with backoff.
-fn retry_transient<T, E: std::fmt::Display>(op: impl FnMut() -> Result<T, E>) -> Result<T, E>
-where
-    E: TransientCheck,
-{
+fn retry_transient<T, E: std::fmt::Display + TransientCheck>(
+    op: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
     use backon::{BlockingRetryable, ExponentialBuilder};
     op.retry(
         ExponentialBuilder::default()
