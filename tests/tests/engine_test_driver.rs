@@ -350,3 +350,111 @@ async fn reconnects_after_connection_loss_resyncs_and_keeps_healing() {
     engine.shutdown();
     task.await.unwrap();
 }
+
+/// A start that always fails (a stand-in for "could not open disk image": the test driver
+/// always starts), registered through the pluggable registry.
+struct BrokenStart;
+
+impl virtwarden::act::remediation::Remediation for BrokenStart {
+    fn run(
+        &self,
+        ctx: &virtwarden::act::remediation::RemediationContext,
+        _hv: &dyn virtwarden::hypervisor::Hypervisor,
+    ) -> Result<(), virtwarden::act::remediation::RemediationError> {
+        Err(virtwarden::hypervisor::HypervisorError::Failed {
+            op: "start",
+            domain: ctx.domain.clone(),
+            message: "could not open disk image /img/web2.img: Permission denied".into(),
+        }
+        .into())
+    }
+}
+
+fn find<'a>(r: &'a StatusReport, name: &str) -> Option<&'a DomainStatus> {
+    r.domains.iter().find(|d| d.name == name)
+}
+
+async fn broken_start_engine(
+    host: &Arc<LibvirtHost>,
+    spec: &str,
+) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+    let mut registry = Registry::with_builtins();
+    registry.register(
+        virtwarden_policies::RemediationAction::Start,
+        Box::new(BrokenStart),
+    );
+    let config = EngineConfig {
+        resync: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    Engine::spawn(
+        Arc::new(SharedConnector { host: host.clone() }),
+        policy(spec),
+        config,
+        registry,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_starts_back_off_and_escalate_up_the_ladder() {
+    start_event_loop();
+    let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
+    host.destroy("web2").unwrap();
+    let spec = "  domains:\n    - name: web2\n      restart: always\n      backoff: { initialDelay: 20ms, maxDelay: 80ms, maxRestarts: 5 }\n      remediation:\n        - action: start\n        - action: destroy-start\n          after: 2\n";
+    let (engine, task) = broken_start_engine(&host, spec).await;
+    // Attempts 1 and 2 use the broken `start`; attempt 3 escalates to destroy-start, which works.
+    let s = engine
+        .wait_for(WAIT, |s| {
+            find(s, "web2").is_some_and(|d| d.state.starts_with("running"))
+        })
+        .await
+        .unwrap_or_else(|| panic!("{:#?}", engine.status()));
+    let d = domain(&s, "web2");
+    assert_eq!(d.restarts, 3, "{d:#?}");
+    assert_eq!(d.last_action.as_deref(), Some("destroy-start (attempt 3)"));
+    assert!(
+        d.last_failure
+            .as_deref()
+            .unwrap()
+            .contains("Permission denied"),
+        "{d:#?}"
+    );
+    engine.shutdown();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_starts_end_quarantined_with_the_reason() {
+    start_event_loop();
+    let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
+    host.destroy("web2").unwrap();
+    let spec = "  domains:\n    - name: web2\n      restart: always\n      backoff: { initialDelay: 10ms, maxDelay: 40ms, maxRestarts: 3 }\n";
+    let (engine, task) = broken_start_engine(&host, spec).await;
+    let s = engine
+        .wait_for(WAIT, |s| {
+            find(s, "web2").is_some_and(|d| d.quarantined.is_some())
+        })
+        .await
+        .unwrap_or_else(|| panic!("{:#?}", engine.status()));
+    let d = domain(&s, "web2");
+    assert_eq!(d.restarts, 3);
+    assert_eq!(d.next_retry, None, "no retry is scheduled once quarantined");
+    assert!(
+        d.last_outcome
+            .as_deref()
+            .unwrap()
+            .contains("Permission denied"),
+        "{d:#?}"
+    );
+    assert_eq!(
+        host.observe_domain("web2").unwrap().unwrap().state,
+        DomainState::ShutOff
+    );
+    let metrics = engine.metrics_text();
+    assert!(
+        metrics.contains("virtwarden_quarantined_domains 1"),
+        "{metrics}"
+    );
+    engine.shutdown();
+    task.await.unwrap();
+}

@@ -42,6 +42,7 @@ pub(super) struct Worker {
     desired_one: DesiredState,
     tracker: RestartTracker,
     last_event: Option<String>,
+    quarantine_logged: bool,
     rx: UnboundedReceiver<Kick>,
 }
 
@@ -78,6 +79,7 @@ impl Worker {
             desired_one,
             tracker,
             last_event: None,
+            quarantine_logged: false,
             rx,
         }
     }
@@ -101,6 +103,7 @@ impl Worker {
             }
             if kick.clear_quarantine {
                 self.tracker.clear_quarantine();
+                self.quarantine_logged = false;
             }
             if let Some(ev) = &kick.event {
                 self.shared
@@ -235,14 +238,11 @@ impl Worker {
                 Some(self.shared.instant_at(at))
             }
             Decision::Quarantined(reason) => {
-                let newly = self.shared.update_domain(self.name(), |s| {
-                    let newly = s.quarantined.is_none();
-                    s.quarantined = Some(reason.clone());
-                    newly
-                });
-                if newly {
+                if !self.quarantine_logged {
+                    self.quarantine_logged = true;
                     tracing::warn!(domain = %self.name(), %reason, "quarantined: no more automatic restarts");
                 }
+                // One status update carries the quarantine and the cleared retry together.
                 self.refresh_tracker_status();
                 None
             }
@@ -310,33 +310,39 @@ impl Worker {
                     .unwrap_or_else(|| "not defined".into());
                 self.shared.update_domain(self.name(), |s| {
                     s.state = state;
-                    s.last_failure = Some(if recovered {
-                        failure
-                    } else {
-                        format!("{failure}; {outcome}")
-                    });
-                    s.last_failure_at = Some(chrono::Utc::now());
+                    // After a streak of failed attempts, keep the last attempt's error visible.
+                    if !recovered || attempt == 1 {
+                        s.last_failure = Some(if recovered {
+                            failure
+                        } else {
+                            format!("{failure}; {outcome}")
+                        });
+                        s.last_failure_at = Some(chrono::Utc::now());
+                    }
                     s.last_action = Some(format!("{} (attempt {attempt})", step.action.as_str()));
                     s.last_outcome = Some(outcome);
                     s.last_action_at = Some(chrono::Utc::now());
+                    self.write_tracker_fields(s);
                 });
-                self.refresh_tracker_status();
                 self.tracker.next_retry().map(|t| self.shared.instant_at(t))
             }
         }
     }
 
     fn refresh_tracker_status(&self) {
+        self.shared
+            .update_domain(self.name(), |s| self.write_tracker_fields(s));
+    }
+
+    /// Copy the crash-loop bookkeeping into a status entry (inside one status update, so
+    /// readers never see the counters and the state disagree).
+    fn write_tracker_fields(&self, s: &mut crate::engine::status::DomainStatus) {
         let t = &self.tracker;
-        let next = t.next_retry().map(|at| self.shared.wall_clock_at(at));
-        let quarantined = t.quarantined().map(str::to_string);
-        self.shared.update_domain(self.name(), |s| {
-            s.restarts = t.total_restarts;
-            s.restarts_in_window = t.restarts_in_window() as u32;
-            s.consecutive_failures = t.consecutive_failures();
-            s.next_retry = next;
-            s.quarantined = quarantined;
-        });
+        s.restarts = t.total_restarts;
+        s.restarts_in_window = t.restarts_in_window() as u32;
+        s.consecutive_failures = t.consecutive_failures();
+        s.next_retry = t.next_retry().map(|at| self.shared.wall_clock_at(at));
+        s.quarantined = t.quarantined().map(str::to_string);
     }
 }
 

@@ -179,6 +179,7 @@ impl RestartTracker {
                 self.settings.window
             );
             self.quarantined = Some(reason.clone());
+            self.next_allowed = None;
             return Decision::Quarantined(reason);
         }
         Decision::Act {
