@@ -5,6 +5,7 @@ pub mod act;
 pub mod cli;
 pub mod engine;
 pub mod host;
+pub mod hostnet;
 pub mod hypervisor;
 pub mod libvirt;
 pub mod observe;

@@ -202,20 +202,35 @@ pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
         });
     };
     let program = PathBuf::from(program);
-    let mut child = Command::new(&program)
-        .args(args)
-        .env("VIRTWARDEN_DOMAIN", &ctx.domain)
-        .env("VIRTWARDEN_UUID", &ctx.uuid)
-        .env("VIRTWARDEN_REASON", &ctx.reason)
-        .env("VIRTWARDEN_ATTEMPT", ctx.attempt.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| RemediationError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
+    let spawn = || {
+        Command::new(&program)
+            .args(args)
+            .env("VIRTWARDEN_DOMAIN", &ctx.domain)
+            .env("VIRTWARDEN_UUID", &ctx.uuid)
+            .env("VIRTWARDEN_REASON", &ctx.reason)
+            .env("VIRTWARDEN_ATTEMPT", ctx.attempt.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    // ETXTBSY: the hook was just written and another process still holds it open for writing
+    // (an update in progress, or a concurrent fork); it clears within milliseconds.
+    let mut tries = 0;
+    let mut child = loop {
+        match spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 10 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => {
+                break other.map_err(|source| RemediationError::Spawn {
+                    program: program.clone(),
+                    source,
+                })?
+            }
+        }
+    };
     let deadline = Instant::now() + ctx.step.timeout;
     let status = loop {
         match child.try_wait() {

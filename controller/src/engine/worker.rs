@@ -159,6 +159,7 @@ impl Worker {
         let host = ObservedHost {
             domains: observed.clone().into_iter().collect(),
             networks: vec![],
+            net: None,
         };
         let p = plan(&self.desired_one, &host);
         let state = observed

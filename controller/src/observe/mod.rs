@@ -2,5 +2,7 @@
 
 pub mod domain_xml;
 pub mod model;
+pub mod net;
 
 pub use model::*;
+pub use net::*;

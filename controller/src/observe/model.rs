@@ -13,11 +13,29 @@ pub struct ObservedHost {
     /// libvirt networks and the bridge each uses (for taps of `type='network'` interfaces).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<ObservedNetwork>,
+    /// The host network, when it was observed (absent: network checks are skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<super::net::ObservedNet>,
 }
 
 impl ObservedHost {
     pub fn domain(&self, name: &str) -> Option<&ObservedDomain> {
         self.domains.iter().find(|d| d.name == name)
+    }
+
+    /// The bridge an interface is plugged into: its source bridge, or its libvirt network's.
+    pub fn bridge_of(&self, iface: &Interface) -> Option<String> {
+        match iface.kind.as_str() {
+            "bridge" => iface.source.clone(),
+            "network" => {
+                let net = iface.source.as_deref()?;
+                self.networks
+                    .iter()
+                    .find(|n| n.name == net)
+                    .and_then(|n| n.bridge.clone())
+            }
+            _ => None,
+        }
     }
 }
 

@@ -328,6 +328,7 @@ mod tests {
             &ObservedHost {
                 domains: vec![obs],
                 networks: vec![],
+                net: None,
             },
         );
         p.actions
@@ -466,6 +467,7 @@ mod tests {
         let host = ObservedHost {
             domains: vec![observed("legacy", DomainState::ShutOff, "crashed")],
             networks: vec![],
+            net: None,
         };
         let p = plan(&desired(DomainPolicy::named("web1")), &host);
         assert!(p.actions.iter().all(|a| a.domain != "legacy"));

@@ -2,6 +2,7 @@
 //! human reason. No I/O here; everything it reads is a value.
 
 mod domains;
+pub mod network;
 mod render;
 pub mod restart;
 
@@ -118,9 +119,12 @@ impl Note {
     }
 }
 
-/// The plan: actions in execution order plus notes.
+/// The plan: network changes first (a domain's bridge must exist before it starts), then
+/// domain actions in execution order, plus notes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Plan {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<network::NetAction>,
     pub actions: Vec<Action>,
     pub notes: Vec<Note>,
 }
@@ -128,7 +132,12 @@ pub struct Plan {
 impl Plan {
     /// Nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.actions.is_empty()
+        self.actions.is_empty() && self.network.is_empty()
+    }
+
+    /// Number of planned changes.
+    pub fn len(&self) -> usize {
+        self.actions.len() + self.network.len()
     }
 }
 
@@ -149,7 +158,48 @@ pub fn plan(desired: &DesiredState, observed: &ObservedHost) -> Plan {
     }
     // Stable: by phase, then policy order (sort_by_key is stable).
     plan.actions.sort_by_key(|a| a.kind.phase());
+    hold_starts_without_bridge(desired, observed, &mut plan);
+    let (network, notes) = network::plan_network(desired, observed);
+    plan.network = network;
+    plan.notes.extend(notes);
     plan
+}
+
+/// A domain whose bridge is missing fails to start (`Cannot get interface MTU`): start it only
+/// once the bridge exists or this plan creates it.
+fn hold_starts_without_bridge(desired: &DesiredState, observed: &ObservedHost, plan: &mut Plan) {
+    let Some(net) = observed.net.as_ref() else {
+        return;
+    };
+    let mut held = Vec::new();
+    plan.actions.retain(|a| {
+        if !matches!(a.kind, ActionKind::Start | ActionKind::Restart) {
+            return true;
+        }
+        let Some(d) = observed.domain(&a.domain) else {
+            return true;
+        };
+        let missing: Vec<String> = d
+            .interfaces
+            .iter()
+            .filter_map(|i| observed.bridge_of(i))
+            .filter(|b| net.link(b).is_none() && desired.bridge(b).is_none())
+            .collect();
+        if missing.is_empty() {
+            return true;
+        }
+        held.push(Note {
+            subject: a.domain.clone(),
+            severity: Severity::Warning,
+            message: format!(
+                "{} → start held: bridge {} does not exist yet",
+                a.reason,
+                missing.join(", ")
+            ),
+        });
+        false
+    });
+    plan.notes.extend(held);
 }
 
 pub(crate) fn on_off(on: bool) -> &'static str {

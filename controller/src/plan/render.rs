@@ -5,6 +5,10 @@ use super::Plan;
 /// Stable, greppable text. Golden tests compare it byte for byte.
 pub fn render_text(plan: &Plan) -> String {
     let mut out = String::new();
+    for action in &plan.network {
+        out.push_str(&action.line());
+        out.push('\n');
+    }
     for action in &plan.actions {
         out.push_str(&action.line());
         out.push('\n');
@@ -13,7 +17,7 @@ pub fn render_text(plan: &Plan) -> String {
         out.push_str(&note.line());
         out.push('\n');
     }
-    let n = plan.actions.len();
+    let n = plan.len();
     if n == 0 {
         out.push_str("in sync: nothing to do\n");
     } else {

@@ -1,0 +1,81 @@
+//! The host network behind two small traits: links and bridges over netlink ([`HostNet`]), and
+//! IP forwarding through `/proc/sys` ([`Forwarding`]). Both act on the network namespace of the
+//! calling process.
+
+pub mod events;
+pub mod netlink;
+pub mod sysctl;
+
+use std::future::Future;
+
+use crate::observe::{BridgeAttrs, NetLink};
+
+/// A failed network operation, naming the object.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("{op} {object}: {source}")]
+    Netlink {
+        op: &'static str,
+        object: String,
+        source: rtnetlink::Error,
+    },
+    #[error("{op} {object}: no such interface")]
+    NoSuchLink { op: &'static str, object: String },
+    #[error("{key}: {source}")]
+    Sysctl { key: String, source: std::io::Error },
+}
+
+/// STP settings to apply; timers in seconds. `None` leaves a timer as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StpSettings {
+    pub enabled: bool,
+    pub forward_delay: Option<u32>,
+    pub hello_time: Option<u32>,
+    pub max_age: Option<u32>,
+    pub priority: Option<u16>,
+}
+
+/// Links and bridges.
+pub trait HostNet: Send + Sync {
+    /// Every link with its bridge attributes and master.
+    fn links(&self) -> impl Future<Output = Result<Vec<NetLink>, NetError>> + Send;
+    /// Names of the interfaces that carry a default route.
+    fn uplinks(&self) -> impl Future<Output = Result<Vec<String>, NetError>> + Send;
+    fn create_bridge(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
+    fn set_up(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
+    fn set_stp(
+        &self,
+        bridge: &str,
+        stp: StpSettings,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+    /// Make `port` a port of `bridge`.
+    fn enslave(
+        &self,
+        port: &str,
+        bridge: &str,
+    ) -> impl Future<Output = Result<(), NetError>> + Send;
+}
+
+/// IP forwarding of this network namespace.
+pub trait Forwarding: Send + Sync {
+    fn ipv4(&self) -> Result<bool, NetError>;
+    fn ipv6(&self) -> Result<bool, NetError>;
+    fn set_ipv4(&self, on: bool) -> Result<(), NetError>;
+    fn set_ipv6(&self, on: bool) -> Result<(), NetError>;
+}
+
+/// Convert kernel centiseconds to whole seconds (rounded).
+pub fn centis_to_secs(cs: u32) -> u32 {
+    (cs + 50) / 100
+}
+
+/// Bridge attributes as the planner compares them.
+pub fn attrs_match(have: &BridgeAttrs, want: &StpSettings) -> bool {
+    have.stp == want.enabled
+        && want.forward_delay.is_none_or(|v| v == have.forward_delay)
+        && want.hello_time.is_none_or(|v| v == have.hello_time)
+        && want.max_age.is_none_or(|v| v == have.max_age)
+        && want.priority.is_none_or(|v| v == have.priority)
+}

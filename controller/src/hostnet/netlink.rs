@@ -1,0 +1,257 @@
+//! [`HostNet`] over rtnetlink. STP and timers go through `link().change()` (RTM_NEWLINK):
+//! `link().set()` sends RTM_SETLINK, which silently ignores IFLA_LINKINFO.
+
+use std::collections::HashMap;
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::link::{
+    BridgeStpState, InfoBridge, InfoData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage};
+use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+
+use super::{centis_to_secs, HostNet, NetError, StpSettings};
+use crate::observe::{BridgeAttrs, NetLink};
+
+/// A netlink connection in the caller's network namespace.
+#[derive(Clone)]
+pub struct NetlinkHost {
+    handle: Handle,
+}
+
+impl NetlinkHost {
+    /// Open a connection; its driver task runs on the current tokio runtime.
+    pub fn connect() -> Result<Self, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
+        tokio::spawn(conn);
+        Ok(NetlinkHost { handle })
+    }
+
+    async fn index_of(&self, op: &'static str, name: &str) -> Result<u32, NetError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(msg.header.index),
+            Ok(None) => Err(NetError::NoSuchLink {
+                op,
+                object: name.into(),
+            }),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                Err(NetError::NoSuchLink {
+                    op,
+                    object: name.into(),
+                })
+            }
+            Err(source) => Err(NetError::Netlink {
+                op,
+                object: name.into(),
+                source,
+            }),
+        }
+    }
+}
+
+fn parse_link(msg: &LinkMessage) -> (NetLink, Option<u32>) {
+    let mut link = NetLink {
+        index: msg.header.index,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        ..Default::default()
+    };
+    let mut master = None;
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Controller(i) => master = Some(*i),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(k) => link.kind = Some(k.to_string()),
+                        LinkInfo::Data(InfoData::Bridge(attrs)) => {
+                            let mut b = BridgeAttrs::default();
+                            for a in attrs {
+                                match a {
+                                    InfoBridge::StpState(s) => {
+                                        b.stp = !matches!(s, BridgeStpState::Disabled)
+                                    }
+                                    InfoBridge::ForwardDelay(v) => {
+                                        b.forward_delay = centis_to_secs(*v)
+                                    }
+                                    InfoBridge::HelloTime(v) => b.hello_time = centis_to_secs(*v),
+                                    InfoBridge::MaxAge(v) => b.max_age = centis_to_secs(*v),
+                                    InfoBridge::Priority(v) => b.priority = *v,
+                                    _ => {}
+                                }
+                            }
+                            link.bridge = Some(b);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (link, master)
+}
+
+fn default_oif(route: &RouteMessage) -> Option<u32> {
+    let h = &route.header;
+    if h.destination_prefix_length != 0
+        || (h.table != RouteHeader::RT_TABLE_MAIN && h.table != RouteHeader::RT_TABLE_UNSPEC)
+    {
+        return None;
+    }
+    route.attributes.iter().find_map(|a| {
+        if let RouteAttribute::Oif(i) = a {
+            Some(*i)
+        } else {
+            None
+        }
+    })
+}
+
+impl HostNet for NetlinkHost {
+    async fn links(&self) -> Result<Vec<NetLink>, NetError> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NetError::Netlink {
+                op: "list links",
+                object: String::new(),
+                source,
+            })?;
+        let parsed: Vec<(NetLink, Option<u32>)> = msgs.iter().map(parse_link).collect();
+        let names: HashMap<u32, String> = parsed
+            .iter()
+            .map(|(l, _)| (l.index, l.name.clone()))
+            .collect();
+        let mut links: Vec<NetLink> = parsed
+            .into_iter()
+            .map(|(mut l, master)| {
+                l.master = master.and_then(|i| names.get(&i).cloned());
+                l
+            })
+            .collect();
+        links.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(links)
+    }
+
+    async fn uplinks(&self) -> Result<Vec<String>, NetError> {
+        let mut indexes = Vec::new();
+        for msg in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let routes: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(msg)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|source| NetError::Netlink {
+                    op: "list routes",
+                    object: String::new(),
+                    source,
+                })?;
+            indexes.extend(routes.iter().filter_map(default_oif));
+        }
+        let links = self.links().await?;
+        let mut names: Vec<String> = links
+            .into_iter()
+            .filter(|l| indexes.contains(&l.index))
+            .map(|l| l.name)
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    async fn create_bridge(&self, name: &str) -> Result<(), NetError> {
+        self.handle
+            .link()
+            .add(LinkBridge::new(name).build())
+            .execute()
+            .await
+            .map_err(|source| NetError::Netlink {
+                op: "create bridge",
+                object: name.into(),
+                source,
+            })
+    }
+
+    async fn set_up(&self, name: &str) -> Result<(), NetError> {
+        let index = self.index_of("set up", name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|source| NetError::Netlink {
+                op: "set up",
+                object: name.into(),
+                source,
+            })
+    }
+
+    async fn set_stp(&self, bridge: &str, stp: StpSettings) -> Result<(), NetError> {
+        let index = self.index_of("set stp", bridge).await?;
+        // Enable STP first: the kernel validates timer ranges only while STP is on.
+        let mut b = LinkMessageBuilder::<LinkBridge>::new(bridge)
+            .index(index)
+            .stp_state(if stp.enabled {
+                BridgeStpState::KernelStp
+            } else {
+                BridgeStpState::Disabled
+            });
+        if let Some(v) = stp.forward_delay {
+            b = b.forward_delay(v * 100);
+        }
+        if let Some(v) = stp.hello_time {
+            b = b.hello_time(v * 100);
+        }
+        if let Some(v) = stp.max_age {
+            b = b.max_age(v * 100);
+        }
+        if let Some(v) = stp.priority {
+            b = b.priority(v);
+        }
+        self.handle
+            .link()
+            .change(b.build())
+            .execute()
+            .await
+            .map_err(|source| NetError::Netlink {
+                op: "set stp",
+                object: bridge.into(),
+                source,
+            })
+    }
+
+    async fn enslave(&self, port: &str, bridge: &str) -> Result<(), NetError> {
+        let bridge_index = self.index_of("enslave", bridge).await?;
+        let port_index = self.index_of("enslave", port).await?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(port_index)
+                    .controller(bridge_index)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|source| NetError::Netlink {
+                op: "enslave",
+                object: format!("{port} → {bridge}"),
+                source,
+            })
+    }
+}
