@@ -68,10 +68,7 @@ impl Connector for RecordingConnector {
     fn uri(&self) -> String {
         self.0.inner.uri().to_string()
     }
-    fn connect(
-        &self,
-        events: UnboundedSender<HypervisorEvent>,
-    ) -> Result<Connection, HypervisorError> {
+    fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError> {
         let sub = subscribe(&self.0.inner, events).map_err(|e| HypervisorError::Failed {
             op: "subscribe",
             domain: String::new(),
@@ -82,45 +79,22 @@ impl Connector for RecordingConnector {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let node = dir.path().join("node.xml");
         std::fs::write(&node, common::node_xml(10, 0)).expect("node file");
         start_event_loop();
-        let host = Arc::new(
-            LibvirtHost::open(&format!("test://{}", node.display())).expect("test driver"),
-        );
-        let rec = Arc::new(Recording {
-            inner: host.clone(),
-            starts: Mutex::new(Vec::new()),
-        });
+        let host = Arc::new(LibvirtHost::open(&format!("test://{}", node.display())).expect("test driver"));
+        let rec = Arc::new(Recording { inner: host.clone(), starts: Mutex::new(Vec::new()) });
         // Every crash follows "healthy" uptime (resetAfter 1ms), so each restart is immediate.
-        let yaml = common::policy_yaml(
-            10,
-            "\n      restart: always\n      backoff: { resetAfter: 1ms, maxRestarts: 100000 }",
-        );
-        let desired = load_texts([(std::path::Path::new("bench.yaml"), yaml.as_str())])
-            .expect("policy")
-            .desired;
-        let config = EngineConfig {
-            resync: Duration::from_secs(3600),
-            ..Default::default()
-        };
-        let (engine, task) = Engine::spawn(
-            Arc::new(RecordingConnector(rec.clone())),
-            desired,
-            config,
-            Registry::with_builtins(),
-        );
-        engine
-            .wait_for(Duration::from_secs(10), |_| engine.is_ready())
-            .await
-            .expect("engine ready");
+        let yaml =
+            common::policy_yaml(10, "\n      restart: always\n      backoff: { resetAfter: 1ms, maxRestarts: 100000 }");
+        let desired = load_texts([(std::path::Path::new("bench.yaml"), yaml.as_str())]).expect("policy").desired;
+        let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
+        let (engine, task) =
+            Engine::spawn(Arc::new(RecordingConnector(rec.clone())), desired, config, Registry::with_builtins());
+        engine.wait_for(Duration::from_secs(10), |_| engine.is_ready()).await.expect("engine ready");
 
         let mut samples = Vec::with_capacity(EVENTS);
         for i in 0..EVENTS {
@@ -131,9 +105,7 @@ fn main() {
             let restarted = engine
                 .wait_for(Duration::from_secs(10), |s| {
                     rec.starts.lock().unwrap().len() > before
-                        && s.domains
-                            .iter()
-                            .any(|d| d.name == name && d.state.starts_with("running"))
+                        && s.domains.iter().any(|d| d.name == name && d.state.starts_with("running"))
                 })
                 .await;
             restarted.expect("restart");

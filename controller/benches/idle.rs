@@ -39,10 +39,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn main() {
-    let secs: u64 = std::env::var("BENCH_IDLE_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let secs: u64 = std::env::var("BENCH_IDLE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let dir = tempfile::tempdir().expect("temp dir");
     let node = dir.path().join("node.xml");
     std::fs::write(&node, common::node_xml(100, 0)).expect("node file");
@@ -63,8 +60,7 @@ fn main() {
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = state.join("status.json");
-    while !std::fs::read_to_string(&status)
-        .is_ok_and(|s| s.contains("\"connected\": true") && s.contains("running ("))
+    while !std::fs::read_to_string(&status).is_ok_and(|s| s.contains("\"connected\": true") && s.contains("running ("))
     {
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -85,9 +81,7 @@ fn main() {
     let rss = rss_kib(pid);
     let _ = child.kill();
     let _ = child.wait();
-    println!(
-        "virtwarden run, 100 managed domains, no drift, {secs} s idle (one resync in the window)"
-    );
+    println!("virtwarden run, 100 managed domains, no drift, {secs} s idle (one resync in the window)");
     println!(
         "idle CPU: {:.3} s over {:.0} s = {:.3} % of one core; RSS now {:.1} MiB, peak {:.1} MiB",
         cpu,

@@ -24,10 +24,7 @@ fn main() {
         domains: (0..DOMAINS)
             .map(|i| ManagedDomain {
                 policy: "bench".into(),
-                spec: DomainPolicy {
-                    autostart: Some(true),
-                    ..DomainPolicy::named(format!("vm{i:04}"))
-                },
+                spec: DomainPolicy { autostart: Some(true), ..DomainPolicy::named(format!("vm{i:04}")) },
             })
             .collect(),
         ..Default::default()

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 use virtwarden_policies::{load_paths, LoadError, LoadedPolicies};
 
+use crate::act::network::{apply_net_actions, observe_net};
 use crate::act::{apply_plan, ApplyReport};
+use crate::hostnet::netlink::NetlinkHost;
+use crate::hostnet::sysctl::ProcForwarding;
+use crate::observe::{ObservedHost, ObservedNet};
 use crate::hypervisor::Hypervisor;
 use crate::libvirt::{resolve_uri, LibvirtHost};
 use crate::plan::{plan, render_text, Plan};
@@ -50,6 +54,26 @@ pub enum Output {
     Json,
 }
 
+/// Whether `plan`/`apply`/`run` look at the host network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NetworkMode {
+    /// On, except for libvirt's test driver (whose domains are not real, so the host's network
+    /// must not be changed for them).
+    Auto,
+    On,
+    Off,
+}
+
+impl NetworkMode {
+    pub fn enabled_for(self, uri: &str) -> bool {
+        match self {
+            NetworkMode::Auto => !uri.starts_with("test:"),
+            NetworkMode::On => true,
+            NetworkMode::Off => false,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate policy files and directories; print every problem with file:line:column.
@@ -64,6 +88,9 @@ pub enum Command {
         connect: Option<String>,
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
+        #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
+        network: NetworkMode,
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
@@ -74,6 +101,9 @@ pub enum Command {
         connect: Option<String>,
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
+        #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
+        network: NetworkMode,
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
@@ -109,33 +139,16 @@ pub enum Command {
 pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let result = match command {
         Command::Check { paths } => check(&paths, out, err),
-        Command::Plan {
-            connect,
-            output,
-            paths,
-        } => with_host(&paths, connect.as_deref(), err, |loaded, hv| {
-            plan_cmd(loaded, hv, output, out)
-        }),
-        Command::Apply {
-            connect,
-            output,
-            paths,
-        } => with_host(&paths, connect.as_deref(), err, |loaded, hv| {
-            apply_cmd(loaded, hv, output, out)
-        }),
-        Command::Schema => write!(
-            out,
-            "{}",
-            virtwarden_policies::schema::host_policy_schema_json()
-        )
-        .map(|_| exit::OK),
-        Command::Run {
-            connect,
-            resync,
-            metrics_addr,
-            state_dir,
-            paths,
-        } => run_service(connect, resync, &metrics_addr, state_dir, paths, err),
+        Command::Plan { connect, output, network, paths } => {
+            with_host(&paths, connect.as_deref(), network, err, |ctx| plan_cmd(ctx, output, out))
+        }
+        Command::Apply { connect, output, network, paths } => {
+            with_host(&paths, connect.as_deref(), network, err, |ctx| apply_cmd(ctx, output, out))
+        }
+        Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
+        Command::Run { connect, resync, metrics_addr, state_dir, paths } => {
+            run_service(connect, resync, &metrics_addr, state_dir, paths, err)
+        }
         Command::Status { state_dir, output } => status_cmd(&state_dir, output, out, err),
     };
     result.unwrap_or(exit::RUNTIME)
@@ -164,10 +177,7 @@ fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io
     let d = &loaded.desired;
     let fwd: Vec<String> = [("ipv4", &d.ipv4_forwarding), ("ipv6", &d.ipv6_forwarding)]
         .iter()
-        .filter_map(|(k, v)| {
-            v.as_ref()
-                .map(|s| format!("{k}={}", if s.enabled { "on" } else { "off" }))
-        })
+        .filter_map(|(k, v)| v.as_ref().map(|s| format!("{k}={}", if s.enabled { "on" } else { "off" })))
         .collect();
     writeln!(
         out,
@@ -177,20 +187,57 @@ fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io
         if d.policies.len() == 1 { "y" } else { "ies" },
         d.domains.len(),
         d.bridges.len(),
-        if fwd.is_empty() {
-            "unmanaged".to_string()
-        } else {
-            fwd.join(" ")
-        }
+        if fwd.is_empty() { "unmanaged".to_string() } else { fwd.join(" ") }
     )?;
     Ok(exit::OK)
+}
+
+/// The network half of a one-shot run: a netlink connection on a small runtime.
+struct NetCtx {
+    rt: tokio::runtime::Runtime,
+    net: NetlinkHost,
+    fwd: ProcForwarding,
+}
+
+impl NetCtx {
+    fn open() -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let net = rt.block_on(async { NetlinkHost::connect() }).map_err(std::io::Error::other)?;
+        Ok(NetCtx { rt, net, fwd: ProcForwarding::default() })
+    }
+
+    fn observe(&self) -> std::io::Result<ObservedNet> {
+        self.rt.block_on(observe_net(&self.net, &self.fwd)).map_err(std::io::Error::other)
+    }
+}
+
+/// Everything a one-shot command works with.
+struct Ctx<'a> {
+    loaded: &'a LoadedPolicies,
+    hv: &'a dyn Hypervisor,
+    net: Option<NetCtx>,
+}
+
+impl Ctx<'_> {
+    fn observe(&self) -> std::io::Result<ObservedHost> {
+        let mut host = self.hv.observe_host().map_err(std::io::Error::other)?;
+        if let Some(net) = &self.net {
+            host.net = Some(net.observe()?);
+        }
+        Ok(host)
+    }
+
+    fn plan(&self) -> std::io::Result<Plan> {
+        Ok(plan(&self.loaded.desired, &self.observe()?))
+    }
 }
 
 fn with_host(
     paths: &[PathBuf],
     connect: Option<&str>,
+    network: NetworkMode,
     err: &mut dyn Write,
-    body: impl FnOnce(&LoadedPolicies, &dyn Hypervisor) -> std::io::Result<i32>,
+    body: impl FnOnce(&Ctx) -> std::io::Result<i32>,
 ) -> std::io::Result<i32> {
     let Some(loaded) = load(paths, err)? else {
         return Ok(exit::INVALID_POLICY);
@@ -203,7 +250,19 @@ fn with_host(
             return Ok(exit::RUNTIME);
         }
     };
-    match body(&loaded, &host) {
+    let net = if network.enabled_for(&uri) {
+        match NetCtx::open() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                writeln!(err, "error: cannot open netlink: {e}")?;
+                return Ok(exit::RUNTIME);
+            }
+        }
+    } else {
+        None
+    };
+    let ctx = Ctx { loaded: &loaded, hv: &host, net };
+    match body(&ctx) {
         Ok(code) => Ok(code),
         Err(e) => {
             writeln!(err, "error: {e}")?;
@@ -212,50 +271,45 @@ fn with_host(
     }
 }
 
-fn observe_and_plan(loaded: &LoadedPolicies, hv: &dyn Hypervisor) -> std::io::Result<Plan> {
-    let observed = hv.observe_host().map_err(std::io::Error::other)?;
-    Ok(plan(&loaded.desired, &observed))
-}
-
-fn plan_cmd(
-    loaded: &LoadedPolicies,
-    hv: &dyn Hypervisor,
-    output: Output,
-    out: &mut dyn Write,
-) -> std::io::Result<i32> {
-    let p = observe_and_plan(loaded, hv)?;
+fn plan_cmd(ctx: &Ctx, output: Output, out: &mut dyn Write) -> std::io::Result<i32> {
+    let p = ctx.plan()?;
     match output {
         Output::Text => write!(out, "{}", render_text(&p))?,
-        Output::Json => writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&p).map_err(std::io::Error::other)?
-        )?,
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&p).map_err(std::io::Error::other)?)?,
     }
     Ok(if p.is_empty() { exit::OK } else { exit::DRIFT })
 }
 
-fn apply_cmd(
-    loaded: &LoadedPolicies,
-    hv: &dyn Hypervisor,
-    output: Output,
-    out: &mut dyn Write,
-) -> std::io::Result<i32> {
-    let p = observe_and_plan(loaded, hv)?;
-    let report = apply_plan(hv, &loaded.desired, &p).map_err(std::io::Error::other)?;
+/// Network changes that did not stick are tried again this many times, with backoff.
+const NET_RETRIES: u32 = 3;
+
+fn apply_cmd(ctx: &Ctx, output: Output, out: &mut dyn Write) -> std::io::Result<i32> {
+    let p = ctx.plan()?;
+    let mut network_outcomes = Vec::new();
+    if let Some(net) = &ctx.net {
+        network_outcomes = net.rt.block_on(apply_net_actions(&net.net, &net.fwd, &p.network));
+    }
+    let mut report = apply_plan(ctx.hv, &ctx.loaded.desired, &p).map_err(std::io::Error::other)?;
+    if let Some(net) = &ctx.net {
+        // Verify the network by reading it back; retry what did not stick.
+        let mut delay = std::time::Duration::from_millis(100);
+        for _ in 0..NET_RETRIES {
+            let again = ctx.plan()?;
+            if again.network.is_empty() {
+                break;
+            }
+            std::thread::sleep(delay);
+            delay *= 2;
+            network_outcomes.extend(net.rt.block_on(apply_net_actions(&net.net, &net.fwd, &again.network)));
+        }
+        report.remaining = ctx.plan()?;
+    }
+    report.network_outcomes = network_outcomes;
     match output {
         Output::Text => write_apply_text(&p, &report, out)?,
-        Output::Json => writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?
-        )?,
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?)?,
     }
-    Ok(if report.converged() {
-        exit::OK
-    } else {
-        exit::RUNTIME
-    })
+    Ok(if report.converged() { exit::OK } else { exit::RUNTIME })
 }
 
 fn write_apply_text(p: &Plan, report: &ApplyReport, out: &mut dyn Write) -> std::io::Result<()> {
@@ -263,8 +317,14 @@ fn write_apply_text(p: &Plan, report: &ApplyReport, out: &mut dyn Write) -> std:
     for line in render_text(p).lines() {
         writeln!(out, "  {line}")?;
     }
-    if !report.outcomes.is_empty() {
+    if !report.outcomes.is_empty() || !report.network_outcomes.is_empty() {
         writeln!(out, "applied:")?;
+        for o in &report.network_outcomes {
+            match &o.error {
+                None => writeln!(out, "  ok      {} ({} ms)", o.action.line(), o.millis)?,
+                Some(e) => writeln!(out, "  FAILED  {}: {e}", o.action.line())?,
+            }
+        }
         for o in &report.outcomes {
             match &o.error {
                 None => writeln!(out, "  ok      {} ({} ms)", o.action.line(), o.millis)?,
@@ -302,10 +362,7 @@ fn run_service(
         text => match text.parse() {
             Ok(a) => Some(a),
             Err(e) => {
-                writeln!(
-                    err,
-                    "error: --metrics-addr {text}: {e} (use HOST:PORT or `off`)"
-                )?;
+                writeln!(err, "error: --metrics-addr {text}: {e} (use HOST:PORT or `off`)")?;
                 return Ok(exit::INVALID_POLICY);
             }
         },
@@ -340,28 +397,16 @@ fn status_cmd(
     let report = match crate::engine::status::read(&path) {
         Ok(r) => r,
         Err(e) => {
-            writeln!(
-                err,
-                "error: {e}\n  hint: is `virtwarden run --state-dir {}` running?",
-                state_dir.display()
-            )?;
+            writeln!(err, "error: {e}\n  hint: is `virtwarden run --state-dir {}` running?", state_dir.display())?;
             return Ok(exit::RUNTIME);
         }
     };
     match output {
-        Output::Json => writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?
-        )?,
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?)?,
         Output::Text => {
             write!(out, "{}", crate::engine::status::render_text(&report))?;
             if !std::path::Path::new(&format!("/proc/{}", report.pid)).exists() {
-                writeln!(
-                    out,
-                    "note: pid {} is not running; this status is from its last run",
-                    report.pid
-                )?;
+                writeln!(out, "note: pid {} is not running; this status is from its last run", report.pid)?;
             }
         }
     }

@@ -7,35 +7,18 @@ use crate::observe::{ObservedDomain, ObservedHost};
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     #[error("cannot connect to {uri}: {source}")]
-    Connect {
-        uri: String,
-        source: virt::error::Error,
-    },
+    Connect { uri: String, source: virt::error::Error },
     #[error("{op} {domain}: {source}")]
-    Call {
-        op: &'static str,
-        domain: String,
-        source: virt::error::Error,
-    },
+    Call { op: &'static str, domain: String, source: virt::error::Error },
     #[error("{op}: {source}")]
-    Host {
-        op: &'static str,
-        source: virt::error::Error,
-    },
+    Host { op: &'static str, source: virt::error::Error },
     #[error("domain {domain}: {source}")]
-    Xml {
-        domain: String,
-        source: crate::observe::domain_xml::XmlError,
-    },
+    Xml { domain: String, source: crate::observe::domain_xml::XmlError },
     #[error("domain {domain} does not exist")]
     NoSuchDomain { domain: String },
     /// Raised by test doubles and by checks that are not libvirt calls.
     #[error("{op} {domain}: {message}")]
-    Failed {
-        op: &'static str,
-        domain: String,
-        message: String,
-    },
+    Failed { op: &'static str, domain: String, message: String },
 }
 
 impl HypervisorError {
@@ -43,12 +26,8 @@ impl HypervisorError {
     pub fn is_transient(&self) -> bool {
         match self {
             HypervisorError::Call { source, .. } => {
-                matches!(
-                    source.code(),
-                    virt::enumutil::Enum::Known(virt::error::ErrorNumber::OperationTimeout)
-                ) || source
-                    .message()
-                    .contains("cannot acquire state change lock")
+                matches!(source.code(), virt::enumutil::Enum::Known(virt::error::ErrorNumber::OperationTimeout))
+                    || source.message().contains("cannot acquire state change lock")
             }
             _ => false,
         }
@@ -61,10 +40,8 @@ impl HypervisorError {
             HypervisorError::Call { source, .. } | HypervisorError::Host { source, .. } => source,
             _ => return false,
         };
-        matches!(
-            source.code(),
-            virt::enumutil::Enum::Known(N::SystemError | N::Rpc | N::NoConnect | N::InvalidConn)
-        ) || source.message().contains("client socket is closed")
+        matches!(source.code(), virt::enumutil::Enum::Known(N::SystemError | N::Rpc | N::NoConnect | N::InvalidConn))
+            || source.message().contains("client socket is closed")
     }
 
     /// libvirt's own message, without our prefix (for status and reports).

@@ -5,16 +5,9 @@ use virtwarden::cli::{run, Cli, Command, LogFormat};
 fn main() {
     let cli = Cli::parse();
     // The service reports what it does; one-shot commands print their results instead.
-    let default_level = if matches!(cli.command, Command::Run { .. }) {
-        "info"
-    } else {
-        "warn"
-    };
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let default_level = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

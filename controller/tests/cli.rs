@@ -4,10 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn virtwarden(args: &[&str]) -> Output {
@@ -19,10 +16,7 @@ fn virtwarden(args: &[&str]) -> Output {
 }
 
 fn testbed() -> String {
-    format!(
-        "test://{}",
-        repo().join("examples/testbed/node.xml").display()
-    )
+    format!("test://{}", repo().join("examples/testbed/node.xml").display())
 }
 
 fn text(b: &[u8]) -> String {
@@ -32,10 +26,7 @@ fn text(b: &[u8]) -> String {
 #[test]
 fn check_exits_2_on_every_corpus_file_and_never_panics() {
     let dir = repo().join("tests/bad-policies");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     assert!(files.len() >= 25);
     for f in &files {
@@ -56,11 +47,7 @@ fn check_exits_2_on_every_corpus_file_and_never_panics() {
 fn check_accepts_the_examples() {
     let out = virtwarden(&["check", repo().join("examples/policies").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).starts_with("ok: 2 file(s), 3 policies: 5 domain(s)"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).starts_with("ok: 2 file(s), 3 policies: 5 domain(s)"), "{}", text(&out.stdout));
 }
 
 #[test]
@@ -76,32 +63,15 @@ fn plan_reports_drift_with_exit_3_and_json_for_machines() {
     let out = virtwarden(&["plan", "--connect", &testbed(), policies.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(
-        stdout.contains("web1: shut off (unknown), policy wants running → start\n"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("web1: shut off (unknown), policy wants running → start\n"), "{stdout}");
     assert!(stdout.ends_with("7 actions planned\n"), "{stdout}");
-    assert!(
-        !stdout.contains("legacy"),
-        "unmanaged domain in plan: {stdout}"
-    );
+    assert!(!stdout.contains("legacy"), "unmanaged domain in plan: {stdout}");
 
-    let out = virtwarden(&[
-        "plan",
-        "-c",
-        &testbed(),
-        "--output",
-        "json",
-        policies.to_str().unwrap(),
-    ]);
+    let out = virtwarden(&["plan", "-c", &testbed(), "--output", "json", policies.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
     assert_eq!(json["actions"].as_array().unwrap().len(), 7);
-    assert!(json["actions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|a| a["domain"] == "web1" && a["kind"] == "start"));
+    assert!(json["actions"].as_array().unwrap().iter().any(|a| a["domain"] == "web1" && a["kind"] == "start"));
 }
 
 #[test]
@@ -110,14 +80,8 @@ fn apply_converges_and_exits_0() {
     let out = virtwarden(&["apply", "--connect", &testbed(), policies.to_str().unwrap()]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    assert!(
-        stdout.contains("verify (observed again):\n  note: cache1"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("  in sync: nothing to do\nconverged\n"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("verify (observed again):\n  note: cache1"), "{stdout}");
+    assert!(stdout.contains("  in sync: nothing to do\nconverged\n"), "{stdout}");
 }
 
 #[test]
@@ -131,11 +95,7 @@ fn apply_with_a_failing_action_exits_1() {
     .unwrap();
     let out = virtwarden(&["apply", "-c", &testbed(), file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stdout).contains("FAILED  web2:"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("FAILED  web2:"), "{}", text(&out.stdout));
 }
 
 #[test]
@@ -150,18 +110,9 @@ fn invalid_policy_exits_2_before_connecting() {
 #[test]
 fn unreachable_hypervisor_is_a_runtime_error() {
     let policies = repo().join("examples/policies");
-    let out = virtwarden(&[
-        "plan",
-        "-c",
-        "test:///nonexistent/node.xml",
-        policies.to_str().unwrap(),
-    ]);
+    let out = virtwarden(&["plan", "-c", "test:///nonexistent/node.xml", policies.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("cannot connect to test:///nonexistent/node.xml"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("cannot connect to test:///nonexistent/node.xml"), "{}", text(&out.stderr));
 }
 
 #[test]
@@ -171,8 +122,5 @@ fn schema_is_json_and_help_documents_exit_codes() {
     let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(schema["title"], "HostPolicy");
     let help = text(&virtwarden(&["--help"]).stdout);
-    assert!(
-        help.contains("plan    0 in sync, 3 drift found, 2 invalid policy, 1 runtime error"),
-        "{help}"
-    );
+    assert!(help.contains("plan    0 in sync, 3 drift found, 2 invalid policy, 1 runtime error"), "{help}");
 }

@@ -6,24 +6,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_virtwarden"));
-    c.env_remove("LIBVIRT_DEFAULT_URI")
-        .env_remove("NOTIFY_SOCKET");
+    c.env_remove("LIBVIRT_DEFAULT_URI").env_remove("NOTIFY_SOCKET");
     c
 }
 
 fn testbed() -> String {
-    format!(
-        "test://{}",
-        repo().join("examples/testbed/node.xml").display()
-    )
+    format!("test://{}", repo().join("examples/testbed/node.xml").display())
 }
 
 struct Service {
@@ -40,32 +33,18 @@ impl Drop for Service {
 
 fn start(state: &Path, policies: &Path) -> Service {
     let child = bin()
-        .args([
-            "run",
-            "-c",
-            &testbed(),
-            "--metrics-addr",
-            "off",
-            "--state-dir",
-        ])
+        .args(["run", "-c", &testbed(), "--metrics-addr", "off", "--state-dir"])
         .arg(state)
         .arg(policies)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start virtwarden run");
-    Service {
-        child,
-        state: state.to_path_buf(),
-    }
+    Service { child, state: state.to_path_buf() }
 }
 
 fn status_json(state: &Path) -> Option<serde_json::Value> {
-    let out = bin()
-        .args(["status", "--output", "json", "--state-dir"])
-        .arg(state)
-        .output()
-        .ok()?;
+    let out = bin().args(["status", "--output", "json", "--state-dir"]).arg(state).output().ok()?;
     if !out.status.success() {
         return None;
     }
@@ -73,11 +52,7 @@ fn status_json(state: &Path) -> Option<serde_json::Value> {
 }
 
 /// Poll the status file (written by another process; there is nothing to subscribe to).
-fn wait_status(
-    state: &Path,
-    what: &str,
-    cond: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
+fn wait_status(state: &Path, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(s) = status_json(state) {
@@ -85,11 +60,7 @@ fn wait_status(
                 return s;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; status: {:?}",
-            status_json(state)
-        );
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; status: {:?}", status_json(state));
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -105,27 +76,14 @@ fn second_instance_exits_1_naming_the_holder() {
     let svc = start(&state, &repo().join("examples/policies"));
     wait_status(&state, "first instance ready", |s| s["connected"] == true);
     let out = bin()
-        .args([
-            "run",
-            "-c",
-            &testbed(),
-            "--metrics-addr",
-            "off",
-            "--state-dir",
-        ])
+        .args(["run", "-c", &testbed(), "--metrics-addr", "off", "--state-dir"])
         .arg(&state)
         .arg(repo().join("examples/policies"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(&format!(
-            "another virtwarden is already running (pid {})",
-            svc.child.id()
-        )),
-        "{err}"
-    );
+    assert!(err.contains(&format!("another virtwarden is already running (pid {})", svc.child.id())), "{err}");
 }
 
 #[test]
@@ -145,31 +103,18 @@ fn bad_edit_keeps_last_good_policy_and_sigterm_exits_0() {
     let s = wait_status(&state, "reload rejected", |s| s["policyError"].is_string());
     let err = s["policyError"].as_str().unwrap();
     assert!(err.contains("p.yaml:7:14: unknown variant `usb`"), "{err}");
-    assert_eq!(
-        s["policies"],
-        serde_json::json!(["p"]),
-        "the last good policy stays in force"
-    );
+    assert_eq!(s["policies"], serde_json::json!(["p"]), "the last good policy stays in force");
     assert!(domain(&s, "web1").is_some());
 
     // A good edit is picked up and clears the error.
     std::fs::write(&file, "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: {name: q}\nspec:\n  domains:\n    - name: db1\n").unwrap();
-    let s = wait_status(&state, "good reload", |s| {
-        s["policies"] == serde_json::json!(["q"])
-    });
+    let s = wait_status(&state, "good reload", |s| s["policies"] == serde_json::json!(["q"]));
     assert!(s["policyError"].is_null());
     assert!(domain(&s, "web1").is_none() && domain(&s, "db1").is_some());
 
-    let text = bin()
-        .args(["status", "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
+    let text = bin().args(["status", "--state-dir"]).arg(&state).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(
-        text.contains("policies: q") && text.contains("db1"),
-        "{text}"
-    );
+    assert!(text.contains("policies: q") && text.contains("db1"), "{text}");
 
     // SAFETY: plain kill(2) of our own child.
     unsafe { libc::kill(svc.child.id() as i32, libc::SIGTERM) };
@@ -189,14 +134,7 @@ fn bad_edit_keeps_last_good_policy_and_sigterm_exits_0() {
 fn invalid_policy_at_start_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let out = bin()
-        .args([
-            "run",
-            "-c",
-            &testbed(),
-            "--metrics-addr",
-            "off",
-            "--state-dir",
-        ])
+        .args(["run", "-c", &testbed(), "--metrics-addr", "off", "--state-dir"])
         .arg(dir.path())
         .arg(repo().join("tests/bad-policies/14-unknown-boot-device.yaml"))
         .output()

@@ -27,13 +27,7 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// `file:line:column: message`, the first line of the display.
     pub fn headline(&self) -> String {
-        format!(
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.position.line,
-            self.position.column,
-            self.message
-        )
+        format!("{}:{}:{}: {}", self.file.display(), self.position.line, self.position.column, self.message)
     }
 }
 
@@ -47,11 +41,7 @@ impl fmt::Display for Diagnostic {
                 .take(self.position.column.saturating_sub(1) as usize)
                 .map(|c| if c == '\t' { '\t' } else { ' ' })
                 .collect();
-            write!(
-                f,
-                "\n {:>gutter$} | {line}\n {:>gutter$} | {caret_pad}^",
-                self.position.line, ""
-            )?;
+            write!(f, "\n {:>gutter$} | {line}\n {:>gutter$} | {caret_pad}^", self.position.line, "")?;
         }
         if let Some(hint) = &self.hint {
             write!(f, "\n  hint: {hint}")?;
@@ -64,10 +54,7 @@ impl fmt::Display for Diagnostic {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{} does not exist", path.display())]
     Missing { path: PathBuf },
     #[error("{}", render_diagnostics(.0))]
@@ -91,10 +78,7 @@ fn render_diagnostics(diags: &[Diagnostic]) -> String {
         out.push('\n');
     }
     let n = diags.len();
-    out.push_str(&format!(
-        "{n} error{} found; no policy was loaded",
-        if n == 1 { "" } else { "s" }
-    ));
+    out.push_str(&format!("{n} error{} found; no policy was loaded", if n == 1 { "" } else { "s" }));
     out
 }
 
@@ -122,22 +106,13 @@ pub fn policy_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
     for path in paths {
         let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => LoadError::Missing { path: path.clone() },
-            _ => LoadError::Read {
-                path: path.clone(),
-                source,
-            },
+            _ => LoadError::Read { path: path.clone(), source },
         })?;
         if meta.is_dir() {
-            let entries = std::fs::read_dir(path).map_err(|source| LoadError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let entries = std::fs::read_dir(path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
             let mut found = Vec::new();
             for entry in entries {
-                let entry = entry.map_err(|source| LoadError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
+                let entry = entry.map_err(|source| LoadError::Read { path: path.clone(), source })?;
                 let p = entry.path();
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
@@ -166,9 +141,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<LoadedPolicies, LoadError> {
 }
 
 /// Load from in-memory `(file name, text)` pairs; same rules as [`load_paths`].
-pub fn load_texts<'a>(
-    inputs: impl IntoIterator<Item = (&'a Path, &'a str)>,
-) -> Result<LoadedPolicies, LoadError> {
+pub fn load_texts<'a>(inputs: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<LoadedPolicies, LoadError> {
     let mut diagnostics = Vec::new();
     let mut documents = Vec::new();
     let mut files = Vec::new();
@@ -201,11 +174,7 @@ pub fn load_texts<'a>(
     if !diagnostics.is_empty() {
         return Err(LoadError::Invalid(diagnostics));
     }
-    Ok(LoadedPolicies {
-        desired,
-        documents,
-        files,
-    })
+    Ok(LoadedPolicies { desired, documents, files })
 }
 
 fn locate(documents: &[SourcedPolicy], site: &Site) -> String {
@@ -215,19 +184,13 @@ fn locate(documents: &[SourcedPolicy], site: &Site) -> String {
 }
 
 fn read_policy_file(file: &Path) -> Result<String, LoadError> {
-    let read_err = |source| LoadError::Read {
-        path: file.to_path_buf(),
-        source,
-    };
+    let read_err = |source| LoadError::Read { path: file.to_path_buf(), source };
     let meta = std::fs::metadata(file).map_err(read_err)?;
     if meta.len() > MAX_FILE_BYTES {
         return Err(LoadError::Invalid(vec![Diagnostic {
             file: file.to_path_buf(),
             position: Position { line: 1, column: 1 },
-            message: format!(
-                "file is {} bytes; policy files are limited to {MAX_FILE_BYTES} bytes",
-                meta.len()
-            ),
+            message: format!("file is {} bytes; policy files are limited to {MAX_FILE_BYTES} bytes", meta.len()),
             hint: Some("split it into several files in a policy directory".into()),
             source_line: None,
         }]));
@@ -256,10 +219,7 @@ pub fn parse_text(file: &Path, text: &str) -> Result<Vec<SourcedPolicy>, Vec<Dia
         Err(err) => {
             let pos = err
                 .location()
-                .map(|l| Position {
-                    line: l.line(),
-                    column: l.column(),
-                })
+                .map(|l| Position { line: l.line(), column: l.column() })
                 .unwrap_or(Position { line: 1, column: 1 });
             let message = bare_message(&err, pos);
             let hint = hint_for(&message);
@@ -299,10 +259,7 @@ impl SourcedPolicy {
             position,
             message,
             hint,
-            source_line: self
-                .text_line
-                .get(position.line.saturating_sub(1) as usize)
-                .cloned(),
+            source_line: self.text_line.get(position.line.saturating_sub(1) as usize).cloned(),
         }
     }
 }

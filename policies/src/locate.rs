@@ -53,10 +53,7 @@ pub fn index_documents(text: &str) -> Vec<DocumentIndex> {
 
     for item in Parser::new_from_str(text) {
         let Ok((event, span)) = item else { break };
-        let pos = Position {
-            line: span.start.line() as u64,
-            column: span.start.col() as u64 + 1,
-        };
+        let pos = Position { line: span.start.line() as u64, column: span.start.col() as u64 + 1 };
         match event {
             Event::DocumentStart(..) => {
                 current = Some(DocumentIndex::default());
@@ -83,8 +80,8 @@ pub fn index_documents(text: &str) -> Vec<DocumentIndex> {
                 }
                 if stack.is_empty() {
                     doc.start = pos;
-                    root_is_null = style == ScalarStyle::Plain
-                        && matches!(value.as_ref(), "" | "~" | "null" | "Null" | "NULL");
+                    root_is_null =
+                        style == ScalarStyle::Plain && matches!(value.as_ref(), "" | "~" | "null" | "Null" | "NULL");
                 }
                 record(doc, &mut stack, &path, pos);
             }
@@ -146,9 +143,7 @@ fn child_segment(stack: &mut [Frame]) -> Option<String> {
 
 fn record(doc: &mut DocumentIndex, stack: &mut [Frame], path: &[String], pos: Position) {
     let segment = child_segment(stack);
-    doc.positions
-        .entry(join(path, segment.as_deref()))
-        .or_insert(pos);
+    doc.positions.entry(join(path, segment.as_deref())).or_insert(pos);
     if let Some(Frame::Map { key }) = stack.last_mut() {
         *key = None;
     }
@@ -183,50 +178,17 @@ metadata: {name: b}
         let docs = index_documents(TEXT);
         assert_eq!(docs.len(), 2);
         let d = &docs[0];
-        assert_eq!(
-            d.find("apiVersion"),
-            Position {
-                line: 1,
-                column: 13
-            }
-        );
-        assert_eq!(
-            d.find("spec.domains[0].name"),
-            Position {
-                line: 4,
-                column: 13
-            }
-        );
-        assert_eq!(
-            d.find("spec.domains[0].boot[1]"),
-            Position {
-                line: 5,
-                column: 18
-            }
-        );
-        assert_eq!(
-            d.find("spec.domains[1].name"),
-            Position {
-                line: 6,
-                column: 13
-            }
-        );
-        assert_eq!(
-            docs[1].find("metadata.name"),
-            Position {
-                line: 9,
-                column: 18
-            }
-        );
+        assert_eq!(d.find("apiVersion"), Position { line: 1, column: 13 });
+        assert_eq!(d.find("spec.domains[0].name"), Position { line: 4, column: 13 });
+        assert_eq!(d.find("spec.domains[0].boot[1]"), Position { line: 5, column: 18 });
+        assert_eq!(d.find("spec.domains[1].name"), Position { line: 6, column: 13 });
+        assert_eq!(docs[1].find("metadata.name"), Position { line: 9, column: 18 });
     }
 
     #[test]
     fn falls_back_to_the_closest_written_ancestor() {
         let docs = index_documents(TEXT);
-        assert_eq!(
-            docs[0].find("spec.domains[1].restart"),
-            Position { line: 6, column: 7 }
-        );
+        assert_eq!(docs[0].find("spec.domains[1].restart"), Position { line: 6, column: 7 });
         assert_eq!(docs[0].find("nothing.here"), docs[0].start);
     }
 }

@@ -63,10 +63,7 @@ pub fn merge(docs: &[HostPolicy]) -> (DesiredState, Vec<Conflict>) {
                 }
                 None => {
                     domain_sites.insert(&d.name, here);
-                    state.domains.push(ManagedDomain {
-                        policy: name.to_string(),
-                        spec: d.clone(),
-                    });
+                    state.domains.push(ManagedDomain { policy: name.to_string(), spec: d.clone() });
                 }
             }
         }
@@ -84,10 +81,7 @@ pub fn merge(docs: &[HostPolicy]) -> (DesiredState, Vec<Conflict>) {
                 }
                 None => {
                     bridge_sites.insert(&b.name, here);
-                    state.bridges.push(ManagedBridge {
-                        policy: name.to_string(),
-                        spec: b.clone(),
-                    });
+                    state.bridges.push(ManagedBridge { policy: name.to_string(), spec: b.clone() });
                 }
             }
             for (p, port) in b.ports.iter().enumerate() {
@@ -95,10 +89,7 @@ pub fn merge(docs: &[HostPolicy]) -> (DesiredState, Vec<Conflict>) {
                 match port_sites.get(port.as_str()) {
                     Some((first, other)) if *other != b.name => {
                         conflicts.push(Conflict {
-                            subject: format!(
-                                "port `{port}` (claimed by bridges `{other}` and `{}`)",
-                                b.name
-                            ),
+                            subject: format!("port `{port}` (claimed by bridges `{other}` and `{}`)", b.name),
                             first: first.clone(),
                             second: here,
                         });
@@ -113,10 +104,7 @@ pub fn merge(docs: &[HostPolicy]) -> (DesiredState, Vec<Conflict>) {
             }
         }
         if let Some(fwd) = &doc.spec.forwarding {
-            for (k, (key, value)) in [("ipv4", fwd.ipv4), ("ipv6", fwd.ipv6)]
-                .into_iter()
-                .enumerate()
-            {
+            for (k, (key, value)) in [("ipv4", fwd.ipv4), ("ipv6", fwd.ipv6)].into_iter().enumerate() {
                 let Some(value) = value else { continue };
                 let here = site(format!("spec.forwarding.{key}"));
                 match &fwd_sites[k] {
@@ -131,10 +119,7 @@ pub fn merge(docs: &[HostPolicy]) -> (DesiredState, Vec<Conflict>) {
                     Some(_) => {}
                     None => {
                         fwd_sites[k] = Some((here, value));
-                        let setting = ForwardingSetting {
-                            policy: name.to_string(),
-                            enabled: value,
-                        };
+                        let setting = ForwardingSetting { policy: name.to_string(), enabled: value };
                         if k == 0 {
                             state.ipv4_forwarding = Some(setting);
                         } else {
@@ -149,29 +134,21 @@ pub fn merge(docs: &[HostPolicy]) -> (DesiredState, Vec<Conflict>) {
     for (port, (site, owner)) in &port_sites {
         if let Some(first) = bridge_sites.get(port) {
             conflicts.push(Conflict {
-                subject: format!(
-                    "`{port}` is both a managed bridge and a port of bridge `{owner}`"
-                ),
+                subject: format!("`{port}` is both a managed bridge and a port of bridge `{owner}`"),
                 first: first.clone(),
                 second: site.clone(),
             });
             conflicted_bridges.push(owner.to_string());
         }
     }
-    state
-        .domains
-        .retain(|d| !conflicted_domains.contains(&d.spec.name));
-    state
-        .bridges
-        .retain(|b| !conflicted_bridges.contains(&b.spec.name));
+    state.domains.retain(|d| !conflicted_domains.contains(&d.spec.name));
+    state.bridges.retain(|b| !conflicted_bridges.contains(&b.spec.name));
     if conflicted_fwd[0] {
         state.ipv4_forwarding = None;
     }
     if conflicted_fwd[1] {
         state.ipv6_forwarding = None;
     }
-    conflicts.sort_by(|a, b| {
-        (a.second.document, &a.second.path).cmp(&(b.second.document, &b.second.path))
-    });
+    conflicts.sort_by(|a, b| (a.second.document, &a.second.path).cmp(&(b.second.document, &b.second.path)));
     (state, conflicts)
 }

@@ -24,10 +24,7 @@ pub const KIND: &str = "HostPolicy";
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(
-    title = "HostPolicy",
-    description = "Desired state of a libvirt/KVM host, reconciled by virtwarden."
-)]
+#[schemars(title = "HostPolicy", description = "Desired state of a libvirt/KVM host, reconciled by virtwarden.")]
 pub struct HostPolicy {
     /// Always `virtwarden.io/v1alpha1`.
     #[schemars(extend("enum" = [API_VERSION]))]
@@ -149,9 +146,7 @@ pub enum RestartPolicy {
 }
 
 /// A boot device class, as libvirt's `<os><boot dev=…>` names them.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum BootDevice {
     Hd,

@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 
 use crate::types::{
-    BridgePolicy, DesiredDomainState, DomainPolicy, HostPolicy, RemediationAction, RemediationStep,
-    RestartPolicy, API_VERSION, FORWARD_DELAY_RANGE, HELLO_TIME_RANGE, KIND, MAX_AGE_RANGE,
+    BridgePolicy, DesiredDomainState, DomainPolicy, HostPolicy, RemediationAction, RemediationStep, RestartPolicy,
+    API_VERSION, FORWARD_DELAY_RANGE, HELLO_TIME_RANGE, KIND, MAX_AGE_RANGE,
 };
 
 /// One semantic problem in a document.
@@ -19,11 +19,7 @@ pub struct Issue {
 
 impl Issue {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Issue {
-            path: path.into(),
-            message: message.into(),
-            hint: None,
-        }
+        Issue { path: path.into(), message: message.into(), hint: None }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -49,13 +45,8 @@ pub fn interface_name_problem(name: &str) -> Option<String> {
     if name == "." || name == ".." {
         return Some(format!("`{name}` is not a valid interface name"));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control())
-    {
-        return Some(format!(
-            "interface name `{name}` contains {c:?}, which Linux does not allow"
-        ));
+    if let Some(c) = name.chars().find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control()) {
+        return Some(format!("interface name `{name}` contains {c:?}, which Linux does not allow"));
     }
     None
 }
@@ -65,23 +56,16 @@ pub fn validate_document(doc: &HostPolicy) -> Vec<Issue> {
     let mut issues = Vec::new();
     if doc.api_version != API_VERSION {
         issues.push(
-            Issue::new(
-                "apiVersion",
-                format!("unsupported apiVersion `{}`", doc.api_version),
-            )
-            .hint(format!("use `apiVersion: {API_VERSION}`")),
+            Issue::new("apiVersion", format!("unsupported apiVersion `{}`", doc.api_version))
+                .hint(format!("use `apiVersion: {API_VERSION}`")),
         );
     }
     if doc.kind != KIND {
-        issues.push(
-            Issue::new("kind", format!("unsupported kind `{}`", doc.kind))
-                .hint(format!("use `kind: {KIND}`")),
-        );
+        issues.push(Issue::new("kind", format!("unsupported kind `{}`", doc.kind)).hint(format!("use `kind: {KIND}`")));
     }
     if let Some(problem) = object_name_problem(&doc.metadata.name) {
         issues.push(
-            Issue::new("metadata.name", problem)
-                .hint("use lowercase letters, digits, '-' and '.', e.g. `web-tier`"),
+            Issue::new("metadata.name", problem).hint("use lowercase letters, digits, '-' and '.', e.g. `web-tier`"),
         );
     }
     for (i, domain) in doc.spec.domains.iter().enumerate() {
@@ -98,10 +82,7 @@ fn object_name_problem(name: &str) -> Option<String> {
         return Some("metadata.name is empty".into());
     }
     if name.len() > 253 {
-        return Some(format!(
-            "metadata.name is {} characters long; at most 253 are allowed",
-            name.len()
-        ));
+        return Some(format!("metadata.name is {} characters long; at most 253 are allowed", name.len()));
     }
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
     let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
@@ -114,28 +95,21 @@ fn object_name_problem(name: &str) -> Option<String> {
 fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
     if d.name.is_empty() {
         issues.push(
-            Issue::new(format!("{at}.name"), "domain name is empty")
-                .hint("use the name `virsh list --all` shows"),
+            Issue::new(format!("{at}.name"), "domain name is empty").hint("use the name `virsh list --all` shows"),
         );
     } else if let Some(c) = d.name.chars().find(|c| *c == '/' || c.is_control()) {
         issues.push(
             Issue::new(
                 format!("{at}.name"),
-                format!(
-                    "domain name `{}` contains {c:?}, which libvirt does not allow",
-                    d.name
-                ),
+                format!("domain name `{}` contains {c:?}, which libvirt does not allow", d.name),
             )
             .hint("use the name `virsh list --all` shows"),
         );
     }
     if d.state == DesiredDomainState::Stopped && d.restart == RestartPolicy::Always {
         issues.push(
-            Issue::new(
-                format!("{at}.restart"),
-                "`restart: always` contradicts `state: stopped`",
-            )
-            .hint("use `restart: on-failure` or `never`, or `state: running`"),
+            Issue::new(format!("{at}.restart"), "`restart: always` contradicts `state: stopped`")
+                .hint("use `restart: on-failure` or `never`, or `state: running`"),
         );
     }
     if let Some(boot) = &d.boot {
@@ -149,11 +123,8 @@ fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
         for (i, dev) in boot.iter().enumerate() {
             if !seen.insert(*dev) {
                 issues.push(
-                    Issue::new(
-                        format!("{at}.boot[{i}]"),
-                        format!("boot device `{dev}` is listed twice"),
-                    )
-                    .hint("each device class may appear once in the boot order"),
+                    Issue::new(format!("{at}.boot[{i}]"), format!("boot device `{dev}` is listed twice"))
+                        .hint("each device class may appear once in the boot order"),
                 );
             }
         }
@@ -166,28 +137,19 @@ fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
                         format!("{at}.backoff.initialDelay"),
                         format!("initialDelay {initial} is longer than maxDelay {max}"),
                     )
-                    .hint(
-                        "initialDelay doubles up to maxDelay; make maxDelay at least initialDelay",
-                    ),
+                    .hint("initialDelay doubles up to maxDelay; make maxDelay at least initialDelay"),
                 );
             }
         }
         if b.max_restarts == Some(0) {
             issues.push(
-                Issue::new(
-                    format!("{at}.backoff.maxRestarts"),
-                    "maxRestarts must be at least 1",
-                )
-                .hint("use `restart: never` to never restart a domain"),
+                Issue::new(format!("{at}.backoff.maxRestarts"), "maxRestarts must be at least 1")
+                    .hint("use `restart: never` to never restart a domain"),
             );
         }
         if b.window.is_some_and(|w| w.0.is_zero()) {
             issues.push(
-                Issue::new(
-                    format!("{at}.backoff.window"),
-                    "window must be longer than 0s",
-                )
-                .hint("e.g. `window: 1h`"),
+                Issue::new(format!("{at}.backoff.window"), "window must be longer than 0s").hint("e.g. `window: 1h`"),
             );
         }
     }
@@ -199,9 +161,8 @@ fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
 fn validate_ladder(at: &str, ladder: &[RemediationStep], issues: &mut Vec<Issue>) {
     if ladder.is_empty() {
         issues.push(
-            Issue::new(at, "remediation ladder is empty").hint(
-                "list at least one step, or remove `remediation` to use the default (`start`)",
-            ),
+            Issue::new(at, "remediation ladder is empty")
+                .hint("list at least one step, or remove `remediation` to use the default (`start`)"),
         );
     }
     let mut previous: Option<u32> = None;
@@ -234,8 +195,7 @@ fn validate_ladder(at: &str, ladder: &[RemediationStep], issues: &mut Vec<Issue>
             }
             if step.timeout.is_some_and(|t| t.0.is_zero()) {
                 issues.push(
-                    Issue::new(format!("{here}.timeout"), "timeout must be longer than 0s")
-                        .hint("e.g. `timeout: 60s`"),
+                    Issue::new(format!("{here}.timeout"), "timeout must be longer than 0s").hint("e.g. `timeout: 60s`"),
                 );
             }
         } else {
@@ -265,8 +225,7 @@ fn validate_ladder(at: &str, ladder: &[RemediationStep], issues: &mut Vec<Issue>
 fn validate_bridge(at: &str, b: &BridgePolicy, issues: &mut Vec<Issue>) {
     let ifname_hint = "interface names are 1–15 bytes without '/', ':' or whitespace";
     if let Some(problem) = interface_name_problem(&b.name) {
-        issues
-            .push(Issue::new(format!("{at}.name"), format!("bridge {problem}")).hint(ifname_hint));
+        issues.push(Issue::new(format!("{at}.name"), format!("bridge {problem}")).hint(ifname_hint));
     }
     let mut seen = HashSet::new();
     for (i, port) in b.ports.iter().enumerate() {
@@ -279,10 +238,7 @@ fn validate_bridge(at: &str, b: &BridgePolicy, issues: &mut Vec<Issue>) {
                     .hint("list the host interfaces to enslave, not the bridge"),
             );
         } else if !seen.insert(port.as_str()) {
-            issues.push(
-                Issue::new(here, format!("port `{port}` is listed twice"))
-                    .hint("remove the duplicate"),
-            );
+            issues.push(Issue::new(here, format!("port `{port}` is listed twice")).hint("remove the duplicate"));
         }
     }
     if let Some(stp) = &b.stp {

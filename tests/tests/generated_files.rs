@@ -4,10 +4,7 @@ use virtwarden_tests::repo_path;
 
 fn assert_fresh(rel: &str, generated: &str, regenerate: &str) {
     let on_disk = std::fs::read_to_string(repo_path(rel)).unwrap_or_default();
-    assert!(
-        on_disk == generated,
-        "{rel} is stale: run `{regenerate}` and commit the result"
-    );
+    assert!(on_disk == generated, "{rel} is stale: run `{regenerate}` and commit the result");
 }
 
 #[test]
@@ -21,11 +18,7 @@ fn json_schema_in_examples_is_current() {
 
 #[test]
 fn crd_yaml_in_examples_is_current() {
-    assert_fresh(
-        "examples/k8s/crd.yaml",
-        &virtwarden_crd::crds_yaml().unwrap(),
-        "make crd",
-    );
+    assert_fresh("examples/k8s/crd.yaml", &virtwarden_crd::crds_yaml().unwrap(), "make crd");
 }
 
 fn crd_docs() -> Vec<serde_json::Value> {
@@ -44,42 +37,20 @@ fn crd_schema_has_enums_ranges_and_printer_columns() {
     assert_eq!(version["name"], "v1alpha1");
     let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
     let domain = &spec["domains"]["items"]["properties"];
-    assert_eq!(
-        domain["state"]["enum"],
-        serde_json::json!(["running", "stopped", "ignored"])
-    );
-    assert_eq!(
-        domain["restart"]["enum"],
-        serde_json::json!(["always", "on-failure", "never"])
-    );
-    assert_eq!(
-        domain["boot"]["items"]["enum"],
-        serde_json::json!(["hd", "cdrom", "network", "fd"])
-    );
+    assert_eq!(domain["state"]["enum"], serde_json::json!(["running", "stopped", "ignored"]));
+    assert_eq!(domain["restart"]["enum"], serde_json::json!(["always", "on-failure", "never"]));
+    assert_eq!(domain["boot"]["items"]["enum"], serde_json::json!(["hd", "cdrom", "network", "fd"]));
     let stp = &spec["bridges"]["items"]["properties"]["stp"]["properties"];
     assert_eq!(stp["forwardDelay"]["minimum"].as_f64(), Some(2.0));
     assert_eq!(stp["forwardDelay"]["maximum"].as_f64(), Some(30.0));
     assert_eq!(stp["helloTime"]["maximum"].as_f64(), Some(10.0));
     assert_eq!(stp["maxAge"]["minimum"].as_f64(), Some(6.0));
-    assert_eq!(
-        spec["bridges"]["items"]["properties"]["name"]["maxLength"].as_u64(),
-        Some(15)
-    );
-    assert!(
-        spec["nodeSelector"].is_object(),
-        "nodeSelector must be part of the spec"
-    );
-    let columns: Vec<&str> = version["additionalPrinterColumns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    assert_eq!(spec["bridges"]["items"]["properties"]["name"]["maxLength"].as_u64(), Some(15));
+    assert!(spec["nodeSelector"].is_object(), "nodeSelector must be part of the spec");
+    let columns: Vec<&str> =
+        version["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(columns, ["Matched", "Available", "Degraded", "Age"]);
-    assert_eq!(
-        policy["spec"]["names"]["shortNames"],
-        serde_json::json!(["hpol"])
-    );
+    assert_eq!(policy["spec"]["names"]["shortNames"], serde_json::json!(["hpol"]));
 
     let enactment = &docs[1];
     assert_eq!(enactment["spec"]["names"]["kind"], "HostPolicyEnactment");
@@ -97,7 +68,6 @@ fn crd_schema_has_enums_ranges_and_printer_columns() {
 fn a_policy_file_is_a_valid_custom_resource() {
     // One document works in both modes: a policy file deserializes as the CRD type.
     let text = std::fs::read_to_string(repo_path("examples/policies/web-tier.yaml")).unwrap();
-    let cr: virtwarden_crd::HostPolicy =
-        serde_saphyr::from_str(&text).expect("policy file is a HostPolicy resource");
+    let cr: virtwarden_crd::HostPolicy = serde_saphyr::from_str(&text).expect("policy file is a HostPolicy resource");
     assert_eq!(cr.spec.policy.domains.len(), 2);
 }

@@ -28,15 +28,8 @@ fn golden_plans_match() {
         }
         let want = std::fs::read_to_string(&plan_file).unwrap_or_default();
         if got != want {
-            failures.push(format!(
-                "{}:\n--- want\n{want}--- got\n{got}",
-                case.display()
-            ));
+            failures.push(format!("{}:\n--- want\n{want}--- got\n{got}", case.display()));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "golden plans differ (UPDATE_GOLDEN=1 to accept):\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "golden plans differ (UPDATE_GOLDEN=1 to accept):\n{}", failures.join("\n"));
 }

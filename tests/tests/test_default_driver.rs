@@ -9,25 +9,20 @@ use virtwarden::plan::{plan, render_text};
 use virtwarden_policies::{load_texts, DesiredState};
 
 fn policy(yaml_spec: &str) -> DesiredState {
-    let text = format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{yaml_spec}");
-    load_texts([(std::path::Path::new("inline.yaml"), text.as_str())])
-        .expect("inline policy is valid")
-        .desired
+    let text =
+        format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{yaml_spec}");
+    load_texts([(std::path::Path::new("inline.yaml"), text.as_str())]).expect("inline policy is valid").desired
 }
 
 #[test]
 fn default_test_host_domain_is_stopped_then_started() {
     let host = LibvirtHost::open("test:///default").unwrap();
-    let stop =
-        policy("  domains:\n    - name: test\n      state: stopped\n      shutdownTimeout: 5s\n");
+    let stop = policy("  domains:\n    - name: test\n      state: stopped\n      shutdownTimeout: 5s\n");
     let p = plan(&stop, &host.observe_host().unwrap());
     assert_eq!(p.actions.len(), 1, "{}", render_text(&p));
     assert!(apply_plan(&host, &stop, &p).unwrap().converged());
     let d = host.observe_domain("test").unwrap().unwrap();
-    assert_eq!(
-        (d.state, d.reason.as_str()),
-        (DomainState::ShutOff, "shutdown")
-    );
+    assert_eq!((d.state, d.reason.as_str()), (DomainState::ShutOff, "shutdown"));
 
     // A guest shutdown is honoured under on-failure, and undone under always.
     let on_failure = policy("  domains:\n    - name: test\n      restart: on-failure\n");
@@ -35,8 +30,5 @@ fn default_test_host_domain_is_stopped_then_started() {
     let always = policy("  domains:\n    - name: test\n      restart: always\n");
     let p = plan(&always, &host.observe_host().unwrap());
     assert!(apply_plan(&host, &always, &p).unwrap().converged());
-    assert_eq!(
-        host.observe_domain("test").unwrap().unwrap().state,
-        DomainState::Running
-    );
+    assert_eq!(host.observe_domain("test").unwrap().unwrap().state, DomainState::Running);
 }

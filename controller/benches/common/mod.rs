@@ -10,11 +10,7 @@ use std::time::Duration;
 pub fn node_xml(n: usize, shut_off_every: usize) -> String {
     let mut xml = String::from("<node>\n");
     for i in 0..n {
-        let state = if shut_off_every > 0 && i % shut_off_every == 1 {
-            5
-        } else {
-            1
-        };
+        let state = if shut_off_every > 0 && i % shut_off_every == 1 { 5 } else { 1 };
         let _ = writeln!(
             xml,
             "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>vm{i:04}</name>\
@@ -32,7 +28,9 @@ pub fn node_xml(n: usize, shut_off_every: usize) -> String {
 
 /// A policy managing vm0000…vm{n-1} with `extra` appended to every domain entry.
 pub fn policy_yaml(n: usize, extra: &str) -> String {
-    let mut y = String::from("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: bench\nspec:\n  domains:\n");
+    let mut y = String::from(
+        "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: bench\nspec:\n  domains:\n",
+    );
     for i in 0..n {
         let _ = writeln!(y, "    - name: vm{i:04}{extra}");
     }

@@ -13,9 +13,7 @@ pub enum BootXmlError {
     Parse(#[from] roxmltree::Error),
     #[error("domain XML has no <os> element")]
     NoOs,
-    #[error(
-        "boot order wants `{0}` but the domain has no such device (it uses per-device boot order)"
-    )]
+    #[error("boot order wants `{0}` but the domain has no such device (it uses per-device boot order)")]
     NoDevice(BootDevice),
 }
 
@@ -83,37 +81,22 @@ fn os_style_edits(xml: &str, root: Node, order: &[BootDevice]) -> Result<Vec<Edi
     if xml[os.range()].trim_end().ends_with("/>") {
         return Err(BootXmlError::NoOs);
     }
-    let boots: Vec<Node> = os
-        .children()
-        .filter(|n| n.is_element() && n.tag_name().name() == "boot")
-        .collect();
+    let boots: Vec<Node> = os.children().filter(|n| n.is_element() && n.tag_name().name() == "boot").collect();
     let indent = child_indent(xml, os);
-    let new_text: String = order
-        .iter()
-        .map(|d| format!("{indent}<boot dev='{d}'/>"))
-        .collect();
+    let new_text: String = order.iter().map(|d| format!("{indent}<boot dev='{d}'/>")).collect();
     let mut edits = Vec::new();
     match boots.first() {
         Some(first) => {
             // Replace the first boot element (with its indentation) by the new list; drop the rest.
             let lead = leading_ws(xml, *first);
-            edits.push(Edit {
-                range: lead.start..first.range().end,
-                text: new_text,
-            });
+            edits.push(Edit { range: lead.start..first.range().end, text: new_text });
             for b in &boots[1..] {
-                edits.push(Edit {
-                    range: leading_ws(xml, *b).start..b.range().end,
-                    text: String::new(),
-                });
+                edits.push(Edit { range: leading_ws(xml, *b).start..b.range().end, text: String::new() });
             }
         }
         None => {
             let at = before_close(xml, os);
-            edits.push(Edit {
-                range: at..at,
-                text: new_text,
-            });
+            edits.push(Edit { range: at..at, text: new_text });
         }
     }
     Ok(edits)
@@ -125,26 +108,18 @@ fn per_device_edits(
     current: &[(Node, u32)],
     order: &[BootDevice],
 ) -> Result<Vec<Edit>, BootXmlError> {
-    let devices: Vec<Node> = child(root, "devices")
-        .map(|d| d.children().filter(Node::is_element).collect())
-        .unwrap_or_default();
+    let devices: Vec<Node> =
+        child(root, "devices").map(|d| d.children().filter(Node::is_element).collect()).unwrap_or_default();
     // For each wanted class: the device of that class that already boots first, else the first one.
     let mut chosen: Vec<Node> = Vec::new();
     for class in order {
-        let mut with_order: Vec<&(Node, u32)> = current
-            .iter()
-            .filter(|(d, _)| device_boot_class(*d) == Some(*class))
-            .collect();
+        let mut with_order: Vec<&(Node, u32)> =
+            current.iter().filter(|(d, _)| device_boot_class(*d) == Some(*class)).collect();
         with_order.sort_by_key(|(_, o)| *o);
         let pick = with_order
             .first()
             .map(|(d, _)| *d)
-            .or_else(|| {
-                devices
-                    .iter()
-                    .copied()
-                    .find(|d| device_boot_class(*d) == Some(*class))
-            })
+            .or_else(|| devices.iter().copied().find(|d| device_boot_class(*d) == Some(*class)))
             .ok_or(BootXmlError::NoDevice(*class))?;
         chosen.push(pick);
     }
@@ -152,26 +127,17 @@ fn per_device_edits(
     for (dev, _) in current {
         if !chosen.iter().any(|c| c.id() == dev.id()) {
             if let Some(boot) = child(*dev, "boot") {
-                edits.push(Edit {
-                    range: leading_ws(xml, boot).start..boot.range().end,
-                    text: String::new(),
-                });
+                edits.push(Edit { range: leading_ws(xml, boot).start..boot.range().end, text: String::new() });
             }
         }
     }
     for (i, dev) in chosen.iter().enumerate() {
         let n = i + 1;
         match child(*dev, "boot") {
-            Some(boot) => edits.push(Edit {
-                range: boot.range(),
-                text: format!("<boot order='{n}'/>"),
-            }),
+            Some(boot) => edits.push(Edit { range: boot.range(), text: format!("<boot order='{n}'/>") }),
             None => {
                 let at = before_close(xml, *dev);
-                edits.push(Edit {
-                    range: at..at,
-                    text: format!("{}<boot order='{n}'/>", child_indent(xml, *dev)),
-                });
+                edits.push(Edit { range: at..at, text: format!("{}<boot order='{n}'/>", child_indent(xml, *dev)) });
             }
         }
     }
@@ -192,10 +158,7 @@ mod tests {
         let out = rewrite_boot_order(OS, &[Hd, Cdrom]).unwrap();
         assert_eq!(
             out,
-            OS.replace(
-                "<boot dev='network'/>\n    <boot dev='hd'/>",
-                "<boot dev='hd'/>\n    <boot dev='cdrom'/>"
-            )
+            OS.replace("<boot dev='network'/>\n    <boot dev='hd'/>", "<boot dev='hd'/>\n    <boot dev='cdrom'/>")
         );
     }
 
@@ -203,10 +166,7 @@ mod tests {
     fn os_style_inserts_when_absent() {
         let xml = "<domain>\n  <os>\n    <type>hvm</type>\n  </os>\n</domain>";
         let out = rewrite_boot_order(xml, &[Hd]).unwrap();
-        assert_eq!(
-            out,
-            "<domain>\n  <os>\n    <type>hvm</type>\n    <boot dev='hd'/>\n  </os>\n</domain>"
-        );
+        assert_eq!(out, "<domain>\n  <os>\n    <type>hvm</type>\n    <boot dev='hd'/>\n  </os>\n</domain>");
     }
 
     #[test]
@@ -216,26 +176,15 @@ mod tests {
         let facts = parse_domain_xml(&out).unwrap();
         assert_eq!(facts.boot.style, BootStyle::PerDevice);
         assert_eq!(facts.boot.order, vec![Hd, Cdrom]);
-        assert!(
-            out.contains("<target dev='sda'/>\n      <boot order='2'/>\n    </disk>"),
-            "{out}"
-        );
-        assert!(
-            out.contains("<source network='default'/>\n    </interface>"),
-            "{out}"
-        );
-        assert!(
-            !out.contains("<os>\n    <type>hvm</type>\n    <boot"),
-            "must not add os-style boot: {out}"
-        );
+        assert!(out.contains("<target dev='sda'/>\n      <boot order='2'/>\n    </disk>"), "{out}");
+        assert!(out.contains("<source network='default'/>\n    </interface>"), "{out}");
+        assert!(!out.contains("<os>\n    <type>hvm</type>\n    <boot"), "must not add os-style boot: {out}");
     }
 
     #[test]
     fn per_device_without_such_device_is_an_error() {
-        let xml = "<domain><os><type>hvm</type></os><devices><disk device='disk'><boot order='1'/></disk></devices></domain>";
-        assert!(matches!(
-            rewrite_boot_order(xml, &[Network]),
-            Err(BootXmlError::NoDevice(Network))
-        ));
+        let xml =
+            "<domain><os><type>hvm</type></os><devices><disk device='disk'><boot order='1'/></disk></devices></domain>";
+        assert!(matches!(rewrite_boot_order(xml, &[Network]), Err(BootXmlError::NoDevice(Network))));
     }
 }

@@ -19,10 +19,7 @@ pub enum ActError {
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
     #[error("rewriting the boot order of {domain}: {source}")]
-    BootXml {
-        domain: String,
-        source: BootXmlError,
-    },
+    BootXml { domain: String, source: BootXmlError },
 }
 
 /// What happened to one action.
@@ -37,6 +34,8 @@ pub struct ActionOutcome {
 /// The result of applying a plan and verifying it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ApplyReport {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub network_outcomes: Vec<super::network::NetOutcome>,
     pub outcomes: Vec<ActionOutcome>,
     /// The plan computed from the state observed after applying: empty when converged.
     pub remaining: Plan,
@@ -45,6 +44,7 @@ pub struct ApplyReport {
 impl ApplyReport {
     pub fn failed(&self) -> usize {
         self.outcomes.iter().filter(|o| o.error.is_some()).count()
+            + self.network_outcomes.iter().filter(|o| o.error.is_some()).count()
     }
 
     /// Every action succeeded and a fresh plan is empty.
@@ -59,10 +59,7 @@ pub fn execute_action(hv: &dyn Hypervisor, action: &Action) -> Result<(), ActErr
     match &action.kind {
         ActionKind::Start => hv.start(name)?,
         ActionKind::Restart => {
-            if hv
-                .observe_domain(name)?
-                .is_some_and(|d| d.state.is_active())
-            {
+            if hv.observe_domain(name)?.is_some_and(|d| d.state.is_active()) {
                 hv.destroy(name)?;
             }
             hv.start(name)?;
@@ -73,10 +70,8 @@ pub fn execute_action(hv: &dyn Hypervisor, action: &Action) -> Result<(), ActErr
         ActionKind::SetAutostart { on } => hv.set_autostart(name, *on)?,
         ActionKind::SetBootOrder { order } => {
             let xml = hv.persistent_xml(name)?;
-            let new = rewrite_boot_order(&xml, order).map_err(|source| ActError::BootXml {
-                domain: name.to_string(),
-                source,
-            })?;
+            let new = rewrite_boot_order(&xml, order)
+                .map_err(|source| ActError::BootXml { domain: name.to_string(), source })?;
             hv.define_xml(name, &new)?;
         }
     }
@@ -119,15 +114,8 @@ pub fn apply_plan(
                 tracing::warn!(domain = %action.domain, action = action.kind.name(), %err, "action failed")
             }
         }
-        outcomes.push(ActionOutcome {
-            action: action.clone(),
-            error: result.err().map(|e| e.to_string()),
-            millis,
-        });
+        outcomes.push(ActionOutcome { action: action.clone(), error: result.err().map(|e| e.to_string()), millis });
     }
     let observed = hv.observe_host()?;
-    Ok(ApplyReport {
-        outcomes,
-        remaining: plan(desired, &observed),
-    })
+    Ok(ApplyReport { network_outcomes: Vec::new(), outcomes, remaining: plan(desired, &observed) })
 }

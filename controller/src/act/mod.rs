@@ -2,6 +2,7 @@
 
 pub mod boot_xml;
 mod execute;
+pub mod network;
 pub mod remediation;
 
 pub use execute::{apply_plan, execute_action, ActError, ActionOutcome, ApplyReport};

@@ -35,18 +35,11 @@ pub enum RemediationError {
     #[error("rewriting the boot order: {0}")]
     BootXml(#[from] super::boot_xml::BootXmlError),
     #[error("cannot run {}: {source}", program.display())]
-    Spawn {
-        program: PathBuf,
-        source: std::io::Error,
-    },
+    Spawn { program: PathBuf, source: std::io::Error },
     #[error("{} timed out after {timeout:?} and was killed", program.display())]
     Timeout { program: PathBuf, timeout: Duration },
     #[error("{} exited with {status}{}", program.display(), if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
-    Exit {
-        program: PathBuf,
-        status: std::process::ExitStatus,
-        stderr: String,
-    },
+    Exit { program: PathBuf, status: std::process::ExitStatus, stderr: String },
     #[error("no remediation registered for `{0}`")]
     Unknown(&'static str),
 }
@@ -64,19 +57,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn with_builtins() -> Self {
-        let mut r = Registry {
-            map: HashMap::new(),
-        };
+        let mut r = Registry { map: HashMap::new() };
         r.register(RemediationAction::Start, Box::new(StartRemediation));
         r.register(RemediationAction::Reset, Box::new(ResetRemediation));
-        r.register(
-            RemediationAction::DestroyStart,
-            Box::new(DestroyStartRemediation),
-        );
-        r.register(
-            RemediationAction::RedefineBootOrder,
-            Box::new(RedefineBootOrderRemediation),
-        );
+        r.register(RemediationAction::DestroyStart, Box::new(DestroyStartRemediation));
+        r.register(RemediationAction::RedefineBootOrder, Box::new(RedefineBootOrderRemediation));
         r.register(RemediationAction::Exec, Box::new(ExecRemediation));
         r
     }
@@ -86,15 +71,8 @@ impl Registry {
         self.map.insert(action, remediation);
     }
 
-    pub fn run(
-        &self,
-        ctx: &RemediationContext,
-        hv: &dyn Hypervisor,
-    ) -> Result<(), RemediationError> {
-        let r = self
-            .map
-            .get(&ctx.step.action)
-            .ok_or(RemediationError::Unknown(ctx.step.action.as_str()))?;
+    pub fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
+        let r = self.map.get(&ctx.step.action).ok_or(RemediationError::Unknown(ctx.step.action.as_str()))?;
         r.run(ctx, hv)
     }
 }
@@ -103,9 +81,7 @@ impl Registry {
 /// paused, destroy-then-start when libvirt holds it crashed.
 pub fn bring_up(name: &str, hv: &dyn Hypervisor) -> Result<(), HypervisorError> {
     let Some(d) = hv.observe_domain(name)? else {
-        return Err(HypervisorError::NoSuchDomain {
-            domain: name.to_string(),
-        });
+        return Err(HypervisorError::NoSuchDomain { domain: name.to_string() });
     };
     match d.state {
         DomainState::Running | DomainState::Blocked => Ok(()),
@@ -128,12 +104,9 @@ impl Remediation for StartRemediation {
 struct ResetRemediation;
 impl Remediation for ResetRemediation {
     fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        let active = hv.observe_domain(&ctx.domain)?.is_some_and(|d| {
-            matches!(
-                d.state,
-                DomainState::Running | DomainState::Blocked | DomainState::Paused
-            )
-        });
+        let active = hv
+            .observe_domain(&ctx.domain)?
+            .is_some_and(|d| matches!(d.state, DomainState::Running | DomainState::Blocked | DomainState::Paused));
         if active {
             hv.reset(&ctx.domain)?;
             // A reset of a paused guest leaves it paused.
@@ -146,10 +119,7 @@ impl Remediation for ResetRemediation {
 struct DestroyStartRemediation;
 impl Remediation for DestroyStartRemediation {
     fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        if hv
-            .observe_domain(&ctx.domain)?
-            .is_some_and(|d| d.state.is_active())
-        {
+        if hv.observe_domain(&ctx.domain)?.is_some_and(|d| d.state.is_active()) {
             hv.destroy(&ctx.domain)?;
         }
         Ok(hv.start(&ctx.domain)?)
@@ -168,10 +138,7 @@ impl Remediation for RedefineBootOrderRemediation {
                 tracing::warn!(domain = %ctx.domain, "redefine-boot-order without `boot` in the policy: only starting")
             }
         }
-        if hv
-            .observe_domain(&ctx.domain)?
-            .is_some_and(|d| d.state.is_active())
-        {
+        if hv.observe_domain(&ctx.domain)?.is_some_and(|d| d.state.is_active()) {
             hv.destroy(&ctx.domain)?;
         }
         Ok(hv.start(&ctx.domain)?)
@@ -223,12 +190,7 @@ pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(10));
             }
-            other => {
-                break other.map_err(|source| RemediationError::Spawn {
-                    program: program.clone(),
-                    source,
-                })?
-            }
+            other => break other.map_err(|source| RemediationError::Spawn { program: program.clone(), source })?,
         }
     };
     let deadline = Instant::now() + ctx.step.timeout;
@@ -238,10 +200,7 @@ pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(RemediationError::Timeout {
-                    program,
-                    timeout: ctx.step.timeout,
-                });
+                return Err(RemediationError::Timeout { program, timeout: ctx.step.timeout });
             }
             Ok(None) => std::thread::sleep(HOOK_POLL),
             Err(source) => return Err(RemediationError::Spawn { program, source }),
@@ -257,11 +216,7 @@ pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
         let n = pipe.read(&mut buf).unwrap_or(0);
         stderr = String::from_utf8_lossy(&buf[..n]).trim().to_string();
     }
-    Err(RemediationError::Exit {
-        program,
-        status,
-        stderr,
-    })
+    Err(RemediationError::Exit { program, status, stderr })
 }
 
 #[cfg(test)]
@@ -276,11 +231,7 @@ mod tests {
             uuid: "4dea22b3-1d52-d8f3-2516-782e98a3e001".into(),
             reason: "stopped/failed; shut off (crashed)".into(),
             attempt: 3,
-            step: Step {
-                action: RemediationAction::Exec,
-                command,
-                timeout,
-            },
+            step: Step { action: RemediationAction::Exec, command, timeout },
             boot: None,
         }
     }
@@ -331,18 +282,12 @@ mod tests {
         let started = std::time::Instant::now();
         let r = run_hook(&ctx(vec![hook], Duration::from_millis(200)));
         assert!(matches!(r, Err(RemediationError::Timeout { .. })), "{r:?}");
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the hook must be killed, not waited for"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "the hook must be killed, not waited for");
     }
 
     #[test]
     fn missing_program_is_reported() {
-        let r = run_hook(&ctx(
-            vec!["/nonexistent/hook".into()],
-            Duration::from_secs(1),
-        ));
+        let r = run_hook(&ctx(vec!["/nonexistent/hook".into()], Duration::from_secs(1)));
         assert!(matches!(r, Err(RemediationError::Spawn { .. })), "{r:?}");
     }
 }

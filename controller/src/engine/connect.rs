@@ -18,10 +18,7 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(hypervisor: Arc<dyn Hypervisor>, subscription: Option<EventSubscription>) -> Self {
-        Connection {
-            subscription,
-            hypervisor,
-        }
+        Connection { subscription, hypervisor }
     }
 
     pub fn has_events(&self) -> bool {
@@ -33,10 +30,7 @@ impl Connection {
 pub trait Connector: Send + Sync + 'static {
     fn uri(&self) -> String;
     /// Open a connection whose events go to `events`. Blocks.
-    fn connect(
-        &self,
-        events: UnboundedSender<HypervisorEvent>,
-    ) -> Result<Connection, HypervisorError>;
+    fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError>;
 }
 
 /// libvirt at a URI.
@@ -49,10 +43,7 @@ impl Connector for LibvirtConnector {
         self.uri.clone()
     }
 
-    fn connect(
-        &self,
-        events: UnboundedSender<HypervisorEvent>,
-    ) -> Result<Connection, HypervisorError> {
+    fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError> {
         start_event_loop();
         let host = Arc::new(LibvirtHost::open(&self.uri)?);
         let subscription = match subscribe(&host, events) {
@@ -77,10 +68,7 @@ impl Connector for SharedConnector {
         self.host.uri().to_string()
     }
 
-    fn connect(
-        &self,
-        events: UnboundedSender<HypervisorEvent>,
-    ) -> Result<Connection, HypervisorError> {
+    fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError> {
         let subscription = subscribe(&self.host, events).map_err(|e| HypervisorError::Failed {
             op: "subscribe",
             domain: String::new(),

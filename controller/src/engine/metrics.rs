@@ -47,42 +47,17 @@ impl Default for Metrics {
         let quarantined = Gauge::default();
         let connected = Gauge::default();
         registry.register("restarts", "Restarts issued, by domain", restarts.clone());
-        registry.register(
-            "actions",
-            "Actions carried out, by kind and result (ok|error)",
-            actions.clone(),
-        );
+        registry.register("actions", "Actions carried out, by kind and result (ok|error)", actions.clone());
         registry.register("drift_detected", "Drift found, by kind", drift.clone());
-        registry.register(
-            "reconcile_duration_seconds",
-            "Time to reconcile one domain",
-            reconcile_seconds.clone(),
-        );
+        registry.register("reconcile_duration_seconds", "Time to reconcile one domain", reconcile_seconds.clone());
         registry.register(
             "event_lag_seconds",
             "From a libvirt event's arrival to its reconcile starting",
             event_lag_seconds.clone(),
         );
-        registry.register(
-            "quarantined_domains",
-            "Domains with automatic restarts stopped",
-            quarantined.clone(),
-        );
-        registry.register(
-            "connected",
-            "1 while the libvirt connection is up",
-            connected.clone(),
-        );
-        Metrics {
-            registry,
-            restarts,
-            actions,
-            drift,
-            reconcile_seconds,
-            event_lag_seconds,
-            quarantined,
-            connected,
-        }
+        registry.register("quarantined_domains", "Domains with automatic restarts stopped", quarantined.clone());
+        registry.register("connected", "1 while the libvirt connection is up", connected.clone());
+        Metrics { registry, restarts, actions, drift, reconcile_seconds, event_lag_seconds, quarantined, connected }
     }
 }
 
@@ -97,11 +72,7 @@ impl Metrics {
     }
 
     pub fn drift(&self, kind: &str) {
-        self.drift
-            .get_or_create(&DriftLabel {
-                kind: kind.to_string(),
-            })
-            .inc();
+        self.drift.get_or_create(&DriftLabel { kind: kind.to_string() }).inc();
     }
 
     /// The text exposition format.

@@ -55,10 +55,7 @@ impl Default for EngineConfig {
 }
 
 enum Msg {
-    Reload {
-        desired: DesiredState,
-        clear_quarantine: bool,
-    },
+    Reload { desired: DesiredState, clear_quarantine: bool },
     PolicyRejected(String),
     Resync,
     Shutdown,
@@ -108,10 +105,7 @@ impl Shared {
             let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
             let entry = book
                 .entry(name.to_string())
-                .or_insert_with(|| DomainStatus {
-                    name: name.to_string(),
-                    ..Default::default()
-                });
+                .or_insert_with(|| DomainStatus { name: name.to_string(), ..Default::default() });
             let r = f(entry);
             let quarantined = book.values().filter(|d| d.quarantined.is_some()).count();
             self.metrics.quarantined.set(quarantined as i64);
@@ -134,13 +128,7 @@ impl Shared {
 
     pub(crate) fn report(&self) -> StatusReport {
         let mut report = self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        report.domains = self
-            .book
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        report.domains = self.book.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         report.updated = Some(Utc::now());
         report
     }
@@ -156,10 +144,7 @@ impl EngineHandle {
     /// Put a new desired state in force (a good reload). `clear_quarantine` lifts every
     /// quarantine (SIGHUP); domains whose policy changed start afresh anyway.
     pub fn reload(&self, desired: DesiredState, clear_quarantine: bool) {
-        let _ = self.shared.msg.send(Msg::Reload {
-            desired,
-            clear_quarantine,
-        });
+        let _ = self.shared.msg.send(Msg::Reload { desired, clear_quarantine });
     }
 
     /// Record a rejected reload; the previous policy stays in force.
@@ -205,11 +190,7 @@ impl EngineHandle {
 
     /// Wait until `cond` holds for the status, up to `timeout`; the status when it held.
     /// Wakes on every status change, so callers never sleep and hope.
-    pub async fn wait_for(
-        &self,
-        timeout: Duration,
-        cond: impl Fn(&StatusReport) -> bool,
-    ) -> Option<StatusReport> {
+    pub async fn wait_for(&self, timeout: Duration, cond: impl Fn(&StatusReport) -> bool) -> Option<StatusReport> {
         let mut rx = self.shared.status_version.subscribe();
         let deadline = Instant::now() + timeout;
         loop {
@@ -255,11 +236,7 @@ impl Engine {
     ) -> (EngineHandle, JoinHandle<()>) {
         let (msg_tx, msg_rx) = unbounded_channel();
         let (events_tx, events_rx) = unbounded_channel();
-        let meta = StatusReport {
-            pid: std::process::id(),
-            uri: connector.uri(),
-            ..Default::default()
-        };
+        let meta = StatusReport { pid: std::process::id(), uri: connector.uri(), ..Default::default() };
         let shared = Arc::new(Shared {
             hv: RwLock::new(None),
             book: Mutex::new(StatusBook::new()),
@@ -319,10 +296,7 @@ impl Engine {
                 tracing::debug!(domain = %ev.domain, event = %ev.text(), "libvirt event");
                 // Unmanaged domains have no worker: their events are ignored.
                 if let Some(w) = self.workers.get(&ev.domain) {
-                    let _ = w.tx.send(Kick {
-                        event: Some(ev),
-                        clear_quarantine: false,
-                    });
+                    let _ = w.tx.send(Kick { event: Some(ev), clear_quarantine: false });
                 }
             }
             HypervisorEvent::ConnectionClosed { reason } => {
@@ -335,19 +309,12 @@ impl Engine {
     fn on_msg(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Shutdown => return false,
-            Msg::Reload {
-                desired,
-                clear_quarantine,
-            } => {
+            Msg::Reload { desired, clear_quarantine } => {
                 self.set_desired(desired, clear_quarantine);
                 self.start_resync();
             }
             Msg::PolicyRejected(error) => {
-                self.shared
-                    .meta
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .policy_error = Some(error);
+                self.shared.meta.lock().unwrap_or_else(|p| p.into_inner()).policy_error = Some(error);
                 self.shared.mark_dirty();
             }
             Msg::Resync => self.start_resync(),
@@ -360,11 +327,7 @@ impl Engine {
                 self.connection = Some(conn);
                 self.shared.reconnecting.store(false, Ordering::Relaxed);
                 self.shared.metrics.connected.set(1);
-                self.shared
-                    .meta
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .connected = true;
+                self.shared.meta.lock().unwrap_or_else(|p| p.into_inner()).connected = true;
                 self.start_resync();
             }
             Msg::ConnectionLost(why) => self.start_reconnect(why),
@@ -391,10 +354,7 @@ impl Engine {
             match self.workers.remove(&name) {
                 Some(entry) if entry.managed == *managed => {
                     if clear_quarantine {
-                        let _ = entry.tx.send(Kick {
-                            event: None,
-                            clear_quarantine: true,
-                        });
+                        let _ = entry.tx.send(Kick { event: None, clear_quarantine: true });
                     }
                     keep.insert(name, entry);
                 }
@@ -410,24 +370,13 @@ impl Engine {
                         };
                     });
                     let task = tokio::spawn(worker.run());
-                    keep.insert(
-                        name,
-                        WorkerEntry {
-                            managed: managed.clone(),
-                            tx,
-                            task,
-                        },
-                    );
+                    keep.insert(name, WorkerEntry { managed: managed.clone(), tx, task });
                 }
             }
         }
         // Workers left over are unmanaged now: closing their channel ends them.
         for (name, _) in self.workers.drain() {
-            self.shared
-                .book
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&name);
+            self.shared.book.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
         }
         self.workers = keep;
         {
@@ -465,16 +414,8 @@ impl Engine {
         }
         for managed in &self.desired.domains {
             let name = &managed.spec.name;
-            let state = host
-                .domain(name)
-                .map(|d| d.state_text())
-                .unwrap_or_else(|| "not defined".into());
-            let notes: Vec<String> = p
-                .notes
-                .iter()
-                .filter(|n| &n.subject == name)
-                .map(|n| n.line())
-                .collect();
+            let state = host.domain(name).map(|d| d.state_text()).unwrap_or_else(|| "not defined".into());
+            let notes: Vec<String> = p.notes.iter().filter(|n| &n.subject == name).map(|n| n.line()).collect();
             self.shared.update_domain(name, |s| {
                 s.state = state;
                 s.notes = notes;
@@ -482,10 +423,7 @@ impl Engine {
         }
         tracing::debug!(domains = host.domains.len(), kicked, "resync done");
         if !self.shared.ready.swap(true, Ordering::Relaxed) {
-            tracing::info!(
-                managed = self.desired.domains.len(),
-                "first resync done; ready"
-            );
+            tracing::info!(managed = self.desired.domains.len(), "first resync done; ready");
             self.shared.mark_dirty();
         }
     }
@@ -504,11 +442,7 @@ impl Engine {
         }
         self.connection = None;
         self.shared.metrics.connected.set(0);
-        self.shared
-            .meta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .connected = false;
+        self.shared.meta.lock().unwrap_or_else(|p| p.into_inner()).connected = false;
         self.shared.mark_dirty();
         let connector = self.connector.clone();
         let events = self.events_tx.clone();
@@ -541,10 +475,7 @@ impl Engine {
         tracing::info!("stopping: letting in-flight actions finish");
         let tasks: Vec<JoinHandle<()>> = self.workers.drain().map(|(_, w)| w.task).collect();
         let all = futures_join_all(tasks);
-        if tokio::time::timeout(self.config.shutdown_grace, all)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(self.config.shutdown_grace, all).await.is_err() {
             tracing::warn!(grace = ?self.config.shutdown_grace, "some actions were still running at shutdown");
         }
         if let Some(path) = &self.config.status_path {

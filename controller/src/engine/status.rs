@@ -63,28 +63,16 @@ pub type StatusBook = BTreeMap<String, DomainStatus>;
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error("cannot write status file {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    Write { path: String, source: std::io::Error },
     #[error("cannot read status file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("status file {path} is not valid: {source}")]
-    Parse {
-        path: String,
-        source: serde_json::Error,
-    },
+    Parse { path: String, source: serde_json::Error },
 }
 
 /// Write `report` to `path` atomically: readers see the old or the new file, never half of one.
 pub fn write_atomically(path: &Path, report: &StatusReport) -> Result<(), StatusError> {
-    let err = |source| StatusError::Write {
-        path: path.display().to_string(),
-        source,
-    };
+    let err = |source| StatusError::Write { path: path.display().to_string(), source };
     let text = serde_json::to_vec_pretty(report).map_err(|e| err(std::io::Error::other(e)))?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, text).map_err(err)?;
@@ -92,42 +80,23 @@ pub fn write_atomically(path: &Path, report: &StatusReport) -> Result<(), Status
 }
 
 pub fn read(path: &Path) -> Result<StatusReport, StatusError> {
-    let text = std::fs::read(path).map_err(|source| StatusError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    serde_json::from_slice(&text).map_err(|source| StatusError::Parse {
-        path: path.display().to_string(),
-        source,
-    })
+    let text = std::fs::read(path).map_err(|source| StatusError::Read { path: path.display().to_string(), source })?;
+    serde_json::from_slice(&text).map_err(|source| StatusError::Parse { path: path.display().to_string(), source })
 }
 
 /// A table for people.
 pub fn render_text(report: &StatusReport) -> String {
     let mut out = String::new();
-    let updated = report
-        .updated
-        .map(|t| t.to_rfc3339())
-        .unwrap_or_else(|| "never".into());
+    let updated = report.updated.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into());
     out.push_str(&format!(
         "virtwarden pid {} on {} ({}), updated {updated}\npolicies: {}\n",
         report.pid,
         report.uri,
-        if report.connected {
-            "connected"
-        } else {
-            "DISCONNECTED"
-        },
-        if report.policies.is_empty() {
-            "none".to_string()
-        } else {
-            report.policies.join(", ")
-        }
+        if report.connected { "connected" } else { "DISCONNECTED" },
+        if report.policies.is_empty() { "none".to_string() } else { report.policies.join(", ") }
     ));
     if let Some(e) = &report.policy_error {
-        out.push_str(&format!(
-            "last reload REJECTED (previous policy in force):\n{e}\n"
-        ));
+        out.push_str(&format!("last reload REJECTED (previous policy in force):\n{e}\n"));
     }
     out.push_str(&format!(
         "{:<20} {:<26} {:>8} {:<12} {}\n",
@@ -140,22 +109,12 @@ pub fn render_text(report: &StatusReport) -> String {
             detail.push(format!("failure: {f}"));
         }
         if let Some(a) = &d.last_action {
-            detail.push(format!(
-                "action: {a} → {}",
-                d.last_outcome.as_deref().unwrap_or("pending")
-            ));
+            detail.push(format!("action: {a} → {}", d.last_outcome.as_deref().unwrap_or("pending")));
         }
         if let Some(t) = d.next_retry {
             detail.push(format!("next retry {}", t.to_rfc3339()));
         }
-        out.push_str(&format!(
-            "{:<20} {:<26} {:>8} {:<12} {}\n",
-            d.name,
-            d.state,
-            d.restarts,
-            q,
-            detail.join("; ")
-        ));
+        out.push_str(&format!("{:<20} {:<26} {:>8} {:<12} {}\n", d.name, d.state, d.restarts, q, detail.join("; ")));
         if let Some(reason) = &d.quarantined {
             out.push_str(&format!("{:<20} quarantined: {reason}\n", ""));
         }

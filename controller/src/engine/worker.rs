@@ -47,10 +47,7 @@ pub(super) struct Worker {
 }
 
 fn is_recovery(kind: &ActionKind) -> bool {
-    matches!(
-        kind,
-        ActionKind::Start | ActionKind::Restart | ActionKind::Resume
-    )
+    matches!(kind, ActionKind::Start | ActionKind::Restart | ActionKind::Resume)
 }
 
 fn is_up(d: &ObservedDomain) -> bool {
@@ -58,30 +55,16 @@ fn is_up(d: &ObservedDomain) -> bool {
 }
 
 impl Worker {
-    pub(super) fn new(
-        shared: Arc<Shared>,
-        managed: ManagedDomain,
-        rx: UnboundedReceiver<Kick>,
-    ) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, managed: ManagedDomain, rx: UnboundedReceiver<Kick>) -> Self {
         let spec = &managed.spec;
-        let tracker = RestartTracker::new(
-            Backoff::resolve(spec.backoff.as_ref()),
-            Ladder::new(spec.remediation.as_deref()),
-        );
+        let tracker =
+            RestartTracker::new(Backoff::resolve(spec.backoff.as_ref()), Ladder::new(spec.remediation.as_deref()));
         let desired_one = DesiredState {
             policies: vec![managed.policy.clone()],
             domains: vec![managed.clone()],
             ..Default::default()
         };
-        Worker {
-            shared,
-            managed,
-            desired_one,
-            tracker,
-            last_event: None,
-            quarantine_logged: false,
-            rx,
-        }
+        Worker { shared, managed, desired_one, tracker, last_event: None, quarantine_logged: false, rx }
     }
 
     fn name(&self) -> &str {
@@ -106,20 +89,14 @@ impl Worker {
                 self.quarantine_logged = false;
             }
             if let Some(ev) = &kick.event {
-                self.shared
-                    .metrics
-                    .event_lag_seconds
-                    .observe(ev.received.elapsed().as_secs_f64());
+                self.shared.metrics.event_lag_seconds.observe(ev.received.elapsed().as_secs_f64());
                 if ev.is_down() {
                     self.last_event = Some(ev.text());
                 }
             }
             let started = std::time::Instant::now();
             wake = self.reconcile().await;
-            self.shared
-                .metrics
-                .reconcile_seconds
-                .observe(started.elapsed().as_secs_f64());
+            self.shared.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
         }
     }
 
@@ -150,22 +127,13 @@ impl Worker {
             Ok(o) => o,
             Err(e) => {
                 self.shared.hypervisor_error(&e);
-                self.shared.update_domain(self.name(), |s| {
-                    s.notes = vec![format!("cannot observe: {e}")]
-                });
+                self.shared.update_domain(self.name(), |s| s.notes = vec![format!("cannot observe: {e}")]);
                 return Some(Instant::now() + OBSERVE_RETRY);
             }
         };
-        let host = ObservedHost {
-            domains: observed.clone().into_iter().collect(),
-            networks: vec![],
-            net: None,
-        };
+        let host = ObservedHost { domains: observed.clone().into_iter().collect(), networks: vec![], net: None };
         let p = plan(&self.desired_one, &host);
-        let state = observed
-            .as_ref()
-            .map(ObservedDomain::state_text)
-            .unwrap_or_else(|| "not defined".into());
+        let state = observed.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
         let notes: Vec<String> = p.notes.iter().map(|n| n.line()).collect();
         self.shared.update_domain(self.name(), |s| {
             s.state = state.clone();
@@ -174,8 +142,7 @@ impl Worker {
         if observed.as_ref().is_some_and(is_up) {
             self.tracker.on_up();
         }
-        let (recovery, others): (Vec<Action>, Vec<Action>) =
-            p.actions.into_iter().partition(|a| is_recovery(&a.kind));
+        let (recovery, others): (Vec<Action>, Vec<Action>) = p.actions.into_iter().partition(|a| is_recovery(&a.kind));
         for action in others {
             self.run_action(action).await;
         }
@@ -192,9 +159,7 @@ impl Worker {
         self.shared.metrics.drift(action.kind.name());
         tracing::info!(domain = %self.name(), reason = %action.reason, action = action.kind.name(), "correcting drift");
         let a = action.clone();
-        let result = self
-            .blocking(move |hv| execute_with_retry(hv, &a).map_err(into_hv))
-            .await;
+        let result = self.blocking(move |hv| execute_with_retry(hv, &a).map_err(into_hv)).await;
         let ok = matches!(result, Some(Ok(())));
         self.shared.metrics.action(action.kind.name(), ok);
         let outcome = match result {
@@ -214,27 +179,20 @@ impl Worker {
     }
 
     fn failure_text(&self, observed: Option<&ObservedDomain>) -> String {
-        let state = observed
-            .map(ObservedDomain::state_text)
-            .unwrap_or_else(|| "not defined".into());
+        let state = observed.map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
         match &self.last_event {
             Some(ev) => format!("{ev}; {state}"),
             None => state,
         }
     }
 
-    async fn recover(
-        &mut self,
-        action: Action,
-        observed: Option<ObservedDomain>,
-    ) -> Option<Instant> {
+    async fn recover(&mut self, action: Action, observed: Option<ObservedDomain>) -> Option<Instant> {
         let now = self.shared.tick();
         let decision = self.tracker.on_down(now, fastrand::f64());
         let failure = self.failure_text(observed.as_ref());
         match decision {
             Decision::WaitUntil(at) => {
-                self.shared
-                    .update_domain(self.name(), |s| s.last_failure = Some(failure));
+                self.shared.update_domain(self.name(), |s| s.last_failure = Some(failure));
                 self.refresh_tracker_status();
                 Some(self.shared.instant_at(at))
             }
@@ -252,10 +210,7 @@ impl Worker {
                 tracing::info!(domain = %self.name(), reason = %action.reason, step = step.action.as_str(), attempt, "restarting");
                 let ctx = RemediationContext {
                     domain: self.name().to_string(),
-                    uuid: observed
-                        .as_ref()
-                        .map(|d| d.uuid.clone())
-                        .unwrap_or_default(),
+                    uuid: observed.as_ref().map(|d| d.uuid.clone()).unwrap_or_default(),
                     reason: failure.clone(),
                     attempt,
                     step: step.clone(),
@@ -264,12 +219,10 @@ impl Worker {
                 let shared = self.shared.clone();
                 let result = self
                     .blocking(move |hv| {
-                        retry_transient(|| shared.remediations.run(&ctx, hv)).map_err(|e| {
-                            HypervisorError::Failed {
-                                op: "remediate",
-                                domain: ctx.domain.clone(),
-                                message: e.to_string(),
-                            }
+                        retry_transient(|| shared.remediations.run(&ctx, hv)).map_err(|e| HypervisorError::Failed {
+                            op: "remediate",
+                            domain: ctx.domain.clone(),
+                            message: e.to_string(),
                         })
                     })
                     .await;
@@ -280,9 +233,7 @@ impl Worker {
                 self.shared
                     .metrics
                     .restarts
-                    .get_or_create(&super::metrics::DomainLabel {
-                        domain: self.name().to_string(),
-                    })
+                    .get_or_create(&super::metrics::DomainLabel { domain: self.name().to_string() })
                     .inc();
                 self.shared.metrics.action(step.action.as_str(), recovered);
                 let outcome = match (&result, recovered) {
@@ -290,10 +241,7 @@ impl Worker {
                     (Some(Ok(())), false) => {
                         format!(
                             "did not come up: {}",
-                            after
-                                .as_ref()
-                                .map(ObservedDomain::state_text)
-                                .unwrap_or_else(|| "gone".into())
+                            after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "gone".into())
                         )
                     }
                     (Some(Err(e)), _) => e.detail(),
@@ -305,19 +253,12 @@ impl Worker {
                 } else {
                     tracing::warn!(domain = %self.name(), attempt, %outcome, "restart failed");
                 }
-                let state = after
-                    .as_ref()
-                    .map(ObservedDomain::state_text)
-                    .unwrap_or_else(|| "not defined".into());
+                let state = after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
                 self.shared.update_domain(self.name(), |s| {
                     s.state = state;
                     // After a streak of failed attempts, keep the last attempt's error visible.
                     if !recovered || attempt == 1 {
-                        s.last_failure = Some(if recovered {
-                            failure
-                        } else {
-                            format!("{failure}; {outcome}")
-                        });
+                        s.last_failure = Some(if recovered { failure } else { format!("{failure}; {outcome}") });
                         s.last_failure_at = Some(chrono::Utc::now());
                     }
                     s.last_action = Some(format!("{} (attempt {attempt})", step.action.as_str()));
@@ -331,8 +272,7 @@ impl Worker {
     }
 
     fn refresh_tracker_status(&self) {
-        self.shared
-            .update_domain(self.name(), |s| self.write_tracker_fields(s));
+        self.shared.update_domain(self.name(), |s| self.write_tracker_fields(s));
     }
 
     /// Copy the crash-loop bookkeeping into a status entry (inside one status update, so
@@ -357,18 +297,12 @@ async fn sleep_until(at: Option<Instant>) {
 fn into_hv(e: ActError) -> HypervisorError {
     match e {
         ActError::Hypervisor(h) => h,
-        other => HypervisorError::Failed {
-            op: "act",
-            domain: String::new(),
-            message: other.to_string(),
-        },
+        other => HypervisorError::Failed { op: "act", domain: String::new(), message: other.to_string() },
     }
 }
 
 /// Transient libvirt errors (a held job lock, a timeout) are retried a few times with backoff.
-fn retry_transient<T, E: std::fmt::Display + TransientCheck>(
-    op: impl FnMut() -> Result<T, E>,
-) -> Result<T, E> {
+fn retry_transient<T, E: std::fmt::Display + TransientCheck>(op: impl FnMut() -> Result<T, E>) -> Result<T, E> {
     use backon::{BlockingRetryable, ExponentialBuilder};
     op.retry(
         ExponentialBuilder::default()

@@ -24,11 +24,9 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
 
 fn route(engine: &EngineHandle, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/metrics" => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            engine.metrics_text(),
-        ),
+        "/metrics" => {
+            respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", engine.metrics_text())
+        }
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if engine.is_ready() && engine.is_connected() => {
             respond(StatusCode::OK, "text/plain", "ready\n".into())
@@ -61,10 +59,7 @@ pub async fn serve(addr: SocketAddr, engine: EngineHandle) -> std::io::Result<So
                     let r = route(&engine, &req);
                     async move { Ok::<_, Infallible>(r) }
                 });
-                if let Err(e) = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
+                if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
                     tracing::debug!(%e, "metrics connection ended with an error");
                 }
             });

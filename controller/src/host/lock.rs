@@ -9,10 +9,7 @@ pub enum LockError {
     #[error("another virtwarden is already running (pid {pid}); it holds {}", path.display())]
     Held { path: PathBuf, pid: String },
     #[error("cannot use lock file {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// Held for the life of the process; released when dropped or when the process dies.
@@ -23,18 +20,9 @@ pub struct InstanceLock {
 
 pub fn acquire(state_dir: &Path) -> Result<InstanceLock, LockError> {
     let path = state_dir.join("virtwarden.lock");
-    let io = |source| LockError::Io {
-        path: path.clone(),
-        source,
-    };
+    let io = |source| LockError::Io { path: path.clone(), source };
     std::fs::create_dir_all(state_dir).map_err(io)?;
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io)?;
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -43,11 +31,7 @@ pub fn acquire(state_dir: &Path) -> Result<InstanceLock, LockError> {
             let pid = pid.trim();
             return Err(LockError::Held {
                 path: path.clone(),
-                pid: if pid.is_empty() {
-                    "unknown".into()
-                } else {
-                    pid.to_string()
-                },
+                pid: if pid.is_empty() { "unknown".into() } else { pid.to_string() },
             });
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),

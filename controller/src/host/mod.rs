@@ -49,16 +49,10 @@ pub async fn run(opts: RunOptions) -> i32 {
             return exit::INVALID_POLICY;
         }
     };
-    let config = EngineConfig {
-        resync: opts.resync,
-        status_path: Some(opts.state_dir.join(STATUS_FILE)),
-        ..Default::default()
-    };
-    let connector = Arc::new(LibvirtConnector {
-        uri: opts.uri.clone(),
-    });
-    let (engine, mut engine_task) =
-        Engine::spawn(connector, desired, config, Registry::with_builtins());
+    let config =
+        EngineConfig { resync: opts.resync, status_path: Some(opts.state_dir.join(STATUS_FILE)), ..Default::default() };
+    let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });
+    let (engine, mut engine_task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
 
     if let Some(addr) = opts.metrics_addr {
         match http::serve(addr, engine.clone()).await {
@@ -80,19 +74,16 @@ pub async fn run(opts: RunOptions) -> i32 {
             None
         }
     };
-    let (mut hup, mut term, mut int) = match (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
-        _ => {
-            eprintln!("error: cannot install signal handlers");
-            engine.shutdown();
-            let _ = engine_task.await;
-            return exit::RUNTIME;
-        }
-    };
+    let (mut hup, mut term, mut int) =
+        match (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+            _ => {
+                eprintln!("error: cannot install signal handlers");
+                engine.shutdown();
+                let _ = engine_task.await;
+                return exit::RUNTIME;
+            }
+        };
     tokio::spawn(systemd_notifier(engine.clone()));
     tracing::info!(uri = %opts.uri, state_dir = %opts.state_dir.display(), "virtwarden running");
 
@@ -163,24 +154,12 @@ async fn systemd_notifier(engine: EngineHandle) {
             let _ = sd_notify::notify(&[NotifyState::Ready]);
         }
         let status = engine.status();
-        let down = status
-            .domains
-            .iter()
-            .filter(|d| !d.state.starts_with("running"))
-            .count();
-        let quarantined = status
-            .domains
-            .iter()
-            .filter(|d| d.quarantined.is_some())
-            .count();
+        let down = status.domains.iter().filter(|d| !d.state.starts_with("running")).count();
+        let quarantined = status.domains.iter().filter(|d| d.quarantined.is_some()).count();
         let text = format!(
             "{} domains managed, {down} not running, {quarantined} quarantined{}",
             status.domains.len(),
-            if status.connected {
-                ""
-            } else {
-                "; libvirt DISCONNECTED"
-            }
+            if status.connected { "" } else { "; libvirt DISCONNECTED" }
         );
         if text != last {
             let _ = sd_notify::notify(&[NotifyState::Status(&text)]);

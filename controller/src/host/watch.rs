@@ -16,10 +16,7 @@ pub struct PolicyWatcher {
 }
 
 /// Calls `on_change` (debounced) whenever something under `paths` that could be a policy changes.
-pub fn watch(
-    paths: &[PathBuf],
-    on_change: mpsc::UnboundedSender<()>,
-) -> notify::Result<PolicyWatcher> {
+pub fn watch(paths: &[PathBuf], on_change: mpsc::UnboundedSender<()>) -> notify::Result<PolicyWatcher> {
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
     let wanted: Vec<PathBuf> = paths.iter().map(|p| absolute(p)).collect();
     let filter = wanted.clone();
@@ -28,9 +25,7 @@ pub fn watch(
             // Reading the files (our own reload) produces access events: only changes count.
             let change = matches!(
                 event.kind,
-                notify::EventKind::Create(_)
-                    | notify::EventKind::Modify(_)
-                    | notify::EventKind::Remove(_)
+                notify::EventKind::Create(_) | notify::EventKind::Modify(_) | notify::EventKind::Remove(_)
             );
             if change && event.paths.iter().any(|p| relevant(p, &filter)) {
                 let _ = raw_tx.send(());
@@ -41,9 +36,7 @@ pub fn watch(
         let dir = if p.is_dir() {
             p.clone()
         } else {
-            p.parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("/"))
+            p.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
         };
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     }
@@ -76,9 +69,7 @@ fn relevant(changed: &Path, wanted: &[PathBuf]) -> bool {
             return true;
         }
         let in_dir = changed.parent() == Some(w.as_path());
-        let yaml = changed
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml");
+        let yaml = changed.extension().is_some_and(|e| e == "yaml" || e == "yml");
         in_dir && yaml
     })
 }

@@ -2,9 +2,7 @@
 //! (RTNLGRP_IPV4_NETCONF / IPV6_NETCONF). The payloads are not parsed: any message means "look
 //! at the network again", which is all a level-triggered engine needs.
 
-use rtnetlink::sys::{
-    protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket,
-};
+use rtnetlink::sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::NetError;
@@ -22,14 +20,8 @@ pub enum NetEvent {
 
 fn subscribe(group: u32) -> Result<TokioSocket, NetError> {
     let mut socket = TokioSocket::new(NETLINK_ROUTE).map_err(NetError::Socket)?;
-    socket
-        .socket_mut()
-        .bind(&SocketAddr::new(0, 0))
-        .map_err(NetError::Socket)?;
-    socket
-        .socket_mut()
-        .add_membership(group)
-        .map_err(NetError::Socket)?;
+    socket.socket_mut().bind(&SocketAddr::new(0, 0)).map_err(NetError::Socket)?;
+    socket.socket_mut().add_membership(group).map_err(NetError::Socket)?;
     Ok(socket)
 }
 
@@ -38,10 +30,7 @@ fn subscribe(group: u32) -> Result<TokioSocket, NetError> {
 pub fn spawn_listener(tx: UnboundedSender<NetEvent>) -> Result<(), NetError> {
     let link = subscribe(RTNLGRP_LINK)?;
     let mut netconf = subscribe(RTNLGRP_IPV4_NETCONF)?;
-    netconf
-        .socket_mut()
-        .add_membership(RTNLGRP_IPV6_NETCONF)
-        .map_err(NetError::Socket)?;
+    netconf.socket_mut().add_membership(RTNLGRP_IPV6_NETCONF).map_err(NetError::Socket)?;
     for (socket, kind) in [(link, NetEvent::Link), (netconf, NetEvent::Forwarding)] {
         let tx = tx.clone();
         tokio::spawn(async move {

@@ -8,7 +8,8 @@ pub mod sysctl;
 
 use std::future::Future;
 
-use crate::observe::{BridgeAttrs, NetLink};
+use crate::observe::NetLink;
+pub use crate::plan::network::StpWanted as StpSettings;
 
 /// A failed network operation, naming the object.
 #[derive(Debug, thiserror::Error)]
@@ -16,25 +17,11 @@ pub enum NetError {
     #[error("cannot open a netlink socket: {0}")]
     Socket(#[source] std::io::Error),
     #[error("{op} {object}: {source}")]
-    Netlink {
-        op: &'static str,
-        object: String,
-        source: rtnetlink::Error,
-    },
+    Netlink { op: &'static str, object: String, source: rtnetlink::Error },
     #[error("{op} {object}: no such interface")]
     NoSuchLink { op: &'static str, object: String },
     #[error("{key}: {source}")]
     Sysctl { key: String, source: std::io::Error },
-}
-
-/// STP settings to apply; timers in seconds. `None` leaves a timer as it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StpSettings {
-    pub enabled: bool,
-    pub forward_delay: Option<u32>,
-    pub hello_time: Option<u32>,
-    pub max_age: Option<u32>,
-    pub priority: Option<u16>,
 }
 
 /// Links and bridges.
@@ -45,17 +32,9 @@ pub trait HostNet: Send + Sync {
     fn uplinks(&self) -> impl Future<Output = Result<Vec<String>, NetError>> + Send;
     fn create_bridge(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
     fn set_up(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
-    fn set_stp(
-        &self,
-        bridge: &str,
-        stp: StpSettings,
-    ) -> impl Future<Output = Result<(), NetError>> + Send;
+    fn set_stp(&self, bridge: &str, stp: StpSettings) -> impl Future<Output = Result<(), NetError>> + Send;
     /// Make `port` a port of `bridge`.
-    fn enslave(
-        &self,
-        port: &str,
-        bridge: &str,
-    ) -> impl Future<Output = Result<(), NetError>> + Send;
+    fn enslave(&self, port: &str, bridge: &str) -> impl Future<Output = Result<(), NetError>> + Send;
 }
 
 /// IP forwarding of this network namespace.
@@ -69,13 +48,4 @@ pub trait Forwarding: Send + Sync {
 /// Convert kernel centiseconds to whole seconds (rounded).
 pub fn centis_to_secs(cs: u32) -> u32 {
     (cs + 50) / 100
-}
-
-/// Bridge attributes as the planner compares them.
-pub fn attrs_match(have: &BridgeAttrs, want: &StpSettings) -> bool {
-    have.stp == want.enabled
-        && want.forward_delay.is_none_or(|v| v == have.forward_delay)
-        && want.hello_time.is_none_or(|v| v == have.hello_time)
-        && want.max_age.is_none_or(|v| v == have.max_age)
-        && want.priority.is_none_or(|v| v == have.priority)
 }

@@ -28,39 +28,21 @@ impl NetlinkHost {
     }
 
     async fn index_of(&self, op: &'static str, name: &str) -> Result<u32, NetError> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
             Ok(Some(msg)) => Ok(msg.header.index),
-            Ok(None) => Err(NetError::NoSuchLink {
-                op,
-                object: name.into(),
-            }),
+            Ok(None) => Err(NetError::NoSuchLink { op, object: name.into() }),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
-                Err(NetError::NoSuchLink {
-                    op,
-                    object: name.into(),
-                })
+                Err(NetError::NoSuchLink { op, object: name.into() })
             }
-            Err(source) => Err(NetError::Netlink {
-                op,
-                object: name.into(),
-                source,
-            }),
+            Err(source) => Err(NetError::Netlink { op, object: name.into(), source }),
         }
     }
 }
 
 fn parse_link(msg: &LinkMessage) -> (NetLink, Option<u32>) {
-    let mut link = NetLink {
-        index: msg.header.index,
-        up: msg.header.flags.contains(LinkFlags::Up),
-        ..Default::default()
-    };
+    let mut link =
+        NetLink { index: msg.header.index, up: msg.header.flags.contains(LinkFlags::Up), ..Default::default() };
     let mut master = None;
     for attr in &msg.attributes {
         match attr {
@@ -74,12 +56,8 @@ fn parse_link(msg: &LinkMessage) -> (NetLink, Option<u32>) {
                             let mut b = BridgeAttrs::default();
                             for a in attrs {
                                 match a {
-                                    InfoBridge::StpState(s) => {
-                                        b.stp = !matches!(s, BridgeStpState::Disabled)
-                                    }
-                                    InfoBridge::ForwardDelay(v) => {
-                                        b.forward_delay = centis_to_secs(*v)
-                                    }
+                                    InfoBridge::StpState(s) => b.stp = !matches!(s, BridgeStpState::Disabled),
+                                    InfoBridge::ForwardDelay(v) => b.forward_delay = centis_to_secs(*v),
                                     InfoBridge::HelloTime(v) => b.hello_time = centis_to_secs(*v),
                                     InfoBridge::MaxAge(v) => b.max_age = centis_to_secs(*v),
                                     InfoBridge::Priority(v) => b.priority = *v,
@@ -105,34 +83,19 @@ fn default_oif(route: &RouteMessage) -> Option<u32> {
     {
         return None;
     }
-    route.attributes.iter().find_map(|a| {
-        if let RouteAttribute::Oif(i) = a {
-            Some(*i)
-        } else {
-            None
-        }
-    })
+    route.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })
 }
 
 impl HostNet for NetlinkHost {
     async fn links(&self) -> Result<Vec<NetLink>, NetError> {
-        let msgs: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| NetError::Netlink {
+        let msgs: Vec<LinkMessage> =
+            self.handle.link().get().execute().try_collect().await.map_err(|source| NetError::Netlink {
                 op: "list links",
                 object: String::new(),
                 source,
             })?;
         let parsed: Vec<(NetLink, Option<u32>)> = msgs.iter().map(parse_link).collect();
-        let names: HashMap<u32, String> = parsed
-            .iter()
-            .map(|(l, _)| (l.index, l.name.clone()))
-            .collect();
+        let names: HashMap<u32, String> = parsed.iter().map(|(l, _)| (l.index, l.name.clone())).collect();
         let mut links: Vec<NetLink> = parsed
             .into_iter()
             .map(|(mut l, master)| {
@@ -150,14 +113,8 @@ impl HostNet for NetlinkHost {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
         ] {
-            let routes: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(msg)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|source| NetError::Netlink {
+            let routes: Vec<RouteMessage> =
+                self.handle.route().get(msg).execute().try_collect().await.map_err(|source| NetError::Netlink {
                     op: "list routes",
                     object: String::new(),
                     source,
@@ -165,27 +122,18 @@ impl HostNet for NetlinkHost {
             indexes.extend(routes.iter().filter_map(default_oif));
         }
         let links = self.links().await?;
-        let mut names: Vec<String> = links
-            .into_iter()
-            .filter(|l| indexes.contains(&l.index))
-            .map(|l| l.name)
-            .collect();
+        let mut names: Vec<String> = links.into_iter().filter(|l| indexes.contains(&l.index)).map(|l| l.name).collect();
         names.sort();
         names.dedup();
         Ok(names)
     }
 
     async fn create_bridge(&self, name: &str) -> Result<(), NetError> {
-        self.handle
-            .link()
-            .add(LinkBridge::new(name).build())
-            .execute()
-            .await
-            .map_err(|source| NetError::Netlink {
-                op: "create bridge",
-                object: name.into(),
-                source,
-            })
+        self.handle.link().add(LinkBridge::new(name).build()).execute().await.map_err(|source| NetError::Netlink {
+            op: "create bridge",
+            object: name.into(),
+            source,
+        })
     }
 
     async fn set_up(&self, name: &str) -> Result<(), NetError> {
@@ -195,23 +143,17 @@ impl HostNet for NetlinkHost {
             .set(LinkUnspec::new_with_index(index).up().build())
             .execute()
             .await
-            .map_err(|source| NetError::Netlink {
-                op: "set up",
-                object: name.into(),
-                source,
-            })
+            .map_err(|source| NetError::Netlink { op: "set up", object: name.into(), source })
     }
 
     async fn set_stp(&self, bridge: &str, stp: StpSettings) -> Result<(), NetError> {
         let index = self.index_of("set stp", bridge).await?;
         // Enable STP first: the kernel validates timer ranges only while STP is on.
-        let mut b = LinkMessageBuilder::<LinkBridge>::new(bridge)
-            .index(index)
-            .stp_state(if stp.enabled {
-                BridgeStpState::KernelStp
-            } else {
-                BridgeStpState::Disabled
-            });
+        let mut b = LinkMessageBuilder::<LinkBridge>::new(bridge).index(index).stp_state(if stp.enabled {
+            BridgeStpState::KernelStp
+        } else {
+            BridgeStpState::Disabled
+        });
         if let Some(v) = stp.forward_delay {
             b = b.forward_delay(v * 100);
         }
@@ -224,16 +166,11 @@ impl HostNet for NetlinkHost {
         if let Some(v) = stp.priority {
             b = b.priority(v);
         }
-        self.handle
-            .link()
-            .change(b.build())
-            .execute()
-            .await
-            .map_err(|source| NetError::Netlink {
-                op: "set stp",
-                object: bridge.into(),
-                source,
-            })
+        self.handle.link().change(b.build()).execute().await.map_err(|source| NetError::Netlink {
+            op: "set stp",
+            object: bridge.into(),
+            source,
+        })
     }
 
     async fn enslave(&self, port: &str, bridge: &str) -> Result<(), NetError> {
@@ -241,17 +178,9 @@ impl HostNet for NetlinkHost {
         let port_index = self.index_of("enslave", port).await?;
         self.handle
             .link()
-            .set(
-                LinkUnspec::new_with_index(port_index)
-                    .controller(bridge_index)
-                    .build(),
-            )
+            .set(LinkUnspec::new_with_index(port_index).controller(bridge_index).build())
             .execute()
             .await
-            .map_err(|source| NetError::Netlink {
-                op: "enslave",
-                object: format!("{port} → {bridge}"),
-                source,
-            })
+            .map_err(|source| NetError::Netlink { op: "enslave", object: format!("{port} → {bridge}"), source })
     }
 }

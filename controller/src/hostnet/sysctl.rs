@@ -14,29 +14,20 @@ pub struct ProcForwarding {
 
 impl Default for ProcForwarding {
     fn default() -> Self {
-        ProcForwarding {
-            root: PathBuf::from("/proc/sys"),
-        }
+        ProcForwarding { root: PathBuf::from("/proc/sys") }
     }
 }
 
 impl ProcForwarding {
     fn read(&self, key: &str) -> Result<bool, NetError> {
-        let text =
-            std::fs::read_to_string(self.root.join(key)).map_err(|source| NetError::Sysctl {
-                key: key.into(),
-                source,
-            })?;
+        let text = std::fs::read_to_string(self.root.join(key))
+            .map_err(|source| NetError::Sysctl { key: key.into(), source })?;
         Ok(text.trim() != "0")
     }
 
     fn write(&self, key: &str, on: bool) -> Result<(), NetError> {
-        std::fs::write(self.root.join(key), if on { "1\n" } else { "0\n" }).map_err(|source| {
-            NetError::Sysctl {
-                key: key.into(),
-                source,
-            }
-        })
+        std::fs::write(self.root.join(key), if on { "1\n" } else { "0\n" })
+            .map_err(|source| NetError::Sysctl { key: key.into(), source })
     }
 }
 

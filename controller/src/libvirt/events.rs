@@ -40,31 +40,18 @@ impl LifecycleEvent {
 
     /// The domain went down (stopped or crashed), not a suspend or a definition change.
     pub fn is_down(&self) -> bool {
-        matches!(
-            self.event as u32,
-            sys::VIR_DOMAIN_EVENT_STOPPED | sys::VIR_DOMAIN_EVENT_CRASHED
-        )
+        matches!(self.event as u32, sys::VIR_DOMAIN_EVENT_STOPPED | sys::VIR_DOMAIN_EVENT_CRASHED)
     }
 }
 
 /// Lifecycle event and detail in words.
 pub fn event_text(event: i32, detail: i32) -> String {
     let (name, details): (&str, &[&str]) = match event as u32 {
-        sys::VIR_DOMAIN_EVENT_DEFINED => {
-            ("defined", &["added", "updated", "renamed", "from-snapshot"])
-        }
+        sys::VIR_DOMAIN_EVENT_DEFINED => ("defined", &["added", "updated", "renamed", "from-snapshot"]),
         sys::VIR_DOMAIN_EVENT_UNDEFINED => ("undefined", &["removed", "renamed"]),
-        sys::VIR_DOMAIN_EVENT_STARTED => (
-            "started",
-            &[
-                "booted",
-                "migrated",
-                "restored",
-                "from-snapshot",
-                "wakeup",
-                "recreated",
-            ],
-        ),
+        sys::VIR_DOMAIN_EVENT_STARTED => {
+            ("started", &["booted", "migrated", "restored", "from-snapshot", "wakeup", "recreated"])
+        }
         sys::VIR_DOMAIN_EVENT_SUSPENDED => (
             "suspended",
             &[
@@ -79,28 +66,12 @@ pub fn event_text(event: i32, detail: i32) -> String {
                 "postcopy-failed",
             ],
         ),
-        sys::VIR_DOMAIN_EVENT_RESUMED => (
-            "resumed",
-            &[
-                "unpaused",
-                "migrated",
-                "from-snapshot",
-                "postcopy",
-                "postcopy-failed",
-            ],
-        ),
-        sys::VIR_DOMAIN_EVENT_STOPPED => (
-            "stopped",
-            &[
-                "shutdown",
-                "destroyed",
-                "crashed",
-                "migrated",
-                "saved",
-                "failed",
-                "from-snapshot",
-            ],
-        ),
+        sys::VIR_DOMAIN_EVENT_RESUMED => {
+            ("resumed", &["unpaused", "migrated", "from-snapshot", "postcopy", "postcopy-failed"])
+        }
+        sys::VIR_DOMAIN_EVENT_STOPPED => {
+            ("stopped", &["shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from-snapshot"])
+        }
         sys::VIR_DOMAIN_EVENT_SHUTDOWN => ("shutdown", &["finished", "guest", "host"]),
         sys::VIR_DOMAIN_EVENT_PMSUSPENDED => ("pmsuspended", &["memory", "disk"]),
         sys::VIR_DOMAIN_EVENT_CRASHED => ("crashed", &["panicked", "crashloaded"]),
@@ -122,12 +93,10 @@ pub fn start_event_loop() {
             tracing::error!(%e, "cannot install libvirt's event loop; events will not arrive (resync still runs)");
             return;
         }
-        let spawned = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| {
-            loop {
-                if let Err(e) = virt::event::event_run_default_impl() {
-                    tracing::warn!(%e, "libvirt event loop iteration failed");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
+        let spawned = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| loop {
+            if let Err(e) = virt::event::event_run_default_impl() {
+                tracing::warn!(%e, "libvirt event loop iteration failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
         });
         if let Err(e) = spawned {
@@ -170,12 +139,7 @@ unsafe extern "C" fn lifecycle_cb(
         };
         // SAFETY: opaque is the Box<Sender> we registered; it lives until free_sender runs.
         let tx = unsafe { &*(opaque as *const Sender) };
-        let _ = tx.send(HypervisorEvent::Lifecycle(LifecycleEvent {
-            domain: name,
-            event,
-            detail,
-            received,
-        }));
+        let _ = tx.send(HypervisorEvent::Lifecycle(LifecycleEvent { domain: name, event, detail, received }));
     });
     0
 }
@@ -220,13 +184,7 @@ pub fn subscribe(host: &LibvirtHost, tx: Sender) -> Result<EventSubscription, Su
     // it to the generic callback type for virConnectDomainEventRegisterAny.
     let cb: sys::virConnectDomainEventGenericCallback = unsafe {
         Some(std::mem::transmute::<
-            unsafe extern "C" fn(
-                sys::virConnectPtr,
-                sys::virDomainPtr,
-                c_int,
-                c_int,
-                *mut c_void,
-            ) -> c_int,
+            unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int,
             unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
         >(lifecycle_cb))
     };
@@ -245,27 +203,18 @@ pub fn subscribe(host: &LibvirtHost, tx: Sender) -> Result<EventSubscription, Su
     if id < 0 {
         // SAFETY: registration failed, so libvirt did not take ownership of opaque.
         unsafe { free_sender(opaque) };
-        return Err(SubscribeError {
-            what: "lifecycle",
-            source: virt::error::Error::last_error(),
-        });
+        return Err(SubscribeError { what: "lifecycle", source: virt::error::Error::last_error() });
     }
     let close_opaque = Box::into_raw(Box::new(tx)) as *mut c_void;
     // SAFETY: as above. Drivers without a remote connection (test driver) accept it too.
-    let rc = unsafe {
-        sys::virConnectRegisterCloseCallback(conn, Some(close_cb), close_opaque, Some(free_sender))
-    };
+    let rc = unsafe { sys::virConnectRegisterCloseCallback(conn, Some(close_cb), close_opaque, Some(free_sender)) };
     let close_registered = rc >= 0;
     if !close_registered {
         // SAFETY: not registered, so still ours.
         unsafe { free_sender(close_opaque) };
         tracing::debug!("connection close callback not supported by this driver");
     }
-    Ok(EventSubscription {
-        conn,
-        lifecycle_id: id,
-        close_registered,
-    })
+    Ok(EventSubscription { conn, lifecycle_id: id, close_registered })
 }
 
 impl Drop for EventSubscription {

@@ -5,8 +5,8 @@ use std::mem::ManuallyDrop;
 
 use virt::connect::Connect;
 use virt::domain::{
-    Domain, DomainCrashedReason, DomainPausedReason, DomainRunningReason, DomainShutdownReason,
-    DomainShutoffReason, DomainState as VState, DomainStateReason,
+    Domain, DomainCrashedReason, DomainPausedReason, DomainRunningReason, DomainShutdownReason, DomainShutoffReason,
+    DomainState as VState, DomainStateReason,
 };
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
@@ -23,11 +23,7 @@ const XML_INACTIVE: u32 = virt::sys::VIR_DOMAIN_XML_INACTIVE;
 /// The connect URI to use: the flag, else `$LIBVIRT_DEFAULT_URI`, else `qemu:///system`.
 pub fn resolve_uri(flag: Option<&str>) -> String {
     flag.map(str::to_string)
-        .or_else(|| {
-            std::env::var("LIBVIRT_DEFAULT_URI")
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
+        .or_else(|| std::env::var("LIBVIRT_DEFAULT_URI").ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "qemu:///system".to_string())
 }
 
@@ -40,14 +36,9 @@ pub struct LibvirtHost {
 
 impl LibvirtHost {
     pub fn open(uri: &str) -> Result<Self, HypervisorError> {
-        let conn = Connect::open(Some(uri)).map_err(|source| HypervisorError::Connect {
-            uri: uri.to_string(),
-            source,
-        })?;
-        Ok(LibvirtHost {
-            conn: ManuallyDrop::new(conn),
-            uri: uri.to_string(),
-        })
+        let conn =
+            Connect::open(Some(uri)).map_err(|source| HypervisorError::Connect { uri: uri.to_string(), source })?;
+        Ok(LibvirtHost { conn: ManuallyDrop::new(conn), uri: uri.to_string() })
     }
 
     pub fn uri(&self) -> &str {
@@ -61,55 +52,30 @@ impl LibvirtHost {
     fn lookup(&self, op: &'static str, name: &str) -> Result<Domain, HypervisorError> {
         self.conn.lookup_domain_by_name(name).map_err(|source| {
             if is_no_domain(&source) {
-                HypervisorError::NoSuchDomain {
-                    domain: name.to_string(),
-                }
+                HypervisorError::NoSuchDomain { domain: name.to_string() }
             } else {
-                HypervisorError::Call {
-                    op,
-                    domain: name.to_string(),
-                    source,
-                }
+                HypervisorError::Call { op, domain: name.to_string(), source }
             }
         })
     }
 
     fn observe_one(&self, dom: &Domain) -> Result<ObservedDomain, HypervisorError> {
-        let name = dom
-            .name()
-            .map_err(|source| HypervisorError::Host { op: "name", source })?;
+        let name = dom.name().map_err(|source| HypervisorError::Host { op: "name", source })?;
         let call = |op: &'static str| {
             let name = name.clone();
-            move |source| HypervisorError::Call {
-                op,
-                domain: name,
-                source,
-            }
+            move |source| HypervisorError::Call { op, domain: name, source }
         };
         let uuid = dom.uuid_string().map_err(call("uuid"))?;
         let (state, reason) = map_state(dom.state().map_err(call("state"))?);
         let persistent = dom.is_persistent().map_err(call("is_persistent"))?;
-        let autostart = if persistent {
-            dom.autostart().map_err(call("autostart"))?
-        } else {
-            false
-        };
+        let autostart = if persistent { dom.autostart().map_err(call("autostart"))? } else { false };
         // Live XML has the taps; the persistent one has the boot order the next start uses.
         let live_xml = dom.xml_desc(0).map_err(call("dumpxml"))?;
-        let live = parse_domain_xml(&live_xml).map_err(|source| HypervisorError::Xml {
-            domain: name.clone(),
-            source,
-        })?;
+        let live =
+            parse_domain_xml(&live_xml).map_err(|source| HypervisorError::Xml { domain: name.clone(), source })?;
         let boot = if persistent && state.is_active() {
-            let xml = dom
-                .xml_desc(XML_INACTIVE)
-                .map_err(call("dumpxml --inactive"))?;
-            parse_domain_xml(&xml)
-                .map_err(|source| HypervisorError::Xml {
-                    domain: name.clone(),
-                    source,
-                })?
-                .boot
+            let xml = dom.xml_desc(XML_INACTIVE).map_err(call("dumpxml --inactive"))?;
+            parse_domain_xml(&xml).map_err(|source| HypervisorError::Xml { domain: name.clone(), source })?.boot
         } else {
             live.boot
         };
@@ -143,10 +109,7 @@ fn is_no_domain(e: &virt::error::Error) -> bool {
 }
 
 fn map_state(
-    (state, reason): (
-        virt::domain::DomainStateEnum,
-        virt::domain::DomainStateReasonEnum,
-    ),
+    (state, reason): (virt::domain::DomainStateEnum, virt::domain::DomainStateReasonEnum),
 ) -> (DomainState, String) {
     let state = match state {
         Enum::Known(VState::Running) => DomainState::Running,
@@ -219,13 +182,8 @@ fn reason_text(r: DomainStateReason) -> &'static str {
 
 impl DomainReader for LibvirtHost {
     fn observe_host(&self) -> Result<ObservedHost, HypervisorError> {
-        let domains = self
-            .conn
-            .list_all_domains(0)
-            .map_err(|source| HypervisorError::Host {
-                op: "list domains",
-                source,
-            })?;
+        let domains =
+            self.conn.list_all_domains(0).map_err(|source| HypervisorError::Host { op: "list domains", source })?;
         let mut host = ObservedHost::default();
         for dom in &domains {
             match self.observe_one(dom) {
@@ -236,18 +194,10 @@ impl DomainReader for LibvirtHost {
             }
         }
         host.domains.sort_by(|a, b| a.name.cmp(&b.name));
-        let networks = self
-            .conn
-            .list_all_networks(0)
-            .map_err(|source| HypervisorError::Host {
-                op: "list networks",
-                source,
-            })?;
+        let networks =
+            self.conn.list_all_networks(0).map_err(|source| HypervisorError::Host { op: "list networks", source })?;
         for net in &networks {
-            let name = net.name().map_err(|source| HypervisorError::Host {
-                op: "network name",
-                source,
-            })?;
+            let name = net.name().map_err(|source| HypervisorError::Host { op: "network name", source })?;
             host.networks.push(ObservedNetwork {
                 bridge: net.bridge_name().ok(),
                 active: net.is_active().unwrap_or(false),
@@ -274,78 +224,53 @@ impl DomainReader for LibvirtHost {
 impl DomainControl for LibvirtHost {
     fn start(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("start", name)?;
-        dom.create().map_err(|source| HypervisorError::Call {
-            op: "start",
-            domain: name.into(),
-            source,
-        })
+        dom.create().map_err(|source| HypervisorError::Call { op: "start", domain: name.into(), source })
     }
 
     fn shutdown(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("shutdown", name)?;
-        dom.shutdown().map_err(|source| HypervisorError::Call {
-            op: "shutdown",
-            domain: name.into(),
-            source,
-        })
+        dom.shutdown().map_err(|source| HypervisorError::Call { op: "shutdown", domain: name.into(), source })
     }
 
     fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("destroy", name)?;
-        dom.destroy().map_err(|source| HypervisorError::Call {
-            op: "destroy",
-            domain: name.into(),
-            source,
-        })
+        dom.destroy().map_err(|source| HypervisorError::Call { op: "destroy", domain: name.into(), source })
     }
 
     fn resume(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("resume", name)?;
-        dom.resume().map_err(|source| HypervisorError::Call {
-            op: "resume",
-            domain: name.into(),
-            source,
-        })
+        dom.resume().map_err(|source| HypervisorError::Call { op: "resume", domain: name.into(), source })
     }
 
     fn reset(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("reset", name)?;
-        dom.reset().map_err(|source| HypervisorError::Call {
-            op: "reset",
-            domain: name.into(),
-            source,
-        })
+        dom.reset().map_err(|source| HypervisorError::Call { op: "reset", domain: name.into(), source })
     }
 
     fn set_autostart(&self, name: &str, on: bool) -> Result<(), HypervisorError> {
         let dom = self.lookup("set autostart", name)?;
-        dom.set_autostart(on)
-            .map_err(|source| HypervisorError::Call {
-                op: "set autostart",
-                domain: name.into(),
-                source,
-            })
+        dom.set_autostart(on).map_err(|source| HypervisorError::Call {
+            op: "set autostart",
+            domain: name.into(),
+            source,
+        })
     }
 
     fn persistent_xml(&self, name: &str) -> Result<String, HypervisorError> {
         let dom = self.lookup("dumpxml", name)?;
         // SECURE keeps passwords (e.g. VNC) in the XML, so redefining does not drop them.
-        dom.xml_desc(XML_INACTIVE | XML_SECURE)
-            .map_err(|source| HypervisorError::Call {
-                op: "dumpxml --inactive --security-info",
-                domain: name.into(),
-                source,
-            })
+        dom.xml_desc(XML_INACTIVE | XML_SECURE).map_err(|source| HypervisorError::Call {
+            op: "dumpxml --inactive --security-info",
+            domain: name.into(),
+            source,
+        })
     }
 
     fn define_xml(&self, name: &str, xml: &str) -> Result<(), HypervisorError> {
-        self.conn
-            .define_domain_xml(xml)
-            .map(drop)
-            .map_err(|source| HypervisorError::Call {
-                op: "define",
-                domain: name.into(),
-                source,
-            })
+        self.conn.define_domain_xml(xml).map(drop).map_err(|source| HypervisorError::Call {
+            op: "define",
+            domain: name.into(),
+            source,
+        })
     }
 }

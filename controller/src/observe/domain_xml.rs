@@ -23,10 +23,7 @@ pub fn parse_domain_xml(xml: &str) -> Result<DomainXmlFacts, XmlError> {
     let doc = Document::parse(xml)?;
     let root = doc.root_element();
     let devices = child(root, "devices");
-    let mut facts = DomainXmlFacts {
-        boot: boot_config(root),
-        ..Default::default()
-    };
+    let mut facts = DomainXmlFacts { boot: boot_config(root), ..Default::default() };
     if let Some(devices) = devices {
         for dev in devices.children().filter(Node::is_element) {
             match dev.tag_name().name() {
@@ -40,23 +37,17 @@ pub fn parse_domain_xml(xml: &str) -> Result<DomainXmlFacts, XmlError> {
 }
 
 pub(crate) fn child<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
-    node.children()
-        .find(|n| n.is_element() && n.tag_name().name() == name)
+    node.children().find(|n| n.is_element() && n.tag_name().name() == name)
 }
 
 fn attr_of(node: Node, child_name: &str, attr: &str) -> Option<String> {
-    child(node, child_name)
-        .and_then(|c| c.attribute(attr))
-        .map(str::to_string)
+    child(node, child_name).and_then(|c| c.attribute(attr)).map(str::to_string)
 }
 
 fn interface(dev: Node) -> Interface {
     let kind = dev.attribute("type").unwrap_or("").to_string();
-    let source = child(dev, "source").and_then(|s| {
-        s.attribute("bridge")
-            .or(s.attribute("network"))
-            .or(s.attribute("dev"))
-    });
+    let source =
+        child(dev, "source").and_then(|s| s.attribute("bridge").or(s.attribute("network")).or(s.attribute("dev")));
     Interface {
         kind,
         source: source.map(str::to_string),
@@ -66,12 +57,8 @@ fn interface(dev: Node) -> Interface {
 }
 
 fn disk(dev: Node) -> Disk {
-    let source = child(dev, "source").and_then(|s| {
-        s.attribute("file")
-            .or(s.attribute("dev"))
-            .or(s.attribute("name"))
-            .or(s.attribute("volume"))
-    });
+    let source = child(dev, "source")
+        .and_then(|s| s.attribute("file").or(s.attribute("dev")).or(s.attribute("name")).or(s.attribute("volume")));
     Disk {
         device: dev.attribute("device").unwrap_or("disk").to_string(),
         source: source.map(str::to_string),
@@ -121,10 +108,7 @@ fn boot_config(root: Node) -> BootConfig {
                 order.push(class);
             }
         }
-        return BootConfig {
-            style: BootStyle::PerDevice,
-            order,
-        };
+        return BootConfig { style: BootStyle::PerDevice, order };
     }
     let os_boot: Vec<BootDevice> = child(root, "os")
         .map(|os| {
@@ -137,10 +121,7 @@ fn boot_config(root: Node) -> BootConfig {
     if os_boot.is_empty() {
         BootConfig::default()
     } else {
-        BootConfig {
-            style: BootStyle::Os,
-            order: os_boot,
-        }
+        BootConfig { style: BootStyle::Os, order: os_boot }
     }
 }
 
@@ -160,13 +141,7 @@ mod tests {
               <target dev='vnet3'/></interface>
           </devices></domain>"#;
         let f = parse_domain_xml(xml).unwrap();
-        assert_eq!(
-            f.boot,
-            BootConfig {
-                style: BootStyle::Os,
-                order: vec![BootDevice::Network, BootDevice::Hd]
-            }
-        );
+        assert_eq!(f.boot, BootConfig { style: BootStyle::Os, order: vec![BootDevice::Network, BootDevice::Hd] });
         assert_eq!(f.interfaces[0].source.as_deref(), Some("br0"));
         assert_eq!(f.interfaces[0].target.as_deref(), Some("vnet3"));
         assert_eq!(f.interfaces[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
@@ -186,10 +161,7 @@ mod tests {
         let f = parse_domain_xml(xml).unwrap();
         assert_eq!(
             f.boot,
-            BootConfig {
-                style: BootStyle::PerDevice,
-                order: vec![BootDevice::Network, BootDevice::Hd]
-            }
+            BootConfig { style: BootStyle::PerDevice, order: vec![BootDevice::Network, BootDevice::Hd] }
         );
     }
 

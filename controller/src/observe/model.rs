@@ -29,10 +29,7 @@ impl ObservedHost {
             "bridge" => iface.source.clone(),
             "network" => {
                 let net = iface.source.as_deref()?;
-                self.networks
-                    .iter()
-                    .find(|n| n.name == net)
-                    .and_then(|n| n.bridge.clone())
+                self.networks.iter().find(|n| n.name == net).and_then(|n| n.bridge.clone())
             }
             _ => None,
         }

@@ -23,24 +23,15 @@ impl ObservedNet {
 
     /// Names of the ports of `bridge`, in name order.
     pub fn ports_of(&self, bridge: &str) -> Vec<&str> {
-        let mut v: Vec<&str> = self
-            .links
-            .iter()
-            .filter(|l| l.master.as_deref() == Some(bridge))
-            .map(|l| l.name.as_str())
-            .collect();
+        let mut v: Vec<&str> =
+            self.links.iter().filter(|l| l.master.as_deref() == Some(bridge)).map(|l| l.name.as_str()).collect();
         v.sort();
         v
     }
 
     /// Whether `bridge` or one of its ports carries the default route.
     pub fn carries_default_route(&self, bridge: &str) -> bool {
-        self.uplinks.iter().any(|u| {
-            u == bridge
-                || self
-                    .link(u)
-                    .is_some_and(|l| l.master.as_deref() == Some(bridge))
-        })
+        self.uplinks.iter().any(|u| u == bridge || self.link(u).is_some_and(|l| l.master.as_deref() == Some(bridge)))
     }
 }
 

@@ -10,29 +10,17 @@ const FAILURE_REASONS: &[&str] = &["crashed", "failed", "daemon"];
 /// Shut-off reasons that carry no intent (never started since defined, reverted snapshot).
 const NEUTRAL_REASONS: &[&str] = &["unknown", "from snapshot"];
 /// Pause reasons that are operations in progress; they end on their own.
-const TRANSIENT_PAUSE_REASONS: &[&str] = &[
-    "migrating",
-    "saving",
-    "dumping",
-    "shutting down",
-    "creating snapshot",
-    "starting up",
-    "post-copy",
-];
+const TRANSIENT_PAUSE_REASONS: &[&str] =
+    &["migrating", "saving", "dumping", "shutting down", "creating snapshot", "starting up", "post-copy"];
 
-pub(super) fn plan_domain(
-    managed: &ManagedDomain,
-    observed: Option<&ObservedDomain>,
-    plan: &mut Plan,
-) {
+pub(super) fn plan_domain(managed: &ManagedDomain, observed: Option<&ObservedDomain>, plan: &mut Plan) {
     let spec = &managed.spec;
     let name = spec.name.as_str();
     let Some(obs) = observed else {
         plan.notes.push(Note {
             subject: name.to_string(),
             severity: Severity::Warning,
-            message: "not defined on this host → nothing to do (define it with `virsh define`)"
-                .into(),
+            message: "not defined on this host → nothing to do (define it with `virsh define`)".into(),
         });
         return;
     };
@@ -55,17 +43,12 @@ pub(super) fn plan_domain(
             notes.push(Note {
                 subject: name.to_string(),
                 severity: Severity::Info,
-                message: format!(
-                    "{} → would {} (state: ignored, not acting)",
-                    a.reason,
-                    a.kind.verb()
-                ),
+                message: format!("{} → would {} (state: ignored, not acting)", a.reason, a.kind.verb()),
             });
         }
         notes.extend(observed_notes);
     } else {
-        plan.actions
-            .extend(wanted.into_iter().map(|(k, r)| action(k, r)));
+        plan.actions.extend(wanted.into_iter().map(|(k, r)| action(k, r)));
     }
     plan.notes.extend(notes);
 }
@@ -73,25 +56,12 @@ pub(super) fn plan_domain(
 type Wanted = Vec<(ActionKind, String)>;
 
 fn note(notes: &mut Vec<Note>, subject: &str, severity: Severity, message: String) {
-    notes.push(Note {
-        subject: subject.to_string(),
-        severity,
-        message,
-    });
+    notes.push(Note { subject: subject.to_string(), severity, message });
 }
 
-fn config_actions(
-    managed: &ManagedDomain,
-    obs: &ObservedDomain,
-    wanted: &mut Wanted,
-    notes: &mut Vec<Note>,
-) {
+fn config_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wanted, notes: &mut Vec<Note>) {
     let spec = &managed.spec;
-    let next_boot = if obs.state.is_active() {
-        " (takes effect at next boot)"
-    } else {
-        ""
-    };
+    let next_boot = if obs.state.is_active() { " (takes effect at next boot)" } else { "" };
     if let Some(order) = &spec.boot {
         if obs.boot.order != *order {
             if obs.persistent {
@@ -101,13 +71,8 @@ fn config_actions(
                     boot_list(&obs.boot.order)
                 };
                 wanted.push((
-                    ActionKind::SetBootOrder {
-                        order: order.clone(),
-                    },
-                    format!(
-                        "boot order {current}, policy wants {}{next_boot}",
-                        boot_list(order)
-                    ),
+                    ActionKind::SetBootOrder { order: order.clone() },
+                    format!("boot order {current}, policy wants {}{next_boot}", boot_list(order)),
                 ));
             } else {
                 note(
@@ -124,11 +89,7 @@ fn config_actions(
             if obs.persistent {
                 wanted.push((
                     ActionKind::SetAutostart { on },
-                    format!(
-                        "autostart {}, policy wants {}",
-                        on_off(obs.autostart),
-                        on_off(on)
-                    ),
+                    format!("autostart {}, policy wants {}", on_off(obs.autostart), on_off(on)),
                 ));
             } else if on {
                 note(
@@ -142,23 +103,13 @@ fn config_actions(
     }
 }
 
-fn state_actions(
-    managed: &ManagedDomain,
-    obs: &ObservedDomain,
-    wanted: &mut Wanted,
-    notes: &mut Vec<Note>,
-) {
+fn state_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wanted, notes: &mut Vec<Note>) {
     let spec = &managed.spec;
     let name = spec.name.as_str();
     let seen = obs.state_text();
     match spec.state {
         DesiredDomainState::Ignored => {
-            note(
-                notes,
-                name,
-                Severity::Info,
-                format!("{seen}; state: ignored → observed only"),
-            );
+            note(notes, name, Severity::Info, format!("{seen}; state: ignored → observed only"));
         }
         DesiredDomainState::Running => {
             let wants = "policy wants running";
@@ -166,59 +117,33 @@ fn state_actions(
                 DomainState::Running | DomainState::Blocked | DomainState::ShuttingDown => {}
                 DomainState::ShutOff => shut_off(spec.restart, obs, name, wanted, notes),
                 DomainState::Crashed => match spec.restart {
-                    RestartPolicy::Never => note(
-                        notes,
-                        name,
-                        Severity::Warning,
-                        format!("{seen}; restart: never → left as it is"),
-                    ),
+                    RestartPolicy::Never => {
+                        note(notes, name, Severity::Warning, format!("{seen}; restart: never → left as it is"))
+                    }
                     _ => wanted.push((ActionKind::Restart, format!("{seen}, {wants}"))),
                 },
                 DomainState::Paused => {
                     let r = obs.reason.as_str();
                     if TRANSIENT_PAUSE_REASONS.contains(&r) {
-                        note(
-                            notes,
-                            name,
-                            Severity::Info,
-                            format!("{seen}: an operation is in progress → not touched"),
-                        );
+                        note(notes, name, Severity::Info, format!("{seen}: an operation is in progress → not touched"));
                     } else if r == "user" && spec.restart != RestartPolicy::Always {
                         note(
                             notes,
                             name,
                             Severity::Info,
-                            format!(
-                                "{seen}: paused by an admin; honoured (restart: {})",
-                                restart_name(spec.restart)
-                            ),
+                            format!("{seen}: paused by an admin; honoured (restart: {})", restart_name(spec.restart)),
                         );
                     } else if spec.restart == RestartPolicy::Never {
-                        note(
-                            notes,
-                            name,
-                            Severity::Warning,
-                            format!("{seen}; restart: never → left paused"),
-                        );
+                        note(notes, name, Severity::Warning, format!("{seen}; restart: never → left paused"));
                     } else {
                         wanted.push((ActionKind::Resume, format!("{seen}, {wants}")));
                     }
                 }
                 DomainState::PmSuspended => {
-                    note(
-                        notes,
-                        name,
-                        Severity::Info,
-                        format!("{seen}: the guest suspended itself → not touched"),
-                    );
+                    note(notes, name, Severity::Info, format!("{seen}: the guest suspended itself → not touched"));
                 }
                 DomainState::NoState => {
-                    note(
-                        notes,
-                        name,
-                        Severity::Warning,
-                        format!("{seen}: libvirt reports no state → not touched"),
-                    );
+                    note(notes, name, Severity::Warning, format!("{seen}: libvirt reports no state → not touched"));
                 }
             }
         }
@@ -226,19 +151,13 @@ fn state_actions(
             let wants = "policy wants stopped";
             match obs.state {
                 DomainState::ShutOff | DomainState::NoState => {}
-                DomainState::Running | DomainState::Blocked | DomainState::ShuttingDown => wanted
-                    .push((
-                        ActionKind::Shutdown {
-                            timeout: spec.shutdown_timeout(),
-                        },
-                        format!("{seen}, {wants}"),
-                    )),
+                DomainState::Running | DomainState::Blocked | DomainState::ShuttingDown => {
+                    wanted.push((ActionKind::Shutdown { timeout: spec.shutdown_timeout() }, format!("{seen}, {wants}")))
+                }
                 // A paused, suspended or crashed guest cannot handle an ACPI shutdown request.
-                DomainState::Paused | DomainState::PmSuspended | DomainState::Crashed => wanted
-                    .push((
-                        ActionKind::Destroy,
-                        format!("{seen}, {wants} (it cannot shut down gracefully)"),
-                    )),
+                DomainState::Paused | DomainState::PmSuspended | DomainState::Crashed => {
+                    wanted.push((ActionKind::Destroy, format!("{seen}, {wants} (it cannot shut down gracefully)")))
+                }
             }
         }
     }
@@ -253,13 +172,7 @@ fn restart_name(r: RestartPolicy) -> &'static str {
 }
 
 /// A shut-off domain the policy wants running: start it or not, by restart strategy and reason.
-fn shut_off(
-    restart: RestartPolicy,
-    obs: &ObservedDomain,
-    name: &str,
-    wanted: &mut Wanted,
-    notes: &mut Vec<Note>,
-) {
+fn shut_off(restart: RestartPolicy, obs: &ObservedDomain, name: &str, wanted: &mut Wanted, notes: &mut Vec<Note>) {
     let seen = obs.state_text();
     let reason = obs.reason.as_str();
     if reason == "migrated" {
@@ -268,9 +181,7 @@ fn shut_off(
             notes,
             name,
             Severity::Warning,
-            format!(
-                "{seen}: it was migrated away; starting it here could run it twice → not started"
-            ),
+            format!("{seen}: it was migrated away; starting it here could run it twice → not started"),
         );
         return;
     }
@@ -282,7 +193,9 @@ fn shut_off(
             notes,
             name,
             Severity::Info,
-            format!("{seen}: stopped on purpose; honoured (restart: on-failure) → start it by hand or use restart: always"),
+            format!(
+                "{seen}: stopped on purpose; honoured (restart: on-failure) → start it by hand or use restart: always"
+            ),
         ),
         RestartPolicy::Always | RestartPolicy::OnFailure => {
             wanted.push((ActionKind::Start, format!("{seen}, policy wants running")));
@@ -313,46 +226,23 @@ mod tests {
     }
 
     fn desired(policy: DomainPolicy) -> DesiredState {
-        DesiredState {
-            domains: vec![ManagedDomain {
-                policy: "p".into(),
-                spec: policy,
-            }],
-            ..Default::default()
-        }
+        DesiredState { domains: vec![ManagedDomain { policy: "p".into(), spec: policy }], ..Default::default() }
     }
 
     fn lines(policy: DomainPolicy, obs: ObservedDomain) -> Vec<String> {
-        let p = plan(
-            &desired(policy),
-            &ObservedHost {
-                domains: vec![obs],
-                networks: vec![],
-                net: None,
-            },
-        );
-        p.actions
-            .iter()
-            .map(|a| a.line())
-            .chain(p.notes.iter().map(|n| n.line()))
-            .collect()
+        let p = plan(&desired(policy), &ObservedHost { domains: vec![obs], networks: vec![], net: None });
+        p.actions.iter().map(|a| a.line()).chain(p.notes.iter().map(|n| n.line())).collect()
     }
 
     fn with_restart(r: RestartPolicy) -> DomainPolicy {
-        DomainPolicy {
-            restart: r,
-            ..DomainPolicy::named("web1")
-        }
+        DomainPolicy { restart: r, ..DomainPolicy::named("web1") }
     }
 
     #[test]
     fn crash_is_restarted_under_on_failure_and_always() {
         for r in [RestartPolicy::OnFailure, RestartPolicy::Always] {
             assert_eq!(
-                lines(
-                    with_restart(r),
-                    observed("web1", DomainState::ShutOff, "crashed")
-                ),
+                lines(with_restart(r), observed("web1", DomainState::ShutOff, "crashed")),
                 ["web1: shut off (crashed), policy wants running → start"]
             );
         }
@@ -363,10 +253,7 @@ mod tests {
         let obs = || observed("web1", DomainState::ShutOff, "shutdown");
         let l = lines(with_restart(RestartPolicy::OnFailure), obs());
         assert_eq!(l.len(), 1);
-        assert!(
-            l[0].starts_with("note: web1: shut off (shutdown): stopped on purpose; honoured"),
-            "{l:?}"
-        );
+        assert!(l[0].starts_with("note: web1: shut off (shutdown): stopped on purpose; honoured"), "{l:?}");
         assert_eq!(
             lines(with_restart(RestartPolicy::Always), obs()),
             ["web1: shut off (shutdown), policy wants running → start"]
@@ -375,35 +262,20 @@ mod tests {
 
     #[test]
     fn never_only_reports() {
-        let l = lines(
-            with_restart(RestartPolicy::Never),
-            observed("web1", DomainState::ShutOff, "crashed"),
-        );
-        assert_eq!(
-            l,
-            ["warning: web1: shut off (crashed); restart: never → left off"]
-        );
+        let l = lines(with_restart(RestartPolicy::Never), observed("web1", DomainState::ShutOff, "crashed"));
+        assert_eq!(l, ["warning: web1: shut off (crashed); restart: never → left off"]);
     }
 
     #[test]
     fn migrated_away_domain_is_never_started() {
-        let l = lines(
-            with_restart(RestartPolicy::Always),
-            observed("web1", DomainState::ShutOff, "migrated"),
-        );
+        let l = lines(with_restart(RestartPolicy::Always), observed("web1", DomainState::ShutOff, "migrated"));
         assert_eq!(l.len(), 1);
-        assert!(
-            l[0].starts_with("warning: web1: shut off (migrated): it was migrated away"),
-            "{l:?}"
-        );
+        assert!(l[0].starts_with("warning: web1: shut off (migrated): it was migrated away"), "{l:?}");
     }
 
     #[test]
     fn stopped_policy_shuts_down_running_and_destroys_paused() {
-        let stop = || DomainPolicy {
-            state: DesiredDomainState::Stopped,
-            ..DomainPolicy::named("web1")
-        };
+        let stop = || DomainPolicy { state: DesiredDomainState::Stopped, ..DomainPolicy::named("web1") };
         assert_eq!(
             lines(stop(), observed("web1", DomainState::Running, "booted")),
             ["web1: running (booted), policy wants stopped → shut down (destroy after 1m)"]
@@ -416,16 +288,10 @@ mod tests {
 
     #[test]
     fn config_comes_before_start_and_ignored_only_reports() {
-        let policy = DomainPolicy {
-            autostart: Some(true),
-            boot: Some(vec![BootDevice::Hd]),
-            ..DomainPolicy::named("web1")
-        };
+        let policy =
+            DomainPolicy { autostart: Some(true), boot: Some(vec![BootDevice::Hd]), ..DomainPolicy::named("web1") };
         let mut obs = observed("web1", DomainState::ShutOff, "unknown");
-        obs.boot = BootConfig {
-            style: BootStyle::Os,
-            order: vec![BootDevice::Network, BootDevice::Hd],
-        };
+        obs.boot = BootConfig { style: BootStyle::Os, order: vec![BootDevice::Network, BootDevice::Hd] };
         assert_eq!(
             lines(policy.clone(), obs.clone()),
             [
@@ -434,30 +300,19 @@ mod tests {
                 "web1: shut off (unknown), policy wants running → start",
             ]
         );
-        let ignored = DomainPolicy {
-            state: DesiredDomainState::Ignored,
-            ..policy
-        };
+        let ignored = DomainPolicy { state: DesiredDomainState::Ignored, ..policy };
         let l = lines(ignored, obs);
         assert_eq!(l.len(), 3);
         assert!(
-            l[..2].iter().all(
-                |l| l.starts_with("note: web1: ") && l.contains("(state: ignored, not acting)")
-            ),
+            l[..2].iter().all(|l| l.starts_with("note: web1: ") && l.contains("(state: ignored, not acting)")),
             "{l:?}"
         );
-        assert_eq!(
-            l[2],
-            "note: web1: shut off (unknown); state: ignored → observed only"
-        );
+        assert_eq!(l[2], "note: web1: shut off (unknown); state: ignored → observed only");
     }
 
     #[test]
     fn missing_domain_is_reported_not_an_error() {
-        let p = plan(
-            &desired(DomainPolicy::named("ghost")),
-            &ObservedHost::default(),
-        );
+        let p = plan(&desired(DomainPolicy::named("ghost")), &ObservedHost::default());
         assert!(p.actions.is_empty());
         assert_eq!(p.notes[0].subject, "ghost");
     }

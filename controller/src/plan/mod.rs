@@ -144,17 +144,9 @@ impl Plan {
 /// Plan every managed domain. Domains no policy names never appear in the plan.
 pub fn plan(desired: &DesiredState, observed: &ObservedHost) -> Plan {
     let mut plan = Plan::default();
-    let by_name: HashMap<&str, &ObservedDomain> = observed
-        .domains
-        .iter()
-        .map(|d| (d.name.as_str(), d))
-        .collect();
+    let by_name: HashMap<&str, &ObservedDomain> = observed.domains.iter().map(|d| (d.name.as_str(), d)).collect();
     for managed in &desired.domains {
-        domains::plan_domain(
-            managed,
-            by_name.get(managed.spec.name.as_str()).copied(),
-            &mut plan,
-        );
+        domains::plan_domain(managed, by_name.get(managed.spec.name.as_str()).copied(), &mut plan);
     }
     // Stable: by phase, then policy order (sort_by_key is stable).
     plan.actions.sort_by_key(|a| a.kind.phase());
@@ -191,11 +183,7 @@ fn hold_starts_without_bridge(desired: &DesiredState, observed: &ObservedHost, p
         held.push(Note {
             subject: a.domain.clone(),
             severity: Severity::Warning,
-            message: format!(
-                "{} → start held: bridge {} does not exist yet",
-                a.reason,
-                missing.join(", ")
-            ),
+            message: format!("{} → start held: bridge {} does not exist yet", a.reason, missing.join(", ")),
         });
         false
     });

@@ -48,11 +48,9 @@ impl NetActionKind {
             NetActionKind::SetUp => "set up".into(),
             NetActionKind::SetStp { stp } => {
                 let mut parts = vec![format!("stp {}", if stp.enabled { "on" } else { "off" })];
-                for (k, v) in [
-                    ("forward delay", stp.forward_delay),
-                    ("hello", stp.hello_time),
-                    ("max age", stp.max_age),
-                ] {
+                for (k, v) in
+                    [("forward delay", stp.forward_delay), ("hello", stp.hello_time), ("max age", stp.max_age)]
+                {
                     if let Some(v) = v {
                         parts.push(format!("{k} {v}s"));
                     }
@@ -126,19 +124,13 @@ fn describe_stp(a: &crate::observe::BridgeAttrs) -> String {
 }
 
 /// Taps of managed, running domains and the bridge each belongs on: (tap, bridge, domain, policy).
-pub fn wanted_taps(
-    desired: &DesiredState,
-    host: &ObservedHost,
-) -> Vec<(String, String, String, String)> {
+pub fn wanted_taps(desired: &DesiredState, host: &ObservedHost) -> Vec<(String, String, String, String)> {
     let mut out = Vec::new();
     for m in &desired.domains {
         let Some(d) = host.domain(&m.spec.name) else {
             continue;
         };
-        if !matches!(
-            d.state,
-            DomainState::Running | DomainState::Blocked | DomainState::Paused
-        ) {
+        if !matches!(d.state, DomainState::Running | DomainState::Blocked | DomainState::Paused) {
             continue;
         }
         for iface in &d.interfaces {
@@ -159,27 +151,16 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
     };
     let taps = wanted_taps(desired, host);
     let note = |notes: &mut Vec<Note>, subject: &str, severity, message: String| {
-        notes.push(Note {
-            subject: subject.to_string(),
-            severity,
-            message,
-        })
+        notes.push(Note { subject: subject.to_string(), severity, message })
     };
     for b in &desired.bridges {
         let name = b.spec.name.as_str();
-        let act = |kind, reason: String| NetAction {
-            subject: name.to_string(),
-            policy: b.policy.clone(),
-            kind,
-            reason,
-        };
+        let act =
+            |kind, reason: String| NetAction { subject: name.to_string(), policy: b.policy.clone(), kind, reason };
         let link = net.link(name);
         match link {
             None => {
-                actions.push(act(
-                    NetActionKind::CreateBridge,
-                    "missing, policy wants it".into(),
-                ));
+                actions.push(act(NetActionKind::CreateBridge, "missing, policy wants it".into()));
                 if let Some(stp) = stp_wanted(b) {
                     actions.push(act(NetActionKind::SetStp { stp }, "new bridge".into()));
                 }
@@ -211,16 +192,8 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
     }
     plan_taps(desired, net, &taps, &mut actions, &mut notes);
     for (family, want, have) in [
-        (
-            "ipv4",
-            desired.ipv4_forwarding.as_ref(),
-            net.forwarding.ipv4,
-        ),
-        (
-            "ipv6",
-            desired.ipv6_forwarding.as_ref(),
-            net.forwarding.ipv6,
-        ),
+        ("ipv4", desired.ipv4_forwarding.as_ref(), net.forwarding.ipv4),
+        ("ipv6", desired.ipv6_forwarding.as_ref(), net.forwarding.ipv6),
     ] {
         let (Some(want), Some(have)) = (want, have) else {
             continue;
@@ -229,15 +202,8 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
             actions.push(NetAction {
                 subject: "forwarding".into(),
                 policy: want.policy.clone(),
-                kind: NetActionKind::SetForwarding {
-                    family: family.into(),
-                    on: want.enabled,
-                },
-                reason: format!(
-                    "{family} forwarding {}, policy wants {}",
-                    on_off(have),
-                    on_off(want.enabled)
-                ),
+                kind: NetActionKind::SetForwarding { family: family.into(), on: want.enabled },
+                reason: format!("{family} forwarding {}, policy wants {}", on_off(have), on_off(want.enabled)),
             });
         }
     }
@@ -261,8 +227,7 @@ fn plan_ports(
 ) {
     let name = b.spec.name.as_str();
     // Changing the ports of the bridge that carries the default route can cut the host off.
-    let risky =
-        net.carries_default_route(name) || b.spec.ports.iter().any(|p| net.uplinks.contains(p));
+    let risky = net.carries_default_route(name) || b.spec.ports.iter().any(|p| net.uplinks.contains(p));
     for port in &b.spec.ports {
         let Some(l) = net.link(port) else {
             notes.push(Note {
@@ -290,16 +255,16 @@ fn plan_ports(
             notes.push(Note {
                 subject: port.clone(),
                 severity: Severity::Warning,
-                message: format!("{reason} → held back: {name} carries the default route (set allowUplinkChange: true to allow)"),
+                message: format!(
+                    "{reason} → held back: {name} carries the default route (set allowUplinkChange: true to allow)"
+                ),
             });
             continue;
         }
         actions.push(NetAction {
             subject: port.clone(),
             policy: b.policy.clone(),
-            kind: NetActionKind::Enslave {
-                bridge: name.into(),
-            },
+            kind: NetActionKind::Enslave { bridge: name.into() },
             reason,
         });
     }
@@ -310,9 +275,7 @@ fn plan_ports(
             notes.push(Note {
                 subject: name.to_string(),
                 severity: Severity::Info,
-                message: format!(
-                    "port {port} is neither listed nor a managed domain's tap → left alone"
-                ),
+                message: format!("port {port} is neither listed nor a managed domain's tap → left alone"),
             });
         }
     }
@@ -335,9 +298,7 @@ fn plan_taps(
             notes.push(Note {
                 subject: tap.clone(),
                 severity: Severity::Warning,
-                message: format!(
-                    "tap of {domain} belongs on {bridge}, which does not exist → waiting for it"
-                ),
+                message: format!("tap of {domain} belongs on {bridge}, which does not exist → waiting for it"),
             });
             continue;
         }
@@ -350,9 +311,7 @@ fn plan_taps(
         actions.push(NetAction {
             subject: tap.clone(),
             policy: policy.clone(),
-            kind: NetActionKind::Enslave {
-                bridge: bridge.clone(),
-            },
+            kind: NetActionKind::Enslave { bridge: bridge.clone() },
             reason,
         });
     }

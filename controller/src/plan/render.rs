@@ -21,10 +21,7 @@ pub fn render_text(plan: &Plan) -> String {
     if n == 0 {
         out.push_str("in sync: nothing to do\n");
     } else {
-        out.push_str(&format!(
-            "{n} action{} planned\n",
-            if n == 1 { "" } else { "s" }
-        ));
+        out.push_str(&format!("{n} action{} planned\n", if n == 1 { "" } else { "s" }));
     }
     out
 }

@@ -12,9 +12,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use serde::Serialize;
-use virtwarden_policies::{
-    BackoffSettings, RemediationAction, RemediationStep, DEFAULT_EXEC_TIMEOUT,
-};
+use virtwarden_policies::{BackoffSettings, RemediationAction, RemediationStep, DEFAULT_EXEC_TIMEOUT};
 
 /// A point on the engine's monotonic clock (time since the engine started).
 pub type Tick = Duration;
@@ -42,11 +40,7 @@ pub struct Step {
 
 impl Step {
     pub fn start() -> Self {
-        Step {
-            action: RemediationAction::Start,
-            command: Vec::new(),
-            timeout: DEFAULT_EXEC_TIMEOUT.as_std(),
-        }
+        Step { action: RemediationAction::Start, command: Vec::new(), timeout: DEFAULT_EXEC_TIMEOUT.as_std() }
     }
 }
 
@@ -133,11 +127,7 @@ impl RestartTracker {
 
     fn prune(&mut self, now: Tick) {
         let window = self.settings.window.as_std();
-        while self
-            .restarts
-            .front()
-            .is_some_and(|t| now.saturating_sub(*t) >= window)
-        {
+        while self.restarts.front().is_some_and(|t| now.saturating_sub(*t) >= window) {
             self.restarts.pop_front();
         }
     }
@@ -155,9 +145,7 @@ impl RestartTracker {
         }
         if self.down_since.is_none() {
             self.down_since = Some(now);
-            let healthy = self
-                .last_restart
-                .is_none_or(|t| now.saturating_sub(t) >= self.settings.reset_after.as_std());
+            let healthy = self.last_restart.is_none_or(|t| now.saturating_sub(t) >= self.settings.reset_after.as_std());
             if healthy {
                 self.consecutive = 0;
                 self.next_allowed = None;
@@ -182,10 +170,7 @@ impl RestartTracker {
             self.next_allowed = None;
             return Decision::Quarantined(reason);
         }
-        Decision::Act {
-            step: self.ladder.pick(self.consecutive).clone(),
-            attempt: self.consecutive + 1,
-        }
+        Decision::Act { step: self.ladder.pick(self.consecutive).clone(), attempt: self.consecutive + 1 }
     }
 
     /// A restart was attempted at `now`; `recovered` says whether re-observing found it running.
@@ -262,11 +247,7 @@ mod tests {
     }
 
     /// Drive a run-then-crash loop: the domain comes up every time and crashes `uptime` later.
-    fn crash_loop(
-        t: &mut RestartTracker,
-        crashes: usize,
-        uptime: Tick,
-    ) -> Vec<Result<Tick, String>> {
+    fn crash_loop(t: &mut RestartTracker, crashes: usize, uptime: Tick) -> Vec<Result<Tick, String>> {
         let mut now = s(100);
         let mut out = Vec::new();
         for _ in 0..crashes {
@@ -303,11 +284,7 @@ mod tests {
         let mut t = tracker(100);
         let times = crash_loop(&mut t, 3, s(700));
         let times: Vec<u64> = times.into_iter().map(|r| r.unwrap().as_secs()).collect();
-        assert_eq!(
-            times,
-            [100, 800, 1500],
-            "every crash after 10m of uptime is restarted at once"
-        );
+        assert_eq!(times, [100, 800, 1500], "every crash after 10m of uptime is restarted at once");
         assert_eq!(t.consecutive_failures(), 0);
     }
 
@@ -318,15 +295,9 @@ mod tests {
         assert_eq!(out.iter().filter(|r| r.is_ok()).count(), 3);
         let reason = out.last().unwrap().clone().unwrap_err();
         assert!(reason.starts_with("3 restarts within 1h"), "{reason}");
-        assert!(
-            matches!(t.on_down(s(5000), 0.0), Decision::Quarantined(_)),
-            "stays quarantined"
-        );
+        assert!(matches!(t.on_down(s(5000), 0.0), Decision::Quarantined(_)), "stays quarantined");
         t.clear_quarantine();
-        assert!(matches!(
-            t.on_down(s(5001), 0.0),
-            Decision::Act { attempt: 1, .. }
-        ));
+        assert!(matches!(t.on_down(s(5001), 0.0), Decision::Act { attempt: 1, .. }));
     }
 
     #[test]
@@ -337,27 +308,14 @@ mod tests {
         assert!(matches!(t.on_down(s(3000), 0.0), Decision::Act { .. }));
         t.attempted(s(3000), true, 0.0);
         // Third restart at 3700: the one at 0 has left the 1h window; healthy uptime also passed.
-        assert!(matches!(
-            t.on_down(s(3700), 0.0),
-            Decision::Act { attempt: 1, .. }
-        ));
+        assert!(matches!(t.on_down(s(3700), 0.0), Decision::Act { attempt: 1, .. }));
     }
 
     #[test]
     fn failed_start_attempts_back_off_and_walk_the_ladder() {
         let steps = vec![
-            RemediationStep {
-                action: RemediationAction::Start,
-                after: None,
-                command: None,
-                timeout: None,
-            },
-            RemediationStep {
-                action: RemediationAction::DestroyStart,
-                after: Some(2),
-                command: None,
-                timeout: None,
-            },
+            RemediationStep { action: RemediationAction::Start, after: None, command: None, timeout: None },
+            RemediationStep { action: RemediationAction::DestroyStart, after: Some(2), command: None, timeout: None },
             RemediationStep {
                 action: RemediationAction::Exec,
                 after: Some(3),
@@ -382,13 +340,7 @@ mod tests {
         }
         assert_eq!(
             seen,
-            [
-                (0, 1, "start"),
-                (1000, 2, "start"),
-                (3000, 3, "destroy-start"),
-                (7000, 4, "exec"),
-                (15000, 5, "exec"),
-            ]
+            [(0, 1, "start"), (1000, 2, "start"), (3000, 3, "destroy-start"), (7000, 4, "exec"), (15000, 5, "exec"),]
         );
     }
 
@@ -410,10 +362,7 @@ mod tests {
         t.attempted(s(0), true, 0.0);
         let first = t.on_down(s(1), 0.0);
         let again = t.on_down(ms(1500), 0.0);
-        assert_eq!(
-            first, again,
-            "re-checking during the same outage keeps the same schedule"
-        );
+        assert_eq!(first, again, "re-checking during the same outage keeps the same schedule");
         assert_eq!(t.consecutive_failures(), 1);
     }
 }
