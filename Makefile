@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build and the tests need. libvirt0 (pulled in by libvirt-dev) carries
 # libvirt's in-process test driver, which `make run` and most tests use.
-DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc
+DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 

@@ -11,9 +11,9 @@ use crate::act::network::{apply_net_actions, observe_net};
 use crate::act::{apply_plan, ApplyReport};
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
-use crate::observe::{ObservedHost, ObservedNet};
 use crate::hypervisor::Hypervisor;
 use crate::libvirt::{resolve_uri, LibvirtHost};
+use crate::observe::{ObservedHost, ObservedNet};
 use crate::plan::{plan, render_text, Plan};
 
 /// Process exit codes.

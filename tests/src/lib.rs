@@ -26,3 +26,50 @@ pub fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Run the calling test inside a private network namespace.
+///
+/// Returns `true` when the caller is already inside one (run the test body) and `false` after
+/// the body ran in a child process (`unshare --net`) — the caller then returns. The child's
+/// namespace is checked against the parent's, so a test can never touch the host network.
+/// When no namespace can be created the test is skipped with a loud message.
+pub fn in_private_netns(test_name: &str) -> bool {
+    let own = netns_id();
+    if let Ok(parent) = std::env::var("VW_PARENT_NETNS") {
+        assert_ne!(parent, own, "refusing to run: not in a private network namespace");
+        return true;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = std::process::Command::new("unshare")
+        .args(["--net", "--"])
+        .arg(exe)
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .env("VW_PARENT_NETNS", &own)
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("\n!!! SKIPPED {test_name}: cannot run unshare ({e}); install util-linux !!!\n");
+            return false;
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains("unshare failed") {
+        eprintln!("\n!!! SKIPPED {test_name}: cannot create a private network namespace: {stderr} !!!\n");
+        return false;
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{test_name} failed in its network namespace:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("1 passed"), "{test_name} did not run in its namespace:\n{stdout}\n{stderr}");
+    false
+}
+
+fn netns_id() -> String {
+    std::fs::read_link("/proc/self/ns/net").map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+/// Run a shell-free command (test setup inside the private namespace), panicking on failure.
+pub fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0]).args(&args[1..]).output().expect("spawn");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}

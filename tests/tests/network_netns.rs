@@ -1,0 +1,241 @@
+//! Host-network reconciliation against a real kernel, each test in its own network namespace
+//! (veth pairs stand in for NICs and taps). Never the host's own namespace: see
+//! `in_private_netns`.
+
+use std::path::Path;
+
+use virtwarden::act::apply_plan;
+use virtwarden::act::network::{apply_net_actions, observe_net};
+use virtwarden::hostnet::netlink::NetlinkHost;
+use virtwarden::hostnet::sysctl::ProcForwarding;
+use virtwarden::hostnet::Forwarding;
+use virtwarden::hypervisor::DomainReader;
+use virtwarden::libvirt::LibvirtHost;
+use virtwarden::observe::{BridgeAttrs, ObservedHost};
+use virtwarden::plan::{plan, render_text, Plan};
+use virtwarden_policies::{load_texts, DesiredState};
+use virtwarden_tests::{in_private_netns, sh};
+
+fn policy(spec: &str) -> DesiredState {
+    let text = format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{spec}");
+    load_texts([(Path::new("net.yaml"), text.as_str())]).expect("valid policy").desired
+}
+
+struct Net {
+    nl: NetlinkHost,
+    fwd: ProcForwarding,
+}
+
+impl Net {
+    fn new() -> Self {
+        Net { nl: NetlinkHost::connect().unwrap(), fwd: ProcForwarding::default() }
+    }
+
+    async fn host(&self, domains: Option<&LibvirtHost>) -> ObservedHost {
+        let mut host = match domains {
+            Some(hv) => hv.observe_host().unwrap(),
+            None => ObservedHost::default(),
+        };
+        host.net = Some(observe_net(&self.nl, &self.fwd).await.unwrap());
+        host
+    }
+
+    async fn plan(&self, desired: &DesiredState, domains: Option<&LibvirtHost>) -> Plan {
+        plan(desired, &self.host(domains).await)
+    }
+
+    /// Plan, apply the network part, and return the plan that remains.
+    async fn converge(&self, desired: &DesiredState, domains: Option<&LibvirtHost>) -> Plan {
+        let p = self.plan(desired, domains).await;
+        let outcomes = apply_net_actions(&self.nl, &self.fwd, &p.network).await;
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:#?}");
+        self.plan(desired, domains).await
+    }
+
+    async fn bridge(&self, name: &str) -> BridgeAttrs {
+        let host = self.host(None).await;
+        host.net.unwrap().link(name).and_then(|l| l.bridge).unwrap_or_else(|| panic!("{name} is not a bridge"))
+    }
+
+    async fn master(&self, port: &str) -> Option<String> {
+        self.host(None).await.net.unwrap().link(port).and_then(|l| l.master.clone())
+    }
+}
+
+const BR0: &str = "  bridges:\n    - name: br0\n      stp: { enabled: true, forwardDelay: 4, helloTime: 2, maxAge: 12, priority: 4096 }\n      ports: [eth1]\n";
+
+#[tokio::test]
+async fn creates_bridge_with_stp_timers_and_ports_and_repairs_drift() {
+    if !in_private_netns("creates_bridge_with_stp_timers_and_ports_and_repairs_drift") {
+        return;
+    }
+    sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1-peer"]);
+    let net = Net::new();
+    let desired = policy(BR0);
+    let first = net.plan(&desired, None).await;
+    assert_eq!(
+        render_text(&first),
+        "br0: missing, policy wants it → create bridge\n\
+         br0: new bridge → set stp on, forward delay 4s, hello 2s, max age 12s, priority 4096\n\
+         eth1: not a port of br0, policy lists it → attach to br0\n\
+         3 actions planned\n"
+    );
+    assert!(net.converge(&desired, None).await.is_empty());
+    assert_eq!(
+        net.bridge("br0").await,
+        BridgeAttrs { stp: true, forward_delay: 4, hello_time: 2, max_age: 12, priority: 4096 }
+    );
+    assert_eq!(net.master("eth1").await.as_deref(), Some("br0"));
+
+    // Someone switches STP off and shortens the forward delay: restored.
+    sh(&["ip", "link", "set", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "1500"]);
+    let drift = net.plan(&desired, None).await;
+    assert_eq!(drift.network.len(), 1, "{}", render_text(&drift));
+    assert!(drift.network[0].reason.starts_with("stp off, forward delay 15s"), "{}", drift.network[0].reason);
+    assert!(net.converge(&desired, None).await.is_empty());
+    assert!(net.bridge("br0").await.stp);
+
+    // The port is detached: re-attached. The bridge is set down: set up.
+    sh(&["ip", "link", "set", "eth1", "nomaster"]);
+    sh(&["ip", "link", "set", "br0", "down"]);
+    assert!(net.converge(&desired, None).await.is_empty());
+    assert_eq!(net.master("eth1").await.as_deref(), Some("br0"));
+    assert!(net.host(None).await.net.unwrap().link("br0").unwrap().up);
+}
+
+#[tokio::test]
+async fn unlisted_ports_and_unmanaged_bridges_are_left_alone() {
+    if !in_private_netns("unlisted_ports_and_unmanaged_bridges_are_left_alone") {
+        return;
+    }
+    for (a, b) in [("eth1", "eth1-p"), ("eth2", "eth2-p"), ("eth9", "eth9-p")] {
+        sh(&["ip", "link", "add", a, "type", "veth", "peer", "name", b]);
+    }
+    sh(&["ip", "link", "add", "br9", "type", "bridge", "stp_state", "0"]);
+    sh(&["ip", "link", "set", "eth9", "master", "br9"]);
+    let net = Net::new();
+    let desired = policy(BR0);
+    assert!(net.converge(&desired, None).await.is_empty());
+    sh(&["ip", "link", "set", "eth2", "master", "br0"]); // someone adds an unlisted port
+    let p = net.plan(&desired, None).await;
+    assert!(p.is_empty(), "{}", render_text(&p));
+    assert!(render_text(&p).contains("note: br0: port eth2 is neither listed nor a managed domain's tap → left alone"));
+    assert_eq!(net.master("eth2").await.as_deref(), Some("br0"));
+    // br9 is named by no policy: untouched.
+    assert!(!net.bridge("br9").await.stp);
+    assert_eq!(net.master("eth9").await.as_deref(), Some("br9"));
+    // A listed port that sits on another bridge is not taken from it.
+    let desired = policy("  bridges:\n    - name: br0\n      ports: [eth1, eth9]\n");
+    let p = net.plan(&desired, None).await;
+    assert!(p.network.is_empty(), "{}", render_text(&p));
+    assert!(render_text(&p).contains("eth9: is a port of br9, policy wants it on br0 → not moved"));
+}
+
+#[tokio::test]
+async fn forwarding_reset_is_restored() {
+    if !in_private_netns("forwarding_reset_is_restored") {
+        return;
+    }
+    let net = Net::new();
+    let desired = policy("  forwarding: { ipv4: true }\n");
+    assert!(!net.fwd.ipv4().unwrap(), "a fresh namespace starts with forwarding off");
+    assert!(net.converge(&desired, None).await.is_empty());
+    assert!(net.fwd.ipv4().unwrap());
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "0\n").unwrap();
+    let p = net.plan(&desired, None).await;
+    assert_eq!(
+        render_text(&p),
+        "forwarding: ipv4 forwarding off, policy wants on → set ipv4 forwarding on\n1 action planned\n"
+    );
+    assert!(net.converge(&desired, None).await.is_empty());
+    assert!(net.fwd.ipv4().unwrap());
+}
+
+#[tokio::test]
+async fn uplink_bridge_port_changes_are_held_back_unless_allowed() {
+    if !in_private_netns("uplink_bridge_port_changes_are_held_back_unless_allowed") {
+        return;
+    }
+    sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1-p"]);
+    sh(&["ip", "link", "add", "br0", "type", "bridge"]);
+    sh(&["ip", "link", "set", "br0", "up"]);
+    sh(&["ip", "addr", "add", "10.77.0.2/24", "dev", "br0"]);
+    sh(&["ip", "route", "add", "default", "via", "10.77.0.1", "dev", "br0"]);
+    let net = Net::new();
+    let p = net.plan(&policy("  bridges:\n    - name: br0\n      ports: [eth1]\n"), None).await;
+    assert!(p.network.is_empty(), "{}", render_text(&p));
+    assert!(render_text(&p).contains("held back: br0 carries the default route (set allowUplinkChange: true to allow)"));
+    let allowed = policy("  bridges:\n    - name: br0\n      allowUplinkChange: true\n      ports: [eth1]\n");
+    assert!(net.converge(&allowed, None).await.is_empty());
+    assert_eq!(net.master("eth1").await.as_deref(), Some("br0"));
+}
+
+/// A test-driver host with one running domain plugged into br0.
+fn tap_host(dir: &Path) -> LibvirtHost {
+    let node = dir.join("node.xml");
+    std::fs::write(
+        &node,
+        "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>vm1</name>\
+         <memory>65536</memory><os><type>hvm</type></os><devices><interface type='bridge'>\
+         <source bridge='br0'/><mac address='52:54:00:00:00:01'/></interface></devices>\
+         <test:runstate>1</test:runstate></domain></node>",
+    )
+    .unwrap();
+    LibvirtHost::open(&format!("test://{}", node.display())).unwrap()
+}
+
+#[tokio::test]
+async fn vm_taps_are_reattached_also_after_the_bridge_is_recreated() {
+    if !in_private_netns("vm_taps_are_reattached_also_after_the_bridge_is_recreated") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hv = tap_host(dir.path());
+    let tap =
+        hv.observe_domain("vm1").unwrap().unwrap().interfaces[0].target.clone().expect("a running domain has a tap");
+    // The kernel side of the tap: a veth named like it.
+    sh(&["ip", "link", "add", &tap, "type", "veth", "peer", "name", "tap-peer"]);
+    let net = Net::new();
+    let desired = policy(&format!("  domains:\n    - name: vm1\n{BR0}"));
+    sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1-peer"]);
+    let p = net.plan(&desired, Some(&hv)).await;
+    assert!(render_text(&p)
+        .contains(&format!("{tap}: tap of vm1 is not on br0 (bridge recreated or port removed) → attach to br0")));
+    assert!(net.converge(&desired, Some(&hv)).await.is_empty());
+    assert_eq!(net.master(&tap).await.as_deref(), Some("br0"));
+
+    // The bridge is deleted and recreated by someone (ifdown/ifup): every tap comes back.
+    sh(&["ip", "link", "del", "br0"]);
+    sh(&["ip", "link", "add", "br0", "type", "bridge"]);
+    assert_eq!(net.master(&tap).await, None);
+    assert!(net.converge(&desired, Some(&hv)).await.is_empty());
+    assert_eq!(net.master(&tap).await.as_deref(), Some("br0"));
+    assert_eq!(net.master("eth1").await.as_deref(), Some("br0"));
+    assert!(net.bridge("br0").await.stp, "STP restored on the recreated bridge");
+}
+
+#[tokio::test]
+async fn domain_start_waits_for_its_missing_bridge() {
+    if !in_private_netns("domain_start_waits_for_its_missing_bridge") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hv = tap_host(dir.path());
+    virtwarden::hypervisor::DomainControl::destroy(&hv, "vm1").unwrap();
+    let net = Net::new();
+    // br0 is not managed and does not exist: the start is held.
+    let desired = policy("  domains:\n    - name: vm1\n      restart: always\n");
+    let p = net.plan(&desired, Some(&hv)).await;
+    assert!(p.actions.is_empty(), "{}", render_text(&p));
+    assert!(render_text(&p)
+        .contains("vm1: shut off (destroyed), policy wants running → start held: bridge br0 does not exist yet"));
+    // Managed, it is created first and the domain started after it.
+    let desired =
+        policy(&format!("  domains:\n    - name: vm1\n      restart: always\n{}", "  bridges:\n    - name: br0\n"));
+    let p = net.plan(&desired, Some(&hv)).await;
+    assert_eq!(render_text(&p), "br0: missing, policy wants it → create bridge\nvm1: shut off (destroyed), policy wants running → start\n2 actions planned\n");
+    let outcomes = apply_net_actions(&net.nl, &net.fwd, &p.network).await;
+    assert!(outcomes.iter().all(|o| o.error.is_none()));
+    let report = apply_plan(&hv, &desired, &p).unwrap();
+    assert_eq!(report.failed(), 0);
+}
