@@ -121,6 +121,9 @@ pub enum Command {
         /// Lock file and status file directory.
         #[arg(long, default_value = "/run/virtwarden")]
         state_dir: PathBuf,
+        /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
+        #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
+        network: NetworkMode,
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
@@ -146,8 +149,8 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             with_host(&paths, connect.as_deref(), network, err, |ctx| apply_cmd(ctx, output, out))
         }
         Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
-        Command::Run { connect, resync, metrics_addr, state_dir, paths } => {
-            run_service(connect, resync, &metrics_addr, state_dir, paths, err)
+        Command::Run { connect, resync, metrics_addr, state_dir, network, paths } => {
+            run_service(connect, resync, &metrics_addr, state_dir, network, paths, err)
         }
         Command::Status { state_dir, output } => status_cmd(&state_dir, output, out, err),
     };
@@ -354,6 +357,7 @@ fn run_service(
     resync: virtwarden_policies::Duration,
     metrics_addr: &str,
     state_dir: PathBuf,
+    network: NetworkMode,
     paths: Vec<PathBuf>,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
@@ -371,8 +375,10 @@ fn run_service(
         writeln!(err, "error: --resync must be longer than 0s")?;
         return Ok(exit::INVALID_POLICY);
     }
+    let uri = resolve_uri(connect.as_deref());
     let opts = crate::host::RunOptions {
-        uri: resolve_uri(connect.as_deref()),
+        network: network.enabled_for(&uri),
+        uri,
         resync: resync.as_std(),
         metrics_addr,
         state_dir,

@@ -239,3 +239,73 @@ async fn domain_start_waits_for_its_missing_bridge() {
     let report = apply_plan(&hv, &desired, &p).unwrap();
     assert_eq!(report.failed(), 0);
 }
+
+/// `ip -o link show DEV` says `master BR` when DEV is a port of BR.
+fn master_of(dev: &str) -> Option<String> {
+    let out = std::process::Command::new("ip").args(["-o", "link", "show", dev]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "master" {
+            return words.next().map(str::to_string);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_repairs_network_drift_on_netlink_events() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use virtwarden::act::remediation::Registry;
+    use virtwarden::engine::connect::SharedConnector;
+    use virtwarden::engine::{Engine, EngineConfig};
+    use virtwarden::libvirt::events::start_event_loop;
+
+    if !in_private_netns("engine_repairs_network_drift_on_netlink_events") {
+        return;
+    }
+    sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1-peer"]);
+    let dir = tempfile::tempdir().unwrap();
+    start_event_loop();
+    let hv = Arc::new(tap_host(dir.path()));
+    let tap = hv.observe_domain("vm1").unwrap().unwrap().interfaces[0].target.clone().unwrap();
+    sh(&["ip", "link", "add", &tap, "type", "veth", "peer", "name", "tap-peer"]);
+    let desired = policy(&format!("  domains:\n    - name: vm1\n{BR0}  forwarding: {{ ipv4: true }}\n"));
+    // A long resync: repairs must come from netlink notifications, not from the timer.
+    let config = EngineConfig { resync: Duration::from_secs(3600), network: true, ..Default::default() };
+    let (engine, task) =
+        Engine::spawn(Arc::new(SharedConnector { host: hv.clone() }), desired, config, Registry::with_builtins());
+    let converged = |s: &virtwarden::engine::status::StatusReport| {
+        s.network.as_ref().is_some_and(|n| n.drift.is_empty() && n.last_action_at.is_some())
+            && master_of("eth1").as_deref() == Some("br0")
+            && master_of(&tap).as_deref() == Some("br0")
+    };
+    engine.wait_for(Duration::from_secs(10), converged).await.unwrap_or_else(|| panic!("{:#?}", engine.status()));
+    assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim(), "1");
+
+    // Drift by someone else: tap detached, STP off, forwarding reset.
+    sh(&["ip", "link", "set", &tap, "nomaster"]);
+    engine
+        .wait_for(Duration::from_secs(10), |_| master_of(&tap).as_deref() == Some("br0"))
+        .await
+        .expect("tap re-attached");
+    sh(&["ip", "link", "set", "br0", "type", "bridge", "stp_state", "0"]);
+    let stp_on = || {
+        let out = std::process::Command::new("ip").args(["-d", "link", "show", "br0"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("stp_state 1")
+    };
+    engine.wait_for(Duration::from_secs(10), |_| stp_on()).await.expect("STP restored");
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "0\n").unwrap();
+    engine
+        .wait_for(Duration::from_secs(10), |_| {
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim() == "1"
+        })
+        .await
+        .expect("forwarding restored");
+    let metrics = engine.metrics_text();
+    assert!(metrics.contains("virtwarden_drift_detected_total{kind=\"set-forwarding\"} 2"), "{metrics}");
+    engine.shutdown();
+    task.await.unwrap();
+}

@@ -4,6 +4,7 @@
 
 pub mod connect;
 pub mod metrics;
+mod network;
 pub mod status;
 mod worker;
 
@@ -41,6 +42,8 @@ pub struct EngineConfig {
     pub shutdown_grace: Duration,
     /// Concurrent blocking libvirt calls.
     pub libvirt_concurrency: usize,
+    /// Reconcile the host network (bridges, taps, forwarding) of this process's namespace.
+    pub network: bool,
 }
 
 impl Default for EngineConfig {
@@ -50,18 +53,24 @@ impl Default for EngineConfig {
             status_path: None,
             shutdown_grace: Duration::from_secs(30),
             libvirt_concurrency: 8,
+            network: false,
         }
     }
 }
 
 enum Msg {
-    Reload { desired: DesiredState, clear_quarantine: bool },
+    Reload {
+        desired: DesiredState,
+        clear_quarantine: bool,
+    },
     PolicyRejected(String),
     Resync,
     Shutdown,
     Connected(Connection),
     ConnectionLost(String),
     Observed(Result<ObservedHost, HypervisorError>),
+    /// Look at every managed domain again (the network changed under them).
+    KickAll,
 }
 
 /// State shared by the engine loop and its workers.
@@ -78,6 +87,8 @@ pub(crate) struct Shared {
     reconnecting: AtomicBool,
     libvirt_slots: Semaphore,
     msg: UnboundedSender<Msg>,
+    /// The latest host-network observation, for domain workers' bridge checks.
+    net_snapshot: RwLock<Option<crate::observe::ObservedNet>>,
 }
 
 impl Shared {
@@ -113,6 +124,18 @@ impl Shared {
         };
         self.mark_dirty();
         r
+    }
+
+    pub(crate) fn update_network(&self, f: impl FnOnce(&mut status::NetworkStatus)) {
+        {
+            let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            f(meta.network.get_or_insert_with(Default::default));
+        }
+        self.mark_dirty();
+    }
+
+    pub(crate) fn net_snapshot(&self) -> Option<crate::observe::ObservedNet> {
+        self.net_snapshot.read().ok().and_then(|g| g.clone())
     }
 
     pub(crate) fn mark_dirty(&self) {
@@ -224,6 +247,8 @@ pub struct Engine {
     events_rx: UnboundedReceiver<HypervisorEvent>,
     connection: Option<Connection>,
     resync_running: bool,
+    net_kicks: Option<UnboundedSender<network::NetKick>>,
+    desired_tx: watch::Sender<Arc<DesiredState>>,
 }
 
 impl Engine {
@@ -249,6 +274,7 @@ impl Engine {
             reconnecting: AtomicBool::new(false),
             libvirt_slots: Semaphore::new(config.libvirt_concurrency.max(1)),
             msg: msg_tx,
+            net_snapshot: RwLock::new(None),
         });
         let engine = Engine {
             shared: shared.clone(),
@@ -261,6 +287,8 @@ impl Engine {
             events_rx,
             connection: None,
             resync_running: false,
+            net_kicks: None,
+            desired_tx: watch::channel(Arc::new(DesiredState::default())).0,
         };
         let handle = EngineHandle { shared };
         let task = tokio::spawn(engine.run(desired));
@@ -272,6 +300,12 @@ impl Engine {
             tokio::spawn(status_writer(self.shared.clone(), path));
         }
         self.set_desired(desired, false);
+        if self.config.network {
+            let (tx, rx) = unbounded_channel();
+            let task = network::NetworkTask::new(self.shared.clone(), self.desired_tx.subscribe(), rx);
+            tokio::spawn(task.run());
+            self.net_kicks = Some(tx);
+        }
         self.start_reconnect("starting".into());
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -294,6 +328,8 @@ impl Engine {
         match event {
             HypervisorEvent::Lifecycle(ev) => {
                 tracing::debug!(domain = %ev.domain, event = %ev.text(), "libvirt event");
+                // A started domain has new taps; a stopped one has none.
+                self.kick_network(network::NetKick);
                 // Unmanaged domains have no worker: their events are ignored.
                 if let Some(w) = self.workers.get(&ev.domain) {
                     let _ = w.tx.send(Kick { event: Some(ev), clear_quarantine: false });
@@ -318,6 +354,11 @@ impl Engine {
                 self.shared.mark_dirty();
             }
             Msg::Resync => self.start_resync(),
+            Msg::KickAll => {
+                for w in self.workers.values() {
+                    let _ = w.tx.send(Kick::default());
+                }
+            }
             Msg::Connected(conn) => {
                 tracing::info!(uri = %self.connector.uri(), events = conn.has_events(), "connected to libvirt");
                 if let Ok(mut hv) = self.shared.hv.write() {
@@ -385,10 +426,18 @@ impl Engine {
             meta.policy_error = None;
         }
         self.shared.mark_dirty();
+        self.desired_tx.send_replace(Arc::new(desired.clone()));
         self.desired = desired;
     }
 
+    fn kick_network(&self, kick: network::NetKick) {
+        if let Some(tx) = &self.net_kicks {
+            let _ = tx.send(kick);
+        }
+    }
+
     fn start_resync(&mut self) {
+        self.kick_network(network::NetKick);
         if self.resync_running {
             return;
         }

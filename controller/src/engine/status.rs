@@ -21,6 +21,24 @@ pub struct StatusReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_error: Option<String>,
     pub domains: Vec<DomainStatus>,
+    /// Host network (bridges, ports, taps, forwarding), when it is reconciled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkStatus>,
+}
+
+/// The host network's reconciliation state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkStatus {
+    /// Drift still present after the last pass (retried with backoff).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_actions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// One managed domain.
@@ -102,6 +120,12 @@ pub fn render_text(report: &StatusReport) -> String {
         "{:<20} {:<26} {:>8} {:<12} {}\n",
         "DOMAIN", "STATE", "RESTARTS", "QUARANTINED", "LAST FAILURE / ACTION"
     ));
+    if let Some(n) = &report.network {
+        out.push_str(&format!("network: {}\n", if n.drift.is_empty() { "in sync" } else { "DRIFT (retrying)" }));
+        for line in n.drift.iter().chain(&n.last_actions).chain(&n.notes) {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
     for d in &report.domains {
         let q = if d.quarantined.is_some() { "yes" } else { "no" };
         let mut detail = Vec::new();

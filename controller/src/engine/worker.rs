@@ -131,7 +131,12 @@ impl Worker {
                 return Some(Instant::now() + OBSERVE_RETRY);
             }
         };
-        let host = ObservedHost { domains: observed.clone().into_iter().collect(), networks: vec![], net: None };
+        // The network task's latest view (if it runs), so a start waits for a missing bridge.
+        let host = ObservedHost {
+            domains: observed.clone().into_iter().collect(),
+            networks: vec![],
+            net: self.shared.net_snapshot(),
+        };
         let p = plan(&self.desired_one, &host);
         let state = observed.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
         let notes: Vec<String> = p.notes.iter().map(|n| n.line()).collect();

@@ -28,6 +28,8 @@ pub struct RunOptions {
     pub metrics_addr: Option<SocketAddr>,
     pub state_dir: PathBuf,
     pub paths: Vec<PathBuf>,
+    /// Reconcile the host network too.
+    pub network: bool,
 }
 
 /// Name of the status file inside the state directory.
