@@ -9,7 +9,7 @@ DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps build run test test-fast bench fmt lint crd schema clean
+.PHONY: help deps build run test test-fast bench bench-net fmt lint crd schema clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
@@ -62,6 +62,10 @@ test-fast: deps
 ## bench: event→action latency, resync of 1,000 domains, idle CPU/RSS of `run` (BENCH_IDLE_SECS, default 60).
 bench: deps
 	$(CARGO) bench -p virtwarden --bench plan --bench events --bench idle
+
+## bench-net: drift → repaired latency for port detach, STP flip, forwarding reset (private netns).
+bench-net: deps
+	$(CARGO) bench -p virtwarden --bench net
 
 fmt:
 	$(CARGO) fmt --all
