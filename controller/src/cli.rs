@@ -74,6 +74,21 @@ impl NetworkMode {
     }
 }
 
+/// What `plan` and `apply` take.
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
+    #[arg(long, short = 'c')]
+    pub connect: Option<String>,
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
+    #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
+    pub network: NetworkMode,
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate policy files and directories; print every problem with file:line:column.
@@ -82,31 +97,9 @@ pub enum Command {
         paths: Vec<PathBuf>,
     },
     /// Show what apply would change, without changing anything.
-    Plan {
-        /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
-        #[arg(long, short = 'c')]
-        connect: Option<String>,
-        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-        output: Output,
-        /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
-        #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
-        network: NetworkMode,
-        #[arg(required = true, value_name = "PATH")]
-        paths: Vec<PathBuf>,
-    },
+    Plan(HostArgs),
     /// Change the host to match the policies, then re-read it and verify.
-    Apply {
-        /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
-        #[arg(long, short = 'c')]
-        connect: Option<String>,
-        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-        output: Output,
-        /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
-        #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
-        network: NetworkMode,
-        #[arg(required = true, value_name = "PATH")]
-        paths: Vec<PathBuf>,
-    },
+    Apply(HostArgs),
     /// Run as a host service: react to libvirt events and policy changes, resync periodically.
     Run {
         /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
@@ -142,12 +135,8 @@ pub enum Command {
 pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let result = match command {
         Command::Check { paths } => check(&paths, out, err),
-        Command::Plan { connect, output, network, paths } => {
-            with_host(&paths, connect.as_deref(), network, err, |ctx| plan_cmd(ctx, output, out))
-        }
-        Command::Apply { connect, output, network, paths } => {
-            with_host(&paths, connect.as_deref(), network, err, |ctx| apply_cmd(ctx, output, out))
-        }
+        Command::Plan(a) => with_host(&a, err, |ctx| plan_cmd(ctx, a.output, out)),
+        Command::Apply(a) => with_host(&a, err, |ctx| apply_cmd(ctx, a.output, out)),
         Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
         Command::Run { connect, resync, metrics_addr, state_dir, network, paths } => {
             run_service(connect, resync, &metrics_addr, state_dir, network, paths, err)
@@ -236,16 +225,15 @@ impl Ctx<'_> {
 }
 
 fn with_host(
-    paths: &[PathBuf],
-    connect: Option<&str>,
-    network: NetworkMode,
+    args: &HostArgs,
     err: &mut dyn Write,
     body: impl FnOnce(&Ctx) -> std::io::Result<i32>,
 ) -> std::io::Result<i32> {
-    let Some(loaded) = load(paths, err)? else {
+    let Some(loaded) = load(&args.paths, err)? else {
         return Ok(exit::INVALID_POLICY);
     };
-    let uri = resolve_uri(connect);
+    let uri = resolve_uri(args.connect.as_deref());
+    let network = args.network;
     let host = match LibvirtHost::open(&uri) {
         Ok(h) => h,
         Err(e) => {

@@ -109,9 +109,8 @@ impl Remediation for ResetRemediation {
             .is_some_and(|d| matches!(d.state, DomainState::Running | DomainState::Blocked | DomainState::Paused));
         if active {
             hv.reset(&ctx.domain)?;
-            // A reset of a paused guest leaves it paused.
-            return Ok(bring_up(&ctx.domain, hv)?);
         }
+        // A reset guest that was paused stays paused; a stopped one needs a start.
         Ok(bring_up(&ctx.domain, hv)?)
     }
 }
