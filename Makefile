@@ -5,7 +5,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build and the tests need. libvirt0 (pulled in by libvirt-dev) carries
 # libvirt's in-process test driver, which `make run` and most tests use.
-DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux
+DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
+	libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
@@ -55,9 +56,9 @@ test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) test --workspace
 
-## test-fast: the suite without the slow end-to-end tests (none yet; kept for local loops).
+## test-fast: the suite without the end-to-end tests (private libvirtd + QEMU), for local loops.
 test-fast: deps
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace -- --skip e2e_
 
 ## bench: event→action latency, resync of 1,000 domains, idle CPU/RSS of `run` (BENCH_IDLE_SECS, default 60).
 bench: deps

@@ -51,8 +51,12 @@ pub async fn run(opts: RunOptions) -> i32 {
             return exit::INVALID_POLICY;
         }
     };
-    let config =
-        EngineConfig { resync: opts.resync, status_path: Some(opts.state_dir.join(STATUS_FILE)), ..Default::default() };
+    let config = EngineConfig {
+        resync: opts.resync,
+        status_path: Some(opts.state_dir.join(STATUS_FILE)),
+        network: opts.network,
+        ..Default::default()
+    };
     let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });
     let (engine, mut engine_task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
 

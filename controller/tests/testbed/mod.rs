@@ -1,0 +1,184 @@
+//! The end-to-end testbed: a private libvirtd with real QEMU inside new mount, network and PID
+//! namespaces (`tests/testbed/run-in-testbed.sh`), and `virtwarden run` as a real process in it.
+//! Nothing touches the host's libvirtd, network or /etc; everything dies with the namespace.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use virtwarden::hypervisor::{DomainControl, DomainReader};
+use virtwarden::libvirt::LibvirtHost;
+use virtwarden::observe::{DomainState, ObservedDomain};
+
+pub const URI: &str = "qemu:///system";
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Re-run the calling test inside the testbed. Returns true inside (run the body), false in the
+/// parent after the child passed. Fails loudly when the testbed cannot be built: CI must not pass
+/// without the end-to-end suite.
+pub fn inside(test_name: &str) -> bool {
+    if std::env::var_os("VW_TESTBED").is_some() {
+        assert!(Path::new("/run/libvirt/libvirt-sock").exists(), "VW_TESTBED set but no private libvirtd");
+        return true;
+    }
+    let work = tempfile::Builder::new().prefix("vw-testbed-").tempdir().expect("work dir");
+    let out = Command::new("unshare")
+        .args(["--mount", "--net", "--pid", "--fork", "--mount-proc", "--"])
+        .arg(repo().join("tests/testbed/run-in-testbed.sh"))
+        .arg(work.path())
+        .arg(std::env::current_exe().expect("test binary"))
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .env("VW_TESTBED", "1")
+        .env("VW_WORK", work.path())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start the e2e testbed (unshare): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test_name} failed in the testbed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    false
+}
+
+pub fn work() -> PathBuf {
+    PathBuf::from(std::env::var("VW_WORK").expect("VW_WORK"))
+}
+
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// KVM when /dev/kvm works, else TCG.
+pub fn domain_type() -> &'static str {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+        "kvm"
+    } else {
+        "qemu"
+    }
+}
+
+/// A 64 MiB diskless guest (firmware only) with one NIC on `bridge`.
+pub fn define_guest(hv: &LibvirtHost, name: &str, bridge: &str) {
+    let xml = format!(
+        "<domain type='{}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='network'/><boot dev='hd'/></os>\
+         <features><acpi/></features><on_crash>destroy</on_crash>\
+         <devices><interface type='bridge'><source bridge='{bridge}'/><model type='virtio'/></interface>\
+         <serial type='pty'/></devices></domain>",
+        domain_type()
+    );
+    hv.connection().define_domain_xml(&xml).expect("define guest");
+}
+
+pub fn bridge(name: &str) {
+    sh(&["ip", "link", "add", name, "type", "bridge"]);
+    sh(&["ip", "link", "set", name, "up"]);
+}
+
+pub fn qemu_pid(name: &str) -> Option<i32> {
+    std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).ok()?.trim().parse().ok()
+}
+
+pub fn kill9(pid: i32) {
+    // SAFETY: kill(2) on a process inside our own PID namespace.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+pub fn state(hv: &LibvirtHost, name: &str) -> Option<ObservedDomain> {
+    hv.observe_domain(name).ok().flatten()
+}
+
+pub fn running(hv: &LibvirtHost, name: &str) -> bool {
+    state(hv, name).is_some_and(|d| d.state == DomainState::Running)
+}
+
+/// Poll `cond` every 5 ms until it holds (another process acts; there is nothing to subscribe to).
+pub fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t0.elapsed()
+}
+
+/// `virtwarden run` in the testbed; killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub state_dir: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(policy_yaml: &str) -> Daemon {
+        let dir = work().join(format!("d{}", std::process::id()));
+        let policies = dir.join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(policies.join("p.yaml"), policy_yaml).unwrap();
+        let state_dir = dir.join("state");
+        let log = std::fs::File::create(dir.join("virtwarden.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_virtwarden"))
+            .args([
+                "run",
+                "--connect",
+                URI,
+                "--metrics-addr",
+                "off",
+                "--network",
+                "on",
+                "--resync",
+                "60s",
+                "--state-dir",
+            ])
+            .arg(&state_dir)
+            .arg(&policies)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start virtwarden run");
+        let d = Daemon { child, state_dir };
+        wait("virtwarden ready", Duration::from_secs(20), || d.status().is_some_and(|s| s["connected"] == true));
+        d
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let text = std::fs::read(self.state_dir.join("status.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn domain(&self, name: &str) -> Option<serde_json::Value> {
+        self.status()?["domains"].as_array()?.iter().find(|d| d["name"] == name).cloned()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.parent().unwrap().join("virtwarden.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn connect() -> LibvirtHost {
+    LibvirtHost::open(URI).expect("private libvirtd")
+}
+
+pub fn policy(spec: &str) -> String {
+    format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: e2e\nspec:\n{spec}")
+}
+
+pub fn start(hv: &LibvirtHost, name: &str) {
+    hv.start(name).expect("start");
+}
