@@ -12,23 +12,49 @@ use virtwarden::observe::DomainState;
 const T: Duration = Duration::from_secs(30);
 
 #[test]
-fn e2e_qemu_killed_is_restarted_and_back_on_its_bridge() {
-    if !inside("e2e_qemu_killed_is_restarted_and_back_on_its_bridge") {
+fn e2e_qemu_killed_is_restarted_and_the_guest_answers_http_again() {
+    if !inside("e2e_qemu_killed_is_restarted_and_the_guest_answers_http_again") {
         return;
     }
     let hv = connect();
-    bridge("br0");
-    define_guest(&hv, "g1", "br0");
-    let d = Daemon::start(&policy("  domains:\n    - name: g1\n      restart: on-failure\n"));
-    wait("g1 started by virtwarden", T, || running(&hv, "g1"));
-    let pid = qemu_pid("g1").expect("qemu pid");
+    bridge_with_address("br0", "10.77.0.1/24");
+    define_linux_guest(&hv, "web", "br0", "10.77.0.2/24");
+    let d = Daemon::start(&policy("  domains:\n    - name: web\n      restart: on-failure\n"));
+    wait("web serves HTTP", Duration::from_secs(90), || http_ok("10.77.0.2"));
+    let pid = qemu_pid("web").expect("qemu pid");
     kill9(pid);
-    wait("g1 running again with a new QEMU", T, || running(&hv, "g1") && qemu_pid("g1").is_some_and(|p| p != pid));
-    let tap = state(&hv, "g1").unwrap().interfaces[0].target.clone().unwrap();
-    let link = sh(&["ip", "-o", "link", "show", &tap]);
-    assert!(link.contains("master br0"), "{link}");
-    let g1 = d.domain("g1").unwrap();
-    assert!(g1["lastFailure"].as_str().unwrap_or("").contains("crashed"), "{g1}");
+    wait("web running again with a new QEMU", T, || running(&hv, "web") && qemu_pid("web").is_some_and(|p| p != pid));
+    wait("web answers HTTP again", Duration::from_secs(90), || http_ok("10.77.0.2"));
+    let tap = state(&hv, "web").unwrap().interfaces[0].target.clone().unwrap();
+    assert!(sh(&["ip", "-o", "link", "show", &tap]).contains("master br0"));
+    let s = d.domain("web").unwrap();
+    assert!(s["lastFailure"].as_str().unwrap_or("").contains("crashed"), "{s}");
+}
+
+#[test]
+fn e2e_detached_tap_and_recreated_bridge_restore_http() {
+    if !inside("e2e_detached_tap_and_recreated_bridge_restore_http") {
+        return;
+    }
+    let hv = connect();
+    bridge_with_address("br0", "10.77.0.1/24");
+    define_linux_guest(&hv, "web", "br0", "10.77.0.2/24");
+    let _d = Daemon::start(&policy("  domains:\n    - name: web\n  bridges:\n    - name: br0\n"));
+    wait("web serves HTTP", Duration::from_secs(90), || http_ok("10.77.0.2"));
+    let tap = state(&hv, "web").unwrap().interfaces[0].target.clone().unwrap();
+    sh(&["ip", "link", "set", &tap, "nomaster"]);
+    wait("tap re-attached, HTTP works", T, || {
+        sh(&["ip", "-o", "link", "show", &tap]).contains("master br0") && http_ok("10.77.0.2")
+    });
+    sh(&["ip", "link", "del", "br0"]);
+    // Recreated as ifup would (virtwarden may be first: br0 is managed); the address comes back
+    // with the admin's configuration, which is not virtwarden's business.
+    let _ = std::process::Command::new("ip").args(["link", "add", "br0", "type", "bridge"]).output();
+    sh(&["ip", "link", "set", "br0", "up"]);
+    let _ = std::process::Command::new("ip").args(["addr", "add", "10.77.0.1/24", "dev", "br0"]).output();
+    wait("tap on the new bridge, HTTP works", T, || {
+        sh(&["ip", "-o", "link", "show", &tap]).contains("master br0") && http_ok("10.77.0.2")
+    });
 }
 
 #[test]

@@ -26,6 +26,7 @@ pub fn inside(test_name: &str) -> bool {
         assert!(Path::new("/run/libvirt/libvirt-sock").exists(), "VW_TESTBED set but no private libvirtd");
         return true;
     }
+    build_guest();
     let work = tempfile::Builder::new().prefix("vw-testbed-").tempdir().expect("work dir");
     let out = Command::new("unshare")
         .args(["--mount", "--net", "--pid", "--fork", "--mount-proc", "--"])
@@ -45,6 +46,56 @@ pub fn inside(test_name: &str) -> bool {
         out.status
     );
     false
+}
+
+/// The Linux guest's kernel and initramfs (built from Debian packages, cached under target/).
+pub fn guest_dir() -> PathBuf {
+    repo().join("target/e2e-guest")
+}
+
+/// Build the Linux guest before entering the testbed (the testbed has no network to fetch it).
+pub fn build_guest() {
+    let out = Command::new(repo().join("tests/testbed/build-guest.sh"))
+        .arg(guest_dir())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run build-guest.sh: {e}"));
+    assert!(out.status.success(), "building the e2e guest failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A Linux guest (TCG: under this machine's nested KVM the kernel stops early) that serves
+/// HTTP on `ip` (e.g. `10.77.0.2/24`) through `bridge`; its serial console goes to a file.
+pub fn define_linux_guest(hv: &LibvirtHost, name: &str, bridge: &str, ip: &str) {
+    let g = guest_dir();
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>192</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\
+         <cmdline>console=ttyS0 quiet vw_ip={ip}</cmdline></os><features><acpi/></features>\
+         <devices><interface type='bridge'><source bridge='{bridge}'/><model type='virtio'/></interface>\
+         <serial type='file'><source path='/var/log/libvirt/{name}.console'/></serial></devices></domain>",
+        g.join("vmlinuz").display(),
+        g.join("initrd.gz").display()
+    );
+    hv.connection().define_domain_xml(&xml).expect("define linux guest");
+}
+
+/// A bridge holding `addr` (e.g. `10.77.0.1/24`) in the testbed's namespace.
+pub fn bridge_with_address(name: &str, addr: &str) {
+    bridge(name);
+    sh(&["ip", "addr", "add", addr, "dev", name]);
+}
+
+/// One HTTP GET; true when the guest answered with its page.
+pub fn http_ok(ip: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(addr) = format!("{ip}:80").parse::<std::net::SocketAddr>() else { return false };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("virtwarden e2e guest")
 }
 
 pub fn work() -> PathBuf {
