@@ -51,7 +51,10 @@ fn main() {
     bridge_with_address("br0", "10.77.0.1/24");
     define_guest(&hv, "fw", "br0");
     define_linux_guest(&hv, "web", "br0", "10.77.0.2/24");
-    println!("private libvirtd, QEMU {} diskless guest `fw` (64 MiB) and TCG Linux guest `web`; {n} crashes each", domain_type());
+    println!(
+        "private libvirtd, QEMU {} diskless guest `fw` (64 MiB) and TCG Linux guest `web`; {n} crashes each",
+        domain_type()
+    );
 
     // Floor: what libvirt itself needs to notice a dead QEMU and to start a guest.
     let mut notice = Vec::new();
@@ -70,7 +73,9 @@ fn main() {
     }
 
     // virtwarden.
-    let d = Daemon::start(&policy("  domains:\n    - name: fw\n      restart: always\n    - name: web\n      restart: always\n"));
+    let d = Daemon::start(&policy(
+        "  domains:\n    - name: fw\n      restart: always\n    - name: web\n      restart: always\n",
+    ));
     wait("guests up", Duration::from_secs(120), || running(&hv, "fw") && http_ok("10.77.0.2"));
     // Crashes more than resetAfter apart count as healthy runs: use a policy-free window by
     // reloading after each crash? No: the default resetAfter is 10 min, so back-to-back crashes
@@ -95,7 +100,9 @@ fn main() {
         let pid = qemu_pid("web").unwrap();
         let t0 = Instant::now();
         kill9(pid);
-        wait("web answers again", Duration::from_secs(120), || qemu_pid("web").is_some_and(|p| p != pid) && http_ok("10.77.0.2"));
+        wait("web answers again", Duration::from_secs(120), || {
+            qemu_pid("web").is_some_and(|p| p != pid) && http_ok("10.77.0.2")
+        });
         vw_http.push(t0.elapsed());
     }
     drop(d);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use virtwarden::hypervisor::{DomainControl, DomainReader};
 use virtwarden::libvirt::LibvirtHost;
-use virtwarden::observe::{DomainState, ObservedDomain};
+use virtwarden::observe::ObservedDomain;
 
 pub const URI: &str = "qemu:///system";
 
@@ -148,16 +148,23 @@ pub fn state(hv: &LibvirtHost, name: &str) -> Option<ObservedDomain> {
     hv.observe_domain(name).ok().flatten()
 }
 
+/// Cheap check (one virDomainGetState, no XML), so polling does not slow libvirt down.
 pub fn running(hv: &LibvirtHost, name: &str) -> bool {
-    state(hv, name).is_some_and(|d| d.state == DomainState::Running)
+    use virt::domain::DomainState as S;
+    use virt::enumutil::Enum;
+    hv.connection()
+        .lookup_domain_by_name(name)
+        .ok()
+        .and_then(|d| d.state().ok())
+        .is_some_and(|(s, _)| matches!(s, Enum::Known(S::Running)))
 }
 
-/// Poll `cond` every 5 ms until it holds (another process acts; there is nothing to subscribe to).
+/// Poll `cond` every 2 ms until it holds (another process acts; there is nothing to subscribe to).
 pub fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while !cond() {
         assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
     t0.elapsed()
 }
