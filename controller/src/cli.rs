@@ -120,6 +120,24 @@ pub enum Command {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
+    /// Run as a Kubernetes operator on this node (DaemonSet): HostPolicy resources instead of files.
+    Operator {
+        /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
+        #[arg(long, short = 'c')]
+        connect: Option<String>,
+        /// This node's name (the DaemonSet passes it from the downward API).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Full resync period.
+        #[arg(long, default_value = "60s")]
+        resync: virtwarden_policies::Duration,
+        /// Where to serve /metrics, /healthz and /readyz; `off` disables it.
+        #[arg(long, default_value = "127.0.0.1:9477")]
+        metrics_addr: String,
+        /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
+        #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
+        network: NetworkMode,
+    },
     /// Show what a running `virtwarden run` reports (from its status file).
     Status {
         #[arg(long, default_value = "/run/virtwarden")]
@@ -142,6 +160,9 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             run_service(connect, resync, &metrics_addr, state_dir, network, paths, err)
         }
         Command::Status { state_dir, output } => status_cmd(&state_dir, output, out, err),
+        Command::Operator { connect, node_name, resync, metrics_addr, network } => {
+            operator_cmd(connect, node_name, resync, &metrics_addr, network, err)
+        }
     };
     result.unwrap_or(exit::RUNTIME)
 }
@@ -349,15 +370,9 @@ fn run_service(
     paths: Vec<PathBuf>,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let metrics_addr = match metrics_addr {
-        "off" | "" => None,
-        text => match text.parse() {
-            Ok(a) => Some(a),
-            Err(e) => {
-                writeln!(err, "error: --metrics-addr {text}: {e} (use HOST:PORT or `off`)")?;
-                return Ok(exit::INVALID_POLICY);
-            }
-        },
+    let metrics_addr = match parse_metrics_addr(metrics_addr, err)? {
+        Ok(a) => a,
+        Err(code) => return Ok(code),
     };
     if resync.as_std().is_zero() {
         writeln!(err, "error: --resync must be longer than 0s")?;
@@ -372,13 +387,52 @@ fn run_service(
         state_dir,
         paths,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    Ok(runtime()?.block_on(crate::host::run(opts)))
+}
+
+fn parse_metrics_addr(text: &str, err: &mut dyn Write) -> std::io::Result<Result<Option<std::net::SocketAddr>, i32>> {
+    Ok(match text {
+        "off" | "" => Ok(None),
+        t => match t.parse() {
+            Ok(a) => Ok(Some(a)),
+            Err(e) => {
+                writeln!(err, "error: --metrics-addr {t}: {e} (use HOST:PORT or `off`)")?;
+                Err(exit::INVALID_POLICY)
+            }
+        },
+    })
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
         .thread_name("virtwarden")
         .enable_all()
-        .build()?;
-    Ok(runtime.block_on(crate::host::run(opts)))
+        .build()
+}
+
+fn operator_cmd(
+    connect: Option<String>,
+    node: String,
+    resync: virtwarden_policies::Duration,
+    metrics_addr: &str,
+    network: NetworkMode,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let metrics_addr = match parse_metrics_addr(metrics_addr, err)? {
+        Ok(a) => a,
+        Err(code) => return Ok(code),
+    };
+    let uri = resolve_uri(connect.as_deref());
+    let opts = crate::operator::OperatorOptions {
+        network: network.enabled_for(&uri),
+        uri,
+        node,
+        resync: resync.as_std().max(std::time::Duration::from_secs(1)),
+        metrics_addr,
+    };
+    Ok(runtime()?.block_on(crate::operator::run(opts)))
 }
 
 fn status_cmd(

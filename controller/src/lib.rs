@@ -9,4 +9,5 @@ pub mod hostnet;
 pub mod hypervisor;
 pub mod libvirt;
 pub mod observe;
+pub mod operator;
 pub mod plan;

@@ -13,8 +13,12 @@ pub struct ProcForwarding {
 }
 
 impl Default for ProcForwarding {
+    /// `/proc/sys`, or `$VIRTWARDEN_PROC_SYS` (containers, where /proc/sys is read-only and the
+    /// host's /proc/sys/net is mounted elsewhere).
     fn default() -> Self {
-        ProcForwarding { root: PathBuf::from("/proc/sys") }
+        let root =
+            std::env::var_os("VIRTWARDEN_PROC_SYS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/proc/sys"));
+        ProcForwarding { root }
     }
 }
 

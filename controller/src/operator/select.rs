@@ -1,0 +1,125 @@
+//! Which HostPolicy resources apply to this node, merged exactly like policy files: a conflict
+//! between two policies is reported on both and nothing of the conflicting part is applied.
+
+use std::collections::{BTreeMap, HashMap};
+
+use virtwarden_crd::HostPolicy as HostPolicyResource;
+use virtwarden_policies::merge::merge;
+use virtwarden_policies::validate::validate_document;
+use virtwarden_policies::{DesiredState, HostPolicy, Metadata, API_VERSION, KIND};
+
+/// The result of selecting and merging the policies for one node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Selection {
+    /// Names of the policies that select this node (valid or not), sorted.
+    pub selected: Vec<String>,
+    pub desired: DesiredState,
+    /// Per policy: conflicts with other policies.
+    pub conflicts: HashMap<String, Vec<String>>,
+    /// Per policy: why it is invalid (it is then not applied at all).
+    pub invalid: HashMap<String, Vec<String>>,
+}
+
+/// A label selector as `nodeSelector` holds it: every key must have the given value.
+pub fn matches(selector: Option<&BTreeMap<String, String>>, labels: &BTreeMap<String, String>) -> bool {
+    selector.is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+fn as_document(r: &HostPolicyResource) -> HostPolicy {
+    HostPolicy {
+        api_version: API_VERSION.into(),
+        kind: KIND.into(),
+        metadata: Metadata { name: r.metadata.name.clone().unwrap_or_default(), ..Default::default() },
+        spec: r.spec.policy.clone(),
+    }
+}
+
+/// Select the live (not being deleted) policies whose nodeSelector matches `labels`, validate
+/// them and merge them.
+pub fn select(policies: &[HostPolicyResource], labels: &BTreeMap<String, String>) -> Selection {
+    let mut sel = Selection::default();
+    let mut docs = Vec::new();
+    let mut chosen: Vec<&HostPolicyResource> = policies
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| matches(p.spec.policy.node_selector.as_ref(), labels))
+        .collect();
+    chosen.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    for p in chosen {
+        let doc = as_document(p);
+        let name = doc.metadata.name.clone();
+        sel.selected.push(name.clone());
+        let issues = validate_document(&doc);
+        if issues.is_empty() {
+            docs.push(doc);
+        } else {
+            sel.invalid.insert(name, issues.into_iter().map(|i| format!("{}: {}", i.path, i.message)).collect());
+        }
+    }
+    let (desired, conflicts) = merge(&docs);
+    for c in conflicts {
+        let a = docs[c.first.document].metadata.name.clone();
+        let b = docs[c.second.document].metadata.name.clone();
+        sel.conflicts.entry(a.clone()).or_default().push(format!("{} is also declared by policy {b}", c.subject));
+        sel.conflicts.entry(b).or_default().push(format!("{} is also declared by policy {a}", c.subject));
+    }
+    sel.desired = desired;
+    sel
+}
+
+#[cfg(test)]
+mod tests {
+    use virtwarden_crd::HostPolicyResourceSpec;
+    use virtwarden_policies::{DomainPolicy, HostPolicySpec};
+
+    use super::*;
+
+    fn policy(name: &str, selector: Option<&[(&str, &str)]>, domains: &[&str]) -> HostPolicyResource {
+        let spec = HostPolicySpec {
+            node_selector: selector.map(|s| s.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            domains: domains.iter().map(|d| DomainPolicy::named(*d)).collect(),
+            ..Default::default()
+        };
+        HostPolicyResource::new(name, HostPolicyResourceSpec { policy: spec })
+    }
+
+    fn labels(l: &[(&str, &str)]) -> BTreeMap<String, String> {
+        l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn selects_by_node_labels() {
+        let ps = vec![
+            policy("all", None, &["a"]),
+            policy("kvm", Some(&[("role", "kvm")]), &["b"]),
+            policy("gpu", Some(&[("role", "kvm"), ("gpu", "yes")]), &["c"]),
+        ];
+        let s = select(&ps, &labels(&[("role", "kvm")]));
+        assert_eq!(s.selected, ["all", "kvm"]);
+        let names: Vec<&str> = s.desired.domains.iter().map(|d| d.spec.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        // After a label change the gpu policy matches too.
+        let s = select(&ps, &labels(&[("role", "kvm"), ("gpu", "yes")]));
+        assert_eq!(s.selected, ["all", "gpu", "kvm"]);
+    }
+
+    #[test]
+    fn conflicts_are_reported_on_both_and_not_applied() {
+        let ps = vec![policy("p1", None, &["web", "x"]), policy("p2", None, &["web", "y"])];
+        let s = select(&ps, &labels(&[]));
+        let names: Vec<&str> = s.desired.domains.iter().map(|d| d.spec.name.as_str()).collect();
+        assert_eq!(names, ["x", "y"], "the conflicting domain comes from neither");
+        assert_eq!(s.conflicts["p1"], ["domain `web` is also declared by policy p2"]);
+        assert_eq!(s.conflicts["p2"], ["domain `web` is also declared by policy p1"]);
+    }
+
+    #[test]
+    fn invalid_policies_are_not_applied() {
+        let mut bad = policy("bad", None, &["web"]);
+        bad.spec.policy.domains[0].state = virtwarden_policies::DesiredDomainState::Stopped;
+        bad.spec.policy.domains[0].restart = virtwarden_policies::RestartPolicy::Always;
+        let s = select(&[bad, policy("good", None, &["db"])], &labels(&[]));
+        assert_eq!(s.desired.domains.len(), 1);
+        assert!(s.invalid["bad"][0].contains("contradicts"), "{:?}", s.invalid);
+    }
+}
