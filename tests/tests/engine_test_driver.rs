@@ -297,7 +297,7 @@ async fn failing_starts_back_off_and_escalate_up_the_ladder() {
     let d = domain(&s, "web2");
     assert_eq!(d.restarts, 3, "{d:#?}");
     assert_eq!(d.last_action.as_deref(), Some("destroy-start (attempt 3)"));
-    assert!(d.last_failure.as_deref().unwrap().contains("Permission denied"), "{d:#?}");
+    assert!(d.last_error.as_deref().unwrap().contains("Permission denied"), "{d:#?}");
     engine.shutdown();
     task.await.unwrap();
 }

@@ -58,6 +58,9 @@ pub struct DomainStatus {
     pub last_failure: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_at: Option<DateTime<Utc>>,
+    /// The last error a repair attempt met (libvirt's text), kept after a later success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     /// e.g. `start (attempt 2)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_action: Option<String>,
@@ -131,6 +134,9 @@ pub fn render_text(report: &StatusReport) -> String {
         let mut detail = Vec::new();
         if let Some(f) = &d.last_failure {
             detail.push(format!("failure: {f}"));
+        }
+        if let Some(e) = &d.last_error {
+            detail.push(format!("last error: {e}"));
         }
         if let Some(a) = &d.last_action {
             detail.push(format!("action: {a} → {}", d.last_outcome.as_deref().unwrap_or("pending")));

@@ -202,12 +202,15 @@ impl Worker {
                 Some(self.shared.instant_at(at))
             }
             Decision::Quarantined(reason) => {
+                self.shared.update_domain(self.name(), |s| {
+                    s.last_failure = Some(failure);
+                    s.last_failure_at = Some(chrono::Utc::now());
+                    self.write_tracker_fields(s);
+                });
                 if !self.quarantine_logged {
                     self.quarantine_logged = true;
                     tracing::warn!(domain = %self.name(), %reason, "quarantined: no more automatic restarts");
                 }
-                // One status update carries the quarantine and the cleared retry together.
-                self.refresh_tracker_status();
                 None
             }
             Decision::Act { step, attempt } => {
@@ -261,10 +264,10 @@ impl Worker {
                 let state = after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
                 self.shared.update_domain(self.name(), |s| {
                     s.state = state;
-                    // After a streak of failed attempts, keep the last attempt's error visible.
-                    if !recovered || attempt == 1 {
-                        s.last_failure = Some(if recovered { failure } else { format!("{failure}; {outcome}") });
-                        s.last_failure_at = Some(chrono::Utc::now());
+                    s.last_failure = Some(failure);
+                    s.last_failure_at = Some(chrono::Utc::now());
+                    if !recovered {
+                        s.last_error = Some(outcome.clone());
                     }
                     s.last_action = Some(format!("{} (attempt {attempt})", step.action.as_str()));
                     s.last_outcome = Some(outcome);
