@@ -114,8 +114,15 @@ fn main() {
         std::thread::spawn(move || {
             let hv = connect();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if !running(&hv, "fw") {
-                    let _ = hv.start("fw");
+                // What such scripts do: start what is shut off (resume what is paused).
+                match state(&hv, "fw").map(|d| d.state) {
+                    Some(virtwarden::observe::DomainState::ShutOff) => {
+                        let _ = hv.start("fw");
+                    }
+                    Some(virtwarden::observe::DomainState::Paused) => {
+                        let _ = hv.resume("fw");
+                    }
+                    _ => {}
                 }
                 for _ in 0..100 {
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
