@@ -202,16 +202,58 @@ async fn policy_in_domain_healed_enactment_out() {
             serde_json::to_value(policy("web", &[])).unwrap(),
         )
         .await;
-        body
+        (body, handle)
     });
     assert!(op.write_statuses(&policies).await);
-    let body = server.await.unwrap();
+    let (body, mut handle) = server.await.unwrap();
     let status = &body["status"];
     assert_eq!(status["domains"][0]["name"], "web1");
     assert!(status["domains"][0]["state"].as_str().unwrap().starts_with("running"), "{status}");
     let available = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Available").unwrap();
     assert_eq!(available["status"], "True");
     assert_eq!(available["reason"], "Converged");
+
+    // The guest dies and is restarted: the next status round also tells it as an Event.
+    virtwarden::hypervisor::DomainControl::destroy(host.as_ref(), "web1").unwrap();
+    engine
+        .wait_for(Duration::from_secs(10), |s| {
+            s.domains.iter().any(|d| d.name == "web1" && d.restarts == 2 && d.state.starts_with("running"))
+        })
+        .await
+        .expect("restarted");
+    let server = tokio::spawn(async move {
+        expect(
+            &mut handle,
+            "PATCH",
+            "/apis/virtwarden.io/v1alpha1/hostpolicyenactments/web.node1?",
+            enactment_reply("web", "node1"),
+        )
+        .await;
+        expect(
+            &mut handle,
+            "PATCH",
+            "/apis/virtwarden.io/v1alpha1/hostpolicyenactments/web.node1/status?",
+            enactment_reply("web", "node1"),
+        )
+        .await;
+        let empty = json!({"apiVersion": "virtwarden.io/v1alpha1", "kind": "HostPolicyEnactmentList", "metadata": {}, "items": []});
+        expect(&mut handle, "GET", "/apis/virtwarden.io/v1alpha1/hostpolicyenactments?", empty).await;
+        expect(
+            &mut handle,
+            "PATCH",
+            "/apis/virtwarden.io/v1alpha1/hostpolicies/web/status?",
+            serde_json::to_value(policy("web", &[])).unwrap(),
+        )
+        .await;
+        let event = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": "default"}, "eventTime": "2026-01-01T00:00:00.000000Z"});
+        let (uri, body) = expect(&mut handle, "POST", "/apis/events.k8s.io/v1/namespaces/default/events?", event).await;
+        (uri, body)
+    });
+    assert!(op.write_statuses(&policies).await);
+    let (_, event) = server.await.unwrap();
+    assert_eq!(event["reason"], "Restarted");
+    assert_eq!(event["regarding"]["name"], "web");
+    assert!(event["note"].as_str().unwrap().starts_with("web1: stopped/destroyed"), "{event}");
     engine.shutdown();
     task.await.unwrap();
 }

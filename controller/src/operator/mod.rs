@@ -15,14 +15,16 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::signal::unix::{signal, SignalKind};
 use virtwarden_crd::HostPolicy as HostPolicyResource;
 
 use crate::act::remediation::Registry;
 use crate::cli::exit;
 use crate::engine::connect::LibvirtConnector;
+use crate::engine::status::DomainStatus;
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use enactment::{enactment_status, PolicyView};
 use select::{select, Selection};
@@ -79,11 +81,74 @@ pub struct Operator {
     node: String,
     engine: EngineHandle,
     selection: Selection,
+    recorder: Recorder,
+    /// Per domain: what the last events were about, so each restart/quarantine is told once.
+    told: std::collections::HashMap<String, (u32, bool, Option<String>)>,
 }
 
 impl Operator {
     pub fn new(client: Client, node: String, engine: EngineHandle) -> Self {
-        Operator { client, node, engine, selection: Selection::default() }
+        let reporter = Reporter { controller: "virtwarden".into(), instance: Some(node.clone()) };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Operator { client, node, engine, selection: Selection::default(), recorder, told: Default::default() }
+    }
+
+    /// Kubernetes Events on the policy for restarts, quarantines and failed repairs.
+    async fn publish_events(&mut self, policy: &HostPolicyResource, domains: &[&DomainStatus]) {
+        let reference = policy.object_ref(&());
+        for d in domains {
+            let before = self.told.get(&d.name).cloned().unwrap_or((0, false, None));
+            let mut events = Vec::new();
+            if self.told.contains_key(&d.name) && d.restarts > before.0 {
+                events.push(Event {
+                    type_: EventType::Normal,
+                    reason: "Restarted".into(),
+                    note: Some(format!(
+                        "{}: {} on node {} ({} restarts)",
+                        d.name,
+                        d.last_failure.as_deref().unwrap_or("down"),
+                        self.node,
+                        d.restarts
+                    )),
+                    action: "Restart".into(),
+                    secondary: None,
+                });
+            }
+            if d.quarantined.is_some() && !before.1 {
+                events.push(Event {
+                    type_: EventType::Warning,
+                    reason: "Quarantined".into(),
+                    note: Some(format!(
+                        "{} on node {}: {}",
+                        d.name,
+                        self.node,
+                        d.quarantined.as_deref().unwrap_or_default()
+                    )),
+                    action: "Quarantine".into(),
+                    secondary: None,
+                });
+            }
+            if d.last_error.is_some() && d.last_error != before.2 {
+                events.push(Event {
+                    type_: EventType::Warning,
+                    reason: "RemediationFailed".into(),
+                    note: Some(format!(
+                        "{} on node {}: {}",
+                        d.name,
+                        self.node,
+                        d.last_error.as_deref().unwrap_or_default()
+                    )),
+                    action: "Remediate".into(),
+                    secondary: None,
+                });
+            }
+            for ev in events {
+                if let Err(e) = self.recorder.publish(&ev, &reference).await {
+                    tracing::debug!(%e, "cannot publish event");
+                }
+            }
+            self.told.insert(d.name.clone(), (d.restarts, d.quarantined.is_some(), d.last_error.clone()));
+        }
     }
 
     /// Watch policies and the node until the process stops. Watch errors back off and retry;
@@ -159,7 +224,7 @@ impl Operator {
     }
 
     /// Write every selected policy's enactment and aggregated status. True when all writes worked.
-    pub async fn write_statuses(&self, all: &[Arc<HostPolicyResource>]) -> bool {
+    pub async fn write_statuses(&mut self, all: &[Arc<HostPolicyResource>]) -> bool {
         let report = self.engine.status();
         let mut ok = true;
         for p in all.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
@@ -184,6 +249,8 @@ impl Operator {
                 tracing::warn!(policy = %name, %e, "cannot update the policy status");
                 ok = false;
             }
+            let domains: Vec<&DomainStatus> = report.domains.iter().filter(|d| d.policy == name).collect();
+            self.publish_events(p, &domains).await;
         }
         ok
     }
