@@ -120,7 +120,10 @@ fn main() {
                         let _ = hv.start("fw");
                     }
                     Some(virtwarden::observe::DomainState::Paused) => {
-                        let _ = hv.resume("fw");
+                        if hv.resume("fw").is_err() {
+                            let _ = hv.destroy("fw");
+                            let _ = hv.start("fw");
+                        }
                     }
                     _ => {}
                 }

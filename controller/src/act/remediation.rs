@@ -85,7 +85,13 @@ pub fn bring_up(name: &str, hv: &dyn Hypervisor) -> Result<(), HypervisorError> 
     };
     match d.state {
         DomainState::Running | DomainState::Blocked => Ok(()),
-        DomainState::Paused => hv.resume(name),
+        // A guest paused by an error may refuse to continue ("Resetting the Virtual Machine is
+        // required" after a KVM internal error): then power-cycle it.
+        DomainState::Paused => hv.resume(name).or_else(|e| {
+            tracing::warn!(domain = name, %e, "resume failed; destroying and starting");
+            hv.destroy(name)?;
+            hv.start(name)
+        }),
         DomainState::Crashed | DomainState::ShuttingDown | DomainState::PmSuspended => {
             hv.destroy(name)?;
             hv.start(name)
