@@ -119,11 +119,9 @@ fn main() {
                     Some(virtwarden::observe::DomainState::ShutOff) => {
                         let _ = hv.start("fw");
                     }
-                    Some(virtwarden::observe::DomainState::Paused) => {
-                        if hv.resume("fw").is_err() {
-                            let _ = hv.destroy("fw");
-                            let _ = hv.start("fw");
-                        }
+                    Some(virtwarden::observe::DomainState::Paused) if hv.resume("fw").is_err() => {
+                        let _ = hv.destroy("fw");
+                        let _ = hv.start("fw");
                     }
                     _ => {}
                 }
