@@ -6,6 +6,10 @@ set -euo pipefail
 out=$1
 [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.gz" ] && exit 0
 mkdir -p "$out"
+# Tests run in parallel: one builds, the others wait and then find the cache.
+exec 9>"$out/.lock"
+flock 9
+[ -s "$out/vmlinuz" ] && [ -s "$out/initrd.gz" ] && exit 0
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cd "$tmp"
