@@ -307,3 +307,127 @@ fn rbac_grants_nothing_beyond_the_list() {
     assert_eq!(granted, allowed);
     assert!(!text.contains("\"*\""), "no wildcards");
 }
+
+/// A scripted API server for the watch-driven loop: answers lists and watches of HostPolicies
+/// and the Node, records every write. The node's labels can be changed mid-test, which the
+/// server announces as a MODIFIED event on the node watch.
+struct FakeApi {
+    labels: std::sync::Mutex<Value>,
+    label_change: tokio::sync::Notify,
+    writes: std::sync::Mutex<Vec<(String, String, Value)>>,
+}
+
+fn node_json(labels: &Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1", "resourceVersion": "2", "labels": labels}})
+}
+
+async fn serve(api: Arc<FakeApi>, mut handle: Handle, policy: Value) {
+    loop {
+        let Some((req, send)) = handle.next_request().await else { return };
+        let method = req.method().as_str().to_string();
+        let uri = req.uri().to_string();
+        let body = req.into_body().collect_bytes().await.unwrap_or_default();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let api = api.clone();
+        let policy = policy.clone();
+        // Watches hold their response open, so each request is answered from its own task.
+        tokio::spawn(async move {
+            let reply: Value = if method == "GET" && uri.starts_with("/apis/virtwarden.io/v1alpha1/hostpolicies?") {
+                if uri.contains("watch=true") {
+                    std::future::pending::<()>().await;
+                    unreachable!()
+                }
+                json!({"apiVersion": "virtwarden.io/v1alpha1", "kind": "HostPolicyList", "metadata": {"resourceVersion": "1"}, "items": [policy]})
+            } else if method == "GET" && uri.starts_with("/api/v1/nodes?") {
+                if uri.contains("watch=true") {
+                    api.label_change.notified().await;
+                    let labels = api.labels.lock().unwrap().clone();
+                    let event = json!({"type": "MODIFIED", "object": node_json(&labels)});
+                    let mut line = serde_json::to_vec(&event).unwrap();
+                    line.push(b'\n');
+                    send.send_response(Response::builder().body(Body::from(line)).unwrap());
+                    return;
+                }
+                let labels = api.labels.lock().unwrap().clone();
+                json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "2"}, "items": [node_json(&labels)]})
+            } else if method == "GET" && uri.starts_with("/apis/virtwarden.io/v1alpha1/hostpolicyenactments?") {
+                json!({"apiVersion": "virtwarden.io/v1alpha1", "kind": "HostPolicyEnactmentList", "metadata": {}, "items": []})
+            } else if method == "POST" && uri.contains("/events") {
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": "default"}, "eventTime": "2026-01-01T00:00:00.000000Z"})
+            } else {
+                api.writes.lock().unwrap().push((method.clone(), uri.clone(), body));
+                if uri.contains("hostpolicyenactments") {
+                    enactment_reply("web", "node1")
+                } else {
+                    policy
+                }
+            };
+            send.send_response(Response::builder().body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_policy_selects_node_then_stops_matching_after_a_label_change() {
+    start_event_loop();
+    let node_file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("examples/testbed/node.xml");
+    let host = Arc::new(LibvirtHost::open(&format!("test://{}", node_file.display())).unwrap());
+    let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
+    let (engine, task) = Engine::spawn(
+        Arc::new(SharedConnector { host: host.clone() }),
+        Default::default(),
+        config,
+        Registry::with_builtins(),
+    );
+    let (client, handle) = mock();
+    let mut p = policy("web", &["web1"]);
+    p.spec.policy.node_selector = Some([("role".to_string(), "kvm".to_string())].into());
+    let api = Arc::new(FakeApi {
+        labels: std::sync::Mutex::new(json!({"role": "kvm"})),
+        label_change: tokio::sync::Notify::new(),
+        writes: Default::default(),
+    });
+    tokio::spawn(serve(api.clone(), handle, serde_json::to_value(&p).unwrap()));
+    let mut op = Operator::new(client, "node1".into(), engine.clone());
+    let operator = tokio::spawn(async move { op.run().await });
+
+    // Listed policy + node labels → selected → web1 managed and started.
+    engine
+        .wait_for(Duration::from_secs(10), |s| {
+            s.domains.iter().any(|d| d.name == "web1" && d.state.starts_with("running"))
+        })
+        .await
+        .unwrap_or_else(|| panic!("{:#?}", engine.status()));
+    // The finalizer and the enactment are written through the API.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let w = api.writes.lock().unwrap().clone();
+        let finalizer = w.iter().any(|(m, u, b)| {
+            m == "PATCH"
+                && u.starts_with("/apis/virtwarden.io/v1alpha1/hostpolicies/web?")
+                && b["metadata"]["finalizers"] == json!(["virtwarden.io/enactments"])
+        });
+        let enactment = w.iter().any(|(m, u, b)| {
+            m == "PATCH"
+                && u.contains("hostpolicyenactments/web.node1/status")
+                && b["status"]["domains"][0]["name"] == "web1"
+        });
+        if finalizer && enactment {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "writes: {w:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The node's label changes: the policy no longer selects it and web1 is no longer managed.
+    *api.labels.lock().unwrap() = json!({"role": "storage"});
+    api.label_change.notify_one();
+    engine
+        .wait_for(Duration::from_secs(10), |s| s.domains.is_empty())
+        .await
+        .unwrap_or_else(|| panic!("{:#?}", engine.status()));
+    operator.abort();
+    engine.shutdown();
+    task.await.unwrap();
+}
