@@ -63,6 +63,20 @@ fn enactment_reply(policy: &str, node: &str) -> Value {
            "metadata": {"name": format!("{policy}.{node}")}, "spec": {"policy": policy, "node": node}})
 }
 
+/// One `write_statuses` round for policy `web` on node1: enactment, its status, the list of
+/// enactments for the aggregate, the policy status. Returns the enactment status body.
+async fn expect_status_round(handle: &mut Handle) -> Value {
+    let enactment = "/apis/virtwarden.io/v1alpha1/hostpolicyenactments/web.node1";
+    expect(handle, "PATCH", &format!("{enactment}?"), enactment_reply("web", "node1")).await;
+    let (_, body) = expect(handle, "PATCH", &format!("{enactment}/status?"), enactment_reply("web", "node1")).await;
+    let empty =
+        json!({"apiVersion": "virtwarden.io/v1alpha1", "kind": "HostPolicyEnactmentList", "metadata": {}, "items": []});
+    expect(handle, "GET", "/apis/virtwarden.io/v1alpha1/hostpolicyenactments?", empty).await;
+    let policy = serde_json::to_value(policy("web", &[])).unwrap();
+    expect(handle, "PATCH", "/apis/virtwarden.io/v1alpha1/hostpolicies/web/status?", policy).await;
+    body
+}
+
 #[tokio::test]
 async fn enactment_is_server_side_applied_with_owner_and_labels() {
     let (client, mut handle) = mock();
@@ -179,29 +193,7 @@ async fn policy_in_domain_healed_enactment_out() {
     assert!(healed.is_some(), "{:#?}", engine.status());
 
     let server = tokio::spawn(async move {
-        expect(
-            &mut handle,
-            "PATCH",
-            "/apis/virtwarden.io/v1alpha1/hostpolicyenactments/web.node1?",
-            enactment_reply("web", "node1"),
-        )
-        .await;
-        let (_, body) = expect(
-            &mut handle,
-            "PATCH",
-            "/apis/virtwarden.io/v1alpha1/hostpolicyenactments/web.node1/status?",
-            enactment_reply("web", "node1"),
-        )
-        .await;
-        let empty = json!({"apiVersion": "virtwarden.io/v1alpha1", "kind": "HostPolicyEnactmentList", "metadata": {}, "items": []});
-        expect(&mut handle, "GET", "/apis/virtwarden.io/v1alpha1/hostpolicyenactments?", empty).await;
-        expect(
-            &mut handle,
-            "PATCH",
-            "/apis/virtwarden.io/v1alpha1/hostpolicies/web/status?",
-            serde_json::to_value(policy("web", &[])).unwrap(),
-        )
-        .await;
+        let body = expect_status_round(&mut handle).await;
         (body, handle)
     });
     assert!(op.write_statuses(&policies).await);
@@ -222,29 +214,7 @@ async fn policy_in_domain_healed_enactment_out() {
         .await
         .expect("restarted");
     let server = tokio::spawn(async move {
-        expect(
-            &mut handle,
-            "PATCH",
-            "/apis/virtwarden.io/v1alpha1/hostpolicyenactments/web.node1?",
-            enactment_reply("web", "node1"),
-        )
-        .await;
-        expect(
-            &mut handle,
-            "PATCH",
-            "/apis/virtwarden.io/v1alpha1/hostpolicyenactments/web.node1/status?",
-            enactment_reply("web", "node1"),
-        )
-        .await;
-        let empty = json!({"apiVersion": "virtwarden.io/v1alpha1", "kind": "HostPolicyEnactmentList", "metadata": {}, "items": []});
-        expect(&mut handle, "GET", "/apis/virtwarden.io/v1alpha1/hostpolicyenactments?", empty).await;
-        expect(
-            &mut handle,
-            "PATCH",
-            "/apis/virtwarden.io/v1alpha1/hostpolicies/web/status?",
-            serde_json::to_value(policy("web", &[])).unwrap(),
-        )
-        .await;
+        expect_status_round(&mut handle).await;
         let event = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": "default"}, "eventTime": "2026-01-01T00:00:00.000000Z"});
         let (uri, body) = expect(&mut handle, "POST", "/apis/events.k8s.io/v1/namespaces/default/events?", event).await;
         (uri, body)
