@@ -237,11 +237,9 @@ fn plan_ports(
             });
             continue;
         };
-        if let Some(other) = l.master.as_deref() {
-            if other == name {
-                continue;
-            }
-            {
+        match l.master.as_deref() {
+            Some(m) if m == name => continue,
+            Some(other) => {
                 notes.push(Note {
                     subject: port.clone(),
                     severity: Severity::Warning,
@@ -249,6 +247,7 @@ fn plan_ports(
                 });
                 continue;
             }
+            None => {}
         }
         let reason = format!("not a port of {name}, policy lists it");
         if risky && !b.spec.allow_uplink_change {
