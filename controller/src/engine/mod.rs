@@ -111,19 +111,23 @@ impl Shared {
     }
 
     /// Change one domain's status; returns what `f` returns.
-    pub(crate) fn update_domain<R>(&self, name: &str, f: impl FnOnce(&mut DomainStatus) -> R) -> R {
-        let r = {
+    /// Change a managed domain's status. A domain that is no longer managed has no entry and
+    /// stays absent: a worker finishing its last pass after a reload cannot resurrect it.
+    pub(crate) fn update_domain(&self, name: &str, f: impl FnOnce(&mut DomainStatus)) {
+        {
             let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = book
-                .entry(name.to_string())
-                .or_insert_with(|| DomainStatus { name: name.to_string(), ..Default::default() });
-            let r = f(entry);
+            let Some(entry) = book.get_mut(name) else { return };
+            f(entry);
             let quarantined = book.values().filter(|d| d.quarantined.is_some()).count();
             self.metrics.quarantined.set(quarantined as i64);
-            r
-        };
+        }
         self.mark_dirty();
-        r
+    }
+
+    /// Start tracking a newly managed domain.
+    fn add_domain(&self, status: DomainStatus) {
+        self.book.lock().unwrap_or_else(|p| p.into_inner()).insert(status.name.clone(), status);
+        self.mark_dirty();
     }
 
     pub(crate) fn update_network(&self, f: impl FnOnce(&mut status::NetworkStatus)) {
@@ -402,13 +406,11 @@ impl Engine {
                 _ => {
                     let (tx, rx) = unbounded_channel();
                     let worker = Worker::new(self.shared.clone(), managed.clone(), rx);
-                    self.shared.update_domain(&name, |s| {
-                        *s = DomainStatus {
-                            name: name.clone(),
-                            policy: managed.policy.clone(),
-                            state: "unknown".into(),
-                            ..Default::default()
-                        };
+                    self.shared.add_domain(DomainStatus {
+                        name: name.clone(),
+                        policy: managed.policy.clone(),
+                        state: "unknown".into(),
+                        ..Default::default()
                     });
                     let task = tokio::spawn(worker.run());
                     keep.insert(name, WorkerEntry { managed: managed.clone(), tx, task });
