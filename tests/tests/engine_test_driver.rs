@@ -323,3 +323,12 @@ async fn failing_starts_end_quarantined_with_the_reason() {
     engine.shutdown();
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_answers_liveness_pings_until_it_stops() {
+    let r = rig(policy("  domains:\n    - name: web2\n")).await;
+    assert!(r.engine.ping(Duration::from_secs(5)).await);
+    let engine = r.engine.clone();
+    r.stop().await;
+    assert!(!engine.ping(Duration::from_millis(200)).await, "a stopped engine does not answer");
+}

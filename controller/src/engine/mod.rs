@@ -71,6 +71,8 @@ enum Msg {
     Observed(Result<ObservedHost, HypervisorError>),
     /// Look at every managed domain again (the network changed under them).
     KickAll,
+    /// Liveness probe: the loop answers when it is not stuck.
+    Ping(tokio::sync::oneshot::Sender<()>),
 }
 
 /// State shared by the engine loop and its workers.
@@ -208,6 +210,16 @@ impl EngineHandle {
     /// The current hypervisor connection (tests and benchmarks act on the same one).
     pub fn hypervisor(&self) -> Option<Arc<dyn Hypervisor>> {
         self.shared.hypervisor()
+    }
+
+    /// Whether the engine loop answers within `timeout` (for the systemd watchdog: a wedged
+    /// loop stops the pings and systemd restarts the service).
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.shared.msg.send(Msg::Ping(tx)).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
     }
 
     /// A receiver that sees every status change.
@@ -358,6 +370,9 @@ impl Engine {
                 self.shared.mark_dirty();
             }
             Msg::Resync => self.start_resync(),
+            Msg::Ping(reply) => {
+                let _ = reply.send(());
+            }
             Msg::KickAll => {
                 for w in self.workers.values() {
                     let _ = w.tx.send(Kick::default());

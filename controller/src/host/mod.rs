@@ -173,7 +173,11 @@ async fn systemd_notifier(engine: EngineHandle) {
         }
         tokio::select! {
             _ = tick(watchdog.as_mut()) => {
-                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                if engine.ping(Duration::from_secs(1)).await {
+                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                } else {
+                    tracing::error!("engine loop unresponsive; withholding the systemd watchdog ping");
+                }
             }
             changed = changes.changed() => {
                 if changed.is_err() {
