@@ -163,19 +163,21 @@ async fn finalizer_is_added_and_removed_by_the_last_node() {
     server.await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policy_in_domain_healed_enactment_out() {
+/// An engine with no policy yet on the example test-driver host, and that host's connection.
+fn test_driver_engine() -> (Arc<LibvirtHost>, virtwarden::engine::EngineHandle, tokio::task::JoinHandle<()>) {
     start_event_loop();
     let node_file =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("examples/testbed/node.xml");
     let host = Arc::new(LibvirtHost::open(&format!("test://{}", node_file.display())).unwrap());
     let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
-    let (engine, task) = Engine::spawn(
-        Arc::new(SharedConnector { host: host.clone() }),
-        Default::default(),
-        config,
-        Registry::with_builtins(),
-    );
+    let connector = Arc::new(SharedConnector { host: host.clone() });
+    let (engine, task) = Engine::spawn(connector, Default::default(), config, Registry::with_builtins());
+    (host, engine, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_in_domain_healed_enactment_out() {
+    let (host, engine, task) = test_driver_engine();
     engine.wait_for(Duration::from_secs(10), |_| engine.is_ready()).await.unwrap();
     let (client, mut handle) = mock();
     let mut op = Operator::new(client, "node1".into(), engine.clone());
@@ -339,17 +341,7 @@ async fn serve(api: Arc<FakeApi>, mut handle: Handle, policy: Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watched_policy_selects_node_then_stops_matching_after_a_label_change() {
-    start_event_loop();
-    let node_file =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("examples/testbed/node.xml");
-    let host = Arc::new(LibvirtHost::open(&format!("test://{}", node_file.display())).unwrap());
-    let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
-    let (engine, task) = Engine::spawn(
-        Arc::new(SharedConnector { host: host.clone() }),
-        Default::default(),
-        config,
-        Registry::with_builtins(),
-    );
+    let (_host, engine, task) = test_driver_engine();
     let (client, handle) = mock();
     let mut p = policy("web", &["web1"]);
     p.spec.policy.node_selector = Some([("role".to_string(), "kvm".to_string())].into());
