@@ -12,7 +12,8 @@ use crate::plan::network::{NetAction, NetActionKind};
 /// Read links, default-route interfaces and forwarding switches.
 pub async fn observe_net<N: HostNet, F: Forwarding>(net: &N, fwd: &F) -> Result<ObservedNet, NetError> {
     let links = net.links().await?;
-    let uplinks = net.uplinks().await?;
+    let default_route = net.default_route_links().await?;
+    let uplinks = links.iter().filter(|l| default_route.contains(&l.index)).map(|l| l.name.clone()).collect();
     // A namespace without IPv6 has no ipv6 forwarding file: report it as unknown.
     let forwarding = ForwardingState { ipv4: fwd.ipv4().ok(), ipv6: fwd.ipv6().ok() };
     Ok(ObservedNet { links, forwarding, uplinks })

@@ -28,8 +28,8 @@ pub enum NetError {
 pub trait HostNet: Send + Sync {
     /// Every link with its bridge attributes and master.
     fn links(&self) -> impl Future<Output = Result<Vec<NetLink>, NetError>> + Send;
-    /// Names of the interfaces that carry a default route.
-    fn uplinks(&self) -> impl Future<Output = Result<Vec<String>, NetError>> + Send;
+    /// Indexes of the interfaces that carry a default route (IPv4 or IPv6).
+    fn default_route_links(&self) -> impl Future<Output = Result<Vec<u32>, NetError>> + Send;
     fn create_bridge(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
     fn set_up(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
     fn set_stp(&self, bridge: &str, stp: StpSettings) -> impl Future<Output = Result<(), NetError>> + Send;

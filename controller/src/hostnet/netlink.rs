@@ -107,7 +107,7 @@ impl HostNet for NetlinkHost {
         Ok(links)
     }
 
-    async fn uplinks(&self) -> Result<Vec<String>, NetError> {
+    async fn default_route_links(&self) -> Result<Vec<u32>, NetError> {
         let mut indexes = Vec::new();
         for msg in [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
@@ -121,11 +121,9 @@ impl HostNet for NetlinkHost {
                 })?;
             indexes.extend(routes.iter().filter_map(default_oif));
         }
-        let links = self.links().await?;
-        let mut names: Vec<String> = links.into_iter().filter(|l| indexes.contains(&l.index)).map(|l| l.name).collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
+        indexes.sort();
+        indexes.dedup();
+        Ok(indexes)
     }
 
     async fn create_bridge(&self, name: &str) -> Result<(), NetError> {
