@@ -1,7 +1,7 @@
 //! The two small traits everything libvirt-facing goes through: reading domains and
 //! controlling them. One real implementation ([`crate::libvirt`]), recording fakes in tests.
 
-use crate::observe::{ObservedDomain, ObservedHost};
+use crate::observe::{DomainState, ObservedDomain, ObservedHost};
 
 /// A failed hypervisor call, naming the operation and the domain.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,11 @@ pub trait DomainReader {
     fn observe_host(&self) -> Result<ObservedHost, HypervisorError>;
     /// One domain; `None` when it does not exist.
     fn observe_domain(&self, name: &str) -> Result<Option<ObservedDomain>, HypervisorError>;
+    /// Just the state of one domain, for decisions that need nothing else (no XML is read by
+    /// the real implementation); `None` when it does not exist.
+    fn domain_state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError> {
+        Ok(self.observe_domain(name)?.map(|d| d.state))
+    }
 }
 
 /// Changing domains. Each call is one libvirt operation on one named domain.

@@ -59,7 +59,7 @@ pub fn execute_action(hv: &dyn Hypervisor, action: &Action) -> Result<(), ActErr
     match &action.kind {
         ActionKind::Start => hv.start(name)?,
         ActionKind::Restart => {
-            if hv.observe_domain(name)?.is_some_and(|d| d.state.is_active()) {
+            if hv.domain_state(name)?.is_some_and(DomainState::is_active) {
                 hv.destroy(name)?;
             }
             hv.start(name)?;
@@ -83,9 +83,8 @@ fn shutdown(hv: &dyn Hypervisor, name: &str, timeout: Duration) -> Result<(), Hy
     hv.shutdown(name)?;
     let deadline = Instant::now() + timeout;
     loop {
-        match hv.observe_domain(name)? {
-            None => return Ok(()),
-            Some(d) if d.state == DomainState::ShutOff => return Ok(()),
+        match hv.domain_state(name)? {
+            None | Some(DomainState::ShutOff) => return Ok(()),
             Some(_) if Instant::now() >= deadline => {
                 tracing::warn!(domain = name, timeout = ?timeout, "graceful shutdown timed out; destroying");
                 return hv.destroy(name);

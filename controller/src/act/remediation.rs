@@ -80,10 +80,10 @@ impl Registry {
 /// Bring the domain to running from whatever state it is in: start it when off, resume it when
 /// paused, destroy-then-start when libvirt holds it crashed.
 pub fn bring_up(name: &str, hv: &dyn Hypervisor) -> Result<(), HypervisorError> {
-    let Some(d) = hv.observe_domain(name)? else {
+    let Some(state) = hv.domain_state(name)? else {
         return Err(HypervisorError::NoSuchDomain { domain: name.to_string() });
     };
-    match d.state {
+    match state {
         DomainState::Running | DomainState::Blocked => Ok(()),
         // A guest paused by an error may refuse to continue ("Resetting the Virtual Machine is
         // required" after a KVM internal error): then power-cycle it.
@@ -111,8 +111,8 @@ struct ResetRemediation;
 impl Remediation for ResetRemediation {
     fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
         let active = hv
-            .observe_domain(&ctx.domain)?
-            .is_some_and(|d| matches!(d.state, DomainState::Running | DomainState::Blocked | DomainState::Paused));
+            .domain_state(&ctx.domain)?
+            .is_some_and(|s| matches!(s, DomainState::Running | DomainState::Blocked | DomainState::Paused));
         if active {
             hv.reset(&ctx.domain)?;
         }
@@ -124,7 +124,7 @@ impl Remediation for ResetRemediation {
 struct DestroyStartRemediation;
 impl Remediation for DestroyStartRemediation {
     fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        if hv.observe_domain(&ctx.domain)?.is_some_and(|d| d.state.is_active()) {
+        if hv.domain_state(&ctx.domain)?.is_some_and(DomainState::is_active) {
             hv.destroy(&ctx.domain)?;
         }
         Ok(hv.start(&ctx.domain)?)
@@ -143,7 +143,7 @@ impl Remediation for RedefineBootOrderRemediation {
                 tracing::warn!(domain = %ctx.domain, "redefine-boot-order without `boot` in the policy: only starting")
             }
         }
-        if hv.observe_domain(&ctx.domain)?.is_some_and(|d| d.state.is_active()) {
+        if hv.domain_state(&ctx.domain)?.is_some_and(DomainState::is_active) {
             hv.destroy(&ctx.domain)?;
         }
         Ok(hv.start(&ctx.domain)?)

@@ -219,6 +219,19 @@ impl DomainReader for LibvirtHost {
             Err(e) => Err(e),
         }
     }
+
+    fn domain_state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError> {
+        let dom = match self.lookup("state", name) {
+            Ok(d) => d,
+            Err(HypervisorError::NoSuchDomain { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match dom.state() {
+            Ok(st) => Ok(Some(map_state(st).0)),
+            Err(source) if is_no_domain(&source) => Ok(None),
+            Err(source) => Err(HypervisorError::Call { op: "state", domain: name.into(), source }),
+        }
+    }
 }
 
 impl DomainControl for LibvirtHost {
