@@ -344,8 +344,11 @@ impl Engine {
         match event {
             HypervisorEvent::Lifecycle(ev) => {
                 tracing::debug!(domain = %ev.domain, event = %ev.text(), "libvirt event");
-                // A started domain has new taps; a stopped one has none.
-                self.kick_network(network::NetKick);
+                // A started domain has new taps; a stopped one has none. Only managed domains'
+                // taps are reconciled.
+                if self.workers.contains_key(&ev.domain) {
+                    self.kick_network(network::NetKick::Domain(ev.domain.clone()));
+                }
                 // Unmanaged domains have no worker: their events are ignored.
                 if let Some(w) = self.workers.get(&ev.domain) {
                     let _ = w.tx.send(Kick { event: Some(ev), clear_quarantine: false });
@@ -454,7 +457,7 @@ impl Engine {
     }
 
     fn start_resync(&mut self) {
-        self.kick_network(network::NetKick);
+        self.kick_network(network::NetKick::AllDomains);
         if self.resync_running {
             return;
         }

@@ -18,10 +18,31 @@ use crate::hostnet::sysctl::ProcForwarding;
 use crate::observe::ObservedHost;
 use crate::plan::network::plan_network;
 
-/// Domains may have changed (resync, lifecycle event, reload): observe them again too.
-/// Network changes arrive on the task's own netlink subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct NetKick;
+/// Domains may have changed: all of them (resync, reload) or one (its lifecycle event), so the
+/// task refreshes its view of their taps. Network changes arrive on its own netlink subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum NetKick {
+    AllDomains,
+    Domain(String),
+}
+
+/// Which domains to observe again before the next pass.
+#[derive(Debug, Default)]
+struct Refresh {
+    all: bool,
+    domains: std::collections::BTreeSet<String>,
+}
+
+impl Refresh {
+    fn add(&mut self, kick: NetKick) {
+        match kick {
+            NetKick::AllDomains => self.all = true,
+            NetKick::Domain(name) => {
+                self.domains.insert(name);
+            }
+        }
+    }
+}
 
 /// Retry delays for changes that did not stick.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -58,26 +79,23 @@ impl NetworkTask {
         }
         let mut retry: Option<Instant> = None;
         let mut delay = RETRY_MIN;
-        let mut refresh_domains = true;
+        let mut refresh = Refresh { all: true, ..Default::default() };
         loop {
             tokio::select! {
                 k = self.kicks.recv() => match k {
-                    Some(NetKick) => refresh_domains = true,
+                    Some(kick) => refresh.add(kick),
                     None => return,
                 },
                 Some(ev) = events.recv() => tracing::trace!(?ev, "netlink notification"),
                 _ = sleep_until(retry) => {}
             }
             // Coalesce a burst of notifications into one pass.
-            while self.kicks.try_recv().is_ok() {
-                refresh_domains = true;
+            while let Ok(kick) = self.kicks.try_recv() {
+                refresh.add(kick);
             }
             while events.try_recv().is_ok() {}
-            if refresh_domains {
-                if let Some(host) = self.observe_domains().await {
-                    self.domains = host;
-                    refresh_domains = false;
-                }
+            if self.refresh_domains(&refresh).await {
+                refresh = Refresh::default();
             }
             let started = std::time::Instant::now();
             let left = self.reconcile(&net, &fwd).await;
@@ -92,19 +110,44 @@ impl NetworkTask {
         }
     }
 
-    async fn observe_domains(&self) -> Option<ObservedHost> {
-        let hv = self.shared.hypervisor()?;
-        match tokio::task::spawn_blocking(move || hv.observe_host()).await {
-            Ok(Ok(mut host)) => {
-                host.net = None;
-                Some(host)
-            }
-            Ok(Err(e)) => {
-                self.shared.hypervisor_error(&e);
-                None
-            }
-            Err(_) => None,
+    /// Bring the cached domain view up to date: every domain after a resync or reload, only the
+    /// named ones after their lifecycle events (one event must not cost a full observation).
+    /// False when libvirt could not be asked (try again on the next pass).
+    async fn refresh_domains(&mut self, refresh: &Refresh) -> bool {
+        if !refresh.all && refresh.domains.is_empty() {
+            return true;
         }
+        let Some(hv) = self.shared.hypervisor() else { return false };
+        if refresh.all {
+            return match tokio::task::spawn_blocking(move || hv.observe_host()).await {
+                Ok(Ok(mut host)) => {
+                    host.net = None;
+                    self.domains = host;
+                    true
+                }
+                Ok(Err(e)) => {
+                    self.shared.hypervisor_error(&e);
+                    false
+                }
+                Err(_) => false,
+            };
+        }
+        for name in &refresh.domains {
+            let hv = hv.clone();
+            let n = name.clone();
+            match tokio::task::spawn_blocking(move || hv.observe_domain(&n)).await {
+                Ok(Ok(found)) => {
+                    self.domains.domains.retain(|d| &d.name != name);
+                    self.domains.domains.extend(found);
+                }
+                Ok(Err(e)) => {
+                    self.shared.hypervisor_error(&e);
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// One pass: observe, plan, act, read back. Returns whether drift is left (retry later).
