@@ -80,19 +80,12 @@ async fn bench() {
     sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1-peer"]);
     let dir = tempfile::tempdir().expect("temp dir");
     let node = dir.path().join("node.xml");
-    std::fs::write(
-        &node,
-        "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>vm1</name>\
-         <memory>65536</memory><os><type>hvm</type></os><devices><interface type='bridge'>\
-         <source bridge='br0'/><mac address='52:54:00:00:00:01'/></interface></devices>\
-         <test:runstate>1</test:runstate></domain></node>",
-    )
-    .expect("node file");
+    std::fs::write(&node, common::node_xml(1, 0)).expect("node file");
     start_event_loop();
     let hv = Arc::new(LibvirtHost::open(&format!("test://{}", node.display())).expect("test driver"));
-    let tap = hv.observe_domain("vm1").unwrap().unwrap().interfaces[0].target.clone().unwrap();
+    let tap = hv.observe_domain("vm0000").unwrap().unwrap().interfaces[0].target.clone().unwrap();
     sh(&["ip", "link", "add", &tap, "type", "veth", "peer", "name", "tap-peer"]);
-    let yaml = "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: {name: b}\nspec:\n  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n      stp: { enabled: true, forwardDelay: 4 }\n      ports: [eth1]\n  forwarding: { ipv4: true }\n";
+    let yaml = "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: {name: b}\nspec:\n  domains:\n    - name: vm0000\n  bridges:\n    - name: br0\n      stp: { enabled: true, forwardDelay: 4 }\n      ports: [eth1]\n  forwarding: { ipv4: true }\n";
     let desired = load_texts([(std::path::Path::new("b.yaml"), yaml)]).expect("policy").desired;
     let config = EngineConfig { resync: Duration::from_secs(3600), network: true, ..Default::default() };
     let (engine, task) =
