@@ -9,20 +9,13 @@ use virtwarden_policies::{load_paths, LoadError, LoadedPolicies};
 
 use crate::act::network::{apply_net_actions, observe_net};
 use crate::act::{apply_plan, ApplyReport};
+use crate::exit;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
 use crate::hypervisor::Hypervisor;
 use crate::libvirt::{resolve_uri, LibvirtHost};
 use crate::observe::{ObservedHost, ObservedNet};
 use crate::plan::{plan, render_text, Plan};
-
-/// Process exit codes.
-pub mod exit {
-    pub const OK: i32 = 0;
-    pub const RUNTIME: i32 = 1;
-    pub const INVALID_POLICY: i32 = 2;
-    pub const DRIFT: i32 = 3;
-}
 
 const EXIT_CODES: &str = "\
 Exit codes:

@@ -4,6 +4,7 @@
 pub mod act;
 pub mod cli;
 pub mod engine;
+pub mod exit;
 pub mod host;
 pub mod hostnet;
 pub mod hypervisor;

@@ -3,14 +3,18 @@
 
 pub mod desired;
 pub mod duration;
+pub mod health;
 pub mod load;
 pub mod locate;
 pub mod merge;
 pub mod schema;
+pub mod startup;
 pub mod types;
 pub mod validate;
 
 pub use desired::{DesiredState, ForwardingSetting, ManagedBridge, ManagedDomain};
 pub use duration::Duration;
+pub use health::{GuestAgentPing, Health, HttpProbe, Probe, TcpProbe};
 pub use load::{load_paths, load_texts, Diagnostic, LoadError, LoadedPolicies};
+pub use startup::{Requires, Startup};
 pub use types::*;

@@ -7,6 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
+use crate::health::Health;
+use crate::startup::Startup;
 
 /// The only accepted `apiVersion`.
 pub const API_VERSION: &str = "virtwarden.io/v1alpha1";
@@ -94,6 +96,12 @@ pub struct DomainPolicy {
     /// How long a graceful shutdown may take before the domain is destroyed (default 60s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout: Option<Duration>,
+    /// Probe the guest from the host; absent: libvirt's state alone decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// Start ordering and dependencies; absent: no constraints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<Startup>,
 }
 
 /// Default wait for a graceful shutdown before falling back to destroy.
@@ -111,6 +119,8 @@ impl DomainPolicy {
             backoff: None,
             remediation: None,
             shutdown_timeout: None,
+            health: None,
+            startup: None,
         }
     }
 

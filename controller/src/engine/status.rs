@@ -74,6 +74,9 @@ pub struct DomainStatus {
     /// Why automatic restarts stopped, if they did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<String>,
+    /// The last `exec` remediation step that was refused (not run) and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_hook: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
 }

@@ -16,9 +16,9 @@ use tokio::sync::mpsc;
 use virtwarden_policies::load_paths;
 
 use crate::act::remediation::Registry;
-use crate::cli::exit;
 use crate::engine::connect::LibvirtConnector;
 use crate::engine::{Engine, EngineConfig, EngineHandle};
+use crate::exit;
 
 /// Options of `virtwarden run`.
 #[derive(Debug, Clone)]

@@ -22,10 +22,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use virtwarden_crd::HostPolicy as HostPolicyResource;
 
 use crate::act::remediation::Registry;
-use crate::cli::exit;
 use crate::engine::connect::LibvirtConnector;
 use crate::engine::status::DomainStatus;
 use crate::engine::{Engine, EngineConfig, EngineHandle};
+use crate::exit;
 use enactment::{enactment_status, PolicyView};
 use select::{select, Selection};
 
