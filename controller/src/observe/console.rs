@@ -1,0 +1,79 @@
+//! A guest's serial console log: what the firmware printed. Used as evidence that a guest has
+//! nothing to boot (SeaBIOS, OVMF) by health checks and by `diagnose`. Pure text scanning plus
+//! a bounded read of the log's tail.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+/// How much of a console log's end is read: firmware messages are short and recent.
+pub const TAIL_BYTES: u64 = 64 * 1024;
+
+/// Firmware messages that mean "nothing to boot", with the words shown to people.
+const FIRMWARE_BOOT_FAILURES: &[(&str, &str)] = &[
+    ("No bootable device", "SeaBIOS: No bootable device"),
+    ("Boot failed", "SeaBIOS: Boot failed"),
+    ("No bootable option or device", "OVMF: No bootable option or device"),
+];
+
+/// The firmware boot failure the text shows, if any (the last one printed wins).
+pub fn firmware_boot_failure(text: &str) -> Option<FirmwareFailure> {
+    let mut found: Option<(usize, &str)> = None;
+    for (needle, words) in FIRMWARE_BOOT_FAILURES {
+        if let Some(at) = text.rfind(needle) {
+            if found.is_none_or(|(best, _)| at > best) {
+                found = Some((at, words));
+            }
+        }
+    }
+    let (at, words) = found?;
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[at..].find(['\n', '\r']).map_or(text.len(), |i| at + i);
+    Some(FirmwareFailure { summary: words.to_string(), line: text[line_start..line_end].trim().to_string() })
+}
+
+/// A firmware boot failure found in a console log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareFailure {
+    /// e.g. `SeaBIOS: No bootable device`.
+    pub summary: String,
+    /// The console line it was found on, as printed.
+    pub line: String,
+}
+
+/// The last [`TAIL_BYTES`] of a console log as text (invalid UTF-8 replaced).
+pub fn read_tail(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
+    let mut buf = Vec::with_capacity(TAIL_BYTES.min(len) as usize);
+    f.take(TAIL_BYTES).read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seabios_and_ovmf_failures_are_recognised() {
+        let seabios = "SeaBIOS (version 1.16)\r\nBooting from Hard Disk...\r\nBoot failed: could not read the boot disk\r\n\r\nNo bootable device.\r\n";
+        let f = firmware_boot_failure(seabios).unwrap();
+        assert_eq!(f.summary, "SeaBIOS: No bootable device");
+        assert_eq!(f.line, "No bootable device.");
+        let ovmf = "BdsDxe: No bootable option or device was found.\n";
+        assert_eq!(firmware_boot_failure(ovmf).unwrap().summary, "OVMF: No bootable option or device");
+        assert_eq!(firmware_boot_failure("Linux version 6.1\nlogin:"), None);
+    }
+
+    #[test]
+    fn reads_only_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.log");
+        let mut text = "x".repeat(TAIL_BYTES as usize * 2);
+        text.push_str("\nNo bootable device.\n");
+        std::fs::write(&p, &text).unwrap();
+        let tail = read_tail(&p).unwrap();
+        assert_eq!(tail.len() as u64, TAIL_BYTES);
+        assert!(firmware_boot_failure(&tail).is_some());
+    }
+}
