@@ -36,20 +36,23 @@ build: deps
 ## process, so `apply` observes again itself and prints what is left), then the host service in
 ## the foreground until Ctrl-C (RUN_SECONDS=N stops it after N seconds).
 STATE_DIR := $(CURDIR)/target/virtwarden-state
+DATA_DIR := $(CURDIR)/target/virtwarden-data
+# The demo runs against the test driver: its own host lock, never the host's /run/virtwarden.lock.
+run: export VIRTWARDEN_LOCK_FILE := $(CURDIR)/target/virtwarden.lock
 run: build
 	$(VIRTWARDEN) check examples/policies
 	@echo; echo "== plan against $(TESTBED_URI)"
 	@$(VIRTWARDEN) plan --connect $(TESTBED_URI) examples/policies; rc=$$?; \
 	  [ $$rc -eq 3 ] && echo "(exit 3: drift found)" || exit $$rc
 	@echo; echo "== apply"
-	$(VIRTWARDEN) apply --connect $(TESTBED_URI) examples/policies
+	$(VIRTWARDEN) apply --connect $(TESTBED_URI) --data-dir $(DATA_DIR) examples/policies
 	@echo; echo "== virtwarden run (Ctrl-C to stop; status: $(VIRTWARDEN) status --state-dir $(STATE_DIR); metrics: curl 127.0.0.1:9477/metrics)"
 	@if [ -n "$(RUN_SECONDS)" ]; then \
-	  timeout -s TERM $(RUN_SECONDS) $(VIRTWARDEN) run --connect $(TESTBED_URI) --state-dir $(STATE_DIR) examples/policies; rc=$$?; \
+	  timeout -s TERM $(RUN_SECONDS) $(VIRTWARDEN) run --connect $(TESTBED_URI) --state-dir $(STATE_DIR) --data-dir $(DATA_DIR) examples/policies; rc=$$?; \
 	  [ $$rc -eq 124 ] || [ $$rc -eq 0 ] || exit $$rc; \
 	  $(VIRTWARDEN) status --state-dir $(STATE_DIR); \
 	else \
-	  $(VIRTWARDEN) run --connect $(TESTBED_URI) --state-dir $(STATE_DIR) examples/policies; \
+	  $(VIRTWARDEN) run --connect $(TESTBED_URI) --state-dir $(STATE_DIR) --data-dir $(DATA_DIR) examples/policies; \
 	fi
 
 test: deps

@@ -1,5 +1,6 @@
-//! The one-shot command line: `check`, `plan`, `apply`, `schema`. Exit codes are part of the
-//! interface (documented in `--help` and the README).
+//! The command line: one-shot `check`, `plan`, `apply`, `release`, `status`, `schema`, and the
+//! long-running `run` and `operator`. Exit codes are part of the interface (documented in
+//! `--help` and the README).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,8 +15,9 @@ use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
 use crate::hypervisor::Hypervisor;
 use crate::libvirt::{resolve_uri, LibvirtHost};
+use crate::memory::{Memory, MemoryStore};
 use crate::observe::{ObservedHost, ObservedNet};
-use crate::plan::{plan, render_text, Plan};
+use crate::plan::{plan_with, render_text, Plan};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -23,6 +25,7 @@ Exit codes:
   plan    0 in sync, 3 drift found, 2 invalid policy, 1 runtime error (e.g. cannot connect)
   apply   0 converged, 1 some action failed or did not stick, 2 invalid policy
   run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid policy
+  release 0 released (or was not quarantined), 1 not managed or not reachable
   status  0 shown, 1 no status file";
 
 #[derive(Debug, Parser)]
@@ -78,9 +81,18 @@ pub struct HostArgs {
     /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
     #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
     pub network: NetworkMode,
+    /// virtwarden's durable memory (read only here: why a domain is off, across libvirtd restarts).
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// The host-wide lock `apply` takes (`run` and `operator` hold it too).
+    #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
+    pub lock_file: PathBuf,
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
 }
+
+/// Where the durable memory lives by default.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/virtwarden";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -104,9 +116,15 @@ pub enum Command {
         /// Where to serve /metrics, /healthz and /readyz; `off` disables it.
         #[arg(long, default_value = "127.0.0.1:9477")]
         metrics_addr: String,
-        /// Lock file and status file directory.
+        /// Status file and control socket directory.
         #[arg(long, default_value = "/run/virtwarden")]
         state_dir: PathBuf,
+        /// Durable memory: restart history, quarantines, why domains are off.
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// The host-wide lock (one writer per host: run, operator, apply).
+        #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
+        lock_file: PathBuf,
         /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
         #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
         network: NetworkMode,
@@ -130,6 +148,29 @@ pub enum Command {
         /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
         #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
         network: NetworkMode,
+        /// Control socket directory (`virtwarden release` inside the pod).
+        #[arg(long, default_value = "/run/virtwarden")]
+        state_dir: PathBuf,
+        /// Durable memory (mount it from the host so it survives pod restarts).
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// The host-wide lock (one writer per host: run, operator, apply).
+        #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
+        lock_file: PathBuf,
+    },
+    /// Lift a domain's quarantine once its cause is fixed, without editing the policy: through
+    /// the running service, or in the durable memory when none runs.
+    Release {
+        /// The domain to release.
+        domain: String,
+        /// The running service's state directory (its control socket).
+        #[arg(long, default_value = "/run/virtwarden")]
+        state_dir: PathBuf,
+        /// The durable memory, edited directly when no service runs.
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
+        lock_file: PathBuf,
     },
     /// Show what a running `virtwarden run` reports (from its status file).
     Status {
@@ -146,15 +187,20 @@ pub enum Command {
 pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let result = match command {
         Command::Check { paths } => check(&paths, out, err),
-        Command::Plan(a) => with_host(&a, err, |ctx| plan_cmd(ctx, a.output, out)),
-        Command::Apply(a) => with_host(&a, err, |ctx| apply_cmd(ctx, a.output, out)),
+        Command::Plan(a) => with_host(&a, None, err, |ctx| plan_cmd(ctx, a.output, out)),
+        Command::Apply(a) => with_host(&a, Some("apply"), err, |ctx| apply_cmd(ctx, a.output, out)),
         Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
-        Command::Run { connect, resync, metrics_addr, state_dir, network, paths } => {
-            run_service(connect, resync, &metrics_addr, state_dir, network, paths, err)
+        Command::Run { connect, resync, metrics_addr, state_dir, data_dir, lock_file, network, paths } => {
+            let dirs = Dirs { state_dir, data_dir, lock_file };
+            run_service(connect, resync, &metrics_addr, dirs, network, paths, err)
         }
         Command::Status { state_dir, output } => status_cmd(&state_dir, output, out, err),
-        Command::Operator { connect, node_name, resync, metrics_addr, network } => {
-            operator_cmd(connect, node_name, resync, &metrics_addr, network, err)
+        Command::Operator { connect, node_name, resync, metrics_addr, network, state_dir, data_dir, lock_file } => {
+            let dirs = Dirs { state_dir, data_dir, lock_file };
+            operator_cmd(connect, node_name, resync, &metrics_addr, network, dirs, err)
+        }
+        Command::Release { domain, state_dir, data_dir, lock_file } => {
+            release_cmd(&domain, &Dirs { state_dir, data_dir, lock_file }, out, err)
         }
     };
     result.unwrap_or(exit::RUNTIME)
@@ -222,6 +268,8 @@ struct Ctx<'a> {
     loaded: &'a LoadedPolicies,
     hv: &'a dyn Hypervisor,
     net: Option<NetCtx>,
+    /// What the service remembers (why domains are off), read only.
+    memory: Memory,
 }
 
 impl Ctx<'_> {
@@ -234,18 +282,32 @@ impl Ctx<'_> {
     }
 
     fn plan(&self) -> std::io::Result<Plan> {
-        Ok(plan(&self.loaded.desired, &self.observe()?))
+        Ok(plan_with(&self.loaded.desired, &self.observe()?, &self.memory))
     }
 }
 
 fn with_host(
     args: &HostArgs,
+    lock_for: Option<&str>,
     err: &mut dyn Write,
     body: impl FnOnce(&Ctx) -> std::io::Result<i32>,
 ) -> std::io::Result<i32> {
     let Some(loaded) = load(&args.paths, err)? else {
         return Ok(exit::INVALID_POLICY);
     };
+    // One writer per host: a command that changes the host waits for nobody and changes nothing
+    // while `run`, `operator` or another `apply` holds the host.
+    let _lock = match lock_for.map(|command| crate::lock::acquire(&args.lock_file, command)).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            writeln!(err, "error: {e}; nothing was changed")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    let (memory, problem) = MemoryStore::read_only(&args.data_dir);
+    if let Some(p) = problem {
+        writeln!(err, "warning: {p}")?;
+    }
     let uri = resolve_uri(args.connect.as_deref());
     let network = args.network;
     let host = match LibvirtHost::open(&uri) {
@@ -266,7 +328,7 @@ fn with_host(
     } else {
         None
     };
-    let ctx = Ctx { loaded: &loaded, hv: &host, net };
+    let ctx = Ctx { loaded: &loaded, hv: &host, net, memory };
     match body(&ctx) {
         Ok(code) => Ok(code),
         Err(e) => {
@@ -295,6 +357,7 @@ fn apply_cmd(ctx: &Ctx, output: Output, out: &mut dyn Write) -> std::io::Result<
         network_outcomes = net.rt.block_on(apply_net_actions(&net.net, &net.fwd, &p.network));
     }
     let mut report = apply_plan(ctx.hv, &ctx.loaded.desired, &p).map_err(std::io::Error::other)?;
+    report.remaining = plan_with(&ctx.loaded.desired, &ctx.observe()?, &ctx.memory);
     if let Some(net) = &ctx.net {
         // Verify the network by reading it back; retry what did not stick.
         let mut delay = std::time::Duration::from_millis(100);
@@ -354,11 +417,18 @@ fn write_apply_text(p: &Plan, report: &ApplyReport, out: &mut dyn Write) -> std:
     Ok(())
 }
 
+/// The directories and lock file of the long-running commands.
+struct Dirs {
+    state_dir: PathBuf,
+    data_dir: PathBuf,
+    lock_file: PathBuf,
+}
+
 fn run_service(
     connect: Option<String>,
     resync: virtwarden_policies::Duration,
     metrics_addr: &str,
-    state_dir: PathBuf,
+    dirs: Dirs,
     network: NetworkMode,
     paths: Vec<PathBuf>,
     err: &mut dyn Write,
@@ -377,7 +447,9 @@ fn run_service(
         uri,
         resync: resync.as_std(),
         metrics_addr,
-        state_dir,
+        state_dir: dirs.state_dir,
+        data_dir: dirs.data_dir,
+        lock_file: dirs.lock_file,
         paths,
     };
     Ok(runtime()?.block_on(crate::host::run(opts)))
@@ -411,6 +483,7 @@ fn operator_cmd(
     resync: virtwarden_policies::Duration,
     metrics_addr: &str,
     network: NetworkMode,
+    dirs: Dirs,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let metrics_addr = match parse_metrics_addr(metrics_addr, err)? {
@@ -424,8 +497,73 @@ fn operator_cmd(
         node,
         resync: resync.as_std().max(std::time::Duration::from_secs(1)),
         metrics_addr,
+        state_dir: dirs.state_dir,
+        data_dir: dirs.data_dir,
+        lock_file: dirs.lock_file,
     };
     Ok(runtime()?.block_on(crate::operator::run(opts)))
+}
+
+fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    match crate::host::control::request_release(&dirs.state_dir, domain) {
+        Ok(Some(answer)) if answer.ok => {
+            writeln!(out, "{}", answer.message)?;
+            return Ok(exit::OK);
+        }
+        Ok(Some(answer)) => {
+            writeln!(err, "error: {}", answer.message)?;
+            return Ok(exit::RUNTIME);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            writeln!(err, "error: cannot ask the running service ({}): {e}", dirs.state_dir.display())?;
+            return Ok(exit::RUNTIME);
+        }
+    }
+    // No service listens: edit the memory, holding the host lock so no service starts meanwhile.
+    let _lock = match crate::lock::acquire(&dirs.lock_file, "release") {
+        Ok(l) => l,
+        Err(e) => {
+            writeln!(
+                err,
+                "error: {e}; it has no control socket in {} (pass its --state-dir)",
+                dirs.state_dir.display()
+            )?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    let (store, problem) = match MemoryStore::open(&dirs.data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    if let Some(p) = problem {
+        writeln!(err, "warning: {p}")?;
+    }
+    let reason = store
+        .update(|m| {
+            let d = m.domains.get_mut(domain)?;
+            let q = d.restarts.quarantine.take()?;
+            d.restarts.restarts.clear();
+            d.restarts.consecutive = 0;
+            d.restarts.down_since = None;
+            d.restarts.next_allowed = None;
+            Some(q.reason)
+        })
+        .0;
+    match reason {
+        Some(r) => {
+            if let Err(e) = store.write_now() {
+                writeln!(err, "error: {e}")?;
+                return Ok(exit::RUNTIME);
+            }
+            writeln!(out, "released {domain} (was quarantined: {r}); it is restarted when virtwarden runs next")?;
+        }
+        None => writeln!(out, "{domain} is not quarantined")?,
+    }
+    Ok(exit::OK)
 }
 
 fn status_cmd(

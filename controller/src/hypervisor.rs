@@ -1,7 +1,7 @@
 //! The two small traits everything libvirt-facing goes through: reading domains and
 //! controlling them. One real implementation ([`crate::libvirt`]), recording fakes in tests.
 
-use crate::observe::{DomainState, ObservedDomain, ObservedHost};
+use crate::observe::{DomainState, ObservedDomain, ObservedHost, ObservedNetwork, StateReason};
 
 /// A failed hypervisor call, naming the operation and the domain.
 #[derive(Debug, thiserror::Error)]
@@ -19,29 +19,52 @@ pub enum HypervisorError {
     /// Raised by test doubles and by checks that are not libvirt calls.
     #[error("{op} {domain}: {message}")]
     Failed { op: &'static str, domain: String, message: String },
+    /// A fault injected by a test double, classified like a real libvirt error of that kind.
+    #[error("{op} {domain}: {message}")]
+    Simulated { op: &'static str, domain: String, kind: ErrorKind, message: String },
+}
+
+/// What an error means for what to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Worth retrying the same call soon: libvirt could not get the domain's job lock or timed out.
+    Transient,
+    /// The connection may be gone (libvirtd died or restarted) — or the call merely failed with a
+    /// system error: ask the connection ([`DomainReader::is_alive`]) before deciding.
+    MaybeConnection,
+    /// The domain does not exist.
+    NoDomain,
+    /// Anything else: the error belongs to this call and this domain.
+    Other,
+}
+
+fn kind_of(source: &virt::error::Error) -> ErrorKind {
+    use virt::enumutil::Enum::Known;
+    use virt::error::ErrorNumber as N;
+    match source.code() {
+        Known(N::OperationTimeout) => ErrorKind::Transient,
+        Known(N::NoDomain) => ErrorKind::NoDomain,
+        Known(N::SystemError | N::Rpc | N::NoConnect | N::InvalidConn) => ErrorKind::MaybeConnection,
+        _ if source.message().contains("cannot acquire state change lock") => ErrorKind::Transient,
+        _ if source.message().contains("client socket is closed") => ErrorKind::MaybeConnection,
+        _ => ErrorKind::Other,
+    }
 }
 
 impl HypervisorError {
-    /// Worth retrying soon: libvirt could not get the domain's job lock or timed out.
-    pub fn is_transient(&self) -> bool {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            HypervisorError::Call { source, .. } => {
-                matches!(source.code(), virt::enumutil::Enum::Known(virt::error::ErrorNumber::OperationTimeout))
-                    || source.message().contains("cannot acquire state change lock")
-            }
-            _ => false,
+            HypervisorError::Call { source, .. } | HypervisorError::Host { source, .. } => kind_of(source),
+            HypervisorError::Connect { .. } => ErrorKind::MaybeConnection,
+            HypervisorError::NoSuchDomain { .. } => ErrorKind::NoDomain,
+            HypervisorError::Simulated { kind, .. } => *kind,
+            HypervisorError::Xml { .. } | HypervisorError::Failed { .. } => ErrorKind::Other,
         }
     }
 
-    /// The connection itself is gone (libvirtd died or restarted).
-    pub fn is_connection_lost(&self) -> bool {
-        use virt::error::ErrorNumber as N;
-        let source = match self {
-            HypervisorError::Call { source, .. } | HypervisorError::Host { source, .. } => source,
-            _ => return false,
-        };
-        matches!(source.code(), virt::enumutil::Enum::Known(N::SystemError | N::Rpc | N::NoConnect | N::InvalidConn))
-            || source.message().contains("client socket is closed")
+    /// Worth retrying soon: libvirt could not get the domain's job lock or timed out.
+    pub fn is_transient(&self) -> bool {
+        self.kind() == ErrorKind::Transient
     }
 
     /// libvirt's own message, without our prefix (for status and reports).
@@ -50,6 +73,7 @@ impl HypervisorError {
             HypervisorError::Connect { source, .. }
             | HypervisorError::Call { source, .. }
             | HypervisorError::Host { source, .. } => source.message().to_string(),
+            HypervisorError::Simulated { message, .. } => message.clone(),
             other => other.to_string(),
         }
     }
@@ -57,14 +81,26 @@ impl HypervisorError {
 
 /// Reading what the hypervisor has.
 pub trait DomainReader {
+    /// Whether the connection still works (libvirt's `virConnectIsAlive`: no round trip).
+    fn is_alive(&self) -> bool {
+        true
+    }
     /// Every domain (and network) in one pass.
     fn observe_host(&self) -> Result<ObservedHost, HypervisorError>;
+    /// libvirt's networks and their bridges.
+    fn list_networks(&self) -> Result<Vec<ObservedNetwork>, HypervisorError> {
+        Ok(self.observe_host()?.networks)
+    }
     /// One domain; `None` when it does not exist.
     fn observe_domain(&self, name: &str) -> Result<Option<ObservedDomain>, HypervisorError>;
-    /// Just the state of one domain, for decisions that need nothing else (no XML is read by
-    /// the real implementation); `None` when it does not exist.
+    /// The state and its reason of one domain, for decisions that need nothing else (no XML
+    /// is read by the real implementation); `None` when it does not exist.
+    fn domain_state_reason(&self, name: &str) -> Result<Option<(DomainState, StateReason)>, HypervisorError> {
+        Ok(self.observe_domain(name)?.map(|d| (d.state, d.reason)))
+    }
+    /// Just the state of one domain; `None` when it does not exist.
     fn domain_state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError> {
-        Ok(self.observe_domain(name)?.map(|d| d.state))
+        Ok(self.domain_state_reason(name)?.map(|(s, _)| s))
     }
 }
 

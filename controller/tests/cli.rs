@@ -7,10 +7,14 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// Runs the binary with its own host lock file, so parallel tests never contend (and never
+/// touch the host's /run).
 fn virtwarden(args: &[&str]) -> Output {
+    let lock = tempfile::tempdir().unwrap();
     Command::new(env!("CARGO_BIN_EXE_virtwarden"))
         .args(args)
         .env_remove("LIBVIRT_DEFAULT_URI")
+        .env("VIRTWARDEN_LOCK_FILE", lock.path().join("virtwarden.lock"))
         .output()
         .expect("run virtwarden")
 }

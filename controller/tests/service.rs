@@ -1,5 +1,7 @@
-//! `virtwarden run` as a process: one instance per state dir, a bad policy edit keeps the last
-//! good policy, SIGTERM exits 0, `virtwarden status` shows what the service reports.
+//! `virtwarden run` as a process: one writer per host (a second `run` and an `apply` are
+//! refused), a bad policy edit keeps the last good policy, SIGTERM exits 0, `virtwarden status`
+//! shows what the service reports, a remembered quarantine holds across a restart until
+//! `virtwarden release` lifts it (through the service, or in the memory when none runs).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,9 +11,29 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// The binary with the test's own host lock file (tests run in parallel; the host's /run is
+/// never touched).
+fn bin_in(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_virtwarden"));
+    c.env_remove("LIBVIRT_DEFAULT_URI")
+        .env_remove("NOTIFY_SOCKET")
+        .env("VIRTWARDEN_LOCK_FILE", dir.join("virtwarden.lock"));
+    c
+}
+
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_virtwarden"));
     c.env_remove("LIBVIRT_DEFAULT_URI").env_remove("NOTIFY_SOCKET");
+    c
+}
+
+/// `virtwarden run` with everything under `dir`: state, data and lock.
+fn run_args(dir: &Path) -> Command {
+    let mut c = bin_in(dir);
+    c.args(["run", "-c", &testbed(), "--metrics-addr", "off", "--state-dir"])
+        .arg(dir.join("state"))
+        .arg("--data-dir")
+        .arg(dir.join("data"));
     c
 }
 
@@ -31,16 +53,12 @@ impl Drop for Service {
     }
 }
 
-fn start(state: &Path, policies: &Path) -> Service {
-    let child = bin()
-        .args(["run", "-c", &testbed(), "--metrics-addr", "off", "--state-dir"])
-        .arg(state)
-        .arg(policies)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start virtwarden run");
-    Service { child, state: state.to_path_buf() }
+/// Start `run` with state, data and lock under `dir`; the state directory is `dir/state`.
+fn start(dir: &Path, policies: &Path) -> Service {
+    let state = dir.join("state");
+    let child =
+        run_args(dir).arg(policies).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start virtwarden run");
+    Service { child, state }
 }
 
 fn status_json(state: &Path) -> Option<serde_json::Value> {
@@ -70,20 +88,142 @@ fn domain<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Va
 }
 
 #[test]
-fn second_instance_exits_1_naming_the_holder() {
+fn one_writer_per_host_a_second_run_and_an_apply_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let svc = start(&state, &repo().join("examples/policies"));
-    wait_status(&state, "first instance ready", |s| s["connected"] == true);
-    let out = bin()
+    let svc = start(dir.path(), &repo().join("examples/policies"));
+    wait_status(&svc.state, "first instance ready", |s| s["connected"] == true);
+    let holder = format!("another virtwarden is changing this host (pid {}, `run`)", svc.child.id());
+    // Another state directory does not make it another host.
+    let out = bin_in(dir.path())
         .args(["run", "-c", &testbed(), "--metrics-addr", "off", "--state-dir"])
-        .arg(&state)
+        .arg(dir.path().join("other-state"))
+        .arg("--data-dir")
+        .arg(dir.path().join("other-data"))
         .arg(repo().join("examples/policies"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("another virtwarden is already running (pid {})", svc.child.id())), "{err}");
+    assert!(err.contains(&holder), "{err}");
+    let out = bin_in(dir.path())
+        .args(["apply", "-c", &testbed(), "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg(repo().join("examples/policies"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&holder) && err.contains("nothing was changed"), "{err}");
+    assert!(out.stdout.is_empty(), "apply did nothing: {}", String::from_utf8_lossy(&out.stdout));
+    // Read-only commands need no lock.
+    let out =
+        bin_in(dir.path()).args(["plan", "-c", &testbed()]).arg(repo().join("examples/policies")).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A memory file in which `domain` is quarantined, as a previous run left it.
+fn remembered_quarantine(data: &Path, domain: &str) {
+    std::fs::create_dir_all(data).unwrap();
+    let memory = serde_json::json!({
+        "format": 1,
+        "domains": { domain: { "restarts": {
+            "restarts": [1_700_000_000_000u64, 1_700_000_001_000u64],
+            "consecutive": 2,
+            "quarantine": { "reason": "2 restarts within 1h; more would exceed backoff.maxRestarts", "since": 1_700_000_001_000u64 },
+            "totalRestarts": 2
+        } } }
+    });
+    std::fs::write(data.join("memory.json"), serde_json::to_vec(&memory).unwrap()).unwrap();
+}
+
+fn web1_policy(dir: &Path) -> PathBuf {
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("p.yaml"),
+        "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: {name: p}\nspec:\n  domains:\n    - name: web1\n      restart: always\n",
+    )
+    .unwrap();
+    policies
+}
+
+#[test]
+fn a_remembered_quarantine_holds_across_a_restart_until_release_lifts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    remembered_quarantine(&dir.path().join("data"), "web1");
+    let policies = web1_policy(dir.path());
+    // web1 is shut off in the node file and would be started — but it is remembered quarantined.
+    let svc = start(dir.path(), &policies);
+    let s = wait_status(&svc.state, "web1 seen, quarantined", |s| {
+        domain(s, "web1").is_some_and(|d| d["quarantined"].is_string() && d["state"] != "unknown")
+    });
+    let d = domain(&s, "web1").unwrap();
+    assert!(d["state"].as_str().unwrap().starts_with("shut off"), "{d}");
+    assert_eq!(d["restarts"], 2, "{d}");
+    let text = bin().args(["status", "--state-dir"]).arg(&svc.state).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("quarantined since 2023-11-14T22:13:21+00:00: 2 restarts within 1h"), "{text}");
+    assert!(text.contains("to retry once fixed: virtwarden release web1"), "{text}");
+
+    let out = bin_in(dir.path()).args(["release", "web1", "--state-dir"]).arg(&svc.state).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("released web1 (was quarantined: 2 restarts within 1h"), "{said}");
+    let s = wait_status(&svc.state, "web1 started after release", |s| {
+        domain(s, "web1").is_some_and(|d| d["state"].as_str().unwrap_or("").starts_with("running"))
+    });
+    assert!(domain(&s, "web1").unwrap()["quarantined"].is_null());
+    // The release is remembered: the file no longer holds the quarantine.
+    let memory: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("data/memory.json")).unwrap()).unwrap();
+    assert!(memory["domains"]["web1"]["restarts"]["quarantine"].is_null(), "{memory}");
+    // Asking for a domain no policy manages is an error.
+    let out = bin_in(dir.path()).args(["release", "legacy", "--state-dir"]).arg(&svc.state).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`legacy` is not managed"));
+}
+
+#[test]
+fn release_without_a_running_service_edits_the_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    remembered_quarantine(&data, "web1");
+    let out = bin_in(dir.path())
+        .args(["release", "web1", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("released web1 (was quarantined: 2 restarts"));
+    let memory: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("memory.json")).unwrap()).unwrap();
+    assert!(memory["domains"]["web1"]["restarts"]["quarantine"].is_null(), "{memory}");
+    assert_eq!(memory["domains"]["web1"]["restarts"]["totalRestarts"], 2, "the lifetime count stays");
+    // The service started afterwards starts it.
+    let svc = start(dir.path(), &web1_policy(dir.path()));
+    wait_status(&svc.state, "web1 started", |s| {
+        domain(s, "web1").is_some_and(|d| d["state"].as_str().unwrap_or("").starts_with("running"))
+    });
+}
+
+#[test]
+fn a_corrupt_memory_file_is_set_aside_reported_and_the_service_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("memory.json"), b"{\"format\": 1, \"domains\": {").unwrap();
+    let svc = start(dir.path(), &web1_policy(dir.path()));
+    let s = wait_status(&svc.state, "web1 started", |s| {
+        domain(s, "web1").is_some_and(|d| d["state"].as_str().unwrap_or("").starts_with("running"))
+    });
+    let problem = s["memoryError"].as_str().unwrap_or_default();
+    assert!(problem.contains("is not valid") && problem.contains("set aside as"), "{s}");
+    let names: Vec<String> =
+        std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert!(names.iter().any(|n| n.starts_with("memory.json.corrupt-")), "{names:?}");
+    let text = bin().args(["status", "--state-dir"]).arg(&svc.state).output().unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("MEMORY PROBLEM: "));
 }
 
 #[test]
@@ -94,7 +234,7 @@ fn bad_edit_keeps_last_good_policy_and_sigterm_exits_0() {
     std::fs::create_dir(&policies).unwrap();
     let file = policies.join("p.yaml");
     std::fs::write(&file, "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: {name: p}\nspec:\n  domains:\n    - name: web1\n").unwrap();
-    let mut svc = start(&state, &policies);
+    let mut svc = start(dir.path(), &policies);
     wait_status(&state, "web1 started", |s| {
         domain(s, "web1").is_some_and(|d| d["state"].as_str().unwrap_or("").starts_with("running"))
     });
@@ -133,11 +273,6 @@ fn bad_edit_keeps_last_good_policy_and_sigterm_exits_0() {
 #[test]
 fn invalid_policy_at_start_exits_2() {
     let dir = tempfile::tempdir().unwrap();
-    let out = bin()
-        .args(["run", "-c", &testbed(), "--metrics-addr", "off", "--state-dir"])
-        .arg(dir.path())
-        .arg(repo().join("tests/bad-policies/14-unknown-boot-device.yaml"))
-        .output()
-        .unwrap();
+    let out = run_args(dir.path()).arg(repo().join("tests/bad-policies/14-unknown-boot-device.yaml")).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

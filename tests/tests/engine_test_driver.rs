@@ -163,8 +163,14 @@ async fn run_then_crash_loop_walks_the_ladder_then_quarantines() {
     assert!(lines[0].starts_with("web2 3 from-test reason=stopped/destroyed"), "{hook_log}");
     assert!(lines[1].starts_with("web2 4 from-test"), "{hook_log}");
 
-    // A reload with the same policy and quarantine cleared (SIGHUP) restarts it again.
-    r.engine.reload(policy(&spec), true);
+    // A reload does not lift a quarantine; `virtwarden release` does, and the domain is
+    // restarted again.
+    r.engine.reload(policy(&spec));
+    r.engine.resync();
+    r.until("reload seen", |s| domain(s, "web2").quarantined.is_some()).await;
+    assert_eq!(r.state("web2"), DomainState::ShutOff, "still quarantined after a reload");
+    let said = r.engine.release("web2").await.expect("released");
+    assert!(said.starts_with("released web2 (was quarantined: 4 restarts within 1h"), "{said}");
     r.until("restart after reload", |s| {
         domain(s, "web2").quarantined.is_none() && domain(s, "web2").state.starts_with("running")
     })
@@ -257,17 +263,19 @@ async fn reconnects_after_connection_loss_resyncs_and_keeps_healing() {
 struct BrokenStart;
 
 impl virtwarden::act::remediation::Remediation for BrokenStart {
-    fn run(
-        &self,
-        ctx: &virtwarden::act::remediation::RemediationContext,
-        _hv: &dyn virtwarden::hypervisor::Hypervisor,
-    ) -> Result<(), virtwarden::act::remediation::RemediationError> {
-        Err(virtwarden::hypervisor::HypervisorError::Failed {
-            op: "start",
-            domain: ctx.domain.clone(),
-            message: "could not open disk image /img/web2.img: Permission denied".into(),
-        }
-        .into())
+    fn run<'a>(
+        &'a self,
+        ctx: &'a virtwarden::act::remediation::RemediationContext,
+        _calls: &'a virtwarden::act::calls::Calls,
+    ) -> virtwarden::act::remediation::StepFuture<'a> {
+        Box::pin(async move {
+            Err(virtwarden::hypervisor::HypervisorError::Failed {
+                op: "start",
+                domain: ctx.domain.clone(),
+                message: "could not open disk image /img/web2.img: Permission denied".into(),
+            }
+            .into())
+        })
     }
 }
 

@@ -58,7 +58,7 @@ fn plan_shows_drift_apply_converges_plan_shows_none() {
     assert!(web1.autostart);
     assert_eq!(web1.boot.order, [BootDevice::Hd, BootDevice::Network]);
     assert_eq!(after.domain("batch1").unwrap().state, DomainState::ShutOff);
-    assert_eq!(after.domain("batch1").unwrap().reason, "shutdown");
+    assert_eq!(after.domain("batch1").unwrap().reason.as_str(), "shutdown");
     // cache1 is `state: ignored`: still paused.
     assert_eq!(after.domain("cache1").unwrap().state, DomainState::Paused);
 }

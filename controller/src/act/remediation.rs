@@ -1,17 +1,25 @@
-//! Pluggable remediation: the steps of a domain's escalation ladder. Built-ins act through the
-//! hypervisor; `exec` runs an operator's command (argv, no shell) with a timeout. Every step is
-//! followed by re-observing the domain (done by the caller), so success means "running again".
+//! Pluggable remediation: the steps of a domain's escalation ladder. Built-ins act through
+//! deadline-bounded libvirt calls; `exec` runs an operator's command (argv, no shell) with a
+//! timeout. Each step looks at the domain's state right before it acts and leaves alone what it
+//! must not touch (a pause for migration, snapshot or save; a shutdown in progress; a guest that
+//! suspended itself). Every step is followed by re-observing the domain (done by the caller),
+//! so success means "running again".
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtwarden_policies::{BootDevice, RemediationAction};
 
 use super::boot_xml::rewrite_boot_order;
-use crate::hypervisor::{Hypervisor, HypervisorError};
-use crate::observe::DomainState;
+use super::calls::{CallError, Calls};
+use crate::hypervisor::HypervisorError;
+use crate::observe::{DomainState, StateReason};
 use crate::plan::restart::Step;
 
 /// What a remediation knows about the domain it repairs.
@@ -31,23 +39,65 @@ pub struct RemediationContext {
 #[derive(Debug, thiserror::Error)]
 pub enum RemediationError {
     #[error(transparent)]
-    Hypervisor(#[from] HypervisorError),
+    Call(#[from] CallError),
     #[error("rewriting the boot order: {0}")]
     BootXml(#[from] super::boot_xml::BootXmlError),
+    #[error("domain {0} does not exist")]
+    NoSuchDomain(String),
     #[error("cannot run {}: {source}", program.display())]
     Spawn { program: PathBuf, source: std::io::Error },
     #[error("{} timed out after {timeout:?} and was killed", program.display())]
     Timeout { program: PathBuf, timeout: Duration },
     #[error("{} exited with {status}{}", program.display(), if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
     Exit { program: PathBuf, status: std::process::ExitStatus, stderr: String },
+    #[error("{} was stopped: the domain's policy changed or virtwarden is stopping", program.display())]
+    Cancelled { program: PathBuf },
     #[error("no remediation registered for `{0}`")]
     Unknown(&'static str),
 }
 
+impl From<HypervisorError> for RemediationError {
+    fn from(e: HypervisorError) -> Self {
+        RemediationError::Call(CallError::Failed(e))
+    }
+}
+
+impl RemediationError {
+    /// Nothing is known about the outcome: the connection was lost or a call never returned.
+    pub fn is_interruption(&self) -> bool {
+        matches!(self, RemediationError::Call(c) if c.is_interruption())
+    }
+
+    /// libvirt's own words where there are any, else the error.
+    pub fn detail(&self) -> String {
+        match self {
+            RemediationError::Call(c) => c.detail(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// How a step ended when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// It acted (or found nothing left to do).
+    Done,
+    /// It found the domain in a state it must not touch, and did nothing.
+    LeftAlone(String),
+}
+
+/// A remediation step in progress.
+pub type StepFuture<'a> = Pin<Box<dyn Future<Output = Result<StepOutcome, RemediationError>> + Send + 'a>>;
+
 /// One kind of repair.
 pub trait Remediation: Send + Sync {
-    /// Carry the step out. Blocks; callers run it off the async executor.
-    fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError>;
+    /// Carry the step out.
+    fn run<'a>(&'a self, ctx: &'a RemediationContext, calls: &'a Calls) -> StepFuture<'a>;
+
+    /// May the step be abandoned midway (a hook can be; a destroy-then-start is waited out)?
+    fn cancellable(&self) -> bool {
+        false
+    }
 }
 
 /// Remediations by action name; the built-ins are registered by [`Registry::with_builtins`].
@@ -71,91 +121,174 @@ impl Registry {
         self.map.insert(action, remediation);
     }
 
-    pub fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        let r = self.map.get(&ctx.step.action).ok_or(RemediationError::Unknown(ctx.step.action.as_str()))?;
-        r.run(ctx, hv)
+    pub fn get(&self, action: RemediationAction) -> Result<&dyn Remediation, RemediationError> {
+        self.map.get(&action).map(|b| b.as_ref()).ok_or(RemediationError::Unknown(action.as_str()))
     }
 }
 
-/// Bring the domain to running from whatever state it is in: start it when off, resume it when
-/// paused, destroy-then-start when libvirt holds it crashed.
-pub fn bring_up(name: &str, hv: &dyn Hypervisor) -> Result<(), HypervisorError> {
-    let Some(state) = hv.domain_state(name)? else {
-        return Err(HypervisorError::NoSuchDomain { domain: name.to_string() });
-    };
+/// libvirt/QEMU errors after which resuming a paused guest cannot work, so only a power cycle
+/// brings it back: QEMU refuses to continue after a KVM internal error ("Resetting the Virtual
+/// Machine is required"), and a guest that crashed while paused has nothing to continue.
+const RESUME_IMPOSSIBLE: &[&str] = &["Resetting the Virtual Machine is required", "guest crashed"];
+
+/// Whether a failed resume means the guest can only be power-cycled.
+pub fn resume_needs_power_cycle(e: &CallError) -> bool {
+    matches!(e, CallError::Failed(h) if RESUME_IMPOSSIBLE.iter().any(|m| h.detail().contains(m)))
+}
+
+/// What must not be touched, whatever the ladder says: an operation in progress ends on its own.
+fn hands_off(state: DomainState, reason: StateReason) -> Option<String> {
     match state {
-        DomainState::Running | DomainState::Blocked => Ok(()),
-        // A guest paused by an error may refuse to continue ("Resetting the Virtual Machine is
-        // required" after a KVM internal error): then power-cycle it.
-        DomainState::Paused => hv.resume(name).or_else(|e| {
-            tracing::warn!(domain = name, %e, "resume failed; destroying and starting");
-            hv.destroy(name)?;
-            hv.start(name)
-        }),
-        DomainState::Crashed | DomainState::ShuttingDown | DomainState::PmSuspended => {
-            hv.destroy(name)?;
-            hv.start(name)
+        DomainState::Paused if reason.is_operation_in_progress() => {
+            Some(format!("paused ({reason}): an operation is in progress"))
         }
-        DomainState::ShutOff | DomainState::NoState => hv.start(name),
+        DomainState::ShuttingDown => Some("in shutdown: the guest is shutting down".into()),
+        DomainState::PmSuspended => Some("pmsuspended: the guest suspended itself".into()),
+        _ => None,
     }
+}
+
+async fn current(calls: &Calls, name: &str) -> Result<(DomainState, StateReason), RemediationError> {
+    calls.state(name).await?.ok_or_else(|| RemediationError::NoSuchDomain(name.to_string()))
+}
+
+async fn power_cycle(calls: &Calls, name: &str) -> Result<StepOutcome, RemediationError> {
+    calls.destroy(name).await?;
+    calls.start(name).await?;
+    Ok(StepOutcome::Done)
+}
+
+/// Bring the domain to running from the state it is in now: start it when off, resume it when
+/// paused by an error or an admin, power-cycle it when libvirt holds it crashed or a resume
+/// cannot work; leave it alone while an operation is in progress.
+pub async fn bring_up(calls: &Calls, name: &str) -> Result<StepOutcome, RemediationError> {
+    let (state, reason) = current(calls, name).await?;
+    if let Some(why) = hands_off(state, reason) {
+        return Ok(StepOutcome::LeftAlone(why));
+    }
+    match state {
+        DomainState::Running | DomainState::Blocked => Ok(StepOutcome::Done),
+        DomainState::Paused if reason == StateReason::Crashed => power_cycle(calls, name).await,
+        DomainState::Paused => match calls.resume(name).await {
+            Ok(()) => Ok(StepOutcome::Done),
+            Err(e) if resume_needs_power_cycle(&e) => {
+                tracing::warn!(domain = name, %e, "resume cannot work; destroying and starting");
+                power_cycle(calls, name).await
+            }
+            Err(e) => Err(e.into()),
+        },
+        DomainState::Crashed => power_cycle(calls, name).await,
+        DomainState::ShutOff | DomainState::NoState => {
+            calls.start(name).await?;
+            Ok(StepOutcome::Done)
+        }
+        DomainState::ShuttingDown | DomainState::PmSuspended => Ok(StepOutcome::LeftAlone(state.as_str().into())),
+    }
+}
+
+/// Destroy the domain if it is active (and may be touched), then start it.
+async fn destroy_then_start(calls: &Calls, name: &str) -> Result<StepOutcome, RemediationError> {
+    let (state, reason) = current(calls, name).await?;
+    if let Some(why) = hands_off(state, reason) {
+        return Ok(StepOutcome::LeftAlone(why));
+    }
+    if state.is_active() {
+        calls.destroy(name).await?;
+    }
+    calls.start(name).await?;
+    Ok(StepOutcome::Done)
 }
 
 struct StartRemediation;
 impl Remediation for StartRemediation {
-    fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        Ok(bring_up(&ctx.domain, hv)?)
+    fn run<'a>(&'a self, ctx: &'a RemediationContext, calls: &'a Calls) -> StepFuture<'a> {
+        Box::pin(bring_up(calls, &ctx.domain))
     }
 }
 
 struct ResetRemediation;
 impl Remediation for ResetRemediation {
-    fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        let active = hv
-            .domain_state(&ctx.domain)?
-            .is_some_and(|s| matches!(s, DomainState::Running | DomainState::Blocked | DomainState::Paused));
-        if active {
-            hv.reset(&ctx.domain)?;
-        }
-        // A reset guest that was paused stays paused; a stopped one needs a start.
-        Ok(bring_up(&ctx.domain, hv)?)
+    fn run<'a>(&'a self, ctx: &'a RemediationContext, calls: &'a Calls) -> StepFuture<'a> {
+        Box::pin(async move {
+            let (state, reason) = current(calls, &ctx.domain).await?;
+            if let Some(why) = hands_off(state, reason) {
+                return Ok(StepOutcome::LeftAlone(why));
+            }
+            if matches!(state, DomainState::Running | DomainState::Blocked | DomainState::Paused) {
+                calls.reset(&ctx.domain).await?;
+            }
+            // A reset guest that was paused stays paused; a stopped one needs a start.
+            bring_up(calls, &ctx.domain).await
+        })
     }
 }
 
 struct DestroyStartRemediation;
 impl Remediation for DestroyStartRemediation {
-    fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        if hv.domain_state(&ctx.domain)?.is_some_and(DomainState::is_active) {
-            hv.destroy(&ctx.domain)?;
-        }
-        Ok(hv.start(&ctx.domain)?)
+    fn run<'a>(&'a self, ctx: &'a RemediationContext, calls: &'a Calls) -> StepFuture<'a> {
+        Box::pin(destroy_then_start(calls, &ctx.domain))
     }
 }
 
 struct RedefineBootOrderRemediation;
 impl Remediation for RedefineBootOrderRemediation {
-    fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        match &ctx.boot {
-            Some(order) => {
-                let xml = hv.persistent_xml(&ctx.domain)?;
-                hv.define_xml(&ctx.domain, &rewrite_boot_order(&xml, order)?)?;
+    fn run<'a>(&'a self, ctx: &'a RemediationContext, calls: &'a Calls) -> StepFuture<'a> {
+        Box::pin(async move {
+            match &ctx.boot {
+                Some(order) => {
+                    let (name, order) = (ctx.domain.clone(), order.clone());
+                    calls
+                        .act("redefine boot order", move |hv| {
+                            let xml = hv.persistent_xml(&name)?;
+                            let new = rewrite_boot_order(&xml, &order).map_err(|e| HypervisorError::Failed {
+                                op: "rewrite boot order",
+                                domain: name.clone(),
+                                message: e.to_string(),
+                            })?;
+                            hv.define_xml(&name, &new)
+                        })
+                        .await?;
+                }
+                None => tracing::warn!(
+                    domain = %ctx.domain,
+                    "redefine-boot-order without `boot` in the policy: only restarting"
+                ),
             }
-            None => {
-                tracing::warn!(domain = %ctx.domain, "redefine-boot-order without `boot` in the policy: only starting")
-            }
-        }
-        if hv.domain_state(&ctx.domain)?.is_some_and(DomainState::is_active) {
-            hv.destroy(&ctx.domain)?;
-        }
-        Ok(hv.start(&ctx.domain)?)
+            destroy_then_start(calls, &ctx.domain).await
+        })
     }
 }
 
-/// Runs the step's command; when it exits 0 and the domain is still down, starts it.
+/// Runs the step's command; when it exits 0 and the domain is still down, brings it up.
 struct ExecRemediation;
 impl Remediation for ExecRemediation {
-    fn run(&self, ctx: &RemediationContext, hv: &dyn Hypervisor) -> Result<(), RemediationError> {
-        run_hook(ctx)?;
-        Ok(bring_up(&ctx.domain, hv)?)
+    fn run<'a>(&'a self, ctx: &'a RemediationContext, calls: &'a Calls) -> StepFuture<'a> {
+        Box::pin(async move {
+            let hook_ctx = ctx.clone();
+            // Abandoning this future (a policy change, shutdown) kills the hook.
+            let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+            let flag = cancel.0.clone();
+            match tokio::task::spawn_blocking(move || run_hook_until(&hook_ctx, &flag)).await {
+                Ok(r) => r?,
+                Err(e) => {
+                    return Err(RemediationError::Spawn { program: PathBuf::new(), source: std::io::Error::other(e) })
+                }
+            }
+            bring_up(calls, &ctx.domain).await
+        })
+    }
+
+    fn cancellable(&self) -> bool {
+        true
+    }
+}
+
+/// Sets its flag when dropped: tells a blocking hook runner to kill the hook.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -167,6 +300,11 @@ const STDERR_KEEP: usize = 512;
 /// Run an exec step's command: argv without a shell, the VIRTWARDEN_* environment, killed after
 /// its timeout. Exit 0 is success.
 pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
+    run_hook_until(ctx, &AtomicBool::new(false))
+}
+
+/// [`run_hook`], killing the hook as soon as `cancel` is set.
+pub fn run_hook_until(ctx: &RemediationContext, cancel: &AtomicBool) -> Result<(), RemediationError> {
     let Some((program, args)) = ctx.step.command.split_first() else {
         return Err(RemediationError::Spawn {
             program: PathBuf::new(),
@@ -202,6 +340,11 @@ pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
+            Ok(None) if cancel.load(Ordering::SeqCst) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(RemediationError::Cancelled { program });
+            }
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();

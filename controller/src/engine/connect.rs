@@ -5,9 +5,14 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+
+use crate::act::retry::RetryIdempotent;
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::libvirt::events::{start_event_loop, subscribe, EventSubscription, HypervisorEvent};
-use crate::libvirt::LibvirtHost;
+use crate::libvirt::{route_errors_to_tracing, LibvirtHost};
 
 /// An open connection and what keeps its events flowing.
 pub struct Connection {
@@ -17,8 +22,9 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection whose idempotent calls are retried after transient errors.
     pub fn new(hypervisor: Arc<dyn Hypervisor>, subscription: Option<EventSubscription>) -> Self {
-        Connection { subscription, hypervisor }
+        Connection { subscription, hypervisor: Arc::new(RetryIdempotent(hypervisor)) }
     }
 
     pub fn has_events(&self) -> bool {
@@ -44,8 +50,11 @@ impl Connector for LibvirtConnector {
     }
 
     fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError> {
+        route_errors_to_tracing();
         start_event_loop();
         let host = Arc::new(LibvirtHost::open(&self.uri)?);
+        // A libvirtd that stops answering is noticed within ~15 s (the close callback fires).
+        host.enable_keepalive(5, 3);
         let subscription = match subscribe(&host, events) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -76,4 +85,38 @@ impl Connector for SharedConnector {
         })?;
         Ok(Connection::new(self.host.clone(), Some(subscription)))
     }
+}
+
+/// Connect in the background until it works (100 ms doubling to 5 s between tries), then hand
+/// the connection to the engine loop.
+pub(super) fn spawn_reconnect(
+    connector: Arc<dyn Connector>,
+    events: UnboundedSender<HypervisorEvent>,
+    engine: UnboundedSender<super::Msg>,
+) {
+    tokio::spawn(async move {
+        let attempt = || {
+            let c = connector.clone();
+            let ev = events.clone();
+            async move {
+                match tokio::task::spawn_blocking(move || c.connect(ev)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("connect task failed: {e}")),
+                }
+            }
+        };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times();
+        let connected = attempt
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|_| !engine.is_closed())
+            .notify(|e, retry_in| tracing::warn!(%e, ?retry_in, "cannot connect to libvirt"))
+            .await;
+        if let Ok(conn) = connected {
+            let _ = engine.send(super::Msg::Connected(conn));
+        }
+    });
 }

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub event_lag_seconds: Histogram,
     pub quarantined: Gauge,
     pub connected: Gauge,
+    pub worker_panics: Counter,
 }
 
 impl Default for Metrics {
@@ -46,6 +47,7 @@ impl Default for Metrics {
         let event_lag_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
         let quarantined = Gauge::default();
         let connected = Gauge::default();
+        let worker_panics = Counter::default();
         registry.register("restarts", "Restarts issued, by domain", restarts.clone());
         registry.register("actions", "Actions carried out, by kind and result (ok|error)", actions.clone());
         registry.register("drift_detected", "Drift found, by kind", drift.clone());
@@ -57,7 +59,22 @@ impl Default for Metrics {
         );
         registry.register("quarantined_domains", "Domains with automatic restarts stopped", quarantined.clone());
         registry.register("connected", "1 while the libvirt connection is up", connected.clone());
-        Metrics { registry, restarts, actions, drift, reconcile_seconds, event_lag_seconds, quarantined, connected }
+        registry.register(
+            "worker_panics",
+            "Domain workers that panicked and were restarted (a bug: please report it)",
+            worker_panics.clone(),
+        );
+        Metrics {
+            registry,
+            restarts,
+            actions,
+            drift,
+            reconcile_seconds,
+            event_lag_seconds,
+            quarantined,
+            connected,
+            worker_panics,
+        }
     }
 }
 

@@ -18,8 +18,9 @@ use crate::hostnet::sysctl::ProcForwarding;
 use crate::observe::ObservedHost;
 use crate::plan::network::plan_network;
 
-/// Domains may have changed: all of them (resync, reload) or one (its lifecycle event), so the
-/// task refreshes its view of their taps. Network changes arrive on its own netlink subscription.
+/// Domains may have changed: all of them (resync, reload, reconnect) or one (its worker saw a
+/// change), so the task refreshes its view of their taps. Network changes arrive on its own
+/// netlink subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum NetKick {
     AllDomains,
@@ -110,44 +111,13 @@ impl NetworkTask {
         }
     }
 
-    /// Bring the cached domain view up to date: every domain after a resync or reload, only the
-    /// named ones after their lifecycle events (one event must not cost a full observation).
-    /// False when libvirt could not be asked (try again on the next pass).
-    async fn refresh_domains(&mut self, refresh: &Refresh) -> bool {
-        if !refresh.all && refresh.domains.is_empty() {
-            return true;
-        }
-        let Some(hv) = self.shared.hypervisor() else { return false };
-        if refresh.all {
-            return match tokio::task::spawn_blocking(move || hv.observe_host()).await {
-                Ok(Ok(mut host)) => {
-                    host.net = None;
-                    self.domains = host;
-                    true
-                }
-                Ok(Err(e)) => {
-                    self.shared.hypervisor_error(&e);
-                    false
-                }
-                Err(_) => false,
-            };
-        }
-        for name in &refresh.domains {
-            let hv = hv.clone();
-            let n = name.clone();
-            match tokio::task::spawn_blocking(move || hv.observe_domain(&n)).await {
-                Ok(Ok(found)) => {
-                    self.domains.domains.retain(|d| &d.name != name);
-                    self.domains.domains.extend(found);
-                }
-                Ok(Err(e)) => {
-                    self.shared.hypervisor_error(&e);
-                    return false;
-                }
-                Err(_) => return false,
-            }
-        }
-        true
+    /// Bring the domain view up to date from what the domain workers last observed (the
+    /// network task never calls libvirt itself, so a hung libvirt call cannot stall it).
+    /// False while libvirt is disconnected: the view is stale.
+    async fn refresh_domains(&mut self, _refresh: &Refresh) -> bool {
+        self.domains =
+            ObservedHost { domains: self.shared.domain_snapshots(), networks: self.shared.networks(), net: None };
+        self.shared.hypervisor().is_some()
     }
 
     /// One pass: observe, plan, act, read back. Returns whether drift is left (retry later).

@@ -17,6 +17,12 @@ pub struct StatusReport {
     pub connected: bool,
     /// Policies in force (the last good load).
     pub policies: Vec<String>,
+    /// Where the durable memory lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<String>,
+    /// The durable memory could not be read or written (what, and what was done about it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_error: Option<String>,
     /// The last reload error, if the newest edit was rejected (the previous policy stays).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_error: Option<String>,
@@ -71,9 +77,14 @@ pub struct DomainStatus {
     pub last_action_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_retry: Option<DateTime<Utc>>,
-    /// Why automatic restarts stopped, if they did.
+    /// Why automatic restarts stopped, if they did (lift with `virtwarden release NAME`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined_since: Option<DateTime<Utc>>,
+    /// What virtwarden remembers about why the domain is off (kept across libvirtd restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remembered: Option<String>,
     /// The last `exec` remediation step that was refused (not run) and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_hook: Option<String>,
@@ -94,13 +105,15 @@ pub enum StatusError {
     Parse { path: String, source: serde_json::Error },
 }
 
-/// Write `report` to `path` atomically: readers see the old or the new file, never half of one.
+/// Write `report` to `path` atomically (readers see the old or the new file, never half of
+/// one), readable by its owner only; the directory is created 0700.
 pub fn write_atomically(path: &Path, report: &StatusReport) -> Result<(), StatusError> {
     let err = |source| StatusError::Write { path: path.display().to_string(), source };
     let text = serde_json::to_vec_pretty(report).map_err(|e| err(std::io::Error::other(e)))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::fsutil::ensure_private_dir(dir).map_err(err)?;
+    }
+    crate::fsutil::write_atomically(path, &text).map_err(err)
 }
 
 pub fn read(path: &Path) -> Result<StatusReport, StatusError> {
@@ -119,37 +132,61 @@ pub fn render_text(report: &StatusReport) -> String {
         if report.connected { "connected" } else { "DISCONNECTED" },
         if report.policies.is_empty() { "none".to_string() } else { report.policies.join(", ") }
     ));
+    if let Some(e) = &report.memory_error {
+        out.push_str(&format!("MEMORY PROBLEM: {e}\n"));
+    }
     if let Some(e) = &report.policy_error {
         out.push_str(&format!("last reload REJECTED (previous policy in force):\n{e}\n"));
     }
-    out.push_str(&format!(
-        "{:<20} {:<26} {:>8} {:<12} {}\n",
-        "DOMAIN", "STATE", "RESTARTS", "QUARANTINED", "LAST FAILURE / ACTION"
-    ));
     if let Some(n) = &report.network {
         out.push_str(&format!("network: {}\n", if n.drift.is_empty() { "in sync" } else { "DRIFT (retrying)" }));
         for line in n.drift.iter().chain(&n.last_actions).chain(&n.notes) {
             out.push_str(&format!("  {line}\n"));
         }
     }
+    out.push_str(&format!("{:<20} {:<26} {:>8} {:<12} {}\n", "DOMAIN", "STATE", "RESTARTS", "QUARANTINED", "DETAIL"));
+    let pad = format!("{:<20} {:<26} {:>8} {:<12} ", "", "", "", "");
     for d in &report.domains {
+        let mut lines = Vec::new();
+        match &d.quarantined {
+            Some(reason) => {
+                let since = d.quarantined_since.map(|t| format!(" since {}", t.to_rfc3339())).unwrap_or_default();
+                lines.push(format!("quarantined{since}: {reason}"));
+                if let Some(f) = &d.last_failure {
+                    lines.push(format!("last failure: {f}"));
+                }
+                if let Some(e) = &d.last_error {
+                    lines.push(format!("last error: {e}"));
+                }
+                lines.push(format!("to retry once fixed: virtwarden release {}", d.name));
+            }
+            None => {
+                let mut detail = Vec::new();
+                if let Some(f) = &d.last_failure {
+                    detail.push(format!("failure: {f}"));
+                }
+                if let Some(e) = &d.last_error {
+                    detail.push(format!("last error: {e}"));
+                }
+                if let Some(a) = &d.last_action {
+                    detail.push(format!("action: {a} → {}", d.last_outcome.as_deref().unwrap_or("pending")));
+                }
+                if let Some(t) = d.next_retry {
+                    detail.push(format!("next retry {}", t.to_rfc3339()));
+                }
+                lines.push(detail.join("; "));
+            }
+        }
+        if let Some(r) = &d.remembered {
+            lines.push(format!("remembered: {r}"));
+        }
+        if let Some(h) = &d.refused_hook {
+            lines.push(format!("hook refused: {h}"));
+        }
         let q = if d.quarantined.is_some() { "yes" } else { "no" };
-        let mut detail = Vec::new();
-        if let Some(f) = &d.last_failure {
-            detail.push(format!("failure: {f}"));
-        }
-        if let Some(e) = &d.last_error {
-            detail.push(format!("last error: {e}"));
-        }
-        if let Some(a) = &d.last_action {
-            detail.push(format!("action: {a} → {}", d.last_outcome.as_deref().unwrap_or("pending")));
-        }
-        if let Some(t) = d.next_retry {
-            detail.push(format!("next retry {}", t.to_rfc3339()));
-        }
-        out.push_str(&format!("{:<20} {:<26} {:>8} {:<12} {}\n", d.name, d.state, d.restarts, q, detail.join("; ")));
-        if let Some(reason) = &d.quarantined {
-            out.push_str(&format!("{:<20} quarantined: {reason}\n", ""));
+        out.push_str(&format!("{:<20} {:<26} {:>8} {:<12} {}\n", d.name, d.state, d.restarts, q, lines[0]));
+        for l in &lines[1..] {
+            out.push_str(&format!("{pad}{l}\n"));
         }
     }
     out

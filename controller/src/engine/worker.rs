@@ -1,49 +1,63 @@
-//! One task per managed domain: at most one action in flight for it, and a slow domain never
-//! delays another. Every decision starts from a fresh observation of the domain.
+//! One long-lived actor per managed domain: the only task that acts on it. It takes orders
+//! (look again, a new policy, release the quarantine, stop) between actions; a new policy or a
+//! stop cancels an action that can be abandoned (a graceful-shutdown wait, a hook) and waits
+//! out one that cannot (a destroy-then-start). Every decision starts from a fresh observation,
+//! and right before it acts the worker reads the state again and acts only if the planner,
+//! given that state, still wants the same thing. Its crash-loop bookkeeping and what it
+//! learns about the domain's intent go to the durable memory.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use virtwarden_policies::{Backoff, DesiredState, ManagedDomain};
 
-use super::Shared;
-use crate::act::remediation::RemediationContext;
-use crate::act::{execute_action, ActError};
-use crate::hypervisor::{Hypervisor, HypervisorError};
+use super::network::NetKick;
+use super::shared::Shared;
+use super::status::DomainStatus;
+use crate::act::calls::{CallError, Calls};
+use crate::act::execute_action;
+use crate::act::remediation::{RemediationContext, RemediationError, StepOutcome};
+use crate::hypervisor::HypervisorError;
 use crate::libvirt::events::LifecycleEvent;
+use crate::memory::{intent_after, Intent, Memory};
 use crate::observe::{DomainState, ObservedDomain, ObservedHost};
-use crate::plan::restart::{Decision, Ladder, RestartTracker};
-use crate::plan::{plan, Action, ActionKind};
+use crate::plan::restart::{Decision, Ladder, Outcome, RestartTracker};
+use crate::plan::{plan_with, Action, ActionKind};
 
-/// Why a worker should look at its domain again.
-#[derive(Debug, Default)]
-pub(super) struct Kick {
-    pub event: Option<LifecycleEvent>,
-    pub clear_quarantine: bool,
+/// What a worker is told.
+#[derive(Debug)]
+pub(super) enum Order {
+    /// Look at the domain again; `round` is a resync round to acknowledge.
+    Look { event: Option<LifecycleEvent>, round: Option<u64> },
+    /// The domain's policy (possibly unchanged) after a reload.
+    Policy(Box<ManagedDomain>),
+    /// Lift the quarantine; the reply says what was done.
+    Release(oneshot::Sender<Result<String, String>>),
+    /// The domain is no longer managed (or the engine stops).
+    Stop,
 }
 
-impl Kick {
-    fn merge(&mut self, other: Kick) {
-        if other.event.is_some() {
-            self.event = other.event;
-        }
-        self.clear_quarantine |= other.clear_quarantine;
-    }
-}
-
-/// Retry delay after an observation failed (the connection manager handles lost connections).
+/// Retry delay after an observation failed (lost connections are handled by reconnecting).
 const OBSERVE_RETRY: Duration = Duration::from_secs(1);
+/// How often a graceful shutdown is checked on.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
 
 pub(super) struct Worker {
     shared: Arc<Shared>,
     managed: ManagedDomain,
     desired_one: DesiredState,
     tracker: RestartTracker,
+    calls: Calls,
+    rx: UnboundedReceiver<Order>,
+    pending: VecDeque<Order>,
     last_event: Option<String>,
     quarantine_logged: bool,
-    rx: UnboundedReceiver<Kick>,
+    stopping: bool,
 }
 
 fn is_recovery(kind: &ActionKind) -> bool {
@@ -54,102 +68,266 @@ fn is_up(d: &ObservedDomain) -> bool {
     matches!(d.state, DomainState::Running | DomainState::Blocked)
 }
 
+fn desired_one(managed: &ManagedDomain) -> DesiredState {
+    DesiredState { policies: vec![managed.policy.clone()], domains: vec![managed.clone()], ..Default::default() }
+}
+
+fn tracker_for(shared: &Shared, managed: &ManagedDomain) -> RestartTracker {
+    let spec = &managed.spec;
+    let remembered = shared.memory.read(|m| m.domains.get(&spec.name).map(|d| d.restarts.clone()));
+    RestartTracker::with_state(
+        Backoff::resolve(spec.backoff.as_ref()),
+        Ladder::new(spec.remediation.as_deref()),
+        remembered.unwrap_or_default(),
+        shared.tick(),
+    )
+}
+
+fn into_hv(e: crate::act::ActError) -> HypervisorError {
+    match e {
+        crate::act::ActError::Hypervisor(h) => h,
+        other => HypervisorError::Failed { op: "act", domain: String::new(), message: other.to_string() },
+    }
+}
+
 impl Worker {
-    pub(super) fn new(shared: Arc<Shared>, managed: ManagedDomain, rx: UnboundedReceiver<Kick>) -> Self {
-        let spec = &managed.spec;
-        let tracker =
-            RestartTracker::new(Backoff::resolve(spec.backoff.as_ref()), Ladder::new(spec.remediation.as_deref()));
-        let desired_one = DesiredState {
-            policies: vec![managed.policy.clone()],
-            domains: vec![managed.clone()],
-            ..Default::default()
+    pub(super) fn new(shared: Arc<Shared>, managed: ManagedDomain, rx: UnboundedReceiver<Order>) -> Self {
+        let tracker = tracker_for(&shared, &managed);
+        let lost = {
+            let s = shared.clone();
+            Arc::new(move |why: String| s.connection_lost(why))
         };
-        Worker { shared, managed, desired_one, tracker, last_event: None, quarantine_logged: false, rx }
+        let calls = Calls::new(shared.limits.clone(), lost);
+        let w = Worker {
+            desired_one: desired_one(&managed),
+            shared,
+            managed,
+            tracker,
+            calls,
+            rx,
+            pending: VecDeque::new(),
+            last_event: None,
+            quarantine_logged: false,
+            stopping: false,
+        };
+        w.refresh_tracker_status();
+        w
     }
 
     fn name(&self) -> &str {
         &self.managed.spec.name
     }
 
-    pub(super) async fn run(mut self) {
+    /// Calls over the current connection.
+    fn calls(&self) -> Calls {
+        self.calls.with_connection(self.shared.hypervisor())
+    }
+
+    pub(super) async fn run(&mut self) {
         let mut wake: Option<Instant> = None;
         loop {
-            let mut kick = tokio::select! {
-                k = self.rx.recv() => match k {
-                    Some(k) => k,
-                    None => break,
-                },
-                _ = sleep_until(wake) => Kick::default(),
-            };
-            while let Ok(more) = self.rx.try_recv() {
-                kick.merge(more);
+            if self.pending.is_empty() && !self.stopping {
+                let next = tokio::select! {
+                    o = self.rx.recv() => o,
+                    _ = sleep_until(wake) => Some(Order::Look { event: None, round: None }),
+                };
+                self.pending.push_back(next.unwrap_or(Order::Stop));
             }
-            if kick.clear_quarantine {
-                self.tracker.clear_quarantine();
-                self.quarantine_logged = false;
+            while let Ok(o) = self.rx.try_recv() {
+                self.pending.push_back(o);
             }
-            if let Some(ev) = &kick.event {
-                self.shared.metrics.event_lag_seconds.observe(ev.received.elapsed().as_secs_f64());
-                if ev.is_down() {
-                    self.last_event = Some(ev.text());
+            let mut rounds = Vec::new();
+            while let Some(o) = self.pending.pop_front() {
+                if let Some(r) = self.absorb(o).await {
+                    rounds.push(r);
                 }
+            }
+            if self.stopping {
+                self.ack(&rounds);
+                return;
             }
             let started = std::time::Instant::now();
             wake = self.reconcile().await;
+            self.ack(&rounds);
             self.shared.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
         }
     }
 
-    /// Run a blocking hypervisor call on the blocking pool, bounded by the engine's slots.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn Hypervisor) -> Result<T, HypervisorError> + Send + 'static,
-    ) -> Option<Result<T, HypervisorError>> {
-        let hv = self.shared.hypervisor()?;
-        let _slot = self.shared.libvirt_slots.acquire().await.ok()?;
-        match tokio::task::spawn_blocking(move || f(hv.as_ref())).await {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::error!(domain = %self.name(), %e, "hypervisor call panicked");
-                None
+    /// Start again after a panic: what is remembered is the truth, in-memory state is not.
+    pub(super) fn after_panic(&mut self, what: &str) {
+        tracing::error!(domain = %self.name(), panic = %what, "domain worker panicked; restarting it");
+        self.shared.metrics.worker_panics.inc();
+        self.tracker = tracker_for(&self.shared, &self.managed);
+        self.shared.update_domain(self.name(), |s| {
+            s.notes = vec![format!("internal error (worker restarted): {what}")];
+        });
+    }
+
+    fn ack(&self, rounds: &[u64]) {
+        for r in rounds {
+            self.shared.ack_round(self.name(), *r);
+        }
+    }
+
+    /// Take one order; returns a resync round to acknowledge after the next look.
+    async fn absorb(&mut self, order: Order) -> Option<u64> {
+        match order {
+            Order::Look { event, round } => {
+                if let Some(ev) = event {
+                    self.shared.metrics.event_lag_seconds.observe(ev.received.elapsed().as_secs_f64());
+                    if ev.is_down() {
+                        self.last_event = Some(ev.text());
+                    }
+                }
+                return round;
+            }
+            Order::Policy(m) => {
+                let m = *m;
+                if m != self.managed {
+                    tracing::info!(domain = %self.name(), "policy changed");
+                    self.tracker.set_policy(
+                        Backoff::resolve(m.spec.backoff.as_ref()),
+                        Ladder::new(m.spec.remediation.as_deref()),
+                    );
+                    self.desired_one = desired_one(&m);
+                    self.managed = m;
+                }
+            }
+            Order::Release(reply) => {
+                let _ = reply.send(Ok(self.release().await));
+            }
+            Order::Stop => self.stopping = true,
+        }
+        None
+    }
+
+    /// Run `fut` while still taking orders. A stop or a changed policy cancels a cancellable
+    /// action (the future is dropped; hooks and shutdown waits end with it) and is kept for
+    /// after a non-cancellable one. Resync rounds are acknowledged at once: the action
+    /// observes the domain itself. `None`: cancelled.
+    async fn guarded<T>(&mut self, cancellable: bool, fut: impl Future<Output = T>) -> Option<T> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut fut => return Some(r),
+                o = self.rx.recv(), if !self.stopping => {
+                    let o = o.unwrap_or(Order::Stop);
+                    let interrupts = match &o {
+                        Order::Stop => true,
+                        Order::Policy(m) => **m != self.managed,
+                        _ => false,
+                    };
+                    match o {
+                        Order::Look { round: Some(r), event } => {
+                            self.shared.ack_round(self.name(), r);
+                            self.pending.push_back(Order::Look { event, round: None });
+                        }
+                        Order::Stop => {
+                            self.stopping = true;
+                        }
+                        other => self.pending.push_back(other),
+                    }
+                    if interrupts && cancellable {
+                        return None;
+                    }
+                }
             }
         }
     }
 
-    async fn observe(&self) -> Option<Result<Option<ObservedDomain>, HypervisorError>> {
+    /// This domain's remembered state as a memory the planner reads.
+    fn memory_view(&self) -> Memory {
+        let mut m = Memory::empty();
+        if let Some(d) = self.shared.memory.read(|all| all.domains.get(self.name()).cloned()) {
+            m.domains.insert(self.name().to_string(), d);
+        }
+        m
+    }
+
+    fn plan_for(&self, observed: Option<&ObservedDomain>) -> crate::plan::Plan {
+        let host = ObservedHost {
+            domains: observed.cloned().into_iter().collect(),
+            networks: self.shared.networks(),
+            net: self.shared.net_snapshot(),
+        };
+        plan_with(&self.desired_one, &host, &self.memory_view())
+    }
+
+    /// Keep the tracker's state in the memory; returns the version to flush for.
+    fn remember(&self) -> u64 {
+        let state = self.tracker.state().clone();
         let name = self.name().to_string();
-        self.blocking(move |hv| hv.observe_domain(&name)).await
+        self.shared.memory.update(|m| m.domains.entry(name).or_default().restarts = state).1
+    }
+
+    /// Keep the tracker's state and wait (bounded) until it is on disk.
+    async fn remember_durably(&self) {
+        let v = self.remember();
+        if !self.shared.memory.flush(v, self.shared.config.memory_flush).await {
+            tracing::warn!(domain = %self.name(), "restart record not yet on disk; going ahead");
+        }
+    }
+
+    fn set_intent(&self, intent: Option<Intent>) {
+        let name = self.name().to_string();
+        self.shared.memory.update(|m| m.domains.entry(name).or_default().intent = intent);
+    }
+
+    /// Learn the intent from an observation (a deliberate stop, a migration, a start).
+    fn remember_intent(&self, observed: Option<&ObservedDomain>) {
+        let current = self.shared.memory.read(|m| m.intent(self.name()).cloned());
+        let next = intent_after(current.as_ref(), observed, self.shared.tick());
+        if next != current {
+            if let Some(i) = &next {
+                tracing::info!(domain = %self.name(), intent = %i.describe(), "remembering");
+            }
+            self.set_intent(next);
+        }
     }
 
     /// Look at the domain, act if needed; returns when to look again on our own.
     async fn reconcile(&mut self) -> Option<Instant> {
-        let observed = match self.observe().await? {
+        let calls = self.calls();
+        let observed = match calls.observe(self.name()).await {
             Ok(o) => o,
             Err(e) => {
-                self.shared.hypervisor_error(&e);
-                self.shared.update_domain(self.name(), |s| s.notes = vec![format!("cannot observe: {e}")]);
-                return Some(Instant::now() + OBSERVE_RETRY);
+                let note = match &e {
+                    CallError::Disconnected | CallError::ConnectionLost { .. } => {
+                        "waiting for libvirt (disconnected)".to_string()
+                    }
+                    other => format!("cannot observe: {other}"),
+                };
+                self.shared.update_domain(self.name(), |s| s.notes = vec![note]);
+                return match e {
+                    CallError::Disconnected | CallError::ConnectionLost { .. } => None,
+                    _ => Some(Instant::now() + OBSERVE_RETRY),
+                };
             }
         };
-        // The network task's latest view (if it runs), so a start waits for a missing bridge.
-        let host = ObservedHost {
-            domains: observed.clone().into_iter().collect(),
-            networks: vec![],
-            net: self.shared.net_snapshot(),
-        };
-        let p = plan(&self.desired_one, &host);
+        if self.shared.publish_domain(self.name(), observed.clone()) {
+            self.shared.kick_network(NetKick::Domain(self.name().to_string()));
+        }
+        self.remember_intent(observed.as_ref());
+        let p = self.plan_for(observed.as_ref());
         let state = observed.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
         let notes: Vec<String> = p.notes.iter().map(|n| n.line()).collect();
+        let remembered = self.shared.memory.read(|m| m.intent(self.name()).map(Intent::describe));
         self.shared.update_domain(self.name(), |s| {
-            s.state = state.clone();
+            s.state = state;
             s.notes = notes;
+            s.remembered = remembered;
         });
-        if observed.as_ref().is_some_and(is_up) {
-            self.tracker.on_up();
+        if observed.as_ref().is_some_and(is_up) && self.tracker.on_up() {
+            self.remember();
         }
         let (recovery, others): (Vec<Action>, Vec<Action>) = p.actions.into_iter().partition(|a| is_recovery(&a.kind));
         for action in others {
-            self.run_action(action).await;
+            self.run_action(action, observed.as_ref()).await;
+            if self.stopping || !self.pending.is_empty() {
+                // Something changed meanwhile (a new policy, a stop): decide again.
+                return Some(Instant::now());
+            }
         }
         match recovery.into_iter().next() {
             Some(action) => self.recover(action, observed).await,
@@ -160,21 +338,70 @@ impl Worker {
         }
     }
 
-    async fn run_action(&self, action: Action) {
+    /// Act only on what still holds: read the state again and ask the planner whether, with
+    /// that state, it still wants an action of this kind (any recovery, for recoveries).
+    async fn still_wanted(&self, action: &Action, observed: Option<&ObservedDomain>) -> Result<(), String> {
+        let Some(observed) = observed else {
+            return Err("not defined".into());
+        };
+        let fresh = match self.calls().state(self.name()).await {
+            Ok(Some(st)) => st,
+            Ok(None) => return Err("no longer defined".into()),
+            Err(e) => return Err(format!("cannot re-read its state: {e}")),
+        };
+        let mut now = observed.clone();
+        (now.state, now.reason) = fresh;
+        let p = self.plan_for(Some(&now));
+        let same = |a: &Action| {
+            if is_recovery(&action.kind) {
+                is_recovery(&a.kind)
+            } else {
+                a.kind == action.kind
+            }
+        };
+        if p.actions.iter().any(same) {
+            Ok(())
+        } else {
+            Err(format!("now {}", now.state_text()))
+        }
+    }
+
+    async fn run_action(&mut self, action: Action, observed: Option<&ObservedDomain>) {
+        if let Err(changed) = self.still_wanted(&action, observed).await {
+            tracing::info!(domain = %self.name(), action = action.kind.name(), %changed, "state changed since observed; not acting");
+            self.shared.update_domain(self.name(), |s| {
+                s.notes.push(format!("{} not done: {changed}", action.kind.verb()));
+            });
+            return;
+        }
         self.shared.metrics.drift(action.kind.name());
         tracing::info!(domain = %self.name(), reason = %action.reason, action = action.kind.name(), "correcting drift");
-        let a = action.clone();
-        let result = self.blocking(move |hv| execute_with_retry(hv, &a).map_err(into_hv)).await;
+        let calls = self.calls();
+        let name = self.name().to_string();
+        let result = match action.kind.clone() {
+            ActionKind::Shutdown { timeout } => {
+                self.guarded(true, graceful_shutdown(calls, name, timeout.as_std())).await
+            }
+            _ => {
+                let a = action.clone();
+                let fut =
+                    async move { calls.act(a.kind.name(), move |hv| execute_action(hv, &a).map_err(into_hv)).await };
+                self.guarded(false, fut).await
+            }
+        };
         let ok = matches!(result, Some(Ok(())));
         self.shared.metrics.action(action.kind.name(), ok);
+        if ok && matches!(action.kind, ActionKind::Shutdown { .. } | ActionKind::Destroy) {
+            // Our own stop, for `state: stopped`: not an admin's, should the policy change.
+            self.set_intent(Some(Intent::StoppedByPolicy { at: self.shared.tick() }));
+        }
         let outcome = match result {
             Some(Ok(())) => "ok".to_string(),
             Some(Err(e)) => {
-                self.shared.hypervisor_error(&e);
                 tracing::warn!(domain = %self.name(), action = action.kind.name(), %e, "action failed");
                 e.to_string()
             }
-            None => "not attempted: disconnected".to_string(),
+            None => "cancelled: the policy changed or virtwarden is stopping".to_string(),
         };
         self.shared.update_domain(self.name(), |s| {
             s.last_action = Some(action.kind.verb());
@@ -197,25 +424,37 @@ impl Worker {
         let failure = self.failure_text(observed.as_ref());
         match decision {
             Decision::WaitUntil(at) => {
-                self.shared.update_domain(self.name(), |s| s.last_failure = Some(failure));
-                self.refresh_tracker_status();
+                self.remember();
+                self.shared.update_domain(self.name(), |s| {
+                    s.last_failure = Some(failure);
+                    self.write_tracker_fields(s);
+                });
                 Some(self.shared.instant_at(at))
             }
             Decision::Quarantined(reason) => {
-                self.shared.update_domain(self.name(), |s| {
-                    s.last_failure = Some(failure);
-                    s.last_failure_at = Some(chrono::Utc::now());
-                    self.write_tracker_fields(s);
-                });
                 if !self.quarantine_logged {
                     self.quarantine_logged = true;
+                    self.remember_durably().await;
                     tracing::warn!(domain = %self.name(), %reason, "quarantined: no more automatic restarts");
                 }
+                self.shared.update_domain(self.name(), |s| {
+                    s.last_failure = Some(failure);
+                    s.last_failure_at.get_or_insert_with(chrono::Utc::now);
+                    self.write_tracker_fields(s);
+                });
                 None
             }
             Decision::Act { step, attempt } => {
+                if let Err(changed) = self.still_wanted(&action, observed.as_ref()).await {
+                    tracing::info!(domain = %self.name(), %changed, "state changed since observed; not restarting");
+                    self.shared.update_domain(self.name(), |s| s.notes.push(format!("not restarted: {changed}")));
+                    return Some(Instant::now() + OBSERVE_RETRY);
+                }
                 self.shared.metrics.drift("domain-down");
                 tracing::info!(domain = %self.name(), reason = %action.reason, step = step.action.as_str(), attempt, "restarting");
+                // Counted before acting, so a crash of virtwarden cannot forget this restart.
+                self.tracker.begin(now);
+                self.remember_durably().await;
                 let ctx = RemediationContext {
                     domain: self.name().to_string(),
                     uuid: observed.as_ref().map(|d| d.uuid.clone()).unwrap_or_default(),
@@ -224,59 +463,72 @@ impl Worker {
                     step: step.clone(),
                     boot: self.managed.spec.boot.clone(),
                 };
+                let cancellable = self.shared.remediations.get(step.action).map(|r| r.cancellable()).unwrap_or(false);
                 let shared = self.shared.clone();
-                let result = self
-                    .blocking(move |hv| {
-                        retry_transient(|| shared.remediations.run(&ctx, hv)).map_err(|e| HypervisorError::Failed {
-                            op: "remediate",
-                            domain: ctx.domain.clone(),
-                            message: e.to_string(),
-                        })
-                    })
-                    .await;
-                let after = self.observe().await.and_then(Result::ok).flatten();
-                let recovered = after.as_ref().is_some_and(is_up);
-                let done = self.shared.tick();
-                self.tracker.attempted(done, recovered, fastrand::f64());
-                self.shared
-                    .metrics
-                    .restarts
-                    .get_or_create(&super::metrics::DomainLabel { domain: self.name().to_string() })
-                    .inc();
-                self.shared.metrics.action(step.action.as_str(), recovered);
-                let outcome = match (&result, recovered) {
-                    (Some(Ok(())), true) => "ok: running again".to_string(),
-                    (Some(Ok(())), false) => {
-                        format!(
-                            "did not come up: {}",
-                            after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "gone".into())
-                        )
-                    }
-                    (Some(Err(e)), _) => e.detail(),
-                    (None, _) => "not attempted: disconnected".into(),
+                let calls = self.calls();
+                let fut = async move {
+                    let r = shared.remediations.get(ctx.step.action)?;
+                    r.run(&ctx, &calls).await
                 };
-                if recovered {
-                    tracing::info!(domain = %self.name(), attempt, "running again");
-                    self.last_event = None;
-                } else {
-                    tracing::warn!(domain = %self.name(), attempt, %outcome, "restart failed");
+                let result = self.guarded(cancellable, fut).await;
+                let after = self.calls().observe(self.name()).await.ok().flatten();
+                let recovered = after.as_ref().is_some_and(is_up);
+                let (outcome, text) = classify(&result, recovered, after.as_ref());
+                self.tracker.finish(self.shared.tick(), outcome, fastrand::f64());
+                self.remember();
+                if outcome != Outcome::Interrupted {
+                    self.shared
+                        .metrics
+                        .restarts
+                        .get_or_create(&super::metrics::DomainLabel { domain: self.name().to_string() })
+                        .inc();
+                    self.shared.metrics.action(step.action.as_str(), recovered);
+                }
+                match outcome {
+                    Outcome::Recovered => {
+                        tracing::info!(domain = %self.name(), attempt, "running again");
+                        self.last_event = None;
+                    }
+                    Outcome::Failed => {
+                        tracing::warn!(domain = %self.name(), attempt, outcome = %text, "restart failed")
+                    }
+                    Outcome::Interrupted => {
+                        tracing::warn!(domain = %self.name(), attempt, outcome = %text, "restart interrupted; not counted")
+                    }
                 }
                 let state = after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
                 self.shared.update_domain(self.name(), |s| {
                     s.state = state;
                     s.last_failure = Some(failure);
                     s.last_failure_at = Some(chrono::Utc::now());
-                    if !recovered {
-                        s.last_error = Some(outcome.clone());
+                    if outcome == Outcome::Failed {
+                        s.last_error = Some(text.clone());
                     }
                     s.last_action = Some(format!("{} (attempt {attempt})", step.action.as_str()));
-                    s.last_outcome = Some(outcome);
+                    s.last_outcome = Some(text);
                     s.last_action_at = Some(chrono::Utc::now());
                     self.write_tracker_fields(s);
                 });
-                self.tracker.next_retry().map(|t| self.shared.instant_at(t))
+                match outcome {
+                    Outcome::Interrupted => Some(Instant::now() + OBSERVE_RETRY),
+                    _ => self.tracker.next_retry().map(|t| self.shared.instant_at(t)),
+                }
             }
         }
+    }
+
+    /// `virtwarden release`: lift the quarantine, keep it on disk, say what was done.
+    async fn release(&mut self) -> String {
+        let name = self.name().to_string();
+        let reason = self.tracker.quarantined().map(str::to_string);
+        if !self.tracker.release() {
+            return format!("{name} is not quarantined");
+        }
+        self.quarantine_logged = false;
+        self.remember_durably().await;
+        tracing::info!(domain = %name, "quarantine released");
+        self.refresh_tracker_status();
+        format!("released {name} (was quarantined: {})", reason.unwrap_or_default())
     }
 
     fn refresh_tracker_status(&self) {
@@ -285,13 +537,48 @@ impl Worker {
 
     /// Copy the crash-loop bookkeeping into a status entry (inside one status update, so
     /// readers never see the counters and the state disagree).
-    fn write_tracker_fields(&self, s: &mut crate::engine::status::DomainStatus) {
+    fn write_tracker_fields(&self, s: &mut DomainStatus) {
         let t = &self.tracker;
-        s.restarts = t.total_restarts;
+        s.restarts = t.total_restarts();
         s.restarts_in_window = t.restarts_in_window() as u32;
         s.consecutive_failures = t.consecutive_failures();
         s.next_retry = t.next_retry().map(|at| self.shared.wall_clock_at(at));
         s.quarantined = t.quarantined().map(str::to_string);
+        s.quarantined_since = t.quarantine().map(|q| self.shared.wall_clock_at(q.since));
+    }
+}
+
+/// How an attempt ended, and the words for status.
+fn classify(
+    result: &Option<Result<StepOutcome, RemediationError>>,
+    recovered: bool,
+    after: Option<&ObservedDomain>,
+) -> (Outcome, String) {
+    let now = || after.map(ObservedDomain::state_text).unwrap_or_else(|| "gone".into());
+    match result {
+        _ if recovered => (Outcome::Recovered, "ok: running again".into()),
+        None => (Outcome::Interrupted, "cancelled: the policy changed or virtwarden is stopping".into()),
+        Some(Ok(StepOutcome::LeftAlone(why))) => (Outcome::Interrupted, format!("left alone: {why}")),
+        Some(Ok(StepOutcome::Done)) => (Outcome::Failed, format!("did not come up: {}", now())),
+        Some(Err(e)) if e.is_interruption() => (Outcome::Interrupted, format!("interrupted: {e}")),
+        Some(Err(e)) => (Outcome::Failed, e.detail()),
+    }
+}
+
+/// Ask the guest to shut down; destroy it if it is still up after `timeout`. Cancellable: the
+/// wait ends when the future is dropped.
+async fn graceful_shutdown(calls: Calls, name: String, timeout: Duration) -> Result<(), CallError> {
+    calls.shutdown(&name).await?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match calls.state(&name).await? {
+            None | Some((DomainState::ShutOff, _)) => return Ok(()),
+            Some(_) if Instant::now() >= deadline => {
+                tracing::warn!(domain = %name, ?timeout, "graceful shutdown timed out; destroying");
+                return calls.destroy(&name).await;
+            }
+            Some(_) => tokio::time::sleep(SHUTDOWN_POLL).await,
+        }
     }
 }
 
@@ -300,48 +587,4 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn into_hv(e: ActError) -> HypervisorError {
-    match e {
-        ActError::Hypervisor(h) => h,
-        other => HypervisorError::Failed { op: "act", domain: String::new(), message: other.to_string() },
-    }
-}
-
-/// Transient libvirt errors (a held job lock, a timeout) are retried a few times with backoff.
-fn retry_transient<T, E: std::fmt::Display + TransientCheck>(op: impl FnMut() -> Result<T, E>) -> Result<T, E> {
-    use backon::{BlockingRetryable, ExponentialBuilder};
-    op.retry(
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(5)
-            .with_jitter(),
-    )
-    .sleep(std::thread::sleep)
-    .when(E::is_transient)
-    .notify(|e, after| tracing::warn!(%e, ?after, "transient libvirt error; retrying"))
-    .call()
-}
-
-/// Errors that know whether retrying soon may help.
-pub(crate) trait TransientCheck {
-    fn is_transient(&self) -> bool;
-}
-
-impl TransientCheck for ActError {
-    fn is_transient(&self) -> bool {
-        matches!(self, ActError::Hypervisor(h) if h.is_transient())
-    }
-}
-
-impl TransientCheck for crate::act::remediation::RemediationError {
-    fn is_transient(&self) -> bool {
-        matches!(self, crate::act::remediation::RemediationError::Hypervisor(h) if h.is_transient())
-    }
-}
-
-fn execute_with_retry(hv: &dyn Hypervisor, action: &Action) -> Result<(), ActError> {
-    retry_transient(|| execute_action(hv, action))
 }

@@ -1,8 +1,8 @@
 //! The host service (`virtwarden run`): policy files and SIGHUP feed the engine, systemd gets
 //! READY/STATUS/WATCHDOG, metrics are served on loopback, one instance per host.
 
+pub mod control;
 pub mod http;
-pub mod lock;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -27,6 +27,10 @@ pub struct RunOptions {
     pub resync: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub state_dir: PathBuf,
+    /// Where the durable memory lives.
+    pub data_dir: PathBuf,
+    /// The host-wide lock file.
+    pub lock_file: PathBuf,
     pub paths: Vec<PathBuf>,
     /// Reconcile the host network too.
     pub network: bool,
@@ -37,13 +41,17 @@ pub const STATUS_FILE: &str = "status.json";
 
 /// Run until SIGTERM/SIGINT. Returns the process exit code.
 pub async fn run(opts: RunOptions) -> i32 {
-    let _lock = match lock::acquire(&opts.state_dir) {
+    let _lock = match crate::lock::acquire(&opts.lock_file, "run") {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
             return exit::RUNTIME;
         }
     };
+    if let Err(e) = crate::fsutil::ensure_private_dir(&opts.state_dir) {
+        eprintln!("error: cannot create state directory {}: {e}", opts.state_dir.display());
+        return exit::RUNTIME;
+    }
     let desired = match load_blocking(opts.paths.clone()).await {
         Ok(d) => d,
         Err(text) => {
@@ -54,6 +62,7 @@ pub async fn run(opts: RunOptions) -> i32 {
     let config = EngineConfig {
         resync: opts.resync,
         status_path: Some(opts.state_dir.join(STATUS_FILE)),
+        data_dir: Some(opts.data_dir.clone()),
         network: opts.network,
         ..Default::default()
     };
@@ -70,6 +79,11 @@ pub async fn run(opts: RunOptions) -> i32 {
                 return exit::RUNTIME;
             }
         }
+    }
+
+    match control::serve(&opts.state_dir, engine.clone()) {
+        Ok(path) => tracing::debug!(path = %path.display(), "control socket ready"),
+        Err(e) => tracing::warn!(%e, "no control socket; `virtwarden release` cannot reach this service"),
     }
 
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
@@ -96,14 +110,14 @@ pub async fn run(opts: RunOptions) -> i32 {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading policies, lifting quarantines, resyncing");
+                tracing::info!("SIGHUP: reloading policies and resyncing");
                 let _ = sd_notify::notify(&[NotifyState::Reloading]);
-                reload(&engine, &opts.paths, true).await;
+                reload(&engine, &opts.paths).await;
                 let _ = sd_notify::notify(&[NotifyState::Ready]);
             }
             Some(()) = reload_rx.recv() => {
                 tracing::info!("policy files changed: reloading");
-                reload(&engine, &opts.paths, false).await;
+                reload(&engine, &opts.paths).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -129,26 +143,25 @@ async fn load_blocking(paths: Vec<PathBuf>) -> Result<virtwarden_policies::Desir
 }
 
 /// Load the policies again; on any error keep the last good ones in force and say why.
-async fn reload(engine: &EngineHandle, paths: &[PathBuf], clear_quarantine: bool) {
+async fn reload(engine: &EngineHandle, paths: &[PathBuf]) {
     match load_blocking(paths.to_vec()).await {
         Ok(desired) => {
             tracing::info!(policies = ?desired.policies, domains = desired.domains.len(), "policies reloaded");
-            engine.reload(desired, clear_quarantine);
+            engine.reload(desired);
         }
         Err(text) => {
             for line in text.lines().filter(|l| !l.starts_with(' ')) {
                 tracing::error!(error = %line, "policy reload rejected; the last good policy stays in force");
             }
             engine.policy_rejected(text);
-            if clear_quarantine {
-                engine.resync();
-            }
+            engine.resync();
         }
     }
 }
 
 /// READY once connected and resynced, STATUS on changes (at most once a second), WATCHDOG
-/// while the engine runs. Nothing here polls when systemd asked for no watchdog.
+/// only while the engine makes progress (its loop answers and resync rounds complete), so
+/// systemd restarts a stuck service. Nothing here polls when systemd asked for no watchdog.
 async fn systemd_notifier(engine: EngineHandle) {
     let mut changes = engine.subscribe();
     let mut watchdog = sd_notify::watchdog_enabled().map(|w| tokio::time::interval(w / 2));
@@ -173,10 +186,11 @@ async fn systemd_notifier(engine: EngineHandle) {
         }
         tokio::select! {
             _ = tick(watchdog.as_mut()) => {
-                if engine.ping(Duration::from_secs(1)).await {
-                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
-                } else {
-                    tracing::error!("engine loop unresponsive; withholding the systemd watchdog ping");
+                match engine.liveness().await {
+                    Ok(()) => {
+                        let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                    }
+                    Err(why) => tracing::error!(%why, "engine makes no progress; withholding the systemd watchdog ping"),
                 }
             }
             changed = changes.changed() => {

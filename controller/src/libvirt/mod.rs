@@ -15,7 +15,7 @@ pub mod events;
 
 use crate::hypervisor::{DomainControl, DomainReader, HypervisorError};
 use crate::observe::domain_xml::parse_domain_xml;
-use crate::observe::{DomainState, ObservedDomain, ObservedHost, ObservedNetwork};
+use crate::observe::{DomainState, ObservedDomain, ObservedHost, ObservedNetwork, StateReason};
 
 const XML_SECURE: u32 = virt::sys::VIR_DOMAIN_XML_SECURE;
 const XML_INACTIVE: u32 = virt::sys::VIR_DOMAIN_XML_INACTIVE;
@@ -25,6 +25,32 @@ pub fn resolve_uri(flag: Option<&str>) -> String {
     flag.map(str::to_string)
         .or_else(|| std::env::var("LIBVIRT_DEFAULT_URI").ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "qemu:///system".to_string())
+}
+
+/// Send libvirt's error reports to our log instead of its default printer on stderr: the
+/// errors that matter are returned by the calls and reported with their domain and operation.
+pub fn route_errors_to_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        unsafe extern "C" fn log_error(_data: *mut std::os::raw::c_void, err: virt::sys::virErrorPtr) {
+            let _ = std::panic::catch_unwind(|| {
+                if err.is_null() {
+                    return;
+                }
+                // SAFETY: libvirt passes a valid error for the duration of the callback.
+                let message = unsafe {
+                    let m = (*err).message;
+                    if m.is_null() {
+                        return;
+                    }
+                    std::ffi::CStr::from_ptr(m).to_string_lossy().into_owned()
+                };
+                tracing::debug!(target: "libvirt", %message, "libvirt error");
+            });
+        }
+        // SAFETY: installs a process-wide callback that only copies the message.
+        unsafe { virt::sys::virSetErrorFunc(std::ptr::null_mut(), Some(log_error)) };
+    });
 }
 
 /// An open libvirt connection.
@@ -43,6 +69,15 @@ impl LibvirtHost {
 
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// Ask libvirt to probe the connection every `interval` seconds and close it after `count`
+    /// unanswered probes, so a hung libvirtd is noticed (the close callback fires). Needs the
+    /// event loop; local drivers (the test driver) have no keepalive and say so.
+    pub fn enable_keepalive(&self, interval: i32, count: u32) {
+        if let Err(e) = self.conn.set_keep_alive(interval, count) {
+            tracing::debug!(uri = %self.uri, e = %e.message(), "no libvirt keepalive on this connection");
+        }
     }
 
     pub fn connection(&self) -> &Connect {
@@ -110,7 +145,7 @@ fn is_no_domain(e: &virt::error::Error) -> bool {
 
 fn map_state(
     (state, reason): (virt::domain::DomainStateEnum, virt::domain::DomainStateReasonEnum),
-) -> (DomainState, String) {
+) -> (DomainState, StateReason) {
     let state = match state {
         Enum::Known(VState::Running) => DomainState::Running,
         Enum::Known(VState::Blocked) => DomainState::Blocked,
@@ -122,65 +157,70 @@ fn map_state(
         Enum::Known(VState::NoState) | Enum::Unknown(_) => DomainState::NoState,
     };
     let reason = match reason {
-        Enum::Known(r) => reason_text(r),
-        Enum::Unknown(_) => "unknown",
+        Enum::Known(r) => state_reason(r),
+        Enum::Unknown(_) => StateReason::Unknown,
     };
-    (state, reason.to_string())
+    (state, reason)
 }
 
-/// The reason words `virsh domstate --reason` prints.
-fn reason_text(r: DomainStateReason) -> &'static str {
+/// libvirt's per-state reason enums as one [`StateReason`].
+fn state_reason(r: DomainStateReason) -> StateReason {
     use DomainStateReason as R;
+    use StateReason as S;
     match r {
         R::Running(Enum::Known(x)) => match x {
-            DomainRunningReason::Booted => "booted",
-            DomainRunningReason::Migrated => "migrated",
-            DomainRunningReason::Restored => "restored",
-            DomainRunningReason::FromSnapshot => "from snapshot",
-            DomainRunningReason::Unpaused => "unpaused",
-            DomainRunningReason::MigrationCancelled => "migration canceled",
-            DomainRunningReason::SaveCancelled => "save canceled",
-            DomainRunningReason::Wakeup => "event wakeup",
-            DomainRunningReason::Crashed => "crashed",
-            DomainRunningReason::PostCopy => "post-copy",
-            DomainRunningReason::PostCopyFailed => "post-copy failed",
-            DomainRunningReason::Unknown => "unknown",
+            DomainRunningReason::Booted => S::Booted,
+            DomainRunningReason::Migrated => S::Migrated,
+            DomainRunningReason::Restored => S::Restored,
+            DomainRunningReason::FromSnapshot => S::FromSnapshot,
+            DomainRunningReason::Unpaused => S::Unpaused,
+            DomainRunningReason::MigrationCancelled => S::MigrationCanceled,
+            DomainRunningReason::SaveCancelled => S::SaveCanceled,
+            DomainRunningReason::Wakeup => S::Wakeup,
+            DomainRunningReason::Crashed => S::Crashed,
+            DomainRunningReason::PostCopy => S::PostCopy,
+            DomainRunningReason::PostCopyFailed => S::PostCopyFailed,
+            DomainRunningReason::Unknown => S::Unknown,
         },
         R::Paused(Enum::Known(x)) => match x {
-            DomainPausedReason::User => "user",
-            DomainPausedReason::Migration => "migrating",
-            DomainPausedReason::Save => "saving",
-            DomainPausedReason::Dump => "dumping",
-            DomainPausedReason::IOError => "I/O error",
-            DomainPausedReason::Watchdog => "watchdog",
-            DomainPausedReason::FromSnapshot => "from snapshot",
-            DomainPausedReason::ShuttingDown => "shutting down",
-            DomainPausedReason::Snapshot => "creating snapshot",
-            DomainPausedReason::Crashed => "crashed",
-            DomainPausedReason::StartingUp => "starting up",
-            DomainPausedReason::PostCopy => "post-copy",
-            DomainPausedReason::PostCopyFailed => "post-copy failed",
-            DomainPausedReason::APIError => "api error",
-            DomainPausedReason::Unknown => "unknown",
+            DomainPausedReason::User => S::User,
+            DomainPausedReason::Migration => S::Migrating,
+            DomainPausedReason::Save => S::Saving,
+            DomainPausedReason::Dump => S::Dumping,
+            DomainPausedReason::IOError => S::IoError,
+            DomainPausedReason::Watchdog => S::Watchdog,
+            DomainPausedReason::FromSnapshot => S::FromSnapshot,
+            DomainPausedReason::ShuttingDown => S::ShuttingDown,
+            DomainPausedReason::Snapshot => S::CreatingSnapshot,
+            DomainPausedReason::Crashed => S::Crashed,
+            DomainPausedReason::StartingUp => S::StartingUp,
+            DomainPausedReason::PostCopy => S::PostCopy,
+            DomainPausedReason::PostCopyFailed => S::PostCopyFailed,
+            DomainPausedReason::APIError => S::ApiError,
+            DomainPausedReason::Unknown => S::Unknown,
         },
-        R::Shutdown(Enum::Known(DomainShutdownReason::User)) => "user",
+        R::Shutdown(Enum::Known(DomainShutdownReason::User)) => S::User,
         R::Shutoff(Enum::Known(x)) => match x {
-            DomainShutoffReason::Shutdown => "shutdown",
-            DomainShutoffReason::Destroyed => "destroyed",
-            DomainShutoffReason::Crashed => "crashed",
-            DomainShutoffReason::Migrated => "migrated",
-            DomainShutoffReason::Saved => "saved",
-            DomainShutoffReason::Failed => "failed",
-            DomainShutoffReason::FromSnapshot => "from snapshot",
-            DomainShutoffReason::Daemon => "daemon",
-            DomainShutoffReason::Unknown => "unknown",
+            DomainShutoffReason::Shutdown => S::Shutdown,
+            DomainShutoffReason::Destroyed => S::Destroyed,
+            DomainShutoffReason::Crashed => S::Crashed,
+            DomainShutoffReason::Migrated => S::Migrated,
+            DomainShutoffReason::Saved => S::Saved,
+            DomainShutoffReason::Failed => S::Failed,
+            DomainShutoffReason::FromSnapshot => S::FromSnapshot,
+            DomainShutoffReason::Daemon => S::Daemon,
+            DomainShutoffReason::Unknown => S::Unknown,
         },
-        R::Crashed(Enum::Known(DomainCrashedReason::Panicked)) => "panicked",
-        _ => "unknown",
+        R::Crashed(Enum::Known(DomainCrashedReason::Panicked)) => S::Panicked,
+        _ => S::Unknown,
     }
 }
 
 impl DomainReader for LibvirtHost {
+    fn is_alive(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
+    }
+
     fn observe_host(&self) -> Result<ObservedHost, HypervisorError> {
         let domains =
             self.conn.list_all_domains(0).map_err(|source| HypervisorError::Host { op: "list domains", source })?;
@@ -194,18 +234,24 @@ impl DomainReader for LibvirtHost {
             }
         }
         host.domains.sort_by(|a, b| a.name.cmp(&b.name));
+        host.networks = self.list_networks()?;
+        Ok(host)
+    }
+
+    fn list_networks(&self) -> Result<Vec<ObservedNetwork>, HypervisorError> {
         let networks =
             self.conn.list_all_networks(0).map_err(|source| HypervisorError::Host { op: "list networks", source })?;
+        let mut out = Vec::with_capacity(networks.len());
         for net in &networks {
             let name = net.name().map_err(|source| HypervisorError::Host { op: "network name", source })?;
-            host.networks.push(ObservedNetwork {
+            out.push(ObservedNetwork {
                 bridge: net.bridge_name().ok(),
                 active: net.is_active().unwrap_or(false),
                 name,
             });
         }
-        host.networks.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(host)
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 
     fn observe_domain(&self, name: &str) -> Result<Option<ObservedDomain>, HypervisorError> {
@@ -220,14 +266,14 @@ impl DomainReader for LibvirtHost {
         }
     }
 
-    fn domain_state(&self, name: &str) -> Result<Option<DomainState>, HypervisorError> {
+    fn domain_state_reason(&self, name: &str) -> Result<Option<(DomainState, StateReason)>, HypervisorError> {
         let dom = match self.lookup("state", name) {
             Ok(d) => d,
             Err(HypervisorError::NoSuchDomain { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
         match dom.state() {
-            Ok(st) => Ok(Some(map_state(st).0)),
+            Ok(st) => Ok(Some(map_state(st))),
             Err(source) if is_no_domain(&source) => Ok(None),
             Err(source) => Err(HypervisorError::Call { op: "state", domain: name.into(), source }),
         }

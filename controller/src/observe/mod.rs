@@ -4,6 +4,8 @@ pub mod console;
 pub mod domain_xml;
 pub mod model;
 pub mod net;
+pub mod reason;
 
 pub use model::*;
 pub use net::*;
+pub use reason::StateReason;

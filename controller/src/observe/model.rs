@@ -55,9 +55,9 @@ pub struct ObservedDomain {
     #[serde(default)]
     pub uuid: String,
     pub state: DomainState,
-    /// The state reason in `virsh domstate --reason` words (`crashed`, `shutdown`, `user`, …).
-    #[serde(default = "unknown_reason")]
-    pub reason: String,
+    /// The state reason (`crashed`, `shutdown`, `user`, … as `virsh domstate --reason` says).
+    #[serde(default)]
+    pub reason: super::StateReason,
     #[serde(default = "yes")]
     pub persistent: bool,
     #[serde(default)]
@@ -69,10 +69,6 @@ pub struct ObservedDomain {
     pub interfaces: Vec<Interface>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<Disk>,
-}
-
-fn unknown_reason() -> String {
-    "unknown".into()
 }
 
 fn yes() -> bool {

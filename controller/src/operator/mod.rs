@@ -37,6 +37,12 @@ pub struct OperatorOptions {
     pub resync: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub network: bool,
+    /// Control socket directory.
+    pub state_dir: std::path::PathBuf,
+    /// Durable memory.
+    pub data_dir: std::path::PathBuf,
+    /// The host-wide lock.
+    pub lock_file: std::path::PathBuf,
 }
 
 /// Status writes are batched: at most one round per this interval.
@@ -50,7 +56,24 @@ pub async fn run(opts: OperatorOptions) -> i32 {
             return exit::RUNTIME;
         }
     };
-    let config = EngineConfig { resync: opts.resync, network: opts.network, ..Default::default() };
+    // One writer per host, whichever front end it is.
+    let _lock = match crate::lock::acquire(&opts.lock_file, "operator") {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::RUNTIME;
+        }
+    };
+    if let Err(e) = crate::fsutil::ensure_private_dir(&opts.state_dir) {
+        eprintln!("error: cannot create state directory {}: {e}", opts.state_dir.display());
+        return exit::RUNTIME;
+    }
+    let config = EngineConfig {
+        resync: opts.resync,
+        network: opts.network,
+        data_dir: Some(opts.data_dir.clone()),
+        ..Default::default()
+    };
     let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });
     let (engine, mut engine_task) = Engine::spawn(connector, Default::default(), config, Registry::with_builtins());
     if let Some(addr) = opts.metrics_addr {
@@ -58,6 +81,9 @@ pub async fn run(opts: OperatorOptions) -> i32 {
             eprintln!("error: cannot serve metrics on {addr}: {e}");
             return exit::RUNTIME;
         }
+    }
+    if let Err(e) = crate::host::control::serve(&opts.state_dir, engine.clone()) {
+        tracing::warn!(%e, "no control socket; `virtwarden release` cannot reach this operator");
     }
     let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(t), Ok(i)) => (t, i),
@@ -206,7 +232,7 @@ impl Operator {
         let selection = select(&owned, labels);
         if selection.desired != self.selection.desired {
             tracing::info!(node = %self.node, policies = ?selection.selected, "policies for this node changed");
-            self.engine.reload(selection.desired.clone(), false);
+            self.engine.reload(selection.desired.clone());
         }
         for p in &owned {
             let result = if p.metadata.deletion_timestamp.is_some() {

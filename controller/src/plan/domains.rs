@@ -3,17 +3,15 @@
 use virtwarden_policies::{DesiredDomainState, ManagedDomain, RestartPolicy};
 
 use super::{boot_list, on_off, Action, ActionKind, Note, Plan, Severity};
-use crate::observe::{DomainState, ObservedDomain};
+use crate::memory::Intent;
+use crate::observe::{DomainState, ObservedDomain, StateReason};
 
-/// Shut-off reasons that mean the domain died rather than being stopped on purpose.
-const FAILURE_REASONS: &[&str] = &["crashed", "failed", "daemon"];
-/// Shut-off reasons that carry no intent (never started since defined, reverted snapshot).
-const NEUTRAL_REASONS: &[&str] = &["unknown", "from snapshot"];
-/// Pause reasons that are operations in progress; they end on their own.
-const TRANSIENT_PAUSE_REASONS: &[&str] =
-    &["migrating", "saving", "dumping", "shutting down", "creating snapshot", "starting up", "post-copy"];
-
-pub(super) fn plan_domain(managed: &ManagedDomain, observed: Option<&ObservedDomain>, plan: &mut Plan) {
+pub(super) fn plan_domain(
+    managed: &ManagedDomain,
+    observed: Option<&ObservedDomain>,
+    intent: Option<&Intent>,
+    plan: &mut Plan,
+) {
     let spec = &managed.spec;
     let name = spec.name.as_str();
     let Some(obs) = observed else {
@@ -27,7 +25,7 @@ pub(super) fn plan_domain(managed: &ManagedDomain, observed: Option<&ObservedDom
     let mut wanted = Vec::new();
     let mut notes = Vec::new();
     config_actions(managed, obs, &mut wanted, &mut notes);
-    state_actions(managed, obs, &mut wanted, &mut notes);
+    state_actions(managed, obs, intent, &mut wanted, &mut notes);
 
     let action = |kind: ActionKind, reason: String| Action {
         domain: name.to_string(),
@@ -103,7 +101,13 @@ fn config_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wa
     }
 }
 
-fn state_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wanted, notes: &mut Vec<Note>) {
+fn state_actions(
+    managed: &ManagedDomain,
+    obs: &ObservedDomain,
+    intent: Option<&Intent>,
+    wanted: &mut Wanted,
+    notes: &mut Vec<Note>,
+) {
     let spec = &managed.spec;
     let name = spec.name.as_str();
     let seen = obs.state_text();
@@ -115,7 +119,7 @@ fn state_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wan
             let wants = "policy wants running";
             match obs.state {
                 DomainState::Running | DomainState::Blocked | DomainState::ShuttingDown => {}
-                DomainState::ShutOff => shut_off(spec.restart, obs, name, wanted, notes),
+                DomainState::ShutOff => shut_off(spec.restart, obs, intent, name, wanted, notes),
                 DomainState::Crashed => match spec.restart {
                     RestartPolicy::Never => {
                         note(notes, name, Severity::Warning, format!("{seen}; restart: never → left as it is"))
@@ -123,10 +127,10 @@ fn state_actions(managed: &ManagedDomain, obs: &ObservedDomain, wanted: &mut Wan
                     _ => wanted.push((ActionKind::Restart, format!("{seen}, {wants}"))),
                 },
                 DomainState::Paused => {
-                    let r = obs.reason.as_str();
-                    if TRANSIENT_PAUSE_REASONS.contains(&r) {
+                    let r = obs.reason;
+                    if r.is_operation_in_progress() {
                         note(notes, name, Severity::Info, format!("{seen}: an operation is in progress → not touched"));
-                    } else if r == "user" && spec.restart != RestartPolicy::Always {
+                    } else if r == StateReason::User && spec.restart != RestartPolicy::Always {
                         note(
                             notes,
                             name,
@@ -171,34 +175,60 @@ fn restart_name(r: RestartPolicy) -> &'static str {
     }
 }
 
-/// A shut-off domain the policy wants running: start it or not, by restart strategy and reason.
-fn shut_off(restart: RestartPolicy, obs: &ObservedDomain, name: &str, wanted: &mut Wanted, notes: &mut Vec<Note>) {
+/// A shut-off domain the policy wants running: start it or not, by restart strategy, reason and
+/// the remembered intent (libvirt reports `shut off (unknown)` for every inactive domain after
+/// it restarts, so the reason alone would turn an admin's stop into a start).
+fn shut_off(
+    restart: RestartPolicy,
+    obs: &ObservedDomain,
+    intent: Option<&Intent>,
+    name: &str,
+    wanted: &mut Wanted,
+    notes: &mut Vec<Note>,
+) {
     let seen = obs.state_text();
-    let reason = obs.reason.as_str();
-    if reason == "migrated" {
+    let reason = obs.reason;
+    let forgotten = reason == StateReason::Unknown;
+    let migrated_away = match intent {
+        Some(i @ Intent::MigratedAway { .. }) if forgotten => Some(format!("; remembered: {}", i.describe())),
+        _ if reason == StateReason::Migrated => Some(String::new()),
+        _ => None,
+    };
+    if let Some(remembered) = migrated_away {
         // Running it here as well could corrupt its disks: it runs on another host now.
         note(
             notes,
             name,
             Severity::Warning,
-            format!("{seen}: it was migrated away; starting it here could run it twice → not started"),
+            format!("{seen}{remembered}: it was migrated away; starting it here could run it twice → not started"),
         );
         return;
     }
-    let failed = FAILURE_REASONS.contains(&reason);
-    let neutral = NEUTRAL_REASONS.contains(&reason);
+    // What the stop meant: a crash, a deliberate stop (possibly remembered across a libvirtd
+    // restart), or nothing (never started; or virtwarden itself stopped it for its policy).
+    let remembered_stop = match intent {
+        Some(i @ Intent::StoppedOnPurpose { .. }) if forgotten => Some(i.describe()),
+        _ => None,
+    };
+    let ours = matches!(intent, Some(Intent::StoppedByPolicy { .. })) && (forgotten || reason.is_deliberate_stop());
+    let deliberate = !ours && (reason.is_deliberate_stop() || remembered_stop.is_some());
     match restart {
         RestartPolicy::Never => note(notes, name, Severity::Warning, format!("{seen}; restart: never → left off")),
-        RestartPolicy::OnFailure if !failed && !neutral => note(
-            notes,
-            name,
-            Severity::Info,
-            format!(
-                "{seen}: stopped on purpose; honoured (restart: on-failure) → start it by hand or use restart: always"
-            ),
-        ),
+        RestartPolicy::OnFailure if deliberate => {
+            let why = match &remembered_stop {
+                Some(r) => format!("remembered: {r}"),
+                None => "stopped on purpose".to_string(),
+            };
+            note(
+                notes,
+                name,
+                Severity::Info,
+                format!("{seen}: {why}; honoured (restart: on-failure) → start it by hand or use restart: always"),
+            )
+        }
         RestartPolicy::Always | RestartPolicy::OnFailure => {
-            wanted.push((ActionKind::Start, format!("{seen}, policy wants running")));
+            let why = if ours { " (stopped earlier by its policy)" } else { "" };
+            wanted.push((ActionKind::Start, format!("{seen}{why}, policy wants running")));
         }
     }
 }
@@ -208,15 +238,17 @@ mod tests {
     use virtwarden_policies::{BootDevice, DesiredState, DomainPolicy};
 
     use super::*;
+    use crate::memory::{DomainMemory, Memory};
     use crate::observe::{BootConfig, BootStyle, ObservedHost};
-    use crate::plan::plan;
+    use crate::plan::restart::Tick;
+    use crate::plan::{plan, plan_with};
 
     fn observed(name: &str, state: DomainState, reason: &str) -> ObservedDomain {
         ObservedDomain {
             name: name.into(),
             uuid: String::new(),
             state,
-            reason: reason.into(),
+            reason: StateReason::from_words(reason),
             persistent: true,
             autostart: false,
             boot: BootConfig::default(),
@@ -308,6 +340,61 @@ mod tests {
             "{l:?}"
         );
         assert_eq!(l[2], "note: web1: shut off (unknown); state: ignored → observed only");
+    }
+
+    fn lines_remembering(policy: DomainPolicy, obs: ObservedDomain, intent: Intent) -> Vec<String> {
+        let mut memory = Memory::empty();
+        memory.domains.insert(obs.name.clone(), DomainMemory { intent: Some(intent), ..Default::default() });
+        let p = plan_with(&desired(policy), &ObservedHost { domains: vec![obs], networks: vec![], net: None }, &memory);
+        p.actions.iter().map(|a| a.line()).chain(p.notes.iter().map(|n| n.line())).collect()
+    }
+
+    #[test]
+    fn a_remembered_admin_stop_outlives_libvirtd_forgetting_it() {
+        // After libvirtd restarts, every inactive domain is `shut off (unknown)`.
+        let forgotten = || observed("web1", DomainState::ShutOff, "unknown");
+        let admin = || Intent::StoppedOnPurpose { reason: StateReason::Destroyed, at: Tick::from_secs(1_700_000_000) };
+        let l = lines_remembering(with_restart(RestartPolicy::OnFailure), forgotten(), admin());
+        assert_eq!(l.len(), 1, "{l:?}");
+        assert!(
+            l[0].starts_with("note: web1: shut off (unknown): remembered: stopped on purpose (destroyed) at 2023-11-14T22:13:20Z; honoured"),
+            "{l:?}"
+        );
+        // `always` undoes an admin stop anyway; a domain never seen before starts (host boot).
+        assert_eq!(
+            lines_remembering(with_restart(RestartPolicy::Always), forgotten(), admin()),
+            ["web1: shut off (unknown), policy wants running → start"]
+        );
+        assert_eq!(
+            lines(with_restart(RestartPolicy::OnFailure), forgotten()),
+            ["web1: shut off (unknown), policy wants running → start"]
+        );
+    }
+
+    #[test]
+    fn a_domain_last_seen_migrated_is_never_started_from_unknown() {
+        let migrated = Intent::MigratedAway { at: Tick::from_secs(1_700_000_000) };
+        let l = lines_remembering(
+            with_restart(RestartPolicy::Always),
+            observed("web1", DomainState::ShutOff, "unknown"),
+            migrated,
+        );
+        assert_eq!(l.len(), 1, "{l:?}");
+        assert!(l[0].starts_with("warning: web1: shut off (unknown); remembered: migrated away at"), "{l:?}");
+        assert!(l[0].ends_with("→ not started"), "{l:?}");
+    }
+
+    #[test]
+    fn a_stop_virtwarden_made_for_the_policy_is_not_an_admin_stop() {
+        let ours = Intent::StoppedByPolicy { at: Tick::from_secs(1) };
+        assert_eq!(
+            lines_remembering(
+                with_restart(RestartPolicy::OnFailure),
+                observed("web1", DomainState::ShutOff, "shutdown"),
+                ours
+            ),
+            ["web1: shut off (shutdown) (stopped earlier by its policy), policy wants running → start"]
+        );
     }
 
     #[test]

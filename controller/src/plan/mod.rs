@@ -11,6 +11,7 @@ use virtwarden_policies::{BootDevice, DesiredState, Duration};
 
 use std::collections::HashMap;
 
+use crate::memory::Memory;
 use crate::observe::{ObservedDomain, ObservedHost};
 
 pub use render::render_text;
@@ -141,12 +142,19 @@ impl Plan {
     }
 }
 
-/// Plan every managed domain. Domains no policy names never appear in the plan.
+/// Plan every managed domain with nothing remembered (see [`plan_with`]).
 pub fn plan(desired: &DesiredState, observed: &ObservedHost) -> Plan {
+    plan_with(desired, observed, &Memory::empty())
+}
+
+/// Plan every managed domain. `memory` supplies what libvirt forgets across its restarts (why
+/// a domain is off). Domains no policy names never appear in the plan.
+pub fn plan_with(desired: &DesiredState, observed: &ObservedHost, memory: &Memory) -> Plan {
     let mut plan = Plan::default();
     let by_name: HashMap<&str, &ObservedDomain> = observed.domains.iter().map(|d| (d.name.as_str(), d)).collect();
     for managed in &desired.domains {
-        domains::plan_domain(managed, by_name.get(managed.spec.name.as_str()).copied(), &mut plan);
+        let name = managed.spec.name.as_str();
+        domains::plan_domain(managed, by_name.get(name).copied(), memory.intent(name), &mut plan);
     }
     // Stable: by phase, then policy order (sort_by_key is stable).
     plan.actions.sort_by_key(|a| a.kind.phase());

@@ -4,17 +4,20 @@
 //!
 //! The first restart after a healthy run is immediate. A failure within `resetAfter` of the
 //! last restart waits `initialDelay`, doubling up to `maxDelay` (plus jitter). More than
-//! `maxRestarts` restarts within `window` quarantines the domain until its policy changes or a
-//! reload. Unlike KubeVirt, this also catches loops where the guest runs for a while and then
-//! crashes: the count only resets after `resetAfter` of healthy uptime.
+//! `maxRestarts` restarts within `window` quarantines the domain until `virtwarden release`.
+//! Unlike KubeVirt, this also catches loops where the guest runs for a while and then crashes:
+//! the count only resets after `resetAfter` of healthy uptime. The state is plain data
+//! ([`TrackerState`]) so the engine can remember it across restarts.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use serde::Serialize;
 use virtwarden_policies::{BackoffSettings, RemediationAction, RemediationStep, DEFAULT_EXEC_TIMEOUT};
 
-/// A point on the engine's monotonic clock (time since the engine started).
+use crate::memory::model::{Quarantine, TrackerState};
+
+/// A point on the engine's clock: time since the Unix epoch, advancing monotonically while
+/// the engine runs (see `engine::clock`), so remembered times keep their meaning across restarts.
 pub type Tick = Duration;
 
 /// What to do about a domain that is down.
@@ -84,37 +87,53 @@ impl Ladder {
     }
 }
 
-/// Per-domain restart bookkeeping.
+/// How a restart attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Observed running again.
+    Recovered,
+    /// Still down (or the step failed).
+    Failed,
+    /// Not a real attempt: the connection to libvirt was lost or the call never returned, so
+    /// nothing is known. It does not count, neither as a restart nor as a failure.
+    Interrupted,
+}
+
+/// Per-domain restart bookkeeping: the policy's settings and ladder plus the remembered state.
 #[derive(Debug, Clone)]
 pub struct RestartTracker {
     settings: BackoffSettings,
     ladder: Ladder,
-    /// When restarts were issued, pruned to `window`.
-    restarts: VecDeque<Tick>,
-    last_restart: Option<Tick>,
-    /// Failures in the current streak (0 for the first failure after a healthy run).
-    consecutive: u32,
-    /// Set while the domain is down and not yet recovered.
-    down_since: Option<Tick>,
-    next_allowed: Option<Tick>,
-    quarantined: Option<String>,
-    /// Restarts issued since the engine started (for status).
-    pub total_restarts: u32,
+    state: TrackerState,
 }
 
 impl RestartTracker {
     pub fn new(settings: BackoffSettings, ladder: Ladder) -> Self {
-        RestartTracker {
-            settings,
-            ladder,
-            restarts: VecDeque::new(),
-            last_restart: None,
-            consecutive: 0,
-            down_since: None,
-            next_allowed: None,
-            quarantined: None,
-            total_restarts: 0,
+        RestartTracker { settings, ladder, state: TrackerState::default() }
+    }
+
+    /// Resume from remembered state. Times from a clock that has since jumped backwards are
+    /// clamped to `now`, so a clock change cannot stall a domain for long.
+    pub fn with_state(settings: BackoffSettings, ladder: Ladder, mut state: TrackerState, now: Tick) -> Self {
+        for t in state.restarts.iter_mut() {
+            *t = (*t).min(now);
         }
+        state.last_restart = state.last_restart.map(|t| t.min(now));
+        state.down_since = state.down_since.map(|t| t.min(now));
+        let max_wait = now.saturating_add(settings.max_delay.as_std().saturating_mul(2));
+        state.next_allowed = state.next_allowed.map(|t| t.min(max_wait));
+        RestartTracker { settings, ladder, state }
+    }
+
+    /// The policy changed: new settings and ladder, same history.
+    pub fn set_policy(&mut self, settings: BackoffSettings, ladder: Ladder) {
+        self.settings = settings;
+        self.ladder = ladder;
+    }
+
+    /// The state to remember.
+    pub fn state(&self) -> &TrackerState {
+        &self.state
     }
 
     /// The backoff before attempt number `n` of a streak (`n` ≥ 1), before jitter.
@@ -127,96 +146,130 @@ impl RestartTracker {
 
     fn prune(&mut self, now: Tick) {
         let window = self.settings.window.as_std();
-        while self.restarts.front().is_some_and(|t| now.saturating_sub(*t) >= window) {
-            self.restarts.pop_front();
+        while self.state.restarts.front().is_some_and(|t| now.saturating_sub(*t) >= window) {
+            self.state.restarts.pop_front();
         }
     }
 
     fn schedule_retry(&mut self, now: Tick, jitter: f64) {
-        let base = self.delay(self.consecutive);
+        let base = self.delay(self.state.consecutive);
         let extra = base.mul_f64(jitter.clamp(0.0, 1.0) * 0.1);
-        self.next_allowed = Some(now + base + extra);
+        self.state.next_allowed = Some(now.saturating_add(base).saturating_add(extra));
     }
 
     /// The domain should run and is down. `jitter` in [0, 1) spreads retries by up to 10 %.
     pub fn on_down(&mut self, now: Tick, jitter: f64) -> Decision {
-        if let Some(reason) = &self.quarantined {
-            return Decision::Quarantined(reason.clone());
+        if let Some(q) = &self.state.quarantine {
+            return Decision::Quarantined(q.reason.clone());
         }
-        if self.down_since.is_none() {
-            self.down_since = Some(now);
-            let healthy = self.last_restart.is_none_or(|t| now.saturating_sub(t) >= self.settings.reset_after.as_std());
+        if self.state.down_since.is_none() {
+            self.state.down_since = Some(now);
+            let reset_after = self.settings.reset_after.as_std();
+            let healthy = self.state.last_restart.is_none_or(|t| now.saturating_sub(t) >= reset_after);
             if healthy {
-                self.consecutive = 0;
-                self.next_allowed = None;
+                self.state.consecutive = 0;
+                self.state.next_allowed = None;
             } else {
-                self.consecutive += 1;
+                self.state.consecutive = self.state.consecutive.saturating_add(1);
                 self.schedule_retry(now, jitter);
             }
         }
-        if let Some(t) = self.next_allowed {
+        if let Some(t) = self.state.next_allowed {
             if now < t {
                 return Decision::WaitUntil(t);
             }
         }
         self.prune(now);
-        if self.restarts.len() as u32 >= self.settings.max_restarts {
+        if self.state.restarts.len() as u32 >= self.settings.max_restarts {
             let reason = format!(
-                "{} restarts within {}; more would exceed backoff.maxRestarts (reload or change the policy to retry)",
-                self.restarts.len(),
+                "{} restarts within {}; more would exceed backoff.maxRestarts (fix the cause, then `virtwarden release`)",
+                self.state.restarts.len(),
                 self.settings.window
             );
-            self.quarantined = Some(reason.clone());
-            self.next_allowed = None;
+            self.state.quarantine = Some(Quarantine { reason: reason.clone(), since: now });
+            self.state.next_allowed = None;
             return Decision::Quarantined(reason);
         }
-        Decision::Act { step: self.ladder.pick(self.consecutive).clone(), attempt: self.consecutive + 1 }
+        Decision::Act { step: self.ladder.pick(self.state.consecutive).clone(), attempt: self.state.consecutive + 1 }
     }
 
-    /// A restart was attempted at `now`; `recovered` says whether re-observing found it running.
+    /// A restart is being issued at `now`: it counts from here, so a crash of virtwarden in the
+    /// middle of it cannot forget it.
+    pub fn begin(&mut self, now: Tick) {
+        self.state.restarts.push_back(now);
+        self.state.last_restart = Some(now);
+        self.state.total_restarts = self.state.total_restarts.saturating_add(1);
+    }
+
+    /// The attempt begun last ended at `now`.
+    pub fn finish(&mut self, now: Tick, outcome: Outcome, jitter: f64) {
+        match outcome {
+            Outcome::Recovered => {
+                self.state.down_since = None;
+                self.state.next_allowed = None;
+            }
+            Outcome::Failed => {
+                self.state.consecutive = self.state.consecutive.saturating_add(1);
+                self.schedule_retry(now, jitter);
+            }
+            Outcome::Interrupted => {
+                self.state.restarts.pop_back();
+                self.state.last_restart = self.state.restarts.back().copied();
+                self.state.total_restarts = self.state.total_restarts.saturating_sub(1);
+            }
+        }
+    }
+
+    /// A restart attempted at `now`; `recovered` says whether re-observing found it running.
     pub fn attempted(&mut self, now: Tick, recovered: bool, jitter: f64) {
-        self.restarts.push_back(now);
-        self.last_restart = Some(now);
-        self.total_restarts += 1;
-        if recovered {
-            self.down_since = None;
-            self.next_allowed = None;
-        } else {
-            self.consecutive += 1;
-            self.schedule_retry(now, jitter);
-        }
+        self.begin(now);
+        self.finish(now, if recovered { Outcome::Recovered } else { Outcome::Failed }, jitter);
     }
 
-    /// The domain was seen running (by us or someone else): the down streak ends.
-    pub fn on_up(&mut self) {
-        self.down_since = None;
-        self.next_allowed = None;
+    /// The domain was seen running (by us or someone else): the down streak ends. True when
+    /// something changed (worth remembering).
+    pub fn on_up(&mut self) -> bool {
+        let changed = self.state.down_since.is_some() || self.state.next_allowed.is_some();
+        self.state.down_since = None;
+        self.state.next_allowed = None;
+        changed
     }
 
-    /// Lift a quarantine (reload); the history of restarts is kept.
-    pub fn clear_quarantine(&mut self) {
-        if self.quarantined.take().is_some() {
-            self.restarts.clear();
-            self.consecutive = 0;
-            self.down_since = None;
-            self.next_allowed = None;
+    /// Lift a quarantine (`virtwarden release`): the streak and the window start afresh, the
+    /// lifetime count stays. False when there was none.
+    pub fn release(&mut self) -> bool {
+        if self.state.quarantine.take().is_none() {
+            return false;
         }
+        self.state.restarts.clear();
+        self.state.consecutive = 0;
+        self.state.down_since = None;
+        self.state.next_allowed = None;
+        true
+    }
+
+    pub fn quarantine(&self) -> Option<&Quarantine> {
+        self.state.quarantine.as_ref()
     }
 
     pub fn quarantined(&self) -> Option<&str> {
-        self.quarantined.as_deref()
+        self.state.quarantine.as_ref().map(|q| q.reason.as_str())
     }
 
     pub fn next_retry(&self) -> Option<Tick> {
-        self.next_allowed
+        self.state.next_allowed
     }
 
     pub fn consecutive_failures(&self) -> u32 {
-        self.consecutive
+        self.state.consecutive
     }
 
     pub fn restarts_in_window(&self) -> usize {
-        self.restarts.len()
+        self.state.restarts.len()
+    }
+
+    pub fn total_restarts(&self) -> u32 {
+        self.state.total_restarts
     }
 }
 
@@ -296,7 +349,7 @@ mod tests {
         let reason = out.last().unwrap().clone().unwrap_err();
         assert!(reason.starts_with("3 restarts within 1h"), "{reason}");
         assert!(matches!(t.on_down(s(5000), 0.0), Decision::Quarantined(_)), "stays quarantined");
-        t.clear_quarantine();
+        t.release();
         assert!(matches!(t.on_down(s(5001), 0.0), Decision::Act { attempt: 1, .. }));
     }
 

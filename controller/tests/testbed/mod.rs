@@ -198,8 +198,12 @@ impl Daemon {
                 "--state-dir",
             ])
             .arg(&state_dir)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
             .arg(&policies)
             .env("RUST_LOG", "info")
+            // The testbed's /run is private: the default host lock is the testbed's own.
+            .env_remove("VIRTWARDEN_LOCK_FILE")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

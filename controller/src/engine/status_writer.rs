@@ -1,0 +1,26 @@
+//! Writes the status file whenever the status changed, at most every 50 ms, atomically and
+//! readable by its owner only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::shared::Shared;
+use super::status;
+
+pub(super) async fn run(shared: Arc<Shared>, path: PathBuf) {
+    let mut rx = shared.status_version.subscribe();
+    loop {
+        if rx.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let report = shared.report();
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || status::write_atomically(&p, &report)).await {
+            Ok(Err(e)) => tracing::warn!(%e, "status write failed"),
+            Err(e) => tracing::warn!(%e, "status write task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+}

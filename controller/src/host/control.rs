@@ -1,0 +1,104 @@
+//! The control socket `<state-dir>/control.sock` (owner-only): how `virtwarden release NAME`
+//! reaches a running service. One JSON request per line, one JSON answer per line.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::engine::EngineHandle;
+
+/// Name of the socket inside the state directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// What a client asks.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Request {
+    /// Lift the quarantine of this domain.
+    pub release: String,
+}
+
+/// What the service answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    pub message: String,
+}
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+/// Serve the control socket until the process ends. An old socket file is replaced.
+pub fn serve(state_dir: &Path, engine: EngineHandle) -> std::io::Result<PathBuf> {
+    let path = state_dir.join(CONTROL_SOCKET);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let engine = engine.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle(stream, engine).await {
+                            tracing::debug!(%e, "control connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(%e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+    Ok(path)
+}
+
+async fn handle(stream: UnixStream, engine: EngineHandle) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+    let answer = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(req) => {
+            tracing::info!(domain = %req.release, "release requested");
+            match engine.release(&req.release).await {
+                Ok(message) => Answer { ok: true, message },
+                Err(message) => Answer { ok: false, message },
+            }
+        }
+        Err(e) => Answer { ok: false, message: format!("bad request: {e}") },
+    };
+    let mut text = serde_json::to_string(&answer).map_err(std::io::Error::other)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await
+}
+
+/// Ask a running service to release `domain`. `Ok(None)` when no service listens there.
+pub fn request_release(state_dir: &Path, domain: &str) -> std::io::Result<Option<Answer>> {
+    use std::io::{BufRead, Write};
+    let path = state_dir.join(CONTROL_SOCKET);
+    let stream = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut text = serde_json::to_string(&Request { release: domain.to_string() }).map_err(std::io::Error::other)?;
+    text.push('\n');
+    (&stream).write_all(text.as_bytes())?;
+    let mut line = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut line)?;
+    serde_json::from_str(line.trim()).map(Some).map_err(std::io::Error::other)
+}
