@@ -132,7 +132,8 @@ fn e2e_crash_loop_backs_off_then_quarantines() {
     assert!(s["quarantined"].as_str().unwrap().starts_with("4 restarts within 1h"), "{s}");
     assert_eq!(state(&hv, "loop").unwrap().state, DomainState::ShutOff);
     let text = sh(&[env!("CARGO_BIN_EXE_virtwarden"), "status", "--state-dir", d.state_dir.to_str().unwrap()]);
-    assert!(text.contains("quarantined: 4 restarts within 1h"), "{text}");
+    assert!(text.contains("quarantined since ") && text.contains(": 4 restarts within 1h"), "{text}");
+    assert!(text.contains("to retry once fixed: virtwarden release loop"), "{text}");
     assert!(text.contains("crashed") || text.contains("stopped/failed"), "{text}");
 }
 

@@ -1,5 +1,7 @@
 //! Shared helpers for virtwarden's integration tests: fixture paths and test-driver URIs.
 
+pub mod faulty;
+
 use std::path::{Path, PathBuf};
 
 /// The repository root.

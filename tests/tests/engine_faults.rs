@@ -1,0 +1,360 @@
+//! The engine under faults, on libvirt's real test driver with faults injected around it
+//! (virtwarden_tests::faulty): one actor per domain across a reload, retries that repeat only
+//! single idempotent calls, a domain's own error that keeps the connection, a hung call that
+//! stalls only its domain, a repair interrupted by a lost connection that does not count, what
+//! is remembered across an engine restart and across libvirtd forgetting why domains are off.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use virtwarden::act::remediation::Registry;
+use virtwarden::engine::status::{DomainStatus, StatusReport};
+use virtwarden::engine::{Backends, Engine, EngineConfig, EngineHandle};
+use virtwarden::hypervisor::{DomainControl, DomainReader};
+use virtwarden::libvirt::events::start_event_loop;
+use virtwarden::libvirt::LibvirtHost;
+use virtwarden::observe::DomainState;
+use virtwarden_policies::{load_texts, DesiredState};
+use virtwarden_tests::faulty::{Fault, Faulty, FaultyConnector};
+use virtwarden_tests::testbed_uri;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn policy(yaml_spec: &str) -> DesiredState {
+    let text =
+        format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{yaml_spec}");
+    load_texts([(std::path::Path::new("inline.yaml"), text.as_str())]).expect("inline policy is valid").desired
+}
+
+fn find<'a>(r: &'a StatusReport, name: &str) -> Option<&'a DomainStatus> {
+    r.domains.iter().find(|d| d.name == name)
+}
+
+fn running(r: &StatusReport, name: &str) -> bool {
+    find(r, name).is_some_and(|d| d.state.starts_with("running"))
+}
+
+struct Rig {
+    faulty: Arc<Faulty>,
+    connector: Arc<FaultyConnector>,
+    engine: EngineHandle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn config(data: Option<&std::path::Path>) -> EngineConfig {
+    EngineConfig {
+        resync: Duration::from_secs(3600),
+        read_deadline: Duration::from_millis(500),
+        data_dir: data.map(|d| d.to_path_buf()),
+        ..Default::default()
+    }
+}
+
+fn spawn_on(faulty: Arc<Faulty>, desired: DesiredState, config: EngineConfig, registry: Registry) -> Rig {
+    let connector = FaultyConnector::new(faulty.clone());
+    let (engine, task) = Engine::spawn_with(Backends::new(connector.clone(), registry), desired, config);
+    Rig { faulty, connector, engine, task }
+}
+
+fn open() -> Arc<Faulty> {
+    start_event_loop();
+    Faulty::new(Arc::new(LibvirtHost::open(&testbed_uri()).unwrap()))
+}
+
+impl Rig {
+    async fn until(&self, what: &str, cond: impl Fn(&StatusReport) -> bool) -> StatusReport {
+        match self.engine.wait_for(WAIT, cond).await {
+            Some(r) => r,
+            None => panic!(
+                "timed out waiting for: {what}\nstatus: {:#?}\ncalls: {:?}",
+                self.engine.status(),
+                self.faulty.calls()
+            ),
+        }
+    }
+
+    /// Wait for the recorded calls to satisfy `cond` (they change without a status change).
+    async fn until_calls(&self, what: &str, cond: impl Fn(&Faulty) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !cond(&self.faulty) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for: {what}; calls: {:?}",
+                self.faulty.calls()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn state(&self, name: &str) -> DomainState {
+        self.faulty.inner.observe_domain(name).unwrap().unwrap().state
+    }
+
+    async fn stop(self) {
+        self.faulty.release_hangs();
+        self.engine.shutdown();
+        tokio::time::timeout(WAIT, self.task).await.expect("engine stops").unwrap();
+    }
+}
+
+fn hook(dir: &std::path::Path, body: &str) -> String {
+    let path = dir.join("hook.sh");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_a_graceful_shutdown_cancels_it_one_actor_remains() {
+    let faulty = open();
+    // The guest ignores the ACPI request: the worker waits for it, up to shutdownTimeout.
+    faulty.arm("shutdown", "web2", Fault::Ignore, 1);
+    let stopped = "  domains:\n    - name: web2\n      state: stopped\n      shutdownTimeout: 1500ms\n";
+    let r = spawn_on(faulty, policy(stopped), config(None), Registry::with_builtins());
+    r.until_calls("shutdown requested", |f| f.count("shutdown", "web2") == 1).await;
+    // The policy changes mid-wait: the wait is cancelled, the old action does not go on to
+    // destroy the domain after its timeout, the new policy is in force.
+    r.engine.reload(policy("  domains:\n    - name: web2\n      state: running\n"));
+    let s = r
+        .until("the wait cancelled", |s| {
+            find(s, "web2").is_some_and(|d| d.last_outcome.as_deref().is_some_and(|o| o.starts_with("cancelled")))
+        })
+        .await;
+    assert_eq!(find(&s, "web2").unwrap().last_action.as_deref(), Some("shut down (destroy after 1500ms)"));
+    // Past the old action's timeout (1.5 s) the domain still runs and was never destroyed.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(r.faulty.count("destroy", "web2"), 0, "{:?}", r.faulty.calls());
+    assert_eq!(r.state("web2"), DomainState::Running);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_a_hook_kills_the_hook_and_its_action_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    let finished = dir.path().join("finished");
+    let script = hook(dir.path(), &format!("echo $$ > {}\nsleep 30\ntouch {}", started.display(), finished.display()));
+    let faulty = open();
+    let spec = format!(
+        "  domains:\n    - name: web2\n      restart: always\n      remediation:\n        - action: exec\n          command: [\"{script}\"]\n          timeout: 60s\n"
+    );
+    let r = spawn_on(faulty, policy(&spec), config(None), Registry::with_builtins());
+    r.until("ready", |_| r.engine.is_ready()).await;
+    r.faulty.inner.destroy("web2").unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !started.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "the hook never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid: i32 = loop {
+        if let Ok(p) = std::fs::read_to_string(&started).unwrap_or_default().trim().parse() {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    r.engine.reload(policy("  domains:\n    - name: web2\n      restart: never\n"));
+    r.until("the repair cancelled", |s| {
+        find(s, "web2").is_some_and(|d| d.last_outcome.as_deref().is_some_and(|o| o.starts_with("cancelled")))
+    })
+    .await;
+    // The hook process is killed (reaped by its runner), it never finishes, and the
+    // interrupted repair does not count as a restart.
+    let alive = || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| !st.contains(") Z "));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while alive() {
+        assert!(tokio::time::Instant::now() < deadline, "the hook {pid} was not killed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!finished.exists());
+    let s = r.engine.status();
+    assert_eq!(find(&s, "web2").unwrap().restarts, 0, "{s:#?}");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_repeats_one_idempotent_call_never_the_hook_or_a_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("hook.log");
+    let script = hook(dir.path(), &format!("echo ran >> {}", log.display()));
+    let faulty = open();
+    // After the hook, bring-up's start meets a held job lock twice, then works.
+    faulty.arm("start", "web2", Fault::Transient, 2);
+    let spec = format!(
+        "  domains:\n    - name: web2\n      restart: always\n      remediation:\n        - action: exec\n          command: [\"{script}\"]\n"
+    );
+    let r = spawn_on(faulty, policy(&spec), config(None), Registry::with_builtins());
+    r.until("ready", |_| r.engine.is_ready()).await;
+    r.faulty.inner.destroy("web2").unwrap();
+    let s = r.until("web2 running again", |s| running(s, "web2") && find(s, "web2").unwrap().restarts == 1).await;
+    assert_eq!(find(&s, "web2").unwrap().last_outcome.as_deref(), Some("ok: running again"));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "ran\n", "the hook ran once");
+    assert_eq!(r.faulty.count("start", "web2"), 3, "the start call alone was repeated");
+    r.stop().await;
+
+    // A reset is never repeated: one transient error fails the step, the ladder goes on later.
+    let faulty = open();
+    faulty.arm("reset", "db1", Fault::Transient, 1);
+    let spec = "  domains:\n    - name: db1\n      restart: always\n      backoff: {initialDelay: 50ms}\n      remediation:\n        - action: reset\n        - action: destroy-start\n          after: 1\n";
+    let r = spawn_on(faulty, policy(spec), config(None), Registry::with_builtins());
+    r.until("ready", |_| r.engine.is_ready()).await;
+    // An admin pause, undone under `always` by the ladder: reset first, then destroy-start.
+    r.faulty.inner.connection().lookup_domain_by_name("db1").unwrap().suspend().unwrap();
+    let s = r.until("db1 running again", |s| running(s, "db1") && find(s, "db1").unwrap().restarts == 2).await;
+    assert_eq!(r.faulty.count("reset", "db1"), 1, "{:?}", r.faulty.calls());
+    assert_eq!(find(&s, "db1").unwrap().last_action.as_deref(), Some("destroy-start (attempt 2)"));
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_error_of_one_domain_keeps_the_connection() {
+    let faulty = open();
+    faulty.arm("start", "web2", Fault::SystemError, 1);
+    let spec = "  domains:\n    - name: web2\n      restart: always\n      backoff: {initialDelay: 50ms}\n    - name: db1\n      restart: always\n";
+    let r = spawn_on(faulty, policy(spec), config(None), Registry::with_builtins());
+    r.until("ready", |_| r.engine.is_ready()).await;
+    r.faulty.inner.destroy("web2").unwrap();
+    let s = r
+        .until("web2 healed on its second attempt", |s| running(s, "web2") && find(s, "web2").unwrap().restarts == 2)
+        .await;
+    assert!(find(&s, "web2").unwrap().last_error.as_deref().unwrap_or("").contains("Cannot get interface MTU"));
+    assert_eq!(r.connector.connects.load(std::sync::atomic::Ordering::SeqCst), 1, "no reconnect");
+    assert!(s.connected);
+    r.faulty.inner.destroy("db1").unwrap();
+    r.until("db1 healed too", |s| running(s, "db1") && find(s, "db1").unwrap().restarts == 1).await;
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_call_stalls_only_its_domain() {
+    let faulty = open();
+    faulty.arm("observe", "web2", Fault::Hang, 1);
+    let spec = "  domains:\n    - name: web2\n      restart: always\n    - name: db1\n      restart: always\n";
+    let r = spawn_on(faulty, policy(spec), config(None), Registry::with_builtins());
+    // READY does not wait for the hung domain beyond its deadline.
+    r.until("ready despite the hung call", |_| r.engine.is_ready()).await;
+    let s = r
+        .until("web2 reported hung", |s| {
+            find(s, "web2").is_some_and(|d| d.notes.iter().any(|n| n.contains("did not return within")))
+        })
+        .await;
+    assert!(s.connected);
+    r.faulty.inner.destroy("db1").unwrap();
+    r.until("db1 healed while web2 hangs", |s| running(s, "db1") && find(s, "db1").unwrap().restarts == 1).await;
+    // web2 is not asked anything else until its call returns.
+    let asked = r.faulty.count("observe", "web2") + r.faulty.count("state", "web2");
+    r.engine.resync();
+    r.until("another round", |s| {
+        find(s, "web2").is_some_and(|d| d.notes.iter().any(|n| n.contains("has not returned")))
+    })
+    .await;
+    assert_eq!(r.faulty.count("observe", "web2") + r.faulty.count("state", "web2"), asked);
+    r.faulty.release_hangs();
+    r.engine.resync();
+    r.until("web2 observed again", |s| find(s, "web2").is_some_and(|d| d.state.starts_with("running"))).await;
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_interrupted_by_a_lost_connection_is_not_counted() {
+    let faulty = open();
+    faulty.arm("start", "web2", Fault::ConnectionLost, 1);
+    let spec = "  domains:\n    - name: web2\n      restart: always\n      backoff: {maxRestarts: 3}\n";
+    let r = spawn_on(faulty, policy(spec), config(None), Registry::with_builtins());
+    r.until("ready", |_| r.engine.is_ready()).await;
+    r.faulty.inner.destroy("web2").unwrap();
+    let s = r
+        .until("healed after reconnecting", |s| {
+            running(s, "web2") && r.connector.connects.load(std::sync::atomic::Ordering::SeqCst) == 2
+        })
+        .await;
+    let d = find(&s, "web2").unwrap();
+    assert_eq!(d.restarts, 1, "only the attempt that could finish counts: {d:#?}");
+    assert_eq!(d.consecutive_failures, 0, "{d:#?}");
+    assert_eq!(d.last_error, None, "an interruption is not the domain's error: {d:#?}");
+    r.stop().await;
+}
+
+/// A start that always fails (the test driver always starts), to drive a domain into quarantine.
+struct BrokenStart;
+
+impl virtwarden::act::remediation::Remediation for BrokenStart {
+    fn run<'a>(
+        &'a self,
+        ctx: &'a virtwarden::act::remediation::RemediationContext,
+        _calls: &'a virtwarden::act::calls::Calls,
+    ) -> virtwarden::act::remediation::StepFuture<'a> {
+        Box::pin(async move {
+            Err(virtwarden::hypervisor::HypervisorError::Failed {
+                op: "start",
+                domain: ctx.domain.clone(),
+                message: "could not open disk image: Permission denied".into(),
+            }
+            .into())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_survives_an_engine_restart_until_released() {
+    let data = tempfile::tempdir().unwrap();
+    let faulty = open();
+    faulty.inner.destroy("web2").unwrap();
+    let spec = "  domains:\n    - name: web2\n      restart: always\n      backoff: {initialDelay: 10ms, maxDelay: 40ms, maxRestarts: 2}\n";
+    let mut broken = Registry::with_builtins();
+    broken.register(virtwarden_policies::RemediationAction::Start, Box::new(BrokenStart));
+    let r = spawn_on(faulty.clone(), policy(spec), config(Some(data.path())), broken);
+    r.until("quarantined", |s| find(s, "web2").is_some_and(|d| d.quarantined.is_some())).await;
+    r.stop().await;
+
+    // A new engine (virtwarden restarted) with working starts: still quarantined, not started.
+    let r = spawn_on(faulty, policy(spec), config(Some(data.path())), Registry::with_builtins());
+    let s = r
+        .until("seen after the restart", |s| {
+            r.engine.is_ready() && find(s, "web2").is_some_and(|d| d.state.starts_with("shut off"))
+        })
+        .await;
+    let d = find(&s, "web2").unwrap();
+    assert!(d.quarantined.as_deref().unwrap().starts_with("2 restarts within 1h"), "{d:#?}");
+    assert!(d.quarantined_since.is_some());
+    assert_eq!(d.restarts, 2, "the history came back");
+    assert_eq!(r.state("web2"), DomainState::ShutOff);
+    assert_eq!(r.faulty.count("start", "web2"), 0, "not started after the restart");
+    let said = r.engine.release("web2").await.unwrap();
+    assert!(said.starts_with("released web2"), "{said}");
+    r.until("started once released", |s| running(s, "web2")).await;
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_stop_stays_honoured_when_libvirtd_forgets_it_and_a_new_domain_starts() {
+    let data = tempfile::tempdir().unwrap();
+    let faulty = open();
+    let spec = "  domains:\n    - name: web2\n      restart: on-failure\n";
+    let r = spawn_on(faulty, policy(spec), config(Some(data.path())), Registry::with_builtins());
+    r.until("ready", |_| r.engine.is_ready()).await;
+    r.faulty.inner.destroy("web2").unwrap();
+    r.until("the admin stop is seen", |s| {
+        find(s, "web2")
+            .is_some_and(|d| d.remembered.as_deref().is_some_and(|m| m.starts_with("stopped on purpose (destroyed)")))
+    })
+    .await;
+    // libvirtd restarts: it reports every inactive domain as `shut off (unknown)`.
+    r.faulty.forget_reasons();
+    r.connector.close();
+    r.until("reconnected", |s| s.connected && r.connector.connects.load(std::sync::atomic::Ordering::SeqCst) == 2)
+        .await;
+    // A domain never seen before, in the same state, is started (host boot).
+    r.engine.reload(policy(
+        "  domains:\n    - name: web2\n      restart: on-failure\n    - name: web1\n      restart: on-failure\n",
+    ));
+    let s = r.until("web1 started", |s| running(s, "web1")).await;
+    let d = find(&s, "web2").unwrap();
+    assert_eq!(d.state, "shut off (unknown)");
+    assert!(
+        d.notes.iter().any(|n| n.contains("remembered: stopped on purpose (destroyed)") && n.contains("honoured")),
+        "{d:#?}"
+    );
+    assert_eq!(r.state("web2"), DomainState::ShutOff);
+    assert_eq!(r.faulty.count("start", "web2"), 0);
+    r.stop().await;
+}
