@@ -214,6 +214,7 @@ impl Shared {
         let mut report = self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone();
         report.domains = self.book.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         report.memory_error = self.memory.problem();
+        report.ready = self.ready.load(Ordering::Relaxed);
         report.updated = Some(Utc::now());
         report
     }

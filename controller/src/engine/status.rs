@@ -15,6 +15,9 @@ pub struct StatusReport {
     pub pid: u32,
     pub uri: String,
     pub connected: bool,
+    /// Connected and the first resync round done (what `/readyz` and systemd's READY say).
+    #[serde(default)]
+    pub ready: bool,
     /// Policies in force (the last good load).
     pub policies: Vec<String>,
     /// Where the durable memory lives.

@@ -1,5 +1,8 @@
 //! Watching policy files and directories. Editors replace files by renaming, so the parent
-//! directory is watched; bursts of changes are debounced into one reload.
+//! directory is watched; bursts of changes are debounced into one reload. (Not
+//! notify-debouncer-mini: it debounces every inotify event, and notify watches IN_OPEN, so our
+//! own reading of the files on reload would trigger the next reload, forever. Filtering the
+//! event kinds first needs the few lines below.)
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -177,8 +177,21 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon's directory: policies, state, data and its log. The same for every daemon a
+    /// test starts, so a restarted daemon finds what the previous one remembered.
+    pub fn dir() -> PathBuf {
+        work().join(format!("d{}", std::process::id()))
+    }
+
+    /// Stop it as systemd would (SIGTERM) and wait for it to exit.
+    pub fn stop(mut self) {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
     pub fn start(policy_yaml: &str) -> Daemon {
-        let dir = work().join(format!("d{}", std::process::id()));
+        let dir = Self::dir();
         let policies = dir.join("policies");
         std::fs::create_dir_all(&policies).unwrap();
         std::fs::write(policies.join("p.yaml"), policy_yaml).unwrap();
