@@ -147,8 +147,7 @@ impl Worker {
                 return;
             }
             let started = std::time::Instant::now();
-            wake = self.reconcile().await;
-            self.ack(&rounds);
+            wake = self.reconcile(&rounds).await;
             self.shared.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
         }
     }
@@ -286,10 +285,14 @@ impl Worker {
         }
     }
 
-    /// Look at the domain, act if needed; returns when to look again on our own.
-    async fn reconcile(&mut self) -> Option<Instant> {
+    /// Look at the domain, act if needed; returns when to look again on our own. Resync
+    /// `rounds` are acknowledged once the domain has been looked at, before any action, so
+    /// readiness never waits for a repair.
+    async fn reconcile(&mut self, rounds: &[u64]) -> Option<Instant> {
         let calls = self.calls();
-        let observed = match calls.observe(self.name()).await {
+        let looked = calls.observe(self.name()).await;
+        self.ack(rounds);
+        let observed = match looked {
             Ok(o) => o,
             Err(e) => {
                 let note = match &e {
