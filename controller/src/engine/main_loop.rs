@@ -185,13 +185,14 @@ impl Engine {
                     let (tx, rx) = unbounded_channel();
                     // A worker of the same domain may still be finishing its last action.
                     let predecessor = self.retiring.remove(&name);
-                    let worker = Worker::new(self.shared.clone(), managed.clone(), rx);
                     self.shared.add_domain(DomainStatus {
                         name: name.clone(),
                         policy: managed.policy.clone(),
                         state: "unknown".into(),
                         ..Default::default()
                     });
+                    // Shows what is remembered (a quarantine) from the start.
+                    let worker = Worker::new(self.shared.clone(), managed.clone(), rx);
                     let task = tokio::spawn(supervise(worker, predecessor));
                     keep.insert(name, WorkerEntry { tx, task });
                 }
