@@ -6,7 +6,7 @@ use std::path::Path;
 
 use virtwarden_policies::BootDevice;
 
-use super::model::{Check, DomainReport, Finding};
+use super::model::{io_text, Check, DomainReport, Finding};
 use super::xml::DomainSpec;
 use crate::observe::console::{firmware_boot_failure, read_tail};
 
@@ -58,7 +58,7 @@ fn file_exists(what: &str, path: &str, domain: &str, out: &mut DomainReport) {
         out.findings.push(Finding::error(
             Check::Boot,
             format!("{what} {path} does not exist"),
-            format!("stat {path}: {e}"),
+            format!("stat {path}: {}", io_text(&e)),
             format!("install it or point the domain at the right file (virsh edit {domain})"),
         ));
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use super::access::{can_open, FileFacts, READ, WRITE};
 use super::identity::{Accounts, QemuUser};
 use super::image::{detect, hex_prefix, qcow2_backing, read_head, size_of, Format, HEAD_BYTES};
-use super::model::{Check, DomainReport, Finding};
+use super::model::{io_text, Check, DomainReport, Finding};
 use super::xml::{DiskSpec, DomainSpec};
 
 /// A qcow2 chain deeper than this is reported as-is rather than followed.
@@ -125,9 +125,9 @@ fn exists(path: &Path, what: &str, fix: &str, out: &mut DomainReport) -> bool {
             let nearest = path.ancestors().skip(1).find(|a| a.exists()).map(|a| a.display().to_string());
             let evidence = match nearest {
                 Some(a) if a != "/" || path.parent() == Some(Path::new("/")) => {
-                    format!("stat {}: {e}; {a} exists", path.display())
+                    format!("stat {}: {}; {a} exists", path.display(), io_text(&e))
                 }
-                _ => format!("stat {}: {e}", path.display()),
+                _ => format!("stat {}: {}", path.display(), io_text(&e)),
             };
             let not = if e.kind() == std::io::ErrorKind::NotFound { "does not exist" } else { "cannot be read" };
             out.findings.push(Finding::error(Check::Disk, format!("{what} {not}"), evidence, fix));

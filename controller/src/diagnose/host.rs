@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::access::{FileFacts, READ, WRITE};
 use super::identity::{Accounts, QemuUser};
-use super::model::{Check, DomainReport, Finding};
+use super::model::{io_text, Check, DomainReport, Finding};
 use super::xml::DomainSpec;
 
 /// `MemAvailable` in KiB from /proc/meminfo's text.
@@ -51,7 +51,7 @@ pub fn check_kvm(spec: &DomainSpec, kvm: &Path, who: &QemuUser, accounts: &Accou
         Err(e) => out.findings.push(Finding::error(
             Check::Host,
             format!("{} is missing: a kvm domain cannot start", kvm.display()),
-            format!("stat {}: {e}", kvm.display()),
+            format!("stat {}: {}", kvm.display(), io_text(&e)),
             "enable virtualisation in the firmware and load kvm_intel or kvm_amd, or use <domain type='qemu'> (slow)",
         )),
         Ok(m) if !m.file_type().is_char_device() && kvm.starts_with("/dev") => out.findings.push(Finding::error(

@@ -107,24 +107,7 @@ impl Report {
 pub fn render_text(report: &Report) -> String {
     let mut out = String::new();
     for d in &report.domains {
-        let managed = match &d.policy {
-            Some(p) => format!("managed by {p}"),
-            None => "not managed: read only".to_string(),
-        };
-        out.push_str(&format!("{}: {}, {}\n", d.domain, d.state, managed));
-        for f in &d.findings {
-            out.push_str(&format!(
-                "  {:<7} {:<7} {}: {} → fix: {}\n",
-                match f.severity {
-                    Severity::Error => "error",
-                    Severity::Warning => "warning",
-                },
-                f.check.as_str(),
-                f.what,
-                f.evidence,
-                f.fix
-            ));
-        }
+        render_domain(d, &mut out);
         for s in &d.skipped {
             out.push_str(&format!("  skipped {s}\n"));
         }
@@ -134,21 +117,53 @@ pub fn render_text(report: &Report) -> String {
     }
     let n = report.problems();
     let bad = report.domains.iter().filter(|d| !d.findings.is_empty()).count();
+    let total = report.domains.len();
     if n == 0 {
-        out.push_str(&format!(
-            "no problems found in {} domain{}\n",
-            report.domains.len(),
-            plural(report.domains.len())
-        ));
+        out.push_str(&format!("no problems found in {total} domain{}\n", plural(total)));
     } else {
-        out.push_str(&format!(
-            "{n} problem{} found in {bad} of {} domain{}\n",
-            plural(n),
-            report.domains.len(),
-            plural(report.domains.len())
-        ));
+        out.push_str(&format!("{n} problem{} found in {bad} of {total} domain{}\n", plural(n), plural(total)));
     }
     out
+}
+
+/// Only the domains that have findings and only their findings (for `plan`).
+pub fn render_findings(reports: &[DomainReport]) -> String {
+    let mut out = String::new();
+    for d in reports.iter().filter(|d| !d.findings.is_empty()) {
+        render_domain(d, &mut out);
+    }
+    out
+}
+
+fn render_domain(d: &DomainReport, out: &mut String) {
+    let managed = match &d.policy {
+        Some(p) => format!("managed by {p}"),
+        None => "not managed: read only".to_string(),
+    };
+    out.push_str(&format!("{}: {}, {}\n", d.domain, d.state, managed));
+    for f in &d.findings {
+        let severity = match f.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        out.push_str(&format!(
+            "  {:<7} {:<7} {}: {} → fix: {}\n",
+            severity,
+            f.check.as_str(),
+            f.what,
+            f.evidence,
+            f.fix
+        ));
+    }
+}
+
+/// An I/O error as words, without Rust's ` (os error 2)` suffix.
+pub fn io_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
 }
 
 fn plural(n: usize) -> &'static str {
