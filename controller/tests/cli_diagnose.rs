@@ -35,7 +35,7 @@ fn qemu_img(args: &[&str]) {
 
 /// A raw disk whose first sector boots (cli; hlt; jmp $-1, and the 0x55aa signature).
 fn bootable_raw(path: &Path) {
-    let mut img = vec![0u8; 64 * 1024];
+    let mut img = vec![0u8; 1024 * 1024];
     img[..4].copy_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]);
     img[510] = 0x55;
     img[511] = 0xaa;

@@ -148,7 +148,10 @@ fn console(path: &str, running: bool, out: &mut DomainReport) {
             return;
         }
     };
-    if let Some(f) = firmware_boot_failure(&text) {
+    // SeaBIOS reports each device it gives up on ("Boot failed: Could not read from CDROM")
+    // and then tries the next; only a failure after the last attempt is final.
+    let last_attempt = text.rfind("Booting from").map_or(text.as_str(), |i| &text[i..]);
+    if let Some(f) = firmware_boot_failure(last_attempt) {
         let when = if running { "the guest's firmware" } else { "at its last boot the firmware" };
         out.findings.push(Finding::error(
             Check::Boot,
@@ -251,6 +254,9 @@ mod tests {
         assert_eq!(r.findings[0].what, "the guest's firmware found nothing to boot (SeaBIOS: No bootable device)");
         assert_eq!(r.findings[0].evidence, format!("console {}: \"No bootable device.\"", log.display()));
         std::fs::write(&log, "SeaBIOS\r\nBooting from Hard Disk...\r\n").unwrap();
+        assert!(run(&xml, true).findings.is_empty());
+        // The CD-ROM failed, then the disk booted: not a failure.
+        std::fs::write(&log, "Booting from DVD/CD...\r\nBoot failed: Could not read from CDROM (code 0003)\r\nBooting from Hard Disk...\r\n").unwrap();
         assert!(run(&xml, true).findings.is_empty());
     }
 }

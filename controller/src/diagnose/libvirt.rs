@@ -80,7 +80,11 @@ pub fn check(domain: &str, facts: &DomainFacts, log_dir: Option<&Path>, out: &mu
             Check::Libvirt,
             "the last start failed",
             evidence(state),
-            "fix what QEMU's error names (see the other findings), then start it",
+            if log_errors.is_empty() {
+                "see the other findings; libvirt failed before QEMU ran, so its log is silent: virsh start shows libvirt's error"
+            } else {
+                "fix what QEMU's error names (see the other findings), then start it"
+            },
         )),
         (DomainState::ShutOff, "crashed") | (DomainState::Crashed, _) => out.findings.push(Finding::error(
             Check::Libvirt,

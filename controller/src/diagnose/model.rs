@@ -3,15 +3,16 @@
 
 use serde::Serialize;
 
-/// Which family of checks found it.
+/// Which family of checks found it. Causes first: libvirt's own view (a failed start, a
+/// crash) mostly restates what the others explain, so it sorts last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Check {
     Disk,
     Boot,
-    Libvirt,
     Network,
     Host,
+    Libvirt,
 }
 
 impl Check {
