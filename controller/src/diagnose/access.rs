@@ -33,7 +33,7 @@ impl Acl {
     /// entries of u16 tag, u16 perm, u32 id.
     pub fn decode(bytes: &[u8]) -> Option<Acl> {
         let version = u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?);
-        if version != 2 || (bytes.len() - 4) % 8 != 0 {
+        if version != 2 || !(bytes.len() - 4).is_multiple_of(8) {
             return None;
         }
         let mut entries = Vec::new();
@@ -249,7 +249,10 @@ pub fn is_nfs(path: &Path) -> bool {
     // SAFETY: c is NUL-terminated; statfs fills st on success and we read it only then.
     let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
     // SAFETY: rc == 0 means the kernel initialised st.
-    rc == 0 && unsafe { st.assume_init() }.f_type as i64 == NFS_SUPER_MAGIC
+    // f_type's integer type differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let nfs = rc == 0 && unsafe { st.assume_init() }.f_type as i64 == NFS_SUPER_MAGIC;
+    nfs
 }
 
 #[cfg(test)]
