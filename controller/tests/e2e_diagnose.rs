@@ -158,11 +158,12 @@ fn e2e_diagnose_disk_problems_and_explains_failed_starts() {
     // `apply` reports the same finding for the start it saw fail.
     let dir = work().join("apply");
     std::fs::create_dir_all(&dir).unwrap();
-    let policy = dir.join("p.yaml");
-    std::fs::write(&policy, policy_text("  domains:\n    - name: unsearchable\n      restart: always\n")).unwrap();
-    let (code, out) = cli(&["apply", "--connect", URI, "--network", "off", policy.to_str().unwrap()]);
+    let policy_file = dir.join("p.yaml");
+    std::fs::write(&policy_file, policy("  domains:\n    - name: unsearchable\n      restart: always\n")).unwrap();
+    let (code, out) = cli(&["apply", "--connect", URI, "--network", "off", policy_file.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("why: disk vda /var/lib/libvirt/images/private/p.img not reachable by libvirt-qemu"), "{out}");
+    save_example("diagnose-example-apply.txt", &out);
 
     // The command itself: every broken domain, exit 3.
     let (code, out) = cli(&["diagnose", "--connect", URI, "missing", "qcow2-as-raw", "raw-as-qcow2", "unsearchable"]);
@@ -245,8 +246,4 @@ fn e2e_diagnose_sound_domain_comes_out_clean() {
     let owner = sh(&["stat", "-c", "%U:%G", &format!("{IMAGES}/sound.img")]);
     assert_eq!(owner.trim(), "libvirt-qemu:kvm");
     save_example("diagnose-example-sound.txt", &out);
-}
-
-fn policy_text(spec: &str) -> String {
-    policy(spec)
 }

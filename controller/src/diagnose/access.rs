@@ -309,8 +309,8 @@ mod tests {
         assert!(!f.allows(6, &[7], READ));
     }
 
-    #[test]
-    fn unsearchable_parent_directory_is_named_with_mode_and_owner() {
+    /// `TMP/vm/a.img`: the image 0666 in a 0700 directory owned by root.
+    fn image_in_private_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let vm = dir.path().join("vm");
         std::fs::create_dir(&vm).unwrap();
@@ -319,6 +319,12 @@ mod tests {
         chmod(dir.path(), 0o755);
         chmod(&vm, 0o700);
         chmod(&img, 0o666);
+        (dir, vm, img)
+    }
+
+    #[test]
+    fn unsearchable_parent_directory_is_named_with_mode_and_owner() {
+        let (_dir, vm, img) = image_in_private_dir();
         let who = user(64055, &[994]);
         let denied = can_open(&img, &who, READ, true).unwrap().unwrap_err();
         assert_eq!(denied.facts.path, vm);
@@ -339,14 +345,7 @@ mod tests {
 
     #[test]
     fn posix_acl_on_a_real_directory_grants_and_denies() {
-        let dir = tempfile::tempdir().unwrap();
-        let vm = dir.path().join("vm");
-        std::fs::create_dir(&vm).unwrap();
-        let img = vm.join("a.img");
-        std::fs::write(&img, b"x").unwrap();
-        chmod(dir.path(), 0o755);
-        chmod(&vm, 0o700);
-        chmod(&img, 0o666);
+        let (_dir, vm, img) = image_in_private_dir();
         let who = user(64055, &[994]);
         setfacl(&["-m", "u:64055:x", vm.to_str().unwrap()]);
         let facts = FileFacts::read(&vm).unwrap();
