@@ -239,3 +239,13 @@ fn plan_shows_the_findings_of_domains_it_would_start() {
     assert_eq!(json["diagnosis"][0]["domain"], "missing");
     assert_eq!(json["actions"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn control_info_of_a_running_domain_is_read_and_quiet() {
+    use virtwarden::diagnose::source::{ControlState, DiagnoseSource};
+    let hv = virtwarden::libvirt::LibvirtHost::open("test:///default").unwrap();
+    let facts = hv.domain("test").unwrap().expect("test:///default has a domain named test");
+    assert_eq!(facts.control.map(|c| c.state), Some(ControlState::Ok), "virDomainGetControlInfo answered");
+    assert!(facts.xml.contains("<name>test</name>"));
+    assert_eq!(hv.domain("nope").unwrap(), None);
+}
