@@ -10,6 +10,7 @@ use virtwarden_policies::{load_paths, LoadError, LoadedPolicies};
 
 use crate::act::network::{apply_net_actions, observe_net};
 use crate::act::{apply_plan, ApplyReport};
+use crate::diagnose::{self, DiagnoseSource, DomainReport, Target};
 use crate::exit;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
@@ -17,7 +18,7 @@ use crate::hypervisor::Hypervisor;
 use crate::libvirt::{resolve_uri, LibvirtHost};
 use crate::memory::{Memory, MemoryStore};
 use crate::observe::{ObservedHost, ObservedNet};
-use crate::plan::{plan_with, render_text, Plan};
+use crate::plan::{plan_with, render_text, ActionKind, Plan};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -26,7 +27,8 @@ Exit codes:
   apply   0 converged, 1 some action failed or did not stick, 2 invalid policy
   run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid policy
   release 0 released (or was not quarantined), 1 not managed or not reachable
-  status  0 shown, 1 no status file";
+  status  0 shown, 1 no status file
+  diagnose 0 nothing found, 3 problems found, 1 runtime error, 2 invalid policy";
 
 #[derive(Debug, Parser)]
 #[command(name = "virtwarden", version, about = "Self-healing reconciliation for libvirt/KVM hosts", after_help = EXIT_CODES)]
@@ -70,6 +72,25 @@ impl NetworkMode {
     }
 }
 
+/// Whether `plan`/`apply` diagnose the domains they start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiagnoseMode {
+    /// On, except for libvirt's test driver (its domains never open their files).
+    Auto,
+    On,
+    Off,
+}
+
+impl DiagnoseMode {
+    pub fn enabled_for(self, uri: &str) -> bool {
+        match self {
+            DiagnoseMode::Auto => !uri.starts_with("test:"),
+            DiagnoseMode::On => true,
+            DiagnoseMode::Off => false,
+        }
+    }
+}
+
 /// What `plan` and `apply` take.
 #[derive(Debug, clap::Args)]
 pub struct HostArgs {
@@ -87,12 +108,40 @@ pub struct HostArgs {
     /// The host-wide lock `apply` takes (`run` and `operator` hold it too).
     #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
     pub lock_file: PathBuf,
+    /// Diagnose the domains `plan` would start and the starts `apply` saw fail.
+    #[arg(long, value_enum, default_value_t = DiagnoseMode::Auto)]
+    pub diagnose: DiagnoseMode,
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
 }
 
 /// Where the durable memory lives by default.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/virtwarden";
+/// Where `diagnose` finds the managed domains when no `--policies` is given.
+pub const DEFAULT_POLICIES: &str = "/etc/virtwarden/policies";
+
+/// What `diagnose` takes.
+#[derive(Debug, clap::Args)]
+pub struct DiagnoseArgs {
+    /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
+    #[arg(long, short = 'c')]
+    pub connect: Option<String>,
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Policy file or directory naming the managed domains (repeatable; default
+    /// /etc/virtwarden/policies). An invalid policy exits 2.
+    #[arg(long = "policies", value_name = "PATH")]
+    pub policies: Vec<PathBuf>,
+    /// Host network checks: auto = on unless the URI is libvirt's test driver.
+    #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
+    pub network: NetworkMode,
+    /// qemu.conf, for the user and group QEMU runs as and dynamic_ownership.
+    #[arg(long, default_value = "/etc/libvirt/qemu.conf")]
+    pub qemu_conf: PathBuf,
+    /// Domains to diagnose (default: every managed domain). Unmanaged ones are only read.
+    #[arg(value_name = "DOMAIN")]
+    pub domains: Vec<String>,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -181,6 +230,8 @@ pub enum Command {
     },
     /// Print the JSON Schema of a HostPolicy document (for editors' YAML language servers).
     Schema,
+    /// Say why domains cannot boot or be reached, with evidence and the fix. Changes nothing.
+    Diagnose(DiagnoseArgs),
 }
 
 /// Run a one-shot command, writing results to `out` and problems to `err`. Returns the exit code.
@@ -202,6 +253,7 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         Command::Release { domain, state_dir, data_dir, lock_file } => {
             release_cmd(&domain, &Dirs { state_dir, data_dir, lock_file }, out, err)
         }
+        Command::Diagnose(a) => diagnose_cmd(&a, out, err),
     };
     result.unwrap_or(exit::RUNTIME)
 }
@@ -270,6 +322,8 @@ struct Ctx<'a> {
     net: Option<NetCtx>,
     /// What the service remembers (why domains are off), read only.
     memory: Memory,
+    /// Set when domains to start (or failed starts) are diagnosed.
+    diagnosis: Option<(&'a dyn DiagnoseSource, diagnose::Options)>,
 }
 
 impl Ctx<'_> {
@@ -328,7 +382,11 @@ fn with_host(
     } else {
         None
     };
-    let ctx = Ctx { loaded: &loaded, hv: &host, net, memory };
+    let diagnosis = args
+        .diagnose
+        .enabled_for(&uri)
+        .then(|| (&host as &dyn DiagnoseSource, diagnose::Options::for_uri(&uri, network.enabled_for(&uri))));
+    let ctx = Ctx { loaded: &loaded, hv: &host, net, memory, diagnosis };
     match body(&ctx) {
         Ok(code) => Ok(code),
         Err(e) => {
@@ -340,11 +398,52 @@ fn with_host(
 
 fn plan_cmd(ctx: &Ctx, output: Output, out: &mut dyn Write) -> std::io::Result<i32> {
     let p = ctx.plan()?;
+    let starts: Vec<&str> = p
+        .actions
+        .iter()
+        .filter(|a| matches!(a.kind, ActionKind::Start | ActionKind::Restart))
+        .map(|a| a.domain.as_str())
+        .collect();
+    let diagnosis = ctx.diagnose(&starts)?;
     match output {
-        Output::Text => write!(out, "{}", render_text(&p))?,
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&p).map_err(std::io::Error::other)?)?,
+        Output::Text => {
+            write!(out, "{}", render_text(&p))?;
+            if !diagnosis.is_empty() {
+                writeln!(out, "diagnosis of the domains to start:")?;
+                write!(out, "{}", diagnose::model::render_findings(&diagnosis))?;
+            }
+        }
+        Output::Json => {
+            let json = WithDiagnosis { inner: &p, diagnosis };
+            writeln!(out, "{}", serde_json::to_string_pretty(&json).map_err(std::io::Error::other)?)?
+        }
     }
     Ok(if p.is_empty() { exit::OK } else { exit::DRIFT })
+}
+
+/// A plan or apply report with the diagnosis of its domains beside it (JSON output).
+#[derive(serde::Serialize)]
+struct WithDiagnosis<'a, T: serde::Serialize> {
+    #[serde(flatten)]
+    inner: &'a T,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    diagnosis: Vec<DomainReport>,
+}
+
+impl Ctx<'_> {
+    /// Diagnose `domains` when diagnosis is on; only reports with findings are kept.
+    fn diagnose(&self, domains: &[&str]) -> std::io::Result<Vec<DomainReport>> {
+        let Some((source, opts)) = &self.diagnosis else { return Ok(Vec::new()) };
+        if domains.is_empty() {
+            return Ok(Vec::new());
+        }
+        let targets: Vec<Target> = domains
+            .iter()
+            .map(|d| Target { domain: d.to_string(), policy: self.loaded.desired.domain(d).map(|m| m.policy.clone()) })
+            .collect();
+        let report = diagnose::diagnose(*source, &targets, opts).map_err(std::io::Error::other)?;
+        Ok(report.domains.into_iter().filter(|d| !d.findings.is_empty()).collect())
+    }
 }
 
 /// Network changes that did not stick are tried again this many times, with backoff.
@@ -373,14 +472,32 @@ fn apply_cmd(ctx: &Ctx, output: Output, out: &mut dyn Write) -> std::io::Result<
         report.remaining = ctx.plan()?;
     }
     report.network_outcomes = network_outcomes;
+    // A failed start is diagnosed here, after the fact, so the executor stays as it is.
+    let failed: Vec<&str> = report
+        .outcomes
+        .iter()
+        .filter(|o| {
+            o.error.is_some() && matches!(o.action.kind, ActionKind::Start | ActionKind::Restart | ActionKind::Resume)
+        })
+        .map(|o| o.action.domain.as_str())
+        .collect();
+    let diagnosis = ctx.diagnose(&failed)?;
     match output {
-        Output::Text => write_apply_text(&p, &report, out)?,
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?)?,
+        Output::Text => write_apply_text(&p, &report, &diagnosis, out)?,
+        Output::Json => {
+            let json = WithDiagnosis { inner: &report, diagnosis };
+            writeln!(out, "{}", serde_json::to_string_pretty(&json).map_err(std::io::Error::other)?)?
+        }
     }
     Ok(if report.converged() { exit::OK } else { exit::RUNTIME })
 }
 
-fn write_apply_text(p: &Plan, report: &ApplyReport, out: &mut dyn Write) -> std::io::Result<()> {
+fn write_apply_text(
+    p: &Plan,
+    report: &ApplyReport,
+    diagnosis: &[DomainReport],
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     writeln!(out, "plan:")?;
     for line in render_text(p).lines() {
         writeln!(out, "  {line}")?;
@@ -396,7 +513,16 @@ fn write_apply_text(p: &Plan, report: &ApplyReport, out: &mut dyn Write) -> std:
         for o in &report.outcomes {
             match &o.error {
                 None => writeln!(out, "  ok      {} ({} ms)", o.action.line(), o.millis)?,
-                Some(e) => writeln!(out, "  FAILED  {}: {e}", o.action.line())?,
+                Some(e) => {
+                    writeln!(out, "  FAILED  {}: {e}", o.action.line())?;
+                    let why = diagnosis
+                        .iter()
+                        .find(|d| d.domain == o.action.domain)
+                        .and_then(|d| diagnose::explain(d, Some(e)));
+                    if let Some(f) = why {
+                        writeln!(out, "          why: {}", f.line())?;
+                    }
+                }
             }
         }
     }
@@ -590,4 +716,55 @@ fn status_cmd(
         }
     }
     Ok(exit::OK)
+}
+
+fn diagnose_cmd(args: &DiagnoseArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    // Without --policies the default directory is optional when domains are named.
+    let explicit = !args.policies.is_empty();
+    let paths = if explicit { args.policies.clone() } else { vec![PathBuf::from(DEFAULT_POLICIES)] };
+    let loaded = if !explicit && !args.domains.is_empty() && !paths[0].exists() {
+        None
+    } else {
+        match load(&paths, err)? {
+            Some(l) => Some(l),
+            None => {
+                if !explicit && args.domains.is_empty() {
+                    writeln!(err, "  hint: name the domains to diagnose, or point --policies at the policies")?;
+                }
+                return Ok(exit::INVALID_POLICY);
+            }
+        }
+    };
+    let managed = |name: &str| loaded.as_ref().and_then(|l| l.desired.domain(name)).map(|m| m.policy.clone());
+    let targets: Vec<Target> = if args.domains.is_empty() {
+        loaded
+            .iter()
+            .flat_map(|l| l.desired.domains.iter())
+            .map(|m| Target { domain: m.spec.name.clone(), policy: Some(m.policy.clone()) })
+            .collect()
+    } else {
+        args.domains.iter().map(|d| Target { domain: d.clone(), policy: managed(d) }).collect()
+    };
+    let uri = resolve_uri(args.connect.as_deref());
+    let host = match LibvirtHost::open(&uri) {
+        Ok(h) => h,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    let mut opts = diagnose::Options::for_uri(&uri, args.network.enabled_for(&uri));
+    opts.paths.qemu_conf = args.qemu_conf.clone();
+    let report = match diagnose::diagnose(&host, &targets, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    match args.output {
+        Output::Text => write!(out, "{}", diagnose::render_text(&report))?,
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?)?,
+    }
+    Ok(if report.problems() == 0 { exit::OK } else { exit::PROBLEMS })
 }

@@ -5,3 +5,5 @@ pub const OK: i32 = 0;
 pub const RUNTIME: i32 = 1;
 pub const INVALID_POLICY: i32 = 2;
 pub const DRIFT: i32 = 3;
+/// `diagnose` found problems (the same number as drift: "look at the output").
+pub const PROBLEMS: i32 = 3;

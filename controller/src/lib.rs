@@ -3,6 +3,7 @@
 
 pub mod act;
 pub mod cli;
+pub mod diagnose;
 pub mod engine;
 pub mod exit;
 pub mod fsutil;

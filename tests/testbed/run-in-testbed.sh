@@ -18,9 +18,18 @@ for d in /var/lib/libvirt /var/log/libvirt /var/cache/libvirt; do
 done
 mkdir -p "$work/etc-libvirt"
 cp -a /etc/libvirt/. "$work/etc-libvirt/"
+# QEMU runs as root unless VW_TESTBED_QEMU_USER=unprivileged asks for what a real host does:
+# libvirt-qemu:kvm, with libvirt chowning the images it opens (dynamic_ownership).
+if [ "${VW_TESTBED_QEMU_USER:-root}" = unprivileged ]; then
+  qemu_identity='user = "libvirt-qemu"
+group = "kvm"
+dynamic_ownership = 1'
+else
+  qemu_identity='user = "root"
+group = "root"'
+fi
 cat > "$work/etc-libvirt/qemu.conf" <<CONF
-user = "root"
-group = "root"
+$qemu_identity
 cgroup_controllers = [ ]
 security_driver = "none"
 CONF
@@ -32,6 +41,8 @@ cp /etc/group "$work/group"
 grep -q '^kvm:' "$work/group" || echo 'kvm:x:64054:' >> "$work/group"
 grep -q '^libvirt-qemu:' "$work/group" || echo 'libvirt-qemu:x:64055:' >> "$work/group"
 grep -q '^libvirt-qemu:' "$work/passwd" || echo 'libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin' >> "$work/passwd"
+# As Debian's libvirt-daemon-system does: libvirt-qemu is a member of kvm.
+sed -i '/^kvm:/{/libvirt-qemu/!{s/:$/:libvirt-qemu/;t;s/$/,libvirt-qemu/}}' "$work/group"
 mount --bind "$work/passwd" /etc/passwd
 mount --bind "$work/group" /etc/group
 ip link set lo up

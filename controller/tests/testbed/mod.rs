@@ -22,6 +22,16 @@ pub fn repo() -> PathBuf {
 /// parent after the child passed. Fails loudly when the testbed cannot be built: CI must not pass
 /// without the end-to-end suite.
 pub fn inside(test_name: &str) -> bool {
+    inside_as(test_name, "root")
+}
+
+/// Like [`inside`], with QEMU running as `libvirt-qemu:kvm` and libvirt chowning the images it
+/// opens (dynamic_ownership), as on a real host: permission problems are then real.
+pub fn inside_unprivileged(test_name: &str) -> bool {
+    inside_as(test_name, "unprivileged")
+}
+
+fn inside_as(test_name: &str, qemu_user: &str) -> bool {
     if std::env::var_os("VW_TESTBED").is_some() {
         assert!(Path::new("/run/libvirt/libvirt-sock").exists(), "VW_TESTBED set but no private libvirtd");
         return true;
@@ -35,6 +45,7 @@ pub fn inside(test_name: &str) -> bool {
         .arg(std::env::current_exe().expect("test binary"))
         .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
         .env("VW_TESTBED", "1")
+        .env("VW_TESTBED_QEMU_USER", qemu_user)
         .env("VW_WORK", work.path())
         .output()
         .unwrap_or_else(|e| panic!("cannot start the e2e testbed (unshare): {e}"));
