@@ -165,6 +165,18 @@ fn e2e_diagnose_disk_problems_and_explains_failed_starts() {
     assert!(out.contains("why: disk vda /var/lib/libvirt/images/private/p.img not reachable by libvirt-qemu"), "{out}");
     save_example("diagnose-example-apply.txt", &out);
 
+    // `run` puts the same finding where operators look: the failure reason in status.
+    let d = Daemon::start(&policy("  domains:\n    - name: unsearchable\n      restart: always\n"));
+    wait("the failed start is explained in status", T, || {
+        d.domain("unsearchable").is_some_and(|s| {
+            s["lastError"].as_str().unwrap_or("").starts_with(
+                "start failed: disk vda /var/lib/libvirt/images/private/p.img not reachable by libvirt-qemu",
+            )
+        })
+    });
+    assert!(d.domain("unsearchable").unwrap()["diagnosis"].as_str().unwrap_or("").contains("needs search (x)"));
+    d.stop();
+
     // The command itself: every broken domain, exit 3.
     let (code, out) = cli(&["diagnose", "--connect", URI, "missing", "qcow2-as-raw", "raw-as-qcow2", "unsearchable"]);
     assert_eq!(code, 3, "{out}");

@@ -67,9 +67,14 @@ pub struct DomainStatus {
     pub last_failure: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_at: Option<DateTime<Utc>>,
-    /// The last error a repair attempt met (libvirt's text), kept after a later success.
+    /// The last error a repair attempt met — what `diagnose` found when it found something
+    /// (`start failed: disk … not readable by libvirt-qemu: …`), else libvirt's text — kept
+    /// after a later success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The diagnosis of the last failed repair, with evidence and the fix (cleared once it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<String>,
     /// e.g. `start (attempt 2)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_action: Option<String>,

@@ -476,7 +476,15 @@ impl Worker {
                 let result = self.guarded(cancellable, fut).await;
                 let after = self.calls().observe(self.name()).await.ok().flatten();
                 let recovered = after.as_ref().is_some_and(is_up);
-                let (outcome, text) = classify(&result, recovered, after.as_ref());
+                let (outcome, mut text) = classify(&result, recovered, after.as_ref());
+                // Where operators look: a failed repair carries what diagnosis finds.
+                let diagnosis = match outcome {
+                    Outcome::Failed => self.explain(&text).await,
+                    _ => None,
+                };
+                if let Some(d) = &diagnosis {
+                    text = format!("{} failed: {d}", step.action.as_str());
+                }
                 self.tracker.finish(self.shared.tick(), outcome, fastrand::f64());
                 self.remember();
                 if outcome != Outcome::Interrupted {
@@ -506,6 +514,9 @@ impl Worker {
                     s.last_failure_at = Some(chrono::Utc::now());
                     if outcome == Outcome::Failed {
                         s.last_error = Some(text.clone());
+                        s.diagnosis = diagnosis;
+                    } else if outcome == Outcome::Recovered {
+                        s.diagnosis = None;
                     }
                     s.last_action = Some(format!("{} (attempt {attempt})", step.action.as_str()));
                     s.last_outcome = Some(text);
@@ -518,6 +529,16 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Why the last repair failed, as `diagnose` finds it (read-only, bounded like any read).
+    async fn explain(&self, error: &str) -> Option<String> {
+        let (name, error, network) = (self.name().to_string(), error.to_string(), self.shared.config.network);
+        let found = self
+            .calls()
+            .read("diagnose", move |hv| Ok(crate::diagnose::explain_start_failure(hv, &name, Some(&error), network)))
+            .await;
+        found.ok().flatten()
     }
 
     /// `virtwarden release`: lift the quarantine, keep it on disk, say what was done.
