@@ -47,6 +47,7 @@ pub fn enactment_status(view: &PolicyView, report: &StatusReport, now: Time) -> 
             restarts: d.restarts,
             last_failure: d.last_failure.clone(),
             quarantined: d.quarantined.is_some(),
+            refused_hook: d.refused_hook.clone(),
         })
         .collect();
     let drift: Vec<String> = report.network.as_ref().map(|n| n.drift.clone()).unwrap_or_default();
