@@ -23,7 +23,7 @@ pub fn belongs_to(e: &HostPolicyEnactment, policy: &str, uid: &str) -> bool {
 }
 
 /// The policy's enactments as (node, status): the watched ones, with this node's own replaced by
-/// what it last wrote (the watch may not have delivered it yet). Sorted by node name.
+/// what it last wrote, if known (the watch may not have delivered it yet). Sorted by node name.
 pub fn members<'a>(
     enactments: &'a [Arc<HostPolicyEnactment>],
     policy: &str,
@@ -33,7 +33,7 @@ pub fn members<'a>(
 ) -> Vec<(&'a str, Option<&'a HostPolicyEnactmentStatus>)> {
     let mut out: Vec<(&str, Option<&HostPolicyEnactmentStatus>)> = enactments
         .iter()
-        .filter(|e| belongs_to(e, policy, uid) && e.spec.node != me)
+        .filter(|e| belongs_to(e, policy, uid) && (mine.is_none() || e.spec.node != me))
         .map(|e| (e.spec.node.as_str(), e.status.as_ref()))
         .collect();
     if let Some(m) = mine {
@@ -70,7 +70,13 @@ pub fn aggregate(
         cond(
             condition::AVAILABLE,
             matched > 0 && available == matched,
-            if matched == 0 { "NoNodes" } else if available == matched { "AllNodesAvailable" } else { "NodesNotAvailable" },
+            if matched == 0 {
+                "NoNodes"
+            } else if available == matched {
+                "AllNodesAvailable"
+            } else {
+                "NodesNotAvailable"
+            },
             format!("{available} of {matched} nodes available"),
         ),
         cond(
@@ -158,6 +164,10 @@ mod tests {
         assert_eq!(rank(&m, "a"), 0);
         assert_eq!(rank(&m, "me"), 2);
         assert_eq!(rank(&m, "stranger"), 3);
+        // Without a record of its own last write, the watched copy of its own counts.
+        let m = members(&store, "web", "u2", "me", None);
+        assert_eq!(m.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["a", "b", "me"]);
+        assert_eq!(aggregate(Some(4), &m, None, &t(100)).progressing_nodes, 1);
     }
 
     #[test]
@@ -170,7 +180,9 @@ mod tests {
         let store = vec![enactment("web", "u", "a", status("Degraded"))];
         let m = members(&store, "web", "u", "z", None);
         let changed = aggregate(Some(1), &m, Some(&first), &t(300));
-        let time = |s: &HostPolicyStatus, c: &str| s.conditions.iter().find(|x| x.type_ == c).unwrap().last_transition_time.clone();
+        let time = |s: &HostPolicyStatus, c: &str| {
+            s.conditions.iter().find(|x| x.type_ == c).unwrap().last_transition_time.clone()
+        };
         assert_eq!(time(&changed, "Available"), t(300));
         assert_eq!(time(&changed, "Degraded"), t(300));
         assert_eq!(time(&changed, "Progressing"), t(100), "still False: its time stays");

@@ -48,7 +48,12 @@ impl EventPublisher {
             events.push(event(EventType::Normal, "Restarted", "Restart", note));
         }
         if let Some(q) = d.quarantined.as_deref().filter(|_| !before.quarantined) {
-            events.push(event(EventType::Warning, "Quarantined", "Quarantine", format!("{} on node {node}: {q}", d.name)));
+            events.push(event(
+                EventType::Warning,
+                "Quarantined",
+                "Quarantine",
+                format!("{} on node {node}: {q}", d.name),
+            ));
         }
         if let Some(e) = d.last_error.as_deref().filter(|e| before.last_error.as_deref() != Some(*e)) {
             let note = format!("{} on node {node}: {e}", d.name);
@@ -86,7 +91,8 @@ mod tests {
     use super::*;
 
     fn publisher() -> EventPublisher {
-        let (svc, _handle) = tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+        let (svc, _handle) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
         EventPublisher::new(Client::new(svc, "default"), "node1".into())
     }
 

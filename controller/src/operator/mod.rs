@@ -274,12 +274,17 @@ impl Operator {
 
     /// A deleted policy's enactments go with it (owner references); only a policy that still
     /// exists but no longer selects this node needs this node to remove its own enactment.
-    async fn remove_unselected(&mut self, live: &[&WatchedHostPolicy], enactments: &[Arc<HostPolicyEnactment>]) -> bool {
+    async fn remove_unselected(
+        &mut self,
+        live: &[&WatchedHostPolicy],
+        enactments: &[Arc<HostPolicyEnactment>],
+    ) -> bool {
         let mut ok = true;
         for e in enactments.iter().filter(|e| e.spec.node == self.node) {
             let policy = &e.spec.policy;
-            let owner_live =
-                live.iter().any(|p| aggregate::belongs_to(e, &p.name_any(), p.metadata.uid.as_deref().unwrap_or_default()));
+            let owner_live = live
+                .iter()
+                .any(|p| aggregate::belongs_to(e, &p.name_any(), p.metadata.uid.as_deref().unwrap_or_default()));
             if owner_live && !self.selection.selected.contains(policy) {
                 match kube_io::delete_enactment(&self.client, policy, &self.node).await {
                     Ok(()) => tracing::info!(%policy, "the policy no longer selects this node; enactment removed"),
@@ -337,7 +342,12 @@ impl Operator {
     }
 
     /// Write `p`'s aggregate if it is wrong and it is this node's turn. True unless a write failed.
-    async fn write_aggregate(&mut self, p: &WatchedHostPolicy, enactments: &[Arc<HostPolicyEnactment>], now: &Time) -> bool {
+    async fn write_aggregate(
+        &mut self,
+        p: &WatchedHostPolicy,
+        enactments: &[Arc<HostPolicyEnactment>],
+        now: &Time,
+    ) -> bool {
         let (name, uid) = (p.name_any(), p.metadata.uid.clone().unwrap_or_default());
         if let Some(version) = self.awaiting.get(&name) {
             if *version == p.metadata.resource_version {
