@@ -10,7 +10,7 @@ DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps build run test test-fast bench bench-net bench-e2e fmt lint crd schema clean
+.PHONY: help deps build run test test-fast bench bench-net bench-e2e bench-operator fuzz fmt lint crd schema clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
@@ -67,6 +67,10 @@ bench: deps
 ## bench-e2e: recovery after SIGKILL of QEMU vs the floor and a 10 s polling watchdog (BENCH_CRASHES, default 20).
 bench-e2e: deps
 	$(CARGO) bench -p virtwarden --bench e2e
+
+## bench-operator: Kubernetes API requests per change with 1, 10 and 100 simulated nodes (in-memory API server).
+bench-operator: deps
+	$(CARGO) test -p virtwarden --test operator_scale -- --nocapture
 
 ## bench-net: drift → repaired latency for port detach, STP flip, forwarding reset (private netns).
 bench-net: deps

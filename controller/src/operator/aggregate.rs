@@ -105,6 +105,19 @@ pub fn aggregate(
     }
 }
 
+/// Whether two aggregates say the same, transition times aside (a condition that changes gets
+/// the time of the round that computed it).
+pub fn same_counts(a: &HostPolicyStatus, b: &HostPolicyStatus) -> bool {
+    let strip = |s: &HostPolicyStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(a) == strip(b)
+}
+
 /// This node's place among the policy's nodes (0 = the writer); after all of them if it has no
 /// enactment yet.
 pub fn rank(members: &[(&str, Option<&HostPolicyEnactmentStatus>)], me: &str) -> usize {

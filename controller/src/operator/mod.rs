@@ -364,7 +364,7 @@ impl Operator {
         }
         let rank = aggregate::rank(&members, &self.node) as u32;
         let since = match self.pending.get(&name) {
-            Some((t, since)) if *t == target => *since,
+            Some((t, since)) if aggregate::same_counts(t, &target) => *since,
             _ => {
                 let since = Instant::now();
                 self.pending.insert(name.clone(), (target.clone(), since));
