@@ -15,7 +15,7 @@ VIRTWARDEN := target/debug/virtwarden
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
 	@echo "make test   the whole suite (installs what it needs)"
-	@echo "make lint | fmt | bench | crd | schema | deps"
+	@echo "make lint | fmt | bench | bench-operator | fuzz | crd | schema | deps"
 
 ## deps: install missing Debian packages (idempotent; needs root or sudo).
 deps:
@@ -75,6 +75,17 @@ bench-operator: deps
 ## bench-net: drift → repaired latency for port detach, STP flip, forwarding reset (private netns).
 bench-net: deps
 	$(CARGO) bench -p virtwarden --bench net
+
+## fuzz: AFL++ through cargo-afl (stable toolchain) on the policy loader, the domain-XML reader and the
+## boot-order rewrite, one target after the other, FUZZ_SECONDS each (default 600). Installs cargo-afl
+## (which builds AFL++ for this rustc) when missing. Findings: fuzz/out/<target>/default/{crashes,hangs}.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= policy_loader domain_xml boot_xml
+fuzz: deps
+	@command -v cargo-afl >/dev/null || $(CARGO) install --locked cargo-afl --version 0.18.2
+	@out=$$($(CARGO) afl config --build 2>&1) || echo "$$out" | grep -q "already built" || { echo "$$out"; exit 1; }
+	cd fuzz && $(CARGO) afl build --release --locked
+	fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 fmt:
 	$(CARGO) fmt --all

@@ -69,8 +69,8 @@ pub struct HostPolicyResourceSpec {
     pub policy: HostPolicySpec,
 }
 
-/// Aggregated over the nodes the policy selects; each node updates its own counts' fields
-/// through server-side apply, so there is no single writer.
+/// Aggregated over the nodes the policy selects, from their enactments; written only when it
+/// changes, by one node at a time (the first by name, the next ones only if it is gone).
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HostPolicyStatus {
