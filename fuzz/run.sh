@@ -33,6 +33,7 @@ cp fuzz/regressions/boot_xml/* "$seeds/boot_xml/" 2>/dev/null || true
 # A shared machine: no CPU binding, no core_pattern or governor demands.
 export AFL_NO_AFFINITY=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1
 status=0
+mkdir -p fuzz/out
 for t in "$@"; do
   out=fuzz/out/$t
   rm -rf "$out"
