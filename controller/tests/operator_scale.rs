@@ -9,11 +9,13 @@ mod engines;
 #[path = "support/fake_kube.rs"]
 mod fake_kube;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use engines::{scripted, Script};
 use fake_kube::{node, Call, FakeKube};
 use serde_json::json;
+use tokio::task::JoinHandle;
 use virtwarden::operator::Operator;
 
 /// Requests sent during one phase, by kind.
@@ -67,7 +69,8 @@ struct Figures {
     policy_edit: Requests,
 }
 
-async fn measure(nodes: usize) -> Figures {
+/// The policy `web` and `nodes` nodes, each with its operator running; settled.
+async fn cluster(nodes: usize) -> (Arc<FakeKube>, Vec<Script>, Vec<JoinHandle<()>>) {
     let api = FakeKube::new();
     api.put(policy("always"));
     let mut scripts: Vec<Script> = Vec::new();
@@ -81,6 +84,11 @@ async fn measure(nodes: usize) -> Figures {
         scripts.push(script);
     }
     quiet().await;
+    (api, scripts, tasks)
+}
+
+async fn measure(nodes: usize) -> Figures {
+    let (api, scripts, tasks) = cluster(nodes).await;
     let status = |api: &FakeKube| api.object("HostPolicy", "web").unwrap()["status"].clone();
     assert_eq!(api.objects("HostPolicyEnactment").len(), nodes);
     assert_eq!(status(&api)["matchedNodes"], nodes);
@@ -142,20 +150,8 @@ async fn api_requests_per_change_do_not_grow_with_the_number_of_nodes() {
 
 #[tokio::test(start_paused = true)]
 async fn when_the_first_node_is_gone_the_next_one_writes_the_aggregate_once() {
-    let api = FakeKube::new();
-    api.put(policy("always"));
-    let mut scripts = Vec::new();
-    let mut tasks = Vec::new();
-    for i in 0..3 {
-        let name = format!("node{i}");
-        api.put(node(&name, json!({})));
-        let (engine, script) = scripted();
-        let mut op = Operator::new(api.client(), name, engine);
-        tasks.push(tokio::spawn(async move { op.run().await }));
-        scripts.push(script);
-    }
-    quiet().await;
-    // node0, the writer, dies; its enactment stays behind (nothing deletes a dead node's).
+    let (api, scripts, tasks) = cluster(3).await;
+    // node000, the writer, dies; its enactment stays behind (nothing deletes a dead node's).
     tasks[0].abort();
     let started = tokio::time::Instant::now();
     let before = api.call_count();
@@ -171,7 +167,7 @@ async fn when_the_first_node_is_gone_the_next_one_writes_the_aggregate_once() {
     let r = Requests::of(&api.calls()[before..]);
     assert_eq!((r.enactment_writes, r.aggregate_writes, r.reads), (1, 1, 0), "{r:?}");
     let after = repaired.expect("the aggregate was repaired");
-    // node1 is second by name: it waits one repair turn (10 s), not more than two status rounds on top.
+    // node001 is second by name: it waits one repair turn (10 s), not more than two status rounds on top.
     assert!(after >= Duration::from_secs(10) && after <= Duration::from_secs(15), "{after:?}");
     for t in tasks {
         t.abort();

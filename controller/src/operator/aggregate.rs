@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use virtwarden_crd::{condition, HostPolicyEnactment, HostPolicyEnactmentStatus, HostPolicyStatus};
 
-use super::enactment::keep_transition_times;
+use super::enactment::{cond, keep_transition_times};
 
 /// How long the node of rank `r` (0 = first by name) lets a wrong aggregate stand before it
 /// writes it itself: `r × REPAIR_TURN`.
@@ -58,13 +58,8 @@ pub fn aggregate(
     let count = |t: &str| members.iter().filter(|(_, s)| is_true(*s, t)).count() as u32;
     let (matched, available, progressing, degraded) =
         (members.len() as u32, count(condition::AVAILABLE), count(condition::PROGRESSING), count(condition::DEGRADED));
-    let cond = |type_: &str, status: bool, reason: &str, message: String| Condition {
-        type_: type_.into(),
-        status: if status { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: now.clone(),
+    let cond = |type_: &str, status: bool, reason: &str, message: String| {
+        cond(type_, status, reason, message, generation, now)
     };
     let mut conditions = vec![
         cond(
@@ -126,7 +121,7 @@ pub fn rank(members: &[(&str, Option<&HostPolicyEnactmentStatus>)], me: &str) ->
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference};
     use virtwarden_crd::HostPolicyEnactmentSpec;
 
     use super::*;

@@ -16,7 +16,15 @@ pub struct PolicyView<'a> {
     pub invalid: &'a [String],
 }
 
-fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>, now: &Time) -> Condition {
+/// A condition as of `now` for the object's `generation`.
+pub fn cond(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
     Condition {
         type_: type_.into(),
         status: if status { "True" } else { "False" }.into(),

@@ -24,6 +24,17 @@ pub struct EventPublisher {
     told: HashMap<String, Told>,
 }
 
+impl Told {
+    fn of(d: &DomainStatus) -> Self {
+        Told {
+            restarts: d.restarts,
+            quarantined: d.quarantined.is_some(),
+            last_error: d.last_error.clone(),
+            refused_hook: d.refused_hook.clone(),
+        }
+    }
+}
+
 impl EventPublisher {
     pub fn new(client: Client, node: String) -> Self {
         let reporter = Reporter { controller: "virtwarden".into(), instance: Some(node.clone()) };
@@ -75,13 +86,7 @@ impl EventPublisher {
                     tracing::debug!(%e, "cannot publish event");
                 }
             }
-            let told = Told {
-                restarts: d.restarts,
-                quarantined: d.quarantined.is_some(),
-                last_error: d.last_error.clone(),
-                refused_hook: d.refused_hook.clone(),
-            };
-            self.told.insert(d.name.clone(), told);
+            self.told.insert(d.name.clone(), Told::of(d));
         }
     }
 }
@@ -97,13 +102,7 @@ mod tests {
     }
 
     fn remember(p: &mut EventPublisher, d: &DomainStatus) {
-        let told = Told {
-            restarts: d.restarts,
-            quarantined: d.quarantined.is_some(),
-            last_error: d.last_error.clone(),
-            refused_hook: d.refused_hook.clone(),
-        };
-        p.told.insert(d.name.clone(), told);
+        p.told.insert(d.name.clone(), Told::of(d));
     }
 
     #[tokio::test]
