@@ -54,6 +54,7 @@ impl NodeEngine for EngineHandle {
         EngineHandle::subscribe(self)
     }
 }
+
 /// Options of `virtwarden operator`.
 #[derive(Debug, Clone)]
 pub struct OperatorOptions {
