@@ -189,8 +189,9 @@ mod tests {
         assert!(!out.contains("<os>\n    <type>hvm</type>\n    <boot"), "must not add os-style boot: {out}");
     }
 
-    /// Found with the boot_xml fuzz target's invariant: the new `<boot>` of a self-closing device
-    /// went before the previous element's closing tag, into another device.
+    /// Found while writing the boot_xml fuzz target's invariant (rewritten XML must boot in the
+    /// wanted order): the new `<boot>` of a self-closing device went before the previous
+    /// element's closing tag, into another device. fuzz/regressions/boot_xml/ keeps the input.
     #[test]
     fn a_self_closing_device_gets_its_boot_element_inside_it() {
         let xml = "<domain>\n  <os><type>hvm</type></os>\n  <devices>\n    <disk device='cdrom'>\n      <boot order='1'/>\n    </disk>\n    <interface type='network'/>\n  </devices>\n</domain>";
