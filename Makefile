@@ -11,12 +11,12 @@ DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps build run test test-fast bench bench-net bench-e2e fmt lint crd schema clean
+.PHONY: help deps build run test test-fast bench bench-net bench-e2e bench-operator fuzz fmt lint crd schema clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
 	@echo "make test   the whole suite (installs what it needs)"
-	@echo "make lint | fmt | bench | crd | schema | deps"
+	@echo "make lint | fmt | bench | bench-operator | fuzz | crd | schema | deps"
 
 ## deps: install missing Debian packages (idempotent; needs root or sudo).
 deps:
@@ -72,9 +72,24 @@ bench: deps
 bench-e2e: deps
 	$(CARGO) bench -p virtwarden --bench e2e
 
+## bench-operator: Kubernetes API requests per change with 1, 10 and 100 simulated nodes (in-memory API server).
+bench-operator: deps
+	$(CARGO) test -p virtwarden --test operator_scale -- --nocapture
+
 ## bench-net: drift → repaired latency for port detach, STP flip, forwarding reset (private netns).
 bench-net: deps
 	$(CARGO) bench -p virtwarden --bench net
+
+## fuzz: AFL++ through cargo-afl (stable toolchain) on the policy loader, the domain-XML reader and the
+## boot-order rewrite, one target after the other, FUZZ_SECONDS each (default 600). Installs cargo-afl
+## (which builds AFL++ for this rustc) when missing. Findings: fuzz/out/<target>/default/{crashes,hangs}.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= policy_loader domain_xml boot_xml
+fuzz: deps
+	@command -v cargo-afl >/dev/null || $(CARGO) install --locked cargo-afl --version 0.18.2
+	@out=$$($(CARGO) afl config --build 2>&1) || echo "$$out" | grep -q "already built" || { echo "$$out"; exit 1; }
+	cd fuzz && $(CARGO) afl build --release --locked
+	fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 fmt:
 	$(CARGO) fmt --all

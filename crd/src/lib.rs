@@ -11,6 +11,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use virtwarden_policies::HostPolicySpec;
 
+pub mod schema;
+pub mod tolerant;
+
 /// Condition types used on enactments and aggregated on policies.
 pub mod condition {
     pub const AVAILABLE: &str = "Available";
@@ -25,6 +28,8 @@ pub mod reason {
     pub const CRASH_LOOP: &str = "CrashLoop";
     pub const CONFLICT: &str = "Conflict";
     pub const INVALID_POLICY: &str = "InvalidPolicy";
+    /// An `exec` remediation step was refused (not run) on the node.
+    pub const HOOK_REFUSED: &str = "HookRefused";
 }
 
 /// A HostPolicy as a cluster-scoped custom resource: the policy-file spec, unchanged.
@@ -58,13 +63,14 @@ pub mod reason {
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[schemars(transform = schema::open_empty_objects)]
 pub struct HostPolicyResourceSpec {
     #[serde(flatten)]
     pub policy: HostPolicySpec,
 }
 
-/// Aggregated over the nodes the policy selects; each node updates its own counts' fields
-/// through server-side apply, so there is no single writer.
+/// Aggregated over the nodes the policy selects, from their enactments; written only when it
+/// changes, by one node at a time (the first by name, the next ones only if it is gone).
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HostPolicyStatus {
@@ -133,6 +139,9 @@ pub struct DomainEnactment {
     pub last_failure: Option<String>,
     #[serde(default)]
     pub quarantined: bool,
+    /// The last `exec` remediation step the node refused to run, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_hook: Option<String>,
 }
 
 /// One managed bridge on one node.

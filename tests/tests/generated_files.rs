@@ -71,3 +71,123 @@ fn a_policy_file_is_a_valid_custom_resource() {
     let cr: virtwarden_crd::HostPolicy = serde_saphyr::from_str(&text).expect("policy file is a HostPolicy resource");
     assert_eq!(cr.spec.policy.domains.len(), 2);
 }
+
+/// The rules of a Kubernetes structural schema (the API server rejects a CRD that breaks them):
+/// every schema names its `type`, `additionalProperties` is never `false` nor next to
+/// `properties`, no `$ref`/`definitions`/`uniqueItems`, and inside `allOf`/`anyOf`/`oneOf`/`not`
+/// only value validations on properties the enclosing schema already declares.
+fn structural_violations(
+    schema: &serde_json::Value,
+    path: &str,
+    parent_properties: Option<&serde_json::Value>,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    let Some(obj) = schema.as_object() else {
+        out.push(format!("{path}: not a schema object"));
+        return;
+    };
+    let in_junctor = parent_properties.is_some();
+    for key in ["$ref", "$defs", "definitions", "$schema", "id", "additionalItems", "patternProperties", "dependencies"]
+    {
+        if obj.contains_key(key) {
+            out.push(format!("{path}: `{key}` is not allowed"));
+        }
+    }
+    if obj.get("uniqueItems") == Some(&Value::Bool(true)) {
+        out.push(format!("{path}: uniqueItems: true is not allowed"));
+    }
+    match obj.get("additionalProperties") {
+        Some(Value::Bool(false)) => out.push(format!("{path}: additionalProperties: false is not allowed")),
+        Some(_) if obj.contains_key("properties") => {
+            out.push(format!("{path}: additionalProperties and properties are mutually exclusive"))
+        }
+        _ => {}
+    }
+    let open = obj.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true))
+        || obj.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+    if in_junctor {
+        for key in obj.keys() {
+            if ["type", "description", "default", "additionalProperties", "nullable", "title"].contains(&key.as_str())
+                || key.starts_with("x-kubernetes-")
+            {
+                out.push(format!("{path}: `{key}` is not allowed inside allOf/anyOf/oneOf/not"));
+            }
+        }
+        if let (Some(props), Some(parent)) = (obj.get("properties").and_then(Value::as_object), parent_properties) {
+            for name in props.keys() {
+                if parent.get(name).is_none() {
+                    out.push(format!("{path}.properties.{name}: not declared outside the junctor"));
+                }
+            }
+        }
+    } else if !open && obj.get("type").and_then(Value::as_str).is_none_or(str::is_empty) {
+        out.push(format!("{path}: no type"));
+    }
+    // Inside a junctor, nested schemas stay under the junctor rules.
+    let empty = Value::Object(Default::default());
+    let nested = |name: Option<&str>| -> Option<&Value> {
+        in_junctor.then(|| {
+            name.and_then(|n| parent_properties.and_then(|p| p.get(n)))
+                .and_then(|p| p.get("properties"))
+                .unwrap_or(&empty)
+        })
+    };
+    if let Some(props) = obj.get("properties").and_then(Value::as_object) {
+        for (name, sub) in props {
+            structural_violations(sub, &format!("{path}.properties.{name}"), nested(Some(name)), out);
+        }
+    }
+    if let Some(items) = obj.get("items") {
+        structural_violations(items, &format!("{path}.items"), nested(None), out);
+    }
+    if let Some(add) = obj.get("additionalProperties").filter(|a| a.is_object()) {
+        structural_violations(add, &format!("{path}.additionalProperties"), nested(None), out);
+    }
+    let own = obj.get("properties").unwrap_or(&empty);
+    for junctor in ["allOf", "anyOf", "oneOf"] {
+        for (i, sub) in obj.get(junctor).and_then(Value::as_array).into_iter().flatten().enumerate() {
+            structural_violations(sub, &format!("{path}.{junctor}[{i}]"), Some(own), out);
+        }
+    }
+    if let Some(not) = obj.get("not") {
+        structural_violations(not, &format!("{path}.not"), Some(own), out);
+    }
+}
+
+#[test]
+fn crd_schemas_are_structural() {
+    for doc in crd_docs() {
+        let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+        for version in doc["spec"]["versions"].as_array().unwrap() {
+            let schema = &version["schema"]["openAPIV3Schema"];
+            let mut violations = Vec::new();
+            structural_violations(schema, &name, None, &mut violations);
+            assert!(violations.is_empty(), "{name} is not a structural schema:\n{}", violations.join("\n"));
+        }
+    }
+}
+
+#[test]
+fn the_structural_check_catches_what_the_api_server_rejects() {
+    use serde_json::json;
+    let check = |schema: serde_json::Value| {
+        let mut v = Vec::new();
+        structural_violations(&schema, "s", None, &mut v);
+        v
+    };
+    assert!(check(json!({"type": "object", "properties": {"a": {"type": "string"}}})).is_empty());
+    let v = check(json!({"type": "object", "properties": {"ping": {"type": "object", "additionalProperties": false}}}));
+    assert_eq!(v, ["s.properties.ping: additionalProperties: false is not allowed"]);
+    assert_eq!(check(json!({"type": "object", "properties": {"a": {}}})), ["s.properties.a: no type"]);
+    let v = check(
+        json!({"type": "object", "properties": {"a": {"type": "string"}}, "oneOf": [{"required": ["a"]}, {"properties": {"b": {"type": "string"}}}]}),
+    );
+    assert_eq!(
+        v,
+        [
+            "s.oneOf[1].properties.b: not declared outside the junctor",
+            "s.oneOf[1].properties.b: `type` is not allowed inside allOf/anyOf/oneOf/not"
+        ]
+    );
+}

@@ -135,6 +135,14 @@ fn per_device_edits(
         let n = i + 1;
         match child(*dev, "boot") {
             Some(boot) => edits.push(Edit { range: boot.range(), text: format!("<boot order='{n}'/>") }),
+            None if xml[dev.range()].ends_with("/>") => {
+                // `<interface …/>` has no closing tag to insert before: open it up.
+                let end = dev.range().end;
+                let tag =
+                    &xml[dev.range().start + 1..].split([' ', '\t', '\n', '\r', '/', '>']).next().unwrap_or_default();
+                let text = format!(">{}<boot order='{n}'/>{}</{tag}>", child_indent(xml, *dev), indent_of(xml, *dev));
+                edits.push(Edit { range: end - 2..end, text });
+            }
             None => {
                 let at = before_close(xml, *dev);
                 edits.push(Edit { range: at..at, text: format!("{}<boot order='{n}'/>", child_indent(xml, *dev)) });
@@ -179,6 +187,18 @@ mod tests {
         assert!(out.contains("<target dev='sda'/>\n      <boot order='2'/>\n    </disk>"), "{out}");
         assert!(out.contains("<source network='default'/>\n    </interface>"), "{out}");
         assert!(!out.contains("<os>\n    <type>hvm</type>\n    <boot"), "must not add os-style boot: {out}");
+    }
+
+    /// Found while writing the boot_xml fuzz target's invariant (rewritten XML must boot in the
+    /// wanted order): the new `<boot>` of a self-closing device went before the previous
+    /// element's closing tag, into another device. fuzz/regressions/boot_xml/ keeps the input.
+    #[test]
+    fn a_self_closing_device_gets_its_boot_element_inside_it() {
+        let xml = "<domain>\n  <os><type>hvm</type></os>\n  <devices>\n    <disk device='cdrom'>\n      <boot order='1'/>\n    </disk>\n    <interface type='network'/>\n  </devices>\n</domain>";
+        let out = rewrite_boot_order(xml, &[Network, Cdrom]).unwrap();
+        assert_eq!(parse_domain_xml(&out).unwrap().boot.order, vec![Network, Cdrom], "{out}");
+        assert!(out.contains("<interface type='network'>\n      <boot order='1'/>\n    </interface>"), "{out}");
+        assert!(out.contains("<disk device='cdrom'>\n      <boot order='2'/>\n    </disk>"), "{out}");
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct EngineConfig {
     pub memory_flush: Duration,
     /// Reconcile the host network (bridges, taps, forwarding) of this process's namespace.
     pub network: bool,
+    /// Diagnose a domain whose repair failed (reads its disks, logs and the host). Off for
+    /// libvirt's test driver, whose domains' paths are not on this host.
+    pub diagnose: bool,
 }
 
 impl Default for EngineConfig {
@@ -74,6 +77,7 @@ impl Default for EngineConfig {
             action_deadline: Duration::from_secs(120),
             memory_flush: Duration::from_secs(2),
             network: false,
+            diagnose: false,
         }
     }
 }

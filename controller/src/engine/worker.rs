@@ -478,8 +478,10 @@ impl Worker {
                 let recovered = after.as_ref().is_some_and(is_up);
                 let (outcome, mut text) = classify(&result, recovered, after.as_ref());
                 // Where operators look: a failed repair carries what diagnosis finds.
-                let diagnosis = match outcome {
-                    Outcome::Failed => self.explain(&text).await,
+                let diagnosis = match (&result, outcome) {
+                    // A refused hook is its own, complete reason.
+                    (Some(Err(e)), _) if e.refused_hook().is_some() => None,
+                    (_, Outcome::Failed) if self.shared.config.diagnose => self.explain(&text).await,
                     _ => None,
                 };
                 if let Some(d) = &diagnosis {

@@ -64,6 +64,7 @@ pub async fn run(opts: RunOptions) -> i32 {
         status_path: Some(opts.state_dir.join(STATUS_FILE)),
         data_dir: Some(opts.data_dir.clone()),
         network: opts.network,
+        diagnose: !opts.uri.starts_with("test:"),
         ..Default::default()
     };
     let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });

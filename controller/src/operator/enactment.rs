@@ -16,7 +16,15 @@ pub struct PolicyView<'a> {
     pub invalid: &'a [String],
 }
 
-fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>, now: &Time) -> Condition {
+/// A condition as of `now` for the object's `generation`.
+pub fn cond(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
     Condition {
         type_: type_.into(),
         status: if status { "True" } else { "False" }.into(),
@@ -47,6 +55,7 @@ pub fn enactment_status(view: &PolicyView, report: &StatusReport, now: Time) -> 
             restarts: d.restarts,
             last_failure: d.last_failure.clone(),
             quarantined: d.quarantined.is_some(),
+            refused_hook: d.refused_hook.clone(),
         })
         .collect();
     let drift: Vec<String> = report.network.as_ref().map(|n| n.drift.clone()).unwrap_or_default();
@@ -66,31 +75,32 @@ pub fn enactment_status(view: &PolicyView, report: &StatusReport, now: Time) -> 
         })
         .collect();
     let g = view.generation;
+    let not_running: Vec<&DomainEnactment> = domains
+        .iter()
+        .filter(|d| {
+            let wants_running = view
+                .desired
+                .domain(&d.name)
+                .is_some_and(|m| m.spec.state == virtwarden_policies::DesiredDomainState::Running);
+            wants_running && !d.state.starts_with("running")
+        })
+        .collect();
     let (available, progressing, degraded, why, message) = if !view.invalid.is_empty() {
         (false, false, true, reason::INVALID_POLICY, view.invalid.join("; "))
     } else if let Some(d) = domains.iter().find(|d| d.quarantined) {
         (false, false, true, reason::CRASH_LOOP, format!("domain {} is quarantined", d.name))
+    } else if let Some((d, hook)) = not_running.iter().find_map(|d| d.refused_hook.as_ref().map(|h| (d, h))) {
+        // The ladder reached an exec step this node may not run: a person has to act.
+        (false, false, true, reason::HOOK_REFUSED, format!("domain {}: exec step refused, not run: {hook}", d.name))
     } else if !view.conflicts.is_empty() {
         (true, false, true, reason::CONFLICT, view.conflicts.join("; "))
+    } else if !report.connected {
+        (false, true, false, reason::REMEDIATING, "libvirt is not connected".to_string())
+    } else if !not_running.is_empty() || bridges.iter().any(|b| !b.drift.is_empty()) {
+        let names: Vec<&str> = not_running.iter().map(|d| d.name.as_str()).collect();
+        (false, true, false, reason::REMEDIATING, format!("not yet converged: {}", names.join(", ")))
     } else {
-        let not_running: Vec<&str> = domains
-            .iter()
-            .filter(|d| {
-                let wants_running = view
-                    .desired
-                    .domain(&d.name)
-                    .is_some_and(|m| m.spec.state == virtwarden_policies::DesiredDomainState::Running);
-                wants_running && !d.state.starts_with("running")
-            })
-            .map(|d| d.name.as_str())
-            .collect();
-        if !report.connected {
-            (false, true, false, reason::REMEDIATING, "libvirt is not connected".to_string())
-        } else if !not_running.is_empty() || bridges.iter().any(|b| !b.drift.is_empty()) {
-            (false, true, false, reason::REMEDIATING, format!("not yet converged: {}", not_running.join(", ")))
-        } else {
-            (true, false, false, reason::CONVERGED, "the node matches the policy".to_string())
-        }
+        (true, false, false, reason::CONVERGED, "the node matches the policy".to_string())
     };
     let conditions = vec![
         cond(condition::AVAILABLE, available, why, message.clone(), g, &now),
@@ -166,5 +176,22 @@ mod tests {
         let s = enactment_status(&view(&C, invalid), &report("running (booted)", false), now());
         assert_eq!(status_of(&s, "Degraded"), ("True".into(), "InvalidPolicy".into()));
         assert_eq!(status_of(&s, "Available").0, "False");
+    }
+
+    #[test]
+    fn a_refused_exec_step_on_a_down_domain_degrades_with_its_reason() {
+        let d = desired();
+        let view = PolicyView { name: "web", generation: Some(1), desired: &d, conflicts: &[], invalid: &[] };
+        let mut r = report("shut off (crashed)", false);
+        r.domains[0].refused_hook = Some("/opt/repair is outside --allow-exec-dir".into());
+        let s = enactment_status(&view, &r, now());
+        assert_eq!(s.domains[0].refused_hook.as_deref(), Some("/opt/repair is outside --allow-exec-dir"));
+        assert_eq!(status_of(&s, "Degraded"), ("True".into(), "HookRefused".into()));
+        // Once the domain runs again the refusal stays visible on the domain only.
+        let mut r = report("running (booted)", false);
+        r.domains[0].refused_hook = Some("/opt/repair is outside --allow-exec-dir".into());
+        let s = enactment_status(&view, &r, now());
+        assert_eq!(status_of(&s, "Available"), ("True".into(), "Converged".into()));
+        assert!(s.domains[0].refused_hook.is_some());
     }
 }

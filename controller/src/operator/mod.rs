@@ -1,13 +1,16 @@
-//! The Kubernetes front end (`virtwarden operator`): watches cluster-scoped HostPolicy resources
-//! and this node's Node object, selects and merges the policies for this node, and drives the
-//! same engine as `run`. Each node writes only its own HostPolicyEnactment. When the API server
+//! The Kubernetes front end (`virtwarden operator`): watches cluster-scoped HostPolicy resources,
+//! this node's Node object and the enactments, selects and merges the policies for this node once
+//! both the policy and the node caches are complete, and drives the same engine as `run`. Each
+//! node writes only its own HostPolicyEnactments, and only when they change. When the API server
 //! goes away the engine keeps enforcing the last policy it saw.
 
+pub mod aggregate;
 pub mod enactment;
+pub mod events;
 pub mod kube_io;
 pub mod select;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,19 +18,42 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use tokio::signal::unix::{signal, SignalKind};
-use virtwarden_crd::HostPolicy as HostPolicyResource;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use virtwarden_crd::tolerant::WatchedHostPolicy;
+use virtwarden_crd::{HostPolicyEnactment, HostPolicyEnactmentStatus, HostPolicyStatus};
+use virtwarden_policies::DesiredState;
 
 use crate::act::remediation::Registry;
 use crate::engine::connect::LibvirtConnector;
-use crate::engine::status::DomainStatus;
+use crate::engine::status::{DomainStatus, StatusReport};
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::exit;
-use enactment::{enactment_status, PolicyView};
+use enactment::{enactment_status, keep_transition_times, PolicyView};
 use select::{select, Selection};
+
+/// What the operator needs from the engine: put a desired state in force, read its status, and
+/// hear about status changes. `EngineHandle` is the real one.
+pub trait NodeEngine: Send + Sync + 'static {
+    fn reload(&self, desired: DesiredState);
+    fn status(&self) -> StatusReport;
+    fn subscribe(&self) -> watch::Receiver<u64>;
+}
+
+impl NodeEngine for EngineHandle {
+    fn reload(&self, desired: DesiredState) {
+        EngineHandle::reload(self, desired)
+    }
+    fn status(&self) -> StatusReport {
+        EngineHandle::status(self)
+    }
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        EngineHandle::subscribe(self)
+    }
+}
 
 /// Options of `virtwarden operator`.
 #[derive(Debug, Clone)]
@@ -72,6 +98,7 @@ pub async fn run(opts: OperatorOptions) -> i32 {
         resync: opts.resync,
         network: opts.network,
         data_dir: Some(opts.data_dir.clone()),
+        diagnose: !opts.uri.starts_with("test:"),
         ..Default::default()
     };
     let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });
@@ -105,110 +132,97 @@ pub async fn run(opts: OperatorOptions) -> i32 {
 pub struct Operator {
     client: Client,
     node: String,
-    engine: EngineHandle,
+    engine: Arc<dyn NodeEngine>,
     selection: Selection,
-    recorder: Recorder,
-    /// Per domain: what the last events were about, so each restart/quarantine is told once.
-    told: std::collections::HashMap<String, (u32, bool, Option<String>)>,
+    events: events::EventPublisher,
+    /// Per selected policy: the enactment status this node last wrote, for which policy uid.
+    written: HashMap<String, (String, HostPolicyEnactmentStatus)>,
+    /// Per policy: a wrong aggregate this node waits to repair in its turn, and since when.
+    pending: HashMap<String, (HostPolicyStatus, Instant)>,
+    /// Per policy: its resource version when this node wrote its aggregate. Until the watch
+    /// delivers a newer one, the cached status is older than that write.
+    awaiting: HashMap<String, Option<String>>,
+    /// Policies (uid, generation) whose ignored fields were already logged.
+    warned: HashSet<(String, Option<i64>)>,
 }
 
 impl Operator {
-    pub fn new(client: Client, node: String, engine: EngineHandle) -> Self {
-        let reporter = Reporter { controller: "virtwarden".into(), instance: Some(node.clone()) };
-        let recorder = Recorder::new(client.clone(), reporter);
-        Operator { client, node, engine, selection: Selection::default(), recorder, told: Default::default() }
-    }
-
-    /// Kubernetes Events on the policy for restarts, quarantines and failed repairs.
-    async fn publish_events(&mut self, policy: &HostPolicyResource, domains: &[&DomainStatus]) {
-        let reference = policy.object_ref(&());
-        for d in domains {
-            let before = self.told.get(&d.name).cloned().unwrap_or((0, false, None));
-            let mut events = Vec::new();
-            if self.told.contains_key(&d.name) && d.restarts > before.0 {
-                events.push(Event {
-                    type_: EventType::Normal,
-                    reason: "Restarted".into(),
-                    note: Some(format!(
-                        "{}: {} on node {} ({} restarts)",
-                        d.name,
-                        d.last_failure.as_deref().unwrap_or("down"),
-                        self.node,
-                        d.restarts
-                    )),
-                    action: "Restart".into(),
-                    secondary: None,
-                });
-            }
-            if d.quarantined.is_some() && !before.1 {
-                events.push(Event {
-                    type_: EventType::Warning,
-                    reason: "Quarantined".into(),
-                    note: Some(format!(
-                        "{} on node {}: {}",
-                        d.name,
-                        self.node,
-                        d.quarantined.as_deref().unwrap_or_default()
-                    )),
-                    action: "Quarantine".into(),
-                    secondary: None,
-                });
-            }
-            if d.last_error.is_some() && d.last_error != before.2 {
-                events.push(Event {
-                    type_: EventType::Warning,
-                    reason: "RemediationFailed".into(),
-                    note: Some(format!(
-                        "{} on node {}: {}",
-                        d.name,
-                        self.node,
-                        d.last_error.as_deref().unwrap_or_default()
-                    )),
-                    action: "Remediate".into(),
-                    secondary: None,
-                });
-            }
-            for ev in events {
-                if let Err(e) = self.recorder.publish(&ev, &reference).await {
-                    tracing::debug!(%e, "cannot publish event");
-                }
-            }
-            self.told.insert(d.name.clone(), (d.restarts, d.quarantined.is_some(), d.last_error.clone()));
+    pub fn new(client: Client, node: String, engine: impl NodeEngine) -> Self {
+        Operator {
+            events: events::EventPublisher::new(client.clone(), node.clone()),
+            client,
+            node,
+            engine: Arc::new(engine),
+            selection: Selection::default(),
+            written: HashMap::new(),
+            pending: HashMap::new(),
+            awaiting: HashMap::new(),
+            warned: HashSet::new(),
         }
     }
 
-    /// Watch policies and the node until the process stops. Watch errors back off and retry;
-    /// meanwhile local healing goes on with the last selection.
+    /// Watch policies, the node and the enactments until the process stops. Watch errors back
+    /// off and retry; meanwhile local healing goes on with the last selection.
     pub async fn run(&mut self) {
-        let (policies, policy_writer) = reflector::store::<HostPolicyResource>();
+        let (policies, policy_writer) = reflector::store::<WatchedHostPolicy>();
         let (nodes, node_writer) = reflector::store::<Node>();
-        let policy_api: Api<HostPolicyResource> = Api::all(self.client.clone());
+        let (enactments, enactment_writer) = reflector::store::<HostPolicyEnactment>();
+        let policy_api: Api<WatchedHostPolicy> = Api::all(self.client.clone());
         let node_api: Api<Node> = Api::all(self.client.clone());
+        let enactment_api: Api<HostPolicyEnactment> = Api::all(self.client.clone());
         let node_cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.node));
         let mut policy_events =
             watcher(policy_api, watcher::Config::default()).default_backoff().reflect(policy_writer).boxed();
         let mut node_events = watcher(node_api, node_cfg).default_backoff().reflect(node_writer).boxed();
+        let mut enactment_events =
+            watcher(enactment_api, watcher::Config::default()).default_backoff().reflect(enactment_writer).boxed();
+        // Selecting from half-filled caches would drop and re-add policies, or select with no
+        // labels: select only once both the policy and the node lists are complete. Status is
+        // compared with the enactments as listed, so writing waits for that list too.
+        let (p, n, e) = (policies.clone(), nodes.clone(), enactments.clone());
+        let selection_ready = async move { p.wait_until_ready().await.is_ok() && n.wait_until_ready().await.is_ok() };
+        let enactments_ready = async move { e.wait_until_ready().await.is_ok() };
+        tokio::pin!(selection_ready, enactments_ready);
+        let (mut selecting, mut reporting) = (false, false);
         let mut changes = self.engine.subscribe();
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut api_down = false;
-        let mut status_dirty = true;
+        let mut dirty = true;
         loop {
             let mut reselect = false;
             tokio::select! {
+                ready = &mut selection_ready, if !selecting => {
+                    if !ready { return; }
+                    selecting = true;
+                    reselect = true;
+                }
+                ready = &mut enactments_ready, if !reporting => {
+                    if !ready { return; }
+                    reporting = true;
+                }
                 ev = policy_events.next() => match ev {
-                    Some(Ok(_)) => { reselect = true; api_back(&mut api_down); }
+                    Some(Ok(_)) => { reselect = selecting; dirty = true; api_back(&mut api_down); }
                     Some(Err(e)) => api_lost(&mut api_down, &e),
                     None => return,
                 },
                 ev = node_events.next() => match ev {
-                    Some(Ok(_)) => { reselect = true; api_back(&mut api_down); }
+                    Some(Ok(_)) => { reselect = selecting; api_back(&mut api_down); }
                     Some(Err(e)) => api_lost(&mut api_down, &e),
                     None => return,
                 },
-                _ = changes.changed() => status_dirty = true,
+                ev = enactment_events.next() => match ev {
+                    Some(Ok(ev)) => { self.saw_enactment(&ev); dirty = true; api_back(&mut api_down); }
+                    Some(Err(e)) => api_lost(&mut api_down, &e),
+                    None => return,
+                },
+                changed = changes.changed() => {
+                    if changed.is_err() { return; }
+                    dirty = true;
+                }
                 _ = tick.tick() => {
-                    if status_dirty && !api_down {
-                        status_dirty = !self.write_statuses(&policies.state()).await;
+                    if selecting && reporting && !api_down && (dirty || !self.pending.is_empty()) {
+                        dirty = !self.write_statuses(&policies.state(), &enactments.state()).await;
                     }
                 }
             }
@@ -219,66 +233,188 @@ impl Operator {
                     .find(|n| n.name_any() == self.node)
                     .map(|n| n.labels().clone())
                     .unwrap_or_default();
-                self.reselect(&policies.state(), &labels).await;
-                status_dirty = true;
+                self.reselect(&policies.state(), &labels);
+                dirty = true;
             }
         }
     }
 
-    /// Recompute this node's selection; put a changed desired state in force; handle
-    /// finalizers and deletions.
-    pub async fn reselect(&mut self, all: &[Arc<HostPolicyResource>], labels: &BTreeMap<String, String>) {
-        let owned: Vec<HostPolicyResource> = all.iter().map(|p| (**p).clone()).collect();
-        let selection = select(&owned, labels);
+    /// This node's own enactment changed under it (deleted, or written by someone else): forget
+    /// what was written, so the next round compares with the server's copy and writes again.
+    fn saw_enactment(&mut self, ev: &watcher::Event<HostPolicyEnactment>) {
+        let (e, deleted) = match ev {
+            watcher::Event::Apply(e) | watcher::Event::InitApply(e) => (e, false),
+            watcher::Event::Delete(e) => (e, true),
+            watcher::Event::Init | watcher::Event::InitDone => return,
+        };
+        if e.spec.node != self.node {
+            return;
+        }
+        if self.written.get(&e.spec.policy).is_some_and(|(_, s)| deleted || e.status.as_ref() != Some(s)) {
+            self.written.remove(&e.spec.policy);
+        }
+    }
+
+    /// Recompute this node's selection and put a changed desired state in force. A deleted
+    /// policy is simply no longer selected: its domains stay as they are, no longer managed.
+    pub fn reselect(&mut self, all: &[Arc<WatchedHostPolicy>], labels: &BTreeMap<String, String>) {
+        for p in all.iter().filter(|p| !p.ignored_fields.is_empty()) {
+            if self.warned.insert((p.metadata.uid.clone().unwrap_or_default(), p.metadata.generation)) {
+                tracing::warn!(policy = %p.name_any(), fields = ?p.ignored_fields,
+                    "fields this virtwarden does not know were ignored (written for a newer CRD?)");
+            }
+        }
+        let selection = select(all, labels);
         if selection.desired != self.selection.desired {
             tracing::info!(node = %self.node, policies = ?selection.selected, "policies for this node changed");
             self.engine.reload(selection.desired.clone());
         }
-        for p in &owned {
-            let result = if p.metadata.deletion_timestamp.is_some() {
-                kube_io::finish_deletion(&self.client, p, &self.node).await
-            } else if selection.selected.contains(&p.name_any()) {
-                kube_io::ensure_finalizer(&self.client, p).await
-            } else {
-                Ok(())
-            };
-            if let Err(e) = result {
-                tracing::warn!(policy = %p.name_any(), %e, "finalizer handling failed; will retry");
-            }
-        }
+        self.written.retain(|name, _| selection.selected.contains(name));
         self.selection = selection;
     }
 
-    /// Write every selected policy's enactment and aggregated status. True when all writes worked.
-    pub async fn write_statuses(&mut self, all: &[Arc<HostPolicyResource>]) -> bool {
+    /// One status round: remove this node's enactments of policies that no longer select it,
+    /// write those that changed, publish events, and write the aggregates that are this node's
+    /// to write. Nothing equal to what the server has is written. True when all writes worked.
+    pub async fn write_statuses(
+        &mut self,
+        all: &[Arc<WatchedHostPolicy>],
+        enactments: &[Arc<HostPolicyEnactment>],
+    ) -> bool {
         let report = self.engine.status();
-        let mut ok = true;
-        for p in all.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let live: Vec<&WatchedHostPolicy> =
+            all.iter().map(|p| p.as_ref()).filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+        let mut ok = self.remove_unselected(&live, enactments).await;
+        let selected: Vec<&WatchedHostPolicy> =
+            live.iter().copied().filter(|p| self.selection.selected.contains(&p.name_any())).collect();
+        for p in &selected {
+            ok &= self.write_enactment(p, &report, enactments, &now).await;
             let name = p.name_any();
-            if !self.selection.selected.contains(&name) {
-                continue;
-            }
-            let view = PolicyView {
-                name: &name,
-                generation: p.metadata.generation,
-                desired: &self.selection.desired,
-                conflicts: self.selection.conflicts.get(&name).map(Vec::as_slice).unwrap_or_default(),
-                invalid: self.selection.invalid.get(&name).map(Vec::as_slice).unwrap_or_default(),
-            };
-            let status = enactment_status(&view, &report, Time(k8s_openapi::jiff::Timestamp::now()));
-            if let Err(e) = kube_io::apply_enactment(&self.client, p, &self.node, &status).await {
-                tracing::warn!(policy = %name, %e, "cannot write enactment");
-                ok = false;
-                continue;
-            }
-            if let Err(e) = kube_io::aggregate_policy_status(&self.client, p).await {
-                tracing::warn!(policy = %name, %e, "cannot update the policy status");
-                ok = false;
-            }
             let domains: Vec<&DomainStatus> = report.domains.iter().filter(|d| d.policy == name).collect();
-            self.publish_events(p, &domains).await;
+            self.events.publish(p, &domains).await;
+        }
+        for p in &selected {
+            ok &= self.write_aggregate(p, enactments, &now).await;
         }
         ok
+    }
+
+    /// A deleted policy's enactments go with it (owner references); only a policy that still
+    /// exists but no longer selects this node needs this node to remove its own enactment.
+    async fn remove_unselected(
+        &mut self,
+        live: &[&WatchedHostPolicy],
+        enactments: &[Arc<HostPolicyEnactment>],
+    ) -> bool {
+        let mut ok = true;
+        for e in enactments.iter().filter(|e| e.spec.node == self.node) {
+            let policy = &e.spec.policy;
+            let owner_live = live
+                .iter()
+                .any(|p| aggregate::belongs_to(e, &p.name_any(), p.metadata.uid.as_deref().unwrap_or_default()));
+            if owner_live && !self.selection.selected.contains(policy) {
+                match kube_io::delete_enactment(&self.client, policy, &self.node).await {
+                    Ok(()) => tracing::info!(%policy, "the policy no longer selects this node; enactment removed"),
+                    Err(e) => {
+                        tracing::warn!(%policy, %e, "cannot remove enactment");
+                        ok = false;
+                    }
+                }
+            }
+        }
+        ok
+    }
+
+    /// Write this node's enactment of `p` if it differs from what the server has (or what this
+    /// node last wrote). True unless a write failed.
+    async fn write_enactment(
+        &mut self,
+        p: &WatchedHostPolicy,
+        report: &StatusReport,
+        enactments: &[Arc<HostPolicyEnactment>],
+        now: &Time,
+    ) -> bool {
+        let (name, uid) = (p.name_any(), p.metadata.uid.clone().unwrap_or_default());
+        let view = PolicyView {
+            name: &name,
+            generation: p.metadata.generation,
+            desired: &self.selection.desired,
+            conflicts: self.selection.conflicts.get(&name).map(Vec::as_slice).unwrap_or_default(),
+            invalid: self.selection.invalid.get(&name).map(Vec::as_slice).unwrap_or_default(),
+        };
+        let mut status = enactment_status(&view, report, now.clone());
+        let stored = enactments
+            .iter()
+            .find(|e| e.spec.node == self.node && aggregate::belongs_to(e, &name, &uid))
+            .map(|e| e.status.clone().unwrap_or_default());
+        let written = self.written.get(&name).filter(|(u, _)| *u == uid).map(|(_, s)| s.clone());
+        let exists = written.is_some() || stored.is_some();
+        let reference = written.or(stored);
+        if let Some(r) = &reference {
+            keep_transition_times(&mut status.conditions, &r.conditions);
+        }
+        if reference.as_ref() == Some(&status) {
+            return true;
+        }
+        match kube_io::apply_enactment(&self.client, &name, &uid, &self.node, &status, !exists).await {
+            Ok(()) => {
+                self.written.insert(name, (uid, status));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(policy = %name, %e, "cannot write enactment");
+                false
+            }
+        }
+    }
+
+    /// Write `p`'s aggregate if it is wrong and it is this node's turn. True unless a write failed.
+    async fn write_aggregate(
+        &mut self,
+        p: &WatchedHostPolicy,
+        enactments: &[Arc<HostPolicyEnactment>],
+        now: &Time,
+    ) -> bool {
+        let (name, uid) = (p.name_any(), p.metadata.uid.clone().unwrap_or_default());
+        if let Some(version) = self.awaiting.get(&name) {
+            if *version == p.metadata.resource_version {
+                return true;
+            }
+            self.awaiting.remove(&name);
+        }
+        let mine = self.written.get(&name).filter(|(u, _)| *u == uid).map(|(_, s)| s);
+        let members = aggregate::members(enactments, &name, &uid, &self.node, mine);
+        let target = aggregate::aggregate(p.metadata.generation, &members, p.status.as_ref(), now);
+        if p.status.as_ref() == Some(&target) {
+            self.pending.remove(&name);
+            return true;
+        }
+        let rank = aggregate::rank(&members, &self.node) as u32;
+        let since = match self.pending.get(&name) {
+            Some((t, since)) if aggregate::same_counts(t, &target) => *since,
+            _ => {
+                let since = Instant::now();
+                self.pending.insert(name.clone(), (target.clone(), since));
+                since
+            }
+        };
+        if since.elapsed() < aggregate::REPAIR_TURN * rank {
+            return true;
+        }
+        match kube_io::apply_policy_status(&self.client, &name, &target).await {
+            Ok(after) => {
+                self.pending.remove(&name);
+                if after.metadata.resource_version != p.metadata.resource_version {
+                    self.awaiting.insert(name, p.metadata.resource_version.clone());
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(policy = %name, %e, "cannot update the policy status");
+                false
+            }
+        }
     }
 }
 

@@ -2,8 +2,10 @@
 //! between two policies is reported on both and nothing of the conflicting part is applied.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use virtwarden_crd::HostPolicy as HostPolicyResource;
+use virtwarden_crd::tolerant::WatchedHostPolicy;
+use virtwarden_crd::HostPolicyResourceSpec;
 use virtwarden_policies::merge::merge;
 use virtwarden_policies::validate::validate_document;
 use virtwarden_policies::{DesiredState, HostPolicy, Metadata, API_VERSION, KIND};
@@ -25,30 +27,38 @@ pub fn matches(selector: Option<&BTreeMap<String, String>>, labels: &BTreeMap<St
     selector.is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
-fn as_document(r: &HostPolicyResource) -> HostPolicy {
+fn as_document(name: &str, spec: &HostPolicyResourceSpec) -> HostPolicy {
     HostPolicy {
         api_version: API_VERSION.into(),
         kind: KIND.into(),
-        metadata: Metadata { name: r.metadata.name.clone().unwrap_or_default(), ..Default::default() },
-        spec: r.spec.policy.clone(),
+        metadata: Metadata { name: name.to_string(), ..Default::default() },
+        spec: spec.policy.clone(),
     }
 }
 
 /// Select the live (not being deleted) policies whose nodeSelector matches `labels`, validate
-/// them and merge them.
-pub fn select(policies: &[HostPolicyResource], labels: &BTreeMap<String, String>) -> Selection {
+/// them and merge them. A policy whose spec this build cannot read is selected as invalid.
+pub fn select(policies: &[Arc<WatchedHostPolicy>], labels: &BTreeMap<String, String>) -> Selection {
     let mut sel = Selection::default();
     let mut docs = Vec::new();
-    let mut chosen: Vec<&HostPolicyResource> = policies
+    let mut chosen: Vec<&WatchedHostPolicy> = policies
         .iter()
+        .map(|p| p.as_ref())
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| matches(p.spec.policy.node_selector.as_ref(), labels))
+        .filter(|p| matches(p.node_selector(), labels))
         .collect();
     chosen.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     for p in chosen {
-        let doc = as_document(p);
-        let name = doc.metadata.name.clone();
+        let name = p.metadata.name.clone().unwrap_or_default();
         sel.selected.push(name.clone());
+        let spec = match &p.spec {
+            Ok(spec) => spec,
+            Err(e) => {
+                sel.invalid.insert(name, vec![e.message.clone()]);
+                continue;
+            }
+        };
+        let doc = as_document(&name, spec);
         let issues = validate_document(&doc);
         if issues.is_empty() {
             docs.push(doc);
@@ -69,18 +79,22 @@ pub fn select(policies: &[HostPolicyResource], labels: &BTreeMap<String, String>
 
 #[cfg(test)]
 mod tests {
-    use virtwarden_crd::HostPolicyResourceSpec;
+    use virtwarden_crd::HostPolicy as HostPolicyResource;
     use virtwarden_policies::{DomainPolicy, HostPolicySpec};
 
     use super::*;
 
-    fn policy(name: &str, selector: Option<&[(&str, &str)]>, domains: &[&str]) -> HostPolicyResource {
+    fn resource(name: &str, selector: Option<&[(&str, &str)]>, domains: &[&str]) -> HostPolicyResource {
         let spec = HostPolicySpec {
             node_selector: selector.map(|s| s.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
             domains: domains.iter().map(|d| DomainPolicy::named(*d)).collect(),
             ..Default::default()
         };
         HostPolicyResource::new(name, HostPolicyResourceSpec { policy: spec })
+    }
+
+    fn policy(name: &str, selector: Option<&[(&str, &str)]>, domains: &[&str]) -> Arc<WatchedHostPolicy> {
+        Arc::new(resource(name, selector, domains).into())
     }
 
     fn labels(l: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -115,11 +129,34 @@ mod tests {
 
     #[test]
     fn invalid_policies_are_not_applied() {
-        let mut bad = policy("bad", None, &["web"]);
+        let mut bad = resource("bad", None, &["web"]);
         bad.spec.policy.domains[0].state = virtwarden_policies::DesiredDomainState::Stopped;
         bad.spec.policy.domains[0].restart = virtwarden_policies::RestartPolicy::Always;
-        let s = select(&[bad, policy("good", None, &["db"])], &labels(&[]));
+        let s = select(&[Arc::new(bad.into()), policy("good", None, &["db"])], &labels(&[]));
         assert_eq!(s.desired.domains.len(), 1);
         assert!(s.invalid["bad"][0].contains("contradicts"), "{:?}", s.invalid);
+    }
+}
+
+#[cfg(test)]
+mod unreadable {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn an_unreadable_policy_is_selected_as_invalid_and_applies_nothing() {
+        let p = WatchedHostPolicy::from_value(json!({
+            "apiVersion": "virtwarden.io/v1alpha1", "kind": "HostPolicy", "metadata": {"name": "future"},
+            "spec": {"nodeSelector": {"role": "kvm"}, "domains": [{"name": "web1", "state": "hibernated"}]}}))
+        .unwrap();
+        let all = [Arc::new(p)];
+        let kvm: BTreeMap<String, String> = [("role".to_string(), "kvm".to_string())].into();
+        let s = select(&all, &kvm);
+        assert_eq!(s.selected, ["future"]);
+        assert!(s.desired.domains.is_empty());
+        assert!(s.invalid["future"][0].contains("hibernated"), "{:?}", s.invalid);
+        // Its readable node selector still decides where it is reported.
+        assert!(select(&all, &BTreeMap::new()).selected.is_empty());
     }
 }
