@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use virtwarden_policies::{load_paths, LoadError, LoadedPolicies};
+use virtwarden_policies::{load_paths_with, LoadError, LoadedPolicies, TrustMode, TrustedOwners};
 
 use crate::act::network::{apply_net_actions, observe_net};
 use crate::act::{apply_plan, ApplyReport};
@@ -238,8 +238,10 @@ pub enum Command {
 pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let result = match command {
         Command::Check { paths } => check(&paths, out, err),
-        Command::Plan(a) => with_host(&a, None, err, |ctx| plan_cmd(ctx, a.output, out)),
-        Command::Apply(a) => with_host(&a, Some("apply"), err, |ctx| apply_cmd(ctx, a.output, out)),
+        Command::Plan(a) => with_host(&a, None, warn_ownership(), err, |ctx| plan_cmd(ctx, a.output, out)),
+        Command::Apply(a) => {
+            with_host(&a, Some("apply"), enforce_ownership(), err, |ctx| apply_cmd(ctx, a.output, out))
+        }
         Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
         Command::Run { connect, resync, metrics_addr, state_dir, data_dir, lock_file, network, paths } => {
             let dirs = Dirs { state_dir, data_dir, lock_file };
@@ -258,11 +260,35 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     result.unwrap_or(exit::RUNTIME)
 }
 
+/// `apply` and `run` act as root on what the policy files say, so files that someone other than
+/// root (or the service user) could have written are refused.
+pub fn enforce_ownership() -> TrustMode {
+    TrustMode::Enforce(TrustedOwners::of_this_process())
+}
+
+/// `check` and `plan` change nothing: they report ownership problems as warnings, so policies can
+/// be checked where they are written (a checkout, a home directory) before they are installed.
+pub fn warn_ownership() -> TrustMode {
+    TrustMode::Warn(TrustedOwners::of_this_process())
+}
+
 /// Load policies; on failure report them on `err` (a failed write must not change the exit
 /// code, so it is ignored) and return `None`.
-fn load(paths: &[PathBuf], err: &mut dyn Write) -> std::io::Result<Option<LoadedPolicies>> {
-    match load_paths(paths) {
-        Ok(l) => Ok(Some(l)),
+fn load(paths: &[PathBuf], mode: TrustMode, err: &mut dyn Write) -> std::io::Result<Option<LoadedPolicies>> {
+    match load_paths_with(paths, mode) {
+        Ok(l) => {
+            for w in &l.warnings {
+                let _ = writeln!(err, "warning: {w}");
+            }
+            if !l.warnings.is_empty() {
+                let _ = writeln!(
+                    err,
+                    "  note: `apply` and `run` refuse these files\n  hint: {}",
+                    virtwarden_policies::load::TRUST_HINT
+                );
+            }
+            Ok(Some(l))
+        }
         Err(e @ LoadError::Invalid(_)) => {
             let _ = writeln!(err, "{e}");
             Ok(None)
@@ -275,7 +301,7 @@ fn load(paths: &[PathBuf], err: &mut dyn Write) -> std::io::Result<Option<Loaded
 }
 
 fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
-    let Some(loaded) = load(paths, err)? else {
+    let Some(loaded) = load(paths, warn_ownership(), err)? else {
         return Ok(exit::INVALID_POLICY);
     };
     let d = &loaded.desired;
@@ -343,10 +369,11 @@ impl Ctx<'_> {
 fn with_host(
     args: &HostArgs,
     lock_for: Option<&str>,
+    mode: TrustMode,
     err: &mut dyn Write,
     body: impl FnOnce(&Ctx) -> std::io::Result<i32>,
 ) -> std::io::Result<i32> {
-    let Some(loaded) = load(&args.paths, err)? else {
+    let Some(loaded) = load(&args.paths, mode, err)? else {
         return Ok(exit::INVALID_POLICY);
     };
     // One writer per host: a command that changes the host waits for nobody and changes nothing
@@ -725,7 +752,7 @@ fn diagnose_cmd(args: &DiagnoseArgs, out: &mut dyn Write, err: &mut dyn Write) -
     let loaded = if !explicit && !args.domains.is_empty() && !paths[0].exists() {
         None
     } else {
-        match load(&paths, err)? {
+        match load(&paths, warn_ownership(), err)? {
             Some(l) => Some(l),
             None => {
                 if !explicit && args.domains.is_empty() {

@@ -97,8 +97,7 @@ pub fn check_duration(issues: &mut Vec<Issue>, path: &str, value: Option<Duratio
         );
     } else if value > bounds.max {
         issues.push(
-            Issue::new(path, format!("{field} {value} is longer than the maximum {}", bounds.max))
-                .hint(bounds.why_max),
+            Issue::new(path, format!("{field} {value} is longer than the maximum {}", bounds.max)).hint(bounds.why_max),
         );
     }
 }
@@ -127,8 +126,11 @@ fn check_metadata(doc: &HostPolicy, issues: &mut Vec<Issue>) {
     for (key, value) in &doc.metadata.labels {
         if key.len() > MAX_LABEL_KEY_BYTES {
             issues.push(
-                Issue::new("metadata.labels", format!("label key is {} bytes; at most {MAX_LABEL_KEY_BYTES}", key.len()))
-                    .hint(k8s),
+                Issue::new(
+                    "metadata.labels",
+                    format!("label key is {} bytes; at most {MAX_LABEL_KEY_BYTES}", key.len()),
+                )
+                .hint(k8s),
             );
         }
         if value.len() > MAX_LABEL_VALUE_BYTES {
@@ -153,8 +155,11 @@ fn check_metadata(doc: &HostPolicy, issues: &mut Vec<Issue>) {
     let total: usize = doc.metadata.annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
     if total > MAX_ANNOTATIONS_BYTES {
         issues.push(
-            Issue::new("metadata.annotations", format!("annotations hold {total} bytes; at most {MAX_ANNOTATIONS_BYTES}"))
-                .hint(k8s),
+            Issue::new(
+                "metadata.annotations",
+                format!("annotations hold {total} bytes; at most {MAX_ANNOTATIONS_BYTES}"),
+            )
+            .hint(k8s),
         );
     }
 }
@@ -205,15 +210,19 @@ fn check_step(at: &str, step: &RemediationStep, issues: &mut Vec<Issue>) {
     let Some(argv) = &step.command else { return };
     if argv.len() > MAX_COMMAND_ARGS {
         issues.push(
-            Issue::new(format!("{at}.command"), format!("command has {} arguments; at most {MAX_COMMAND_ARGS}", argv.len()))
-                .hint("pass a configuration file to the hook instead of many arguments"),
+            Issue::new(
+                format!("{at}.command"),
+                format!("command has {} arguments; at most {MAX_COMMAND_ARGS}", argv.len()),
+            )
+            .hint("pass a configuration file to the hook instead of many arguments"),
         );
     }
     for (i, arg) in argv.iter().enumerate() {
         let here = format!("{at}.command[{i}]");
         if arg.contains('\0') {
             issues.push(
-                Issue::new(here, "argument contains a NUL byte").hint("the kernel ends an argument at a NUL byte; remove it"),
+                Issue::new(here, "argument contains a NUL byte")
+                    .hint("the kernel ends an argument at a NUL byte; remove it"),
             );
         } else if arg.len() > MAX_ARG_BYTES {
             issues.push(

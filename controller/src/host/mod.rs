@@ -13,7 +13,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use virtwarden_policies::load_paths;
+use virtwarden_policies::{load_paths_with, TrustMode, TrustedOwners};
 
 use crate::act::remediation::Registry;
 use crate::engine::connect::LibvirtConnector;
@@ -135,7 +135,13 @@ pub async fn run(opts: RunOptions) -> i32 {
 }
 
 async fn load_blocking(paths: Vec<PathBuf>) -> Result<virtwarden_policies::DesiredState, String> {
-    match tokio::task::spawn_blocking(move || load_paths(&paths)).await {
+    // Policy files are checked like sshd's StrictModes on every load: at start a violation exits 2,
+    // on a reload the last good policy stays.
+    match tokio::task::spawn_blocking(move || {
+        load_paths_with(&paths, TrustMode::Enforce(TrustedOwners::of_this_process()))
+    })
+    .await
+    {
         Ok(Ok(loaded)) => Ok(loaded.desired),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(format!("policy loading failed: {e}")),
