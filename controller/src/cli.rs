@@ -206,6 +206,11 @@ pub enum Command {
         /// The host-wide lock (one writer per host: run, operator, apply).
         #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
         lock_file: PathBuf,
+        /// Run `exec` remediation steps only when the command resolves inside DIR (owned by root
+        /// and not group- or world-writable); without it every `exec` step is refused, because
+        /// whoever may write a HostPolicy would otherwise run commands as root on this node.
+        #[arg(long, value_name = "DIR")]
+        allow_exec_dir: Option<PathBuf>,
     },
     /// Lift a domain's quarantine once its cause is fixed, without editing the policy: through
     /// the running service, or in the durable memory when none runs.
@@ -248,9 +253,23 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             run_service(connect, resync, &metrics_addr, dirs, network, paths, err)
         }
         Command::Status { state_dir, output } => status_cmd(&state_dir, output, out, err),
-        Command::Operator { connect, node_name, resync, metrics_addr, network, state_dir, data_dir, lock_file } => {
+        Command::Operator {
+            connect,
+            node_name,
+            resync,
+            metrics_addr,
+            network,
+            state_dir,
+            data_dir,
+            lock_file,
+            allow_exec_dir,
+        } => {
             let dirs = Dirs { state_dir, data_dir, lock_file };
-            operator_cmd(connect, node_name, resync, &metrics_addr, network, dirs, err)
+            let exec = match allow_exec_dir {
+                Some(dir) => crate::act::hook::ExecPolicy::InsideDir(dir),
+                None => crate::act::hook::ExecPolicy::Disabled,
+            };
+            operator_cmd(connect, node_name, resync, &metrics_addr, network, dirs, exec, err)
         }
         Command::Release { domain, state_dir, data_dir, lock_file } => {
             release_cmd(&domain, &Dirs { state_dir, data_dir, lock_file }, out, err)
@@ -637,14 +656,22 @@ fn operator_cmd(
     metrics_addr: &str,
     network: NetworkMode,
     dirs: Dirs,
+    exec: crate::act::hook::ExecPolicy,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let metrics_addr = match parse_metrics_addr(metrics_addr, err)? {
         Ok(a) => a,
         Err(code) => return Ok(code),
     };
+    if let crate::act::hook::ExecPolicy::InsideDir(dir) = &exec {
+        if !dir.is_absolute() {
+            writeln!(err, "error: --allow-exec-dir {}: write an absolute path", dir.display())?;
+            return Ok(exit::INVALID_POLICY);
+        }
+    }
     let uri = resolve_uri(connect.as_deref());
     let opts = crate::operator::OperatorOptions {
+        exec,
         network: network.enabled_for(&uri),
         uri,
         node,

@@ -126,3 +126,12 @@ fn a_reload_of_a_world_writable_policy_keeps_the_last_good_one() {
     assert!(err.starts_with(&format!("{} is writable by its group and others (mode 0666)", file.display())), "{err}");
     assert_eq!(s["policies"], serde_json::json!(["p"]), "the last good policy stays in force");
 }
+
+#[test]
+fn the_operator_takes_only_an_absolute_allowed_exec_directory() {
+    let out = bin().args(["operator", "--node-name", "n1", "--allow-exec-dir", "hooks"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(text(&out.stderr), "error: --allow-exec-dir hooks: write an absolute path\n");
+    let help = text(&bin().args(["operator", "--help"]).output().unwrap().stdout);
+    assert!(help.contains("--allow-exec-dir <DIR>"), "{help}");
+}
