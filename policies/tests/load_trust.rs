@@ -52,7 +52,7 @@ fn a_group_writable_policy_file_is_refused_naming_it() {
     let text = err.to_string();
     assert!(text.starts_with(&format!("{} is writable by its group (mode 0664)", file.display())), "{text}");
     assert!(text.contains("hint: policy files and every directory above them must be owned by root"), "{text}");
-    assert_eq!(untrusted_paths(err), [file.clone()]);
+    assert_eq!(untrusted_paths(err), std::slice::from_ref(&file));
     // `check` and `plan` only warn; without checks nothing is said.
     let warned =
         load_paths_with(std::slice::from_ref(&dir), TrustMode::Warn(TrustedOwners::of_this_process())).unwrap();
@@ -64,9 +64,15 @@ fn a_group_writable_policy_file_is_refused_naming_it() {
 fn a_world_writable_policy_directory_is_refused_naming_it_even_when_empty() {
     let (_t, dir, file) = policy_dir();
     chmod(&dir, 0o777);
-    assert_eq!(untrusted_paths(load_paths_with(std::slice::from_ref(&dir), enforce()).unwrap_err()), [dir.clone()]);
+    assert_eq!(
+        untrusted_paths(load_paths_with(std::slice::from_ref(&dir), enforce()).unwrap_err()),
+        std::slice::from_ref(&dir)
+    );
     // A file named directly is judged by its directory too.
-    assert_eq!(untrusted_paths(load_paths_with(&[file.clone()], enforce()).unwrap_err()), [dir.clone()]);
+    assert_eq!(
+        untrusted_paths(load_paths_with(std::slice::from_ref(&file), enforce()).unwrap_err()),
+        std::slice::from_ref(&dir)
+    );
     std::fs::remove_file(&file).unwrap();
     assert_eq!(untrusted_paths(load_paths_with(std::slice::from_ref(&dir), enforce()).unwrap_err()), [dir]);
 }
@@ -99,7 +105,7 @@ fn a_linked_policy_is_judged_by_where_it_points() {
     std::os::unix::fs::symlink(&target, &file).unwrap();
     assert_eq!(
         untrusted_paths(load_paths_with(std::slice::from_ref(&dir), enforce()).unwrap_err()),
-        [elsewhere.clone()]
+        std::slice::from_ref(&elsewhere)
     );
     chmod(&elsewhere, 0o755);
     assert_eq!(load_paths_with(&[dir], enforce()).unwrap().desired.domains.len(), 1);
@@ -124,6 +130,6 @@ fn a_fifo_in_place_of_a_policy_is_refused_without_hanging() {
     assert!(status.success());
     // In a directory it is not a policy file; named directly it is refused, not waited on.
     assert_eq!(load_paths_with(std::slice::from_ref(&dir), enforce()).unwrap().desired.domains.len(), 1);
-    let err = load_paths_with(&[fifo.clone()], TrustMode::Off).unwrap_err();
+    let err = load_paths_with(std::slice::from_ref(&fifo), TrustMode::Off).unwrap_err();
     assert_eq!(err.to_string(), format!("cannot read {}: not a regular file", fifo.display()));
 }

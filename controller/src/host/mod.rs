@@ -2,7 +2,6 @@
 //! READY/STATUS/WATCHDOG, metrics are served on loopback, one instance per host.
 
 pub mod control;
-pub mod http;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -70,7 +69,7 @@ pub async fn run(opts: RunOptions) -> i32 {
     let (engine, mut engine_task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
 
     if let Some(addr) = opts.metrics_addr {
-        match http::serve(addr, engine.clone()).await {
+        match crate::http::serve(addr, engine.clone()).await {
             Ok(bound) => tracing::info!(%bound, "serving /metrics, /healthz, /readyz"),
             Err(e) => {
                 eprintln!("error: cannot serve metrics on {addr}: {e}");

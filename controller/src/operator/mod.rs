@@ -80,7 +80,7 @@ pub async fn run(opts: OperatorOptions) -> i32 {
     let (engine, mut engine_task) =
         Engine::spawn(connector, Default::default(), config, Registry::with_exec_policy(opts.exec.clone()));
     if let Some(addr) = opts.metrics_addr {
-        if let Err(e) = crate::host::http::serve(addr, engine.clone()).await {
+        if let Err(e) = crate::http::serve(addr, engine.clone()).await {
             eprintln!("error: cannot serve metrics on {addr}: {e}");
             return exit::RUNTIME;
         }
