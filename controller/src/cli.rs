@@ -22,10 +22,10 @@ use crate::plan::{plan_with, render_text, ActionKind, Plan};
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  check   0 valid, 2 invalid policy
+  check   0 valid (files others could write: a warning), 2 invalid policy
   plan    0 in sync, 3 drift found, 2 invalid policy, 1 runtime error (e.g. cannot connect)
-  apply   0 converged, 1 some action failed or did not stick, 2 invalid policy
-  run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid policy
+  apply   0 converged, 1 some action failed or did not stick, 2 invalid or untrusted policy
+  run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid or untrusted policy
   release 0 released (or was not quarantined), 1 not managed or not reachable
   status  0 shown, 1 no status file
   diagnose 0 nothing found, 3 problems found, 1 runtime error, 2 invalid policy";

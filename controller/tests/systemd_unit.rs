@@ -23,11 +23,9 @@ fn install(dir: &Path) -> PathBuf {
 /// `systemd-analyze verify`: its exit code and what it complained about (it exits 0 on
 /// unknown keys and bad values, and only says so on stderr).
 fn verify(unit: &Path) -> (bool, String) {
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(unit)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run systemd-analyze ({e}): install the Debian package `systemd` (make deps)"));
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(unit).output().unwrap_or_else(|e| {
+        panic!("cannot run systemd-analyze ({e}): install the Debian package `systemd` (make deps)")
+    });
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

@@ -24,8 +24,8 @@ fn refused(r: &StatusReport) -> Option<String> {
 }
 
 /// Run web2 with a ladder of one `exec` step under `exec`, kill it, and return the status once
-/// the step was refused, plus the metrics text.
-async fn refused_step(hook: &Path, exec: ExecPolicy) -> (String, String) {
+/// the step was refused: the refusal, the metrics text and `virtwarden status`'s text.
+async fn refused_step(hook: &Path, exec: ExecPolicy) -> (String, String, String) {
     let spec = format!(
         "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n  domains:\n    - name: web2\n      restart: always\n      remediation:\n        - action: exec\n          command: [\"{}\"]\n",
         hook.display()
@@ -47,7 +47,8 @@ async fn refused_step(hook: &Path, exec: ExecPolicy) -> (String, String) {
     engine.shutdown();
     tokio::time::timeout(WAIT, task).await.expect("engine stops").unwrap();
     let status = status.unwrap_or_else(|| panic!("no refusal reported: {:#?}", engine.status()));
-    (refused(&status).unwrap_or_default(), metrics)
+    let text = virtwarden::engine::status::render_text(&status);
+    (refused(&status).unwrap_or_default(), metrics, text)
 }
 
 fn hook(dir: &Path, marker: &Path) -> std::path::PathBuf {
@@ -62,7 +63,7 @@ async fn operator_mode_without_an_allowed_directory_refuses_every_exec_step() {
     let tmp = tempfile::tempdir().unwrap();
     let marker = tmp.path().join("ran");
     let h = hook(tmp.path(), &marker);
-    let (refusal, metrics) = refused_step(&h, ExecPolicy::Disabled).await;
+    let (refusal, metrics, text) = refused_step(&h, ExecPolicy::Disabled).await;
     assert_eq!(
         refusal,
         format!(
@@ -71,6 +72,7 @@ async fn operator_mode_without_an_allowed_directory_refuses_every_exec_step() {
         )
     );
     assert!(metrics.contains("virtwarden_hooks_refused_total{reason=\"exec-disabled\"}"), "{metrics}");
+    assert!(text.contains(&format!("hook not run: {refusal}")), "{text}");
     assert!(!marker.exists(), "a refused hook never runs");
 }
 
@@ -82,7 +84,7 @@ async fn operator_mode_refuses_an_exec_step_outside_the_allowed_directory() {
     std::fs::create_dir(&allowed).unwrap();
     let marker = root.join("ran");
     let h = hook(&root, &marker);
-    let (refusal, metrics) = refused_step(&h, ExecPolicy::InsideDir(allowed.clone())).await;
+    let (refusal, metrics, _) = refused_step(&h, ExecPolicy::InsideDir(allowed.clone())).await;
     assert!(
         refusal.ends_with(&format!(
             "it resolves to {}, outside the allowed directory {}",

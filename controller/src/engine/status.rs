@@ -209,6 +209,9 @@ pub fn render_text(report: &StatusReport) -> String {
         for l in &lines[1..] {
             out.push_str(&format!("{pad}{l}\n"));
         }
+        if let Some(refusal) = &d.refused_hook {
+            out.push_str(&format!("{:<20} hook not run: {refusal}\n", ""));
+        }
     }
     out
 }
