@@ -136,22 +136,21 @@ pub fn check_ancestors(resolved: &Path, owners: TrustedOwners) -> Result<(), Tru
 /// Resolve `path` and check the regular file it names and every directory above it. Returns the
 /// resolved path: open or execute that one, so a symlink swapped after the check cannot redirect.
 pub fn check_file(path: &Path, owners: TrustedOwners) -> Result<PathBuf, TrustError> {
-    let resolved = resolve(path)?;
-    let meta = std::fs::metadata(&resolved).map_err(|source| TrustError::Resolve { path: resolved.clone(), source })?;
-    if !meta.is_file() {
-        return Err(TrustError::NotRegular { path: resolved });
-    }
-    check_metadata(&resolved, &meta, owners)?;
-    check_ancestors(&resolved, owners)?;
-    Ok(resolved)
+    check_resolved(path, owners, false)
 }
 
 /// Resolve `path` and check the directory it names and every directory above it.
 pub fn check_dir(path: &Path, owners: TrustedOwners) -> Result<PathBuf, TrustError> {
+    check_resolved(path, owners, true)
+}
+
+fn check_resolved(path: &Path, owners: TrustedOwners, dir: bool) -> Result<PathBuf, TrustError> {
     let resolved = resolve(path)?;
     let meta = std::fs::metadata(&resolved).map_err(|source| TrustError::Resolve { path: resolved.clone(), source })?;
-    if !meta.is_dir() {
-        return Err(TrustError::NotDirectory { path: resolved });
+    match (dir, meta.is_dir(), meta.is_file()) {
+        (true, false, _) => return Err(TrustError::NotDirectory { path: resolved }),
+        (false, _, false) => return Err(TrustError::NotRegular { path: resolved }),
+        _ => {}
     }
     check_metadata(&resolved, &meta, owners)?;
     check_ancestors(&resolved, owners)?;
