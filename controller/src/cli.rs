@@ -649,6 +649,8 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+// CLI glue: one parameter per group of flags.
+#[allow(clippy::too_many_arguments)]
 fn operator_cmd(
     connect: Option<String>,
     node: String,
