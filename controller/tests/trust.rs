@@ -20,6 +20,25 @@ fn bin() -> Command {
     c
 }
 
+/// The binary with the test's own host lock file (tests run in parallel; the host's /run is
+/// never touched).
+fn bin_in(dir: &Path) -> Command {
+    let mut c = bin();
+    c.env("VIRTWARDEN_LOCK_FILE", dir.join("virtwarden.lock"));
+    c
+}
+
+/// `virtwarden run` with state, data and lock under `dir`.
+fn run_in(dir: &Path, policies: &Path) -> Command {
+    let mut c = bin_in(dir);
+    c.args(["run", "-c", &testbed(), "--metrics-addr", "off", "--state-dir"])
+        .arg(dir.join("state"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg(policies);
+    c
+}
+
 fn testbed() -> String {
     format!("test://{}", repo().join("examples/testbed/node.xml").display())
 }
@@ -62,18 +81,14 @@ fn acting_commands_refuse_a_writable_policy_directory_and_the_others_warn() {
     assert_eq!(plan.status.code(), Some(3), "plan still plans: {}", text(&plan.stderr));
     assert!(text(&plan.stderr).contains(&named));
 
-    let apply = run(&["apply", "-c", &testbed()], &dir);
+    let data = tmp.path().join("data");
+    let apply =
+        bin_in(tmp.path()).args(["apply", "-c", &testbed(), "--data-dir"]).arg(&data).arg(&dir).output().unwrap();
     assert_eq!(apply.status.code(), Some(2));
     assert!(text(&apply.stderr).starts_with(&format!("error: {named}\n")), "{}", text(&apply.stderr));
     assert!(text(&apply.stdout).is_empty(), "nothing was applied");
 
-    let state = tmp.path().join("state");
-    let out = bin()
-        .args(["run", "-c", &testbed(), "--metrics-addr", "off", "--state-dir"])
-        .arg(&state)
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = run_in(tmp.path(), &dir).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).starts_with(&format!("{named}\n")), "{}", text(&out.stderr));
 }
@@ -108,16 +123,7 @@ fn wait_status(state: &Path, what: &str, cond: impl Fn(&serde_json::Value) -> bo
 fn a_reload_of_a_world_writable_policy_keeps_the_last_good_one() {
     let (tmp, dir, file) = policies();
     let state = tmp.path().join("state");
-    let _svc = Service(
-        bin()
-            .args(["run", "-c", &testbed(), "--metrics-addr", "off", "--state-dir"])
-            .arg(&state)
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _svc = Service(run_in(tmp.path(), &dir).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     wait_status(&state, "the first policy in force", |s| s["policies"] == serde_json::json!(["p"]));
     chmod(&file, 0o666);
     std::fs::write(&file, GOOD.replace("name: p", "name: q")).unwrap();
