@@ -4,10 +4,11 @@ SHELL := /bin/bash
 
 CARGO ?= cargo
 # Debian packages the build and the tests need. libvirt0 (pulled in by libvirt-dev) carries
-# libvirt's in-process test driver, which `make run` and most tests use.
+# libvirt's in-process test driver, which `make run` and most tests use; systemd brings
+# `systemd-analyze verify` for the unit's test.
 DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 	libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils cpio gzip \
-	iptables nftables acl
+	iptables nftables acl systemd
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 

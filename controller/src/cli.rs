@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use virtwarden_policies::{load_paths, LoadError, LoadedPolicies};
+use virtwarden_policies::{load_paths_with, LoadError, LoadedPolicies, TrustMode, TrustedOwners};
 
 use crate::act::network::{apply_net_actions, observe_net};
 use crate::act::{apply_plan, ApplyReport};
@@ -22,10 +22,10 @@ use crate::plan::{plan_with, render_text, ActionKind, Plan};
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  check   0 valid, 2 invalid policy
+  check   0 valid (files others could write: a warning), 2 invalid policy
   plan    0 in sync, 3 drift found, 2 invalid policy, 1 runtime error (e.g. cannot connect)
-  apply   0 converged, 1 some action failed or did not stick, 2 invalid policy
-  run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid policy
+  apply   0 converged, 1 some action failed or did not stick, 2 invalid or untrusted policy
+  run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid or untrusted policy
   release 0 released (or was not quarantined), 1 not managed or not reachable
   status  0 shown, 1 no status file
   diagnose 0 nothing found, 3 problems found, 1 runtime error, 2 invalid policy";
@@ -206,6 +206,11 @@ pub enum Command {
         /// The host-wide lock (one writer per host: run, operator, apply).
         #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
         lock_file: PathBuf,
+        /// Run `exec` remediation steps only when the command resolves inside DIR (owned by root
+        /// and not group- or world-writable); without it every `exec` step is refused, because
+        /// whoever may write a HostPolicy would otherwise run commands as root on this node.
+        #[arg(long, value_name = "DIR")]
+        allow_exec_dir: Option<PathBuf>,
     },
     /// Lift a domain's quarantine once its cause is fixed, without editing the policy: through
     /// the running service, or in the durable memory when none runs.
@@ -238,17 +243,33 @@ pub enum Command {
 pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let result = match command {
         Command::Check { paths } => check(&paths, out, err),
-        Command::Plan(a) => with_host(&a, None, err, |ctx| plan_cmd(ctx, a.output, out)),
-        Command::Apply(a) => with_host(&a, Some("apply"), err, |ctx| apply_cmd(ctx, a.output, out)),
+        Command::Plan(a) => with_host(&a, None, warn_ownership(), err, |ctx| plan_cmd(ctx, a.output, out)),
+        Command::Apply(a) => {
+            with_host(&a, Some("apply"), enforce_ownership(), err, |ctx| apply_cmd(ctx, a.output, out))
+        }
         Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
         Command::Run { connect, resync, metrics_addr, state_dir, data_dir, lock_file, network, paths } => {
             let dirs = Dirs { state_dir, data_dir, lock_file };
             run_service(connect, resync, &metrics_addr, dirs, network, paths, err)
         }
         Command::Status { state_dir, output } => status_cmd(&state_dir, output, out, err),
-        Command::Operator { connect, node_name, resync, metrics_addr, network, state_dir, data_dir, lock_file } => {
+        Command::Operator {
+            connect,
+            node_name,
+            resync,
+            metrics_addr,
+            network,
+            state_dir,
+            data_dir,
+            lock_file,
+            allow_exec_dir,
+        } => {
             let dirs = Dirs { state_dir, data_dir, lock_file };
-            operator_cmd(connect, node_name, resync, &metrics_addr, network, dirs, err)
+            let exec = match allow_exec_dir {
+                Some(dir) => crate::act::hook::ExecPolicy::InsideDir(dir),
+                None => crate::act::hook::ExecPolicy::Disabled,
+            };
+            operator_cmd(connect, node_name, resync, &metrics_addr, network, dirs, exec, err)
         }
         Command::Release { domain, state_dir, data_dir, lock_file } => {
             release_cmd(&domain, &Dirs { state_dir, data_dir, lock_file }, out, err)
@@ -258,11 +279,35 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     result.unwrap_or(exit::RUNTIME)
 }
 
+/// `apply` and `run` act as root on what the policy files say, so files that someone other than
+/// root (or the service user) could have written are refused.
+pub fn enforce_ownership() -> TrustMode {
+    TrustMode::Enforce(TrustedOwners::of_this_process())
+}
+
+/// `check` and `plan` change nothing: they report ownership problems as warnings, so policies can
+/// be checked where they are written (a checkout, a home directory) before they are installed.
+pub fn warn_ownership() -> TrustMode {
+    TrustMode::Warn(TrustedOwners::of_this_process())
+}
+
 /// Load policies; on failure report them on `err` (a failed write must not change the exit
 /// code, so it is ignored) and return `None`.
-fn load(paths: &[PathBuf], err: &mut dyn Write) -> std::io::Result<Option<LoadedPolicies>> {
-    match load_paths(paths) {
-        Ok(l) => Ok(Some(l)),
+fn load(paths: &[PathBuf], mode: TrustMode, err: &mut dyn Write) -> std::io::Result<Option<LoadedPolicies>> {
+    match load_paths_with(paths, mode) {
+        Ok(l) => {
+            for w in &l.warnings {
+                let _ = writeln!(err, "warning: {w}");
+            }
+            if !l.warnings.is_empty() {
+                let _ = writeln!(
+                    err,
+                    "  note: `apply` and `run` refuse these files\n  hint: {}",
+                    virtwarden_policies::load::TRUST_HINT
+                );
+            }
+            Ok(Some(l))
+        }
         Err(e @ LoadError::Invalid(_)) => {
             let _ = writeln!(err, "{e}");
             Ok(None)
@@ -275,7 +320,7 @@ fn load(paths: &[PathBuf], err: &mut dyn Write) -> std::io::Result<Option<Loaded
 }
 
 fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
-    let Some(loaded) = load(paths, err)? else {
+    let Some(loaded) = load(paths, warn_ownership(), err)? else {
         return Ok(exit::INVALID_POLICY);
     };
     let d = &loaded.desired;
@@ -343,10 +388,11 @@ impl Ctx<'_> {
 fn with_host(
     args: &HostArgs,
     lock_for: Option<&str>,
+    mode: TrustMode,
     err: &mut dyn Write,
     body: impl FnOnce(&Ctx) -> std::io::Result<i32>,
 ) -> std::io::Result<i32> {
-    let Some(loaded) = load(&args.paths, err)? else {
+    let Some(loaded) = load(&args.paths, mode, err)? else {
         return Ok(exit::INVALID_POLICY);
     };
     // One writer per host: a command that changes the host waits for nobody and changes nothing
@@ -603,6 +649,8 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+// CLI glue: one parameter per group of flags.
+#[allow(clippy::too_many_arguments)]
 fn operator_cmd(
     connect: Option<String>,
     node: String,
@@ -610,14 +658,22 @@ fn operator_cmd(
     metrics_addr: &str,
     network: NetworkMode,
     dirs: Dirs,
+    exec: crate::act::hook::ExecPolicy,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let metrics_addr = match parse_metrics_addr(metrics_addr, err)? {
         Ok(a) => a,
         Err(code) => return Ok(code),
     };
+    if let crate::act::hook::ExecPolicy::InsideDir(dir) = &exec {
+        if !dir.is_absolute() {
+            writeln!(err, "error: --allow-exec-dir {}: write an absolute path", dir.display())?;
+            return Ok(exit::INVALID_POLICY);
+        }
+    }
     let uri = resolve_uri(connect.as_deref());
     let opts = crate::operator::OperatorOptions {
+        exec,
         network: network.enabled_for(&uri),
         uri,
         node,
@@ -725,7 +781,7 @@ fn diagnose_cmd(args: &DiagnoseArgs, out: &mut dyn Write, err: &mut dyn Write) -
     let loaded = if !explicit && !args.domains.is_empty() && !paths[0].exists() {
         None
     } else {
-        match load(&paths, err)? {
+        match load(&paths, warn_ownership(), err)? {
             Some(l) => Some(l),
             None => {
                 if !explicit && args.domains.is_empty() {

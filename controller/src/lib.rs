@@ -9,6 +9,7 @@ pub mod exit;
 pub mod fsutil;
 pub mod host;
 pub mod hostnet;
+pub mod http;
 pub mod hypervisor;
 pub mod libvirt;
 pub mod lock;

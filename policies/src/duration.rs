@@ -19,11 +19,16 @@ pub enum DurationError {
     Empty,
     #[error("invalid duration `{0}`: expected a number followed by a unit (ms, s, m, h, d), e.g. `30s` or `1h30m`")]
     Syntax(String),
-    #[error("duration `{0}` is too large")]
+    #[error("duration `{0}` is too large: durations are at most {max} (100 years)", max = Duration::MAX)]
     Overflow(String),
 }
 
 impl Duration {
+    /// The longest duration a policy or flag may write (100 years of 365 days). Parsing refuses
+    /// anything longer, so no arithmetic on a parsed duration (a deadline, a doubling backoff, a
+    /// wall-clock conversion) can overflow; every field has a much smaller bound of its own.
+    pub const MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+
     pub const fn from_secs(secs: u64) -> Self {
         Duration(std::time::Duration::from_secs(secs))
     }
@@ -74,6 +79,9 @@ impl FromStr for Duration {
             rest = &rest[unit_len..];
             let part = number.checked_mul(factor_ms).ok_or_else(overflow)?;
             total_ms = total_ms.checked_add(part).ok_or_else(overflow)?;
+            if total_ms > Duration::MAX.0.as_millis() as u64 {
+                return Err(overflow());
+            }
         }
         Ok(Duration::from_millis(total_ms))
     }
@@ -153,6 +161,16 @@ mod tests {
     fn rejects_garbage() {
         for bad in ["", "10", "s", "1x", "1.5s", "-1s", "1s2", "99999999999999999999s"] {
             assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn refuses_more_than_a_hundred_years() {
+        assert_eq!("36500d".parse::<Duration>(), Ok(Duration::MAX));
+        for absurd in ["36501d", "100000000d", "36500d1ms", "18446744073709551615ms"] {
+            let err = absurd.parse::<Duration>().expect_err(absurd);
+            assert_eq!(err, DurationError::Overflow(absurd.into()));
+            assert!(err.to_string().contains("at most 36500d (100 years)"), "{err}");
         }
     }
 

@@ -2,16 +2,21 @@
 //! Every problem is reported as `file:line:column: message` with a hint, never half-loaded.
 
 use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::desired::DesiredState;
 use crate::locate::{index_documents, DocumentIndex, Position};
 use crate::merge::{merge, Site};
+use crate::trust::{self, TrustError, TrustMode, TrustedOwners};
 use crate::types::HostPolicy;
 use crate::validate::validate_document;
 
 /// Files larger than this are refused rather than parsed (a policy is a few KiB).
 pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// All policy files of one load together.
+pub const MAX_TOTAL_BYTES: u64 = 64 * 1024 * 1024;
 
 /// One located problem in a policy file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +64,10 @@ pub enum LoadError {
     Missing { path: PathBuf },
     #[error("{}", render_diagnostics(.0))]
     Invalid(Vec<Diagnostic>),
+    #[error("{}", render_untrusted(.0))]
+    Untrusted(Vec<TrustError>),
+    #[error("policy files hold more than {MAX_TOTAL_BYTES} bytes together; {} would exceed it", path.display())]
+    TooLarge { path: PathBuf },
 }
 
 impl LoadError {
@@ -69,6 +78,18 @@ impl LoadError {
             _ => &[],
         }
     }
+}
+
+/// The hint shown with ownership problems.
+pub const TRUST_HINT: &str = "policy files and every directory above them must be owned by root (or the user virtwarden runs as) and not writable by group or others, because virtwarden acts on them as root: e.g. `chown root: PATH && chmod go-w PATH`";
+
+fn render_untrusted(problems: &[TrustError]) -> String {
+    let mut out = String::new();
+    for p in problems {
+        out.push_str(&format!("{p}\n"));
+    }
+    out.push_str(&format!("  hint: {TRUST_HINT}\nno policy was loaded"));
+    out
 }
 
 fn render_diagnostics(diags: &[Diagnostic]) -> String {
@@ -97,10 +118,14 @@ pub struct LoadedPolicies {
     pub desired: DesiredState,
     pub documents: Vec<SourcedPolicy>,
     pub files: Vec<PathBuf>,
+    /// Ownership problems found under [`TrustMode::Warn`] (the load went ahead).
+    pub warnings: Vec<String>,
 }
 
 /// The policy files named by `paths`: files as given, directories' `*.yaml`/`*.yml` (not
-/// recursive, hidden files skipped) in name order.
+/// recursive, hidden files skipped) in name order. A directory entry that is a symlink is
+/// followed (configuration tools link files into place); the ownership rules then apply to its
+/// target and the target's directories.
 pub fn policy_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
     let mut files = Vec::new();
     for path in paths {
@@ -130,14 +155,44 @@ pub fn policy_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
     Ok(files)
 }
 
-/// Load, validate and merge every policy under `paths`. All or nothing.
+/// Load, validate and merge every policy under `paths`. All or nothing. Ownership is not
+/// checked; see [`load_paths_with`].
 pub fn load_paths(paths: &[PathBuf]) -> Result<LoadedPolicies, LoadError> {
+    load_paths_with(paths, TrustMode::Off)
+}
+
+/// [`load_paths`], checking first that the files and their directories pass the ownership rules
+/// of [`crate::trust`] as `mode` says.
+pub fn load_paths_with(paths: &[PathBuf], mode: TrustMode) -> Result<LoadedPolicies, LoadError> {
     let files = policy_files(paths)?;
-    let mut texts = Vec::with_capacity(files.len());
-    for file in &files {
-        texts.push((file.clone(), read_policy_file(file)?));
+    let mut untrusted = Vec::new();
+    if let Some(owners) = mode.owners() {
+        // A directory is checked even when it holds no policy yet: whoever can write it can add one.
+        for dir in paths.iter().filter(|p| p.is_dir()) {
+            if let Err(e) = trust::check_dir(dir, owners) {
+                untrusted.push(e);
+            }
+        }
     }
-    load_texts(texts.iter().map(|(f, t)| (f.as_path(), t.as_str())))
+    let mut texts = Vec::with_capacity(files.len());
+    let mut total = 0u64;
+    for file in &files {
+        let text = read_policy_file(file, mode.owners(), &mut untrusted)?;
+        total += text.len() as u64;
+        if total > MAX_TOTAL_BYTES {
+            return Err(LoadError::TooLarge { path: file.clone() });
+        }
+        texts.push((file.clone(), text));
+    }
+    // One problem per path: a shared directory is named once, not once per file in it.
+    let mut seen = std::collections::HashSet::new();
+    untrusted.retain(|e| seen.insert(e.path().to_path_buf()));
+    if matches!(mode, TrustMode::Enforce(_)) && !untrusted.is_empty() {
+        return Err(LoadError::Untrusted(untrusted));
+    }
+    let mut loaded = load_texts(texts.iter().map(|(f, t)| (f.as_path(), t.as_str())))?;
+    loaded.warnings = untrusted.iter().map(ToString::to_string).collect();
+    Ok(loaded)
 }
 
 /// Load from in-memory `(file name, text)` pairs; same rules as [`load_paths`].
@@ -174,7 +229,7 @@ pub fn load_texts<'a>(inputs: impl IntoIterator<Item = (&'a Path, &'a str)>) -> 
     if !diagnostics.is_empty() {
         return Err(LoadError::Invalid(diagnostics));
     }
-    Ok(LoadedPolicies { desired, documents, files })
+    Ok(LoadedPolicies { desired, documents, files, warnings: Vec::new() })
 }
 
 fn locate(documents: &[SourcedPolicy], site: &Site) -> String {
@@ -183,19 +238,46 @@ fn locate(documents: &[SourcedPolicy], site: &Site) -> String {
     format!("{}:{}:{}", doc.file.display(), pos.line, pos.column)
 }
 
-fn read_policy_file(file: &Path) -> Result<String, LoadError> {
+/// Read one policy file through a single descriptor: its ownership (when `owners` is set), its
+/// type and its size are judged on the open file and the bytes read from that same file, so
+/// nothing can be swapped or grown between the checks and the read.
+fn read_policy_file(
+    file: &Path,
+    owners: Option<TrustedOwners>,
+    untrusted: &mut Vec<TrustError>,
+) -> Result<String, LoadError> {
     let read_err = |source| LoadError::Read { path: file.to_path_buf(), source };
-    let meta = std::fs::metadata(file).map_err(read_err)?;
-    if meta.len() > MAX_FILE_BYTES {
+    // With ownership checked, open the resolved path once its directories passed: nobody else
+    // can then redirect it. Otherwise open as named.
+    let mut open_path = file.to_path_buf();
+    if let Some(owners) = owners {
+        match trust::resolve(file).and_then(|r| trust::check_ancestors(&r, owners).map(|()| r)) {
+            Ok(resolved) => open_path = resolved,
+            Err(e) => untrusted.push(e),
+        }
+    }
+    // O_NONBLOCK: a FIFO put in a file's place must not hang the load; it fails the type check.
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&open_path).map_err(read_err)?;
+    let meta = f.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(read_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
+    }
+    if let Some(owners) = owners {
+        if let Err(e) = trust::check_metadata(&open_path, &meta, owners) {
+            untrusted.push(e);
+        }
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(LoadError::Invalid(vec![Diagnostic {
             file: file.to_path_buf(),
             position: Position { line: 1, column: 1 },
-            message: format!("file is {} bytes; policy files are limited to {MAX_FILE_BYTES} bytes", meta.len()),
+            message: format!("file is larger than {MAX_FILE_BYTES} bytes, the limit for a policy file"),
             hint: Some("split it into several files in a policy directory".into()),
             source_line: None,
         }]));
     }
-    let bytes = std::fs::read(file).map_err(read_err)?;
     String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let text = String::from_utf8_lossy(valid);
@@ -292,6 +374,8 @@ fn hint_for(message: &str) -> Option<String> {
         "use one of the listed values"
     } else if message.starts_with("missing field") {
         "add the field; `virtwarden schema` shows which fields are required"
+    } else if message.contains("durations are at most") {
+        "no policy duration needs more than 100 years; each field has a much smaller bound (see README, \"Bounds\")"
     } else if message.contains("invalid duration") {
         "write durations like 500ms, 30s, 5m, 1h or 1h30m"
     } else if message.starts_with("invalid type") || message.starts_with("expected") {

@@ -74,6 +74,7 @@ pub fn validate_document(doc: &HostPolicy) -> Vec<Issue> {
     for (i, bridge) in doc.spec.bridges.iter().enumerate() {
         validate_bridge(&format!("spec.bridges[{i}]"), bridge, &mut issues);
     }
+    crate::bounds::check_bounds(doc, &mut issues);
     issues
 }
 
@@ -147,11 +148,6 @@ fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
                     .hint("use `restart: never` to never restart a domain"),
             );
         }
-        if b.window.is_some_and(|w| w.0.is_zero()) {
-            issues.push(
-                Issue::new(format!("{at}.backoff.window"), "window must be longer than 0s").hint("e.g. `window: 1h`"),
-            );
-        }
     }
     if let Some(ladder) = &d.remediation {
         validate_ladder(&format!("{at}.remediation"), ladder, issues);
@@ -192,11 +188,6 @@ fn validate_ladder(at: &str, ladder: &[RemediationStep], issues: &mut Vec<Issue>
                         .hint("commands run without a shell or PATH lookup; write the full path, e.g. /usr/local/bin/repair-vm"),
                 ),
                 Some(_) => {}
-            }
-            if step.timeout.is_some_and(|t| t.0.is_zero()) {
-                issues.push(
-                    Issue::new(format!("{here}.timeout"), "timeout must be longer than 0s").hint("e.g. `timeout: 60s`"),
-                );
             }
         } else {
             let action = step.action.as_str();

@@ -3,6 +3,7 @@
 pub mod boot_xml;
 pub mod calls;
 mod execute;
+pub mod hook;
 pub mod network;
 pub mod remediation;
 pub mod retry;

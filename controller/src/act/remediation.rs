@@ -1,23 +1,19 @@
 //! Pluggable remediation: the steps of a domain's escalation ladder. Built-ins act through
-//! deadline-bounded libvirt calls; `exec` runs an operator's command (argv, no shell) with a
-//! timeout. Each step looks at the domain's state right before it acts and leaves alone what it
+//! deadline-bounded libvirt calls; `exec` runs an operator's command through [`super::hook`].
+//! Each step looks at the domain's state right before it acts and leaves alone what it
 //! must not touch (a pause for migration, snapshot or save; a shutdown in progress; a guest that
 //! suspended itself). Every step is followed by re-observing the domain (done by the caller),
 //! so success means "running again".
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use virtwarden_policies::{BootDevice, RemediationAction};
 
 use super::boot_xml::rewrite_boot_order;
 use super::calls::{CallError, Calls};
+use super::hook::{ExecPolicy, Hook, HookError};
 use crate::hypervisor::HypervisorError;
 use crate::observe::{DomainState, StateReason};
 use crate::plan::restart::Step;
@@ -44,14 +40,13 @@ pub enum RemediationError {
     BootXml(#[from] super::boot_xml::BootXmlError),
     #[error("domain {0} does not exist")]
     NoSuchDomain(String),
-    #[error("cannot run {}: {source}", program.display())]
-    Spawn { program: PathBuf, source: std::io::Error },
-    #[error("{} timed out after {timeout:?} and was killed", program.display())]
-    Timeout { program: PathBuf, timeout: Duration },
-    #[error("{} exited with {status}{}", program.display(), if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
-    Exit { program: PathBuf, status: std::process::ExitStatus, stderr: String },
-    #[error("{} was stopped: the domain's policy changed or virtwarden is stopping", program.display())]
-    Cancelled { program: PathBuf },
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// The hook ran and succeeded, then bringing the domain up failed. Not an interruption even
+    /// when the call was interrupted: the attempt counts (and backs off), because an uncounted
+    /// attempt is tried again at once, which would run the hook again.
+    #[error("the hook succeeded, then bringing the domain up failed: {0}")]
+    AfterHook(Box<RemediationError>),
     #[error("no remediation registered for `{0}`")]
     Unknown(&'static str),
 }
@@ -73,6 +68,14 @@ impl RemediationError {
         match self {
             RemediationError::Call(c) => c.detail(),
             other => other.to_string(),
+        }
+    }
+
+    /// `path: reason` when an `exec` step was refused (not run), for the status.
+    pub fn refused_hook(&self) -> Option<String> {
+        match self {
+            RemediationError::Hook(e @ HookError::Refused { .. }) => Some(e.to_string()),
+            _ => None,
         }
     }
 }
@@ -106,13 +109,19 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The built-ins, with host-mode `exec` hooks.
     pub fn with_builtins() -> Self {
+        Self::with_exec_policy(ExecPolicy::Host)
+    }
+
+    /// The built-ins, with `exec` hooks vetted by `exec` (operator mode limits them).
+    pub fn with_exec_policy(exec: ExecPolicy) -> Self {
         let mut r = Registry { map: HashMap::new() };
         r.register(RemediationAction::Start, Box::new(StartRemediation));
         r.register(RemediationAction::Reset, Box::new(ResetRemediation));
         r.register(RemediationAction::DestroyStart, Box::new(DestroyStartRemediation));
         r.register(RemediationAction::RedefineBootOrder, Box::new(RedefineBootOrderRemediation));
-        r.register(RemediationAction::Exec, Box::new(ExecRemediation));
+        r.register(RemediationAction::Exec, Box::new(ExecRemediation { policy: exec }));
         r
     }
 
@@ -259,183 +268,22 @@ impl Remediation for RedefineBootOrderRemediation {
     }
 }
 
-/// Runs the step's command; when it exits 0 and the domain is still down, brings it up.
-struct ExecRemediation;
+/// Runs the step's command through [`super::hook`]; when it exits 0 and the domain is still
+/// down, brings it up.
+struct ExecRemediation {
+    policy: ExecPolicy,
+}
+
 impl Remediation for ExecRemediation {
     fn run<'a>(&'a self, ctx: &'a RemediationContext, calls: &'a Calls) -> StepFuture<'a> {
         Box::pin(async move {
-            let hook_ctx = ctx.clone();
-            // Abandoning this future (a policy change, shutdown) kills the hook.
-            let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
-            let flag = cancel.0.clone();
-            match tokio::task::spawn_blocking(move || run_hook_until(&hook_ctx, &flag)).await {
-                Ok(r) => r?,
-                Err(e) => {
-                    return Err(RemediationError::Spawn { program: PathBuf::new(), source: std::io::Error::other(e) })
-                }
-            }
-            bring_up(calls, &ctx.domain).await
+            // Abandoning this future (a policy change, shutdown) kills the hook's process group.
+            super::hook::run(&Hook::for_remediation(ctx), &self.policy).await?;
+            bring_up(calls, &ctx.domain).await.map_err(|e| RemediationError::AfterHook(Box::new(e)))
         })
     }
 
     fn cancellable(&self) -> bool {
         true
-    }
-}
-
-/// Sets its flag when dropped: tells a blocking hook runner to kill the hook.
-struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// How often a running hook is checked on.
-const HOOK_POLL: Duration = Duration::from_millis(20);
-/// Bytes of a failed hook's stderr kept for the status.
-const STDERR_KEEP: usize = 512;
-
-/// Run an exec step's command: argv without a shell, the VIRTWARDEN_* environment, killed after
-/// its timeout. Exit 0 is success.
-pub fn run_hook(ctx: &RemediationContext) -> Result<(), RemediationError> {
-    run_hook_until(ctx, &AtomicBool::new(false))
-}
-
-/// [`run_hook`], killing the hook as soon as `cancel` is set.
-pub fn run_hook_until(ctx: &RemediationContext, cancel: &AtomicBool) -> Result<(), RemediationError> {
-    let Some((program, args)) = ctx.step.command.split_first() else {
-        return Err(RemediationError::Spawn {
-            program: PathBuf::new(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
-        });
-    };
-    let program = PathBuf::from(program);
-    let spawn = || {
-        Command::new(&program)
-            .args(args)
-            .env("VIRTWARDEN_DOMAIN", &ctx.domain)
-            .env("VIRTWARDEN_UUID", &ctx.uuid)
-            .env("VIRTWARDEN_REASON", &ctx.reason)
-            .env("VIRTWARDEN_ATTEMPT", ctx.attempt.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-    };
-    // ETXTBSY: the hook was just written and another process still holds it open for writing
-    // (an update in progress, or a concurrent fork); it clears within milliseconds.
-    let mut tries = 0;
-    let mut child = loop {
-        match spawn() {
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 10 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            other => break other.map_err(|source| RemediationError::Spawn { program: program.clone(), source })?,
-        }
-    };
-    let deadline = Instant::now() + ctx.step.timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if cancel.load(Ordering::SeqCst) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(RemediationError::Cancelled { program });
-            }
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(RemediationError::Timeout { program, timeout: ctx.step.timeout });
-            }
-            Ok(None) => std::thread::sleep(HOOK_POLL),
-            Err(source) => return Err(RemediationError::Spawn { program, source }),
-        }
-    };
-    if status.success() {
-        return Ok(());
-    }
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        use std::io::Read;
-        let mut buf = vec![0u8; STDERR_KEEP];
-        let n = pipe.read(&mut buf).unwrap_or(0);
-        stderr = String::from_utf8_lossy(&buf[..n]).trim().to_string();
-    }
-    Err(RemediationError::Exit { program, status, stderr })
-}
-
-#[cfg(test)]
-mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
-    use super::*;
-
-    fn ctx(command: Vec<String>, timeout: Duration) -> RemediationContext {
-        RemediationContext {
-            domain: "web1".into(),
-            uuid: "4dea22b3-1d52-d8f3-2516-782e98a3e001".into(),
-            reason: "stopped/failed; shut off (crashed)".into(),
-            attempt: 3,
-            step: Step { action: RemediationAction::Exec, command, timeout },
-            boot: None,
-        }
-    }
-
-    fn script(dir: &std::path::Path, body: &str) -> String {
-        let path = dir.join("hook.sh");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path.display().to_string()
-    }
-
-    #[test]
-    fn hook_gets_argv_without_a_shell_and_the_environment() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
-        let hook = script(
-            dir.path(),
-            &format!(
-                "printf '%s|' \"$@\" \"$VIRTWARDEN_DOMAIN\" \"$VIRTWARDEN_UUID\" \"$VIRTWARDEN_REASON\" \"$VIRTWARDEN_ATTEMPT\" > {}",
-                out.display()
-            ),
-        );
-        let argv = vec![hook, "--flag".into(), "two words; $(not run)".into()];
-        run_hook(&ctx(argv, Duration::from_secs(5))).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(out).unwrap(),
-            "--flag|two words; $(not run)|web1|4dea22b3-1d52-d8f3-2516-782e98a3e001|stopped/failed; shut off (crashed)|3|"
-        );
-    }
-
-    #[test]
-    fn nonzero_exit_is_a_failure_with_its_stderr() {
-        let dir = tempfile::tempdir().unwrap();
-        let hook = script(dir.path(), "echo 'disk image missing' >&2\nexit 3");
-        match run_hook(&ctx(vec![hook], Duration::from_secs(5))) {
-            Err(RemediationError::Exit { status, stderr, .. }) => {
-                assert_eq!(status.code(), Some(3));
-                assert_eq!(stderr, "disk image missing");
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn hook_is_killed_after_its_timeout() {
-        let dir = tempfile::tempdir().unwrap();
-        let hook = script(dir.path(), "exec sleep 30");
-        let started = std::time::Instant::now();
-        let r = run_hook(&ctx(vec![hook], Duration::from_millis(200)));
-        assert!(matches!(r, Err(RemediationError::Timeout { .. })), "{r:?}");
-        assert!(started.elapsed() < Duration::from_secs(10), "the hook must be killed, not waited for");
-    }
-
-    #[test]
-    fn missing_program_is_reported() {
-        let r = run_hook(&ctx(vec!["/nonexistent/hook".into()], Duration::from_secs(1)));
-        assert!(matches!(r, Err(RemediationError::Spawn { .. })), "{r:?}");
     }
 }

@@ -24,6 +24,12 @@ pub struct DriftLabel {
     pub kind: String,
 }
 
+/// Why an `exec` hook was refused: a fixed word (see `act::hook::Refusal::kind`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    pub reason: String,
+}
+
 /// Every metric the engine exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -35,6 +41,7 @@ pub struct Metrics {
     pub quarantined: Gauge,
     pub connected: Gauge,
     pub worker_panics: Counter,
+    pub hooks_refused: Family<RefusalLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,6 +71,12 @@ impl Default for Metrics {
             "Domain workers that panicked and were restarted (a bug: please report it)",
             worker_panics.clone(),
         );
+        let hooks_refused = Family::<RefusalLabel, Counter>::default();
+        registry.register(
+            "hooks_refused",
+            "exec hooks refused (not run) by the trust rules, by reason",
+            hooks_refused.clone(),
+        );
         Metrics {
             registry,
             restarts,
@@ -74,6 +87,7 @@ impl Default for Metrics {
             quarantined,
             connected,
             worker_panics,
+            hooks_refused,
         }
     }
 }
@@ -90,6 +104,10 @@ impl Metrics {
 
     pub fn drift(&self, kind: &str) {
         self.drift.get_or_create(&DriftLabel { kind: kind.to_string() }).inc();
+    }
+
+    pub fn hook_refused(&self, reason: &'static str) {
+        self.hooks_refused.get_or_create(&RefusalLabel { reason: reason.to_string() }).inc();
     }
 
     /// The text exposition format.

@@ -113,6 +113,19 @@ pub enum StatusError {
     Parse { path: String, source: serde_json::Error },
 }
 
+impl super::shared::Shared {
+    /// Called with a remediation step's error, if any: when an `exec` step was refused (not
+    /// run), say so in the domain's status, the metrics and the log.
+    pub(crate) fn hook_refused(&self, domain: &str, err: Option<&crate::act::remediation::RemediationError>) {
+        let Some(crate::act::remediation::RemediationError::Hook(hook)) = err else { return };
+        let Some(reason) = hook.refusal() else { return };
+        tracing::warn!(domain, kind = reason.kind(), error = %hook, "exec hook refused; it was not run");
+        self.metrics.hook_refused(reason.kind());
+        let text = hook.to_string();
+        self.update_domain(domain, |s| s.refused_hook = Some(text));
+    }
+}
+
 /// Write `report` to `path` atomically (readers see the old or the new file, never half of
 /// one), readable by its owner only; the directory is created 0700.
 pub fn write_atomically(path: &Path, report: &StatusReport) -> Result<(), StatusError> {
@@ -195,6 +208,9 @@ pub fn render_text(report: &StatusReport) -> String {
         out.push_str(&format!("{:<20} {:<26} {:>8} {:<12} {}\n", d.name, d.state, d.restarts, q, lines[0]));
         for l in &lines[1..] {
             out.push_str(&format!("{pad}{l}\n"));
+        }
+        if let Some(refusal) = &d.refused_hook {
+            out.push_str(&format!("{:<20} hook not run: {refusal}\n", ""));
         }
     }
     out

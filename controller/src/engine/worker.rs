@@ -474,6 +474,7 @@ impl Worker {
                     r.run(&ctx, &calls).await
                 };
                 let result = self.guarded(cancellable, fut).await;
+                self.shared.hook_refused(self.name(), result.as_ref().and_then(|r| r.as_ref().err()));
                 let after = self.calls().observe(self.name()).await.ok().flatten();
                 let recovered = after.as_ref().is_some_and(is_up);
                 let (outcome, mut text) = classify(&result, recovered, after.as_ref());

@@ -2,7 +2,6 @@
 //! READY/STATUS/WATCHDOG, metrics are served on loopback, one instance per host.
 
 pub mod control;
-pub mod http;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -13,7 +12,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use virtwarden_policies::load_paths;
+use virtwarden_policies::{load_paths_with, TrustMode, TrustedOwners};
 
 use crate::act::remediation::Registry;
 use crate::engine::connect::LibvirtConnector;
@@ -71,7 +70,7 @@ pub async fn run(opts: RunOptions) -> i32 {
     let (engine, mut engine_task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
 
     if let Some(addr) = opts.metrics_addr {
-        match http::serve(addr, engine.clone()).await {
+        match crate::http::serve(addr, engine.clone()).await {
             Ok(bound) => tracing::info!(%bound, "serving /metrics, /healthz, /readyz"),
             Err(e) => {
                 eprintln!("error: cannot serve metrics on {addr}: {e}");
@@ -136,7 +135,13 @@ pub async fn run(opts: RunOptions) -> i32 {
 }
 
 async fn load_blocking(paths: Vec<PathBuf>) -> Result<virtwarden_policies::DesiredState, String> {
-    match tokio::task::spawn_blocking(move || load_paths(&paths)).await {
+    // Policy files are checked like sshd's StrictModes on every load: at start a violation exits 2,
+    // on a reload the last good policy stays.
+    match tokio::task::spawn_blocking(move || {
+        load_paths_with(&paths, TrustMode::Enforce(TrustedOwners::of_this_process()))
+    })
+    .await
+    {
         Ok(Ok(loaded)) => Ok(loaded.desired),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(format!("policy loading failed: {e}")),

@@ -69,6 +69,8 @@ pub struct OperatorOptions {
     pub data_dir: std::path::PathBuf,
     /// The host-wide lock.
     pub lock_file: std::path::PathBuf,
+    /// Where `exec` remediation hooks may come from (`--allow-exec-dir`).
+    pub exec: crate::act::hook::ExecPolicy,
 }
 
 /// Status writes are batched: at most one round per this interval.
@@ -102,9 +104,10 @@ pub async fn run(opts: OperatorOptions) -> i32 {
         ..Default::default()
     };
     let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });
-    let (engine, mut engine_task) = Engine::spawn(connector, Default::default(), config, Registry::with_builtins());
+    let (engine, mut engine_task) =
+        Engine::spawn(connector, Default::default(), config, Registry::with_exec_policy(opts.exec.clone()));
     if let Some(addr) = opts.metrics_addr {
-        if let Err(e) = crate::host::http::serve(addr, engine.clone()).await {
+        if let Err(e) = crate::http::serve(addr, engine.clone()).await {
             eprintln!("error: cannot serve metrics on {addr}: {e}");
             return exit::RUNTIME;
         }
