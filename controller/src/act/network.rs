@@ -9,14 +9,17 @@ use crate::hostnet::{Forwarding, HostNet, NetError};
 use crate::observe::{ForwardingState, ObservedNet};
 use crate::plan::network::{NetAction, NetActionKind};
 
-/// Read links, default-route interfaces and forwarding switches.
+/// Read links, uplinks (default-route and global-address interfaces) and forwarding switches.
 pub async fn observe_net<N: HostNet, F: Forwarding>(net: &N, fwd: &F) -> Result<ObservedNet, NetError> {
     let links = net.links().await?;
-    let default_route = net.default_route_links().await?;
-    let uplinks = links.iter().filter(|l| default_route.contains(&l.index)).map(|l| l.name.clone()).collect();
+    let names = |indexes: Vec<u32>| -> Vec<String> {
+        links.iter().filter(|l| indexes.contains(&l.index)).map(|l| l.name.clone()).collect()
+    };
+    let default_route = names(net.default_route_links().await?);
+    let global_address = names(net.global_address_links().await?);
     // A namespace without IPv6 has no ipv6 forwarding file: report it as unknown.
     let forwarding = ForwardingState { ipv4: fwd.ipv4().ok(), ipv6: fwd.ipv6().ok() };
-    Ok(ObservedNet { links, forwarding, uplinks })
+    Ok(ObservedNet { links, forwarding, default_route, global_address })
 }
 
 /// Carry out one network action.
@@ -30,7 +33,9 @@ pub async fn execute_net_action<N: HostNet, F: Forwarding>(
         NetActionKind::CreateBridge => net.create_bridge(subject).await,
         NetActionKind::SetUp => net.set_up(subject).await,
         NetActionKind::SetStp { stp } => net.set_stp(subject, *stp).await,
-        NetActionKind::Enslave { bridge } => net.enslave(subject, bridge).await,
+        NetActionKind::Enslave { bridge } | NetActionKind::AttachTap { bridge, .. } => {
+            net.enslave(subject, bridge).await
+        }
         NetActionKind::SetForwarding { family, on } => match family.as_str() {
             "ipv6" => fwd.set_ipv6(*on),
             _ => fwd.set_ipv4(*on),

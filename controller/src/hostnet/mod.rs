@@ -4,6 +4,7 @@
 
 pub mod events;
 pub mod netlink;
+pub mod nexthop;
 pub mod sysctl;
 
 use std::future::Future;
@@ -22,14 +23,19 @@ pub enum NetError {
     NoSuchLink { op: &'static str, object: String },
     #[error("{key}: {source}")]
     Sysctl { key: String, source: std::io::Error },
+    #[error("{op}: {source}")]
+    Io { op: &'static str, source: std::io::Error },
 }
 
 /// Links and bridges.
 pub trait HostNet: Send + Sync {
     /// Every link with its bridge attributes and master.
     fn links(&self) -> impl Future<Output = Result<Vec<NetLink>, NetError>> + Send;
-    /// Indexes of the interfaces that carry a default route (IPv4 or IPv6).
+    /// Indexes of the interfaces that carry a default route: IPv4 or IPv6, in any routing
+    /// table, through every nexthop of a multipath route or a nexthop object (group).
     fn default_route_links(&self) -> impl Future<Output = Result<Vec<u32>, NetError>> + Send;
+    /// Indexes of the interfaces holding a global-scope address (IPv4 or IPv6).
+    fn global_address_links(&self) -> impl Future<Output = Result<Vec<u32>, NetError>> + Send;
     fn create_bridge(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
     fn set_up(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
     fn set_stp(&self, bridge: &str, stp: StpSettings) -> impl Future<Output = Result<(), NetError>> + Send;

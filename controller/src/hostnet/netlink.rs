@@ -1,15 +1,18 @@
 //! [`HostNet`] over rtnetlink. STP and timers go through `link().change()` (RTM_NEWLINK):
-//! `link().set()` sends RTM_SETLINK, which silently ignores IFLA_LINKINFO.
+//! `link().set()` sends RTM_SETLINK, which silently ignores IFLA_LINKINFO. Uplinks are read from
+//! every routing table, multipath routes and nexthop objects included, and from the addresses.
 
 use std::collections::HashMap;
 
 use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressMessage, AddressScope};
 use rtnetlink::packet_route::link::{
     BridgeStpState, InfoBridge, InfoData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
+use super::nexthop::NexthopSocket;
 use super::{centis_to_secs, HostNet, NetError, StpSettings};
 use crate::observe::{BridgeAttrs, NetLink};
 
@@ -17,6 +20,7 @@ use crate::observe::{BridgeAttrs, NetLink};
 #[derive(Clone)]
 pub struct NetlinkHost {
     handle: Handle,
+    nexthops: NexthopSocket,
 }
 
 impl NetlinkHost {
@@ -24,7 +28,7 @@ impl NetlinkHost {
     pub fn connect() -> Result<Self, NetError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
         tokio::spawn(conn);
-        Ok(NetlinkHost { handle })
+        Ok(NetlinkHost { handle, nexthops: NexthopSocket::connect()? })
     }
 
     async fn index_of(&self, op: &'static str, name: &str) -> Result<u32, NetError> {
@@ -47,6 +51,7 @@ fn parse_link(msg: &LinkMessage) -> (NetLink, Option<u32>) {
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Address(a) if a.len() == 6 => link.mac = Some(format_mac(a)),
             LinkAttribute::Controller(i) => master = Some(*i),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
@@ -76,14 +81,36 @@ fn parse_link(msg: &LinkMessage) -> (NetLink, Option<u32>) {
     (link, master)
 }
 
-fn default_oif(route: &RouteMessage) -> Option<u32> {
-    let h = &route.header;
-    if h.destination_prefix_length != 0
-        || (h.table != RouteHeader::RT_TABLE_MAIN && h.table != RouteHeader::RT_TABLE_UNSPEC)
-    {
+fn format_mac(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Where a default route leaves the host: its interfaces (single path and every nexthop of a
+/// multipath route) and the nexthop object it names, if any. `None` for other routes.
+fn default_route_exits(route: &RouteMessage) -> Option<(Vec<u32>, Option<u32>)> {
+    if route.header.destination_prefix_length != 0 {
         return None;
     }
-    route.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })
+    let mut oifs = Vec::new();
+    let mut nh_id = None;
+    for attr in &route.attributes {
+        match attr {
+            RouteAttribute::Oif(i) => oifs.push(*i),
+            RouteAttribute::MultiPath(hops) => oifs.extend(hops.iter().map(|h| h.interface_index)),
+            RouteAttribute::NhId(id) => nh_id = Some(*id),
+            _ => {}
+        }
+    }
+    Some((oifs, nh_id))
+}
+
+/// A dump request for every table: table, protocol and type "unspecified". (Without
+/// NETLINK_GET_STRICT_CHK the kernel ignores them anyway and dumps all tables.)
+fn all_routes(mut msg: RouteMessage) -> RouteMessage {
+    msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    msg.header.protocol = RouteProtocol::Unspec;
+    msg.header.kind = RouteType::Unspec;
+    msg
 }
 
 impl HostNet for NetlinkHost {
@@ -109,9 +136,10 @@ impl HostNet for NetlinkHost {
 
     async fn default_route_links(&self) -> Result<Vec<u32>, NetError> {
         let mut indexes = Vec::new();
+        let mut nh_ids = Vec::new();
         for msg in [
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+            all_routes(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()),
+            all_routes(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()),
         ] {
             let routes: Vec<RouteMessage> =
                 self.handle.route().get(msg).execute().try_collect().await.map_err(|source| NetError::Netlink {
@@ -119,8 +147,32 @@ impl HostNet for NetlinkHost {
                     object: String::new(),
                     source,
                 })?;
-            indexes.extend(routes.iter().filter_map(default_oif));
+            for (oifs, nh_id) in routes.iter().filter_map(default_route_exits) {
+                indexes.extend(oifs);
+                nh_ids.extend(nh_id);
+            }
         }
+        // Routes first, then nexthops: a nexthop deleted in between takes its routes with it.
+        if !nh_ids.is_empty() {
+            let nexthops = self.nexthops.dump().await?;
+            for id in nh_ids {
+                indexes.extend(nexthops.interfaces(id));
+            }
+        }
+        indexes.sort();
+        indexes.dedup();
+        Ok(indexes)
+    }
+
+    async fn global_address_links(&self) -> Result<Vec<u32>, NetError> {
+        let addrs: Vec<AddressMessage> =
+            self.handle.address().get().execute().try_collect().await.map_err(|source| NetError::Netlink {
+                op: "list addresses",
+                object: String::new(),
+                source,
+            })?;
+        let mut indexes: Vec<u32> =
+            addrs.iter().filter(|a| a.header.scope == AddressScope::Universe).map(|a| a.header.index).collect();
         indexes.sort();
         indexes.dedup();
         Ok(indexes)

@@ -53,6 +53,7 @@ fn interface(dev: Node) -> Interface {
         source: source.map(str::to_string),
         target: attr_of(dev, "target", "dev"),
         mac: attr_of(dev, "mac", "address"),
+        virtualport: attr_of(dev, "virtualport", "type"),
     }
 }
 
@@ -139,12 +140,17 @@ mod tests {
             <disk type='file' device='cdrom'><target dev='sda' bus='sata'/></disk>
             <interface type='bridge'><mac address='52:54:00:aa:bb:cc'/><source bridge='br0'/>
               <target dev='vnet3'/></interface>
+            <interface type='bridge'><source bridge='ovsbr0'/><virtualport type='openvswitch'>
+              <parameters interfaceid='09b11c53-8b5c-4eeb-8f00-d84eaa0aaa4f'/></virtualport>
+              <target dev='vnet4'/></interface>
           </devices></domain>"#;
         let f = parse_domain_xml(xml).unwrap();
         assert_eq!(f.boot, BootConfig { style: BootStyle::Os, order: vec![BootDevice::Network, BootDevice::Hd] });
         assert_eq!(f.interfaces[0].source.as_deref(), Some("br0"));
         assert_eq!(f.interfaces[0].target.as_deref(), Some("vnet3"));
         assert_eq!(f.interfaces[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
+        assert_eq!(f.interfaces[0].virtualport, None);
+        assert_eq!(f.interfaces[1].virtualport.as_deref(), Some("openvswitch"));
         assert_eq!(f.disks[0].driver_type.as_deref(), Some("qcow2"));
         assert_eq!(f.disks[0].source.as_deref(), Some("/img/a.qcow2"));
         assert_eq!(f.disks[1].device, "cdrom");

@@ -156,6 +156,10 @@ pub struct Interface {
     pub target: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// `<virtualport type='…'>` (`openvswitch`, `802.1Qbh`, …): the port belongs to a switch
+    /// other than a Linux bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtualport: Option<String>,
 }
 
 /// A disk of a domain.

@@ -1,5 +1,6 @@
-//! Observed host network: links, bridge attributes, ports, forwarding, and which interfaces
-//! carry the default route. Plain data; the netlink reader fills it.
+//! Observed host network: links, bridge attributes, ports, forwarding, and the host's uplinks
+//! (interfaces carrying a default route or a global address). Plain data; the netlink reader
+//! fills it.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,9 +12,13 @@ pub struct ObservedNet {
     pub links: Vec<NetLink>,
     #[serde(default)]
     pub forwarding: ForwardingState,
-    /// Interfaces that carry a default route (IPv4 or IPv6).
+    /// Interfaces that carry a default route: any routing table, IPv4 or IPv6, every nexthop of
+    /// a multipath route and of a nexthop object (or group) included.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub uplinks: Vec<String>,
+    pub default_route: Vec<String>,
+    /// Interfaces holding a global-scope address (IPv4 or IPv6).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub global_address: Vec<String>,
 }
 
 impl ObservedNet {
@@ -29,9 +34,26 @@ impl ObservedNet {
         v
     }
 
-    /// Whether `bridge` or one of its ports carries the default route.
-    pub fn carries_default_route(&self, bridge: &str) -> bool {
-        self.uplinks.iter().any(|u| u == bridge || self.link(u).is_some_and(|l| l.master.as_deref() == Some(bridge)))
+    /// Why `iface` is an uplink of the host, if it is one: changing it can cut the host off.
+    pub fn uplink_reason(&self, iface: &str) -> Option<&'static str> {
+        if self.default_route.iter().any(|u| u == iface) {
+            Some("carries a default route")
+        } else if self.global_address.iter().any(|u| u == iface) {
+            Some("holds a global address")
+        } else {
+            None
+        }
+    }
+
+    /// The uplink `bridge` carries — itself or one of its ports — described for a plan line
+    /// (`br0 carries a default route`, `eth0 (a port of br0) holds a global address`).
+    pub fn bridge_uplink(&self, bridge: &str) -> Option<String> {
+        if let Some(why) = self.uplink_reason(bridge) {
+            return Some(format!("{bridge} {why}"));
+        }
+        self.ports_of(bridge)
+            .into_iter()
+            .find_map(|p| self.uplink_reason(p).map(|why| format!("{p} (a port of {bridge}) {why}")))
     }
 }
 
@@ -47,6 +69,9 @@ pub struct NetLink {
     pub kind: Option<String>,
     #[serde(default)]
     pub up: bool,
+    /// The link-layer address, lower-case `aa:bb:cc:dd:ee:ff`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
     /// The bridge this link is a port of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master: Option<String>,

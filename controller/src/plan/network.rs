@@ -4,6 +4,7 @@
 use serde::Serialize;
 use virtwarden_policies::{DesiredState, ManagedBridge};
 
+use super::flap::{FlapKey, FlapKind};
 use super::{Note, Severity};
 use crate::observe::{DomainState, ObservedHost, ObservedNet};
 
@@ -31,9 +32,14 @@ pub enum NetActionKind {
     SetStp {
         stp: StpWanted,
     },
-    /// Make the subject a port of `bridge`.
+    /// Make the subject (a host interface the policy lists) a port of `bridge`.
     Enslave {
         bridge: String,
+    },
+    /// Put the subject, a managed domain's tap, back on `bridge`.
+    AttachTap {
+        bridge: String,
+        domain: String,
     },
     SetForwarding {
         family: String,
@@ -60,7 +66,9 @@ impl NetActionKind {
                 }
                 format!("set {}", parts.join(", "))
             }
-            NetActionKind::Enslave { bridge } => format!("attach to {bridge}"),
+            NetActionKind::Enslave { bridge } | NetActionKind::AttachTap { bridge, .. } => {
+                format!("attach to {bridge}")
+            }
             NetActionKind::SetForwarding { family, on } => {
                 format!("set {family} forwarding {}", if *on { "on" } else { "off" })
             }
@@ -73,6 +81,7 @@ impl NetActionKind {
             NetActionKind::SetUp => "set-up",
             NetActionKind::SetStp { .. } => "set-stp",
             NetActionKind::Enslave { .. } => "attach-port",
+            NetActionKind::AttachTap { .. } => "attach-tap",
             NetActionKind::SetForwarding { .. } => "set-forwarding",
         }
     }
@@ -91,6 +100,18 @@ pub struct NetAction {
 impl NetAction {
     pub fn line(&self) -> String {
         format!("{}: {} → {}", self.subject, self.reason, self.kind.verb())
+    }
+
+    /// The object this action repairs, for the flap detector.
+    pub fn flap_key(&self) -> FlapKey {
+        let kind = match &self.kind {
+            NetActionKind::CreateBridge | NetActionKind::SetUp => FlapKind::Bridge,
+            NetActionKind::SetStp { .. } => FlapKind::Stp,
+            NetActionKind::Enslave { .. } => FlapKind::Port,
+            NetActionKind::AttachTap { .. } => FlapKind::Tap,
+            NetActionKind::SetForwarding { family, .. } => return FlapKey::new(FlapKind::Forwarding, family),
+        };
+        FlapKey::new(kind, &self.subject)
     }
 }
 
@@ -123,8 +144,21 @@ fn describe_stp(a: &crate::observe::BridgeAttrs) -> String {
     )
 }
 
-/// Taps of managed, running domains and the bridge each belongs on: (tap, bridge, domain, policy).
-pub fn wanted_taps(desired: &DesiredState, host: &ObservedHost) -> Vec<(String, String, String, String)> {
+/// A managed, running domain's tap and the bridge it belongs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedTap {
+    pub tap: String,
+    pub bridge: String,
+    pub domain: String,
+    pub policy: String,
+    /// The guest NIC's MAC from the domain's live definition.
+    pub guest_mac: Option<String>,
+    /// `<virtualport type>`: the port belongs to another kind of switch (Open vSwitch, …).
+    pub virtualport: Option<String>,
+}
+
+/// Taps of managed, running domains and the bridge each belongs on.
+pub fn wanted_taps(desired: &DesiredState, host: &ObservedHost) -> Vec<WantedTap> {
     let mut out = Vec::new();
     for m in &desired.domains {
         let Some(d) = host.domain(&m.spec.name) else {
@@ -135,11 +169,57 @@ pub fn wanted_taps(desired: &DesiredState, host: &ObservedHost) -> Vec<(String, 
         }
         for iface in &d.interfaces {
             if let (Some(tap), Some(bridge)) = (iface.target.clone(), host.bridge_of(iface)) {
-                out.push((tap, bridge, d.name.clone(), m.policy.clone()));
+                out.push(WantedTap {
+                    tap,
+                    bridge,
+                    domain: d.name.clone(),
+                    policy: m.policy.clone(),
+                    guest_mac: iface.mac.clone(),
+                    virtualport: iface.virtualport.clone(),
+                });
             }
         }
     }
     out
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut out {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// Whether `tap_mac` is the MAC libvirt gives the tap of a guest NIC with `guest_mac`: the same
+/// address with the first octet set to 0xFE (0xFA when the guest's already starts with 0xFE), so
+/// the bridge never adopts the tap's address (virNetDevTapCreateInBridgePort). Case-insensitive.
+pub fn tap_mac_matches(tap_mac: &str, guest_mac: &str) -> bool {
+    let (Some(tap), Some(guest)) = (parse_mac(tap_mac), parse_mac(guest_mac)) else {
+        return false;
+    };
+    let first = if guest[0] == 0xfe { 0xfa } else { 0xfe };
+    tap[0] == first && tap[1..] == guest[1..]
+}
+
+/// The uplink that makes port or STP changes on bridge `b` risky — the bridge itself, one of
+/// its ports, or a port it lists carries a default route or holds a global address — unless its
+/// policy says `allowUplinkChange: true`.
+fn uplink_guard(b: &ManagedBridge, net: &ObservedNet) -> Option<String> {
+    if b.spec.allow_uplink_change {
+        return None;
+    }
+    net.bridge_uplink(&b.spec.name)
+        .or_else(|| b.spec.ports.iter().find_map(|p| net.uplink_reason(p).map(|why| format!("{p} {why}"))))
+}
+
+fn held_for_uplink(reason: &str, uplink: &str) -> String {
+    format!("{reason} → held back: {uplink} (set allowUplinkChange: true to allow)")
 }
 
 /// Plan bridges, taps and forwarding. Needs `host.net`; without it there is nothing to plan.
@@ -161,6 +241,7 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
         match link {
             None => {
                 actions.push(act(NetActionKind::CreateBridge, "missing, policy wants it".into()));
+                // A new bridge has no ports yet: its STP cannot cut anything off.
                 if let Some(stp) = stp_wanted(b) {
                     actions.push(act(NetActionKind::SetStp { stp }, "new bridge".into()));
                 }
@@ -183,7 +264,21 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
                 }
                 if let (Some(want), Some(have)) = (stp_wanted(b), l.bridge.as_ref()) {
                     if !stp_matches(have, &want) {
-                        actions.push(act(NetActionKind::SetStp { stp: want }, describe_stp(have)));
+                        let kind = NetActionKind::SetStp { stp: want };
+                        match uplink_guard(b, net) {
+                            // STP on (or new timers) stops forwarding on every port for up to
+                            // twice the forward delay: the host's uplink included.
+                            Some(uplink) => note(
+                                &mut notes,
+                                name,
+                                Severity::Warning,
+                                held_for_uplink(
+                                    &format!("{}, policy wants {}", describe_stp(have), kind.verb()),
+                                    &uplink,
+                                ),
+                            ),
+                            None => actions.push(act(kind, describe_stp(have))),
+                        }
                     }
                 }
             }
@@ -210,6 +305,22 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
     (actions, notes)
 }
 
+/// Domain data is stale (libvirt disconnected): a tap's name may already belong to another
+/// domain, so tap changes wait, reported with `why`.
+pub fn hold_tap_actions(actions: &mut Vec<NetAction>, notes: &mut Vec<Note>, why: &str) {
+    actions.retain(|a| {
+        if !matches!(a.kind, NetActionKind::AttachTap { .. }) {
+            return true;
+        }
+        notes.push(Note {
+            subject: a.subject.clone(),
+            severity: Severity::Warning,
+            message: format!("{} → held: {why}", a.reason),
+        });
+        false
+    });
+}
+
 fn on_off(b: bool) -> &'static str {
     if b {
         "on"
@@ -221,13 +332,13 @@ fn on_off(b: bool) -> &'static str {
 fn plan_ports(
     b: &ManagedBridge,
     net: &ObservedNet,
-    taps: &[(String, String, String, String)],
+    taps: &[WantedTap],
     actions: &mut Vec<NetAction>,
     notes: &mut Vec<Note>,
 ) {
     let name = b.spec.name.as_str();
-    // Changing the ports of the bridge that carries the default route can cut the host off.
-    let risky = net.carries_default_route(name) || b.spec.ports.iter().any(|p| net.uplinks.contains(p));
+    // Changing the ports of the bridge that carries an uplink can cut the host off.
+    let guard = uplink_guard(b, net);
     for port in &b.spec.ports {
         let Some(l) = net.link(port) else {
             notes.push(Note {
@@ -250,13 +361,11 @@ fn plan_ports(
             None => {}
         }
         let reason = format!("not a port of {name}, policy lists it");
-        if risky && !b.spec.allow_uplink_change {
+        if let Some(uplink) = &guard {
             notes.push(Note {
                 subject: port.clone(),
                 severity: Severity::Warning,
-                message: format!(
-                    "{reason} → held back: {name} carries the default route (set allowUplinkChange: true to allow)"
-                ),
+                message: held_for_uplink(&reason, uplink),
             });
             continue;
         }
@@ -269,7 +378,7 @@ fn plan_ports(
     }
     for port in net.ports_of(name) {
         let listed = b.spec.ports.iter().any(|p| p == port);
-        let tap = taps.iter().any(|(t, _, _, _)| t == port);
+        let tap = taps.iter().any(|t| t.tap == port);
         if !listed && !tap {
             notes.push(Note {
                 subject: name.to_string(),
@@ -280,38 +389,341 @@ fn plan_ports(
     }
 }
 
+/// Taps back on their bridge — only when the tap is provably the domain's (its MAC matches the
+/// domain's live interface), the bridge is a Linux bridge, and the tap is detached or sits on
+/// another bridge a policy names. A tap on a bridge no policy names was put there by someone
+/// else and stays there.
 fn plan_taps(
     desired: &DesiredState,
     net: &ObservedNet,
-    taps: &[(String, String, String, String)],
+    taps: &[WantedTap],
     actions: &mut Vec<NetAction>,
     notes: &mut Vec<Note>,
 ) {
-    for (tap, bridge, domain, policy) in taps {
-        let Some(l) = net.link(tap) else { continue };
-        if l.master.as_deref() == Some(bridge.as_str()) {
+    for t in taps {
+        let Some(l) = net.link(&t.tap) else { continue };
+        if l.master.as_deref() == Some(t.bridge.as_str()) {
             continue;
         }
-        let bridge_present = net.link(bridge).is_some() || desired.bridge(bridge).is_some();
-        if !bridge_present {
-            notes.push(Note {
-                subject: tap.clone(),
-                severity: Severity::Warning,
-                message: format!("tap of {domain} belongs on {bridge}, which does not exist → waiting for it"),
-            });
+        let mut report = |severity, message: String| {
+            notes.push(Note { subject: t.tap.clone(), severity, message });
+        };
+        if let Some(kind) = &t.virtualport {
+            report(Severity::Info, format!("tap of {} has virtualport type {kind} → left to that switch", t.domain));
+            continue;
+        }
+        match net.link(&t.bridge) {
+            Some(b) if b.kind.as_deref() != Some("bridge") => {
+                report(
+                    Severity::Warning,
+                    format!(
+                        "tap of {} belongs on {}, which is not a Linux bridge (kind {}) → not touched",
+                        t.domain,
+                        t.bridge,
+                        b.kind.as_deref().unwrap_or("plain")
+                    ),
+                );
+                continue;
+            }
+            None if desired.bridge(&t.bridge).is_none() => {
+                report(
+                    Severity::Warning,
+                    format!("tap of {} belongs on {}, which does not exist → waiting for it", t.domain, t.bridge),
+                );
+                continue;
+            }
+            _ => {}
+        }
+        let ours = match (l.mac.as_deref(), t.guest_mac.as_deref()) {
+            (Some(tap), Some(guest)) => tap_mac_matches(tap, guest),
+            _ => false,
+        };
+        if !ours {
+            report(
+                Severity::Warning,
+                format!(
+                    "MAC {} does not match {}'s interface ({}) → not {}'s tap, not attached",
+                    l.mac.as_deref().unwrap_or("unknown"),
+                    t.domain,
+                    t.guest_mac.as_deref().unwrap_or("no MAC"),
+                    t.domain
+                ),
+            );
             continue;
         }
         let reason = match l.master.as_deref() {
-            None => {
-                format!("tap of {domain} is not on {bridge} (bridge recreated or port removed)")
+            None => format!("tap of {} is not on {} (bridge recreated or port removed)", t.domain, t.bridge),
+            Some(other) if desired.bridge(other).is_none() => {
+                report(
+                    Severity::Warning,
+                    format!(
+                        "tap of {} is on {other}, which no policy names; its domain wants {} → left there (moved by someone else)",
+                        t.domain, t.bridge
+                    ),
+                );
+                continue;
             }
-            Some(other) => format!("tap of {domain} is on {other}, its domain wants {bridge}"),
+            // Both bridges are declared, and the domain's live definition says where its NIC
+            // belongs: a VM on the wrong managed segment is drift like any other.
+            Some(other) => format!("tap of {} is on {other}, its domain wants {}", t.domain, t.bridge),
         };
         actions.push(NetAction {
-            subject: tap.clone(),
-            policy: policy.clone(),
-            kind: NetActionKind::Enslave { bridge: bridge.clone() },
+            subject: t.tap.clone(),
+            policy: t.policy.clone(),
+            kind: NetActionKind::AttachTap { bridge: t.bridge.clone(), domain: t.domain.clone() },
             reason,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::observe::{BridgeAttrs, Interface, NetLink, ObservedDomain};
+
+    fn desired(spec: &str) -> DesiredState {
+        let text = format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{spec}");
+        virtwarden_policies::load_texts([(Path::new("t.yaml"), text.as_str())]).unwrap().desired
+    }
+
+    fn link(name: &str, kind: Option<&str>, master: Option<&str>, mac: Option<&str>) -> NetLink {
+        NetLink {
+            name: name.into(),
+            kind: kind.map(str::to_string),
+            up: true,
+            master: master.map(str::to_string),
+            mac: mac.map(str::to_string),
+            bridge: (kind == Some("bridge")).then(BridgeAttrs::default),
+            ..Default::default()
+        }
+    }
+
+    fn vm1(iface: Interface) -> ObservedDomain {
+        ObservedDomain {
+            name: "vm1".into(),
+            uuid: String::new(),
+            state: DomainState::Running,
+            reason: "booted".into(),
+            persistent: true,
+            autostart: false,
+            boot: Default::default(),
+            interfaces: vec![iface],
+            disks: vec![],
+        }
+    }
+
+    fn nic(bridge: &str) -> Interface {
+        Interface {
+            kind: "bridge".into(),
+            source: Some(bridge.into()),
+            target: Some("vnet0".into()),
+            mac: Some("52:54:00:AA:bb:01".into()),
+            virtualport: None,
+        }
+    }
+
+    const TAP_MAC: &str = "fe:54:00:aa:bb:01";
+
+    fn host(iface: Interface, links: Vec<NetLink>) -> ObservedHost {
+        ObservedHost {
+            domains: vec![vm1(iface)],
+            net: Some(ObservedNet { links, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn lines(desired: &DesiredState, host: &ObservedHost) -> Vec<String> {
+        let (actions, notes) = plan_network(desired, host);
+        actions.iter().map(|a| a.line()).chain(notes.iter().map(|n| n.line())).collect()
+    }
+
+    const VM_ON_BR0: &str = "  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n";
+
+    #[test]
+    fn tap_mac_is_the_guest_mac_with_the_first_octet_fe() {
+        assert!(tap_mac_matches("fe:54:00:aa:bb:01", "52:54:00:aa:bb:01"));
+        assert!(tap_mac_matches("FE:54:00:AA:BB:01", "52:54:00:aa:bb:01"), "case-insensitive");
+        assert!(tap_mac_matches("fa:54:00:aa:bb:01", "fe:54:00:aa:bb:01"), "0xFA when the guest's is 0xFE");
+        assert!(!tap_mac_matches("52:54:00:aa:bb:01", "52:54:00:aa:bb:01"), "the guest's own MAC is not a tap's");
+        assert!(!tap_mac_matches("fe:54:00:aa:bb:02", "52:54:00:aa:bb:01"));
+        assert!(!tap_mac_matches("fe:54:00:aa:bb", "52:54:00:aa:bb:01"));
+        assert!(!tap_mac_matches("fe:54:00:aa:bb:01:02", "52:54:00:aa:bb:01"));
+        assert!(!tap_mac_matches("fe:54:00:aa:bb:zz", "52:54:00:aa:bb:01"));
+    }
+
+    #[test]
+    fn a_detached_tap_with_the_domains_mac_is_reattached() {
+        let h = host(
+            nic("br0"),
+            vec![link("br0", Some("bridge"), None, None), link("vnet0", Some("tun"), None, Some(TAP_MAC))],
+        );
+        let (actions, _) = plan_network(&desired(VM_ON_BR0), &h);
+        assert_eq!(actions.len(), 1);
+        assert_eq!(
+            actions[0].line(),
+            "vnet0: tap of vm1 is not on br0 (bridge recreated or port removed) → attach to br0"
+        );
+        assert_eq!(actions[0].kind, NetActionKind::AttachTap { bridge: "br0".into(), domain: "vm1".into() });
+    }
+
+    #[test]
+    fn a_tap_whose_mac_does_not_match_is_reported_not_attached() {
+        for mac in [Some("fe:54:00:aa:bb:99"), Some("52:54:00:aa:bb:01"), None] {
+            let h =
+                host(nic("br0"), vec![link("br0", Some("bridge"), None, None), link("vnet0", Some("tun"), None, mac)]);
+            assert_eq!(
+                lines(&desired(VM_ON_BR0), &h),
+                [format!(
+                    "warning: vnet0: MAC {} does not match vm1's interface (52:54:00:AA:bb:01) → not vm1's tap, not attached",
+                    mac.unwrap_or("unknown")
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn a_tap_on_a_bridge_no_policy_names_stays_there() {
+        let h = host(
+            nic("br0"),
+            vec![
+                link("br0", Some("bridge"), None, None),
+                link("br9", Some("bridge"), None, None),
+                link("vnet0", Some("tun"), Some("br9"), Some(TAP_MAC)),
+            ],
+        );
+        assert_eq!(
+            lines(&desired(VM_ON_BR0), &h),
+            ["warning: vnet0: tap of vm1 is on br9, which no policy names; its domain wants br0 → left there (moved by someone else)"]
+        );
+    }
+
+    #[test]
+    fn a_tap_on_another_managed_bridge_goes_back_where_its_domain_says() {
+        let h = host(
+            nic("br0"),
+            vec![
+                link("br0", Some("bridge"), None, None),
+                link("br1", Some("bridge"), None, None),
+                link("vnet0", Some("tun"), Some("br1"), Some(TAP_MAC)),
+            ],
+        );
+        let d = desired("  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n    - name: br1\n");
+        assert_eq!(lines(&d, &h), ["vnet0: tap of vm1 is on br1, its domain wants br0 → attach to br0"]);
+    }
+
+    #[test]
+    fn taps_of_open_vswitch_or_other_switches_are_never_touched() {
+        let ovs_iface = Interface { virtualport: Some("openvswitch".into()), ..nic("ovsbr0") };
+        let h = host(
+            ovs_iface,
+            vec![
+                link("ovsbr0", Some("openvswitch"), None, None),
+                link("ovs-system", Some("openvswitch"), None, None),
+                link("vnet0", Some("tun"), Some("ovs-system"), Some(TAP_MAC)),
+            ],
+        );
+        assert_eq!(
+            lines(&desired("  domains:\n    - name: vm1\n"), &h),
+            ["note: vnet0: tap of vm1 has virtualport type openvswitch → left to that switch"]
+        );
+        // No <virtualport>, but the target is not a Linux bridge.
+        let h = host(
+            nic("ovsbr0"),
+            vec![link("ovsbr0", Some("openvswitch"), None, None), link("vnet0", Some("tun"), None, Some(TAP_MAC))],
+        );
+        assert_eq!(
+            lines(&desired("  domains:\n    - name: vm1\n"), &h),
+            ["warning: vnet0: tap of vm1 belongs on ovsbr0, which is not a Linux bridge (kind openvswitch) → not touched"]
+        );
+    }
+
+    #[test]
+    fn stale_domain_data_holds_tap_actions_only() {
+        let h = host(
+            nic("br0"),
+            vec![link("br0", Some("bridge"), None, None), link("vnet0", Some("tun"), None, Some(TAP_MAC))],
+        );
+        let d = desired("  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n  forwarding: { ipv4: true }\n");
+        let mut h = h;
+        h.net.as_mut().unwrap().forwarding.ipv4 = Some(false);
+        let (mut actions, mut notes) = plan_network(&d, &h);
+        assert_eq!(actions.len(), 2);
+        hold_tap_actions(&mut actions, &mut notes, "domain data is stale (libvirt disconnected)");
+        assert_eq!(actions.len(), 1);
+        assert_eq!(actions[0].subject, "forwarding");
+        assert_eq!(
+            notes[0].line(),
+            "warning: vnet0: tap of vm1 is not on br0 (bridge recreated or port removed) → held: domain data is stale (libvirt disconnected)"
+        );
+    }
+
+    fn uplink_host(default_route: &[&str], global_address: &[&str]) -> ObservedHost {
+        let mut br0 = link("br0", Some("bridge"), None, None);
+        br0.bridge = Some(BridgeAttrs { stp: false, forward_delay: 15, hello_time: 2, max_age: 20, priority: 32768 });
+        ObservedHost {
+            net: Some(ObservedNet {
+                links: vec![br0, link("eth0", None, Some("br0"), None), link("eth1", None, None, None)],
+                default_route: default_route.iter().map(|s| s.to_string()).collect(),
+                global_address: global_address.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    const BR0_STP_ETH1: &str = "  bridges:\n    - name: br0\n      stp: { enabled: true }\n      ports: [eth0, eth1]\n";
+
+    #[test]
+    fn stp_and_port_changes_on_an_uplink_bridge_are_held_back() {
+        let d = desired(BR0_STP_ETH1);
+        for (h, uplink) in [
+            (uplink_host(&["eth0"], &[]), "eth0 (a port of br0) carries a default route"),
+            (uplink_host(&["br0"], &[]), "br0 carries a default route"),
+            (uplink_host(&[], &["br0"]), "br0 holds a global address"),
+            (uplink_host(&[], &["eth1"]), "eth1 holds a global address"),
+        ] {
+            assert_eq!(
+                lines(&d, &h),
+                [
+                    format!("warning: br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768, policy wants set stp on → held back: {uplink} (set allowUplinkChange: true to allow)"),
+                    format!("warning: eth1: not a port of br0, policy lists it → held back: {uplink} (set allowUplinkChange: true to allow)"),
+                ]
+            );
+        }
+        let allowed = desired(&format!("{BR0_STP_ETH1}      allowUplinkChange: true\n"));
+        assert_eq!(
+            lines(&allowed, &uplink_host(&["eth0"], &["br0"])),
+            [
+                "br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768 → set stp on",
+                "eth1: not a port of br0, policy lists it → attach to br0"
+            ]
+        );
+        // No uplink anywhere near br0: nothing held.
+        assert_eq!(lines(&d, &uplink_host(&["eth9"], &["eth9"])).len(), 2);
+        assert!(lines(&d, &uplink_host(&["eth9"], &[])).iter().all(|l| !l.contains("held back")));
+    }
+
+    #[test]
+    fn taps_are_never_held_for_an_uplink_bridge() {
+        let mut h = host(
+            nic("br0"),
+            vec![link("br0", Some("bridge"), None, None), link("vnet0", Some("tun"), None, Some(TAP_MAC))],
+        );
+        h.net.as_mut().unwrap().global_address = vec!["br0".into()];
+        let (actions, _) = plan_network(&desired(VM_ON_BR0), &h);
+        assert_eq!(actions.len(), 1, "a VM's tap on the LAN bridge cannot cut the host off");
+    }
+
+    #[test]
+    fn flap_keys_name_the_object() {
+        let h = uplink_host(&[], &[]);
+        let d = desired(&format!("{BR0_STP_ETH1}  forwarding: {{ ipv6: true }}\n"));
+        let mut h = h;
+        h.net.as_mut().unwrap().forwarding.ipv6 = Some(false);
+        let (actions, _) = plan_network(&d, &h);
+        let keys: Vec<String> = actions.iter().map(|a| a.flap_key().to_string()).collect();
+        assert_eq!(keys, ["bridge br0 stp", "port eth1", "forwarding ipv6"]);
     }
 }

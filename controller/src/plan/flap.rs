@@ -1,0 +1,395 @@
+//! Flapping: an object that another writer keeps changing back (a network manager resetting STP,
+//! a script rewriting a boot order). After `threshold` repairs of one object within `window`,
+//! further repairs of it wait, `initial_delay` doubling up to `max_delay`, and it is reported as
+//! "another writer keeps changing X" until it has stayed put for `quiet`. Pure: time is passed in,
+//! and the state serializes so it can outlive a restart.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+
+/// When an object counts as flapping and how long its repairs wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlapSettings {
+    /// Repairs of one object within `window` after which further repairs wait.
+    pub threshold: u32,
+    pub window: Duration,
+    /// The first wait; each further repair while backing off doubles it, up to `max_delay`.
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    /// An object not found changed for this long is forgotten (and no longer reported).
+    pub quiet: Duration,
+}
+
+impl Default for FlapSettings {
+    /// 3 repairs within 60 s; then 10 s doubling to 5 min; forgotten after 10 min without change.
+    fn default() -> Self {
+        FlapSettings {
+            threshold: 3,
+            window: Duration::from_secs(60),
+            initial_delay: Duration::from_secs(10),
+            max_delay: Duration::from_secs(300),
+            quiet: Duration::from_secs(600),
+        }
+    }
+}
+
+impl FlapSettings {
+    /// Never back off (benchmarks that repair the same object in a loop).
+    pub fn off() -> Self {
+        FlapSettings { threshold: u32::MAX, ..Default::default() }
+    }
+}
+
+/// What kind of object is fought over; the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlapKind {
+    /// A bridge's existence or up state.
+    Bridge,
+    Stp,
+    Port,
+    Tap,
+    Forwarding,
+    BootOrder,
+    Autostart,
+}
+
+impl FlapKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlapKind::Bridge => "bridge",
+            FlapKind::Stp => "stp",
+            FlapKind::Port => "port",
+            FlapKind::Tap => "tap",
+            FlapKind::Forwarding => "forwarding",
+            FlapKind::BootOrder => "boot-order",
+            FlapKind::Autostart => "autostart",
+        }
+    }
+}
+
+/// One object: a kind and a name (bridge, port, tap, `ipv4`/`ipv6`, domain).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FlapKey {
+    pub kind: FlapKind,
+    pub object: String,
+}
+
+impl FlapKey {
+    pub fn new(kind: FlapKind, object: &str) -> Self {
+        FlapKey { kind, object: object.to_string() }
+    }
+}
+
+impl fmt::Display for FlapKey {
+    /// In the user's words: `bridge br0 stp`, `port eth1`, `domain web1 boot order`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.object;
+        match self.kind {
+            FlapKind::Bridge => write!(f, "bridge {o}"),
+            FlapKind::Stp => write!(f, "bridge {o} stp"),
+            FlapKind::Port => write!(f, "port {o}"),
+            FlapKind::Tap => write!(f, "tap {o}"),
+            FlapKind::Forwarding => write!(f, "forwarding {o}"),
+            FlapKind::BootOrder => write!(f, "domain {o} boot order"),
+            FlapKind::Autostart => write!(f, "domain {o} autostart"),
+        }
+    }
+}
+
+/// May a drifted object be repaired now?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Repair,
+    /// Backing off: not before `until`.
+    Wait {
+        until: DateTime<Utc>,
+    },
+}
+
+/// What is remembered about one object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlapRecord {
+    pub key: FlapKey,
+    /// Repairs within the window, oldest first.
+    repairs: Vec<DateTime<Utc>>,
+    /// When the object was last found changed.
+    last_drift: DateTime<Utc>,
+    /// While backing off: the current delay and when the next repair may go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delay: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_repair: Option<DateTime<Utc>>,
+    /// Repairs that started or extended a backoff: each one a change another writer made again.
+    pub conflicts: u32,
+}
+
+impl FlapRecord {
+    /// Backing off this object.
+    pub fn is_flapping(&self) -> bool {
+        self.delay.is_some()
+    }
+
+    pub fn next_repair(&self) -> Option<DateTime<Utc>> {
+        self.next_repair
+    }
+
+    /// For status: `another writer keeps changing bridge br0 stp; backing off 20s, next repair
+    /// at 2025-01-01T00:00:20Z`.
+    pub fn line(&self) -> String {
+        let mut line = format!("another writer keeps changing {}", self.key);
+        if let (Some(delay), Some(at)) = (self.delay, self.next_repair) {
+            line.push_str(&format!(
+                "; backing off {}s, next repair at {}",
+                delay.as_secs(),
+                at.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ));
+        }
+        line
+    }
+}
+
+/// Flap detector state for any number of objects.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlapDetector {
+    #[serde(default)]
+    records: Vec<FlapRecord>,
+    #[serde(skip)]
+    settings: Option<FlapSettings>,
+}
+
+fn delta(d: Duration) -> TimeDelta {
+    TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX)
+}
+
+/// Time from `then` to `now`; zero when the clock went backwards.
+fn since(then: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
+    (now - then).to_std().unwrap_or_default()
+}
+
+impl FlapDetector {
+    pub fn new(settings: FlapSettings) -> Self {
+        FlapDetector { records: Vec::new(), settings: Some(settings) }
+    }
+
+    /// Use `settings` from now on (e.g. after loading persisted state).
+    pub fn set_settings(&mut self, settings: FlapSettings) {
+        self.settings = Some(settings);
+    }
+
+    pub fn settings(&self) -> FlapSettings {
+        self.settings.unwrap_or_default()
+    }
+
+    fn record(&mut self, key: &FlapKey, now: DateTime<Utc>) -> &mut FlapRecord {
+        let i = match self.records.iter().position(|r| &r.key == key) {
+            Some(i) => i,
+            None => {
+                self.records.push(FlapRecord {
+                    key: key.clone(),
+                    repairs: Vec::new(),
+                    last_drift: now,
+                    delay: None,
+                    next_repair: None,
+                    conflicts: 0,
+                });
+                self.records.len() - 1
+            }
+        };
+        &mut self.records[i]
+    }
+
+    /// `key` was found changed at `now`: may it be repaired now?
+    pub fn drifted(&mut self, key: &FlapKey, now: DateTime<Utc>) -> Verdict {
+        let max = self.settings().max_delay;
+        let r = self.record(key, now);
+        r.last_drift = now;
+        match r.next_repair {
+            // A wall clock set back must not stretch the wait beyond the longest delay.
+            Some(at) if at > now + delta(max) => {
+                r.next_repair = Some(now + delta(max));
+                Verdict::Wait { until: now + delta(max) }
+            }
+            Some(at) if at > now => Verdict::Wait { until: at },
+            _ => Verdict::Repair,
+        }
+    }
+
+    /// `key` was repaired at `now`. True when this repair starts or extends a backoff: the
+    /// object had to be repaired `threshold` times within the window, so another writer is at it.
+    pub fn repaired(&mut self, key: &FlapKey, now: DateTime<Utc>) -> bool {
+        let s = self.settings();
+        let r = self.record(key, now);
+        r.repairs.retain(|t| since(*t, now) < s.window);
+        r.repairs.push(now);
+        if r.delay.is_none() && (r.repairs.len() as u64) < u64::from(s.threshold) {
+            return false;
+        }
+        let delay = match r.delay {
+            None => s.initial_delay,
+            Some(d) => (d * 2).min(s.max_delay),
+        };
+        r.delay = Some(delay);
+        r.next_repair = Some(now + delta(delay));
+        r.conflicts += 1;
+        true
+    }
+
+    /// Forget objects that stayed put for the quiet period; returns those that were flapping.
+    pub fn settle(&mut self, now: DateTime<Utc>) -> Vec<FlapKey> {
+        let quiet = self.settings().quiet;
+        let mut calmed = Vec::new();
+        self.records.retain(|r| {
+            let keep = since(r.last_drift, now) < quiet || r.next_repair.is_some_and(|at| at > now);
+            if !keep && r.is_flapping() {
+                calmed.push(r.key.clone());
+            }
+            keep
+        });
+        calmed
+    }
+
+    /// Objects being backed off, in key order.
+    pub fn flapping(&self) -> Vec<&FlapRecord> {
+        let mut v: Vec<&FlapRecord> = self.records.iter().filter(|r| r.is_flapping()).collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// The earliest time a held repair may go.
+    pub fn next_wakeup(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.records.iter().filter_map(|r| r.next_repair).filter(|at| *at > now).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+    }
+
+    fn stp() -> FlapKey {
+        FlapKey::new(FlapKind::Stp, "br0")
+    }
+
+    /// Drift found and repaired at `secs`; returns whether the repair was allowed.
+    fn fight(d: &mut FlapDetector, secs: i64) -> Verdict {
+        let v = d.drifted(&stp(), t(secs));
+        if v == Verdict::Repair {
+            d.repaired(&stp(), t(secs));
+        }
+        v
+    }
+
+    #[test]
+    fn three_repairs_within_the_window_start_a_doubling_backoff_up_to_the_cap() {
+        let mut d = FlapDetector::new(FlapSettings::default());
+        for s in [0, 1, 2] {
+            assert_eq!(fight(&mut d, s), Verdict::Repair, "repair at {s}s is immediate");
+        }
+        // The third repair within 60 s started the backoff: 10 s from it.
+        assert_eq!(fight(&mut d, 3), Verdict::Wait { until: t(12) });
+        assert_eq!(fight(&mut d, 11), Verdict::Wait { until: t(12) });
+        assert_eq!(fight(&mut d, 12), Verdict::Repair);
+        // Changed back again: 20 s, 40 s, 80 s, 160 s, then capped at 300 s.
+        let mut at = 12;
+        for delay in [20, 40, 80, 160, 300, 300] {
+            assert_eq!(fight(&mut d, at + 1), Verdict::Wait { until: t(at + delay) });
+            at += delay;
+            assert_eq!(fight(&mut d, at), Verdict::Repair);
+        }
+        let f = d.flapping();
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].conflicts, 8);
+        assert!(
+            f[0].line().starts_with("another writer keeps changing bridge br0 stp; backing off 300s"),
+            "{}",
+            f[0].line()
+        );
+    }
+
+    #[test]
+    fn repairs_spread_beyond_the_window_never_back_off() {
+        let mut d = FlapDetector::new(FlapSettings::default());
+        for s in (0..20).map(|i| i * 31) {
+            assert_eq!(fight(&mut d, s), Verdict::Repair);
+        }
+        assert!(d.flapping().is_empty());
+    }
+
+    #[test]
+    fn an_object_that_stays_put_for_the_quiet_period_is_forgotten() {
+        let mut d = FlapDetector::new(FlapSettings::default());
+        for s in [0, 1, 2] {
+            fight(&mut d, s);
+        }
+        assert_eq!(d.flapping().len(), 1);
+        assert_eq!(d.next_wakeup(t(5)), Some(t(12)));
+        // Still reported while the wait runs and shortly after.
+        assert!(d.settle(t(300)).is_empty());
+        assert_eq!(d.flapping().len(), 1);
+        // 10 minutes after it was last found changed: forgotten, and repairs are immediate again.
+        assert_eq!(d.settle(t(602)), vec![stp()]);
+        assert!(d.flapping().is_empty());
+        assert_eq!(fight(&mut d, 603), Verdict::Repair);
+    }
+
+    #[test]
+    fn objects_are_independent() {
+        let mut d = FlapDetector::new(FlapSettings::default());
+        for s in [0, 1, 2] {
+            fight(&mut d, s);
+        }
+        let port = FlapKey::new(FlapKind::Port, "eth1");
+        assert_eq!(d.drifted(&port, t(3)), Verdict::Repair);
+        assert!(!d.repaired(&port, t(3)));
+    }
+
+    #[test]
+    fn a_clock_set_back_does_not_stretch_the_wait() {
+        let mut d = FlapDetector::new(FlapSettings::default());
+        for s in [0, 1, 2] {
+            fight(&mut d, s);
+        }
+        // The wall clock jumps back an hour.
+        assert_eq!(d.drifted(&stp(), t(-3600)), Verdict::Wait { until: t(-3600 + 300) });
+    }
+
+    #[test]
+    fn state_round_trips_through_json_and_keys_read_like_the_users_words() {
+        let mut d = FlapDetector::new(FlapSettings::default());
+        for s in [0, 1, 2] {
+            fight(&mut d, s);
+        }
+        let text = serde_json::to_string(&d).unwrap();
+        let mut back: FlapDetector = serde_json::from_str(&text).unwrap();
+        back.set_settings(FlapSettings::default());
+        assert_eq!(back, d);
+        assert_eq!(fight(&mut back, 3), Verdict::Wait { until: t(12) });
+        let words: Vec<String> = [
+            FlapKey::new(FlapKind::Port, "eth1"),
+            FlapKey::new(FlapKind::Forwarding, "ipv4"),
+            FlapKey::new(FlapKind::BootOrder, "web1"),
+            FlapKey::new(FlapKind::Autostart, "web1"),
+        ]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+        assert_eq!(words, ["port eth1", "forwarding ipv4", "domain web1 boot order", "domain web1 autostart"]);
+    }
+
+    #[test]
+    fn off_never_backs_off() {
+        let mut d = FlapDetector::new(FlapSettings::off());
+        for s in 0..100 {
+            assert_eq!(fight(&mut d, s), Verdict::Repair);
+        }
+    }
+}
