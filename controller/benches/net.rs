@@ -16,6 +16,8 @@ use virtwarden::engine::{Engine, EngineConfig};
 use virtwarden::hypervisor::DomainReader;
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
+use virtwarden::plan::flap::FlapSettings;
+use virtwarden::plan::network::libvirt_tap_mac;
 use virtwarden_policies::load_texts;
 
 const TRIALS: usize = 150;
@@ -83,11 +85,20 @@ async fn bench() {
     std::fs::write(&node, common::node_xml(1, 0)).expect("node file");
     start_event_loop();
     let hv = Arc::new(LibvirtHost::open(&format!("test://{}", node.display())).expect("test driver"));
-    let tap = hv.observe_domain("vm0000").unwrap().unwrap().interfaces[0].target.clone().unwrap();
-    sh(&["ip", "link", "add", &tap, "type", "veth", "peer", "name", "tap-peer"]);
+    let iface = hv.observe_domain("vm0000").unwrap().unwrap().interfaces[0].clone();
+    let tap = iface.target.clone().unwrap();
+    // The kernel side of the tap: a veth with the MAC libvirt would give it.
+    let mac = libvirt_tap_mac(iface.mac.as_deref().unwrap()).unwrap();
+    sh(&["ip", "link", "add", &tap, "address", &mac, "type", "veth", "peer", "name", "tap-peer"]);
     let yaml = "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: {name: b}\nspec:\n  domains:\n    - name: vm0000\n  bridges:\n    - name: br0\n      stp: { enabled: true, forwardDelay: 4 }\n      ports: [eth1]\n  forwarding: { ipv4: true }\n";
     let desired = load_texts([(std::path::Path::new("b.yaml"), yaml)]).expect("policy").desired;
-    let config = EngineConfig { resync: Duration::from_secs(3600), network: true, ..Default::default() };
+    // The same objects are repaired over and over on purpose: no flap backoff here.
+    let config = EngineConfig {
+        resync: Duration::from_secs(3600),
+        network: true,
+        flap: FlapSettings::off(),
+        ..Default::default()
+    };
     let (engine, task) =
         Engine::spawn(Arc::new(SharedConnector { host: hv.clone() }), desired, config, Registry::with_builtins());
 

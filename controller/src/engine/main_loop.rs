@@ -73,7 +73,8 @@ impl Engine {
         self.set_desired(desired);
         if self.config.network {
             let (tx, rx) = unbounded_channel();
-            let task = network::NetworkTask::new(self.shared.clone(), self.desired_tx.subscribe(), rx);
+            let task =
+                network::NetworkTask::new(self.shared.clone(), self.desired_tx.subscribe(), rx, self.config.flap);
             tokio::spawn(task.run());
             *self.shared.net_kicks.write().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         }

@@ -42,6 +42,11 @@ pub struct Metrics {
     pub connected: Gauge,
     pub worker_panics: Counter,
     pub hooks_refused: Family<RefusalLabel, Counter>,
+    /// Repairs that started or extended a backoff because another writer keeps changing an
+    /// object back, by kind (`stp`, `port`, `tap`, `forwarding`, `bridge`, `boot-order`, …).
+    pub writer_conflicts: Family<DriftLabel, Counter>,
+    /// Objects whose repairs are backed off now, by kind.
+    pub backed_off: Family<DriftLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -77,6 +82,18 @@ impl Default for Metrics {
             "exec hooks refused (not run) by the trust rules, by reason",
             hooks_refused.clone(),
         );
+        let writer_conflicts = Family::<DriftLabel, Counter>::default();
+        let backed_off = Family::<DriftLabel, Gauge>::default();
+        registry.register(
+            "writer_conflicts",
+            "Repairs backed off because another writer keeps changing the object back, by kind",
+            writer_conflicts.clone(),
+        );
+        registry.register(
+            "backed_off_objects",
+            "Objects whose repairs are backed off now, by kind",
+            backed_off.clone(),
+        );
         Metrics {
             registry,
             restarts,
@@ -88,6 +105,8 @@ impl Default for Metrics {
             connected,
             worker_panics,
             hooks_refused,
+            writer_conflicts,
+            backed_off,
         }
     }
 }
@@ -108,6 +127,15 @@ impl Metrics {
 
     pub fn hook_refused(&self, reason: &'static str) {
         self.hooks_refused.get_or_create(&RefusalLabel { reason: reason.to_string() }).inc();
+    }
+
+    pub fn writer_conflict(&self, kind: &str) {
+        self.writer_conflicts.get_or_create(&DriftLabel { kind: kind.to_string() }).inc();
+    }
+
+    /// How many objects of `kind` are backed off now.
+    pub fn set_backed_off(&self, kind: &str, n: usize) {
+        self.backed_off.get_or_create(&DriftLabel { kind: kind.to_string() }).set(n as i64);
     }
 
     /// The text exposition format.

@@ -63,6 +63,8 @@ pub struct EngineConfig {
     /// Diagnose a domain whose repair failed (reads its disks, logs and the host). Off for
     /// libvirt's test driver, whose domains' paths are not on this host.
     pub diagnose: bool,
+    /// When repairs of an object another writer keeps changing back are backed off.
+    pub flap: crate::plan::flap::FlapSettings,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +80,7 @@ impl Default for EngineConfig {
             memory_flush: Duration::from_secs(2),
             network: false,
             diagnose: false,
+            flap: Default::default(),
         }
     }
 }

@@ -1,10 +1,13 @@
 //! The engine's network task: one worker for bridges, ports, VM taps and forwarding. Netlink
 //! link events and forwarding (netconf) notifications trigger it within milliseconds; the
-//! resync and domain lifecycle events refresh its view of the domains' taps.
+//! resync and domain lifecycle events refresh its view of the domains' taps. Tap changes wait
+//! while that view is stale; objects another writer keeps changing back are backed off.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -16,7 +19,9 @@ use crate::hostnet::events::spawn_listener;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
 use crate::observe::ObservedHost;
-use crate::plan::network::plan_network;
+use crate::plan::flap::{FlapDetector, FlapKey, FlapKind, FlapSettings, Verdict};
+use crate::plan::network::{hold_tap_actions, plan_network, NetAction};
+use crate::plan::{Note, Severity};
 
 /// Domains may have changed: all of them (resync, reload, reconnect) or one (its worker saw a
 /// change), so the task refreshes its view of their taps. Network changes arrive on its own
@@ -49,11 +54,32 @@ impl Refresh {
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Why tap changes wait.
+const STALE: &str = "domain data is stale (libvirt disconnected); tap changes wait for it";
+
+/// The domains as the network task knows them.
+struct DomainView<'a> {
+    host: &'a ObservedHost,
+    /// False while libvirt is disconnected: a tap name may already belong to another domain.
+    fresh: bool,
+}
+
+/// What one pass left behind.
+struct PassResult {
+    /// Drift still present that is not being backed off: retry soon.
+    drift_left: bool,
+    /// The earliest time a backed-off repair may go.
+    wake_at: Option<DateTime<Utc>>,
+}
+
 pub(super) struct NetworkTask {
     shared: Arc<Shared>,
     desired: watch::Receiver<Arc<DesiredState>>,
     kicks: UnboundedReceiver<NetKick>,
     domains: ObservedHost,
+    /// What the last refresh of `domains` said about their freshness.
+    domains_fresh: bool,
+    flap: FlapDetector,
 }
 
 impl NetworkTask {
@@ -61,8 +87,22 @@ impl NetworkTask {
         shared: Arc<Shared>,
         desired: watch::Receiver<Arc<DesiredState>>,
         kicks: UnboundedReceiver<NetKick>,
+        flap: FlapSettings,
     ) -> Self {
-        NetworkTask { shared, desired, kicks, domains: ObservedHost::default() }
+        NetworkTask {
+            shared,
+            desired,
+            kicks,
+            domains: ObservedHost::default(),
+            domains_fresh: false,
+            flap: FlapDetector::new(flap),
+        }
+    }
+
+    /// Where domain data comes from and whether it is fresh: the domain workers' latest
+    /// observations (see `refresh_domains`), fresh only while libvirt is connected.
+    fn domain_view(&self) -> DomainView<'_> {
+        DomainView { host: &self.domains, fresh: self.domains_fresh && self.shared.hypervisor().is_some() }
     }
 
     pub(super) async fn run(mut self) {
@@ -95,18 +135,23 @@ impl NetworkTask {
                 refresh.add(kick);
             }
             while events.try_recv().is_ok() {}
-            if self.refresh_domains(&refresh).await {
+            self.domains_fresh = self.refresh_domains(&refresh).await;
+            if self.domains_fresh {
                 refresh = Refresh::default();
             }
             let started = std::time::Instant::now();
-            let left = self.reconcile(&net, &fwd).await;
+            let pass = self.reconcile(&net, &fwd).await;
             self.shared.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
-            if left {
+            retry = None;
+            if pass.drift_left {
                 retry = Some(Instant::now() + delay);
                 delay = (delay * 2).min(RETRY_MAX);
             } else {
-                retry = None;
                 delay = RETRY_MIN;
+            }
+            if let Some(at) = pass.wake_at {
+                let wake = Instant::now() + (at - Utc::now()).to_std().unwrap_or_default();
+                retry = Some(retry.map_or(wake, |r| r.min(wake)));
             }
         }
     }
@@ -120,18 +165,29 @@ impl NetworkTask {
         self.shared.hypervisor().is_some()
     }
 
-    /// One pass: observe, plan, act, read back. Returns whether drift is left (retry later).
-    async fn reconcile(&mut self, net: &NetlinkHost, fwd: &ProcForwarding) -> bool {
+    /// One pass: observe, plan, act, read back.
+    async fn reconcile(&mut self, net: &NetlinkHost, fwd: &ProcForwarding) -> PassResult {
         let desired = self.desired.borrow().clone();
-        let mut host = self.domains.clone();
+        let view = self.domain_view();
+        let fresh = view.fresh;
+        let mut host = view.host.clone();
         host.net = match observe_net(net, fwd).await {
             Ok(n) => Some(n),
             Err(e) => {
                 tracing::warn!(%e, "cannot observe the host network");
-                return true;
+                return PassResult { drift_left: true, wake_at: None };
             }
         };
-        let (actions, notes) = plan_network(&desired, &host);
+        let plan = |host: &ObservedHost| {
+            let (mut actions, mut notes) = plan_network(&desired, host);
+            if !fresh {
+                hold_tap_actions(&mut actions, &mut notes, STALE);
+            }
+            (actions, notes)
+        };
+        let (planned, mut notes) = plan(&host);
+        let now = Utc::now();
+        let actions = self.admit(planned, now, &mut notes);
         let mut outcomes = Vec::new();
         if !actions.is_empty() {
             for a in &actions {
@@ -141,13 +197,39 @@ impl NetworkTask {
             outcomes = apply_net_actions(net, fwd, &actions).await;
             for o in &outcomes {
                 self.shared.metrics.action(o.action.kind.name(), o.error.is_none());
+                if o.error.is_none() {
+                    self.repaired(&o.action, now);
+                }
             }
             // Read back: what did not stick is reported with the attribute that differs.
             host.net = observe_net(net, fwd).await.ok();
         }
-        let (left, left_notes) = plan_network(&desired, &host);
+        let (mut left, mut left_notes) = plan(&host);
+        // Backed-off objects are reported as conflicts, not retried as drift.
+        left.retain(|a| match self.flap.wait_until(&a.flap_key(), now) {
+            Some(until) => {
+                left_notes.push(held_note(a, &a.flap_key(), until));
+                false
+            }
+            None => true,
+        });
         for a in &left {
             tracing::warn!(subject = %a.subject, still = %a.reason, "network change did not stick; retrying with backoff");
+        }
+        for key in self.flap.settle(now) {
+            tracing::info!(object = %key, "no longer changed by another writer; repairs are immediate again");
+        }
+        let flapping: Vec<String> = self.flap.flapping().iter().map(|r| r.line()).collect();
+        let mut backed_off: BTreeMap<&str, usize> =
+            [FlapKind::Bridge, FlapKind::Stp, FlapKind::Port, FlapKind::Tap, FlapKind::Forwarding]
+                .iter()
+                .map(|k| (k.as_str(), 0))
+                .collect();
+        for r in self.flap.flapping() {
+            *backed_off.entry(r.key.kind.as_str()).or_default() += 1;
+        }
+        for (kind, n) in backed_off {
+            self.shared.metrics.set_backed_off(kind, n);
         }
         *self.shared.net_snapshot.write().unwrap_or_else(|p| p.into_inner()) = host.net.clone();
         self.shared.update_network(|s| {
@@ -167,12 +249,55 @@ impl NetworkTask {
             } else {
                 notes.iter().map(|n| n.line()).collect()
             };
+            s.flapping = flapping;
         });
         // Domains held back for a missing bridge can start once it exists.
         if !outcomes.is_empty() {
             let _ = self.shared.msg.send(Msg::KickAll);
         }
-        !left.is_empty()
+        PassResult { drift_left: !left.is_empty(), wake_at: self.flap.next_wakeup(now) }
+    }
+
+    /// The planned repairs that may go now; the others wait for their object's backoff and are
+    /// noted.
+    fn admit(&mut self, planned: Vec<NetAction>, now: DateTime<Utc>, notes: &mut Vec<Note>) -> Vec<NetAction> {
+        planned
+            .into_iter()
+            .filter(|a| {
+                let key = a.flap_key();
+                match self.flap.drifted(&key, now) {
+                    Verdict::Repair => true,
+                    Verdict::Wait { until } => {
+                        tracing::debug!(subject = %a.subject, %until, "repair held: another writer keeps changing it");
+                        notes.push(held_note(a, &key, until));
+                        false
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Count a repair; warn when it shows another writer at work.
+    fn repaired(&mut self, action: &NetAction, now: DateTime<Utc>) {
+        let key = action.flap_key();
+        if self.flap.repaired(&key, now) {
+            self.shared.metrics.writer_conflict(key.kind.as_str());
+            let next = self.flap.wait_until(&key, now);
+            tracing::warn!(object = %key, ?next, "another writer keeps changing it back; backing off its repairs");
+        }
+    }
+}
+
+/// `br0: stp off, … → held: another writer keeps changing bridge br0 stp; next repair at …`.
+fn held_note(a: &NetAction, key: &FlapKey, until: DateTime<Utc>) -> Note {
+    Note {
+        subject: a.subject.clone(),
+        severity: Severity::Warning,
+        message: format!(
+            "{} → held: another writer keeps changing {key}; next repair at {}",
+            a.reason,
+            until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
     }
 }
 

@@ -48,6 +48,10 @@ pub struct NetworkStatus {
     pub last_action_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Objects another writer keeps changing back, whose repairs are backed off
+    /// (`another writer keeps changing bridge br0 stp; backing off 20s, next repair at …`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flapping: Vec<String>,
 }
 
 /// One managed domain.
@@ -160,8 +164,15 @@ pub fn render_text(report: &StatusReport) -> String {
         out.push_str(&format!("last reload REJECTED (previous policy in force):\n{e}\n"));
     }
     if let Some(n) = &report.network {
-        out.push_str(&format!("network: {}\n", if n.drift.is_empty() { "in sync" } else { "DRIFT (retrying)" }));
-        for line in n.drift.iter().chain(&n.last_actions).chain(&n.notes) {
+        let state = if !n.flapping.is_empty() {
+            "CONFLICT (another writer; backing off)"
+        } else if !n.drift.is_empty() {
+            "DRIFT (retrying)"
+        } else {
+            "in sync"
+        };
+        out.push_str(&format!("network: {state}\n"));
+        for line in n.flapping.iter().chain(&n.drift).chain(&n.last_actions).chain(&n.notes) {
             out.push_str(&format!("  {line}\n"));
         }
     }

@@ -254,6 +254,11 @@ impl FlapDetector {
         calmed
     }
 
+    /// When `key`'s next repair may go, if it is waiting at `now` (does not count as drift).
+    pub fn wait_until(&self, key: &FlapKey, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.records.iter().find(|r| &r.key == key).and_then(|r| r.next_repair).filter(|at| *at > now)
+    }
+
     /// Objects being backed off, in key order.
     pub fn flapping(&self) -> Vec<&FlapRecord> {
         let mut v: Vec<&FlapRecord> = self.records.iter().filter(|r| r.is_flapping()).collect();

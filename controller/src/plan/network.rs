@@ -196,15 +196,23 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(out)
 }
 
-/// Whether `tap_mac` is the MAC libvirt gives the tap of a guest NIC with `guest_mac`: the same
-/// address with the first octet set to 0xFE (0xFA when the guest's already starts with 0xFE), so
-/// the bridge never adopts the tap's address (virNetDevTapCreateInBridgePort). Case-insensitive.
+/// The MAC libvirt gives the tap of a guest NIC with `guest_mac`: the same address with the
+/// first octet set to 0xFE (0xFA when the guest's already starts with 0xFE), so the bridge never
+/// adopts the tap's address (virNetDevTapCreateInBridgePort). Lower-case; `None` if `guest_mac`
+/// is not a MAC.
+pub fn libvirt_tap_mac(guest_mac: &str) -> Option<String> {
+    let mut mac = parse_mac(guest_mac)?;
+    mac[0] = if mac[0] == 0xfe { 0xfa } else { 0xfe };
+    Some(mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"))
+}
+
+/// Whether `tap_mac` is the MAC libvirt gives the tap of a guest NIC with `guest_mac`
+/// (case-insensitive).
 pub fn tap_mac_matches(tap_mac: &str, guest_mac: &str) -> bool {
-    let (Some(tap), Some(guest)) = (parse_mac(tap_mac), parse_mac(guest_mac)) else {
-        return false;
-    };
-    let first = if guest[0] == 0xfe { 0xfa } else { 0xfe };
-    tap[0] == first && tap[1..] == guest[1..]
+    match (parse_mac(tap_mac), libvirt_tap_mac(guest_mac).as_deref().and_then(parse_mac)) {
+        (Some(tap), Some(want)) => tap == want,
+        _ => false,
+    }
 }
 
 /// The uplink that makes port or STP changes on bridge `b` risky — the bridge itself, one of
@@ -551,6 +559,8 @@ mod tests {
         assert!(!tap_mac_matches("fe:54:00:aa:bb", "52:54:00:aa:bb:01"));
         assert!(!tap_mac_matches("fe:54:00:aa:bb:01:02", "52:54:00:aa:bb:01"));
         assert!(!tap_mac_matches("fe:54:00:aa:bb:zz", "52:54:00:aa:bb:01"));
+        assert!(!tap_mac_matches("fe:54:00:aa:bb:01", "not a mac"));
+        assert_eq!(libvirt_tap_mac("52:54:00:AA:BB:01").as_deref(), Some("fe:54:00:aa:bb:01"));
     }
 
     #[test]
