@@ -12,6 +12,7 @@ use virtwarden::hostnet::Forwarding;
 use virtwarden::hypervisor::DomainReader;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::{BridgeAttrs, ObservedHost};
+use virtwarden::plan::network::libvirt_tap_mac;
 use virtwarden::plan::{plan, render_text, Plan};
 use virtwarden_policies::{load_texts, DesiredState};
 use virtwarden_tests::{in_private_netns, sh};
@@ -164,7 +165,7 @@ async fn uplink_bridge_port_changes_are_held_back_unless_allowed() {
     let net = Net::new();
     let p = net.plan(&policy("  bridges:\n    - name: br0\n      ports: [eth1]\n"), None).await;
     assert!(p.network.is_empty(), "{}", render_text(&p));
-    assert!(render_text(&p).contains("held back: br0 carries the default route (set allowUplinkChange: true to allow)"));
+    assert!(render_text(&p).contains("held back: br0 carries a default route (set allowUplinkChange: true to allow)"));
     let allowed = policy("  bridges:\n    - name: br0\n      allowUplinkChange: true\n      ports: [eth1]\n");
     assert!(net.converge(&allowed, None).await.is_empty());
     assert_eq!(net.master("eth1").await.as_deref(), Some("br0"));
@@ -184,6 +185,17 @@ fn tap_host(dir: &Path) -> LibvirtHost {
     LibvirtHost::open(&format!("test://{}", node.display())).unwrap()
 }
 
+/// The kernel side of vm1's tap: a veth named like it, with the MAC libvirt would give it.
+/// Returns the tap's name.
+fn vm1_tap(hv: &LibvirtHost) -> String {
+    let iface = hv.observe_domain("vm1").unwrap().unwrap().interfaces[0].clone();
+    let tap = iface.target.expect("a running domain has a tap");
+    let mac = libvirt_tap_mac(iface.mac.as_deref().unwrap()).unwrap();
+    assert_eq!(mac, "fe:54:00:00:00:01");
+    sh(&["ip", "link", "add", &tap, "address", &mac, "type", "veth", "peer", "name", "tap-peer"]);
+    tap
+}
+
 #[tokio::test]
 async fn vm_taps_are_reattached_also_after_the_bridge_is_recreated() {
     if !in_private_netns("vm_taps_are_reattached_also_after_the_bridge_is_recreated") {
@@ -191,10 +203,7 @@ async fn vm_taps_are_reattached_also_after_the_bridge_is_recreated() {
     }
     let dir = tempfile::tempdir().unwrap();
     let hv = tap_host(dir.path());
-    let tap =
-        hv.observe_domain("vm1").unwrap().unwrap().interfaces[0].target.clone().expect("a running domain has a tap");
-    // The kernel side of the tap: a veth named like it.
-    sh(&["ip", "link", "add", &tap, "type", "veth", "peer", "name", "tap-peer"]);
+    let tap = vm1_tap(&hv);
     let net = Net::new();
     let desired = policy(&format!("  domains:\n    - name: vm1\n{BR0}"));
     sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1-peer"]);
@@ -270,8 +279,7 @@ async fn engine_repairs_network_drift_on_netlink_events() {
     let dir = tempfile::tempdir().unwrap();
     start_event_loop();
     let hv = Arc::new(tap_host(dir.path()));
-    let tap = hv.observe_domain("vm1").unwrap().unwrap().interfaces[0].target.clone().unwrap();
-    sh(&["ip", "link", "add", &tap, "type", "veth", "peer", "name", "tap-peer"]);
+    let tap = vm1_tap(&hv);
     let desired = policy(&format!("  domains:\n    - name: vm1\n{BR0}  forwarding: {{ ipv4: true }}\n"));
     // A long resync: repairs must come from netlink notifications, not from the timer.
     let config = EngineConfig { resync: Duration::from_secs(3600), network: true, ..Default::default() };
@@ -308,4 +316,189 @@ async fn engine_repairs_network_drift_on_netlink_events() {
     assert!(metrics.contains("virtwarden_drift_detected_total{kind=\"set-forwarding\"} 2"), "{metrics}");
     engine.shutdown();
     task.await.unwrap();
+}
+
+/// veth pairs with both ends up (a carrier, so onlink routes are accepted) and no address, plus
+/// loopback up (the kernel checks onlink gateways against the local table).
+fn nics(names: &[&str]) {
+    sh(&["ip", "link", "set", "lo", "up"]);
+    for n in names {
+        let peer = format!("{n}-p");
+        sh(&["ip", "link", "add", n, "type", "veth", "peer", "name", &peer]);
+        sh(&["ip", "link", "set", n, "up"]);
+        sh(&["ip", "link", "set", &peer, "up"]);
+    }
+}
+
+fn sorted(v: &[String]) -> Vec<String> {
+    let mut v = v.to_vec();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn multipath_default_route_nic_is_held_back_not_enslaved() {
+    if !in_private_netns("multipath_default_route_nic_is_held_back_not_enslaved") {
+        return;
+    }
+    nics(&["eth1", "eth2"]);
+    // Two nexthops, no address on either NIC: only the route makes them uplinks.
+    sh(&[
+        "ip", "route", "add", "default", "nexthop", "via", "10.1.0.1", "dev", "eth1", "onlink", "nexthop", "via",
+        "10.2.0.1", "dev", "eth2", "onlink",
+    ]);
+    let net = Net::new();
+    let observed = net.host(None).await.net.unwrap();
+    assert_eq!(sorted(&observed.default_route), ["eth1", "eth2"]);
+    assert!(observed.global_address.is_empty(), "{:?}", observed.global_address);
+
+    let desired = policy("  bridges:\n    - name: br0\n      ports: [eth2]\n");
+    let p = net.plan(&desired, None).await;
+    assert_eq!(
+        render_text(&p),
+        "br0: missing, policy wants it → create bridge\n\
+         warning: eth2: not a port of br0, policy lists it → held back: eth2 carries a default route (set allowUplinkChange: true to allow)\n\
+         1 action planned\n"
+    );
+    // Applying what is planned creates the bridge and leaves the uplink where it is.
+    let left = net.converge(&desired, None).await;
+    assert!(left.is_empty(), "{}", render_text(&left));
+    assert_eq!(net.master("eth2").await, None);
+    assert!(std::process::Command::new("ip").args(["route", "show", "default"]).output().unwrap().status.success());
+}
+
+#[tokio::test]
+async fn default_route_in_another_table_makes_an_uplink() {
+    if !in_private_netns("default_route_in_another_table_makes_an_uplink") {
+        return;
+    }
+    nics(&["eth1", "eth2", "eth3"]);
+    sh(&["ip", "route", "add", "default", "via", "10.1.0.1", "dev", "eth1", "onlink", "table", "100"]);
+    sh(&["ip", "rule", "add", "from", "10.9.0.0/16", "table", "100"]);
+    // IPv6: a link-local gateway needs no global address; in a table above 255 (RTA_TABLE).
+    sh(&["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth2", "table", "1000"]);
+    let net = Net::new();
+    let observed = net.host(None).await.net.unwrap();
+    assert_eq!(sorted(&observed.default_route), ["eth1", "eth2"]);
+    assert!(observed.global_address.is_empty(), "link-local addresses are not global: {:?}", observed.global_address);
+    let desired = policy("  bridges:\n    - name: br0\n      ports: [eth1, eth3]\n");
+    sh(&["ip", "link", "add", "br0", "type", "bridge"]);
+    let p = net.plan(&desired, None).await;
+    assert!(p.network.iter().all(|a| a.subject != "eth1" && a.subject != "eth3"), "{}", render_text(&p));
+    assert!(
+        render_text(&p).contains("eth3: not a port of br0, policy lists it → held back: eth1 carries a default route")
+    );
+}
+
+#[tokio::test]
+async fn nexthop_object_default_route_makes_every_member_an_uplink() {
+    if !in_private_netns("nexthop_object_default_route_makes_every_member_an_uplink") {
+        return;
+    }
+    nics(&["eth1", "eth2", "eth3"]);
+    // Without compat mode the kernel reports such a route only by its nexthop id.
+    std::fs::write("/proc/sys/net/ipv4/nexthop_compat_mode", "0\n").unwrap();
+    sh(&["ip", "nexthop", "add", "id", "1", "via", "10.1.0.1", "dev", "eth1", "onlink"]);
+    sh(&["ip", "nexthop", "add", "id", "2", "via", "10.2.0.1", "dev", "eth2", "onlink"]);
+    sh(&["ip", "nexthop", "add", "id", "10", "group", "1/2"]);
+    sh(&["ip", "route", "add", "default", "nhid", "10"]);
+    let shown = std::process::Command::new("ip").args(["route", "show", "default"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&shown.stdout).trim(), "default nhid 10", "no interface in the route itself");
+    let net = Net::new();
+    let observed = net.host(None).await.net.unwrap();
+    assert_eq!(sorted(&observed.default_route), ["eth1", "eth2"]);
+    let p = net.plan(&policy("  bridges:\n    - name: br0\n      ports: [eth2]\n"), None).await;
+    assert!(render_text(&p).contains("held back: eth2 carries a default route"), "{}", render_text(&p));
+    assert!(p.network.iter().all(|a| a.subject != "eth2"));
+}
+
+#[tokio::test]
+async fn interface_with_a_global_address_is_an_uplink() {
+    if !in_private_netns("interface_with_a_global_address_is_an_uplink") {
+        return;
+    }
+    nics(&["eth1", "eth2"]);
+    sh(&["ip", "addr", "add", "192.0.2.5/24", "dev", "eth1"]);
+    sh(&["ip", "-6", "addr", "add", "2001:db8::5/64", "dev", "eth2", "nodad"]);
+    let net = Net::new();
+    let observed = net.host(None).await.net.unwrap();
+    assert!(observed.default_route.is_empty(), "{:?}", observed.default_route);
+    assert_eq!(sorted(&observed.global_address), ["eth1", "eth2"], "lo's 127.0.0.1 is host scope");
+    let desired = policy("  bridges:\n    - name: br0\n      ports: [eth1]\n    - name: br1\n      ports: [eth2]\n");
+    let left = net.converge(&desired, None).await;
+    assert!(render_text(&left)
+        .contains("eth1: not a port of br0, policy lists it → held back: eth1 holds a global address"));
+    assert!(render_text(&left)
+        .contains("eth2: not a port of br1, policy lists it → held back: eth2 holds a global address"));
+    assert_eq!(net.master("eth1").await, None);
+    assert_eq!(net.master("eth2").await, None);
+}
+
+#[tokio::test]
+async fn stp_change_on_an_uplink_bridge_is_held_back_unless_allowed() {
+    if !in_private_netns("stp_change_on_an_uplink_bridge_is_held_back_unless_allowed") {
+        return;
+    }
+    nics(&["eth1"]);
+    sh(&["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0"]);
+    sh(&["ip", "link", "set", "br0", "up"]);
+    sh(&["ip", "link", "set", "eth1", "master", "br0"]);
+    sh(&["ip", "route", "add", "default", "via", "10.1.0.1", "dev", "br0", "onlink"]);
+    let net = Net::new();
+    let stp = "      stp: { enabled: true, forwardDelay: 4 }\n      ports: [eth1]\n";
+    let held = net.converge(&policy(&format!("  bridges:\n    - name: br0\n{stp}")), None).await;
+    assert!(held.network.is_empty(), "{}", render_text(&held));
+    assert!(
+        render_text(&held).contains("warning: br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768, policy wants set stp on, forward delay 4s → held back: br0 carries a default route (set allowUplinkChange: true to allow)"),
+        "{}",
+        render_text(&held)
+    );
+    assert!(!net.bridge("br0").await.stp, "STP left off on the uplink bridge");
+    let allowed = policy(&format!("  bridges:\n    - name: br0\n      allowUplinkChange: true\n{stp}"));
+    assert!(net.converge(&allowed, None).await.is_empty());
+    assert!(net.bridge("br0").await.stp);
+}
+
+#[tokio::test]
+async fn vm_tap_on_a_bridge_no_policy_names_is_reported_not_moved() {
+    if !in_private_netns("vm_tap_on_a_bridge_no_policy_names_is_reported_not_moved") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hv = tap_host(dir.path());
+    let tap = vm1_tap(&hv);
+    sh(&["ip", "link", "add", "br9", "type", "bridge"]);
+    sh(&["ip", "link", "set", &tap, "master", "br9"]); // an admin moved it
+    let net = Net::new();
+    let desired = policy("  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n");
+    let left = net.converge(&desired, Some(&hv)).await;
+    assert!(left.network.is_empty(), "{}", render_text(&left));
+    assert!(render_text(&left).contains(&format!(
+        "warning: {tap}: tap of vm1 is on br9, which no policy names; its domain wants br0 → left there (moved by someone else)"
+    )));
+    assert_eq!(net.master(&tap).await.as_deref(), Some("br9"));
+}
+
+#[tokio::test]
+async fn vm_tap_whose_mac_does_not_match_is_not_attached() {
+    if !in_private_netns("vm_tap_whose_mac_does_not_match_is_not_attached") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hv = tap_host(dir.path());
+    let tap = hv.observe_domain("vm1").unwrap().unwrap().interfaces[0].target.clone().unwrap();
+    // An interface with the tap's name that is not vm1's (another domain's, or an admin's).
+    sh(&["ip", "link", "add", &tap, "address", "fe:54:00:00:00:99", "type", "veth", "peer", "name", "tap-peer"]);
+    let net = Net::new();
+    let desired = policy("  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n");
+    let left = net.converge(&desired, Some(&hv)).await;
+    assert!(left.network.is_empty(), "{}", render_text(&left));
+    assert!(render_text(&left).contains(&format!(
+        "warning: {tap}: MAC fe:54:00:00:00:99 does not match vm1's interface (52:54:00:00:00:01) → not vm1's tap, not attached"
+    )));
+    assert_eq!(net.master(&tap).await, None);
+    // With vm1's tap MAC it is vm1's and goes on its bridge.
+    sh(&["ip", "link", "set", &tap, "address", "FE:54:00:00:00:01"]);
+    assert!(net.converge(&desired, Some(&hv)).await.is_empty());
+    assert_eq!(net.master(&tap).await.as_deref(), Some("br0"));
 }
