@@ -502,3 +502,124 @@ async fn vm_tap_whose_mac_does_not_match_is_not_attached() {
     assert!(net.converge(&desired, Some(&hv)).await.is_empty());
     assert_eq!(net.master(&tap).await.as_deref(), Some("br0"));
 }
+
+/// The engine on vm1's test-driver host, reconciling this namespace's network.
+fn spawn_engine(
+    hv: std::sync::Arc<LibvirtHost>,
+    desired: DesiredState,
+    flap: virtwarden::plan::flap::FlapSettings,
+) -> (virtwarden::engine::EngineHandle, tokio::task::JoinHandle<()>) {
+    use std::time::Duration;
+    use virtwarden::act::remediation::Registry;
+    use virtwarden::engine::connect::SharedConnector;
+    use virtwarden::engine::{Engine, EngineConfig};
+
+    virtwarden::libvirt::events::start_event_loop();
+    // A long resync: repairs must come from netlink notifications, not from the timer.
+    let config = EngineConfig { resync: Duration::from_secs(3600), network: true, flap, ..Default::default() };
+    Engine::spawn(std::sync::Arc::new(SharedConnector { host: hv }), desired, config, Registry::with_builtins())
+}
+
+fn network_notes(s: &virtwarden::engine::status::StatusReport) -> Vec<String> {
+    s.network.as_ref().map(|n| n.notes.clone()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_leaves_a_vm_tap_an_admin_moved_to_a_foreign_bridge() {
+    use std::time::Duration;
+
+    if !in_private_netns("engine_leaves_a_vm_tap_an_admin_moved_to_a_foreign_bridge") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hv = std::sync::Arc::new(tap_host(dir.path()));
+    let tap = vm1_tap(&hv);
+    sh(&["ip", "link", "add", "br9", "type", "bridge"]);
+    let desired = policy("  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n");
+    let (engine, task) = spawn_engine(hv, desired, Default::default());
+    engine
+        .wait_for(Duration::from_secs(10), |_| master_of(&tap).as_deref() == Some("br0"))
+        .await
+        .unwrap_or_else(|| panic!("tap never attached: {:#?}", engine.status()));
+
+    // The admin moves the VM to another segment, on a bridge no policy names.
+    sh(&["ip", "link", "set", &tap, "master", "br9"]);
+    let moved = format!("{tap}: tap of vm1 is on br9, which no policy names; its domain wants br0 → left there");
+    engine
+        .wait_for(Duration::from_secs(10), |s| network_notes(s).iter().any(|n| n.contains(&moved)))
+        .await
+        .unwrap_or_else(|| panic!("no report of the moved tap: {:#?}", engine.status()));
+    assert_eq!(master_of(&tap).as_deref(), Some("br9"), "the admin's move stands");
+    let metrics = engine.metrics_text();
+    assert!(metrics.contains("virtwarden_drift_detected_total{kind=\"attach-tap\"} 1"), "{metrics}");
+    engine.shutdown();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_backs_off_a_writer_that_keeps_turning_stp_off() {
+    use std::time::Duration;
+    use virtwarden::plan::flap::FlapSettings;
+
+    if !in_private_netns("engine_backs_off_a_writer_that_keeps_turning_stp_off") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hv = std::sync::Arc::new(tap_host(dir.path()));
+    let desired = policy("  bridges:\n    - name: br0\n      stp: { enabled: true, forwardDelay: 4 }\n");
+    // The defaults' first wait (10 s) shortened so the test sees the repair after it.
+    let flap = FlapSettings { initial_delay: Duration::from_secs(3), ..Default::default() };
+    let (engine, task) = spawn_engine(hv, desired, flap);
+    let stp_on = || {
+        let out = std::process::Command::new("ip").args(["-d", "link", "show", "br0"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("stp_state 1")
+    };
+    let stp_off = || sh(&["ip", "link", "set", "br0", "type", "bridge", "stp_state", "0"]);
+    let conflict = |s: &virtwarden::engine::status::StatusReport, delay: &str| {
+        s.network.as_ref().is_some_and(|n| {
+            n.flapping.iter().any(|l| {
+                l.starts_with(&format!(
+                    "another writer keeps changing bridge br0 stp; backing off {delay}, next repair at"
+                ))
+            })
+        })
+    };
+    engine.wait_for(Duration::from_secs(10), |_| stp_on()).await.expect("STP set on the new bridge");
+
+    // Another writer turns STP off again and again. Setting it on the new bridge was the first
+    // repair; two more within the window and the third starts backing off.
+    let mut rounds = 0;
+    while !conflict(&engine.status(), "3s") {
+        rounds += 1;
+        assert!(rounds <= 2, "no backoff after {rounds} rounds: {:#?}", engine.status());
+        stp_off();
+        engine
+            .wait_for(Duration::from_secs(10), |s| stp_on() || conflict(s, "3s"))
+            .await
+            .unwrap_or_else(|| panic!("STP not repaired: {:#?}", engine.status()));
+    }
+    assert!(stp_on());
+
+    // Off once more: held, and the other writer's change stands for now.
+    stp_off();
+    let held = engine
+        .wait_for(Duration::from_secs(10), |s| {
+            network_notes(s).iter().any(|n| n.contains("→ held: another writer keeps changing bridge br0 stp"))
+        })
+        .await
+        .unwrap_or_else(|| panic!("repair not held: {:#?}", engine.status()));
+    assert!(!stp_on(), "repaired during the backoff: {held:#?}");
+    assert!(virtwarden::engine::status::render_text(&held).contains("network: CONFLICT (another writer; backing off)"));
+
+    // After the wait it is repaired once, and the next wait doubles.
+    engine
+        .wait_for(Duration::from_secs(15), |s| stp_on() && conflict(s, "6s"))
+        .await
+        .unwrap_or_else(|| panic!("no repair after the backoff: {:#?}", engine.status()));
+    let metrics = engine.metrics_text();
+    assert!(metrics.contains("virtwarden_writer_conflicts_total{kind=\"stp\"} 2"), "{metrics}");
+    assert!(metrics.contains("virtwarden_backed_off_objects{kind=\"stp\"} 1"), "{metrics}");
+    assert!(metrics.contains("virtwarden_backed_off_objects{kind=\"port\"} 0"), "{metrics}");
+    engine.shutdown();
+    task.await.unwrap();
+}
