@@ -303,7 +303,10 @@ pub struct BridgePolicy {
     /// Host interfaces that must be ports of this bridge. VM taps follow from the domains' XML.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<String>,
-    /// Allow changing the ports of a bridge that carries the host's default route (default false).
+    /// Allow changing the ports or STP settings of a bridge that carries one of the host's
+    /// uplinks (default false). An uplink is an interface with a default route in any routing
+    /// table (multipath and nexthop-object routes included) or with a global address; it counts
+    /// when it is the bridge, one of its ports, or a port listed here.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_uplink_change: bool,
 }
