@@ -449,7 +449,7 @@ async fn stp_change_on_an_uplink_bridge_is_held_back_unless_allowed() {
     let held = net.converge(&policy(&format!("  bridges:\n    - name: br0\n{stp}")), None).await;
     assert!(held.network.is_empty(), "{}", render_text(&held));
     assert!(
-        render_text(&held).contains("warning: br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768, policy wants set stp on, forward delay 4s → held back: br0 carries a default route (set allowUplinkChange: true to allow)"),
+        render_text(&held).contains("warning: br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768, policy wants stp on, forward delay 4s → held back: br0 carries a default route (set allowUplinkChange: true to allow)"),
         "{}",
         render_text(&held)
     );

@@ -281,7 +281,11 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
                                 name,
                                 Severity::Warning,
                                 held_for_uplink(
-                                    &format!("{}, policy wants {}", describe_stp(have), kind.verb()),
+                                    &format!(
+                                        "{}, policy wants {}",
+                                        describe_stp(have),
+                                        kind.verb().trim_start_matches("set ")
+                                    ),
                                     &uplink,
                                 ),
                             ),
@@ -697,7 +701,7 @@ mod tests {
             assert_eq!(
                 lines(&d, &h),
                 [
-                    format!("warning: br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768, policy wants set stp on → held back: {uplink} (set allowUplinkChange: true to allow)"),
+                    format!("warning: br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768, policy wants stp on → held back: {uplink} (set allowUplinkChange: true to allow)"),
                     format!("warning: eth1: not a port of br0, policy lists it → held back: {uplink} (set allowUplinkChange: true to allow)"),
                 ]
             );
