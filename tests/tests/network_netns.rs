@@ -3,15 +3,20 @@
 //! `in_private_netns`.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use virtwarden::act::apply_plan;
 use virtwarden::act::network::{apply_net_actions, observe_net};
+use virtwarden::engine::status::StatusReport;
+use virtwarden::engine::EngineHandle;
 use virtwarden::hostnet::netlink::NetlinkHost;
 use virtwarden::hostnet::sysctl::ProcForwarding;
 use virtwarden::hostnet::Forwarding;
 use virtwarden::hypervisor::DomainReader;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::{BridgeAttrs, ObservedHost};
+use virtwarden::plan::flap::FlapSettings;
 use virtwarden::plan::network::libvirt_tap_mac;
 use virtwarden::plan::{plan, render_text, Plan};
 use virtwarden_policies::{load_texts, DesiredState};
@@ -264,28 +269,16 @@ fn master_of(dev: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_repairs_network_drift_on_netlink_events() {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use virtwarden::act::remediation::Registry;
-    use virtwarden::engine::connect::SharedConnector;
-    use virtwarden::engine::{Engine, EngineConfig};
-    use virtwarden::libvirt::events::start_event_loop;
-
     if !in_private_netns("engine_repairs_network_drift_on_netlink_events") {
         return;
     }
     sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1-peer"]);
     let dir = tempfile::tempdir().unwrap();
-    start_event_loop();
     let hv = Arc::new(tap_host(dir.path()));
     let tap = vm1_tap(&hv);
     let desired = policy(&format!("  domains:\n    - name: vm1\n{BR0}  forwarding: {{ ipv4: true }}\n"));
-    // A long resync: repairs must come from netlink notifications, not from the timer.
-    let config = EngineConfig { resync: Duration::from_secs(3600), network: true, ..Default::default() };
-    let (engine, task) =
-        Engine::spawn(Arc::new(SharedConnector { host: hv.clone() }), desired, config, Registry::with_builtins());
-    let converged = |s: &virtwarden::engine::status::StatusReport| {
+    let (engine, task) = spawn_engine(hv, desired, FlapSettings::default());
+    let converged = |s: &StatusReport| {
         s.network.as_ref().is_some_and(|n| n.drift.is_empty() && n.last_action_at.is_some())
             && master_of("eth1").as_deref() == Some("br0")
             && master_of(&tap).as_deref() == Some("br0")
@@ -505,11 +498,10 @@ async fn vm_tap_whose_mac_does_not_match_is_not_attached() {
 
 /// The engine on vm1's test-driver host, reconciling this namespace's network.
 fn spawn_engine(
-    hv: std::sync::Arc<LibvirtHost>,
+    hv: Arc<LibvirtHost>,
     desired: DesiredState,
-    flap: virtwarden::plan::flap::FlapSettings,
-) -> (virtwarden::engine::EngineHandle, tokio::task::JoinHandle<()>) {
-    use std::time::Duration;
+    flap: FlapSettings,
+) -> (EngineHandle, tokio::task::JoinHandle<()>) {
     use virtwarden::act::remediation::Registry;
     use virtwarden::engine::connect::SharedConnector;
     use virtwarden::engine::{Engine, EngineConfig};
@@ -517,26 +509,24 @@ fn spawn_engine(
     virtwarden::libvirt::events::start_event_loop();
     // A long resync: repairs must come from netlink notifications, not from the timer.
     let config = EngineConfig { resync: Duration::from_secs(3600), network: true, flap, ..Default::default() };
-    Engine::spawn(std::sync::Arc::new(SharedConnector { host: hv }), desired, config, Registry::with_builtins())
+    Engine::spawn(Arc::new(SharedConnector { host: hv }), desired, config, Registry::with_builtins())
 }
 
-fn network_notes(s: &virtwarden::engine::status::StatusReport) -> Vec<String> {
+fn network_notes(s: &StatusReport) -> Vec<String> {
     s.network.as_ref().map(|n| n.notes.clone()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_leaves_a_vm_tap_an_admin_moved_to_a_foreign_bridge() {
-    use std::time::Duration;
-
     if !in_private_netns("engine_leaves_a_vm_tap_an_admin_moved_to_a_foreign_bridge") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let hv = std::sync::Arc::new(tap_host(dir.path()));
+    let hv = Arc::new(tap_host(dir.path()));
     let tap = vm1_tap(&hv);
     sh(&["ip", "link", "add", "br9", "type", "bridge"]);
     let desired = policy("  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n");
-    let (engine, task) = spawn_engine(hv, desired, Default::default());
+    let (engine, task) = spawn_engine(hv, desired, FlapSettings::default());
     engine
         .wait_for(Duration::from_secs(10), |_| master_of(&tap).as_deref() == Some("br0"))
         .await
@@ -558,14 +548,11 @@ async fn engine_leaves_a_vm_tap_an_admin_moved_to_a_foreign_bridge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_backs_off_a_writer_that_keeps_turning_stp_off() {
-    use std::time::Duration;
-    use virtwarden::plan::flap::FlapSettings;
-
     if !in_private_netns("engine_backs_off_a_writer_that_keeps_turning_stp_off") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let hv = std::sync::Arc::new(tap_host(dir.path()));
+    let hv = Arc::new(tap_host(dir.path()));
     let desired = policy("  bridges:\n    - name: br0\n      stp: { enabled: true, forwardDelay: 4 }\n");
     // The defaults' first wait (10 s) shortened so the test sees the repair after it.
     let flap = FlapSettings { initial_delay: Duration::from_secs(3), ..Default::default() };
@@ -575,7 +562,7 @@ async fn engine_backs_off_a_writer_that_keeps_turning_stp_off() {
         String::from_utf8_lossy(&out.stdout).contains("stp_state 1")
     };
     let stp_off = || sh(&["ip", "link", "set", "br0", "type", "bridge", "stp_state", "0"]);
-    let conflict = |s: &virtwarden::engine::status::StatusReport, delay: &str| {
+    let conflict = |s: &StatusReport, delay: &str| {
         s.network.as_ref().is_some_and(|n| {
             n.flapping.iter().any(|l| {
                 l.starts_with(&format!(
