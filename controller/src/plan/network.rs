@@ -517,7 +517,7 @@ mod tests {
             name: "vm1".into(),
             uuid: String::new(),
             state: DomainState::Running,
-            reason: "booted".into(),
+            reason: crate::observe::StateReason::Booted,
             persistent: true,
             autostart: false,
             boot: Default::default(),
