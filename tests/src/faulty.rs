@@ -200,11 +200,23 @@ pub struct FaultyConnector {
     pub faulty: Arc<Faulty>,
     pub connects: AtomicUsize,
     pub events: Mutex<Option<UnboundedSender<HypervisorEvent>>>,
+    /// While set, connecting fails (libvirtd is down).
+    refuse: AtomicBool,
 }
 
 impl FaultyConnector {
     pub fn new(faulty: Arc<Faulty>) -> Arc<Self> {
-        Arc::new(FaultyConnector { faulty, connects: AtomicUsize::new(0), events: Mutex::new(None) })
+        Arc::new(FaultyConnector {
+            faulty,
+            connects: AtomicUsize::new(0),
+            events: Mutex::new(None),
+            refuse: AtomicBool::new(false),
+        })
+    }
+
+    /// Make connecting fail (`true`, libvirtd down) or work again (`false`).
+    pub fn refuse_connects(&self, refuse: bool) {
+        self.refuse.store(refuse, Ordering::SeqCst);
     }
 
     /// Tell the engine the connection closed (as libvirt's close callback would).
@@ -221,6 +233,13 @@ impl Connector for FaultyConnector {
     }
 
     fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError> {
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(HypervisorError::Failed {
+                op: "connect",
+                domain: String::new(),
+                message: "Failed to connect socket: Connection refused (injected)".into(),
+            });
+        }
         self.faulty.alive.store(true, Ordering::SeqCst);
         let sub = subscribe(&self.faulty.inner, events.clone()).map_err(|e| HypervisorError::Failed {
             op: "subscribe",

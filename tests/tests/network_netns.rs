@@ -610,3 +610,49 @@ async fn engine_backs_off_a_writer_that_keeps_turning_stp_off() {
     engine.shutdown();
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_holds_tap_repairs_while_libvirt_is_disconnected() {
+    use virtwarden::act::remediation::Registry;
+    use virtwarden::engine::{Backends, Engine, EngineConfig};
+    use virtwarden_tests::faulty::{Faulty, FaultyConnector};
+
+    if !in_private_netns("engine_holds_tap_repairs_while_libvirt_is_disconnected") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hv = Arc::new(tap_host(dir.path()));
+    let tap = vm1_tap(&hv);
+    virtwarden::libvirt::events::start_event_loop();
+    let connector = FaultyConnector::new(Faulty::new(hv));
+    let desired = policy("  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n");
+    let config = EngineConfig { resync: Duration::from_secs(3600), network: true, ..Default::default() };
+    let (engine, task) =
+        Engine::spawn_with(Backends::new(connector.clone(), Registry::with_builtins()), desired, config);
+    engine
+        .wait_for(Duration::from_secs(10), |_| master_of(&tap).as_deref() == Some("br0"))
+        .await
+        .unwrap_or_else(|| panic!("tap never attached: {:#?}", engine.status()));
+
+    // libvirtd goes away; meanwhile the tap is detached. What vnet0 is now, nobody can say.
+    connector.refuse_connects(true);
+    connector.close();
+    engine.wait_for(Duration::from_secs(10), |s| !s.connected).await.expect("engine sees the connection gone");
+    sh(&["ip", "link", "set", &tap, "nomaster"]);
+    let held =
+        format!("{tap}: tap of vm1 is not on br0 (bridge recreated or port removed) → held: domain data is stale");
+    engine
+        .wait_for(Duration::from_secs(10), |s| network_notes(s).iter().any(|n| n.contains(&held)))
+        .await
+        .unwrap_or_else(|| panic!("tap repair not held: {:#?}", engine.status()));
+    assert_eq!(master_of(&tap), None);
+
+    // Back: fresh data, and the tap goes home.
+    connector.refuse_connects(false);
+    engine
+        .wait_for(Duration::from_secs(15), |s| s.connected && master_of(&tap).as_deref() == Some("br0"))
+        .await
+        .unwrap_or_else(|| panic!("tap not re-attached after reconnecting: {:#?}", engine.status()));
+    engine.shutdown();
+    task.await.unwrap();
+}
