@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -19,8 +18,9 @@ use crate::hostnet::events::spawn_listener;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
 use crate::observe::ObservedHost;
-use crate::plan::flap::{FlapDetector, FlapKey, FlapKind, FlapSettings, Verdict};
+use crate::plan::flap::{tick_text, FlapDetector, FlapKey, FlapKind, FlapSettings, Verdict};
 use crate::plan::network::{hold_tap_actions, plan_network, NetAction};
+use crate::plan::restart::Tick;
 use crate::plan::{Note, Severity};
 
 /// Domains may have changed: all of them (resync, reload, reconnect) or one (its worker saw a
@@ -68,8 +68,8 @@ struct DomainView<'a> {
 struct PassResult {
     /// Drift still present that is not being backed off: retry soon.
     drift_left: bool,
-    /// The earliest time a backed-off repair may go.
-    wake_at: Option<DateTime<Utc>>,
+    /// The earliest time (engine clock) a backed-off repair may go.
+    wake_at: Option<Tick>,
 }
 
 pub(super) struct NetworkTask {
@@ -150,7 +150,7 @@ impl NetworkTask {
                 delay = RETRY_MIN;
             }
             if let Some(at) = pass.wake_at {
-                let wake = Instant::now() + (at - Utc::now()).to_std().unwrap_or_default();
+                let wake = self.shared.instant_at(at);
                 retry = Some(retry.map_or(wake, |r| r.min(wake)));
             }
         }
@@ -186,7 +186,7 @@ impl NetworkTask {
             (actions, notes)
         };
         let (planned, mut notes) = plan(&host);
-        let now = Utc::now();
+        let now = self.shared.tick();
         let actions = self.admit(planned, now, &mut notes);
         let mut outcomes = Vec::new();
         if !actions.is_empty() {
@@ -260,7 +260,7 @@ impl NetworkTask {
 
     /// The planned repairs that may go now; the others wait for their object's backoff and are
     /// noted.
-    fn admit(&mut self, planned: Vec<NetAction>, now: DateTime<Utc>, notes: &mut Vec<Note>) -> Vec<NetAction> {
+    fn admit(&mut self, planned: Vec<NetAction>, now: Tick, notes: &mut Vec<Note>) -> Vec<NetAction> {
         planned
             .into_iter()
             .filter(|a| {
@@ -268,7 +268,7 @@ impl NetworkTask {
                 match self.flap.drifted(&key, now) {
                     Verdict::Repair => true,
                     Verdict::Wait { until } => {
-                        tracing::debug!(subject = %a.subject, %until, "repair held: another writer keeps changing it");
+                        tracing::debug!(subject = %a.subject, until = %tick_text(until), "repair held: another writer keeps changing it");
                         notes.push(held_note(a, &key, until));
                         false
                     }
@@ -278,25 +278,25 @@ impl NetworkTask {
     }
 
     /// Count a repair; warn when it shows another writer at work.
-    fn repaired(&mut self, action: &NetAction, now: DateTime<Utc>) {
+    fn repaired(&mut self, action: &NetAction, now: Tick) {
         let key = action.flap_key();
         if self.flap.repaired(&key, now) {
             self.shared.metrics.writer_conflict(key.kind.as_str());
-            let next = self.flap.wait_until(&key, now);
+            let next = self.flap.wait_until(&key, now).map(tick_text);
             tracing::warn!(object = %key, ?next, "another writer keeps changing it back; backing off its repairs");
         }
     }
 }
 
 /// `br0: stp off, … → held: another writer keeps changing bridge br0 stp; next repair at …`.
-fn held_note(a: &NetAction, key: &FlapKey, until: DateTime<Utc>) -> Note {
+fn held_note(a: &NetAction, key: &FlapKey, until: Tick) -> Note {
     Note {
         subject: a.subject.clone(),
         severity: Severity::Warning,
         message: format!(
             "{} → held: another writer keeps changing {key}; next repair at {}",
             a.reason,
-            until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            tick_text(until)
         ),
     }
 }

@@ -1,14 +1,17 @@
 //! Flapping: an object that another writer keeps changing back (a network manager resetting STP,
 //! a script rewriting a boot order). After `threshold` repairs of one object within `window`,
 //! further repairs of it wait, `initial_delay` doubling up to `max_delay`, and it is reported as
-//! "another writer keeps changing X" until it has stayed put for `quiet`. Pure: time is passed in,
-//! and the state serializes so it can outlive a restart.
+//! "another writer keeps changing X" until it has stayed put for `quiet`. Pure: time is passed in
+//! (the engine's clock, time since the Unix epoch), and the state serializes — times as Unix
+//! milliseconds — so it can outlive a restart.
 
 use std::fmt;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use chrono::{DateTime, SecondsFormat};
 use serde::{Deserialize, Serialize};
+
+use super::restart::Tick;
 
 /// When an object counts as flapping and how long its repairs wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,8 +109,15 @@ pub enum Verdict {
     Repair,
     /// Backing off: not before `until`.
     Wait {
-        until: DateTime<Utc>,
+        until: Tick,
     },
+}
+
+/// `t` as an RFC 3339 time in whole seconds, for status lines.
+pub fn tick_text(t: Tick) -> String {
+    DateTime::from_timestamp_millis(i64::try_from(t.as_millis()).unwrap_or(i64::MAX))
+        .map(|d| d.to_rfc3339_opts(SecondsFormat::Secs, true))
+        .unwrap_or_else(|| format!("{}s after the epoch", t.as_secs()))
 }
 
 /// What is remembered about one object.
@@ -116,14 +126,16 @@ pub enum Verdict {
 pub struct FlapRecord {
     pub key: FlapKey,
     /// Repairs within the window, oldest first.
-    repairs: Vec<DateTime<Utc>>,
+    #[serde(with = "ms_list")]
+    repairs: Vec<Tick>,
     /// When the object was last found changed.
-    last_drift: DateTime<Utc>,
+    #[serde(with = "ms")]
+    last_drift: Tick,
     /// While backing off: the current delay and when the next repair may go.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_ms")]
     delay: Option<Duration>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    next_repair: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_ms")]
+    next_repair: Option<Tick>,
     /// Repairs that started or extended a backoff: each one a change another writer made again.
     pub conflicts: u32,
 }
@@ -134,7 +146,7 @@ impl FlapRecord {
         self.delay.is_some()
     }
 
-    pub fn next_repair(&self) -> Option<DateTime<Utc>> {
+    pub fn next_repair(&self) -> Option<Tick> {
         self.next_repair
     }
 
@@ -143,11 +155,7 @@ impl FlapRecord {
     pub fn line(&self) -> String {
         let mut line = format!("another writer keeps changing {}", self.key);
         if let (Some(delay), Some(at)) = (self.delay, self.next_repair) {
-            line.push_str(&format!(
-                "; backing off {}s, next repair at {}",
-                delay.as_secs(),
-                at.to_rfc3339_opts(SecondsFormat::Secs, true)
-            ));
+            line.push_str(&format!("; backing off {}s, next repair at {}", delay.as_secs(), tick_text(at)));
         }
         line
     }
@@ -163,13 +171,9 @@ pub struct FlapDetector {
     settings: Option<FlapSettings>,
 }
 
-fn delta(d: Duration) -> TimeDelta {
-    TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX)
-}
-
 /// Time from `then` to `now`; zero when the clock went backwards.
-fn since(then: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
-    (now - then).to_std().unwrap_or_default()
+fn since(then: Tick, now: Tick) -> Duration {
+    now.saturating_sub(then)
 }
 
 impl FlapDetector {
@@ -186,7 +190,7 @@ impl FlapDetector {
         self.settings.unwrap_or_default()
     }
 
-    fn record(&mut self, key: &FlapKey, now: DateTime<Utc>) -> &mut FlapRecord {
+    fn record(&mut self, key: &FlapKey, now: Tick) -> &mut FlapRecord {
         let i = match self.records.iter().position(|r| &r.key == key) {
             Some(i) => i,
             None => {
@@ -205,15 +209,15 @@ impl FlapDetector {
     }
 
     /// `key` was found changed at `now`: may it be repaired now?
-    pub fn drifted(&mut self, key: &FlapKey, now: DateTime<Utc>) -> Verdict {
+    pub fn drifted(&mut self, key: &FlapKey, now: Tick) -> Verdict {
         let max = self.settings().max_delay;
         let r = self.record(key, now);
         r.last_drift = now;
         match r.next_repair {
             // A wall clock set back must not stretch the wait beyond the longest delay.
-            Some(at) if at > now + delta(max) => {
-                r.next_repair = Some(now + delta(max));
-                Verdict::Wait { until: now + delta(max) }
+            Some(at) if at > now + max => {
+                r.next_repair = Some(now + max);
+                Verdict::Wait { until: now + max }
             }
             Some(at) if at > now => Verdict::Wait { until: at },
             _ => Verdict::Repair,
@@ -222,7 +226,7 @@ impl FlapDetector {
 
     /// `key` was repaired at `now`. True when this repair starts or extends a backoff: the
     /// object had to be repaired `threshold` times within the window, so another writer is at it.
-    pub fn repaired(&mut self, key: &FlapKey, now: DateTime<Utc>) -> bool {
+    pub fn repaired(&mut self, key: &FlapKey, now: Tick) -> bool {
         let s = self.settings();
         let r = self.record(key, now);
         r.repairs.retain(|t| since(*t, now) < s.window);
@@ -235,13 +239,13 @@ impl FlapDetector {
             Some(d) => (d * 2).min(s.max_delay),
         };
         r.delay = Some(delay);
-        r.next_repair = Some(now + delta(delay));
+        r.next_repair = Some(now + delay);
         r.conflicts += 1;
         true
     }
 
     /// Forget objects that stayed put for the quiet period; returns those that were flapping.
-    pub fn settle(&mut self, now: DateTime<Utc>) -> Vec<FlapKey> {
+    pub fn settle(&mut self, now: Tick) -> Vec<FlapKey> {
         let quiet = self.settings().quiet;
         let mut calmed = Vec::new();
         self.records.retain(|r| {
@@ -255,7 +259,7 @@ impl FlapDetector {
     }
 
     /// When `key`'s next repair may go, if it is waiting at `now` (does not count as drift).
-    pub fn wait_until(&self, key: &FlapKey, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub fn wait_until(&self, key: &FlapKey, now: Tick) -> Option<Tick> {
         self.records.iter().find(|r| &r.key == key).and_then(|r| r.next_repair).filter(|at| *at > now)
     }
 
@@ -267,8 +271,52 @@ impl FlapDetector {
     }
 
     /// The earliest time a held repair may go.
-    pub fn next_wakeup(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub fn next_wakeup(&self, now: Tick) -> Option<Tick> {
         self.records.iter().filter_map(|r| r.next_repair).filter(|at| *at > now).min()
+    }
+}
+
+/// Times as Unix milliseconds, like the rest of the durable memory.
+mod ms {
+    use super::Duration;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+mod opt_ms {
+    use super::Duration;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_some(&u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
+mod ms_list {
+    use super::Duration;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        let ms: Vec<u64> = v.iter().map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)).collect();
+        ms.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        Ok(Vec::<u64>::deserialize(d)?.into_iter().map(Duration::from_millis).collect())
     }
 }
 
@@ -276,8 +324,8 @@ impl FlapDetector {
 mod tests {
     use super::*;
 
-    fn t(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_700_000_000 + secs, 0).unwrap()
+    fn t(secs: i64) -> Tick {
+        Tick::from_secs((1_700_000_000 + secs) as u64)
     }
 
     fn stp() -> FlapKey {
