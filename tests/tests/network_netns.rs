@@ -277,7 +277,7 @@ async fn engine_repairs_network_drift_on_netlink_events() {
     let hv = Arc::new(tap_host(dir.path()));
     let tap = vm1_tap(&hv);
     let desired = policy(&format!("  domains:\n    - name: vm1\n{BR0}  forwarding: {{ ipv4: true }}\n"));
-    let (engine, task) = spawn_engine(hv, desired, FlapSettings::default());
+    let (engine, task) = spawn_engine(hv, desired, FlapSettings::default(), None);
     let converged = |s: &StatusReport| {
         s.network.as_ref().is_some_and(|n| n.drift.is_empty() && n.last_action_at.is_some())
             && master_of("eth1").as_deref() == Some("br0")
@@ -496,11 +496,13 @@ async fn vm_tap_whose_mac_does_not_match_is_not_attached() {
     assert_eq!(net.master(&tap).await.as_deref(), Some("br0"));
 }
 
-/// The engine on vm1's test-driver host, reconciling this namespace's network.
+/// The engine on vm1's test-driver host, reconciling this namespace's network, remembering in
+/// `data_dir` if given.
 fn spawn_engine(
     hv: Arc<LibvirtHost>,
     desired: DesiredState,
     flap: FlapSettings,
+    data_dir: Option<&Path>,
 ) -> (EngineHandle, tokio::task::JoinHandle<()>) {
     use virtwarden::act::remediation::Registry;
     use virtwarden::engine::connect::SharedConnector;
@@ -508,7 +510,13 @@ fn spawn_engine(
 
     virtwarden::libvirt::events::start_event_loop();
     // A long resync: repairs must come from netlink notifications, not from the timer.
-    let config = EngineConfig { resync: Duration::from_secs(3600), network: true, flap, ..Default::default() };
+    let config = EngineConfig {
+        resync: Duration::from_secs(3600),
+        network: true,
+        flap,
+        data_dir: data_dir.map(Path::to_path_buf),
+        ..Default::default()
+    };
     Engine::spawn(Arc::new(SharedConnector { host: hv }), desired, config, Registry::with_builtins())
 }
 
@@ -526,7 +534,7 @@ async fn engine_leaves_a_vm_tap_an_admin_moved_to_a_foreign_bridge() {
     let tap = vm1_tap(&hv);
     sh(&["ip", "link", "add", "br9", "type", "bridge"]);
     let desired = policy("  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n");
-    let (engine, task) = spawn_engine(hv, desired, FlapSettings::default());
+    let (engine, task) = spawn_engine(hv, desired, FlapSettings::default(), None);
     engine
         .wait_for(Duration::from_secs(10), |_| master_of(&tap).as_deref() == Some("br0"))
         .await
@@ -556,7 +564,8 @@ async fn engine_backs_off_a_writer_that_keeps_turning_stp_off() {
     let desired = policy("  bridges:\n    - name: br0\n      stp: { enabled: true, forwardDelay: 4 }\n");
     // The defaults' first wait (10 s) shortened so the test sees the repair after it.
     let flap = FlapSettings { initial_delay: Duration::from_secs(3), ..Default::default() };
-    let (engine, task) = spawn_engine(hv, desired, flap);
+    let data = tempfile::tempdir().unwrap();
+    let (engine, task) = spawn_engine(hv.clone(), desired.clone(), flap, Some(data.path()));
     let stp_on = || {
         let out = std::process::Command::new("ip").args(["-d", "link", "show", "br0"]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).contains("stp_state 1")
@@ -589,10 +598,11 @@ async fn engine_backs_off_a_writer_that_keeps_turning_stp_off() {
 
     // Off once more: held, and the other writer's change stands for now.
     stp_off();
+    let is_held = |s: &StatusReport| {
+        network_notes(s).iter().any(|n| n.contains("→ held: another writer keeps changing bridge br0 stp"))
+    };
     let held = engine
-        .wait_for(Duration::from_secs(10), |s| {
-            network_notes(s).iter().any(|n| n.contains("→ held: another writer keeps changing bridge br0 stp"))
-        })
+        .wait_for(Duration::from_secs(10), is_held)
         .await
         .unwrap_or_else(|| panic!("repair not held: {:#?}", engine.status()));
     assert!(!stp_on(), "repaired during the backoff: {held:#?}");
@@ -607,6 +617,18 @@ async fn engine_backs_off_a_writer_that_keeps_turning_stp_off() {
     assert!(metrics.contains("virtwarden_writer_conflicts_total{kind=\"stp\"} 2"), "{metrics}");
     assert!(metrics.contains("virtwarden_backed_off_objects{kind=\"stp\"} 1"), "{metrics}");
     assert!(metrics.contains("virtwarden_backed_off_objects{kind=\"port\"} 0"), "{metrics}");
+    engine.shutdown();
+    task.await.unwrap();
+
+    // virtwarden restarts within the 6 s wait: the backoff is remembered, not forgotten.
+    let (engine, task) = spawn_engine(hv, desired, flap, Some(data.path()));
+    engine.wait_for(Duration::from_secs(10), |s| conflict(s, "6s")).await.expect("backoff remembered");
+    stp_off();
+    engine
+        .wait_for(Duration::from_secs(10), is_held)
+        .await
+        .unwrap_or_else(|| panic!("repair not held after a restart: {:#?}", engine.status()));
+    assert!(!stp_on(), "repaired during the remembered backoff");
     engine.shutdown();
     task.await.unwrap();
 }

@@ -80,6 +80,8 @@ pub(super) struct NetworkTask {
     /// What the last refresh of `domains` said about their freshness.
     domains_fresh: bool,
     flap: FlapDetector,
+    /// The flap detector as last handed to the durable memory.
+    remembered: serde_json::Value,
 }
 
 impl NetworkTask {
@@ -89,13 +91,35 @@ impl NetworkTask {
         kicks: UnboundedReceiver<NetKick>,
         flap: FlapSettings,
     ) -> Self {
+        // Backoffs survive a restart: a writer that kept changing things back before it is
+        // still expected to.
+        let remembered = shared.memory.read(|m| m.network.clone());
+        let mut detector = match serde_json::from_value::<FlapDetector>(remembered.clone()) {
+            Ok(d) => d,
+            Err(_) if remembered.is_null() => FlapDetector::default(),
+            Err(e) => {
+                tracing::warn!(%e, "the remembered network flap state is unreadable; starting afresh");
+                FlapDetector::default()
+            }
+        };
+        detector.set_settings(flap);
         NetworkTask {
             shared,
             desired,
             kicks,
             domains: ObservedHost::default(),
             domains_fresh: false,
-            flap: FlapDetector::new(flap),
+            flap: detector,
+            remembered,
+        }
+    }
+
+    /// Hand the flap detector's state to the durable memory when it changed.
+    fn remember_flaps(&mut self) {
+        let Ok(value) = serde_json::to_value(&self.flap) else { return };
+        if value != self.remembered {
+            self.shared.memory.update(|m| m.network = value.clone());
+            self.remembered = value;
         }
     }
 
@@ -219,6 +243,7 @@ impl NetworkTask {
         for key in self.flap.settle(now) {
             tracing::info!(object = %key, "no longer changed by another writer; repairs are immediate again");
         }
+        self.remember_flaps();
         let flapping: Vec<String> = self.flap.flapping().iter().map(|r| r.line()).collect();
         let mut backed_off: BTreeMap<&str, usize> =
             [FlapKind::Bridge, FlapKind::Stp, FlapKind::Port, FlapKind::Tap, FlapKind::Forwarding]
