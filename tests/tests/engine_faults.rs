@@ -358,3 +358,54 @@ async fn an_admin_stop_stays_honoured_when_libvirtd_forgets_it_and_a_new_domain_
     assert_eq!(r.faulty.count("start", "web2"), 0);
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_keeps_undoing_autostart_is_backed_off_and_reported() {
+    let data = tempfile::tempdir().unwrap();
+    let faulty = open();
+    let mut cfg = config(Some(data.path()));
+    cfg.flap = virtwarden::plan::flap::FlapSettings {
+        threshold: 3,
+        window: Duration::from_secs(60),
+        initial_delay: Duration::from_secs(30),
+        max_delay: Duration::from_secs(300),
+        quiet: Duration::from_secs(600),
+    };
+    let r = spawn_on(
+        faulty,
+        policy("  domains:\n    - name: db1\n      autostart: true\n"),
+        cfg,
+        Registry::with_builtins(),
+    );
+    let autostart = |r: &Rig| r.faulty.inner.observe_domain("db1").unwrap().unwrap().autostart;
+    r.until("first repair", |_| autostart(&r)).await;
+    // Another writer turns it off again and again; each resync repairs it, until the third
+    // repair within a minute: then virtwarden backs off and says so.
+    for n in 2..=3 {
+        r.faulty.inner.set_autostart("db1", false).unwrap();
+        r.engine.resync();
+        r.until(&format!("repair {n}"), |_| autostart(&r)).await;
+    }
+    let s = r.until("reported as flapping", |s| find(s, "db1").is_some_and(|d| !d.flapping.is_empty())).await;
+    assert!(
+        find(&s, "db1").unwrap().flapping[0]
+            .starts_with("another writer keeps changing domain db1 autostart; backing off 30s"),
+        "{s:#?}"
+    );
+    r.faulty.inner.set_autostart("db1", false).unwrap();
+    r.engine.resync();
+    let s = r
+        .until("the next repair held", |s| {
+            find(s, "db1").is_some_and(|d| d.notes.iter().any(|n| n.contains("set autostart on held until")))
+        })
+        .await;
+    assert!(!autostart(&r), "not fought over while backing off: {s:#?}");
+    let metrics = r.engine.metrics_text();
+    assert!(metrics.contains("virtwarden_writer_conflicts_total{kind=\"autostart\"} 1"), "{metrics}");
+    assert!(metrics.contains("virtwarden_backed_off_objects{kind=\"autostart\"} 1"), "{metrics}");
+    r.stop().await;
+    // The backoff is remembered across a restart.
+    let memory: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.path().join("memory.json")).unwrap()).unwrap();
+    assert!(memory["domains"]["db1"]["flap"]["records"][0]["key"]["kind"] == "autostart", "{memory}");
+}

@@ -94,6 +94,9 @@ pub struct DomainStatus {
     pub quarantined: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined_since: Option<DateTime<Utc>>,
+    /// Its boot order or autostart that another writer keeps changing back (repairs backed off).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flapping: Vec<String>,
     /// What virtwarden remembers about why the domain is off (kept across libvirtd restarts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remembered: Option<String>,
@@ -211,6 +214,9 @@ pub fn render_text(report: &StatusReport) -> String {
         }
         if let Some(r) = &d.remembered {
             lines.push(format!("remembered: {r}"));
+        }
+        for f in &d.flapping {
+            lines.push(format!("CONFLICT: {f}"));
         }
         if let Some(h) = &d.refused_hook {
             lines.push(format!("hook refused: {h}"));

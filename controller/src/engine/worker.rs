@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use virtwarden_policies::{Backoff, DesiredState, ManagedDomain};
 
+use super::metrics::DriftLabel;
 use super::network::NetKick;
 use super::shared::Shared;
 use super::status::DomainStatus;
@@ -26,6 +27,7 @@ use crate::hypervisor::HypervisorError;
 use crate::libvirt::events::LifecycleEvent;
 use crate::memory::{intent_after, Intent, Memory};
 use crate::observe::{DomainState, ObservedDomain, ObservedHost};
+use crate::plan::flap::{tick_text, FlapDetector, FlapKey, FlapKind, Verdict};
 use crate::plan::restart::{Decision, Ladder, Outcome, RestartTracker};
 use crate::plan::{plan_with, Action, ActionKind};
 
@@ -58,6 +60,12 @@ pub(super) struct Worker {
     last_event: Option<String>,
     quarantine_logged: bool,
     stopping: bool,
+    /// Backs off repairs of the boot order and autostart when another writer keeps undoing them.
+    flap: FlapDetector,
+    /// Which of those kinds this worker counts in the backed-off gauge.
+    counted: Vec<FlapKind>,
+    /// What the memory holds of `flap`, to write only changes.
+    flap_saved: Option<serde_json::Value>,
 }
 
 fn is_recovery(kind: &ActionKind) -> bool {
@@ -98,6 +106,9 @@ impl Worker {
             Arc::new(move |why: String| s.connection_lost(why))
         };
         let calls = Calls::new(shared.limits.clone(), lost);
+        let mut flap =
+            shared.memory.read(|m| m.domains.get(&managed.spec.name).and_then(|d| d.flap.clone())).unwrap_or_default();
+        flap.set_settings(shared.config.flap);
         let w = Worker {
             desired_one: desired_one(&managed),
             shared,
@@ -109,6 +120,9 @@ impl Worker {
             last_event: None,
             quarantine_logged: false,
             stopping: false,
+            flap_saved: None,
+            flap,
+            counted: Vec::new(),
         };
         w.refresh_tracker_status();
         w
@@ -144,6 +158,7 @@ impl Worker {
             }
             if self.stopping {
                 self.ack(&rounds);
+                self.count_flapping(&[]);
                 return;
             }
             let started = std::time::Instant::now();
@@ -325,20 +340,90 @@ impl Worker {
             self.remember();
         }
         let (recovery, others): (Vec<Action>, Vec<Action>) = p.actions.into_iter().partition(|a| is_recovery(&a.kind));
+        let mut wake: Option<Instant> = None;
         for action in others {
-            self.run_action(action, observed.as_ref()).await;
+            if let Some(until) = self.correct(action, observed.as_ref()).await {
+                wake = Some(wake.map_or(until, |w| w.min(until)));
+            }
             if self.stopping || !self.pending.is_empty() {
                 // Something changed meanwhile (a new policy, a stop): decide again.
                 return Some(Instant::now());
             }
         }
-        match recovery.into_iter().next() {
+        self.settle_flaps();
+        let again = match recovery.into_iter().next() {
             Some(action) => self.recover(action, observed).await,
             None => {
                 self.refresh_tracker_status();
                 None
             }
+        };
+        match (wake, again) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
+    }
+
+    /// Correct configuration or state drift, unless another writer keeps undoing this
+    /// correction: then it waits (doubling) and is reported instead of fought over. Returns when
+    /// a held correction may go.
+    async fn correct(&mut self, action: Action, observed: Option<&ObservedDomain>) -> Option<Instant> {
+        let key = match action.kind {
+            ActionKind::SetBootOrder { .. } => Some(FlapKey::new(FlapKind::BootOrder, self.name())),
+            ActionKind::SetAutostart { .. } => Some(FlapKey::new(FlapKind::Autostart, self.name())),
+            _ => None,
+        };
+        let Some(key) = key else {
+            self.run_action(action, observed).await;
+            return None;
+        };
+        if let Verdict::Wait { until } = self.flap.drifted(&key, self.shared.tick()) {
+            let note =
+                format!("another writer keeps changing {key}: {} held until {}", action.kind.verb(), tick_text(until));
+            self.shared.update_domain(self.name(), |s| s.notes.push(note));
+            self.remember_flaps();
+            return Some(self.shared.instant_at(until));
+        }
+        if self.run_action(action, observed).await && self.flap.repaired(&key, self.shared.tick()) {
+            tracing::warn!(domain = %self.name(), object = %key, "another writer keeps changing it; backing off");
+            self.shared.metrics.writer_conflicts.get_or_create(&DriftLabel { kind: key.kind.as_str().into() }).inc();
+        }
+        self.remember_flaps();
+        None
+    }
+
+    /// Forget objects that stayed put; keep status, the gauge and the memory in step.
+    fn settle_flaps(&mut self) {
+        let calmed = self.flap.settle(self.shared.tick());
+        for key in &calmed {
+            tracing::info!(domain = %self.name(), object = %key, "no longer changed by another writer");
+        }
+        self.remember_flaps();
+    }
+
+    fn remember_flaps(&mut self) {
+        let lines: Vec<String> = self.flap.flapping().iter().map(|r| r.line()).collect();
+        let kinds: Vec<FlapKind> = self.flap.flapping().iter().map(|r| r.key.kind).collect();
+        self.count_flapping(&kinds);
+        let flap = (!self.flap.is_empty()).then(|| self.flap.clone());
+        let saved = serde_json::to_value(&flap).ok();
+        if saved != self.flap_saved {
+            let name = self.name().to_string();
+            self.shared.memory.update(|m| m.domains.entry(name).or_default().flap = flap);
+            self.flap_saved = saved;
+        }
+        self.shared.update_domain(self.name(), |s| s.flapping = lines);
+    }
+
+    /// Move this worker's share of the backed-off gauge to `kinds`.
+    fn count_flapping(&mut self, kinds: &[FlapKind]) {
+        for k in self.counted.iter().filter(|k| !kinds.contains(k)) {
+            self.shared.metrics.backed_off.get_or_create(&DriftLabel { kind: k.as_str().into() }).dec();
+        }
+        for k in kinds.iter().filter(|k| !self.counted.contains(k)) {
+            self.shared.metrics.backed_off.get_or_create(&DriftLabel { kind: k.as_str().into() }).inc();
+        }
+        self.counted = kinds.to_vec();
     }
 
     /// Act only on what still holds: read the state again and ask the planner whether, with
@@ -369,13 +454,14 @@ impl Worker {
         }
     }
 
-    async fn run_action(&mut self, action: Action, observed: Option<&ObservedDomain>) {
+    /// Carry out one action; true when it worked.
+    async fn run_action(&mut self, action: Action, observed: Option<&ObservedDomain>) -> bool {
         if let Err(changed) = self.still_wanted(&action, observed).await {
             tracing::info!(domain = %self.name(), action = action.kind.name(), %changed, "state changed since observed; not acting");
             self.shared.update_domain(self.name(), |s| {
                 s.notes.push(format!("{} not done: {changed}", action.kind.verb()));
             });
-            return;
+            return false;
         }
         self.shared.metrics.drift(action.kind.name());
         tracing::info!(domain = %self.name(), reason = %action.reason, action = action.kind.name(), "correcting drift");
@@ -411,6 +497,7 @@ impl Worker {
             s.last_outcome = Some(outcome);
             s.last_action_at = Some(chrono::Utc::now());
         });
+        ok
     }
 
     fn failure_text(&self, observed: Option<&ObservedDomain>) -> String {

@@ -43,6 +43,9 @@ pub struct DomainMemory {
     /// The last intent observed, if it still holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intent: Option<Intent>,
+    /// Backoffs of its boot order and autostart when another writer keeps changing them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flap: Option<crate::plan::flap::FlapDetector>,
 }
 
 /// Why a domain that is off is off, as last observed: what libvirt forgets when it restarts

@@ -182,6 +182,11 @@ impl FlapDetector {
     }
 
     /// Use `settings` from now on (e.g. after loading persisted state).
+    /// Nothing is being watched or backed off.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
     pub fn set_settings(&mut self, settings: FlapSettings) {
         self.settings = Some(settings);
     }
