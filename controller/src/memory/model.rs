@@ -255,6 +255,7 @@ mod tests {
                     reason: StateReason::Destroyed,
                     at: Tick::from_millis(1_700_000_000_500),
                 }),
+                flap: None,
             },
         );
         let text = serde_json::to_string(&m).unwrap();
