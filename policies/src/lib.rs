@@ -1,6 +1,7 @@
 //! The virtwarden policy language: `HostPolicy` documents, loading them from files with
 //! located errors, semantic validation and merging into one desired state. No host I/O.
 
+pub mod dependencies;
 pub mod desired;
 pub mod duration;
 pub mod health;
