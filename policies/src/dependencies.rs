@@ -23,7 +23,8 @@ pub fn validate_startup(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
     for (j, dep) in s.after.iter().enumerate() {
         let here = format!("{at}.startup.after[{j}]");
         if dep.is_empty() {
-            issues.push(Issue::new(here, "`after` holds an empty domain name").hint("name a domain some policy manages"));
+            issues
+                .push(Issue::new(here, "`after` holds an empty domain name").hint("name a domain some policy manages"));
         } else if *dep == d.name {
             issues.push(
                 Issue::new(here, format!("domain `{dep}` cannot start after itself"))
@@ -36,8 +37,11 @@ pub fn validate_startup(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
     if let Some(delay) = s.delay {
         if delay > MAX_DELAY {
             issues.push(
-                Issue::new(format!("{at}.startup.delay"), format!("delay {delay} is longer than the maximum {MAX_DELAY}"))
-                    .hint("the delay holds every later order group; use seconds or minutes, e.g. `delay: 30s`"),
+                Issue::new(
+                    format!("{at}.startup.delay"),
+                    format!("delay {delay} is longer than the maximum {MAX_DELAY}"),
+                )
+                .hint("the delay holds every later order group; use seconds or minutes, e.g. `delay: 30s`"),
             );
         }
     }

@@ -4,5 +4,7 @@ pub mod boot_xml;
 mod execute;
 pub mod network;
 pub mod remediation;
+mod schedule;
 
-pub use execute::{apply_plan, execute_action, ActError, ActionOutcome, ApplyReport};
+pub use execute::{apply_plan, apply_plan_with, execute_action, ActError, ActionOutcome, ApplyReport};
+pub use schedule::{ApplyOptions, DEFAULT_PARALLEL};

@@ -161,7 +161,10 @@ mod tests {
         // once web is dropped, batch waits for web1, which then nobody manages either.
         let db = policy("db", Some(&[("role", "db")]), &["db1"]);
         let s = select(&[web.clone(), batch.clone(), db.clone(), policy("other", None, &["x"])], &labels(&[]));
-        assert_eq!(s.invalid["web"], ["spec.domains[0].startup.after[0]: `after` names `db1`, which no policy manages"]);
+        assert_eq!(
+            s.invalid["web"],
+            ["spec.domains[0].startup.after[0]: `after` names `db1`, which no policy manages"]
+        );
         assert_eq!(
             s.invalid["batch"],
             ["spec.domains[0].startup.after[0]: `after` names `web1`, which no policy manages"]

@@ -5,6 +5,7 @@ mod domains;
 pub mod network;
 mod render;
 pub mod restart;
+pub mod startup;
 
 use serde::Serialize;
 use virtwarden_policies::{BootDevice, DesiredState, Duration};
@@ -126,13 +127,17 @@ pub struct Plan {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub network: Vec<network::NetAction>,
     pub actions: Vec<Action>,
+    /// Starts held back by start ordering (`startup:`): what each waits for. Only
+    /// [`startup::order_plan`] fills it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<startup::HeldAction>,
     pub notes: Vec<Note>,
 }
 
 impl Plan {
     /// Nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.actions.is_empty() && self.network.is_empty()
+        self.actions.is_empty() && self.network.is_empty() && self.held.is_empty()
     }
 
     /// Number of planned changes.
@@ -155,6 +160,18 @@ pub fn plan(desired: &DesiredState, observed: &ObservedHost) -> Plan {
     plan.network = network;
     plan.notes.extend(notes);
     plan
+}
+
+/// The plan of a one-shot `plan` or `apply`: [`plan`] with start ordering applied
+/// ([`startup::order_plan`]); `missing_paths` are the required paths that do not exist.
+pub fn plan_ordered(
+    desired: &DesiredState,
+    observed: &ObservedHost,
+    missing_paths: &std::collections::HashSet<String>,
+) -> Plan {
+    let mut p = plan(desired, observed);
+    startup::order_plan(desired, observed, missing_paths, &mut p);
+    p
 }
 
 /// A domain whose bridge is missing fails to start (`Cannot get interface MTU`): start it only
