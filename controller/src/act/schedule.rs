@@ -12,7 +12,7 @@ use super::execute::{execute_action, ActionOutcome};
 use crate::hypervisor::Hypervisor;
 use crate::observe::paths::missing_paths;
 use crate::observe::DomainState;
-use crate::plan::startup::{is_start, is_stop, waits_text, StartupFacts, StartupOrder, Wait};
+use crate::plan::startup::{is_start, is_stop, remember_wait, waits_text, StartupFacts, StartupOrder, Wait};
 use crate::plan::Action;
 
 /// Default bound on concurrent actions in `apply` (`--parallel`). Measured by
@@ -193,9 +193,7 @@ pub fn run_actions(
                     Waiting { since: Instant::now(), released: None, waits: Vec::new() }
                 });
                 for wait in waits {
-                    if !w.waits.contains(wait) {
-                        w.waits.push(wait.clone());
-                    }
+                    remember_wait(&mut w.waits, wait);
                 }
             }
             for name in &decision.ready {
@@ -289,4 +287,201 @@ fn start_facts(
     }
     facts.missing_paths = missing_paths(desired);
     facts
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Condvar, Mutex};
+
+    use virtwarden_policies::load_texts;
+
+    use super::*;
+    use crate::hypervisor::{DomainControl, DomainReader, HypervisorError};
+    use crate::observe::{ObservedDomain, ObservedHost};
+    use crate::plan::{plan_ordered, ActionKind};
+
+    /// Domains in memory; every call is recorded; a start holds until `rendezvous` starts run
+    /// at once (or a deadline passes), so concurrency is observable without timing guesses.
+    struct Fake {
+        state: Mutex<FakeState>,
+        changed: Condvar,
+        rendezvous: usize,
+    }
+
+    #[derive(Default)]
+    struct FakeState {
+        domains: HashMap<String, DomainState>,
+        calls: Vec<String>,
+        arrived: usize,
+        active: usize,
+        max_active: usize,
+        fail: Vec<String>,
+    }
+
+    impl Fake {
+        fn new(domains: &[(&str, DomainState)], rendezvous: usize) -> Self {
+            let state =
+                FakeState { domains: domains.iter().map(|(n, s)| (n.to_string(), *s)).collect(), ..Default::default() };
+            Fake { state: Mutex::new(state), changed: Condvar::new(), rendezvous }
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.state.lock().unwrap().calls.clone()
+        }
+
+        fn call(&self, op: &str, name: &str, to: Option<DomainState>) -> Result<(), HypervisorError> {
+            let mut s = self.state.lock().unwrap();
+            s.calls.push(format!("{op} {name}"));
+            if s.fail.iter().any(|f| f == name) {
+                return Err(HypervisorError::Failed { op: "start", domain: name.into(), message: "no".into() });
+            }
+            if op == "start" {
+                // Starts meet in batches of `rendezvous`: the n-th waits for the rest of its batch.
+                let batch_end = (s.arrived / self.rendezvous + 1) * self.rendezvous;
+                s.arrived += 1;
+                s.active += 1;
+                s.max_active = s.max_active.max(s.active);
+                self.changed.notify_all();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while s.arrived < batch_end && Instant::now() < deadline {
+                    s = self.changed.wait_timeout(s, Duration::from_millis(20)).unwrap().0;
+                }
+                s.active -= 1;
+            }
+            if let Some(to) = to {
+                s.domains.insert(name.to_string(), to);
+            }
+            Ok(())
+        }
+
+        fn observed(&self, name: &str, state: DomainState) -> ObservedDomain {
+            ObservedDomain {
+                name: name.into(),
+                uuid: String::new(),
+                state,
+                reason: "unknown".into(),
+                persistent: true,
+                autostart: false,
+                boot: Default::default(),
+                interfaces: vec![],
+                disks: vec![],
+            }
+        }
+    }
+
+    impl DomainReader for Fake {
+        fn observe_host(&self) -> Result<ObservedHost, HypervisorError> {
+            let s = self.state.lock().unwrap();
+            let mut domains: Vec<ObservedDomain> = s.domains.iter().map(|(n, st)| self.observed(n, *st)).collect();
+            domains.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(ObservedHost { domains, ..Default::default() })
+        }
+        fn observe_domain(&self, name: &str) -> Result<Option<ObservedDomain>, HypervisorError> {
+            Ok(self.state.lock().unwrap().domains.get(name).map(|st| self.observed(name, *st)))
+        }
+    }
+
+    impl DomainControl for Fake {
+        fn start(&self, name: &str) -> Result<(), HypervisorError> {
+            self.call("start", name, Some(DomainState::Running))
+        }
+        fn shutdown(&self, name: &str) -> Result<(), HypervisorError> {
+            self.call("shutdown", name, Some(DomainState::ShutOff))
+        }
+        fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
+            self.call("destroy", name, Some(DomainState::ShutOff))
+        }
+        fn resume(&self, name: &str) -> Result<(), HypervisorError> {
+            self.call("resume", name, Some(DomainState::Running))
+        }
+        fn reset(&self, name: &str) -> Result<(), HypervisorError> {
+            self.call("reset", name, None)
+        }
+        fn set_autostart(&self, name: &str, _on: bool) -> Result<(), HypervisorError> {
+            self.call("autostart", name, None)
+        }
+        fn persistent_xml(&self, name: &str) -> Result<String, HypervisorError> {
+            self.call("dumpxml", name, None)?;
+            Ok("<domain><os><boot dev='network'/></os></domain>".into())
+        }
+        fn define_xml(&self, name: &str, _xml: &str) -> Result<(), HypervisorError> {
+            self.call("define", name, None)
+        }
+    }
+
+    fn desired(domains: &str) -> DesiredState {
+        let text = format!(
+            "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n  domains:\n{domains}"
+        );
+        load_texts([(std::path::Path::new("t.yaml"), text.as_str())]).expect("valid").desired
+    }
+
+    fn run(fake: &Fake, desired: &DesiredState, parallel: usize) -> Vec<ActionOutcome> {
+        let observed = fake.observe_host().unwrap();
+        let plan = plan_ordered(desired, &observed, &Default::default());
+        run_actions(fake, desired, &plan.actions, &ApplyOptions { parallel })
+    }
+
+    #[test]
+    fn starts_run_in_parallel_up_to_the_bound() {
+        let names: Vec<String> = (0..6).map(|i| format!("vm{i}")).collect();
+        let domains: Vec<(&str, DomainState)> = names.iter().map(|n| (n.as_str(), DomainState::ShutOff)).collect();
+        let policy: String = names.iter().map(|n| format!("    - name: {n}\n")).collect();
+        let fake = Fake::new(&domains, 3);
+        let outcomes = run(&fake, &desired(&policy), 3);
+        assert_eq!(fake.state.lock().unwrap().max_active, 3, "three starts at once, never more");
+        let order: Vec<&str> = outcomes.iter().map(|o| o.action.domain.as_str()).collect();
+        assert_eq!(order, ["vm0", "vm1", "vm2", "vm3", "vm4", "vm5"], "outcomes stay in plan order");
+        assert!(outcomes.iter().all(|o| o.error.is_none() && o.held.is_none()));
+    }
+
+    #[test]
+    fn a_domains_own_actions_stay_in_order_and_configuration_comes_first() {
+        let fake = Fake::new(&[("a", DomainState::ShutOff), ("b", DomainState::Running)], 1);
+        let d = desired("    - name: a\n      autostart: true\n      boot: [hd]\n    - name: b\n      state: stopped\n      autostart: true\n");
+        let outcomes = run(&fake, &d, 8);
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:#?}");
+        let calls = fake.calls();
+        let pos = |c: &str| calls.iter().position(|x| x == c).unwrap_or_else(|| panic!("{c} not in {calls:?}"));
+        assert!(pos("dumpxml a") < pos("define a") && pos("define a") < pos("autostart a"), "{calls:?}");
+        let last_config = pos("autostart a").max(pos("autostart b")).max(pos("define a"));
+        assert!(last_config < pos("shutdown b") && pos("shutdown b") < pos("start a"), "{calls:?}");
+    }
+
+    #[test]
+    fn a_failed_dependency_holds_its_dependents() {
+        let fake = Fake::new(&[("db", DomainState::ShutOff), ("web", DomainState::ShutOff)], 1);
+        fake.state.lock().unwrap().fail.push("db".into());
+        let d = desired("    - name: db\n    - name: web\n      startup: {after: [db]}\n");
+        let outcomes = run(&fake, &d, 8);
+        assert!(outcomes[0].error.is_some());
+        assert_eq!(
+            outcomes[1].held.as_deref().map(waits_text).as_deref(),
+            Some("waits for db (not running)"),
+            "{outcomes:#?}"
+        );
+        assert!(!fake.calls().contains(&"start web".to_string()), "web was never started");
+    }
+
+    #[test]
+    fn starts_follow_order_groups_and_a_stop_goes_first_in_reverse() {
+        let fake = Fake::new(
+            &[
+                ("db", DomainState::ShutOff),
+                ("web", DomainState::ShutOff),
+                ("old1", DomainState::Running),
+                ("old2", DomainState::Running),
+            ],
+            1,
+        );
+        let d = desired(
+            "    - name: web\n      startup: {order: 2}\n    - name: db\n      startup: {order: 1}\n    - name: old1\n      state: stopped\n      startup: {order: 1}\n    - name: old2\n      state: stopped\n      startup: {order: 2}\n",
+        );
+        let outcomes = run(&fake, &d, 8);
+        assert!(outcomes.iter().all(|o| o.error.is_none() && o.held.is_none()), "{outcomes:#?}");
+        assert_eq!(fake.calls(), ["shutdown old2", "shutdown old1", "start db", "start web"]);
+        let web = outcomes.iter().find(|o| o.action.domain == "web").unwrap();
+        assert_eq!(waits_text(&web.waited_for), "waits for order group 1 (db is not running yet)");
+        assert!(matches!(outcomes[0].action.kind, ActionKind::Shutdown { .. }), "plan order: stops first");
+    }
 }

@@ -75,6 +75,28 @@ pub fn waits_text(waits: &[Wait]) -> String {
     format!("waits for {}", parts.join(", "))
 }
 
+/// Add `wait` to what a start has waited for so far, keeping one entry per thing waited for:
+/// the latest order-group wait (first), each dependency once, each path once.
+pub fn remember_wait(waited: &mut Vec<Wait>, wait: &Wait) {
+    match wait {
+        Wait::Group { .. } | Wait::Delay { .. } => {
+            waited.retain(|w| !matches!(w, Wait::Group { .. } | Wait::Delay { .. }));
+            waited.insert(0, wait.clone());
+        }
+        Wait::Domain { domain, .. } => {
+            match waited.iter_mut().find(|w| matches!(w, Wait::Domain { domain: d, .. } if d == domain)) {
+                Some(w) => *w = wait.clone(),
+                None => waited.push(wait.clone()),
+            }
+        }
+        Wait::Path { .. } => {
+            if !waited.contains(wait) {
+                waited.push(wait.clone());
+            }
+        }
+    }
+}
+
 /// What the ordering reads about the host at one moment. Plain values: the caller observes.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StartupFacts {
@@ -295,9 +317,9 @@ pub struct HeldAction {
 }
 
 impl HeldAction {
-    /// `web1: shut off (unknown), policy wants running → start held: waits for /mnt/images`
+    /// `web1: shut off (unknown), policy wants running → start (held: waits for /mnt/images)`
     pub fn line(&self) -> String {
-        format!("{} held: {}", self.action.line(), waits_text(&self.waits))
+        format!("{} (held: {})", self.action.line(), waits_text(&self.waits))
     }
 }
 
@@ -337,9 +359,7 @@ pub fn order_plan(desired: &DesiredState, observed: &ObservedHost, missing_paths
         for (name, waits) in &d.held {
             let seen = waited.entry(name.clone()).or_default();
             for w in waits {
-                if !seen.contains(w) {
-                    seen.push(w.clone());
-                }
+                remember_wait(seen, w);
             }
         }
         if !d.ready.is_empty() {
@@ -384,6 +404,7 @@ pub fn order_plan(desired: &DesiredState, observed: &ObservedHost, missing_paths
         }
         kept.push(action);
     }
+    plan.held.sort_by_key(|h| order.start_key(&h.action.domain));
     // Stable sorts: within a phase, stops by wave and starts by sequence; the rest keeps its place.
     kept.sort_by_key(|a| {
         let within = if is_stop(&a.kind) {
