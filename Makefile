@@ -10,7 +10,7 @@ DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps build run test test-fast bench bench-net bench-e2e fmt lint crd schema clean
+.PHONY: help deps build run test test-fast bench bench-net bench-e2e bench-apply fmt lint crd schema clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
@@ -67,6 +67,19 @@ bench: deps
 ## bench-e2e: recovery after SIGKILL of QEMU vs the floor and a 10 s polling watchdog (BENCH_CRASHES, default 20).
 bench-e2e: deps
 	$(CARGO) bench -p virtwarden --bench e2e
+
+## bench-apply: apply of 16/50 stopped domains vs parallel `virsh start`, a --parallel sweep, one
+## connection vs a pool, Ansible's community.libvirt.virt on 20 domains, a mass crash under `run`
+## (private libvirtd + QEMU; BENCH_REPEAT runs per figure, default 5; BENCH_SKIP_ANSIBLE=1).
+bench-apply: deps
+	@for p in python3-libvirt python3-venv; do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(CARGO) bench -p virtwarden --bench apply
 
 ## bench-net: drift → repaired latency for port detach, STP flip, forwarding reset (private netns).
 bench-net: deps

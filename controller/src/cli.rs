@@ -13,7 +13,8 @@ use crate::exit;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
 use crate::hypervisor::Hypervisor;
-use crate::libvirt::{resolve_uri, LibvirtHost};
+use crate::libvirt::pool::{connections_for, LibvirtPool};
+use crate::libvirt::resolve_uri;
 use crate::observe::paths::missing_paths;
 use crate::observe::{ObservedHost, ObservedNet};
 use crate::plan::startup::waits_text;
@@ -161,9 +162,9 @@ fn parse_parallel(text: &str) -> Result<usize, String> {
 pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let result = match command {
         Command::Check { paths } => check(&paths, out, err),
-        Command::Plan(a) => with_host(&a, err, |ctx| plan_cmd(ctx, a.output, out)),
+        Command::Plan(a) => with_host(&a, 1, err, |ctx| plan_cmd(ctx, a.output, out)),
         Command::Apply { host: a, parallel } => {
-            with_host(&a, err, |ctx| apply_cmd(ctx, a.output, &ApplyOptions { parallel }, out))
+            with_host(&a, parallel, err, |ctx| apply_cmd(ctx, a.output, &ApplyOptions { parallel }, out))
         }
         Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
         Command::Run { connect, resync, metrics_addr, state_dir, network, paths } => {
@@ -256,8 +257,11 @@ impl Ctx<'_> {
     }
 }
 
+/// Open what a one-shot command works with; `parallel` calls may be in flight at once (apply),
+/// so the libvirt side is a pool of connections sized for them.
 fn with_host(
     args: &HostArgs,
+    parallel: usize,
     err: &mut dyn Write,
     body: impl FnOnce(&Ctx) -> std::io::Result<i32>,
 ) -> std::io::Result<i32> {
@@ -266,7 +270,7 @@ fn with_host(
     };
     let uri = resolve_uri(args.connect.as_deref());
     let network = args.network;
-    let host = match LibvirtHost::open(&uri) {
+    let host = match LibvirtPool::open(&uri, connections_for(&uri, parallel)) {
         Ok(h) => h,
         Err(e) => {
             writeln!(err, "error: {e}")?;
