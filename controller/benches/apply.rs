@@ -281,7 +281,7 @@ fn inside_testbed() {
     let big = &all[..all.len().min(50)];
     let dir = policy_dir("sweep", big, "");
     println!("\n== --parallel sweep: apply of {} stopped domains (wall)", big.len());
-    for p in [4usize, 8, 16, 32, 50] {
+    for p in [4usize, 8, 16, 20, 32, 50] {
         let mut v = Vec::new();
         for _ in 0..r.min(2) {
             stop_all(&hv, big);

@@ -202,16 +202,17 @@ impl StartupOrder {
     /// wait for. A domain in `pending` holds back later order groups until it runs, so a front
     /// end keeps a domain there while it is starting or waiting and drops it when it gives up.
     pub fn decide(&self, pending: &BTreeSet<String>, facts: &StartupFacts, now: Tick) -> StartDecision {
+        let gates = self.group_gates(pending, facts, now);
         let mut waiting: Vec<&Entry> = pending.iter().filter_map(|n| self.entry(n)).collect();
         waiting.sort_by_key(|e| self.start_key(&e.name));
         let mut decision = StartDecision::default();
         for e in waiting {
             let mut waits = Vec::new();
-            if let Some(w) = self.group_wait(e.rank, pending, facts, now) {
-                if let Wait::Delay { until, .. } = &w {
+            if let Some(Some(w)) = gates.get(&e.rank) {
+                if let Wait::Delay { until, .. } = w {
                     decision.wake_at = Some(decision.wake_at.map_or(*until, |t: Tick| t.min(*until)));
                 }
-                waits.push(w);
+                waits.push(w.clone());
             }
             for dep in &e.after {
                 let why = match facts.runs(dep) {
@@ -238,64 +239,96 @@ impl StartupOrder {
         decision
     }
 
-    /// The lowest earlier order group that still holds a domain of group `rank` back.
-    fn group_wait(&self, rank: u64, pending: &BTreeSet<String>, facts: &StartupFacts, now: Tick) -> Option<Wait> {
-        // Earlier groups, lowest first; within a group, policy order.
+    /// Per order group (by rank): what holds it back — the lowest earlier group that is not
+    /// done — or `None`. One pass over all domains, however many are pending.
+    fn group_gates(&self, pending: &BTreeSet<String>, facts: &StartupFacts, now: Tick) -> BTreeMap<u64, Option<Wait>> {
         let mut groups: BTreeMap<u64, Vec<&Entry>> = BTreeMap::new();
-        for e in self.entries.iter().filter(|e| e.rank < rank) {
+        for e in &self.entries {
             groups.entry(e.rank).or_default().push(e);
         }
-        for (group, members) in groups {
-            // Ranks below `rank` are real orders (the last group has the largest rank).
-            let order = u32::try_from(group).unwrap_or(u32::MAX);
-            let starting: Vec<String> = members
-                .iter()
-                .filter(|e| pending.contains(&e.name) && facts.runs(&e.name) != Some(true))
-                .map(|e| e.name.clone())
-                .collect();
-            if !starting.is_empty() {
-                return Some(Wait::Group { order, starting });
-            }
-            let latest = members
-                .iter()
-                .filter_map(|e| Some((e, facts.started_at.get(&e.name)?.saturating_add(e.delay?.as_std()))))
-                .filter(|(_, until)| *until > now)
-                .max_by_key(|(_, until)| *until);
-            if let Some((e, until)) = latest {
-                let delay = e.delay.unwrap_or_default();
-                return Some(Wait::Delay { order, domain: e.name.clone(), delay, until });
+        let mut gates = BTreeMap::new();
+        let mut first_block: Option<Wait> = None;
+        for (rank, members) in groups {
+            gates.insert(rank, first_block.clone());
+            if first_block.is_none() {
+                first_block = group_block(rank, &members, pending, facts, now);
             }
         }
-        None
+        gates
     }
 
     /// `stopping` grouped into waves, to run one after the other (each wave in parallel): the
-    /// reverse of the start order — later order groups first, and a domain before the domains
-    /// it starts `after`.
+    /// reverse of the start order — later order groups first, and within a group a domain
+    /// before the domains it starts `after`.
     pub fn stop_waves(&self, stopping: &[String]) -> Vec<Vec<String>> {
-        let mut left: Vec<&String> = stopping.iter().collect();
-        left.sort_by_key(|n| self.start_key(n));
-        left.dedup();
+        let mut names: Vec<&String> = stopping.iter().collect();
+        names.sort_by_key(|n| self.start_key(n));
+        names.dedup();
+        let mut by_rank: BTreeMap<std::cmp::Reverse<u64>, Vec<&String>> = BTreeMap::new();
+        for n in names {
+            by_rank.entry(std::cmp::Reverse(self.start_key(n).0)).or_default().push(n);
+        }
         let mut waves = Vec::new();
-        while !left.is_empty() {
-            // Stops first what nothing else still to stop depends on.
-            let must_wait = |n: &String| {
-                let (rank, _) = self.start_key(n);
-                left.iter().any(|other| {
-                    *other != n && (self.start_key(other).0 > rank || self.dependencies(other).contains(n))
-                })
-            };
-            let (wave, rest): (Vec<&String>, Vec<&String>) = left.iter().partition(|n| !must_wait(n));
-            if wave.is_empty() {
-                // Only a cycle can do this, and validation rejects cycles: stop the rest together.
-                waves.push(rest.into_iter().cloned().collect());
-                break;
+        for (_, mut left) in by_rank {
+            // Kahn's algorithm: a domain stops once every domain of its group that waits for it
+            // (`after`) has stopped.
+            let members: HashSet<&str> = left.iter().map(|n| n.as_str()).collect();
+            let mut dependents: HashMap<&str, usize> = HashMap::new();
+            for n in &left {
+                for dep in self.dependencies(n) {
+                    if members.contains(dep.as_str()) {
+                        *dependents.entry(dep.as_str()).or_default() += 1;
+                    }
+                }
             }
-            waves.push(wave.into_iter().cloned().collect());
-            left = rest;
+            while !left.is_empty() {
+                let (wave, rest): (Vec<&String>, Vec<&String>) =
+                    left.iter().partition(|n| dependents.get(n.as_str()).copied().unwrap_or(0) == 0);
+                if wave.is_empty() {
+                    // Only a cycle can do this, and validation rejects cycles: stop the rest together.
+                    waves.push(rest.into_iter().cloned().collect());
+                    break;
+                }
+                for n in &wave {
+                    for dep in self.dependencies(n) {
+                        if let Some(c) = dependents.get_mut(dep.as_str()) {
+                            *c = c.saturating_sub(1);
+                        }
+                    }
+                }
+                waves.push(wave.into_iter().cloned().collect());
+                left = rest;
+            }
         }
         waves
     }
+}
+
+/// What holds back the groups after this one: a member that is to start and does not run yet,
+/// else the latest-ending `delay` of a member that has not passed.
+fn group_block(
+    rank: u64,
+    members: &[&Entry],
+    pending: &BTreeSet<String>,
+    facts: &StartupFacts,
+    now: Tick,
+) -> Option<Wait> {
+    // Only the last group has no order, and nothing comes after it.
+    let order = u32::try_from(rank).ok()?;
+    let starting: Vec<String> = members
+        .iter()
+        .filter(|e| pending.contains(&e.name) && facts.runs(&e.name) != Some(true))
+        .map(|e| e.name.clone())
+        .collect();
+    if !starting.is_empty() {
+        return Some(Wait::Group { order, starting });
+    }
+    let latest = members
+        .iter()
+        .filter_map(|e| Some((e, facts.started_at.get(&e.name)?.saturating_add(e.delay?.as_std()))))
+        .filter(|(_, until)| *until > now)
+        .max_by_key(|(_, until)| *until);
+    latest.map(|(e, until)| Wait::Delay { order, domain: e.name.clone(), delay: e.delay.unwrap_or_default(), until })
 }
 
 /// Whether an action brings a domain up (what start ordering gates).
