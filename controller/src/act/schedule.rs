@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use virtwarden_policies::DesiredState;
 
 use super::execute::{execute_action, ActionOutcome};
-use crate::hypervisor::Hypervisor;
+use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::observe::paths::missing_paths;
 use crate::observe::DomainState;
 use crate::plan::startup::{is_start, is_stop, remember_wait, waits_text, StartupFacts, StartupOrder, Wait};
@@ -17,7 +17,8 @@ use crate::plan::Action;
 
 /// Default bound on concurrent actions in `apply` (`--parallel`): libvirtd serves 20 calls at
 /// once by default (`max_workers`), which the 4 pooled connections reach. `make bench-apply`
-/// measured 50 starts at 82 s (4), 50 s (8), 37 s (16), 30 s (32); see the README.
+/// measured 50 starts at 82 s (4), 52 s (8), 33 s (16), 36 s (20), 32 s (32), 29 s (50): past
+/// 16, noise (README).
 pub const DEFAULT_PARALLEL: usize = 20;
 
 /// How `apply` runs a plan.
@@ -65,7 +66,16 @@ impl<'scope, 'env> Pool<'scope, 'env> {
             for i in job.indexes {
                 let action = &actions[i];
                 let started = Instant::now();
-                let result = execute_action(hv, action);
+                // A panic must come back as a result: the scheduler waits for every job.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute_action(hv, action)))
+                    .unwrap_or_else(|_| {
+                        Err(HypervisorError::Failed {
+                            op: action.kind.name(),
+                            domain: action.domain.clone(),
+                            message: "panicked".into(),
+                        }
+                        .into())
+                    });
                 let millis = started.elapsed().as_millis();
                 match &result {
                     Ok(()) => {
