@@ -72,27 +72,16 @@ fn prepare_ansible() -> Result<(), String> {
 fn main() {
     if std::env::var_os("VW_TESTBED").is_none() {
         let ansible = match prepare_ansible() {
-            Ok(()) => "1".to_string(),
+            Ok(()) => "1",
             Err(e) => {
                 assert!(
                     std::env::var_os("BENCH_SKIP_ANSIBLE").is_some(),
                     "cannot prepare Ansible: {e}\n(BENCH_SKIP_ANSIBLE=1 runs the rest without it)"
                 );
-                "0".to_string()
+                "0"
             }
         };
-        let work = tempfile::Builder::new().prefix("vw-bench-apply-").tempdir().expect("work dir");
-        let status = Command::new("unshare")
-            .args(["--mount", "--net", "--pid", "--fork", "--mount-proc", "--"])
-            .arg(repo().join("tests/testbed/run-in-testbed.sh"))
-            .arg(work.path())
-            .arg(std::env::current_exe().expect("bench binary"))
-            .env("VW_TESTBED", "1")
-            .env("VW_WORK", work.path())
-            .env("VW_ANSIBLE", ansible)
-            .status()
-            .expect("unshare");
-        assert!(status.success(), "bench-apply failed in its testbed");
+        run_bench_in_testbed("bench-apply", &[("VW_ANSIBLE", ansible)]);
         return;
     }
     inside_testbed();
