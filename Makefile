@@ -12,7 +12,7 @@ DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps build run test test-fast bench bench-net bench-e2e bench-operator fuzz fmt lint crd schema clean
+.PHONY: help deps build run test test-fast bench bench-net bench-e2e bench-apply bench-operator fuzz fmt lint crd schema clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
@@ -76,6 +76,19 @@ bench-e2e: deps
 ## bench-operator: Kubernetes API requests per change with 1, 10 and 100 simulated nodes (in-memory API server).
 bench-operator: deps
 	$(CARGO) test -p virtwarden --test operator_scale -- --nocapture
+
+## bench-apply: apply of 16/50 stopped domains vs parallel `virsh start`, a --parallel sweep, one
+## connection vs a pool, Ansible's community.libvirt.virt on 20 domains, a mass crash under `run`
+## (private libvirtd + QEMU; BENCH_REPEAT runs per figure, default 5; BENCH_SKIP_ANSIBLE=1).
+bench-apply: deps
+	@for p in python3-libvirt python3-venv; do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(CARGO) bench -p virtwarden --bench apply
 
 ## bench-net: drift → repaired latency for port detach, STP flip, forwarding reset (private netns).
 bench-net: deps

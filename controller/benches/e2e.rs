@@ -33,17 +33,7 @@ fn row(name: &str, v: Vec<Duration>) -> f64 {
 fn main() {
     if std::env::var_os("VW_TESTBED").is_none() {
         build_guest();
-        let work = tempfile::Builder::new().prefix("vw-bench-").tempdir().expect("work dir");
-        let status = std::process::Command::new("unshare")
-            .args(["--mount", "--net", "--pid", "--fork", "--mount-proc", "--"])
-            .arg(repo().join("tests/testbed/run-in-testbed.sh"))
-            .arg(work.path())
-            .arg(std::env::current_exe().expect("bench binary"))
-            .env("VW_TESTBED", "1")
-            .env("VW_WORK", work.path())
-            .status()
-            .expect("unshare");
-        assert!(status.success(), "bench-e2e failed in its testbed");
+        run_bench_in_testbed("bench-e2e", &[]);
         return;
     }
     let n = crashes();

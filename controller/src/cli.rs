@@ -9,16 +9,19 @@ use clap::{Parser, Subcommand, ValueEnum};
 use virtwarden_policies::{load_paths_with, LoadError, LoadedPolicies, TrustMode, TrustedOwners};
 
 use crate::act::network::{apply_net_actions, observe_net};
-use crate::act::{apply_plan, ApplyReport};
+use crate::act::{apply_plan_with, ApplyOptions, ApplyReport};
 use crate::diagnose::{self, DiagnoseSource, DomainReport, Target};
 use crate::exit;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
 use crate::hypervisor::Hypervisor;
+use crate::libvirt::pool::{connections_for, LibvirtPool};
 use crate::libvirt::{resolve_uri, LibvirtHost};
 use crate::memory::{Memory, MemoryStore};
+use crate::observe::paths::missing_paths;
 use crate::observe::{ObservedHost, ObservedNet};
-use crate::plan::{plan_with, render_text, ActionKind, Plan};
+use crate::plan::startup::waits_text;
+use crate::plan::{plan_ordered_with, render_text, ActionKind, Plan};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -153,7 +156,13 @@ pub enum Command {
     /// Show what apply would change, without changing anything.
     Plan(HostArgs),
     /// Change the host to match the policies, then re-read it and verify.
-    Apply(HostArgs),
+    Apply {
+        #[command(flatten)]
+        host: HostArgs,
+        /// At most this many domains are acted on at once (each domain's own actions run in order).
+        #[arg(long, default_value_t = crate::act::DEFAULT_PARALLEL, value_parser = parse_parallel)]
+        parallel: usize,
+    },
     /// Run as a host service: react to libvirt events and policy changes, resync periodically.
     Run {
         /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
@@ -239,13 +248,22 @@ pub enum Command {
     Diagnose(DiagnoseArgs),
 }
 
+fn parse_parallel(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!("`{text}` is not a number from 1 to 1024")),
+    }
+}
+
 /// Run a one-shot command, writing results to `out` and problems to `err`. Returns the exit code.
 pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let result = match command {
         Command::Check { paths } => check(&paths, out, err),
-        Command::Plan(a) => with_host(&a, None, warn_ownership(), err, |ctx| plan_cmd(ctx, a.output, out)),
-        Command::Apply(a) => {
-            with_host(&a, Some("apply"), enforce_ownership(), err, |ctx| apply_cmd(ctx, a.output, out))
+        Command::Plan(a) => with_host(&a, None, 1, warn_ownership(), err, |ctx| plan_cmd(ctx, a.output, out)),
+        Command::Apply { host: a, parallel } => {
+            with_host(&a, Some("apply"), parallel, enforce_ownership(), err, |ctx| {
+                apply_cmd(ctx, a.output, &ApplyOptions { parallel }, out)
+            })
         }
         Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
         Command::Run { connect, resync, metrics_addr, state_dir, data_dir, lock_file, network, paths } => {
@@ -381,13 +399,17 @@ impl Ctx<'_> {
     }
 
     fn plan(&self) -> std::io::Result<Plan> {
-        Ok(plan_with(&self.loaded.desired, &self.observe()?, &self.memory))
+        let desired = &self.loaded.desired;
+        Ok(plan_ordered_with(desired, &self.observe()?, &missing_paths(desired), &self.memory))
     }
 }
 
+/// Open what a one-shot command works with; `parallel` calls may be in flight at once (apply),
+/// so the libvirt side is a pool of connections sized for them.
 fn with_host(
     args: &HostArgs,
     lock_for: Option<&str>,
+    parallel: usize,
     mode: TrustMode,
     err: &mut dyn Write,
     body: impl FnOnce(&Ctx) -> std::io::Result<i32>,
@@ -410,7 +432,7 @@ fn with_host(
     }
     let uri = resolve_uri(args.connect.as_deref());
     let network = args.network;
-    let host = match LibvirtHost::open(&uri) {
+    let host = match LibvirtPool::open(&uri, connections_for(&uri, parallel)) {
         Ok(h) => h,
         Err(e) => {
             writeln!(err, "error: {e}")?;
@@ -495,14 +517,15 @@ impl Ctx<'_> {
 /// Network changes that did not stick are tried again this many times, with backoff.
 const NET_RETRIES: u32 = 3;
 
-fn apply_cmd(ctx: &Ctx, output: Output, out: &mut dyn Write) -> std::io::Result<i32> {
+fn apply_cmd(ctx: &Ctx, output: Output, opts: &ApplyOptions, out: &mut dyn Write) -> std::io::Result<i32> {
     let p = ctx.plan()?;
     let mut network_outcomes = Vec::new();
     if let Some(net) = &ctx.net {
         network_outcomes = net.rt.block_on(apply_net_actions(&net.net, &net.fwd, &p.network));
     }
-    let mut report = apply_plan(ctx.hv, &ctx.loaded.desired, &p).map_err(std::io::Error::other)?;
-    report.remaining = plan_with(&ctx.loaded.desired, &ctx.observe()?, &ctx.memory);
+    let mut report = apply_plan_with(ctx.hv, &ctx.loaded.desired, &p, opts).map_err(std::io::Error::other)?;
+    // Verified against what is remembered too (why domains are off).
+    report.remaining = ctx.plan()?;
     if let Some(net) = &ctx.net {
         // Verify the network by reading it back; retry what did not stick.
         let mut delay = std::time::Duration::from_millis(100);
@@ -557,9 +580,14 @@ fn write_apply_text(
             }
         }
         for o in &report.outcomes {
-            match &o.error {
-                None => writeln!(out, "  ok      {} ({} ms)", o.action.line(), o.millis)?,
-                Some(e) => {
+            let waited = match o.waited_for.as_slice() {
+                [] => String::new(),
+                w => format!("; {} ms after it {}", o.waited_ms, waits_text(w).replacen("waits", "waited", 1)),
+            };
+            match (&o.held, &o.error) {
+                (Some(w), _) => writeln!(out, "  HELD    {}: not started, {}", o.action.line(), waits_text(w))?,
+                (None, None) => writeln!(out, "  ok      {} ({} ms{waited})", o.action.line(), o.millis)?,
+                (None, Some(e)) => {
                     writeln!(out, "  FAILED  {}: {e}", o.action.line())?;
                     let why = diagnosis
                         .iter()
@@ -579,11 +607,15 @@ fn write_apply_text(
     if report.converged() {
         writeln!(out, "converged")?;
     } else {
+        let held = match report.held() {
+            0 => String::new(),
+            n => format!(", {n} held"),
+        };
         writeln!(
             out,
-            "NOT converged: {} action(s) failed, {} still planned",
+            "NOT converged: {} action(s) failed{held}, {} still planned",
             report.failed(),
-            report.remaining.actions.len()
+            report.remaining.actions.len() + report.remaining.held.len()
         )?;
     }
     Ok(())

@@ -128,3 +128,32 @@ fn schema_is_json_and_help_documents_exit_codes() {
     let help = text(&virtwarden(&["--help"]).stdout);
     assert!(help.contains("plan    0 in sync, 3 drift found, 2 invalid policy, 1 runtime error"), "{help}");
 }
+
+#[test]
+fn a_held_start_is_drift_for_plan_and_not_converged_for_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: {name: p}\nspec:\n  domains:\n    - name: legacy\n      state: stopped\n    - name: web1\n      startup: {after: [legacy]}\n",
+    )
+    .unwrap();
+    let line = "web1: shut off (unknown), policy wants running → start";
+    let out = virtwarden(&["plan", "-c", &testbed(), file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains(&format!("{line} (held: waits for legacy (not running))\n")), "{stdout}");
+    assert!(stdout.ends_with("0 actions planned, 1 held\n"), "{stdout}");
+    let out = virtwarden(&["apply", "-c", &testbed(), "--parallel", "4", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.ends_with("NOT converged: 0 action(s) failed, 1 still planned\n"), "{stdout}");
+}
+
+#[test]
+fn apply_rejects_a_parallel_bound_of_zero() {
+    let policies = repo().join("examples/policies");
+    let out = virtwarden(&["apply", "-c", &testbed(), "--parallel", "0", policies.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`0` is not a number from 1 to 1024"), "{}", text(&out.stderr));
+}

@@ -3,6 +3,7 @@
 //! reading policy files and checking who may have written them.
 
 pub mod bounds;
+pub mod dependencies;
 pub mod desired;
 pub mod duration;
 pub mod health;

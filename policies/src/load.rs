@@ -6,6 +6,7 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::dependencies::check_dependencies;
 use crate::desired::DesiredState;
 use crate::locate::{index_documents, DocumentIndex, Position};
 use crate::merge::{merge, Site};
@@ -225,6 +226,10 @@ pub fn load_texts<'a>(inputs: impl IntoIterator<Item = (&'a Path, &'a str)>) -> 
             format!("{} is already declared at {first}", c.subject),
             Some("each domain, bridge, port, forwarding switch and policy name may be declared once across all policy files".into()),
         ));
+    }
+    for issue in check_dependencies(&policies) {
+        let doc = &documents[issue.site.document];
+        diagnostics.push(doc.diagnostic(&issue.site.path, issue.message, Some(issue.hint)));
     }
     if !diagnostics.is_empty() {
         return Err(LoadError::Invalid(diagnostics));

@@ -152,6 +152,7 @@ fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
     if let Some(ladder) = &d.remediation {
         validate_ladder(&format!("{at}.remediation"), ladder, issues);
     }
+    crate::dependencies::validate_startup(at, d, issues);
 }
 
 fn validate_ladder(at: &str, ladder: &[RemediationStep], issues: &mut Vec<Issue>) {

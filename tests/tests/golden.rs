@@ -1,9 +1,11 @@
 //! Golden plans: each `tests/golden/<case>/` holds `policy.yaml`, `observed.yaml` (an observed
 //! host) and `plan.txt` (the exact plan text). Adding a case means adding files, not code.
 //! `UPDATE_GOLDEN=1 cargo test --test golden` rewrites `plan.txt` after a deliberate change.
+//! The plan is the one `virtwarden plan` prints (start ordering applied); an optional
+//! `missing-paths.txt` lists required paths that do not exist, one a line.
 
 use virtwarden::observe::ObservedHost;
-use virtwarden::plan::{plan, render_text};
+use virtwarden::plan::{plan_ordered, render_text};
 use virtwarden_policies::load_paths;
 use virtwarden_tests::{repo_path, sorted_entries};
 
@@ -20,7 +22,10 @@ fn golden_plans_match() {
         let observed_text = std::fs::read_to_string(case.join("observed.yaml")).unwrap();
         let observed: ObservedHost = serde_saphyr::from_str(&observed_text)
             .unwrap_or_else(|e| panic!("{}: observed.yaml invalid: {e}", case.display()));
-        let got = render_text(&plan(&desired, &observed));
+        let missing = std::fs::read_to_string(case.join("missing-paths.txt"))
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default();
+        let got = render_text(&plan_ordered(&desired, &observed, &missing));
         let plan_file = case.join("plan.txt");
         if update {
             std::fs::write(&plan_file, &got).unwrap();

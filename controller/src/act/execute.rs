@@ -7,9 +7,12 @@ use serde::Serialize;
 use virtwarden_policies::DesiredState;
 
 use super::boot_xml::{rewrite_boot_order, BootXmlError};
+use super::schedule::{run_actions, ApplyOptions};
 use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::observe::paths::missing_paths;
 use crate::observe::DomainState;
-use crate::plan::{plan, Action, ActionKind, Plan};
+use crate::plan::startup::Wait;
+use crate::plan::{plan_ordered, Action, ActionKind, Plan};
 
 /// How often a graceful shutdown is checked on.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
@@ -29,6 +32,19 @@ pub struct ActionOutcome {
     /// `None` on success, else the error text.
     pub error: Option<String>,
     pub millis: u128,
+    /// What a start waited for before it could run (start ordering); empty when nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waited_for: Vec<Wait>,
+    /// How long it waited.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub waited_ms: u128,
+    /// Not carried out: what the start still waited for when nothing else could change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<Vec<Wait>>,
+}
+
+fn is_zero(n: &u128) -> bool {
+    *n == 0
 }
 
 /// The result of applying a plan and verifying it.
@@ -47,9 +63,14 @@ impl ApplyReport {
             + self.network_outcomes.iter().filter(|o| o.error.is_some()).count()
     }
 
+    /// Starts not carried out because what they wait for did not happen.
+    pub fn held(&self) -> usize {
+        self.outcomes.iter().filter(|o| o.held.is_some()).count()
+    }
+
     /// Every action succeeded and a fresh plan is empty.
     pub fn converged(&self) -> bool {
-        self.failed() == 0 && self.remaining.is_empty()
+        self.failed() == 0 && self.held() == 0 && self.remaining.is_empty()
     }
 }
 
@@ -94,27 +115,26 @@ fn shutdown(hv: &dyn Hypervisor, name: &str, timeout: Duration) -> Result<(), Hy
     }
 }
 
-/// Execute `plan` in order, continuing past failures, then observe again and re-plan.
+/// Execute `plan` with the default options; see [`apply_plan_with`].
 pub fn apply_plan(
     hv: &dyn Hypervisor,
     desired: &DesiredState,
     to_apply: &Plan,
 ) -> Result<ApplyReport, HypervisorError> {
-    let mut outcomes = Vec::with_capacity(to_apply.actions.len());
-    for action in &to_apply.actions {
-        let started = Instant::now();
-        let result = execute_action(hv, action);
-        let millis = started.elapsed().as_millis();
-        match &result {
-            Ok(()) => {
-                tracing::info!(domain = %action.domain, action = action.kind.name(), millis, "action done")
-            }
-            Err(err) => {
-                tracing::warn!(domain = %action.domain, action = action.kind.name(), %err, "action failed")
-            }
-        }
-        outcomes.push(ActionOutcome { action: action.clone(), error: result.err().map(|e| e.to_string()), millis });
-    }
+    apply_plan_with(hv, desired, to_apply, &ApplyOptions::default())
+}
+
+/// Execute `plan` — different domains in parallel, each domain's actions in order,
+/// configuration before stops before starts, starts as start ordering allows — continuing past
+/// failures, then observe again and re-plan. Outcomes are in plan order.
+pub fn apply_plan_with(
+    hv: &dyn Hypervisor,
+    desired: &DesiredState,
+    to_apply: &Plan,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, HypervisorError> {
+    let outcomes = run_actions(hv, desired, &to_apply.actions, opts);
     let observed = hv.observe_host()?;
-    Ok(ApplyReport { network_outcomes: Vec::new(), outcomes, remaining: plan(desired, &observed) })
+    let remaining = plan_ordered(desired, &observed, &missing_paths(desired));
+    Ok(ApplyReport { network_outcomes: Vec::new(), outcomes, remaining })
 }

@@ -7,5 +7,7 @@ pub mod hook;
 pub mod network;
 pub mod remediation;
 pub mod retry;
+mod schedule;
 
-pub use execute::{apply_plan, execute_action, ActError, ActionOutcome, ApplyReport};
+pub use execute::{apply_plan, apply_plan_with, execute_action, ActError, ActionOutcome, ApplyReport};
+pub use schedule::{ApplyOptions, DEFAULT_PARALLEL};

@@ -69,6 +69,22 @@ pub trait DiagnoseSource {
     fn dac_base_label(&self, virt_type: &str) -> Option<String>;
 }
 
+/// A pool diagnoses through its first connection.
+impl DiagnoseSource for crate::libvirt::pool::LibvirtPool {
+    fn uri(&self) -> String {
+        DiagnoseSource::uri(self.first())
+    }
+    fn domain(&self, name: &str) -> Result<Option<DomainFacts>, HypervisorError> {
+        self.first().domain(name)
+    }
+    fn networks(&self) -> Result<Vec<NetworkFacts>, HypervisorError> {
+        self.first().networks()
+    }
+    fn dac_base_label(&self, virt_type: &str) -> Option<String> {
+        self.first().dac_base_label(virt_type)
+    }
+}
+
 impl DiagnoseSource for LibvirtHost {
     fn uri(&self) -> String {
         LibvirtHost::uri(self).to_string()

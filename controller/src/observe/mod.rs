@@ -4,6 +4,7 @@ pub mod console;
 pub mod domain_xml;
 pub mod model;
 pub mod net;
+pub mod paths;
 pub mod reason;
 
 pub use model::*;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use virtwarden_crd::tolerant::WatchedHostPolicy;
 use virtwarden_crd::HostPolicyResourceSpec;
+use virtwarden_policies::dependencies::check_dependencies;
 use virtwarden_policies::merge::merge;
 use virtwarden_policies::validate::validate_document;
 use virtwarden_policies::{DesiredState, HostPolicy, Metadata, API_VERSION, KIND};
@@ -66,6 +67,7 @@ pub fn select(policies: &[Arc<WatchedHostPolicy>], labels: &BTreeMap<String, Str
             sel.invalid.insert(name, issues.into_iter().map(|i| format!("{}: {}", i.path, i.message)).collect());
         }
     }
+    drop_unmet_dependencies(&mut docs, &mut sel);
     let (desired, conflicts) = merge(&docs);
     for c in conflicts {
         let a = docs[c.first.document].metadata.name.clone();
@@ -75,6 +77,38 @@ pub fn select(policies: &[Arc<WatchedHostPolicy>], labels: &BTreeMap<String, Str
     }
     sel.desired = desired;
     sel
+}
+
+/// `startup.after` across policies, checked like policy files are: a policy whose waits can
+/// never be met (a domain no policy manages, a later order group, a cycle) is invalid and not
+/// applied. Dropping one can leave another waiting for a domain only it managed, so repeat
+/// until none is left (each round drops at least one policy).
+fn drop_unmet_dependencies(docs: &mut Vec<HostPolicy>, sel: &mut Selection) {
+    loop {
+        let issues = check_dependencies(docs);
+        if issues.is_empty() {
+            return;
+        }
+        let mut bad = std::collections::BTreeSet::new();
+        for issue in issues {
+            let holder = docs[issue.site.document].metadata.name.clone();
+            for &d in &issue.documents {
+                bad.insert(d);
+                let name = docs[d].metadata.name.clone();
+                let text = if name == holder {
+                    format!("{}: {}", issue.site.path, issue.message)
+                } else {
+                    format!("{} (at {} of policy {holder})", issue.message, issue.site.path)
+                };
+                sel.invalid.entry(name).or_default().push(text);
+            }
+        }
+        let mut index = 0;
+        docs.retain(|_| {
+            index += 1;
+            !bad.contains(&(index - 1))
+        });
+    }
 }
 
 #[cfg(test)]
@@ -125,6 +159,52 @@ mod tests {
         assert_eq!(names, ["x", "y"], "the conflicting domain comes from neither");
         assert_eq!(s.conflicts["p1"], ["domain `web` is also declared by policy p2"]);
         assert_eq!(s.conflicts["p2"], ["domain `web` is also declared by policy p1"]);
+    }
+
+    #[test]
+    fn unmet_dependencies_across_policies_invalidate_the_waiting_policy() {
+        use virtwarden_policies::Startup;
+        let after = |p: &mut HostPolicyResource, dep: &str| {
+            p.spec.policy.domains[0].startup = Some(Startup { after: vec![dep.into()], ..Default::default() });
+        };
+        let mut web = resource("web", None, &["web1"]);
+        after(&mut web, "db1");
+        let web: Arc<WatchedHostPolicy> = Arc::new(web.into());
+        let mut batch = resource("batch", None, &["batch1"]);
+        after(&mut batch, "web1");
+        let batch: Arc<WatchedHostPolicy> = Arc::new(batch.into());
+        // db1's policy selects another node: web waits for a domain nobody manages here, and
+        // once web is dropped, batch waits for web1, which then nobody manages either.
+        let db = policy("db", Some(&[("role", "db")]), &["db1"]);
+        let s = select(&[web.clone(), batch.clone(), db.clone(), policy("other", None, &["x"])], &labels(&[]));
+        assert_eq!(
+            s.invalid["web"],
+            ["spec.domains[0].startup.after[0]: `after` names `db1`, which no policy manages"]
+        );
+        assert_eq!(
+            s.invalid["batch"],
+            ["spec.domains[0].startup.after[0]: `after` names `web1`, which no policy manages"]
+        );
+        let names: Vec<&str> = s.desired.domains.iter().map(|d| d.spec.name.as_str()).collect();
+        assert_eq!(names, ["x"]);
+        // With db selected too, everything is applied.
+        let s = select(&[web, batch, db], &labels(&[("role", "db")]));
+        assert!(s.invalid.is_empty(), "{:?}", s.invalid);
+        assert_eq!(s.desired.domains.len(), 3);
+    }
+
+    #[test]
+    fn a_cycle_across_policies_is_reported_on_each() {
+        use virtwarden_policies::Startup;
+        let mut a = resource("a", None, &["a1"]);
+        a.spec.policy.domains[0].startup = Some(Startup { after: vec!["b1".into()], ..Default::default() });
+        let mut b = resource("b", None, &["b1"]);
+        b.spec.policy.domains[0].startup = Some(Startup { after: vec!["a1".into()], ..Default::default() });
+        let s = select(&[Arc::new(a.into()), Arc::new(b.into()), policy("c", None, &["c1"])], &labels(&[]));
+        let cycle = "dependency cycle: a1 → b1 → a1 (each waits for the next)";
+        assert_eq!(s.invalid["a"], [format!("spec.domains[0].startup.after[0]: {cycle}")]);
+        assert_eq!(s.invalid["b"], [format!("{cycle} (at spec.domains[0].startup.after[0] of policy a)")]);
+        assert_eq!(s.desired.domains.len(), 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod flap;
 pub mod network;
 mod render;
 pub mod restart;
+pub mod startup;
 
 use serde::Serialize;
 use virtwarden_policies::{BootDevice, DesiredState, Duration};
@@ -128,13 +129,17 @@ pub struct Plan {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub network: Vec<network::NetAction>,
     pub actions: Vec<Action>,
+    /// Starts held back by start ordering (`startup:`): what each waits for. Only
+    /// [`startup::order_plan`] fills it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<startup::HeldAction>,
     pub notes: Vec<Note>,
 }
 
 impl Plan {
     /// Nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.actions.is_empty() && self.network.is_empty()
+        self.actions.is_empty() && self.network.is_empty() && self.held.is_empty()
     }
 
     /// Number of planned changes.
@@ -164,6 +169,28 @@ pub fn plan_with(desired: &DesiredState, observed: &ObservedHost, memory: &Memor
     plan.network = network;
     plan.notes.extend(notes);
     plan
+}
+
+/// The plan of a one-shot `plan` or `apply`: [`plan`] with start ordering applied
+/// ([`startup::order_plan`]); `missing_paths` are the required paths that do not exist.
+pub fn plan_ordered(
+    desired: &DesiredState,
+    observed: &ObservedHost,
+    missing_paths: &std::collections::HashSet<String>,
+) -> Plan {
+    plan_ordered_with(desired, observed, missing_paths, &Memory::empty())
+}
+
+/// [`plan_ordered`] with what the durable memory remembers (see [`plan_with`]).
+pub fn plan_ordered_with(
+    desired: &DesiredState,
+    observed: &ObservedHost,
+    missing_paths: &std::collections::HashSet<String>,
+    memory: &Memory,
+) -> Plan {
+    let mut p = plan_with(desired, observed, memory);
+    startup::order_plan(desired, observed, missing_paths, &mut p);
+    p
 }
 
 /// A domain whose bridge is missing fails to start (`Cannot get interface MTU`): start it only

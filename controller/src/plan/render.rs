@@ -13,15 +13,23 @@ pub fn render_text(plan: &Plan) -> String {
         out.push_str(&action.line());
         out.push('\n');
     }
+    for held in &plan.held {
+        out.push_str(&held.line());
+        out.push('\n');
+    }
     for note in &plan.notes {
         out.push_str(&note.line());
         out.push('\n');
     }
     let n = plan.len();
-    if n == 0 {
+    let held = match plan.held.len() {
+        0 => String::new(),
+        h => format!(", {h} held"),
+    };
+    if n == 0 && held.is_empty() {
         out.push_str("in sync: nothing to do\n");
     } else {
-        out.push_str(&format!("{n} action{} planned\n", if n == 1 { "" } else { "s" }));
+        out.push_str(&format!("{n} action{} planned{held}\n", if n == 1 { "" } else { "s" }));
     }
     out
 }

@@ -59,6 +59,23 @@ fn inside_as(test_name: &str, qemu_user: &str) -> bool {
     false
 }
 
+/// Re-run the calling bench binary as the first process of the testbed, with `env` set, and
+/// wait for it; panics with `what` when it fails. Inside, `VW_TESTBED` and `VW_WORK` are set.
+pub fn run_bench_in_testbed(what: &str, env: &[(&str, &str)]) {
+    let work = tempfile::Builder::new().prefix("vw-bench-").tempdir().expect("work dir");
+    let status = Command::new("unshare")
+        .args(["--mount", "--net", "--pid", "--fork", "--mount-proc", "--"])
+        .arg(repo().join("tests/testbed/run-in-testbed.sh"))
+        .arg(work.path())
+        .arg(std::env::current_exe().expect("bench binary"))
+        .env("VW_TESTBED", "1")
+        .env("VW_WORK", work.path())
+        .envs(env.iter().copied())
+        .status()
+        .expect("unshare");
+    assert!(status.success(), "{what} failed in its testbed");
+}
+
 /// The Linux guest's kernel and initramfs (built from Debian packages, cached under target/).
 pub fn guest_dir() -> PathBuf {
     repo().join("target/e2e-guest")
