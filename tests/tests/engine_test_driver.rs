@@ -156,6 +156,9 @@ async fn run_then_crash_loop_walks_the_ladder_then_quarantines() {
     assert_eq!(d.restarts, 4);
     assert!(d.quarantined.as_deref().unwrap().starts_with("4 restarts within 1h"), "{d:#?}");
     assert_eq!(r.state("web2"), DomainState::ShutOff, "quarantined domains stay down");
+    let metrics = r.engine.metrics_text();
+    assert!(metrics.contains("virtwarden_domain_quarantined{domain=\"web2\"} 1"), "{metrics}");
+    assert!(metrics.contains("virtwarden_quarantined_domains 1"), "{metrics}");
     // Steps: attempt 1 start (immediate), 2 destroy-start, 3 and 4 exec (the hook ran twice).
     let hook_log = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = hook_log.lines().collect();
@@ -175,6 +178,8 @@ async fn run_then_crash_loop_walks_the_ladder_then_quarantines() {
         domain(s, "web2").quarantined.is_none() && domain(s, "web2").state.starts_with("running")
     })
     .await;
+    let metrics = r.engine.metrics_text();
+    assert!(metrics.contains("virtwarden_domain_quarantined{domain=\"web2\"} 0"), "{metrics}");
     r.stop().await;
 }
 

@@ -36,6 +36,7 @@ async fn healthz_fails_once_the_engine_no_longer_answers() {
     let (code, metrics) = get(addr, "/metrics").await;
     assert_eq!(code, 200);
     assert!(metrics.contains("virtwarden_connected 1"), "{metrics}");
+    assert!(metrics.contains("virtwarden_ready 1"), "{metrics}");
 
     engine.shutdown();
     tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();

@@ -262,6 +262,7 @@ impl Engine {
         self.connection = None;
         *self.shared.connected_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.shared.metrics.connected.set(0);
+        self.shared.metrics.ready.set(0);
         self.shared.meta.lock().unwrap_or_else(|p| p.into_inner()).connected = false;
         self.shared.mark_dirty();
         // Tap actions wait while domain data is stale.

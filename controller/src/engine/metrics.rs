@@ -39,7 +39,11 @@ pub struct Metrics {
     pub reconcile_seconds: Histogram,
     pub event_lag_seconds: Histogram,
     pub quarantined: Gauge,
+    /// 1 for each managed domain that is quarantined, 0 otherwise (for alerts naming it).
+    pub domain_quarantined: Family<DomainLabel, Gauge>,
     pub connected: Gauge,
+    /// 1 once connected and the first resync round is done (what `/readyz` says), 0 otherwise.
+    pub ready: Gauge,
     pub worker_panics: Counter,
     pub hooks_refused: Family<RefusalLabel, Counter>,
     /// Repairs that started or extended a backoff because another writer keeps changing an
@@ -59,6 +63,8 @@ impl Default for Metrics {
         let event_lag_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
         let quarantined = Gauge::default();
         let connected = Gauge::default();
+        let ready = Gauge::default();
+        let domain_quarantined = Family::<DomainLabel, Gauge>::default();
         let worker_panics = Counter::default();
         registry.register("restarts", "Restarts issued, by domain", restarts.clone());
         registry.register("actions", "Actions carried out, by kind and result (ok|error)", actions.clone());
@@ -70,7 +76,13 @@ impl Default for Metrics {
             event_lag_seconds.clone(),
         );
         registry.register("quarantined_domains", "Domains with automatic restarts stopped", quarantined.clone());
+        registry.register(
+            "domain_quarantined",
+            "1 while the domain is quarantined (no more automatic restarts until `virtwarden release`)",
+            domain_quarantined.clone(),
+        );
         registry.register("connected", "1 while the libvirt connection is up", connected.clone());
+        registry.register("ready", "1 once connected and the first resync is done", ready.clone());
         registry.register(
             "worker_panics",
             "Domain workers that panicked and were restarted (a bug: please report it)",
@@ -102,7 +114,9 @@ impl Default for Metrics {
             reconcile_seconds,
             event_lag_seconds,
             quarantined,
+            domain_quarantined,
             connected,
+            ready,
             worker_panics,
             hooks_refused,
             writer_conflicts,

@@ -90,6 +90,8 @@ impl Shared {
             let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
             let Some(entry) = book.get_mut(name) else { return };
             f(entry);
+            let label = super::metrics::DomainLabel { domain: name.to_string() };
+            self.metrics.domain_quarantined.get_or_create(&label).set(i64::from(entry.quarantined.is_some()));
             let quarantined = book.values().filter(|d| d.quarantined.is_some()).count();
             self.metrics.quarantined.set(quarantined as i64);
         }
@@ -105,6 +107,7 @@ impl Shared {
     /// Forget a domain that is no longer managed.
     pub(super) fn remove_domain(&self, name: &str) {
         self.book.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.metrics.domain_quarantined.remove(&super::metrics::DomainLabel { domain: name.to_string() });
         self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         self.mark_dirty();
     }
@@ -203,6 +206,9 @@ impl Shared {
     fn round_complete(&self) {
         self.resync.lock().unwrap_or_else(|p| p.into_inner()).last_done = Some(Instant::now());
         crate::engine::release_free_memory();
+        if self.hypervisor().is_some() {
+            self.metrics.ready.set(1);
+        }
         if self.hypervisor().is_some() && !self.ready.swap(true, Ordering::Relaxed) {
             let managed = self.book.lock().map(|b| b.len()).unwrap_or(0);
             tracing::info!(managed, "first resync done; ready");
