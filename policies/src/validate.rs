@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 
+mod health;
+
 use crate::types::{
     BridgePolicy, DesiredDomainState, DomainPolicy, HostPolicy, RemediationAction, RemediationStep, RestartPolicy,
     API_VERSION, FORWARD_DELAY_RANGE, HELLO_TIME_RANGE, KIND, MAX_AGE_RANGE,
@@ -155,6 +157,9 @@ fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
     }
     if let Some(ladder) = &d.remediation {
         validate_ladder(&format!("{at}.remediation"), ladder, issues);
+    }
+    if let Some(h) = &d.health {
+        health::validate_health(&format!("{at}.health"), h, issues);
     }
 }
 
