@@ -2,6 +2,7 @@
 //! human reason. No I/O here; everything it reads is a value.
 
 mod domains;
+pub mod health;
 pub mod network;
 mod render;
 pub mod restart;
