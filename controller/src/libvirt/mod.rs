@@ -12,6 +12,7 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
 pub mod events;
+pub mod guest;
 
 use crate::hypervisor::{DomainControl, DomainReader, HypervisorError};
 use crate::observe::domain_xml::parse_domain_xml;

@@ -2,6 +2,7 @@
 
 pub mod console;
 pub mod domain_xml;
+pub mod guest_devices;
 pub mod model;
 pub mod net;
 
