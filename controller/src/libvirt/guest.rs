@@ -9,6 +9,7 @@ use virt::domain::Domain;
 use super::LibvirtHost;
 use crate::guest::{AddressSource, GuestAccess, GuestInterface};
 use crate::hypervisor::HypervisorError;
+use crate::observe::arp::{read_arp_table, PROC_NET_ARP};
 use crate::observe::guest_devices::{parse_guest_devices, GuestDevices};
 
 const PING: &str = r#"{"execute":"guest-ping"}"#;
@@ -41,11 +42,11 @@ impl GuestAccess for LibvirtHost {
             AddressSource::Lease => virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
             AddressSource::Arp => virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
         };
-        let ifaces = dom.interface_addresses(raw, 0).map_err(|source| HypervisorError::Call {
-            op,
-            domain: domain.into(),
-            source,
-        })?;
+        let ifaces = match dom.interface_addresses(raw, 0) {
+            Ok(ifaces) => ifaces,
+            Err(e) if source == AddressSource::Arp => return arp_fallback(domain, e),
+            Err(e) => return Err(HypervisorError::Call { op, domain: domain.into(), source: e }),
+        };
         Ok(ifaces
             .into_iter()
             .map(|i| GuestInterface {
@@ -69,4 +70,19 @@ impl GuestAccess for LibvirtHost {
             source,
         })
     }
+}
+
+/// libvirt's ARP source failed (libvirt 9.0 cannot parse this kernel's neighbour dump): read the
+/// same table from /proc, in this process's network namespace (libvirtd's, on a host).
+fn arp_fallback(domain: &str, libvirt_error: virt::error::Error) -> Result<Vec<GuestInterface>, HypervisorError> {
+    let entries = read_arp_table(std::path::Path::new(PROC_NET_ARP)).map_err(|e| HypervisorError::Failed {
+        op: "domifaddr --source arp",
+        domain: domain.into(),
+        message: format!("{}; reading {PROC_NET_ARP} instead: {e}", libvirt_error.message()),
+    })?;
+    tracing::debug!(domain, error = %libvirt_error.message(), "libvirt's ARP source failed; read {PROC_NET_ARP}");
+    Ok(entries
+        .into_iter()
+        .map(|e| GuestInterface { name: e.device, mac: Some(e.mac), addrs: vec![IpAddr::V4(e.ip)] })
+        .collect())
 }
