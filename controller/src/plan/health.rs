@@ -18,6 +18,18 @@ use virtwarden_policies::Health;
 pub use super::restart::Tick;
 use crate::observe::console::{firmware_boot_failure, FirmwareFailure};
 
+/// Probe times are rounded up to this, so that many guests' probes share a wake-up of the host
+/// (1,000 guests at a 10 s period: 10 wake-ups a second instead of 100).
+pub const WAKE_QUANTUM: Duration = Duration::from_millis(100);
+
+/// When a driver should wake for something due at `at`: the next multiple of [`WAKE_QUANTUM`]
+/// (never earlier than `at`, at most one quantum later).
+pub fn wake_at(at: Tick) -> Tick {
+    let q = WAKE_QUANTUM.as_nanos();
+    let rounded = at.as_nanos().div_ceil(q) * q;
+    Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX))
+}
+
 /// A domain's health settings with the policy's defaults applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthSettings {
@@ -976,6 +988,14 @@ mod tests {
         m.set_settings(HealthSettings { period: s(5), timeout: s(1), failure_threshold: 1, boot_timeout: s(30) });
         assert_eq!(m.view().state, HealthState::Booting { since: s(0), deadline: s(30) });
         assert_eq!(m.poll(s(0), no_console), Step::WaitUntil(s(5)));
+    }
+
+    #[test]
+    fn wake_ups_are_rounded_up_to_the_quantum() {
+        assert_eq!(wake_at(Duration::ZERO), Duration::ZERO);
+        assert_eq!(wake_at(Duration::from_millis(1)), Duration::from_millis(100));
+        assert_eq!(wake_at(Duration::from_millis(100)), Duration::from_millis(100));
+        assert_eq!(wake_at(Duration::from_millis(10_001)), Duration::from_millis(10_100));
     }
 
     #[test]

@@ -13,12 +13,20 @@ use crate::plan::health::ProbeFailure;
 
 /// Connect to `addr`; the connection is closed again at once.
 pub async fn tcp_connect(addr: SocketAddr) -> Result<(), ProbeFailure> {
-    TcpStream::connect(addr).await.map(drop).map_err(connect_failure)
+    connect(addr).await.map(drop)
+}
+
+/// A probe connection. It is closed with a reset, as health checkers do: no FIN exchange and no
+/// TIME_WAIT socket left on the host for every probe (1,000 guests every 10 s would keep 6,000).
+async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeFailure> {
+    let stream = TcpStream::connect(addr).await.map_err(connect_failure)?;
+    let _ = stream.set_zero_linger();
+    Ok(stream)
 }
 
 /// `GET path` on `addr`; passes on a 2xx or 3xx status (redirects are not followed).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(), ProbeFailure> {
-    let stream = TcpStream::connect(addr).await.map_err(connect_failure)?;
+    let stream = connect(addr).await?;
     let _ = stream.set_nodelay(true);
     let http_err = |e: hyper::Error| ProbeFailure::Http(e.to_string());
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;
