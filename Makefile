@@ -12,7 +12,7 @@ DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps build run test test-fast bench bench-net bench-e2e bench-apply bench-operator fuzz fmt lint crd schema clean
+.PHONY: help deps build run test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health fuzz fmt lint crd schema clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
@@ -104,6 +104,9 @@ fuzz: deps
 	@out=$$($(CARGO) afl config --build 2>&1) || echo "$$out" | grep -q "already built" || { echo "$$out"; exit 1; }
 	cd fuzz && $(CARGO) afl build --release --locked
 	fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+## bench-health: CPU of probing 1,000 guests every 10 s (local listeners stand in; target ≤ 1 % of a core), probe p50/p99.
+bench-health: deps
+	$(CARGO) bench -p virtwarden --bench health
 
 fmt:
 	$(CARGO) fmt --all

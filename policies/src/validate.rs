@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 
+mod health;
+
 use crate::types::{
     BridgePolicy, DesiredDomainState, DomainPolicy, HostPolicy, RemediationAction, RemediationStep, RestartPolicy,
     API_VERSION, FORWARD_DELAY_RANGE, HELLO_TIME_RANGE, KIND, MAX_AGE_RANGE,
@@ -153,6 +155,9 @@ fn validate_domain(at: &str, d: &DomainPolicy, issues: &mut Vec<Issue>) {
         validate_ladder(&format!("{at}.remediation"), ladder, issues);
     }
     crate::dependencies::validate_startup(at, d, issues);
+    if let Some(h) = &d.health {
+        health::validate_health(&format!("{at}.health"), h, issues);
+    }
 }
 
 fn validate_ladder(at: &str, ladder: &[RemediationStep], issues: &mut Vec<Issue>) {

@@ -105,6 +105,10 @@ impl Engine {
                     let _ = w.tx.send(Order::Look { event: Some(ev), round: None });
                 }
             }
+            // Guest health evidence; acted on once health checks run in the engine (issue 11).
+            HypervisorEvent::Guest(ev) => {
+                tracing::debug!(domain = %ev.domain, event = %ev.kind.text(), "libvirt guest event");
+            }
             HypervisorEvent::ConnectionClosed { reason } => {
                 self.start_reconnect(format!("connection closed ({reason})"))
             }

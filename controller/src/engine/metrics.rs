@@ -30,6 +30,43 @@ pub struct RefusalLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeKindLabel {
+    /// `http`, `tcp`, `guest-agent-ping`.
+    pub probe: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeFailureLabels {
+    pub domain: String,
+    /// [`crate::plan::health::ProbeFailure::kind`]: `timeout`, `refused`, `http-status`, …
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthLabels {
+    pub domain: String,
+    /// One of [`HEALTH_STATES`].
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuestEventLabels {
+    pub domain: String,
+    /// [`crate::libvirt::events::GuestEventKind::label`]: `reboot`, `watchdog`, `io-error`, …
+    pub kind: String,
+}
+
+/// The values of `guest_health`'s `state` label; exactly one is 1 per probed domain.
+pub const HEALTH_STATES: [&str; 6] = ["down", "booting", "healthy", "unhealthy", "boot-failed", "suspended"];
+
+type ProbeHistograms = Family<ProbeKindLabel, Histogram, fn() -> Histogram>;
+
+fn probe_histogram() -> Histogram {
+    // 100 µs … ~6.5 s: local answers to timeouts.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
 /// Every metric the engine exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -51,6 +88,11 @@ pub struct Metrics {
     pub writer_conflicts: Family<DriftLabel, Counter>,
     /// Objects whose repairs are backed off now, by kind.
     pub backed_off: Family<DriftLabel, Gauge>,
+    /// Guest health (issue 11).
+    pub probe_seconds: ProbeHistograms,
+    pub probe_failures: Family<ProbeFailureLabels, Counter>,
+    pub guest_health: Family<HealthLabels, Gauge>,
+    pub guest_events: Family<GuestEventLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -106,6 +148,26 @@ impl Default for Metrics {
             "Objects whose repairs are backed off now, by kind",
             backed_off.clone(),
         );
+        let probe_seconds: ProbeHistograms = Family::new_with_constructor(probe_histogram);
+        let probe_failures = Family::<ProbeFailureLabels, Counter>::default();
+        let guest_health = Family::<HealthLabels, Gauge>::default();
+        let guest_events = Family::<GuestEventLabels, Counter>::default();
+        registry.register(
+            "probe_duration_seconds",
+            "Guest health probe duration, by probe kind",
+            probe_seconds.clone(),
+        );
+        registry.register("probe_failures", "Failed guest health probes, by domain and reason", probe_failures.clone());
+        registry.register(
+            "guest_health",
+            "1 for the guest's current health state (down|booting|healthy|unhealthy|boot-failed|suspended)",
+            guest_health.clone(),
+        );
+        registry.register(
+            "guest_events",
+            "Guest faults and signs of life libvirt reported, by kind",
+            guest_events.clone(),
+        );
         Metrics {
             registry,
             restarts,
@@ -121,6 +183,10 @@ impl Default for Metrics {
             hooks_refused,
             writer_conflicts,
             backed_off,
+            probe_seconds,
+            probe_failures,
+            guest_health,
+            guest_events,
         }
     }
 }
@@ -152,6 +218,37 @@ impl Metrics {
         self.backed_off.get_or_create(&DriftLabel { kind: kind.to_string() }).set(n as i64);
     }
 
+    /// One finished probe of `domain`; `probe` is `http`, `tcp` or `guest-agent-ping`.
+    pub fn probe(&self, domain: &str, probe: &str, result: &crate::plan::health::ProbeResult) {
+        self.probe_seconds
+            .get_or_create(&ProbeKindLabel { probe: probe.to_string() })
+            .observe(result.latency.as_secs_f64());
+        if let Err(e) = &result.outcome {
+            self.probe_failures
+                .get_or_create(&ProbeFailureLabels { domain: domain.to_string(), reason: e.kind().to_string() })
+                .inc();
+        }
+    }
+
+    /// Set `domain`'s health state (one of [`HEALTH_STATES`]); the others go to 0.
+    pub fn health_state(&self, domain: &str, state: &str) {
+        for s in HEALTH_STATES {
+            let v = i64::from(s == state);
+            self.guest_health.get_or_create(&HealthLabels { domain: domain.to_string(), state: s.to_string() }).set(v);
+        }
+    }
+
+    /// The domain is no longer probed (no `health`, or not managed): drop its series.
+    pub fn forget_health(&self, domain: &str) {
+        for s in HEALTH_STATES {
+            self.guest_health.remove(&HealthLabels { domain: domain.to_string(), state: s.to_string() });
+        }
+    }
+
+    pub fn guest_event(&self, domain: &str, kind: &str) {
+        self.guest_events.get_or_create(&GuestEventLabels { domain: domain.to_string(), kind: kind.to_string() }).inc();
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -159,5 +256,36 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::plan::health::{ProbeFailure, ProbeResult};
+
+    #[test]
+    fn probe_health_and_guest_event_metrics_are_exported() {
+        let m = Metrics::default();
+        let r = ProbeResult {
+            target: "tcp 10.0.0.2:22".into(),
+            address: None,
+            latency: Duration::from_millis(3),
+            outcome: Err(ProbeFailure::Refused),
+        };
+        m.probe("web1", "tcp", &r);
+        m.health_state("web1", "booting");
+        m.health_state("web1", "unhealthy");
+        m.guest_event("web1", "watchdog");
+        let text = m.encode();
+        assert!(text.contains("virtwarden_probe_duration_seconds_count{probe=\"tcp\"} 1"), "{text}");
+        assert!(text.contains("virtwarden_probe_failures_total{domain=\"web1\",reason=\"refused\"} 1"), "{text}");
+        assert!(text.contains("virtwarden_guest_health{domain=\"web1\",state=\"unhealthy\"} 1"), "{text}");
+        assert!(text.contains("virtwarden_guest_health{domain=\"web1\",state=\"booting\"} 0"), "{text}");
+        assert!(text.contains("virtwarden_guest_events_total{domain=\"web1\",kind=\"watchdog\"} 1"), "{text}");
+        m.forget_health("web1");
+        assert!(!m.encode().contains("virtwarden_guest_health{"));
     }
 }

@@ -105,6 +105,9 @@ pub struct DomainStatus {
     pub refused_hook: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Guest health, for domains whose policy has `health`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthStatus>,
 }
 
 /// Domain status by name.
@@ -229,6 +232,212 @@ pub fn render_text(report: &StatusReport) -> String {
         if let Some(refusal) = &d.refused_hook {
             out.push_str(&format!("{:<20} hook not run: {refusal}\n", ""));
         }
+        if let Some(h) = &d.health {
+            out.push_str(&format!("{:<20} health: {}\n", "", h.line()));
+        }
     }
     out
+}
+
+// ---- Guest health (issue 11) ----
+
+/// Where a guest's health stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthPhase {
+    /// Not running: nothing to probe.
+    #[default]
+    Down,
+    /// Started or reset, waiting for the first passing probe before the boot deadline.
+    Booting,
+    Healthy,
+    /// Healthy before, then `failureThreshold` consecutive failures.
+    Unhealthy,
+    /// No probe passed within `bootTimeout` of a start or reset.
+    BootFailed,
+    /// Not probed: paused, shutting down or quarantined.
+    Suspended,
+}
+
+impl HealthPhase {
+    /// The `state` label of the `guest_health` metric (as in JSON).
+    pub fn label(self) -> &'static str {
+        match self {
+            HealthPhase::Down => "down",
+            HealthPhase::Booting => "booting",
+            HealthPhase::Healthy => "healthy",
+            HealthPhase::Unhealthy => "unhealthy",
+            HealthPhase::BootFailed => "boot-failed",
+            HealthPhase::Suspended => "suspended",
+        }
+    }
+
+    /// For people.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthPhase::Down => "down",
+            HealthPhase::Booting => "booting",
+            HealthPhase::Healthy => "healthy",
+            HealthPhase::Unhealthy => "unhealthy",
+            HealthPhase::BootFailed => "boot failed",
+            HealthPhase::Suspended => "suspended",
+        }
+    }
+}
+
+/// A guest's health as `status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthStatus {
+    pub phase: HealthPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// Unhealthy: what failed; boot failed: the summary and evidence; suspended: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// While booting: when it is judged "boot failed" without a passing probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_deadline: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// The last probe: `http://10.0.0.2:80/healthz: ok` or what failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_ok: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_latency_ms: Option<f64>,
+    /// The address probed last (the policy's or the one discovered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+impl HealthStatus {
+    /// From the health machine's view; `now` is the engine's tick at `wall_now`.
+    pub fn from_view(
+        view: &crate::plan::health::HealthView,
+        now: crate::plan::health::Tick,
+        wall_now: DateTime<Utc>,
+    ) -> Self {
+        use crate::plan::health::HealthState as S;
+        let wall = |t: crate::plan::health::Tick| {
+            chrono::Duration::from_std(now.saturating_sub(t)).ok().map(|ago| wall_now - ago)
+        };
+        let mut out = HealthStatus { consecutive_failures: view.consecutive_failures, ..Default::default() };
+        let (phase, since, detail, deadline) = match &view.state {
+            S::Down => (HealthPhase::Down, None, None, None),
+            S::Booting { since, deadline } => (HealthPhase::Booting, Some(*since), None, Some(*deadline)),
+            S::Healthy { since } => (HealthPhase::Healthy, Some(*since), None, None),
+            S::Unhealthy { since, what } => (HealthPhase::Unhealthy, Some(*since), Some(what.clone()), None),
+            S::BootFailed { since, text } => (HealthPhase::BootFailed, Some(*since), Some(text.clone()), None),
+            S::Suspended { since, why, .. } => (HealthPhase::Suspended, Some(*since), Some(why.clone()), None),
+        };
+        out.phase = phase;
+        out.since = since.and_then(wall);
+        out.detail = detail;
+        // A deadline is ahead of now: add instead of subtract.
+        out.boot_deadline =
+            deadline.and_then(|d| chrono::Duration::from_std(d.saturating_sub(now)).ok().map(|ahead| wall_now + ahead));
+        if let Some(p) = &view.last_probe {
+            out.last_probe = Some(p.detail.clone());
+            out.last_probe_ok = Some(p.ok);
+            out.last_probe_at = wall(p.at);
+            out.last_probe_latency_ms = Some(p.latency.as_secs_f64() * 1000.0);
+            out.address = p.address.map(|a| a.to_string());
+        }
+        out
+    }
+
+    /// One line for people: `unhealthy since … (tcp 10.0.0.2:22: connection refused); last
+    /// probe failed 1.2 ms ago at …`.
+    pub fn line(&self) -> String {
+        let mut line = self.phase.as_str().to_string();
+        if let Some(t) = self.since {
+            line.push_str(&format!(" since {}", t.to_rfc3339()));
+        }
+        if let Some(d) = &self.detail {
+            line.push_str(&format!(" ({d})"));
+        }
+        if let Some(t) = self.boot_deadline {
+            line.push_str(&format!(", boot deadline {}", t.to_rfc3339()));
+        }
+        if let (Some(p), Some(ok)) = (&self.last_probe, self.last_probe_ok) {
+            let latency = self.last_probe_latency_ms.map(|ms| format!(" in {ms:.1} ms")).unwrap_or_default();
+            line.push_str(&format!("; last probe {}{latency}: {p}", if ok { "passed" } else { "failed" }));
+        }
+        line
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::plan::health::{HealthMonitor, HealthSettings, ProbeFailure, ProbeResult, Step};
+
+    #[test]
+    fn unhealthy_guest_shows_since_what_and_the_last_probe() {
+        let s = |v| Duration::from_secs(v);
+        let mut m = HealthMonitor::new(HealthSettings {
+            period: s(10),
+            timeout: s(2),
+            failure_threshold: 1,
+            boot_timeout: s(60),
+        });
+        m.started(s(0));
+        let result = |outcome| ProbeResult {
+            target: "tcp 10.0.0.2:22".into(),
+            address: Some("10.0.0.2".parse().unwrap()),
+            latency: Duration::from_micros(1500),
+            outcome,
+        };
+        for (t, outcome) in [(10, Ok(())), (20, Err(ProbeFailure::Refused))] {
+            let Step::Probe(ticket) = m.poll(s(t), || None) else { panic!() };
+            m.probe_done(s(t), ticket, &result(outcome));
+        }
+        let wall_now = DateTime::parse_from_rfc3339("2025-01-01T00:01:00Z").unwrap().with_timezone(&Utc);
+        let h = HealthStatus::from_view(&m.view(), s(30), wall_now);
+        assert_eq!(h.phase, HealthPhase::Unhealthy);
+        assert_eq!(h.since.unwrap().to_rfc3339(), "2025-01-01T00:00:50+00:00");
+        assert_eq!(h.address.as_deref(), Some("10.0.0.2"));
+        assert_eq!(h.last_probe_latency_ms, Some(1.5));
+        assert_eq!(
+            h.line(),
+            "unhealthy since 2025-01-01T00:00:50+00:00 (tcp 10.0.0.2:22: connection refused); \
+             last probe failed in 1.5 ms: tcp 10.0.0.2:22: connection refused"
+        );
+        let report = StatusReport {
+            domains: vec![DomainStatus { name: "web1".into(), health: Some(h), ..Default::default() }],
+            ..Default::default()
+        };
+        let text = render_text(&report);
+        assert!(text.contains("health: unhealthy since"), "{text}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["domains"][0]["health"]["phase"], "unhealthy");
+        for p in [HealthPhase::Down, HealthPhase::BootFailed, HealthPhase::Suspended] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.label(), "JSON and metric label agree");
+            assert!(crate::engine::metrics::HEALTH_STATES.contains(&p.label()));
+        }
+        let back: StatusReport = serde_json::from_value(json).unwrap();
+        assert_eq!(back, report);
+    }
+
+    #[test]
+    fn booting_guest_shows_its_deadline() {
+        let mut m = HealthMonitor::new(HealthSettings {
+            period: Duration::from_secs(10),
+            timeout: Duration::from_secs(2),
+            failure_threshold: 3,
+            boot_timeout: Duration::from_secs(300),
+        });
+        m.started(Duration::from_secs(100));
+        let wall_now = DateTime::parse_from_rfc3339("2025-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let h = HealthStatus::from_view(&m.view(), Duration::from_secs(160), wall_now);
+        assert_eq!(h.phase, HealthPhase::Booting);
+        assert_eq!(h.boot_deadline.unwrap().to_rfc3339(), "2025-01-01T00:04:00+00:00");
+        assert_eq!(h.since.unwrap().to_rfc3339(), "2024-12-31T23:59:00+00:00");
+    }
 }

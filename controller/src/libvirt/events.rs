@@ -12,10 +12,15 @@ use virt::sys;
 
 use super::LibvirtHost;
 
+mod guest;
+pub use guest::{AgentReason, FaultClass, GuestEvent, GuestEventKind, IoErrorAction, WatchdogAction};
+
 /// Something libvirt told us.
 #[derive(Debug, Clone)]
 pub enum HypervisorEvent {
     Lifecycle(LifecycleEvent),
+    /// A guest fault or sign of life (reset, watchdog, I/O error, control error, agent).
+    Guest(GuestEvent),
     /// The connection to libvirtd closed; `reason` as libvirt words it.
     ConnectionClosed {
         reason: &'static str,
@@ -109,6 +114,7 @@ pub fn start_event_loop() {
 pub struct EventSubscription {
     conn: sys::virConnectPtr,
     lifecycle_id: c_int,
+    guest_ids: Vec<c_int>,
     close_registered: bool,
 }
 
@@ -205,6 +211,11 @@ pub fn subscribe(host: &LibvirtHost, tx: Sender) -> Result<EventSubscription, Su
         unsafe { free_sender(opaque) };
         return Err(SubscribeError { what: "lifecycle", source: virt::error::Error::last_error() });
     }
+    // Guest events are evidence for health checks; restarts work without them.
+    let guest_ids = guest::register(conn, &tx).unwrap_or_else(|e| {
+        tracing::warn!(%e, "guest events (reboot, watchdog, I/O error, agent) will not arrive");
+        Vec::new()
+    });
     let close_opaque = Box::into_raw(Box::new(tx)) as *mut c_void;
     // SAFETY: as above. Drivers without a remote connection (test driver) accept it too.
     let rc = unsafe { sys::virConnectRegisterCloseCallback(conn, Some(close_cb), close_opaque, Some(free_sender)) };
@@ -214,7 +225,7 @@ pub fn subscribe(host: &LibvirtHost, tx: Sender) -> Result<EventSubscription, Su
         unsafe { free_sender(close_opaque) };
         tracing::debug!("connection close callback not supported by this driver");
     }
-    Ok(EventSubscription { conn, lifecycle_id: id, close_registered })
+    Ok(EventSubscription { conn, lifecycle_id: id, guest_ids, close_registered })
 }
 
 impl Drop for EventSubscription {
@@ -222,6 +233,7 @@ impl Drop for EventSubscription {
         // SAFETY: deregistering what subscribe registered on a still-open connection.
         unsafe {
             sys::virConnectDomainEventDeregisterAny(self.conn, self.lifecycle_id);
+            guest::deregister(self.conn, &self.guest_ids);
             if self.close_registered {
                 sys::virConnectUnregisterCloseCallback(self.conn, Some(close_cb));
             }

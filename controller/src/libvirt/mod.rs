@@ -13,6 +13,7 @@ use virt::error::ErrorNumber;
 
 pub mod events;
 pub mod pool;
+pub mod guest;
 
 use crate::hypervisor::{DomainControl, DomainReader, HypervisorError};
 use crate::observe::domain_xml::parse_domain_xml;

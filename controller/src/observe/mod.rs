@@ -1,7 +1,9 @@
 //! Observing the host: the plain-data model and the readers that fill it.
 
+pub mod arp;
 pub mod console;
 pub mod domain_xml;
+pub mod guest_devices;
 pub mod model;
 pub mod net;
 pub mod paths;

@@ -3,6 +3,7 @@
 
 mod domains;
 pub mod flap;
+pub mod health;
 pub mod network;
 mod render;
 pub mod restart;

@@ -1,0 +1,250 @@
+//! End to end, guest health's building blocks on a private libvirtd with real QEMU: the test
+//! guest's breakage knobs really break it while libvirt keeps saying "running", the probes see
+//! it, the firmware's "nothing to boot" reaches the console log, and the guest agent answers.
+//! Each test builds its own testbed (see testbed/mod.rs).
+
+#[path = "testbed/guest_knobs.rs"]
+mod guest_knobs;
+mod testbed;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_knobs::*;
+use testbed::*;
+use tokio::sync::mpsc::UnboundedReceiver;
+use virtwarden::guest::{AddressSource, GuestAccess};
+use virtwarden::libvirt::events::{start_event_loop, subscribe, GuestEventKind, HypervisorEvent};
+use virtwarden::libvirt::LibvirtHost;
+use virtwarden::observe::console::{firmware_boot_failure, read_tail};
+use virtwarden::observe::DomainState;
+use virtwarden::plan::health::{HealthMonitor, HealthSettings, ProbeFailure, ProbeResult, Step, Verdict};
+use virtwarden::probe::address::discover;
+use virtwarden::probe::{ProbeSpec, Prober};
+use virtwarden_policies::{GuestAgentPing, HttpProbe, Probe, TcpProbe};
+
+const GUEST_IP: &str = "10.77.0.2";
+const BOOT: Duration = Duration::from_secs(180);
+const T: Duration = Duration::from_secs(60);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+}
+
+fn ip() -> IpAddr {
+    GUEST_IP.parse().unwrap()
+}
+
+fn spec(probe: Probe, address: Option<IpAddr>) -> ProbeSpec {
+    ProbeSpec { domain: "web".into(), probe, address, timeout: Duration::from_secs(2) }
+}
+
+fn healthz() -> Probe {
+    Probe::Http(HttpProbe { port: 80, path: Some("/healthz".into()) })
+}
+
+/// Probe until `done` holds for the result (the guest changes on its own time); the last result.
+fn probe_until(
+    rt: &tokio::runtime::Runtime,
+    p: &Prober,
+    s: &ProbeSpec,
+    what: &str,
+    done: impl Fn(&ProbeResult) -> bool,
+) -> ProbeResult {
+    let t0 = Instant::now();
+    loop {
+        let r = rt.block_on(p.probe(s));
+        if done(&r) {
+            return r;
+        }
+        assert!(t0.elapsed() < T, "timed out waiting for {what}; last probe: {r:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The Linux guest on br0, booted and serving HTTP.
+fn boot_guest(hv: &LibvirtHost, agent: bool) {
+    bridge_with_address("br0", "10.77.0.1/24");
+    define_health_guest(hv, "web", "br0", &format!("{GUEST_IP}/24"), agent);
+    start(hv, "web");
+    wait("web serves HTTP", BOOT, || http_ok(GUEST_IP));
+}
+
+/// Wait for an event matching `want`, returning every event seen until then.
+fn wait_event(
+    rx: &mut UnboundedReceiver<HypervisorEvent>,
+    what: &str,
+    want: impl Fn(&HypervisorEvent) -> bool,
+) -> Vec<HypervisorEvent> {
+    let mut seen = Vec::new();
+    let t0 = Instant::now();
+    loop {
+        while let Ok(ev) = rx.try_recv() {
+            let hit = want(&ev);
+            seen.push(ev);
+            if hit {
+                return seen;
+            }
+        }
+        assert!(t0.elapsed() < BOOT, "timed out waiting for {what}; events seen: {seen:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn guest_event(ev: &HypervisorEvent, kind: &GuestEventKind) -> bool {
+    matches!(ev, HypervisorEvent::Guest(g) if g.domain == "web" && &g.kind == kind)
+}
+
+fn agent_event(ev: &HypervisorEvent, connected: bool) -> bool {
+    matches!(ev, HypervisorEvent::Guest(g) if g.domain == "web"
+        && matches!(g.kind, GuestEventKind::Agent { connected: c, .. } if c == connected))
+}
+
+#[test]
+fn e2e_health_service_killed_or_frozen_fails_the_probe_while_libvirt_says_running() {
+    if !inside("e2e_health_service_killed_or_frozen_fails_the_probe_while_libvirt_says_running") {
+        return;
+    }
+    let hv = Arc::new(connect());
+    boot_guest(&hv, false);
+    let rt = runtime();
+    let prober = Prober::new(hv.clone(), 4);
+    // No address in the "policy": found through libvirt's ARP source by the NIC's MAC (the
+    // domain has no agent and no libvirt network, so those two sources have nothing).
+    let http = spec(healthz(), None);
+    let r = rt.block_on(prober.probe(&http));
+    assert_eq!((&r.outcome, r.address), (&Ok(()), Some(ip())), "{r:?}");
+    assert_eq!(discover(hv.as_ref(), "web").unwrap(), (ip(), AddressSource::Arp));
+
+    let said = knob(GUEST_IP, "kill-http").unwrap_or_default();
+    assert!(said.contains("killed"), "{said}");
+    let r = probe_until(&rt, &prober, &http, "refused", |r| r.outcome == Err(ProbeFailure::Refused));
+    assert_eq!(r.describe(), format!("http://{GUEST_IP}:80/healthz: connection refused"));
+    assert!(running(&hv, "web"), "libvirt still says running");
+    // The control listener still answers: only the service died.
+    assert!(knob(GUEST_IP, "start-http").unwrap_or_default().contains("started"));
+    probe_until(&rt, &prober, &http, "serving again", |r| r.outcome.is_ok());
+
+    // Frozen: the kernel accepts the connection, nobody answers.
+    assert!(knob(GUEST_IP, "stop-http").unwrap_or_default().contains("stopped"));
+    let frozen = spec(healthz(), Some(ip()));
+    probe_until(&rt, &prober, &frozen, "a timeout", |r| {
+        r.outcome == Err(ProbeFailure::Timeout(Duration::from_secs(2)))
+    });
+    assert!(running(&hv, "web"));
+}
+
+#[test]
+fn e2e_health_kernel_panic_leaves_libvirt_saying_running_and_the_probe_failing() {
+    if !inside("e2e_health_kernel_panic_leaves_libvirt_saying_running_and_the_probe_failing") {
+        return;
+    }
+    start_event_loop();
+    let hv = Arc::new(connect());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _sub = subscribe(&hv, tx).expect("subscribe");
+    boot_guest(&hv, false);
+    let rt = runtime();
+    let prober = Prober::new(hv.clone(), 4);
+    let tcp = spec(Probe::Tcp(TcpProbe { port: 80 }), Some(ip()));
+    assert_eq!(rt.block_on(prober.probe(&tcp)).outcome, Ok(()));
+    while rx.try_recv().is_ok() {}
+
+    assert!(knob(GUEST_IP, "panic").unwrap_or_default().contains("panicking"));
+    wait("the console shows the panic", T, || {
+        read_tail(&console_path("web")).is_ok_and(|t| t.contains("Kernel panic"))
+    });
+    let r = probe_until(&rt, &prober, &tcp, "the probe failing", |r| r.outcome.is_err());
+    assert!(matches!(r.outcome, Err(ProbeFailure::Timeout(_) | ProbeFailure::Network(_))), "{r:?}");
+    let d = state(&hv, "web").expect("web");
+    assert_eq!((d.state, d.reason.as_str()), (DomainState::Running, "booted"), "no pvpanic: libvirt was not told");
+    let events: Vec<HypervisorEvent> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    assert!(
+        !events.iter().any(|e| matches!(e, HypervisorEvent::Lifecycle(l) if l.domain == "web")),
+        "libvirt reported nothing: {events:?}"
+    );
+}
+
+#[test]
+fn e2e_health_no_boot_domain_shows_the_firmware_message_and_is_judged_boot_failed() {
+    if !inside("e2e_health_no_boot_domain_shows_the_firmware_message_and_is_judged_boot_failed") {
+        return;
+    }
+    let hv = Arc::new(connect());
+    define_no_boot_domain(&hv, "nob");
+    start(&hv, "nob");
+    let started = Instant::now();
+    let devices = hv.guest_devices("nob").expect("devices");
+    assert_eq!(devices.console_log.as_deref(), Some(console_path("nob").as_path()));
+    assert!(devices.macs.is_empty());
+    let console = || read_tail(&console_path("nob")).ok();
+    // SeaBIOS first says "Boot failed: could not read the boot disk", then, with nothing else
+    // to try, "No bootable device." and halts.
+    let no_bootable = |t: &str| firmware_boot_failure(t).is_some_and(|f| f.summary == "SeaBIOS: No bootable device");
+    wait("SeaBIOS says it has nothing to boot", T, || console().is_some_and(|t| no_bootable(&t)));
+    assert!(running(&hv, "nob"), "libvirt says running");
+
+    // The health machine on real time, real probes and the real console log.
+    let rt = runtime();
+    let prober = Prober::new(hv.clone(), 4);
+    let mut m = HealthMonitor::new(HealthSettings {
+        period: Duration::from_millis(500),
+        timeout: Duration::from_millis(400),
+        failure_threshold: 3,
+        boot_timeout: Duration::from_secs(3),
+    });
+    m.started(started.elapsed());
+    let tcp = ProbeSpec { domain: "nob".into(), ..spec(Probe::Tcp(TcpProbe { port: 22 }), None) };
+    let verdict = loop {
+        let now = started.elapsed();
+        match m.poll(now, console) {
+            Step::Probe(ticket) => {
+                let r = rt.block_on(prober.probe(&tcp));
+                assert_eq!(r.outcome, Err(ProbeFailure::NoAddress("the domain has no network interface".into())));
+                m.probe_done(started.elapsed(), ticket, &r);
+            }
+            Step::WaitUntil(t) => std::thread::sleep(t.saturating_sub(now)),
+            Step::Verdict(v) => break v,
+            Step::Idle => panic!("nothing suspends this domain"),
+        }
+        assert!(started.elapsed() < T, "no verdict");
+    };
+    let Verdict::BootFailed(b) = &verdict else { panic!("{verdict:?}") };
+    assert_eq!(b.summary(), "SeaBIOS: No bootable device");
+    let text = verdict.text();
+    assert!(text.starts_with("boot failed: SeaBIOS: No bootable device (console: \"No bootable device"), "{text}");
+    assert!(text.contains("last probe: tcp port 22: no address: the domain has no network interface"), "{text}");
+}
+
+#[test]
+fn e2e_health_guest_agent_answers_pings_and_libvirt_reports_agent_and_reset_events() {
+    if !inside("e2e_health_guest_agent_answers_pings_and_libvirt_reports_agent_and_reset_events") {
+        return;
+    }
+    start_event_loop();
+    let hv = Arc::new(connect());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _sub = subscribe(&hv, tx).expect("subscribe");
+    boot_guest(&hv, true);
+    wait_event(&mut rx, "the agent connecting", |e| agent_event(e, true));
+    assert!(hv.guest_devices("web").unwrap().agent_channel);
+    let rt = runtime();
+    let prober = Prober::new(hv.clone(), 4);
+    let ping = spec(Probe::GuestAgentPing(GuestAgentPing {}), None);
+    let r = rt.block_on(prober.probe(&ping));
+    assert_eq!((&r.outcome, r.target.as_str()), (&Ok(()), "guest agent"), "{r:?}");
+    // The agent knows the guest's own addresses: the first source asked.
+    assert_eq!(discover(hv.as_ref(), "web").unwrap(), (ip(), AddressSource::Agent));
+
+    assert!(knob(GUEST_IP, "stop-agent").unwrap_or_default().contains("stopped"));
+    wait_event(&mut rx, "the agent disconnecting", |e| agent_event(e, false));
+    let r = rt.block_on(prober.probe(&ping));
+    assert!(matches!(r.outcome, Err(ProbeFailure::Agent(_))), "{r:?}");
+
+    assert!(knob(GUEST_IP, "reboot").unwrap_or_default().contains("rebooting"));
+    wait_event(&mut rx, "a REBOOT event", |e| guest_event(e, &GuestEventKind::Reboot));
+    wait("web serves HTTP after its reset", BOOT, || http_ok(GUEST_IP));
+    wait_event(&mut rx, "the agent connecting again", |e| agent_event(e, true));
+    assert!(running(&hv, "web"));
+}
