@@ -288,6 +288,7 @@ impl Engine {
             networks: RwLock::new(Vec::new()),
             resync: Mutex::new(Default::default()),
             net_kicks: RwLock::new(None),
+            healthy: RwLock::new(Default::default()),
         });
         if let Some(p) = problem {
             tracing::error!(problem = %p, "virtwarden's memory could not be loaded");

@@ -55,6 +55,9 @@ pub(crate) struct Shared {
     pub(super) resync: Mutex<ResyncRound>,
     /// The network task's inbox, when it runs.
     pub(super) net_kicks: RwLock<Option<UnboundedSender<super::network::NetKick>>>,
+    /// Managed domains that declare `health` and pass their probe now (startup ordering's
+    /// `after` waits for this). Changes bump `status_version`.
+    pub(super) healthy: RwLock<HashSet<String>>,
 }
 
 impl Shared {
@@ -109,6 +112,7 @@ impl Shared {
         self.book.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
         self.metrics.domain_quarantined.remove(&super::metrics::DomainLabel { domain: name.to_string() });
         self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.healthy.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         self.mark_dirty();
     }
 
@@ -152,6 +156,26 @@ impl Shared {
             }
         }
         changed
+    }
+
+    /// Record whether `name` passes its health probe now (only domains that declare `health`).
+    pub(crate) fn set_healthy(&self, name: &str, healthy: bool) {
+        let changed = {
+            let mut set = self.healthy.write().unwrap_or_else(|p| p.into_inner());
+            if healthy {
+                set.insert(name.to_string())
+            } else {
+                set.remove(name)
+            }
+        };
+        if changed {
+            self.mark_dirty();
+        }
+    }
+
+    /// The managed domains that pass their health probe now.
+    pub(crate) fn healthy_domains(&self) -> HashSet<String> {
+        self.healthy.read().map(|h| h.clone()).unwrap_or_default()
     }
 
     /// Ask the network task (if it runs) to look again.
