@@ -85,6 +85,11 @@ pub trait DomainReader {
     fn is_alive(&self) -> bool {
         true
     }
+    /// What guest health needs (addresses, the guest agent, the console log), when this
+    /// connection can give it; test doubles give none.
+    fn guest_access(&self) -> Option<&dyn crate::guest::GuestAccess> {
+        None
+    }
     /// Every domain (and network) in one pass.
     fn observe_host(&self) -> Result<ObservedHost, HypervisorError>;
     /// libvirt's networks and their bridges.

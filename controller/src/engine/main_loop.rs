@@ -105,9 +105,12 @@ impl Engine {
                     let _ = w.tx.send(Order::Look { event: Some(ev), round: None });
                 }
             }
-            // Guest health evidence; acted on once health checks run in the engine (issue 11).
+            // Guest health evidence and faults: the domain's worker records and weighs them.
             HypervisorEvent::Guest(ev) => {
                 tracing::debug!(domain = %ev.domain, event = %ev.kind.text(), "libvirt guest event");
+                if let Some(w) = self.workers.get(&ev.domain) {
+                    let _ = w.tx.send(Order::Guest(ev));
+                }
             }
             HypervisorEvent::ConnectionClosed { reason } => {
                 self.start_reconnect(format!("connection closed ({reason})"))
@@ -197,7 +200,7 @@ impl Engine {
                         ..Default::default()
                     });
                     // Shows what is remembered (a quarantine) from the start.
-                    let worker = Worker::new(self.shared.clone(), managed.clone(), rx);
+                    let worker = Worker::new(self.shared.clone(), managed.clone(), tx.clone(), rx);
                     let task = tokio::spawn(supervise(worker, predecessor));
                     keep.insert(name, WorkerEntry { tx, task });
                 }

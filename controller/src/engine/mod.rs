@@ -268,7 +268,8 @@ impl Engine {
         };
         let limits =
             Arc::new(CallLimits::new(config.libvirt_concurrency, config.read_deadline, config.action_deadline));
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|weak| Shared {
+            prober: crate::probe::Prober::new(worker::conn_guest(weak), crate::probe::DEFAULT_CONCURRENCY),
             hv: RwLock::new(None),
             book: Mutex::new(Default::default()),
             meta: Mutex::new(meta),

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     /// Managed domains that declare `health` and pass their probe now (startup ordering's
     /// `after` waits for this). Changes bump `status_version`.
     pub(super) healthy: RwLock<HashSet<String>>,
+    /// Runs guest health probes for every worker (bounded concurrency, address cache).
+    pub(crate) prober: crate::probe::Prober,
 }
 
 impl Shared {
@@ -113,6 +115,8 @@ impl Shared {
         self.metrics.domain_quarantined.remove(&super::metrics::DomainLabel { domain: name.to_string() });
         self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         self.healthy.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.metrics.forget_health(name);
+        self.prober.forget_address(name);
         self.mark_dirty();
     }
 
@@ -174,6 +178,7 @@ impl Shared {
     }
 
     /// The managed domains that pass their health probe now.
+    #[allow(dead_code)] // read by startup ordering (`after` waits for health)
     pub(crate) fn healthy_domains(&self) -> HashSet<String> {
         self.healthy.read().map(|h| h.clone()).unwrap_or_default()
     }

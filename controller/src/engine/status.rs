@@ -108,6 +108,12 @@ pub struct DomainStatus {
     /// Guest health, for domains whose policy has `health`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthStatus>,
+    /// The last guest event libvirt reported (`watchdog fired (action: none)`, `no space left on
+    /// the host for vda (…): enospc, guest paused (a host problem …)`, `guest agent connected`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_guest_event: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_guest_event_at: Option<DateTime<Utc>>,
 }
 
 /// Domain status by name.
@@ -234,6 +240,10 @@ pub fn render_text(report: &StatusReport) -> String {
         }
         if let Some(h) = &d.health {
             out.push_str(&format!("{:<20} health: {}\n", "", h.line()));
+        }
+        if let Some(e) = &d.last_guest_event {
+            let at = d.last_guest_event_at.map(|t| format!(" at {}", t.to_rfc3339())).unwrap_or_default();
+            out.push_str(&format!("{:<20} guest event: {e}{at}\n", ""));
         }
     }
     out

@@ -6,12 +6,16 @@
 //! given that state, still wants the same thing. Its crash-loop bookkeeping and what it
 //! learns about the domain's intent go to the durable memory.
 
+mod health;
+
+pub(crate) use health::conn_guest;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use virtwarden_policies::{Backoff, DesiredState, ManagedDomain};
@@ -24,10 +28,12 @@ use crate::act::calls::{CallError, Calls};
 use crate::act::execute_action;
 use crate::act::remediation::{RemediationContext, RemediationError, StepOutcome};
 use crate::hypervisor::HypervisorError;
+use crate::libvirt::events::GuestEvent;
 use crate::libvirt::events::LifecycleEvent;
 use crate::memory::{intent_after, Intent, Memory};
 use crate::observe::{DomainState, ObservedDomain, ObservedHost};
 use crate::plan::flap::{tick_text, FlapDetector, FlapKey, FlapKind, Verdict};
+use crate::plan::health::{ProbeResult, ProbeTicket};
 use crate::plan::restart::{Decision, Ladder, Outcome, RestartTracker};
 use crate::plan::{plan_with, Action, ActionKind};
 
@@ -42,6 +48,12 @@ pub(super) enum Order {
     Release(oneshot::Sender<Result<String, String>>),
     /// The domain is no longer managed (or the engine stops).
     Stop,
+    /// A health probe the worker started finished.
+    Probed { ticket: ProbeTicket, result: ProbeResult },
+    /// libvirt reported a guest event (reset, watchdog, I/O error, agent, control error).
+    Guest(GuestEvent),
+    /// The health machine's timer: poll it (no look at the domain needed).
+    HealthTick,
 }
 
 /// Retry delay after an observation failed (lost connections are handled by reconnecting).
@@ -66,6 +78,14 @@ pub(super) struct Worker {
     counted: Vec<FlapKind>,
     /// What the memory holds of `flap`, to write only changes.
     flap_saved: Option<serde_json::Value>,
+    /// Guest health, for a policy with `health`.
+    health: Option<health::GuestHealth>,
+    /// This worker's own inbox (probe tasks report through it).
+    tx: UnboundedSender<Order>,
+    /// libvirt said the domain started since the last look (a new boot, whoever started it).
+    fresh_start: bool,
+    /// An order since the last pass needs the domain looked at (not only health polled).
+    look_needed: bool,
 }
 
 fn is_recovery(kind: &ActionKind) -> bool {
@@ -99,7 +119,12 @@ fn into_hv(e: crate::act::ActError) -> HypervisorError {
 }
 
 impl Worker {
-    pub(super) fn new(shared: Arc<Shared>, managed: ManagedDomain, rx: UnboundedReceiver<Order>) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        managed: ManagedDomain,
+        tx: UnboundedSender<Order>,
+        rx: UnboundedReceiver<Order>,
+    ) -> Self {
         let tracker = tracker_for(&shared, &managed);
         let lost = {
             let s = shared.clone();
@@ -109,7 +134,12 @@ impl Worker {
         let mut flap =
             shared.memory.read(|m| m.domains.get(&managed.spec.name).and_then(|d| d.flap.clone())).unwrap_or_default();
         flap.set_settings(shared.config.flap);
+        let health = managed.spec.health.as_ref().map(|h| health::GuestHealth::new(&managed.spec.name, h));
         let w = Worker {
+            health,
+            tx,
+            fresh_start: false,
+            look_needed: true,
             desired_one: desired_one(&managed),
             shared,
             managed,
@@ -141,9 +171,11 @@ impl Worker {
         let mut wake: Option<Instant> = None;
         loop {
             if self.pending.is_empty() && !self.stopping {
+                let health_wake = self.health_wake();
                 let next = tokio::select! {
                     o = self.rx.recv() => o,
                     _ = sleep_until(wake) => Some(Order::Look { event: None, round: None }),
+                    _ = sleep_until(health_wake) => Some(Order::HealthTick),
                 };
                 self.pending.push_back(next.unwrap_or(Order::Stop));
             }
@@ -161,9 +193,16 @@ impl Worker {
                 self.count_flapping(&[]);
                 return;
             }
-            let started = std::time::Instant::now();
-            wake = self.reconcile(&rounds).await;
-            self.shared.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+            if std::mem::take(&mut self.look_needed) {
+                let started = std::time::Instant::now();
+                wake = self.reconcile(&rounds).await;
+                self.shared.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+            } else {
+                // Only health moved (a probe result, its timer, a guest event).
+                if self.drive_health().await {
+                    self.pending.push_back(Order::Look { event: None, round: None });
+                }
+            }
         }
     }
 
@@ -187,14 +226,21 @@ impl Worker {
     async fn absorb(&mut self, order: Order) -> Option<u64> {
         match order {
             Order::Look { event, round } => {
+                self.look_needed = true;
                 if let Some(ev) = event {
                     self.shared.metrics.event_lag_seconds.observe(ev.received.elapsed().as_secs_f64());
                     if ev.is_down() {
                         self.last_event = Some(ev.text());
                     }
+                    if ev.is_started() {
+                        self.fresh_start = true;
+                    }
                 }
                 return round;
             }
+            Order::Probed { ticket, result } => self.health_probed(ticket, result),
+            Order::Guest(ev) => self.guest_event(ev),
+            Order::HealthTick => {}
             Order::Policy(m) => {
                 let m = *m;
                 if m != self.managed {
@@ -205,9 +251,12 @@ impl Worker {
                     );
                     self.desired_one = desired_one(&m);
                     self.managed = m;
+                    self.health_policy();
                 }
+                self.look_needed = true;
             }
             Order::Release(reply) => {
+                self.look_needed = true;
                 let _ = reply.send(Ok(self.release().await));
             }
             Order::Stop => self.stopping = true,
@@ -327,6 +376,8 @@ impl Worker {
             self.shared.kick_network(NetKick::Domain(self.name().to_string()));
         }
         self.remember_intent(observed.as_ref());
+        self.health_observed(observed.as_ref());
+        self.drive_health().await;
         let p = self.plan_for(observed.as_ref());
         let state = observed.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
         let notes: Vec<String> = p.notes.iter().map(|n| n.line()).collect();
@@ -336,7 +387,8 @@ impl Worker {
             s.notes = notes;
             s.remembered = remembered;
         });
-        if observed.as_ref().is_some_and(is_up) && self.tracker.on_up() {
+        // Up but judged unhealthy is not the end of a failure streak.
+        if observed.as_ref().is_some_and(is_up) && self.verdict().is_none() && self.tracker.on_up() {
             self.remember();
         }
         let (recovery, others): (Vec<Action>, Vec<Action>) = p.actions.into_iter().partition(|a| is_recovery(&a.kind));
@@ -353,6 +405,7 @@ impl Worker {
         self.settle_flaps();
         let again = match recovery.into_iter().next() {
             Some(action) => self.recover(action, observed).await,
+            None if self.verdict().is_some() && observed.as_ref().is_some_and(is_up) => self.heal(observed).await,
             None => {
                 self.refresh_tracker_status();
                 None
@@ -542,77 +595,157 @@ impl Worker {
                 }
                 self.shared.metrics.drift("domain-down");
                 tracing::info!(domain = %self.name(), reason = %action.reason, step = step.action.as_str(), attempt, "restarting");
-                // Counted before acting, so a crash of virtwarden cannot forget this restart.
-                self.tracker.begin(now);
-                self.remember_durably().await;
-                let ctx = RemediationContext {
-                    domain: self.name().to_string(),
-                    uuid: observed.as_ref().map(|d| d.uuid.clone()).unwrap_or_default(),
-                    reason: failure.clone(),
-                    attempt,
-                    step: step.clone(),
-                    boot: self.managed.spec.boot.clone(),
-                };
-                let cancellable = self.shared.remediations.get(step.action).map(|r| r.cancellable()).unwrap_or(false);
-                let shared = self.shared.clone();
-                let calls = self.calls();
-                let fut = async move {
-                    let r = shared.remediations.get(ctx.step.action)?;
-                    r.run(&ctx, &calls).await
-                };
-                let result = self.guarded(cancellable, fut).await;
-                self.shared.hook_refused(self.name(), result.as_ref().and_then(|r| r.as_ref().err()));
-                let after = self.calls().observe(self.name()).await.ok().flatten();
-                let recovered = after.as_ref().is_some_and(is_up);
-                let (outcome, mut text) = classify(&result, recovered, after.as_ref());
-                // Where operators look: a failed repair carries what diagnosis finds.
-                let diagnosis = match (&result, outcome) {
-                    // A refused hook is its own, complete reason.
-                    (Some(Err(e)), _) if e.refused_hook().is_some() => None,
-                    (_, Outcome::Failed) if self.shared.config.diagnose => self.explain(&text).await,
-                    _ => None,
-                };
-                if let Some(d) = &diagnosis {
-                    text = format!("{} failed: {d}", step.action.as_str());
-                }
-                self.tracker.finish(self.shared.tick(), outcome, fastrand::f64());
-                self.remember();
-                if outcome != Outcome::Interrupted {
-                    self.shared
-                        .metrics
-                        .restarts
-                        .get_or_create(&super::metrics::DomainLabel { domain: self.name().to_string() })
-                        .inc();
-                    self.shared.metrics.action(step.action.as_str(), recovered);
-                }
+                let outcome = self.attempt(step, attempt, failure, observed.as_ref()).await;
                 match outcome {
-                    Outcome::Recovered => {
-                        tracing::info!(domain = %self.name(), attempt, "running again");
-                        self.last_event = None;
-                    }
-                    Outcome::Failed => {
-                        tracing::warn!(domain = %self.name(), attempt, outcome = %text, "restart failed")
-                    }
-                    Outcome::Interrupted => {
-                        tracing::warn!(domain = %self.name(), attempt, outcome = %text, "restart interrupted; not counted")
-                    }
+                    Outcome::Interrupted => Some(Instant::now() + OBSERVE_RETRY),
+                    _ => self.tracker.next_retry().map(|t| self.shared.instant_at(t)),
                 }
-                let state = after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
+            }
+        }
+    }
+
+    /// Carry out one step of the ladder for `failure`: counted (durably) before it starts,
+    /// cancellable if the step is, judged by observing the domain afterwards; status, metrics
+    /// and memory follow. A step that brought QEMU up starts a new boot for health.
+    async fn attempt(
+        &mut self,
+        step: crate::plan::restart::Step,
+        attempt: u32,
+        failure: String,
+        observed: Option<&ObservedDomain>,
+    ) -> Outcome {
+        // Counted before acting, so a crash of virtwarden cannot forget this restart.
+        self.tracker.begin(self.shared.tick());
+        self.remember_durably().await;
+        let ctx = RemediationContext {
+            domain: self.name().to_string(),
+            uuid: observed.map(|d| d.uuid.clone()).unwrap_or_default(),
+            reason: failure.clone(),
+            attempt,
+            step: step.clone(),
+            boot: self.managed.spec.boot.clone(),
+        };
+        let cancellable = self.shared.remediations.get(step.action).map(|r| r.cancellable()).unwrap_or(false);
+        let shared = self.shared.clone();
+        let calls = self.calls();
+        let fut = async move {
+            let r = shared.remediations.get(ctx.step.action)?;
+            r.run(&ctx, &calls).await
+        };
+        let result = self.guarded(cancellable, fut).await;
+        self.shared.hook_refused(self.name(), result.as_ref().and_then(|r| r.as_ref().err()));
+        let after = self.calls().observe(self.name()).await.ok().flatten();
+        let recovered = after.as_ref().is_some_and(is_up);
+        let (outcome, mut text) = classify(&result, recovered, after.as_ref());
+        // Where operators look: a failed repair carries what diagnosis finds.
+        let diagnosis = match (&result, outcome) {
+            // A refused hook is its own, complete reason.
+            (Some(Err(e)), _) if e.refused_hook().is_some() => None,
+            (_, Outcome::Failed) if self.shared.config.diagnose => self.explain(&text).await,
+            _ => None,
+        };
+        if let Some(d) = &diagnosis {
+            text = format!("{} failed: {d}", step.action.as_str());
+        }
+        self.tracker.finish(self.shared.tick(), outcome, fastrand::f64());
+        self.remember();
+        if outcome != Outcome::Interrupted {
+            self.shared
+                .metrics
+                .restarts
+                .get_or_create(&super::metrics::DomainLabel { domain: self.name().to_string() })
+                .inc();
+            self.shared.metrics.action(step.action.as_str(), recovered);
+        }
+        match outcome {
+            Outcome::Recovered => {
+                tracing::info!(domain = %self.name(), attempt, "running again");
+                self.last_event = None;
+                if matches!(result, Some(Ok(StepOutcome::Done))) {
+                    self.health_rebooted(step.action);
+                }
+            }
+            Outcome::Failed => {
+                tracing::warn!(domain = %self.name(), attempt, outcome = %text, "restart failed")
+            }
+            Outcome::Interrupted => {
+                tracing::warn!(domain = %self.name(), attempt, outcome = %text, "restart interrupted; not counted")
+            }
+        }
+        let state = after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
+        self.shared.update_domain(self.name(), |s| {
+            s.state = state;
+            s.last_failure = Some(failure);
+            s.last_failure_at = Some(chrono::Utc::now());
+            if outcome == Outcome::Failed {
+                s.last_error = Some(text.clone());
+                s.diagnosis = diagnosis;
+            } else if outcome == Outcome::Recovered {
+                s.diagnosis = None;
+            }
+            s.last_action = Some(format!("{} (attempt {attempt})", step.action.as_str()));
+            s.last_outcome = Some(text);
+            s.last_action_at = Some(chrono::Utc::now());
+            self.write_tracker_fields(s);
+        });
+        self.publish_health();
+        outcome
+    }
+
+    /// Heal a running guest judged unhealthy or not booted: the same backoff, window and
+    /// quarantine as a crash; the ladder's `start` becomes `reset` (see `health_step`). Acts
+    /// only if, read again right before, the domain still runs and the verdict still stands.
+    async fn heal(&mut self, observed: Option<ObservedDomain>) -> Option<Instant> {
+        let verdict = self.verdict()?.clone();
+        let failure = verdict.text();
+        let now = self.shared.tick();
+        match self.tracker.on_down(now, fastrand::f64()) {
+            Decision::WaitUntil(at) => {
+                self.remember();
                 self.shared.update_domain(self.name(), |s| {
-                    s.state = state;
                     s.last_failure = Some(failure);
-                    s.last_failure_at = Some(chrono::Utc::now());
-                    if outcome == Outcome::Failed {
-                        s.last_error = Some(text.clone());
-                        s.diagnosis = diagnosis;
-                    } else if outcome == Outcome::Recovered {
-                        s.diagnosis = None;
-                    }
-                    s.last_action = Some(format!("{} (attempt {attempt})", step.action.as_str()));
-                    s.last_outcome = Some(text);
-                    s.last_action_at = Some(chrono::Utc::now());
                     self.write_tracker_fields(s);
                 });
+                Some(self.shared.instant_at(at))
+            }
+            Decision::Quarantined(reason) => {
+                if !self.quarantine_logged {
+                    self.quarantine_logged = true;
+                    self.remember_durably().await;
+                    tracing::warn!(domain = %self.name(), %reason, "quarantined: no more automatic repairs");
+                }
+                // Probing stops while quarantined (published before the quarantine itself).
+                self.health_observed(observed.as_ref());
+                self.publish_health();
+                self.shared.update_domain(self.name(), |s| {
+                    s.last_failure = Some(failure);
+                    s.last_failure_at.get_or_insert_with(chrono::Utc::now);
+                    self.write_tracker_fields(s);
+                });
+                None
+            }
+            Decision::Act { step, attempt } => {
+                let step = health::health_step(
+                    step,
+                    self.managed.spec.remediation.is_some(),
+                    self.tracker.consecutive_failures(),
+                );
+                match self.calls().state(self.name()).await {
+                    Ok(Some((DomainState::Running | DomainState::Blocked, _))) => {}
+                    other => {
+                        let now = match other {
+                            Ok(Some((st, reason))) => format!("now {} ({reason})", st.as_str()),
+                            Ok(None) => "no longer defined".into(),
+                            Err(e) => format!("cannot re-read its state: {e}"),
+                        };
+                        tracing::info!(domain = %self.name(), %now, "state changed since judged; not healing");
+                        self.shared.update_domain(self.name(), |s| s.notes.push(format!("not healed: {now}")));
+                        return Some(Instant::now() + OBSERVE_RETRY);
+                    }
+                }
+                self.shared.metrics.drift(verdict.kind());
+                tracing::info!(domain = %self.name(), verdict = %failure, step = step.action.as_str(), attempt, "healing");
+                let outcome = self.attempt(step, attempt, failure, observed.as_ref()).await;
                 match outcome {
                     Outcome::Interrupted => Some(Instant::now() + OBSERVE_RETRY),
                     _ => self.tracker.next_retry().map(|t| self.shared.instant_at(t)),

@@ -47,6 +47,11 @@ impl LifecycleEvent {
     pub fn is_down(&self) -> bool {
         matches!(self.event as u32, sys::VIR_DOMAIN_EVENT_STOPPED | sys::VIR_DOMAIN_EVENT_CRASHED)
     }
+
+    /// QEMU started (a new boot), whoever started it.
+    pub fn is_started(&self) -> bool {
+        self.event as u32 == sys::VIR_DOMAIN_EVENT_STARTED
+    }
 }
 
 /// Lifecycle event and detail in words.

@@ -12,8 +12,8 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
 pub mod events;
-pub mod pool;
 pub mod guest;
+pub mod pool;
 
 use crate::hypervisor::{DomainControl, DomainReader, HypervisorError};
 use crate::observe::domain_xml::parse_domain_xml;
@@ -221,6 +221,10 @@ fn state_reason(r: DomainStateReason) -> StateReason {
 impl DomainReader for LibvirtHost {
     fn is_alive(&self) -> bool {
         self.conn.is_alive().unwrap_or(false)
+    }
+
+    fn guest_access(&self) -> Option<&dyn crate::guest::GuestAccess> {
+        Some(self)
     }
 
     fn observe_host(&self) -> Result<ObservedHost, HypervisorError> {

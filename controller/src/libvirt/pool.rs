@@ -50,6 +50,10 @@ impl LibvirtPool {
 }
 
 impl DomainReader for LibvirtPool {
+    fn guest_access(&self) -> Option<&dyn crate::guest::GuestAccess> {
+        Some(self.pick())
+    }
+
     fn observe_host(&self) -> Result<ObservedHost, HypervisorError> {
         self.pick().observe_host()
     }

@@ -479,6 +479,14 @@ impl HealthMonitor {
         }
     }
 
+    /// libvirt reported a fault (a watchdog firing, an I/O error, lost control of QEMU): probe
+    /// now rather than at the next period, so the verdict rests on a fresh result.
+    pub fn probe_soon(&mut self, now: Tick) {
+        if self.in_flight.is_none() && self.next_probe > now {
+            self.next_probe = now;
+        }
+    }
+
     pub fn is_suspended(&self) -> bool {
         !self.suspensions.is_empty()
     }

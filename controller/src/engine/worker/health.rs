@@ -1,0 +1,384 @@
+//! Guest health inside a domain's worker: feeds the pure health machine (plan/health.rs) with
+//! what the worker observes, libvirt's guest events and probe results; runs the probes it asks
+//! for off the worker (through the engine's shared prober), and keeps status, metrics and the
+//! engine's set of healthy domains in step. Verdicts are acted on by the worker (`heal`),
+//! through the same ladder, backoff and quarantine as crashes.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use virtwarden_policies::{Health, Probe, RemediationAction};
+
+use super::super::shared::Shared;
+use super::super::status::HealthStatus;
+use super::{Order, Worker};
+use crate::guest::{AddressSource, GuestAccess, GuestInterface};
+use crate::hypervisor::HypervisorError;
+use crate::libvirt::events::{FaultClass, GuestEvent, GuestEventKind};
+use crate::observe::guest_devices::GuestDevices;
+use crate::observe::{DomainState, ObservedDomain};
+use crate::plan::health::{
+    wake_at, HealthMonitor, HealthSettings, ProbeResult, ProbeTicket, Step, Suspension, Verdict,
+};
+use crate::plan::restart::Step as LadderStep;
+use crate::probe::ProbeSpec;
+
+/// How much of the console log's end is read for firmware messages.
+const CONSOLE_TAIL: u64 = 64 * 1024;
+
+/// One domain's guest health as its worker keeps it.
+pub(super) struct GuestHealth {
+    monitor: HealthMonitor,
+    spec: ProbeSpec,
+    /// The serial console's log file, read from the live definition once per boot.
+    console: Option<PathBuf>,
+    devices_read: bool,
+    /// When the machine wants to be polled again.
+    pub(super) wake: Option<Instant>,
+    probe: Option<tokio::task::AbortHandle>,
+    /// A judgement not yet healed: set by a verdict, cleared by a passing probe, a new boot or
+    /// the domain going down (crash handling takes over then).
+    pub(super) verdict: Option<Verdict>,
+    /// QEMU was up at the last observation.
+    alive: bool,
+    /// The metrics state label last set.
+    label: Option<&'static str>,
+}
+
+impl GuestHealth {
+    pub(super) fn new(domain: &str, h: &Health) -> Self {
+        GuestHealth {
+            monitor: HealthMonitor::new(HealthSettings::from_policy(h)),
+            spec: ProbeSpec::from_policy(domain, h),
+            console: None,
+            devices_read: false,
+            wake: None,
+            probe: None,
+            verdict: None,
+            alive: false,
+            label: None,
+        }
+    }
+
+    fn set_policy(&mut self, domain: &str, h: &Health) {
+        self.monitor.set_settings(HealthSettings::from_policy(h));
+        self.spec = ProbeSpec::from_policy(domain, h);
+    }
+
+    fn new_boot(&mut self) {
+        self.verdict = None;
+        self.devices_read = false;
+        self.console = None;
+        self.abort_probe();
+    }
+
+    fn abort_probe(&mut self) {
+        if let Some(p) = self.probe.take() {
+            p.abort();
+        }
+    }
+
+    /// True when the guest passes its probe now.
+    pub(super) fn is_healthy(&self) -> bool {
+        self.monitor.is_healthy()
+    }
+}
+
+impl Drop for GuestHealth {
+    fn drop(&mut self) {
+        self.abort_probe();
+    }
+}
+
+/// The word `guest_health`'s and `probe_duration_seconds`' labels use for a probe kind.
+fn probe_kind(p: &Probe) -> &'static str {
+    match p {
+        Probe::Http(_) => "http",
+        Probe::Tcp(_) => "tcp",
+        Probe::GuestAgentPing(_) => "guest-agent-ping",
+    }
+}
+
+/// The end of the console log (firmware messages are at the end when it is stuck).
+fn console_tail(path: &Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL))).ok()?;
+    let mut bytes = Vec::new();
+    f.take(CONSOLE_TAIL).read_to_end(&mut bytes).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The step to take for a health verdict. A running guest is reset, not started: the ladder's
+/// `start` (the default ladder is `start` alone) becomes `reset`; a policy without a ladder
+/// escalates to `destroy-start` from the second consecutive failure.
+pub(super) fn health_step(step: LadderStep, has_ladder: bool, consecutive: u32) -> LadderStep {
+    let action = match step.action {
+        RemediationAction::Start if !has_ladder && consecutive >= 2 => RemediationAction::DestroyStart,
+        RemediationAction::Start => RemediationAction::Reset,
+        other => other,
+    };
+    LadderStep { action, ..step }
+}
+
+/// [`GuestAccess`] over whatever connection the engine holds now (it reconnects).
+pub(crate) struct ConnGuest(pub(crate) Weak<Shared>);
+
+impl ConnGuest {
+    fn with<T>(
+        &self,
+        op: &'static str,
+        domain: &str,
+        f: impl FnOnce(&dyn GuestAccess) -> Result<T, HypervisorError>,
+    ) -> Result<T, HypervisorError> {
+        let failed =
+            |message: &str| HypervisorError::Failed { op, domain: domain.to_string(), message: message.into() };
+        let shared = self.0.upgrade().ok_or_else(|| failed("the engine stopped"))?;
+        let hv = shared.hypervisor().ok_or_else(|| failed("not connected to libvirt"))?;
+        let guest = hv.guest_access().ok_or_else(|| failed("this connection cannot reach guests"))?;
+        f(guest)
+    }
+}
+
+impl GuestAccess for ConnGuest {
+    fn guest_devices(&self, domain: &str) -> Result<GuestDevices, HypervisorError> {
+        self.with("dumpxml", domain, |g| g.guest_devices(domain))
+    }
+
+    fn interface_addresses(&self, domain: &str, source: AddressSource) -> Result<Vec<GuestInterface>, HypervisorError> {
+        self.with("domifaddr", domain, |g| g.interface_addresses(domain, source))
+    }
+
+    fn agent_ping(&self, domain: &str, timeout: Duration) -> Result<(), HypervisorError> {
+        self.with("guest-ping", domain, |g| g.agent_ping(domain, timeout))
+    }
+}
+
+impl Worker {
+    /// The policy's `health` changed (or appeared, or went away).
+    pub(super) fn health_policy(&mut self) {
+        let name = self.name().to_string();
+        match (self.managed.spec.health.clone(), &mut self.health) {
+            (Some(h), Some(g)) => g.set_policy(&name, &h),
+            (Some(h), None) => self.health = Some(GuestHealth::new(&name, &h)),
+            (None, Some(_)) => {
+                self.health = None;
+                self.forget_health();
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// The domain is no longer probed: drop its status, metrics and healthy mark.
+    pub(super) fn forget_health(&self) {
+        self.shared.metrics.forget_health(self.name());
+        self.shared.set_healthy(self.name(), false);
+        self.shared.update_domain(self.name(), |s| s.health = None);
+    }
+
+    /// Feed what was just observed: a new boot, a stop, a pause, a shutdown, a quarantine.
+    pub(super) fn health_observed(&mut self, observed: Option<&ObservedDomain>) {
+        let now = self.shared.tick();
+        let fresh = std::mem::take(&mut self.fresh_start);
+        let quarantined = self.tracker.quarantined().is_some();
+        let Some(h) = &mut self.health else { return };
+        let qemu_up = |d: &&ObservedDomain| {
+            matches!(
+                d.state,
+                DomainState::Running
+                    | DomainState::Blocked
+                    | DomainState::Paused
+                    | DomainState::ShuttingDown
+                    | DomainState::PmSuspended
+            )
+        };
+        let Some(d) = observed.filter(qemu_up) else {
+            if h.alive {
+                h.alive = false;
+                h.monitor.stopped();
+                h.new_boot();
+            }
+            return;
+        };
+        if !h.alive || fresh {
+            h.alive = true;
+            h.monitor.started(now);
+            h.new_boot();
+            self.shared.prober.forget_address(&self.managed.spec.name);
+        }
+        let paused = Suspension::Paused { reason: String::new() };
+        match d.state {
+            DomainState::Paused => h.monitor.suspend(now, Suspension::Paused { reason: d.reason.to_string() }),
+            DomainState::PmSuspended => h.monitor.suspend(now, Suspension::Paused { reason: "pmsuspended".into() }),
+            _ => h.monitor.lift(now, &paused),
+        }
+        if d.state == DomainState::ShuttingDown {
+            h.monitor.suspend(now, Suspension::ShuttingDown);
+        } else {
+            h.monitor.lift(now, &Suspension::ShuttingDown);
+        }
+        if quarantined {
+            h.monitor.suspend(now, Suspension::Quarantined);
+        } else {
+            h.monitor.lift(now, &Suspension::Quarantined);
+        }
+    }
+
+    /// We reset or restarted the guest: a new boot with a new deadline.
+    pub(super) fn health_rebooted(&mut self, action: RemediationAction) {
+        let now = self.shared.tick();
+        let Some(h) = &mut self.health else { return };
+        match action {
+            RemediationAction::Reset => h.monitor.reset(now),
+            _ => h.monitor.started(now),
+        }
+        h.alive = true;
+        h.new_boot();
+        self.fresh_start = false;
+        self.shared.prober.forget_address(&self.managed.spec.name);
+    }
+
+    /// Poll the machine: start the probe it asks for, note a verdict, schedule the next poll;
+    /// then publish. Reads the definition's devices once per boot (agent channel, console log).
+    /// True when a new verdict came up.
+    pub(super) async fn drive_health(&mut self) -> bool {
+        let Some(h) = &self.health else { return false };
+        if h.alive && !h.devices_read {
+            let name = self.name().to_string();
+            let devices = self
+                .calls()
+                .read("guest devices", move |hv| match hv.guest_access() {
+                    Some(g) => g.guest_devices(&name).map(Some),
+                    None => Ok(None),
+                })
+                .await;
+            if let Some(h) = &mut self.health {
+                if let Ok(found) = devices {
+                    let d = found.unwrap_or_default();
+                    h.monitor.set_agent_channel(d.agent_channel);
+                    h.console = d.console_log;
+                    h.devices_read = true;
+                }
+            }
+        }
+        let now = self.shared.tick();
+        let name = self.name().to_string();
+        let Some(h) = &mut self.health else { return false };
+        let mut judged = false;
+        loop {
+            let console = h.console.clone();
+            match h.monitor.poll(now, || console.as_deref().and_then(console_tail)) {
+                Step::Probe(ticket) => {
+                    h.wake = None;
+                    let (shared, spec, tx) = (self.shared.clone(), h.spec.clone(), self.tx.clone());
+                    let task = tokio::spawn(async move {
+                        let result = shared.prober.probe(&spec).await;
+                        shared.metrics.probe(&spec.domain, probe_kind(&spec.probe), &result);
+                        let _ = tx.send(Order::Probed { ticket, result });
+                    });
+                    h.probe = Some(task.abort_handle());
+                    break;
+                }
+                Step::WaitUntil(t) => {
+                    h.wake = Some(self.shared.instant_at(wake_at(t)));
+                    break;
+                }
+                Step::Idle => {
+                    h.wake = None;
+                    break;
+                }
+                Step::Verdict(v) => {
+                    tracing::warn!(domain = %name, verdict = %v.text(), "guest judged {}", v.kind());
+                    h.verdict = Some(v);
+                    judged = true;
+                }
+            }
+        }
+        self.publish_health();
+        judged
+    }
+
+    /// A probe finished.
+    pub(super) fn health_probed(&mut self, ticket: ProbeTicket, result: ProbeResult) {
+        let now = self.shared.tick();
+        let name = self.name().to_string();
+        let Some(h) = &mut self.health else { return };
+        h.probe = None;
+        if let Some(v) = h.monitor.probe_done(now, ticket, &result) {
+            tracing::warn!(domain = %name, verdict = %v.text(), "guest judged {}", v.kind());
+            h.verdict = Some(v);
+            self.look_needed = true;
+        }
+        if h.monitor.is_healthy() && h.verdict.take().is_some() {
+            tracing::info!(domain = %name, "guest healthy again");
+        }
+    }
+
+    /// libvirt reported a guest event: evidence for the health machine, a status line and a
+    /// metric; a fault makes the worker look now (and probe now, when it probes).
+    pub(super) fn guest_event(&mut self, ev: GuestEvent) {
+        let now = self.shared.tick();
+        let text = ev.kind.text();
+        self.shared.metrics.guest_event(self.name(), ev.kind.label());
+        let class = ev.kind.class();
+        match class {
+            FaultClass::Evidence => tracing::debug!(domain = %self.name(), event = %text, "guest event"),
+            FaultClass::Fault => tracing::warn!(domain = %self.name(), event = %text, "guest fault"),
+            FaultClass::HostProblem => {
+                tracing::error!(domain = %self.name(), event = %text, "host problem; not resetting the guest")
+            }
+        }
+        let line = match class {
+            FaultClass::HostProblem => format!("{text} (a host problem: free space on the host; not reset)"),
+            _ => text,
+        };
+        let at = chrono::Utc::now();
+        self.shared.update_domain(self.name(), |s| {
+            s.last_guest_event = Some(line);
+            s.last_guest_event_at = Some(at);
+        });
+        if class == FaultClass::Fault {
+            self.look_needed = true;
+        }
+        let Some(h) = &mut self.health else { return };
+        match &ev.kind {
+            GuestEventKind::Reboot => h.monitor.guest_rebooted(now),
+            GuestEventKind::Agent { connected, .. } => h.monitor.agent_changed(*connected),
+            _ if class == FaultClass::Fault => h.monitor.probe_soon(now),
+            _ => {}
+        }
+    }
+
+    /// Status, the health metric and the engine's healthy set.
+    pub(super) fn publish_health(&mut self) {
+        let Some(h) = &mut self.health else { return };
+        let view = h.monitor.view();
+        let status = HealthStatus::from_view(&view, self.shared.tick(), chrono::Utc::now());
+        let label = status.phase.label();
+        if h.label != Some(label) {
+            h.label = Some(label);
+            self.shared.metrics.health_state(&self.managed.spec.name, label);
+        }
+        let healthy = h.is_healthy();
+        self.shared.set_healthy(&self.managed.spec.name, healthy);
+        self.shared.update_domain(&self.managed.spec.name, |s| s.health = Some(status));
+    }
+
+    /// When the health machine wants the worker back.
+    pub(super) fn health_wake(&self) -> Option<Instant> {
+        self.health.as_ref().and_then(|h| h.wake)
+    }
+
+    /// A verdict waits to be healed.
+    pub(super) fn verdict(&self) -> Option<&Verdict> {
+        self.health.as_ref().and_then(|h| h.verdict.as_ref())
+    }
+}
+
+/// A handle the prober's guest access uses to find the current connection.
+pub(crate) fn conn_guest(shared: &Weak<Shared>) -> Arc<dyn GuestAccess> {
+    Arc::new(ConnGuest(shared.clone()))
+}

@@ -1,0 +1,188 @@
+//! Guest health in the engine, against libvirt's test driver (in-process) and real local TCP
+//! listeners standing in for the guest's service (the policy's `address` points at 127.0.0.1):
+//! a healthy guest whose service dies is reset and heals; a guest that never passes within
+//! `bootTimeout` is judged "boot failed", reset, and quarantined once resets keep failing; a
+//! domain without `health` is never probed or touched; a paused guest is not probed.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use virtwarden::act::remediation::Registry;
+use virtwarden::engine::connect::SharedConnector;
+use virtwarden::engine::status::{DomainStatus, HealthPhase, StatusReport};
+use virtwarden::engine::{Engine, EngineConfig, EngineHandle};
+use virtwarden::hypervisor::DomainReader;
+use virtwarden::libvirt::events::start_event_loop;
+use virtwarden::libvirt::LibvirtHost;
+use virtwarden::observe::DomainState;
+use virtwarden_policies::{load_texts, DesiredState};
+use virtwarden_tests::testbed_uri;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn policy(yaml_spec: &str) -> DesiredState {
+    let text =
+        format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{yaml_spec}");
+    load_texts([(std::path::Path::new("inline.yaml"), text.as_str())]).expect("inline policy is valid").desired
+}
+
+/// web2 probed over TCP at 127.0.0.1:`port`: 1 s period, 2 failures, 2 s to boot; a short
+/// backoff and at most `max` restarts an hour.
+fn probed(port: u16, max: u32) -> String {
+    format!(
+        "  domains:
+    - name: web2
+      restart: always
+      backoff: {{initialDelay: 100ms, maxDelay: 200ms, resetAfter: 1h, maxRestarts: {max}, window: 1h}}
+      health:
+        probe: {{tcp: {{port: {port}}}}}
+        address: 127.0.0.1
+        period: 1s
+        timeout: 500ms
+        failureThreshold: 2
+        bootTimeout: 2s
+    - name: db1
+      restart: always
+"
+    )
+}
+
+struct Rig {
+    host: Arc<LibvirtHost>,
+    engine: EngineHandle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn rig(desired: DesiredState) -> Rig {
+    start_event_loop();
+    let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
+    let connector = Arc::new(SharedConnector { host: host.clone() });
+    let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
+    let (engine, task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
+    assert!(engine.wait_for(WAIT, |_| engine.is_ready()).await.is_some(), "engine never became ready");
+    Rig { host, engine, task }
+}
+
+fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {
+    r.domains.iter().find(|d| d.name == name).unwrap_or_else(|| panic!("{name} not in status: {r:#?}"))
+}
+
+fn phase(r: &StatusReport, name: &str) -> Option<HealthPhase> {
+    domain(r, name).health.as_ref().map(|h| h.phase)
+}
+
+impl Rig {
+    async fn until(&self, what: &str, cond: impl Fn(&StatusReport) -> bool) -> StatusReport {
+        match self.engine.wait_for(WAIT, cond).await {
+            Some(r) => r,
+            None => panic!("timed out waiting for: {what}\nstatus: {:#?}", self.engine.status()),
+        }
+    }
+
+    async fn stop(self) {
+        self.engine.shutdown();
+        tokio::time::timeout(WAIT, self.task).await.expect("engine stops").unwrap();
+    }
+}
+
+/// A free local port, and a listener on it (the guest's service).
+fn service() -> (u16, TcpListener) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    (l.local_addr().unwrap().port(), l)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_dies_guest_is_reset_and_heals_when_it_answers_again() {
+    let (port, listener) = service();
+    let r = rig(policy(&probed(port, 5))).await;
+    let s = r.until("web2 healthy", |s| phase(s, "web2") == Some(HealthPhase::Healthy)).await;
+    let h = domain(&s, "web2").health.clone().unwrap();
+    assert_eq!(h.address.as_deref(), Some("127.0.0.1"));
+    assert!(h.last_probe.as_deref().unwrap().ends_with(": ok"), "{h:?}");
+    assert_eq!(phase(&s, "db1"), None, "db1 has no health: never probed");
+    let metrics = r.engine.metrics_text();
+    assert!(metrics.contains("virtwarden_guest_health{domain=\"web2\",state=\"healthy\"} 1"), "{metrics}");
+
+    // The service dies: two failed probes make it unhealthy; the default first step is a reset.
+    drop(listener);
+    let s = r.until("web2 reset", |s| domain(s, "web2").last_action.as_deref() == Some("reset (attempt 1)")).await;
+    let d = domain(&s, "web2");
+    assert!(d.last_failure.as_deref().unwrap().starts_with("unhealthy (probe: tcp 127.0.0.1:"), "{d:#?}");
+    assert!(d.last_failure.as_deref().unwrap().contains("connection refused"), "{d:#?}");
+    assert_eq!(d.restarts, 1);
+    let metrics = r.engine.metrics_text();
+    assert!(metrics.contains("virtwarden_probe_failures_total{domain=\"web2\",reason=\"refused\"}"), "{metrics}");
+
+    // After the reset it boots again; the service answers again → healthy, no more resets.
+    let _back = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let s = r.until("web2 healthy again", |s| phase(s, "web2") == Some(HealthPhase::Healthy)).await;
+    assert_eq!(domain(&s, "web2").restarts, 1, "{:#?}", domain(&s, "web2"));
+    assert_eq!(domain(&s, "db1").restarts, 0);
+    assert_eq!(r.host.observe_domain("web2").unwrap().unwrap().state, DomainState::Running);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_answering_guest_is_boot_failed_reset_then_quarantined() {
+    // Nothing listens: every boot fails. 2 restarts allowed, the third is refused.
+    let (port, listener) = service();
+    drop(listener);
+    let r = rig(policy(&probed(port, 2))).await;
+    let s = r
+        .until("boot failed", |s| {
+            domain(s, "web2").last_failure.as_deref().is_some_and(|f| f.starts_with("boot failed: "))
+        })
+        .await;
+    let f = domain(&s, "web2").last_failure.clone().unwrap();
+    assert!(f.starts_with("boot failed: no probe passed within 2s"), "{f}");
+    assert!(f.contains("last probe: tcp 127.0.0.1:"), "{f}");
+    let s = r.until("quarantined", |s| domain(s, "web2").quarantined.is_some()).await;
+    let d = domain(&s, "web2");
+    assert_eq!(d.restarts, 2, "{d:#?}");
+    assert!(d.quarantined.as_deref().unwrap().starts_with("2 restarts within 1h"), "{d:#?}");
+    // Probing stops while quarantined; the domain is left running as it is.
+    let h = d.health.as_ref().unwrap();
+    assert_eq!(h.phase, HealthPhase::Suspended, "{h:?}");
+    assert!(h.detail.as_deref().unwrap().contains("quarantined"), "{h:?}");
+    assert_eq!(r.host.observe_domain("web2").unwrap().unwrap().state, DomainState::Running);
+
+    // Released with the service fixed: reset once more, then healthy.
+    let _fixed = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    r.engine.release("web2").await.expect("released");
+    let s = r.until("healthy after release", |s| phase(s, "web2") == Some(HealthPhase::Healthy)).await;
+    assert!(domain(&s, "web2").quarantined.is_none());
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_guest_is_not_probed_and_not_reset() {
+    let (port, listener) = service();
+    let r =
+        rig(policy(&probed(port, 5).replace("restart: always\n      backoff", "restart: on-failure\n      backoff")))
+            .await;
+    r.until("web2 healthy", |s| phase(s, "web2") == Some(HealthPhase::Healthy)).await;
+    r.host.connection().lookup_domain_by_name("web2").unwrap().suspend().unwrap();
+    let s = r.until("suspended", |s| phase(s, "web2") == Some(HealthPhase::Suspended)).await;
+    assert!(domain(&s, "web2").health.as_ref().unwrap().detail.as_deref().unwrap().starts_with("paused ("));
+    // The service dies while paused: no probe runs, so nothing is judged or reset, however long.
+    drop(listener);
+    let probes_before = probe_count(&r.engine.metrics_text());
+    // An absence can only be checked over time: three periods (1 s each) without a probe.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(probe_count(&r.engine.metrics_text()), probes_before, "no probes while paused");
+    let s = r.engine.status();
+    assert_eq!(domain(&s, "web2").restarts, 0);
+    assert_eq!(r.host.observe_domain("web2").unwrap().unwrap().state, DomainState::Paused);
+    r.stop().await;
+}
+
+/// How many probes ran (the histogram's count).
+fn probe_count(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("virtwarden_probe_duration_seconds_count{probe=\"tcp\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
