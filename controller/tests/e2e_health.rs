@@ -248,3 +248,103 @@ fn e2e_health_guest_agent_answers_pings_and_libvirt_reports_agent_and_reset_even
     wait_event(&mut rx, "the agent connecting again", |e| agent_event(e, true));
     assert!(running(&hv, "web"));
 }
+
+// ---- `virtwarden run` acting on health (the service process on the private libvirtd) ----
+
+const PLAIN_IP: &str = "10.77.0.3";
+
+#[test]
+fn e2e_health_run_heals_a_dead_service_and_a_kernel_panic_and_leaves_a_guest_without_health_alone() {
+    if !inside("e2e_health_run_heals_a_dead_service_and_a_kernel_panic_and_leaves_a_guest_without_health_alone") {
+        return;
+    }
+    let hv = connect();
+    bridge_with_address("br0", "10.77.0.1/24");
+    define_health_guest(&hv, "web", "br0", &format!("{GUEST_IP}/24"), false);
+    define_health_guest(&hv, "plain", "br0", &format!("{PLAIN_IP}/24"), false);
+    let d = Daemon::start(&policy(&format!(
+        "  domains:
+    - name: web
+      restart: always
+      health:
+        probe: {{http: {{port: 80, path: /healthz}}}}
+        address: {GUEST_IP}
+        period: 2s
+        timeout: 1s
+        failureThreshold: 2
+        bootTimeout: 170s
+    - name: plain
+      restart: always
+"
+    )));
+    wait("web healthy", BOOT, || d.domain("web").is_some_and(|s| s["health"]["phase"] == "healthy"));
+    wait("plain serves HTTP", BOOT, || http_ok(PLAIN_IP));
+
+    // The service dies inside the guest; libvirt keeps saying running. Reset, serving again.
+    assert!(knob(GUEST_IP, "kill-http").unwrap_or_default().contains("killed"));
+    assert!(knob(PLAIN_IP, "kill-http").unwrap_or_default().contains("killed"));
+    let took = wait("web reset", T, || d.domain("web").is_some_and(|s| s["lastAction"] == "reset (attempt 1)"));
+    let s = d.domain("web").unwrap();
+    let failure = s["lastFailure"].as_str().unwrap_or_default().to_string();
+    assert!(failure.starts_with(&format!("unhealthy (probe: http://{GUEST_IP}:80/healthz: ")), "{s}");
+    eprintln!("service killed → reset issued in {took:?}");
+    wait("web serves again", BOOT, || http_ok(GUEST_IP));
+    wait("web healthy again", BOOT, || d.domain("web").is_some_and(|s| s["health"]["phase"] == "healthy"));
+
+    // The guest kernel panics (no pvpanic: libvirt is told nothing). Reset again, serving again.
+    assert!(knob(GUEST_IP, "panic").unwrap_or_default().contains("panicking"));
+    wait("web reset after the panic", T, || {
+        d.domain("web")
+            .is_some_and(|s| s["restarts"] == 2 && s["lastAction"].as_str().is_some_and(|a| a.starts_with("reset")))
+    });
+    wait("web serves after the panic", BOOT, || http_ok(GUEST_IP));
+    assert!(
+        state(&hv, "web").is_some_and(|w| w.state == DomainState::Running),
+        "the same domain, reset, not recreated"
+    );
+
+    // The guest without `health` whose service died is left alone: still running, not reset.
+    let p = d.domain("plain").unwrap();
+    assert_eq!(p["restarts"], 0, "{p}");
+    assert!(p["health"].is_null(), "{p}");
+    assert!(running(&hv, "plain"));
+    assert!(!http_ok(PLAIN_IP), "nobody restarted plain's service");
+}
+
+#[test]
+fn e2e_health_run_judges_a_no_boot_domain_boot_failed_resets_it_then_quarantines_it() {
+    if !inside("e2e_health_run_judges_a_no_boot_domain_boot_failed_resets_it_then_quarantines_it") {
+        return;
+    }
+    let hv = connect();
+    define_no_boot_domain(&hv, "nob");
+    let d = Daemon::start(&policy(
+        "  domains:
+    - name: nob
+      restart: always
+      backoff: {initialDelay: 100ms, maxDelay: 200ms, maxRestarts: 2, window: 1h}
+      health:
+        probe: {tcp: {port: 22}}
+        period: 1s
+        timeout: 500ms
+        bootTimeout: 4s
+",
+    ));
+    wait("boot failed", T, || {
+        d.domain("nob").is_some_and(|s| s["lastFailure"].as_str().is_some_and(|f| f.starts_with("boot failed: ")))
+    });
+    let s = d.domain("nob").unwrap();
+    let failure = s["lastFailure"].as_str().unwrap();
+    assert!(failure.starts_with("boot failed: SeaBIOS: No bootable device (console: \"No bootable device"), "{s}");
+    assert!(failure.contains("no address: the domain has no network interface"), "{s}");
+    let s = {
+        wait("quarantined", T, || d.domain("nob").is_some_and(|s| s["quarantined"].is_string()));
+        d.domain("nob").unwrap()
+    };
+    assert_eq!(s["restarts"], 2, "{s}");
+    assert!(s["lastAction"].as_str().unwrap_or_default().starts_with("reset"), "{s}");
+    assert_eq!(s["health"]["phase"], "suspended", "{s}");
+    assert!(running(&hv, "nob"), "left as it is once quarantined");
+    let text = sh(&[env!("CARGO_BIN_EXE_virtwarden"), "status", "--state-dir", d.state_dir.to_str().unwrap()]);
+    assert!(text.contains("to retry once fixed: virtwarden release nob"), "{text}");
+}

@@ -276,3 +276,35 @@ fn invalid_policy_at_start_exits_2() {
     let out = run_args(dir.path()).arg(repo().join("tests/bad-policies/14-unknown-boot-device.yaml")).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn plan_notes_a_guest_the_service_last_judged_unhealthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let memory = serde_json::json!({
+        "format": 1,
+        "domains": { "web2": { "badHealth": {
+            "verdict": "boot failed: SeaBIOS: No bootable device (console: \"No bootable device.\")",
+            "at": 1_700_000_000_000u64
+        } } }
+    });
+    std::fs::write(data.join("memory.json"), serde_json::to_vec(&memory).unwrap()).unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("p.yaml"),
+        "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: {name: p}\nspec:\n  domains:\n    - name: web2\n      health: {probe: {tcp: {port: 22}}}\n",
+    )
+    .unwrap();
+    let out =
+        bin_in(dir.path()).args(["plan", "-c", &testbed(), "--data-dir"]).arg(&data).arg(&policies).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "warning: web2: last known health: boot failed: SeaBIOS: No bootable device (console: \"No bootable device.\") (judged 2023-11-14T22:13:20Z)"
+        ),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

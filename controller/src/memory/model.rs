@@ -46,6 +46,26 @@ pub struct DomainMemory {
     /// Backoffs of its boot order and autostart when another writer keeps changing them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flap: Option<crate::plan::flap::FlapDetector>,
+    /// The last health verdict not yet followed by a passing probe (`plan` notes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bad_health: Option<BadHealth>,
+}
+
+/// A guest judged unhealthy or not booted, as last known.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BadHealth {
+    /// The verdict: `boot failed: …`, `unhealthy (probe: …)`.
+    pub verdict: String,
+    #[serde(with = "tick_ms")]
+    pub at: Tick,
+}
+
+impl BadHealth {
+    /// `boot failed: … (judged 2026-11-23T12:00:00Z)`.
+    pub fn describe(&self) -> String {
+        format!("{} (judged {})", self.verdict, tick_text(self.at))
+    }
 }
 
 /// Why a domain that is off is off, as last observed: what libvirt forgets when it restarts

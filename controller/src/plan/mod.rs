@@ -191,7 +191,22 @@ pub fn plan_ordered_with(
 ) -> Plan {
     let mut p = plan_with(desired, observed, memory);
     startup::order_plan(desired, observed, missing_paths, &mut p);
+    note_bad_health(desired, memory, &mut p);
     p
+}
+
+/// A guest the service last judged unhealthy or not booted (and not seen passing since).
+fn note_bad_health(desired: &DesiredState, memory: &Memory, plan: &mut Plan) {
+    for managed in desired.domains.iter().filter(|m| m.spec.health.is_some()) {
+        let name = &managed.spec.name;
+        if let Some(bad) = memory.domains.get(name).and_then(|d| d.bad_health.as_ref()) {
+            plan.notes.push(Note {
+                subject: name.clone(),
+                severity: Severity::Warning,
+                message: format!("last known health: {}", bad.describe()),
+            });
+        }
+    }
 }
 
 /// A domain whose bridge is missing fails to start (`Cannot get interface MTU`): start it only

@@ -18,6 +18,7 @@ use super::{Order, Worker};
 use crate::guest::{AddressSource, GuestAccess, GuestInterface};
 use crate::hypervisor::HypervisorError;
 use crate::libvirt::events::{FaultClass, GuestEvent, GuestEventKind};
+use crate::memory::BadHealth;
 use crate::observe::guest_devices::GuestDevices;
 use crate::observe::{DomainState, ObservedDomain};
 use crate::plan::health::{
@@ -174,6 +175,12 @@ impl Worker {
 
     /// The domain is no longer probed: drop its status, metrics and healthy mark.
     pub(super) fn forget_health(&self) {
+        let name = self.name().to_string();
+        self.shared.memory.update(|m| {
+            if let Some(d) = m.domains.get_mut(&name) {
+                d.bad_health = None;
+            }
+        });
         self.shared.metrics.forget_health(self.name());
         self.shared.set_healthy(self.name(), false);
         self.shared.update_domain(self.name(), |s| s.health = None);
@@ -352,8 +359,27 @@ impl Worker {
         }
     }
 
-    /// Status, the health metric and the engine's healthy set.
+    /// Status, the health metric, the engine's healthy set, and the durable memory of a
+    /// verdict not yet followed by a passing probe (what `plan` notes).
     pub(super) fn publish_health(&mut self) {
+        let bad = match &self.health {
+            Some(h) if h.verdict.is_some() => h.verdict.as_ref().map(Verdict::text),
+            _ => None,
+        };
+        let name = self.managed.spec.name.clone();
+        let known = self.shared.memory.read(|m| m.domains.get(&name).and_then(|d| d.bad_health.clone()));
+        let healthy = self.health.as_ref().is_some_and(GuestHealth::is_healthy);
+        let changed = match (&bad, &known) {
+            (Some(v), Some(k)) => *v != k.verdict,
+            (Some(_), None) => true,
+            // Cleared once the guest passes (or health is no longer asked for).
+            (None, Some(_)) => healthy || self.health.is_none(),
+            (None, None) => false,
+        };
+        if changed {
+            let remembered = bad.map(|verdict| BadHealth { verdict, at: self.shared.tick() });
+            self.shared.memory.update(|m| m.domains.entry(name).or_default().bad_health = remembered);
+        }
         let Some(h) = &mut self.health else { return };
         let view = h.monitor.view();
         let status = HealthStatus::from_view(&view, self.shared.tick(), chrono::Utc::now());
