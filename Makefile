@@ -104,9 +104,11 @@ fuzz: deps
 	@out=$$($(CARGO) afl config --build 2>&1) || echo "$$out" | grep -q "already built" || { echo "$$out"; exit 1; }
 	cd fuzz && $(CARGO) afl build --release --locked
 	fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
-## bench-health: CPU of probing 1,000 guests every 10 s (local listeners stand in; target ≤ 1 % of a core), probe p50/p99.
+## bench-health: CPU of probing 1,000 guests every 10 s (local listeners stand in; target ≤ 1 % of a core), probe p50/p99;
+## then on the private libvirtd under `run`: service killed / kernel panic → detected → serving again (BENCH_HEALTH_TRIALS, default 10).
 bench-health: deps
 	$(CARGO) bench -p virtwarden --bench health
+	$(CARGO) bench -p virtwarden --bench health_e2e
 
 fmt:
 	$(CARGO) fmt --all

@@ -142,6 +142,10 @@ pub struct DomainEnactment {
     /// The last `exec` remediation step the node refused to run, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_hook: Option<String>,
+    /// Guest health, for domains with `health`: `healthy`, `booting`, `unhealthy: <what failed>`,
+    /// `boot failed: <evidence>`, `suspended: <why>`, `down`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
 }
 
 /// One managed bridge on one node.

@@ -39,6 +39,10 @@ impl DomainReader for RetryIdempotent {
         self.0.is_alive()
     }
 
+    fn guest_access(&self) -> Option<&dyn crate::guest::GuestAccess> {
+        self.0.guest_access()
+    }
+
     fn observe_host(&self) -> Result<ObservedHost, HypervisorError> {
         retry("observe", "", || self.0.observe_host())
     }

@@ -271,6 +271,10 @@ mod tests {
                     quarantine: Some(Quarantine { reason: "4 restarts within 1h".into(), since: Tick::from_secs(5) }),
                     total_restarts: 7,
                 },
+                bad_health: Some(BadHealth {
+                    verdict: "unhealthy (probe: tcp 10.0.0.2:22: refused)".into(),
+                    at: Tick::from_secs(9),
+                }),
                 intent: Some(Intent::StoppedOnPurpose {
                     reason: StateReason::Destroyed,
                     at: Tick::from_millis(1_700_000_000_500),

@@ -56,6 +56,12 @@ pub fn enactment_status(view: &PolicyView, report: &StatusReport, now: Time) -> 
             last_failure: d.last_failure.clone(),
             quarantined: d.quarantined.is_some(),
             refused_hook: d.refused_hook.clone(),
+            health: d.health.as_ref().map(|h| match &h.detail {
+                // Boot-failed details already start with "boot failed: ".
+                Some(detail) if detail.starts_with("boot failed") => detail.clone(),
+                Some(detail) => format!("{}: {detail}", h.phase.as_str()),
+                None => h.phase.as_str().to_string(),
+            }),
         })
         .collect();
     let drift: Vec<String> = report.network.as_ref().map(|n| n.drift.clone()).unwrap_or_default();
@@ -82,7 +88,8 @@ pub fn enactment_status(view: &PolicyView, report: &StatusReport, now: Time) -> 
                 .desired
                 .domain(&d.name)
                 .is_some_and(|m| m.spec.state == virtwarden_policies::DesiredDomainState::Running);
-            wants_running && !d.state.starts_with("running")
+            let sick = d.health.as_deref().is_some_and(|h| h.starts_with("unhealthy") || h.starts_with("boot failed"));
+            wants_running && (!d.state.starts_with("running") || sick)
         })
         .collect();
     let (available, progressing, degraded, why, message) = if !view.invalid.is_empty() {
@@ -175,6 +182,34 @@ mod tests {
             Box::leak(vec!["spec.domains[0].restart: contradicts".to_string()].into_boxed_slice());
         let s = enactment_status(&view(&C, invalid), &report("running (booted)", false), now());
         assert_eq!(status_of(&s, "Degraded"), ("True".into(), "InvalidPolicy".into()));
+        assert_eq!(status_of(&s, "Available").0, "False");
+    }
+
+    #[test]
+    fn guest_health_shows_per_domain_and_a_sick_guest_is_not_converged() {
+        use crate::engine::status::{HealthPhase, HealthStatus};
+        let d = desired();
+        let view = PolicyView { name: "web", generation: Some(1), desired: &d, conflicts: &[], invalid: &[] };
+        let mut r = report("running (booted)", false);
+        r.domains[0].health = Some(HealthStatus { phase: HealthPhase::Healthy, ..Default::default() });
+        let s = enactment_status(&view, &r, now());
+        assert_eq!(s.domains[0].health.as_deref(), Some("healthy"));
+        assert_eq!(status_of(&s, "Available"), ("True".into(), "Converged".into()));
+        r.domains[0].health = Some(HealthStatus {
+            phase: HealthPhase::Unhealthy,
+            detail: Some("tcp 10.0.0.2:22: connection refused".into()),
+            ..Default::default()
+        });
+        let s = enactment_status(&view, &r, now());
+        assert_eq!(s.domains[0].health.as_deref(), Some("unhealthy: tcp 10.0.0.2:22: connection refused"));
+        assert_eq!(status_of(&s, "Progressing"), ("True".into(), "Remediating".into()));
+        r.domains[0].health = Some(HealthStatus {
+            phase: HealthPhase::BootFailed,
+            detail: Some("boot failed: SeaBIOS: No bootable device".into()),
+            ..Default::default()
+        });
+        let s = enactment_status(&view, &r, now());
+        assert_eq!(s.domains[0].health.as_deref(), Some("boot failed: SeaBIOS: No bootable device"));
         assert_eq!(status_of(&s, "Available").0, "False");
     }
 

@@ -704,6 +704,20 @@ mod tests {
     }
 
     #[test]
+    fn a_reported_fault_brings_the_next_probe_forward_but_not_a_second_one_in_flight() {
+        let mut m = monitor();
+        m.started(s(0));
+        assert!(matches!(tick(&mut m, s(10), &ok()), (Step::Probe(_), None)));
+        assert_eq!(m.poll(s(12), no_console), Step::WaitUntil(s(20)));
+        m.probe_soon(s(12));
+        let Step::Probe(t) = m.poll(s(12), no_console) else { panic!("probe due at once") };
+        m.probe_soon(s(13));
+        assert_eq!(m.poll(s(13), no_console), Step::Idle, "still one probe in flight");
+        assert_eq!(m.probe_done(s(13), t, &refused()), None);
+        assert_eq!(m.poll(s(13), no_console), Step::WaitUntil(s(22)), "cadence from the early probe");
+    }
+
+    #[test]
     fn the_deadline_wakes_the_engine_even_between_probes() {
         let mut m = HealthMonitor::new(HealthSettings {
             period: s(40),

@@ -408,3 +408,37 @@ impl Worker {
 pub(crate) fn conn_guest(shared: &Weak<Shared>) -> Arc<dyn GuestAccess> {
     Arc::new(ConnGuest(shared.clone()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(action: RemediationAction) -> LadderStep {
+        LadderStep { action, command: Vec::new(), timeout: Duration::from_secs(60) }
+    }
+
+    #[test]
+    fn a_running_guest_is_reset_not_started_and_the_default_ladder_escalates_to_a_fresh_qemu() {
+        let pick = |a, ladder, n| health_step(step(a), ladder, n).action;
+        assert_eq!(pick(RemediationAction::Start, false, 0), RemediationAction::Reset);
+        assert_eq!(pick(RemediationAction::Start, false, 1), RemediationAction::Reset);
+        assert_eq!(pick(RemediationAction::Start, false, 2), RemediationAction::DestroyStart);
+        // A policy's own ladder: `start` means "bring it back" (a reset); other steps as written.
+        assert_eq!(pick(RemediationAction::Start, true, 5), RemediationAction::Reset);
+        assert_eq!(pick(RemediationAction::Exec, true, 2), RemediationAction::Exec);
+        assert_eq!(pick(RemediationAction::DestroyStart, true, 1), RemediationAction::DestroyStart);
+    }
+
+    #[test]
+    fn console_tail_reads_the_end_of_a_long_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut text = "x".repeat(200 * 1024);
+        text.push_str("\nNo bootable device.\n");
+        std::fs::write(&path, &text).unwrap();
+        let tail = console_tail(&path).unwrap();
+        assert_eq!(tail.len() as u64, CONSOLE_TAIL);
+        assert!(tail.ends_with("No bootable device.\n"));
+        assert_eq!(console_tail(&dir.path().join("missing")), None);
+    }
+}
