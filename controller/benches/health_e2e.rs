@@ -4,6 +4,8 @@
 //! over `BENCH_HEALTH_TRIALS` trials (default 10) next to the configured detection bound
 //! (period × failureThreshold + timeout) and KubeVirt's defaults for the same detection.
 
+// Shared with the e2e tests; this bench uses part of it.
+#[allow(dead_code)]
 #[path = "../tests/testbed/guest_knobs.rs"]
 mod guest_knobs;
 #[path = "../tests/testbed/mod.rs"]
