@@ -33,7 +33,7 @@ use crate::libvirt::events::LifecycleEvent;
 use crate::memory::{intent_after, Intent, Memory};
 use crate::observe::{DomainState, ObservedDomain, ObservedHost};
 use crate::plan::flap::{tick_text, FlapDetector, FlapKey, FlapKind, Verdict};
-use crate::plan::health::{ProbeResult, ProbeTicket};
+use crate::plan::health::{ProbeResult, ProbeTicket, Verdict as HealthVerdict};
 use crate::plan::restart::{Decision, Ladder, Outcome, RestartTracker};
 use crate::plan::{plan_with, Action, ActionKind};
 
@@ -698,6 +698,17 @@ impl Worker {
     async fn heal(&mut self, observed: Option<ObservedDomain>) -> Option<Instant> {
         let verdict = self.verdict()?.clone();
         let failure = verdict.text();
+        if matches!(verdict, HealthVerdict::BootFailed(_)) && self.health.as_ref().is_some_and(|h| h.adopted) {
+            // Running before virtwarden watched it and never passed since: the probe itself may
+            // be wrong. Report, don't reset.
+            let note = format!(
+                "{failure}: reported, not reset — the guest was already running when virtwarden began \
+                 probing it and has never passed; check the probe (repairs start once it passes, or after its next start)"
+            );
+            tracing::warn!(domain = %self.name(), verdict = %failure, "not resetting a guest whose probe never passed since it was adopted");
+            self.shared.update_domain(self.name(), |s| s.notes.push(note));
+            return None;
+        }
         let now = self.shared.tick();
         match self.tracker.on_down(now, fastrand::f64()) {
             Decision::WaitUntil(at) => {

@@ -45,6 +45,12 @@ pub(super) struct GuestHealth {
     pub(super) verdict: Option<Verdict>,
     /// QEMU was up at the last observation.
     alive: bool,
+    /// No observation yet (the worker just started, or `health` was just added).
+    first_look: bool,
+    /// The guest was already running when first seen and has not passed a probe since: its
+    /// "boot" was not watched, so a missed boot deadline may as well be a wrong probe. Reported,
+    /// not acted on, until it passes once or boots again.
+    pub(super) adopted: bool,
     /// The metrics state label last set.
     label: Option<&'static str>,
 }
@@ -60,6 +66,8 @@ impl GuestHealth {
             probe: None,
             verdict: None,
             alive: false,
+            first_look: true,
+            adopted: false,
             label: None,
         }
     }
@@ -71,6 +79,7 @@ impl GuestHealth {
 
     fn new_boot(&mut self) {
         self.verdict = None;
+        self.adopted = false;
         self.devices_read = false;
         self.console = None;
         self.abort_probe();
@@ -202,6 +211,7 @@ impl Worker {
                     | DomainState::PmSuspended
             )
         };
+        let first_look = std::mem::take(&mut h.first_look);
         let Some(d) = observed.filter(qemu_up) else {
             if h.alive {
                 h.alive = false;
@@ -214,6 +224,7 @@ impl Worker {
             h.alive = true;
             h.monitor.started(now);
             h.new_boot();
+            h.adopted = first_look && !fresh;
             self.shared.prober.forget_address(&self.managed.spec.name);
         }
         let paused = Suspension::Paused { reason: String::new() };
@@ -319,8 +330,11 @@ impl Worker {
             h.verdict = Some(v);
             self.look_needed = true;
         }
-        if h.monitor.is_healthy() && h.verdict.take().is_some() {
-            tracing::info!(domain = %name, "guest healthy again");
+        if h.monitor.is_healthy() {
+            h.adopted = false;
+            if h.verdict.take().is_some() {
+                tracing::info!(domain = %name, "guest healthy again");
+            }
         }
     }
 
