@@ -40,12 +40,14 @@ pub(super) struct Engine {
     events_rx: UnboundedReceiver<HypervisorEvent>,
     connection: Option<Connection>,
     desired_tx: watch::Sender<Arc<DesiredState>>,
+    network: Option<super::NetworkRunner>,
 }
 
 impl Engine {
     pub(super) fn new(
         shared: Arc<Shared>,
         connector: Arc<dyn Connector>,
+        network: Option<super::NetworkRunner>,
         config: EngineConfig,
         msg_rx: UnboundedReceiver<Msg>,
     ) -> Self {
@@ -62,6 +64,7 @@ impl Engine {
             events_rx,
             connection: None,
             desired_tx: watch::channel(Arc::new(DesiredState::default())).0,
+            network,
         }
     }
 
@@ -75,7 +78,10 @@ impl Engine {
             let (tx, rx) = unbounded_channel();
             let task =
                 network::NetworkTask::new(self.shared.clone(), self.desired_tx.subscribe(), rx, self.config.flap);
-            tokio::spawn(task.run());
+            match &self.network {
+                Some(runner) => tokio::spawn(runner(task)),
+                None => tokio::spawn(task.run()),
+            };
             *self.shared.net_kicks.write().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         }
         self.start_reconnect("starting".into());

@@ -11,7 +11,7 @@ pub mod clock;
 pub mod connect;
 mod main_loop;
 pub mod metrics;
-mod network;
+pub mod network;
 mod shared;
 pub mod status;
 mod status_writer;
@@ -93,12 +93,21 @@ pub struct Backends {
     pub clock: Arc<dyn Clock>,
     /// The durable memory; `None` opens `config.data_dir` (or keeps it in memory).
     pub memory: Option<Arc<MemoryStore>>,
+    /// Runs the host-network task (when `config.network`) on chosen backends; `None`: netlink
+    /// and `/proc/sys` of this network namespace, with netlink notifications. Tests hand in
+    /// recording or fault-injecting [`HostNet`](crate::hostnet::HostNet)/[`Forwarding`](crate::hostnet::Forwarding)
+    /// implementations through [`network::NetworkTask::run_with`].
+    pub network: Option<NetworkRunner>,
 }
+
+/// Starts the network task on its backends (see [`Backends::network`]).
+pub type NetworkRunner =
+    Arc<dyn Fn(network::NetworkTask) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 impl Backends {
     /// The real backends for `connector`.
     pub fn new(connector: Arc<dyn Connector>, remediations: Registry) -> Self {
-        Backends { connector, remediations, clock: Arc::new(SystemClock::new()), memory: None }
+        Backends { connector, remediations, clock: Arc::new(SystemClock::new()), memory: None, network: None }
     }
 }
 
@@ -296,7 +305,9 @@ impl Engine {
             shared.memory.report_problem(p);
         }
         let handle = EngineHandle { shared: shared.clone() };
-        let task = tokio::spawn(main_loop::Engine::new(shared, backends.connector, config, msg_rx).run(desired));
+        let task = tokio::spawn(
+            main_loop::Engine::new(shared, backends.connector, backends.network, config, msg_rx).run(desired),
+        );
         (handle, task)
     }
 }

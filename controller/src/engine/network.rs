@@ -17,6 +17,7 @@ use crate::act::network::{apply_net_actions, observe_net};
 use crate::hostnet::events::spawn_listener;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
+use crate::hostnet::{Forwarding, HostNet};
 use crate::observe::ObservedHost;
 use crate::plan::flap::{tick_text, FlapDetector, FlapKey, FlapKind, FlapSettings, Verdict};
 use crate::plan::network::{hold_tap_actions, plan_network, NetAction};
@@ -72,7 +73,7 @@ struct PassResult {
     wake_at: Option<Tick>,
 }
 
-pub(super) struct NetworkTask {
+pub struct NetworkTask {
     shared: Arc<Shared>,
     desired: watch::Receiver<Arc<DesiredState>>,
     kicks: UnboundedReceiver<NetKick>,
@@ -129,7 +130,8 @@ impl NetworkTask {
         DomainView { host: &self.domains, fresh: self.domains_fresh && self.shared.hypervisor().is_some() }
     }
 
-    pub(super) async fn run(mut self) {
+    /// Run on this namespace's netlink and `/proc/sys`, woken by netlink notifications.
+    pub(super) async fn run(self) {
         let net = match NetlinkHost::connect() {
             Ok(n) => n,
             Err(e) => {
@@ -137,11 +139,21 @@ impl NetworkTask {
                 return;
             }
         };
-        let fwd = ProcForwarding::default();
-        let (tx, mut events) = unbounded_channel();
+        let (tx, events) = unbounded_channel();
         if let Err(e) = spawn_listener(tx) {
             tracing::warn!(%e, "no netlink notifications; the network is checked on resync only");
         }
+        self.run_with(net, ProcForwarding::default(), events).await;
+    }
+
+    /// Run on the given backends; `notifications` wake it (besides the engine's kicks) — any
+    /// message counts, its content is only logged.
+    pub async fn run_with<N: HostNet, F: Forwarding, E: std::fmt::Debug>(
+        mut self,
+        net: N,
+        fwd: F,
+        mut notifications: UnboundedReceiver<E>,
+    ) {
         let mut retry: Option<Instant> = None;
         let mut delay = RETRY_MIN;
         let mut refresh = Refresh { all: true, ..Default::default() };
@@ -151,14 +163,14 @@ impl NetworkTask {
                     Some(kick) => refresh.add(kick),
                     None => return,
                 },
-                Some(ev) = events.recv() => tracing::trace!(?ev, "netlink notification"),
+                Some(ev) = notifications.recv() => tracing::trace!(?ev, "network notification"),
                 _ = sleep_until(retry) => {}
             }
             // Coalesce a burst of notifications into one pass.
             while let Ok(kick) = self.kicks.try_recv() {
                 refresh.add(kick);
             }
-            while events.try_recv().is_ok() {}
+            while notifications.try_recv().is_ok() {}
             self.domains_fresh = self.refresh_domains(&refresh).await;
             if self.domains_fresh {
                 refresh = Refresh::default();
@@ -190,7 +202,7 @@ impl NetworkTask {
     }
 
     /// One pass: observe, plan, act, read back.
-    async fn reconcile(&mut self, net: &NetlinkHost, fwd: &ProcForwarding) -> PassResult {
+    async fn reconcile<N: HostNet, F: Forwarding>(&mut self, net: &N, fwd: &F) -> PassResult {
         let desired = self.desired.borrow().clone();
         let view = self.domain_view();
         let fresh = view.fresh;
