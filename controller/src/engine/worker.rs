@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, WeakUnboundedSender};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use virtwarden_policies::{Backoff, DesiredState, ManagedDomain};
@@ -80,8 +80,9 @@ pub(super) struct Worker {
     flap_saved: Option<serde_json::Value>,
     /// Guest health, for a policy with `health`.
     health: Option<health::GuestHealth>,
-    /// This worker's own inbox (probe tasks report through it).
-    tx: UnboundedSender<Order>,
+    /// This worker's own inbox (probe tasks report through it); weak, so the inbox still closes
+    /// when the engine drops its end.
+    tx: WeakUnboundedSender<Order>,
     /// libvirt said the domain started since the last look (a new boot, whoever started it).
     fresh_start: bool,
     /// An order since the last pass needs the domain looked at (not only health polled).
@@ -137,7 +138,7 @@ impl Worker {
         let health = managed.spec.health.as_ref().map(|h| health::GuestHealth::new(&managed.spec.name, h));
         let w = Worker {
             health,
-            tx,
+            tx: tx.downgrade(),
             fresh_start: false,
             look_needed: true,
             desired_one: desired_one(&managed),

@@ -295,7 +295,9 @@ impl Worker {
                     let task = tokio::spawn(async move {
                         let result = shared.prober.probe(&spec).await;
                         shared.metrics.probe(&spec.domain, probe_kind(&spec.probe), &result);
-                        let _ = tx.send(Order::Probed { ticket, result });
+                        if let Some(tx) = tx.upgrade() {
+                            let _ = tx.send(Order::Probed { ticket, result });
+                        }
                     });
                     h.probe = Some(task.abort_handle());
                     break;
