@@ -334,7 +334,8 @@ fn e2e_health_run_judges_a_no_boot_domain_boot_failed_resets_it_then_quarantines
         probe: {tcp: {port: 22}}
         period: 1s
         timeout: 500ms
-        bootTimeout: 4s
+        # Long enough for SeaBIOS to have said why, even on a loaded host.
+        bootTimeout: 15s
 ",
     ));
     wait("boot failed", T, || {
@@ -344,7 +345,12 @@ fn e2e_health_run_judges_a_no_boot_domain_boot_failed_resets_it_then_quarantines
     let failure = s["lastFailure"].as_str().unwrap();
     // The firmware's own words from the console: "Boot failed: could not read the boot disk",
     // then "No bootable device." — which one is last at the deadline depends on how fast it ran.
-    assert!(failure.starts_with("boot failed: SeaBIOS: "), "{s}");
+    assert!(
+        failure.starts_with("boot failed: SeaBIOS: "),
+        "{s}\n{}\nconsole: {:?}",
+        d.log(),
+        read_tail(&console_path("nob"))
+    );
     assert!(failure.contains("(console: \""), "{s}");
     assert!(failure.contains("no address: the domain has no network interface"), "{s}");
     let s = {

@@ -15,11 +15,17 @@ const FIRMWARE_BOOT_FAILURES: &[(&str, &str)] = &[
     ("No bootable option or device", "OVMF: No bootable option or device"),
 ];
 
-/// The firmware boot failure the text shows, if any (the last one printed wins).
+/// Messages after which the firmware halts: nothing more will be tried.
+const FINAL: &[&str] = &["SeaBIOS: No bootable device", "OVMF: No bootable option or device"];
+
+/// The firmware boot failure the text shows, if any (the last one printed wins). A device that
+/// failed before the firmware went on to boot from another one (`Booting from …` printed after
+/// it) is not a boot failure.
 pub fn firmware_boot_failure(text: &str) -> Option<FirmwareFailure> {
     let mut found: Option<(usize, &str)> = None;
+    let next_attempt = text.rfind("Booting from");
     for (needle, words) in FIRMWARE_BOOT_FAILURES {
-        if let Some(at) = text.rfind(needle) {
+        if let Some(at) = text.rfind(needle).filter(|at| next_attempt.is_none_or(|b| *at > b)) {
             if found.is_none_or(|(best, _)| at > best) {
                 found = Some((at, words));
             }
@@ -38,6 +44,13 @@ pub struct FirmwareFailure {
     pub summary: String,
     /// The console line it was found on, as printed.
     pub line: String,
+}
+
+impl FirmwareFailure {
+    /// The firmware gave up (it halts): no later device will be tried.
+    pub fn is_final(&self) -> bool {
+        FINAL.contains(&self.summary.as_str())
+    }
 }
 
 /// The last [`TAIL_BYTES`] of a console log as text (invalid UTF-8 replaced).
@@ -63,6 +76,18 @@ mod tests {
         let ovmf = "BdsDxe: No bootable option or device was found.\n";
         assert_eq!(firmware_boot_failure(ovmf).unwrap().summary, "OVMF: No bootable option or device");
         assert_eq!(firmware_boot_failure("Linux version 6.1\nlogin:"), None);
+    }
+
+    #[test]
+    fn a_failed_device_followed_by_the_next_boot_attempt_is_not_a_failure_and_only_halts_are_final() {
+        let cd_then_disk = "Booting from DVD/CD...\r\nBoot failed: Could not read from CDROM (code 0003)\r\nBooting from Hard Disk...\r\n";
+        assert_eq!(firmware_boot_failure(cd_then_disk), None, "the disk boot is still going");
+        let failed = format!("{cd_then_disk}Boot failed: could not read the boot disk\r\n");
+        let f = firmware_boot_failure(&failed).unwrap();
+        assert_eq!(f.summary, "SeaBIOS: Boot failed");
+        assert!(!f.is_final(), "SeaBIOS may still try another device");
+        let halted = format!("{failed}\r\nNo bootable device.\r\n");
+        assert!(firmware_boot_failure(&halted).unwrap().is_final());
     }
 
     #[test]

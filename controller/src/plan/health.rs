@@ -508,10 +508,21 @@ impl HealthMonitor {
         }
         if let Phase::Booting { deadline, .. } = self.phase {
             // A probe due by the deadline still runs (and decides) even if we woke late.
-            if now >= deadline && self.next_probe > deadline {
+            let deadline_passed = now >= deadline && self.next_probe > deadline;
+            // Before the deadline, a guest that already failed a probe has its console looked at
+            // once a period: firmware that says it has nothing to boot has halted for good, and
+            // waiting out bootTimeout would only delay the repair.
+            let look_early = !deadline_passed && now >= self.next_probe && self.boot.last_failure.is_some();
+            let firmware = if deadline_passed || look_early {
+                console_tail().and_then(|t| firmware_boot_failure(&t))
+            } else {
+                None
+            };
+            let halted = firmware.as_ref().is_some_and(FirmwareFailure::is_final);
+            if deadline_passed || (look_early && halted) {
                 let failure = BootFailure {
                     boot_timeout: self.settings.boot_timeout,
-                    firmware: console_tail().and_then(|t| firmware_boot_failure(&t)),
+                    firmware,
                     guest_resets: self.boot.guest_resets,
                     agent: match (self.agent_channel, self.boot.agent_connected) {
                         (_, true) => AgentEvidence::Connected,
@@ -718,6 +729,41 @@ mod tests {
     }
 
     #[test]
+    fn firmware_that_halted_is_boot_failed_at_once_without_waiting_for_the_deadline() {
+        let mut m = monitor();
+        m.started(s(0));
+        let halted = || {
+            Some(
+                "SeaBIOS (version 1.16)\r\nBoot failed: could not read the boot disk\r\n\r\nNo bootable device.\r\n"
+                    .to_string(),
+            )
+        };
+        let not_yet = || Some("SeaBIOS (version 1.16)\r\n".to_string());
+        // No probe has failed yet: the console is not read.
+        let Step::Probe(t) = m.poll(s(10), || panic!("read before any failure")) else { panic!("probe due") };
+        assert_eq!(m.probe_done(s(10), t, &refused()), None);
+        // Next period: the firmware is still busy, probing goes on.
+        assert!(matches!(m.poll(s(20), not_yet), Step::Probe(_)));
+        m = {
+            let mut m2 = monitor();
+            m2.started(s(0));
+            let Step::Probe(t) = m2.poll(s(10), no_console) else { panic!() };
+            m2.probe_done(s(10), t, &refused());
+            m2
+        };
+        let Step::Verdict(Verdict::BootFailed(b)) = m.poll(s(20), halted) else { panic!("judged at 20, not at 60") };
+        assert_eq!(b.summary(), "SeaBIOS: No bootable device");
+        assert!(matches!(m.view().state, HealthState::BootFailed { since, .. } if since == s(20)));
+        // A firmware that failed one device but may try another is not judged early.
+        let mut m = monitor();
+        m.started(s(0));
+        let Step::Probe(t) = m.poll(s(10), no_console) else { panic!() };
+        m.probe_done(s(10), t, &refused());
+        let one_device = || Some("Boot failed: could not read the boot disk\r\n".to_string());
+        assert!(matches!(m.poll(s(20), one_device), Step::Probe(_)));
+    }
+
+    #[test]
     fn the_deadline_wakes_the_engine_even_between_probes() {
         let mut m = HealthMonitor::new(HealthSettings {
             period: s(40),
@@ -840,16 +886,31 @@ mod tests {
     }
 
     #[test]
-    fn the_console_is_read_only_at_the_deadline() {
+    fn the_console_is_read_at_most_once_a_period_while_failing_to_boot_and_at_the_deadline() {
         let mut m = monitor();
         m.started(s(0));
         let mut reads = 0;
-        for t in [0, 10, 30, 59] {
+        for t in [0, 5, 10, 15, 20, 25, 30, 59] {
             if let Step::Probe(ticket) = m.poll(s(t), || {
                 reads += 1;
                 None
             }) {
                 m.probe_done(s(t), ticket, &refused());
+            }
+        }
+        // Probes at 10, 20, 30 and (late) 59; the console is read before each one after a
+        // failure (20, 30, 59), never between probes.
+        assert_eq!(reads, 3);
+        // A guest that passes is never read again.
+        let mut m = monitor();
+        m.started(s(0));
+        let mut reads = 0;
+        for t in [10, 20, 30, 40] {
+            if let Step::Probe(ticket) = m.poll(s(t), || {
+                reads += 1;
+                None
+            }) {
+                m.probe_done(s(t), ticket, &ok());
             }
         }
         assert_eq!(reads, 0);

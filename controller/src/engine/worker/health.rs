@@ -4,8 +4,7 @@
 //! engine's set of healthy domains in step. Verdicts are acted on by the worker (`heal`),
 //! through the same ladder, backoff and quarantine as crashes.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use crate::guest::{AddressSource, GuestAccess, GuestInterface};
 use crate::hypervisor::HypervisorError;
 use crate::libvirt::events::{FaultClass, GuestEvent, GuestEventKind};
 use crate::memory::BadHealth;
+use crate::observe::console::read_tail;
 use crate::observe::guest_devices::GuestDevices;
 use crate::observe::{DomainState, ObservedDomain};
 use crate::plan::health::{
@@ -26,9 +26,6 @@ use crate::plan::health::{
 };
 use crate::plan::restart::Step as LadderStep;
 use crate::probe::ProbeSpec;
-
-/// How much of the console log's end is read for firmware messages.
-const CONSOLE_TAIL: u64 = 64 * 1024;
 
 /// One domain's guest health as its worker keeps it.
 pub(super) struct GuestHealth {
@@ -110,16 +107,6 @@ fn probe_kind(p: &Probe) -> &'static str {
         Probe::Tcp(_) => "tcp",
         Probe::GuestAgentPing(_) => "guest-agent-ping",
     }
-}
-
-/// The end of the console log (firmware messages are at the end when it is stuck).
-fn console_tail(path: &Path) -> Option<String> {
-    let mut f = std::fs::File::open(path).ok()?;
-    let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL))).ok()?;
-    let mut bytes = Vec::new();
-    f.take(CONSOLE_TAIL).read_to_end(&mut bytes).ok()?;
-    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// The step to take for a health verdict. A running guest is reset, not started: the ladder's
@@ -288,7 +275,7 @@ impl Worker {
         let mut judged = false;
         loop {
             let console = h.console.clone();
-            match h.monitor.poll(now, || console.as_deref().and_then(console_tail)) {
+            match h.monitor.poll(now, || console.as_deref().and_then(|p| read_tail(p).ok())) {
                 Step::Probe(ticket) => {
                     h.wake = None;
                     let (shared, spec, tx) = (self.shared.clone(), h.spec.clone(), self.tx.clone());
@@ -443,18 +430,5 @@ mod tests {
         assert_eq!(pick(RemediationAction::Start, true, 5), RemediationAction::Reset);
         assert_eq!(pick(RemediationAction::Exec, true, 2), RemediationAction::Exec);
         assert_eq!(pick(RemediationAction::DestroyStart, true, 1), RemediationAction::DestroyStart);
-    }
-
-    #[test]
-    fn console_tail_reads_the_end_of_a_long_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.log");
-        let mut text = "x".repeat(200 * 1024);
-        text.push_str("\nNo bootable device.\n");
-        std::fs::write(&path, &text).unwrap();
-        let tail = console_tail(&path).unwrap();
-        assert_eq!(tail.len() as u64, CONSOLE_TAIL);
-        assert!(tail.ends_with("No bootable device.\n"));
-        assert_eq!(console_tail(&dir.path().join("missing")), None);
     }
 }
