@@ -66,8 +66,7 @@ PREFIX ?= /usr
 COCKPIT_DIR = $(DESTDIR)$(PREFIX)/share/cockpit/virtwarden
 install-cockpit:
 	install -d $(COCKPIT_DIR)
-	install -m 0644 cockpit/virtwarden/manifest.json cockpit/virtwarden/index.html \
-	  cockpit/virtwarden/virtwarden.js cockpit/virtwarden/virtwarden.css $(COCKPIT_DIR)/
+	install -m 0644 cockpit/virtwarden/* $(COCKPIT_DIR)/
 	@echo "installed in $(COCKPIT_DIR); open Cockpit → virtwarden"
 
 ## prometheusrule: examples/k8s/prometheusrule.yaml from the Prometheus rules (same groups).

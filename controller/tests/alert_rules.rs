@@ -28,15 +28,17 @@ fn yaml(path: &std::path::Path) -> Value {
 
 fn rules() -> Vec<Value> {
     let doc = yaml(&rules_path());
-    doc["groups"].as_array().expect("groups").iter().flat_map(|g| g["rules"].as_array().expect("rules").clone()).collect()
+    doc["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules").clone())
+        .collect()
 }
 
 fn promtool(args: &[&str]) -> String {
-    let out = Command::new(ops_tools::promtool())
-        .args(args)
-        .current_dir(ops_tools::repo())
-        .output()
-        .expect("run promtool");
+    let out =
+        Command::new(ops_tools::promtool()).args(args).current_dir(ops_tools::repo()).output().expect("run promtool");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
     text
@@ -166,7 +168,11 @@ fn every_metric_the_rules_query_is_exported() {
         let used = metric_names(expr);
         assert!(!used.is_empty(), "{expr}");
         for name in used {
-            assert!(exported.contains(&name), "{}: `{name}` is not a metric virtwarden exports: {exported:?}", rule["alert"]);
+            assert!(
+                exported.contains(&name),
+                "{}: `{name}` is not a metric virtwarden exports: {exported:?}",
+                rule["alert"]
+            );
         }
     }
 }

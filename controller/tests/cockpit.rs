@@ -82,7 +82,10 @@ impl CockpitWs {
         loop {
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                let req = format!("GET /cockpit/@localhost/virtwarden/index.html HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n", self.port);
+                let req = format!(
+                    "GET /cockpit/@localhost/virtwarden/index.html HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n",
+                    self.port
+                );
                 // Only the status line: cockpit-ws keeps the connection open after the body.
                 let mut head = [0u8; 12];
                 if s.write_all(req.as_bytes()).is_ok() && s.read_exact(&mut head).is_ok() && head.ends_with(b" 200") {

@@ -75,9 +75,7 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_running_service() {
     let dir = tempfile::tempdir().unwrap();
     let rig = ops_rig::OpsRig::start(dir.path());
     rig.wait_web1_quarantined();
-    rig.wait_status("web2 healthy", |s| {
-        ops_rig::domain(s, "web2").is_some_and(|d| d["health"]["phase"] == "healthy")
-    });
+    rig.wait_status("web2 healthy", |s| ops_rig::domain(s, "web2").is_some_and(|d| d["health"]["phase"] == "healthy"));
     // Counters and labelled families appear once something happened; all of it has by now, but
     // the page is read again until it shows them all or the deadline passes.
     let deadline = Instant::now() + ops_rig::WAIT;
@@ -111,7 +109,10 @@ fn every_dashboard_query_is_valid_promql() {
             q.clone()
         };
         let expr = expr.replace("$__rate_interval", "5m").replace("$instance", ".*").replace("$domain", ".*");
-        rules.push_str(&format!("      - record: dashboard:query{i}\n        expr: {}\n", serde_json::to_string(&expr).unwrap()));
+        rules.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            serde_json::to_string(&expr).unwrap()
+        ));
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dashboard-rules.yaml");

@@ -40,7 +40,10 @@ pub fn promtool() -> PathBuf {
 
 /// Debian installs cockpit-ws outside PATH.
 pub fn cockpit_ws() -> PathBuf {
-    first_existing("cockpit-ws", &[PathBuf::from("/usr/lib/cockpit/cockpit-ws"), PathBuf::from("/usr/libexec/cockpit-ws")])
+    first_existing(
+        "cockpit-ws",
+        &[PathBuf::from("/usr/lib/cockpit/cockpit-ws"), PathBuf::from("/usr/libexec/cockpit-ws")],
+    )
 }
 
 pub fn cockpit_bridge() -> PathBuf {
