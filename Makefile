@@ -53,7 +53,7 @@ deps-ops:
 	  { apt-get download prometheus 2>/dev/null || { $$SUDO apt-get update -qq && apt-get download prometheus; }; } && \
 	  dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x -O ./usr/bin/promtool > $(TOOLS_DIR)/promtool.new && \
 	  chmod 755 $(TOOLS_DIR)/promtool.new && mv $(TOOLS_DIR)/promtool.new $(TOOLS_DIR)/promtool && \
-	  rm -f prometheus_*.deb && echo "promtool: $(TOOLS_DIR)/promtool"; \
+	  rm -f prometheus_*.deb && cd $(TOOLS_DIR) && rmdir deb && echo "promtool: $(TOOLS_DIR)/promtool"; \
 	fi
 	@if ! $(PLAYWRIGHT_VENV)/bin/python -c 'import playwright' 2>/dev/null; then \
 	  /usr/bin/python3 -m venv $(PLAYWRIGHT_VENV) && \
@@ -114,7 +114,7 @@ test: deps deps-ops
 	$(CARGO) test --workspace
 
 ## test-fast: the suite without the end-to-end tests (private libvirtd + QEMU), for local loops.
-test-fast: deps
+test-fast: deps deps-ops
 	$(CARGO) test --workspace -- --skip e2e_
 
 ## bench: event→action latency, resync of 1,000 domains, idle CPU/RSS of `run` (BENCH_IDLE_SECS, default 60).
