@@ -5,6 +5,8 @@
 
 #[path = "support/ops_tools.rs"]
 mod ops_tools;
+#[path = "support/promql.rs"]
+mod promql;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -115,19 +117,6 @@ fn every_alert_has_a_for_a_severity_a_summary_and_says_what_to_run() {
     }
 }
 
-/// `virtwarden_…` names in a PromQL expression.
-pub fn metric_names(expr: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("virtwarden_") {
-        let tail = &rest[i..];
-        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
-        out.insert(tail[..end].to_string());
-        rest = &tail[end..];
-    }
-    out
-}
-
 /// Every sample name the registry writes once each family has a series: the names as they
 /// appear on /metrics (`_total`, `_bucket`, …), from the real encoder.
 fn exported_names() -> BTreeSet<String> {
@@ -151,12 +140,7 @@ fn exported_names() -> BTreeSet<String> {
     m.guest_event("d", "watchdog");
     m.reconcile_seconds.observe(0.1);
     m.event_lag_seconds.observe(0.1);
-    m.encode()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .map(str::to_string)
-        .collect()
+    promql::sample_names(&m.encode())
 }
 
 #[test]
@@ -165,7 +149,7 @@ fn every_metric_the_rules_query_is_exported() {
     assert!(exported.contains("virtwarden_restarts_total"), "{exported:?}");
     for rule in rules() {
         let expr = rule["expr"].as_str().unwrap();
-        let used = metric_names(expr);
+        let used = promql::metric_names(expr);
         assert!(!used.is_empty(), "{expr}");
         for name in used {
             assert!(

@@ -6,6 +6,8 @@
 mod ops_rig;
 #[path = "support/ops_tools.rs"]
 mod ops_tools;
+#[path = "support/promql.rs"]
+mod promql;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -43,30 +45,8 @@ fn dashboard_queries() -> Vec<String> {
     out
 }
 
-/// `virtwarden_…` names in a PromQL text.
-fn metric_names(expr: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("virtwarden_") {
-        let tail = &rest[i..];
-        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
-        out.insert(tail[..end].to_string());
-        rest = &tail[end..];
-    }
-    out
-}
-
 fn used_metrics() -> BTreeSet<String> {
-    dashboard_queries().iter().flat_map(|q| metric_names(q)).collect()
-}
-
-/// Sample names on a /metrics page (`virtwarden_restarts_total`, `…_bucket`, …).
-fn sample_names(page: &str) -> BTreeSet<String> {
-    page.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .map(str::to_string)
-        .collect()
+    dashboard_queries().iter().flat_map(|q| promql::metric_names(q)).collect()
 }
 
 #[test]
@@ -81,7 +61,7 @@ fn every_metric_the_dashboard_queries_is_exported_by_a_running_service() {
     let deadline = Instant::now() + ops_rig::WAIT;
     loop {
         let page = rig.scrape();
-        let exported = sample_names(&page);
+        let exported = promql::sample_names(&page);
         let missing: Vec<&String> = used.difference(&exported).collect();
         if missing.is_empty() {
             assert!(page.contains("virtwarden_domain_quarantined{domain=\"web1\"} 1"), "{page}");
