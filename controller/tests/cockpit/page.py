@@ -38,12 +38,12 @@ def main(args):
         expect(row.locator(".vw-quarantine .vw-reason")).to_contain_text(args["reason"])
         expect(row.locator(".vw-restarts")).to_have_text(str(args["restarts"]))
         expect(row.locator(".vw-failure")).to_contain_text(args["failure"])
-        expect(row.locator(".vw-health")).to_contain_text("suspended")
+        expect(row.locator(".vw-health-phase")).to_have_text("suspended")
         expect(row.locator('button[data-action="release"]')).to_be_enabled()
         link = row.locator("a.vw-machines")
         expect(link).to_have_attribute("href", args["machines_href"])
         # A healthy probed domain, and one without a probe.
-        expect(page.locator(f'tr[data-domain="{args["healthy"]}"] .vw-health')).to_contain_text("healthy")
+        expect(page.locator(f'tr[data-domain="{args["healthy"]}"] .vw-health-phase')).to_have_text("healthy")
         expect(page.locator(f'tr[data-domain="{args["unprobed"]}"] .vw-health')).to_have_text("not probed")
         expect(page.locator(f'tr[data-domain="{args["unprobed"]}"] button[data-action="release"]')).to_have_count(0)
 
@@ -63,7 +63,7 @@ def main(args):
         expect(page.locator("#messages .pf-m-success")).to_contain_text(f"released {q}")
         expect(row.locator(".vw-quarantine")).to_have_text("no")
         expect(row.locator('button[data-action="release"]')).to_have_count(0)
-        expect(row.locator(".vw-health")).to_contain_text("healthy")
+        expect(row.locator(".vw-health-phase")).to_have_text("healthy")
         # No longer failing: its details and findings are put away.
         expect(page.locator(f'tr[data-details-for="{q}"]')).to_have_count(0)
         page.screenshot(path=args["screenshot_released"], full_page=True)
