@@ -567,27 +567,8 @@ impl Worker {
         let decision = self.tracker.on_down(now, fastrand::f64());
         let failure = self.failure_text(observed.as_ref());
         match decision {
-            Decision::WaitUntil(at) => {
-                self.remember();
-                self.shared.update_domain(self.name(), |s| {
-                    s.last_failure = Some(failure);
-                    self.write_tracker_fields(s);
-                });
-                Some(self.shared.instant_at(at))
-            }
-            Decision::Quarantined(reason) => {
-                if !self.quarantine_logged {
-                    self.quarantine_logged = true;
-                    self.remember_durably().await;
-                    tracing::warn!(domain = %self.name(), %reason, "quarantined: no more automatic restarts");
-                }
-                self.shared.update_domain(self.name(), |s| {
-                    s.last_failure = Some(failure);
-                    s.last_failure_at.get_or_insert_with(chrono::Utc::now);
-                    self.write_tracker_fields(s);
-                });
-                None
-            }
+            Decision::WaitUntil(at) => self.back_off(at, failure),
+            Decision::Quarantined(reason) => self.quarantined(&reason, failure, observed.as_ref()).await,
             Decision::Act { step, attempt } => {
                 if let Err(changed) = self.still_wanted(&action, observed.as_ref()).await {
                     tracing::info!(domain = %self.name(), %changed, "state changed since observed; not restarting");
@@ -603,6 +584,40 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Backing off after `failure`: say so, look again at `at`.
+    fn back_off(&mut self, at: crate::plan::restart::Tick, failure: String) -> Option<Instant> {
+        self.remember();
+        self.shared.update_domain(self.name(), |s| {
+            s.last_failure = Some(failure);
+            self.write_tracker_fields(s);
+        });
+        Some(self.shared.instant_at(at))
+    }
+
+    /// No more automatic repairs: remembered durably (logged once), probing stops, status says
+    /// why. Nothing to look at again on our own.
+    async fn quarantined(
+        &mut self,
+        reason: &str,
+        failure: String,
+        observed: Option<&ObservedDomain>,
+    ) -> Option<Instant> {
+        if !self.quarantine_logged {
+            self.quarantine_logged = true;
+            self.remember_durably().await;
+            tracing::warn!(domain = %self.name(), %reason, "quarantined: no more automatic repairs");
+        }
+        // Probing stops while quarantined (published before the quarantine itself).
+        self.health_observed(observed);
+        self.publish_health();
+        self.shared.update_domain(self.name(), |s| {
+            s.last_failure = Some(failure);
+            s.last_failure_at.get_or_insert_with(chrono::Utc::now);
+            self.write_tracker_fields(s);
+        });
+        None
     }
 
     /// Carry out one step of the ladder for `failure`: counted (durably) before it starts,
@@ -712,30 +727,8 @@ impl Worker {
         }
         let now = self.shared.tick();
         match self.tracker.on_down(now, fastrand::f64()) {
-            Decision::WaitUntil(at) => {
-                self.remember();
-                self.shared.update_domain(self.name(), |s| {
-                    s.last_failure = Some(failure);
-                    self.write_tracker_fields(s);
-                });
-                Some(self.shared.instant_at(at))
-            }
-            Decision::Quarantined(reason) => {
-                if !self.quarantine_logged {
-                    self.quarantine_logged = true;
-                    self.remember_durably().await;
-                    tracing::warn!(domain = %self.name(), %reason, "quarantined: no more automatic repairs");
-                }
-                // Probing stops while quarantined (published before the quarantine itself).
-                self.health_observed(observed.as_ref());
-                self.publish_health();
-                self.shared.update_domain(self.name(), |s| {
-                    s.last_failure = Some(failure);
-                    s.last_failure_at.get_or_insert_with(chrono::Utc::now);
-                    self.write_tracker_fields(s);
-                });
-                None
-            }
+            Decision::WaitUntil(at) => self.back_off(at, failure),
+            Decision::Quarantined(reason) => self.quarantined(&reason, failure, observed.as_ref()).await,
             Decision::Act { step, attempt } => {
                 let step = health::health_step(
                     step,
