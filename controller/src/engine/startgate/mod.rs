@@ -27,7 +27,8 @@ use paths::{Found, PathWatch};
 pub const DEFAULT_MAX_CONCURRENT_STARTS: usize = 8;
 
 /// What a start shows while a resync round is in progress: it waits until every managed
-/// domain has been looked at, so it knows all the domains that are to start with it.
+/// domain has been looked at, so it knows all the domains that are to start with it (at host
+/// boot and after a reconnect, every domain is looked at in one round).
 const ROUND: &str = "every domain to be looked at (resync in progress)";
 
 /// Whether the gate orders and bounds this recovery: a stopped or crashed domain brought up
@@ -314,7 +315,10 @@ fn decide(st: &GateState, view: &View, found: &dyn Fn(&str) -> Option<Found>, ma
     let mut v = Verdicts::default();
     let order = &st.order;
     if !st.starts.is_empty() {
-        if view.round && order.is_constrained() {
+        // During a resync round, wait until every domain has been looked at when it matters
+        // who else is to start: ordering is declared, or there are fewer slots than starts.
+        let scarce = st.starts.len() > max.saturating_sub(st.starting.len());
+        if view.round && (order.is_constrained() || scarce) {
             for name in st.starts.keys() {
                 v.held.insert(name.clone(), (Kind::Start, vec![ROUND.to_string()]));
             }
@@ -390,9 +394,7 @@ impl Coordinator {
         }
         let mut view = view_of(shared);
         let now = gate.clock.now();
-        // Replies that could not be delivered hold a permit: dropped once the lock is released.
-        let mut undelivered = Vec::new();
-        let mut went: Vec<(String, Kind, Instant)> = Vec::new();
+        let mut went: Vec<(String, Waiter)> = Vec::new();
         let (verdicts, waiting) = {
             let mut st = gate.lock();
             let watched = st.starts.keys().flat_map(|d| st.order.paths(d).to_vec()).collect();
@@ -404,39 +406,42 @@ impl Coordinator {
             for name in &v.starts {
                 if let Some(w) = st.starts.remove(name) {
                     st.starting.insert(name.clone());
-                    went.push((name.clone(), Kind::Start, w.since));
-                    if let Reply::Start(tx) = w.reply {
-                        let permit = Permit { gate: gate.clone(), domain: name.clone(), up: false };
-                        if let Err(turn) = tx.send(Turn::Go(permit)) {
-                            undelivered.push(turn);
-                        }
-                    }
+                    went.push((name.clone(), w));
                 }
             }
             for name in &v.stops {
                 if let Some(w) = st.stops.remove(name) {
-                    went.push((name.clone(), Kind::Stop, w.since));
-                    if let Reply::Stop(tx) = w.reply {
-                        let _ = tx.send(true);
-                    }
+                    went.push((name.clone(), w));
                 }
             }
             let waiting: HashSet<String> = st.starts.keys().chain(st.stops.keys()).cloned().collect();
             (v, waiting)
         };
-        drop(undelivered);
+        // Status first, so it never shows a domain that started as still waiting.
         self.report(shared, &verdicts, &went, &waiting);
+        for (name, w) in went {
+            match w.reply {
+                Reply::Start(tx) => {
+                    // Not delivered (the wait was cancelled meanwhile): the permit is dropped
+                    // here, outside the lock, and frees its slot.
+                    let _ = tx.send(Turn::Go(Permit { gate: gate.clone(), domain: name, up: false }));
+                }
+                Reply::Stop(tx) => {
+                    let _ = tx.send(true);
+                }
+            }
+        }
         verdicts.wake_at.map(|t| shared.instant_at(t))
     }
 
     /// Status and log: what each waiter waits for, once per change; how long a wait lasted.
-    fn report(&mut self, shared: &Shared, v: &Verdicts, went: &[(String, Kind, Instant)], waiting: &HashSet<String>) {
-        for (name, kind, since) in went {
+    fn report(&mut self, shared: &Shared, v: &Verdicts, went: &[(String, Waiter)], waiting: &HashSet<String>) {
+        for (name, w) in went {
             if self.shown.remove(name).is_some() {
-                let waited_ms = since.elapsed().as_millis() as u64;
-                match kind {
-                    Kind::Start => tracing::info!(domain = %name, waited_ms, "start may go"),
-                    Kind::Stop => tracing::info!(domain = %name, waited_ms, "stop may go"),
+                let waited_ms = w.since.elapsed().as_millis() as u64;
+                match w.reply {
+                    Reply::Start(_) => tracing::info!(domain = %name, waited_ms, "start may go"),
+                    Reply::Stop(_) => tracing::info!(domain = %name, waited_ms, "stop may go"),
                 }
                 shared.update_domain(name, |s| s.waiting_for.clear());
             }
