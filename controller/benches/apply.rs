@@ -7,7 +7,8 @@
 //! - a mass crash (kill -9 of 16 QEMUs) under `virtwarden run` vs the floor (libvirt notices
 //!   every death, then the parallel start), per `--max-concurrent-starts` (a sweep).
 //!
-//! `BENCH_ONLY=crash` (or a list of apply, sweep, connections, ansible, crash) runs only those.
+//! `BENCH_ONLY=crash` (or a list of apply, sweep, connections, ansible, crash) runs only those;
+//! `BENCH_STARTS=8,16` picks the `--max-concurrent-starts` values (default 1, 2, 4, 8, 16).
 
 #[path = "../tests/testbed/mod.rs"]
 mod testbed;
@@ -395,8 +396,11 @@ fn mass_crash(hv: &LibvirtHost, events: &mut Events, set: &[String], r: usize) -
     }
     let default = virtwarden::engine::DEFAULT_MAX_CONCURRENT_STARTS;
     // The default first: its daemon also starts all of them from stopped (host boot).
+    let asked: Vec<usize> = std::env::var("BENCH_STARTS")
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|_| vec![1, 2, 4, 8, 16]);
     let mut values = vec![default];
-    values.extend([1usize, 2, 4, 8, 16].into_iter().filter(|v| *v != default));
+    values.extend(asked.into_iter().filter(|v| *v != default));
     let mut sweep: Vec<(usize, Vec<Duration>)> = Vec::new();
     let mut boot = None;
     for n in values {
