@@ -368,81 +368,72 @@ fn ansible_vs_apply(hv: &LibvirtHost, twenty: &[String], r: usize, default_paral
 }
 
 /// kill -9 of every QEMU in `set` until all run again: the floor (libvirt notices every death,
-/// then `xargs -P N virsh start`) before and after, and `virtwarden run` per
-/// `--max-concurrent-starts`. Returns the default's ratio to the floor (p50).
+/// then `xargs -P N virsh start`) and `virtwarden run` per `--max-concurrent-starts`, one after
+/// the other in each round so that drift in the machine's load hits all alike. Returns the
+/// default's ratio to the floor (p50).
 fn mass_crash(hv: &LibvirtHost, events: &mut Events, set: &[String], r: usize) -> f64 {
-    let floor_runs = |events: &mut Events, floor: &mut Vec<Duration>| {
-        for _ in 0..r {
-            stop_all(hv, set);
-            virsh_parallel("start", set);
-            wait("floor guests up", Duration::from_secs(60), || set.iter().all(|n| running(hv, n)));
-            events.drain();
-            let pids: Vec<i32> = set.iter().filter_map(|n| qemu_pid(n)).collect();
-            let t0 = Instant::now();
-            pids.into_iter().for_each(kill9);
-            events.wait_all(STOPPED, set, Duration::from_secs(60));
-            virsh_parallel("start", set);
-            let last = events.wait_all(STARTED, set, Duration::from_secs(60));
-            floor.push(last.duration_since(t0));
-        }
+    let all_up = || wait("all up", Duration::from_secs(60), || set.iter().all(|n| running(hv, n)));
+    // Kill every QEMU; `restart` brings them back; when the last is running again.
+    let crash = |events: &mut Events, restart: &dyn Fn(&mut Events)| {
+        all_up();
+        events.drain();
+        let pids: Vec<i32> = set.iter().filter_map(|n| qemu_pid(n)).collect();
+        assert_eq!(pids.len(), set.len(), "every guest has a QEMU");
+        let t0 = Instant::now();
+        pids.into_iter().for_each(kill9);
+        restart(events);
+        events.wait_all(STARTED, set, Duration::from_secs(120)).duration_since(t0)
     };
-    let mut floor = Vec::new();
-    floor_runs(events, &mut floor);
-    stop_all(hv, set);
+    let floor_restart = |events: &mut Events| {
+        events.wait_all(STOPPED, set, Duration::from_secs(60));
+        virsh_parallel("start", set);
+    };
     let extra = "      backoff: { resetAfter: 1ms, maxRestarts: 1000 }\n";
     let mut spec = String::from("  domains:\n");
     for n in set {
         spec.push_str(&format!("    - name: {n}\n      restart: always\n{extra}"));
     }
     let default = virtwarden::engine::DEFAULT_MAX_CONCURRENT_STARTS;
-    // The default first: its daemon also starts all of them from stopped (host boot).
     let asked: Vec<usize> = std::env::var("BENCH_STARTS")
         .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|_| vec![1, 2, 4, 8, 16]);
     let mut values = vec![default];
     values.extend(asked.into_iter().filter(|v| *v != default));
-    let mut sweep: Vec<(usize, Vec<Duration>)> = Vec::new();
-    let mut boot = None;
-    for n in values {
-        events.drain();
-        let t0 = Instant::now();
-        let daemon = Daemon::start_with(&policy(&spec), &["--max-concurrent-starts", &n.to_string()]);
-        if boot.is_none() {
-            boot = Some(events.wait_all(STARTED, set, Duration::from_secs(120)).duration_since(t0));
+    let mut sweep: Vec<(usize, Vec<Duration>)> = values.iter().map(|n| (*n, Vec::new())).collect();
+    let mut floor = Vec::new();
+    // Once: all stopped → all running under the default (host boot).
+    stop_all(hv, set);
+    events.drain();
+    let t0 = Instant::now();
+    let daemon = Daemon::start(&policy(&spec));
+    let boot = events.wait_all(STARTED, set, Duration::from_secs(120)).duration_since(t0);
+    drop(daemon);
+    for i in 0..r {
+        floor.push(crash(events, &floor_restart));
+        // Rotate which value goes first in the round.
+        for k in 0..sweep.len() {
+            let j = (i + k) % sweep.len();
+            let n = sweep[j].0;
+            let daemon = Daemon::start_with(&policy(&spec), &["--max-concurrent-starts", &n.to_string()]);
+            sweep[j].1.push(crash(events, &|_| {}));
+            drop(daemon);
         }
-        let mut vw = Vec::new();
-        for _ in 0..r {
-            wait("all up", Duration::from_secs(60), || set.iter().all(|n| running(hv, n)));
-            events.drain();
-            let pids: Vec<i32> = set.iter().filter_map(|n| qemu_pid(n)).collect();
-            assert_eq!(pids.len(), set.len(), "every guest has a QEMU");
-            let t0 = Instant::now();
-            pids.into_iter().for_each(kill9);
-            let last = events.wait_all(STARTED, set, Duration::from_secs(120));
-            vw.push(last.duration_since(t0));
-        }
-        drop(daemon);
-        sweep.push((n, vw));
     }
-    floor_runs(events, &mut floor);
     stop_all(hv, set);
     sweep.sort_by_key(|(n, _)| *n);
     let k = set.len();
-    println!("\n== mass crash: kill -9 of {k} QEMUs → all running again (floor measured before and after)");
+    println!("\n== mass crash: kill -9 of {k} QEMUs → all running again (floor and each value once per round)");
     row(&format!("floor: libvirt notices every death, then xargs -P {k} start"), &floor);
     let mut default_ratio = 0.0;
     for (n, vw) in &sweep {
         let mark = if *n == default { " (default)" } else { "" };
         row(&format!("virtwarden run --max-concurrent-starts {n}{mark}"), vw);
-        // Per-run ratios pair each run with a floor run of the same index.
         let ratio = ratio_row("  ratio to floor (target ≤ 1.5×)", vw, &floor);
         if *n == default {
             default_ratio = ratio;
         }
     }
-    if let Some(b) = boot {
-        println!("(virtwarden run from all {k} stopped to all running, once, default: {})", secs(b));
-    }
+    println!("(virtwarden run from all {k} stopped to all running, once, default: {})", secs(boot));
     default_ratio
 }
 
