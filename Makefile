@@ -131,7 +131,8 @@ bench-operator: deps
 
 ## bench-apply: apply of 16/50 stopped domains vs parallel `virsh start`, a --parallel sweep, one
 ## connection vs a pool, Ansible's community.libvirt.virt on 20 domains, a mass crash under `run`
-## (private libvirtd + QEMU; BENCH_REPEAT runs per figure, default 5; BENCH_SKIP_ANSIBLE=1).
+## per --max-concurrent-starts (private libvirtd + QEMU; BENCH_REPEAT runs per figure, default 5;
+## BENCH_SKIP_ANSIBLE=1; BENCH_ONLY=crash,apply,…; BENCH_STARTS=8,16).
 bench-apply: deps
 	@for p in python3-libvirt python3-venv; do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

@@ -4,8 +4,11 @@
 //!   (`xargs -P N virsh start`), repeated for p50/p99, and a `--parallel` sweep;
 //! - one shared libvirt connection vs a small pool, in process;
 //! - Ansible's `community.libvirt.virt` (`state: running`, a loop) on 20 domains vs apply;
-//! - a mass crash (kill -9 of 16 QEMUs) under the current `virtwarden run` vs the floor
-//!   (libvirt notices every death, then the parallel start).
+//! - a mass crash (kill -9 of 16 QEMUs) under `virtwarden run` vs the floor (libvirt notices
+//!   every death, then the parallel start), per `--max-concurrent-starts` (a sweep).
+//!
+//! `BENCH_ONLY=crash` (or a list of apply, sweep, connections, ansible, crash) runs only those;
+//! `BENCH_STARTS=8,16` picks the `--max-concurrent-starts` values (default 1, 2, 4, 8, 16).
 
 #[path = "../tests/testbed/mod.rs"]
 mod testbed;
@@ -71,11 +74,11 @@ fn prepare_ansible() -> Result<(), String> {
 
 fn main() {
     if std::env::var_os("VW_TESTBED").is_none() {
-        let ansible = match prepare_ansible() {
+        let ansible = match section("ansible").then(prepare_ansible).unwrap_or(Err("not asked for".into())) {
             Ok(()) => "1",
             Err(e) => {
                 assert!(
-                    std::env::var_os("BENCH_SKIP_ANSIBLE").is_some(),
+                    std::env::var_os("BENCH_SKIP_ANSIBLE").is_some() || !section("ansible"),
                     "cannot prepare Ansible: {e}\n(BENCH_SKIP_ANSIBLE=1 runs the rest without it)"
                 );
                 "0"
@@ -244,7 +247,7 @@ fn inside_testbed() {
 
     // 1. apply of N stopped domains vs the parallel-start floor, alternating, same host.
     let mut summary = Vec::new();
-    for n in [16usize, 50].into_iter().filter(|n| *n <= all.len()) {
+    for n in [16usize, 50].into_iter().filter(|n| *n <= all.len() && section("apply")) {
         let set = &all[..n];
         let dir = policy_dir(&format!("n{n}"), set, "");
         let (mut floor, mut vw) = (Vec::new(), Vec::new());
@@ -269,8 +272,10 @@ fn inside_testbed() {
     // 2. --parallel sweep on the largest set, to choose the default.
     let big = &all[..all.len().min(50)];
     let dir = policy_dir("sweep", big, "");
-    println!("\n== --parallel sweep: apply of {} stopped domains (wall)", big.len());
-    for p in [4usize, 8, 16, 20, 32, 50] {
+    if section("sweep") {
+        println!("\n== --parallel sweep: apply of {} stopped domains (wall)", big.len());
+    }
+    for p in [4usize, 8, 16, 20, 32, 50].into_iter().filter(|_| section("sweep")) {
         let mut v = Vec::new();
         for _ in 0..r.min(2) {
             stop_all(&hv, big);
@@ -282,6 +287,43 @@ fn inside_testbed() {
     // 3. One shared connection vs pools, in process (the CLI opens
     //    `connections_for(uri, parallel)` connections).
     let d = desired(&dir);
+    if section("connections") {
+        connections(&hv, &d, big, r, default_parallel);
+    }
+
+    // 4. Ansible's community.libvirt.virt on the same 20 domains vs virtwarden apply.
+    let twenty = &all[..ANSIBLE_DOMAINS];
+    if section("ansible") {
+        if std::env::var("VW_ANSIBLE").as_deref() == Ok("1") {
+            ansible_vs_apply(&hv, twenty, r, default_parallel);
+        } else {
+            println!("\n== Ansible: not measured (BENCH_SKIP_ANSIBLE)");
+        }
+    }
+
+    // 5. Mass crash of 16 under `virtwarden run` vs the floor, per --max-concurrent-starts.
+    let crash_ratio = section("crash").then(|| mass_crash(&hv, &mut events, &all[..CRASH_DOMAINS], r));
+
+    println!("\n== summary");
+    for (n, floor, vw, ratio) in summary {
+        println!("apply N={n:<3} floor p50 {}  virtwarden p50 {}  ratio {ratio:.2}×", secs(floor), secs(vw));
+    }
+    if let Some(ratio) = crash_ratio {
+        println!(
+            "mass crash of {CRASH_DOMAINS} under run (--max-concurrent-starts {}, the default): ratio to floor {ratio:.2}×",
+            virtwarden::engine::DEFAULT_MAX_CONCURRENT_STARTS
+        );
+    }
+}
+
+/// Which parts to run: `BENCH_ONLY=crash,apply` (apply, sweep, connections, ansible, crash);
+/// all when unset.
+fn section(name: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim() == name))
+}
+
+/// One shared connection vs pools, in process.
+fn connections(hv: &LibvirtHost, d: &DesiredState, big: &[String], r: usize, default_parallel: usize) {
     println!(
         "\n== connections: in-process apply of {} stopped domains, --parallel {default_parallel} (CLI default: {})",
         big.len(),
@@ -293,89 +335,106 @@ fn inside_testbed() {
         for k in 0..by_size.len() {
             let (size, samples) = &mut by_size[(i + k) % 4];
             let pool = LibvirtPool::open(URI, *size).expect("pool");
-            stop_all(&hv, big);
-            samples.push(apply_in_process(&pool, &d, default_parallel));
+            stop_all(hv, big);
+            samples.push(apply_in_process(&pool, d, default_parallel));
         }
     }
     for (size, samples) in &by_size {
         row(&format!("{size} connection(s), round robin per call"), samples);
     }
     ratio_row("ratio 4 connections / 1", &by_size[2].1, &by_size[0].1);
+}
 
-    // 4. Ansible's community.libvirt.virt on the same 20 domains vs virtwarden apply.
-    let twenty = &all[..ANSIBLE_DOMAINS];
-    if std::env::var("VW_ANSIBLE").as_deref() == Ok("1") {
-        let dir = policy_dir("ansible-twenty", twenty, "");
-        let playbook = write_playbook(twenty);
-        let (mut ans, mut vw) = (Vec::new(), Vec::new());
-        for i in 0..r.min(3) {
-            for ansible_first in [i % 2 == 0, i % 2 != 0] {
-                stop_all(&hv, twenty);
-                if ansible_first {
-                    ans.push(ansible(&playbook));
-                } else {
-                    vw.push(vw_apply(&dir, default_parallel));
-                }
+/// Ansible's community.libvirt.virt on the same 20 domains vs virtwarden apply.
+fn ansible_vs_apply(hv: &LibvirtHost, twenty: &[String], r: usize, default_parallel: usize) {
+    let dir = policy_dir("ansible-twenty", twenty, "");
+    let playbook = write_playbook(twenty);
+    let (mut ans, mut vw) = (Vec::new(), Vec::new());
+    for i in 0..r.min(3) {
+        for ansible_first in [i % 2 == 0, i % 2 != 0] {
+            stop_all(hv, twenty);
+            if ansible_first {
+                ans.push(ansible(&playbook));
+            } else {
+                vw.push(vw_apply(&dir, default_parallel));
             }
         }
-        stop_all(&hv, twenty);
-        println!("\n== {ANSIBLE_DOMAINS} stopped domains → running: Ansible vs virtwarden");
-        row("ansible-playbook, community.libvirt.virt state: running (loop)", &ans);
-        row(&format!("virtwarden apply --parallel {default_parallel}"), &vw);
-        ratio_row("ratio Ansible / virtwarden", &ans, &vw);
-    } else {
-        println!("\n== Ansible: not measured (BENCH_SKIP_ANSIBLE)");
     }
+    stop_all(hv, twenty);
+    println!("\n== {ANSIBLE_DOMAINS} stopped domains → running: Ansible vs virtwarden");
+    row("ansible-playbook, community.libvirt.virt state: running (loop)", &ans);
+    row(&format!("virtwarden apply --parallel {default_parallel}"), &vw);
+    ratio_row("ratio Ansible / virtwarden", &ans, &vw);
+}
 
-    // 5. Mass crash of 16 under the current `virtwarden run` vs the floor.
-    let sixteen = &all[..CRASH_DOMAINS];
-    let mut floor = Vec::new();
-    for _ in 0..r {
-        stop_all(&hv, sixteen);
-        virsh_parallel("start", sixteen);
-        wait("floor guests up", Duration::from_secs(60), || sixteen.iter().all(|n| running(&hv, n)));
+/// kill -9 of every QEMU in `set` until all run again: the floor (libvirt notices every death,
+/// then `xargs -P N virsh start`) and `virtwarden run` per `--max-concurrent-starts`, one after
+/// the other in each round so that drift in the machine's load hits all alike. Returns the
+/// default's ratio to the floor (p50).
+fn mass_crash(hv: &LibvirtHost, events: &mut Events, set: &[String], r: usize) -> f64 {
+    let all_up = || wait("all up", Duration::from_secs(60), || set.iter().all(|n| running(hv, n)));
+    // Kill every QEMU; `restart` brings them back; when the last is running again.
+    let crash = |events: &mut Events, restart: &dyn Fn(&mut Events)| {
+        all_up();
         events.drain();
-        let pids: Vec<i32> = sixteen.iter().filter_map(|n| qemu_pid(n)).collect();
+        let pids: Vec<i32> = set.iter().filter_map(|n| qemu_pid(n)).collect();
+        assert_eq!(pids.len(), set.len(), "every guest has a QEMU");
         let t0 = Instant::now();
         pids.into_iter().for_each(kill9);
-        events.wait_all(STOPPED, sixteen, Duration::from_secs(60));
-        virsh_parallel("start", sixteen);
-        let last = events.wait_all(STARTED, sixteen, Duration::from_secs(60));
-        floor.push(last.duration_since(t0));
-    }
-    stop_all(&hv, sixteen);
+        restart(events);
+        events.wait_all(STARTED, set, Duration::from_secs(120)).duration_since(t0)
+    };
+    let floor_restart = |events: &mut Events| {
+        events.wait_all(STOPPED, set, Duration::from_secs(60));
+        virsh_parallel("start", set);
+    };
     let extra = "      backoff: { resetAfter: 1ms, maxRestarts: 1000 }\n";
     let mut spec = String::from("  domains:\n");
-    for n in sixteen {
+    for n in set {
         spec.push_str(&format!("    - name: {n}\n      restart: always\n{extra}"));
     }
+    let default = virtwarden::engine::DEFAULT_MAX_CONCURRENT_STARTS;
+    let asked: Vec<usize> = std::env::var("BENCH_STARTS")
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|_| vec![1, 2, 4, 8, 16]);
+    let mut values = vec![default];
+    values.extend(asked.into_iter().filter(|v| *v != default));
+    let mut sweep: Vec<(usize, Vec<Duration>)> = values.iter().map(|n| (*n, Vec::new())).collect();
+    let mut floor = Vec::new();
+    // Once: all stopped → all running under the default (host boot).
+    stop_all(hv, set);
     events.drain();
     let t0 = Instant::now();
     let daemon = Daemon::start(&policy(&spec));
-    let boot = events.wait_all(STARTED, sixteen, Duration::from_secs(120)).duration_since(t0);
-    let mut vw = Vec::new();
-    for _ in 0..r {
-        wait("all up", Duration::from_secs(60), || sixteen.iter().all(|n| running(&hv, n)));
-        events.drain();
-        let pids: Vec<i32> = sixteen.iter().filter_map(|n| qemu_pid(n)).collect();
-        assert_eq!(pids.len(), CRASH_DOMAINS, "every guest has a QEMU");
-        let t0 = Instant::now();
-        pids.into_iter().for_each(kill9);
-        let last = events.wait_all(STARTED, sixteen, Duration::from_secs(120));
-        vw.push(last.duration_since(t0));
-    }
+    let boot = events.wait_all(STARTED, set, Duration::from_secs(120)).duration_since(t0);
     drop(daemon);
-    println!("\n== mass crash: kill -9 of {CRASH_DOMAINS} QEMUs → all running again");
-    row("floor: libvirt notices every death, then xargs -P 16 start", &floor);
-    row("virtwarden run (current engine)", &vw);
-    let crash_ratio = ratio_row("ratio virtwarden run / floor (target ≤ 1.5×)", &vw, &floor);
-    println!("(virtwarden run from all {CRASH_DOMAINS} stopped to all running, once: {})", secs(boot));
-
-    println!("\n== summary");
-    for (n, floor, vw, ratio) in summary {
-        println!("apply N={n:<3} floor p50 {}  virtwarden p50 {}  ratio {ratio:.2}×", secs(floor), secs(vw));
+    for i in 0..r {
+        floor.push(crash(events, &floor_restart));
+        // Rotate which value goes first in the round.
+        for k in 0..sweep.len() {
+            let j = (i + k) % sweep.len();
+            let n = sweep[j].0;
+            let daemon = Daemon::start_with(&policy(&spec), &["--max-concurrent-starts", &n.to_string()]);
+            sweep[j].1.push(crash(events, &|_| {}));
+            drop(daemon);
+        }
     }
-    println!("mass crash of {CRASH_DOMAINS} under run: ratio to floor {crash_ratio:.2}×");
+    stop_all(hv, set);
+    sweep.sort_by_key(|(n, _)| *n);
+    let k = set.len();
+    println!("\n== mass crash: kill -9 of {k} QEMUs → all running again (floor and each value once per round)");
+    row(&format!("floor: libvirt notices every death, then xargs -P {k} start"), &floor);
+    let mut default_ratio = 0.0;
+    for (n, vw) in &sweep {
+        let mark = if *n == default { " (default)" } else { "" };
+        row(&format!("virtwarden run --max-concurrent-starts {n}{mark}"), vw);
+        let ratio = ratio_row("  ratio to floor (target ≤ 1.5×)", vw, &floor);
+        if *n == default {
+            default_ratio = ratio;
+        }
+    }
+    println!("(virtwarden run from all {k} stopped to all running, once, default: {})", secs(boot));
+    default_ratio
 }
 
 fn write_playbook(names: &[String]) -> PathBuf {

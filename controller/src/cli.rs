@@ -186,6 +186,10 @@ pub enum Command {
         /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
         #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
         network: NetworkMode,
+        /// At most this many starts of stopped or crashed domains at once (lower startup order
+        /// first); a reset of a running domain is not a start.
+        #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_CONCURRENT_STARTS, value_parser = parse_parallel)]
+        max_concurrent_starts: usize,
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
@@ -220,6 +224,10 @@ pub enum Command {
         /// whoever may write a HostPolicy would otherwise run commands as root on this node.
         #[arg(long, value_name = "DIR")]
         allow_exec_dir: Option<PathBuf>,
+        /// At most this many starts of stopped or crashed domains at once (lower startup order
+        /// first); a reset of a running domain is not a start.
+        #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_CONCURRENT_STARTS, value_parser = parse_parallel)]
+        max_concurrent_starts: usize,
     },
     /// Lift a domain's quarantine once its cause is fixed, without editing the policy: through
     /// the running service, or in the durable memory when none runs.
@@ -266,9 +274,19 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             })
         }
         Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
-        Command::Run { connect, resync, metrics_addr, state_dir, data_dir, lock_file, network, paths } => {
+        Command::Run {
+            connect,
+            resync,
+            metrics_addr,
+            state_dir,
+            data_dir,
+            lock_file,
+            network,
+            max_concurrent_starts,
+            paths,
+        } => {
             let dirs = Dirs { state_dir, data_dir, lock_file };
-            run_service(connect, resync, &metrics_addr, dirs, network, paths, err)
+            run_service(connect, resync, &metrics_addr, dirs, network, max_concurrent_starts, paths, err)
         }
         Command::Status { state_dir, output } => status_cmd(&state_dir, output, out, err),
         Command::Operator {
@@ -281,13 +299,14 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             data_dir,
             lock_file,
             allow_exec_dir,
+            max_concurrent_starts,
         } => {
             let dirs = Dirs { state_dir, data_dir, lock_file };
             let exec = match allow_exec_dir {
                 Some(dir) => crate::act::hook::ExecPolicy::InsideDir(dir),
                 None => crate::act::hook::ExecPolicy::Disabled,
             };
-            operator_cmd(connect, node_name, resync, &metrics_addr, network, dirs, exec, err)
+            operator_cmd(connect, node_name, resync, &metrics_addr, network, dirs, exec, max_concurrent_starts, err)
         }
         Command::Release { domain, state_dir, data_dir, lock_file } => {
             release_cmd(&domain, &Dirs { state_dir, data_dir, lock_file }, out, err)
@@ -628,12 +647,15 @@ struct Dirs {
     lock_file: PathBuf,
 }
 
+// CLI glue: one parameter per group of flags.
+#[allow(clippy::too_many_arguments)]
 fn run_service(
     connect: Option<String>,
     resync: virtwarden_policies::Duration,
     metrics_addr: &str,
     dirs: Dirs,
     network: NetworkMode,
+    max_concurrent_starts: usize,
     paths: Vec<PathBuf>,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
@@ -654,6 +676,7 @@ fn run_service(
         state_dir: dirs.state_dir,
         data_dir: dirs.data_dir,
         lock_file: dirs.lock_file,
+        max_concurrent_starts,
         paths,
     };
     Ok(runtime()?.block_on(crate::host::run(opts)))
@@ -691,6 +714,7 @@ fn operator_cmd(
     network: NetworkMode,
     dirs: Dirs,
     exec: crate::act::hook::ExecPolicy,
+    max_concurrent_starts: usize,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let metrics_addr = match parse_metrics_addr(metrics_addr, err)? {
@@ -714,6 +738,7 @@ fn operator_cmd(
         state_dir: dirs.state_dir,
         data_dir: dirs.data_dir,
         lock_file: dirs.lock_file,
+        max_concurrent_starts,
     };
     Ok(runtime()?.block_on(crate::operator::run(opts)))
 }

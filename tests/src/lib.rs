@@ -19,6 +19,21 @@ pub fn testbed_uri() -> String {
     format!("test://{}", repo_path("examples/testbed/node.xml").display())
 }
 
+/// A test-driver node file with these 64 MiB domains, each running or shut off.
+pub fn node_xml(domains: &[(&str, bool)]) -> String {
+    let mut xml = String::from("<node>\n");
+    for (name, running) in domains {
+        xml.push_str(&format!(
+            "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>{name}</name>\
+             <memory>65536</memory><os><type arch='x86_64'>hvm</type></os>\
+             <test:runstate>{}</test:runstate></domain>\n",
+            if *running { 1 } else { 5 }
+        ));
+    }
+    xml.push_str("</node>\n");
+    xml
+}
+
 /// Sorted entries of a fixture directory.
 pub fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)

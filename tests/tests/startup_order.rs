@@ -39,18 +39,8 @@ impl Host {
     fn new(domains: &[(&str, bool)]) -> Host {
         start_event_loop();
         let dir = tempfile::tempdir().unwrap();
-        let mut xml = String::from("<node>\n");
-        for (name, running) in domains {
-            xml.push_str(&format!(
-                "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>{name}</name>\
-                 <memory>65536</memory><os><type arch='x86_64'>hvm</type></os>\
-                 <test:runstate>{}</test:runstate></domain>\n",
-                if *running { 1 } else { 5 }
-            ));
-        }
-        xml.push_str("</node>\n");
         let node = dir.path().join("node.xml");
-        std::fs::write(&node, xml).unwrap();
+        std::fs::write(&node, virtwarden_tests::node_xml(domains)).unwrap();
         let host = LibvirtHost::open(&format!("test://{}", node.display())).unwrap();
         let (tx, events) = unbounded_channel();
         let subscription = subscribe(&host, tx).unwrap();

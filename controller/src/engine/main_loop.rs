@@ -73,6 +73,7 @@ impl Engine {
             tokio::spawn(status_writer::run(self.shared.clone(), path));
         }
         tokio::spawn(self.shared.memory.clone().run_writer());
+        tokio::spawn(super::startgate::run(self.shared.clone()));
         self.set_desired(desired);
         if self.config.network {
             let (tx, rx) = unbounded_channel();
@@ -108,6 +109,7 @@ impl Engine {
                 tracing::debug!(domain = %ev.domain, event = %ev.text(), "libvirt event");
                 // Unmanaged domains have no worker: their events are ignored.
                 if let Some(w) = self.workers.get(&ev.domain) {
+                    self.shared.startgate.domain_event(&ev.domain);
                     let _ = w.tx.send(Order::Look { event: Some(ev), round: None });
                 }
             }
@@ -186,6 +188,7 @@ impl Engine {
     /// existing worker of a domain whose policy changed (one actor per domain, always), a stop
     /// order to workers of domains no longer managed.
     fn set_desired(&mut self, desired: DesiredState) {
+        self.shared.startgate.set_desired(&desired);
         let mut keep: HashMap<String, WorkerEntry> = HashMap::new();
         for managed in &desired.domains {
             let name = managed.spec.name.clone();

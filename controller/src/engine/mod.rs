@@ -13,6 +13,7 @@ mod main_loop;
 pub mod metrics;
 pub mod network;
 mod shared;
+mod startgate;
 pub mod status;
 mod status_writer;
 mod worker;
@@ -37,6 +38,7 @@ use clock::{Clock, SystemClock};
 use connect::{Connection, Connector};
 use metrics::Metrics;
 use shared::Shared;
+pub use startgate::DEFAULT_MAX_CONCURRENT_STARTS;
 use status::StatusReport;
 
 /// How the engine runs.
@@ -65,6 +67,8 @@ pub struct EngineConfig {
     pub diagnose: bool,
     /// When repairs of an object another writer keeps changing back are backed off.
     pub flap: crate::plan::flap::FlapSettings,
+    /// At most this many starts of stopped or crashed domains at once (lower order first).
+    pub max_concurrent_starts: usize,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +85,7 @@ impl Default for EngineConfig {
             network: false,
             diagnose: false,
             flap: Default::default(),
+            max_concurrent_starts: DEFAULT_MAX_CONCURRENT_STARTS,
         }
     }
 }
@@ -277,6 +282,7 @@ impl Engine {
         };
         let limits =
             Arc::new(CallLimits::new(config.libvirt_concurrency, config.read_deadline, config.action_deadline));
+        let gate = Arc::new(startgate::StartGate::new(config.max_concurrent_starts, backends.clock.clone()));
         let shared = Arc::new_cyclic(|weak| Shared {
             prober: crate::probe::Prober::new(worker::conn_guest(weak), crate::probe::DEFAULT_CONCURRENCY),
             hv: RwLock::new(None),
@@ -299,6 +305,7 @@ impl Engine {
             resync: Mutex::new(Default::default()),
             net_kicks: RwLock::new(None),
             healthy: RwLock::new(Default::default()),
+            startgate: gate,
         });
         if let Some(p) = problem {
             tracing::error!(problem = %p, "virtwarden's memory could not be loaded");

@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     pub(super) healthy: RwLock<HashSet<String>>,
     /// Runs guest health probes for every worker (bounded concurrency, address cache).
     pub(crate) prober: crate::probe::Prober,
+    /// Start ordering and the bound on concurrent starts (issue 13).
+    pub(crate) startgate: Arc<super::startgate::StartGate>,
 }
 
 impl Shared {

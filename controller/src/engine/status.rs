@@ -114,6 +114,10 @@ pub struct DomainStatus {
     pub last_guest_event: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_guest_event_at: Option<DateTime<Utc>>,
+    /// What its start (or its stop) waits for (`startup`: `db1 (not running)`, `/mnt/images`,
+    /// `order group 1 (+30s delay after db1)`, `a start slot …`); empty when it does not wait.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
 }
 
 /// Domain status by name.
@@ -229,6 +233,13 @@ pub fn render_text(report: &StatusReport) -> String {
         }
         if let Some(h) = &d.refused_hook {
             lines.push(format!("hook refused: {h}"));
+        }
+        if !d.waiting_for.is_empty() {
+            let waits = format!("waits for {}", d.waiting_for.join(", "));
+            match lines[0].is_empty() {
+                true => lines[0] = waits,
+                false => lines.push(waits),
+            }
         }
         let q = if d.quarantined.is_some() { "yes" } else { "no" };
         out.push_str(&format!("{:<20} {:<26} {:>8} {:<12} {}\n", d.name, d.state, d.restarts, q, lines[0]));

@@ -23,6 +23,7 @@ use virtwarden_policies::{Backoff, DesiredState, ManagedDomain};
 use super::metrics::DriftLabel;
 use super::network::NetKick;
 use super::shared::Shared;
+use super::startgate;
 use super::status::DomainStatus;
 use crate::act::calls::{CallError, Calls};
 use crate::act::execute_action;
@@ -356,6 +357,9 @@ impl Worker {
     async fn reconcile(&mut self, rounds: &[u64]) -> Option<Instant> {
         let calls = self.calls();
         let looked = calls.observe(self.name()).await;
+        // Start ordering: announced before the round is acknowledged (see `StartGate::announce`).
+        let seen = looked.as_ref().ok().and_then(Option::as_ref);
+        let _may_start = self.shared.startgate.announce(self.name(), startgate::may_start(&self.managed, seen));
         self.ack(rounds);
         let observed = match looked {
             Ok(o) => o,
@@ -510,6 +514,13 @@ impl Worker {
 
     /// Carry out one action; true when it worked.
     async fn run_action(&mut self, action: Action, observed: Option<&ObservedDomain>) -> bool {
+        // Stops for `state: stopped` go in reverse start order (issue 13).
+        if startgate::gates_stop(&action.kind) {
+            let (gate, name) = (self.shared.startgate.clone(), self.name().to_string());
+            if self.guarded(true, async move { gate.wait_stop_turn(&name).await }).await != Some(true) {
+                return false;
+            }
+        }
         if let Err(changed) = self.still_wanted(&action, observed).await {
             tracing::info!(domain = %self.name(), action = action.kind.name(), %changed, "state changed since observed; not acting");
             self.shared.update_domain(self.name(), |s| {
@@ -570,6 +581,16 @@ impl Worker {
             Decision::WaitUntil(at) => self.back_off(at, failure),
             Decision::Quarantined(reason) => self.quarantined(&reason, failure, observed.as_ref()).await,
             Decision::Act { step, attempt } => {
+                // Start ordering and the start slots (issue 13): the wait is no attempt, and a
+                // stop or a new policy cancels it.
+                let mut turn = None;
+                if startgate::gates_start(&action.kind) {
+                    let (gate, name) = (self.shared.startgate.clone(), self.name().to_string());
+                    match self.guarded(true, async move { gate.wait_turn(&name).await }).await {
+                        Some(startgate::Turn::Go(permit)) => turn = Some(permit),
+                        _ => return Some(Instant::now()),
+                    }
+                }
                 if let Err(changed) = self.still_wanted(&action, observed.as_ref()).await {
                     tracing::info!(domain = %self.name(), %changed, "state changed since observed; not restarting");
                     self.shared.update_domain(self.name(), |s| s.notes.push(format!("not restarted: {changed}")));
@@ -578,6 +599,9 @@ impl Worker {
                 self.shared.metrics.drift("domain-down");
                 tracing::info!(domain = %self.name(), reason = %action.reason, step = step.action.as_str(), attempt, "restarting");
                 let outcome = self.attempt(step, attempt, failure, observed.as_ref()).await;
+                if let Some(permit) = turn {
+                    permit.finish(outcome == Outcome::Recovered);
+                }
                 match outcome {
                     Outcome::Interrupted => Some(Instant::now() + OBSERVE_RETRY),
                     _ => self.tracker.next_retry().map(|t| self.shared.instant_at(t)),

@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub paths: Vec<PathBuf>,
     /// Reconcile the host network too.
     pub network: bool,
+    /// At most this many starts at once (`--max-concurrent-starts`).
+    pub max_concurrent_starts: usize,
 }
 
 /// Name of the status file inside the state directory.
@@ -64,6 +66,7 @@ pub async fn run(opts: RunOptions) -> i32 {
         data_dir: Some(opts.data_dir.clone()),
         network: opts.network,
         diagnose: !opts.uri.starts_with("test:"),
+        max_concurrent_starts: opts.max_concurrent_starts,
         ..Default::default()
     };
     let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });

@@ -19,7 +19,8 @@ pub fn missing_paths(desired: &DesiredState) -> HashSet<String> {
         .collect()
 }
 
-fn exists(path: &str) -> bool {
+/// Whether `path` exists; one that cannot be checked (permission denied, I/O error) does not.
+pub fn exists(path: &str) -> bool {
     Path::new(path).try_exists().unwrap_or(false)
 }
 

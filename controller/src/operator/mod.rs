@@ -71,6 +71,8 @@ pub struct OperatorOptions {
     pub lock_file: std::path::PathBuf,
     /// Where `exec` remediation hooks may come from (`--allow-exec-dir`).
     pub exec: crate::act::hook::ExecPolicy,
+    /// At most this many starts at once (`--max-concurrent-starts`).
+    pub max_concurrent_starts: usize,
 }
 
 /// Status writes are batched: at most one round per this interval.
@@ -101,6 +103,7 @@ pub async fn run(opts: OperatorOptions) -> i32 {
         network: opts.network,
         data_dir: Some(opts.data_dir.clone()),
         diagnose: !opts.uri.starts_with("test:"),
+        max_concurrent_starts: opts.max_concurrent_starts,
         ..Default::default()
     };
     let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });

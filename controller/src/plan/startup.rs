@@ -44,6 +44,8 @@ pub enum DomainWait {
     NotDefined,
     NotRunning,
     NotHealthy,
+    /// Not running, and `run` has stopped restarting it (`virtwarden release` lifts it).
+    Quarantined,
 }
 
 impl fmt::Display for Wait {
@@ -61,6 +63,7 @@ impl fmt::Display for Wait {
                     DomainWait::NotDefined => "not defined on this host",
                     DomainWait::NotRunning => "not running",
                     DomainWait::NotHealthy => "not healthy yet",
+                    DomainWait::Quarantined => "quarantined",
                 };
                 write!(f, "{domain} ({why})")
             }
@@ -182,6 +185,11 @@ impl StartupOrder {
     /// The domains `domain` waits for through `after`.
     pub fn dependencies(&self, domain: &str) -> &[String] {
         self.entry(domain).map(|e| e.after.as_slice()).unwrap_or_default()
+    }
+
+    /// The paths `domain` requires (`requires.paths`).
+    pub fn paths(&self, domain: &str) -> &[String] {
+        self.entry(domain).map(|e| e.paths.as_slice()).unwrap_or_default()
     }
 
     /// Whether `domain` declares a health probe that dependents wait for.

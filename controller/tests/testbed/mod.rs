@@ -219,6 +219,11 @@ impl Daemon {
     }
 
     pub fn start(policy_yaml: &str) -> Daemon {
+        Self::start_with(policy_yaml, &[])
+    }
+
+    /// [`Daemon::start`] with more `virtwarden run` flags.
+    pub fn start_with(policy_yaml: &str, flags: &[&str]) -> Daemon {
         let dir = Self::dir();
         let policies = dir.join("policies");
         std::fs::create_dir_all(&policies).unwrap();
@@ -241,6 +246,7 @@ impl Daemon {
             .arg(&state_dir)
             .arg("--data-dir")
             .arg(dir.join("data"))
+            .args(flags)
             .arg(&policies)
             .env("RUST_LOG", "info")
             // The testbed's /run is private: the default host lock is the testbed's own.
