@@ -142,6 +142,9 @@ pub struct DomainEnactment {
     /// The last `exec` remediation step the node refused to run, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_hook: Option<String>,
+    /// What its start waits for (order group, `after`, `delay`, a required path, a start slot).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
     /// Guest health, for domains with `health`: `healthy`, `booting`, `unhealthy: <what failed>`,
     /// `boot failed: <evidence>`, `suspended: <why>`, `down`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -270,6 +270,8 @@ async fn a_waiting_start_says_what_it_waits_for_and_goes_once_it_is_there() {
     assert_eq!((web1.restarts, web1.consecutive_failures), (0, 0), "waiting is not an attempt: {web1:#?}");
     assert_eq!(names(&r.events(STARTED, 1).await), ["other"], "an unrelated domain is not held up");
     assert_eq!(r.state("web1"), DomainState::ShutOff);
+    let metrics = r.engine.metrics_text();
+    assert!(metrics.contains("virtwarden_waiting_starts 1"), "{metrics}");
 
     // db1 fixed and released: it starts; web1 now waits only for its path.
     broken.lock().unwrap().clear();
@@ -283,6 +285,7 @@ async fn a_waiting_start_says_what_it_waits_for_and_goes_once_it_is_there() {
     assert_eq!(names(&r.events(STARTED, 1).await), ["web1"]);
     let s = r.until("web1 running, no longer waiting", |s| domain(s, "web1").state.starts_with("running")).await;
     r.until("web1's wait cleared", |s| waits(s, "web1").is_empty()).await;
+    assert!(r.engine.metrics_text().contains("virtwarden_waiting_starts 0"));
     assert_eq!(domain(&s, "web1").restarts, 1);
     r.stop().await;
 }

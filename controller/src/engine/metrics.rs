@@ -81,6 +81,8 @@ pub struct Metrics {
     pub connected: Gauge,
     /// 1 once connected and the first resync round is done (what `/readyz` says), 0 otherwise.
     pub ready: Gauge,
+    /// Domains whose start waits for its order group, a dependency, a path or a start slot.
+    pub waiting_starts: Gauge,
     pub worker_panics: Counter,
     pub hooks_refused: Family<RefusalLabel, Counter>,
     /// Repairs that started or extended a backoff because another writer keeps changing an
@@ -106,6 +108,7 @@ impl Default for Metrics {
         let quarantined = Gauge::default();
         let connected = Gauge::default();
         let ready = Gauge::default();
+        let waiting_starts = Gauge::default();
         let domain_quarantined = Family::<DomainLabel, Gauge>::default();
         let worker_panics = Counter::default();
         registry.register("restarts", "Restarts issued, by domain", restarts.clone());
@@ -125,6 +128,11 @@ impl Default for Metrics {
         );
         registry.register("connected", "1 while the libvirt connection is up", connected.clone());
         registry.register("ready", "1 once connected and the first resync is done", ready.clone());
+        registry.register(
+            "waiting_starts",
+            "Domains whose start waits (order group, after, delay, required path, start slot); see status waitingFor",
+            waiting_starts.clone(),
+        );
         registry.register(
             "worker_panics",
             "Domain workers that panicked and were restarted (a bug: please report it)",
@@ -179,6 +187,7 @@ impl Default for Metrics {
             domain_quarantined,
             connected,
             ready,
+            waiting_starts,
             worker_panics,
             hooks_refused,
             writer_conflicts,

@@ -101,6 +101,8 @@ impl Shared {
             self.metrics.domain_quarantined.get_or_create(&label).set(i64::from(entry.quarantined.is_some()));
             let quarantined = book.values().filter(|d| d.quarantined.is_some()).count();
             self.metrics.quarantined.set(quarantined as i64);
+            let waiting = book.values().filter(|d| !d.waiting_for.is_empty()).count();
+            self.metrics.waiting_starts.set(waiting as i64);
         }
         self.mark_dirty();
     }

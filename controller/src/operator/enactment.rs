@@ -56,6 +56,7 @@ pub fn enactment_status(view: &PolicyView, report: &StatusReport, now: Time) -> 
             last_failure: d.last_failure.clone(),
             quarantined: d.quarantined.is_some(),
             refused_hook: d.refused_hook.clone(),
+            waiting_for: d.waiting_for.clone(),
             health: d.health.as_ref().map(|h| match &h.detail {
                 // Boot-failed details already start with "boot failed: ".
                 Some(detail) if detail.starts_with("boot failed") => detail.clone(),
@@ -211,6 +212,11 @@ mod tests {
         let s = enactment_status(&view, &r, now());
         assert_eq!(s.domains[0].health.as_deref(), Some("boot failed: SeaBIOS: No bootable device"));
         assert_eq!(status_of(&s, "Available").0, "False");
+        // A start that waits says what for.
+        let mut r = report("shut off (unknown)", false);
+        r.domains[0].waiting_for = vec!["db1 (not running)".into(), "/mnt/images".into()];
+        let s = enactment_status(&view, &r, now());
+        assert_eq!(s.domains[0].waiting_for, ["db1 (not running)", "/mnt/images"]);
     }
 
     #[test]
