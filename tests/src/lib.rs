@@ -15,6 +15,15 @@ pub fn repo_path(rel: &str) -> PathBuf {
 }
 
 /// The libvirt test-driver URI of the example node file (`examples/testbed/node.xml`).
+/// A policy document written inline in a test: `spec` is the text under `spec:` (indented by
+/// two spaces). Panics if it is invalid (the test wrote it).
+pub fn inline_policy(spec: &str) -> virtwarden_policies::DesiredState {
+    let text = format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{spec}");
+    virtwarden_policies::load_texts([(Path::new("inline.yaml"), text.as_str())])
+        .expect("inline policy is valid")
+        .desired
+}
+
 pub fn testbed_uri() -> String {
     format!("test://{}", repo_path("examples/testbed/node.xml").display())
 }

@@ -4,7 +4,6 @@
 //! waits for is read from the engine's status.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,17 +18,17 @@ use virtwarden::hypervisor::{DomainReader, HypervisorError};
 use virtwarden::libvirt::events::{start_event_loop, subscribe, HypervisorEvent};
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
-use virtwarden_policies::{load_texts, DesiredState, RemediationAction};
+use virtwarden_policies::{DesiredState, RemediationAction};
 
 const STARTED: i32 = virt::sys::VIR_DOMAIN_EVENT_STARTED as i32;
 const STOPPED: i32 = virt::sys::VIR_DOMAIN_EVENT_STOPPED as i32;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn policy(domains: &str) -> DesiredState {
-    let text = format!(
-        "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n  domains:\n{domains}"
-    );
-    load_texts([(Path::new("inline.yaml"), text.as_str())]).expect("inline policy is valid").desired
+    virtwarden_tests::inline_policy(&format!(
+        "  domains:
+{domains}"
+    ))
 }
 
 /// Hands the engine the test's connection, and the test a copy of every event the engine gets

@@ -13,15 +13,13 @@ use virtwarden::hypervisor::{DomainControl, DomainReader};
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
-use virtwarden_policies::{load_texts, DesiredState};
+use virtwarden_policies::DesiredState;
 use virtwarden_tests::testbed_uri;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn policy(yaml_spec: &str) -> DesiredState {
-    let text =
-        format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{yaml_spec}");
-    load_texts([(std::path::Path::new("inline.yaml"), text.as_str())]).expect("inline policy is valid").desired
+fn policy(spec: &str) -> DesiredState {
+    virtwarden_tests::inline_policy(spec)
 }
 
 struct Rig {

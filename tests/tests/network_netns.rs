@@ -19,12 +19,11 @@ use virtwarden::observe::{BridgeAttrs, ObservedHost};
 use virtwarden::plan::flap::FlapSettings;
 use virtwarden::plan::network::libvirt_tap_mac;
 use virtwarden::plan::{plan, render_text, Plan};
-use virtwarden_policies::{load_texts, DesiredState};
+use virtwarden_policies::DesiredState;
 use virtwarden_tests::{in_private_netns, sh};
 
 fn policy(spec: &str) -> DesiredState {
-    let text = format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{spec}");
-    load_texts([(Path::new("net.yaml"), text.as_str())]).expect("valid policy").desired
+    virtwarden_tests::inline_policy(spec)
 }
 
 struct Net {

@@ -3,7 +3,7 @@
 //! node-file test driver keeps its state per connection).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -14,16 +14,16 @@ use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::paths::missing_paths;
 use virtwarden::plan::startup::waits_text;
 use virtwarden::plan::{plan_ordered, render_text, Plan};
-use virtwarden_policies::{load_texts, DesiredState};
+use virtwarden_policies::DesiredState;
 
 const STARTED: i32 = virt::sys::VIR_DOMAIN_EVENT_STARTED as i32;
 const STOPPED: i32 = virt::sys::VIR_DOMAIN_EVENT_STOPPED as i32;
 
 fn policy(domains: &str) -> DesiredState {
-    let text = format!(
-        "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n  domains:\n{domains}"
-    );
-    load_texts([(Path::new("inline.yaml"), text.as_str())]).expect("inline policy is valid").desired
+    virtwarden_tests::inline_policy(&format!(
+        "  domains:
+{domains}"
+    ))
 }
 
 /// A test-driver host with these domains, running or shut off, and its lifecycle events.

@@ -6,12 +6,10 @@ use virtwarden::hypervisor::DomainReader;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
 use virtwarden::plan::{plan, render_text};
-use virtwarden_policies::{load_texts, DesiredState};
+use virtwarden_policies::DesiredState;
 
-fn policy(yaml_spec: &str) -> DesiredState {
-    let text =
-        format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{yaml_spec}");
-    load_texts([(std::path::Path::new("inline.yaml"), text.as_str())]).expect("inline policy is valid").desired
+fn policy(spec: &str) -> DesiredState {
+    virtwarden_tests::inline_policy(spec)
 }
 
 #[test]

@@ -9,17 +9,15 @@ use virtwarden::hypervisor::{DomainControl, DomainReader};
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::{domain_xml::parse_domain_xml, BootStyle, DomainState};
 use virtwarden::plan::{plan, render_text, ActionKind};
-use virtwarden_policies::{load_paths, load_texts, BootDevice, DesiredState};
+use virtwarden_policies::{load_paths, BootDevice, DesiredState};
 use virtwarden_tests::{repo_path, testbed_uri};
 
 fn example_policies() -> DesiredState {
     load_paths(&[repo_path("examples/policies")]).expect("examples are valid").desired
 }
 
-fn policy(yaml_spec: &str) -> DesiredState {
-    let text =
-        format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{yaml_spec}");
-    load_texts([(std::path::Path::new("inline.yaml"), text.as_str())]).expect("inline policy is valid").desired
+fn policy(spec: &str) -> DesiredState {
+    virtwarden_tests::inline_policy(spec)
 }
 
 /// The persistent XML's lines without `<boot …/>` elements (libvirt formats one element a line).
