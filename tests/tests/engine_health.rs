@@ -191,3 +191,20 @@ fn probe_count(metrics: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_drivers_made_up_addresses_are_never_probed() {
+    let r = rig(policy(
+        "  domains:\n    - name: web2\n      health: {probe: {tcp: {port: 80}}, period: 1s, timeout: 500ms}\n",
+    ))
+    .await;
+    let s = r
+        .until("a probe failed", |s| {
+            domain(s, "web2").health.as_ref().is_some_and(|h| h.last_probe_ok == Some(false))
+        })
+        .await;
+    let probe = domain(&s, "web2").health.clone().unwrap().last_probe.unwrap();
+    assert!(probe.contains("no address: "), "{probe}");
+    assert!(probe.contains("libvirt's test driver makes addresses up; give `address` in the policy"), "{probe}");
+    r.stop().await;
+}

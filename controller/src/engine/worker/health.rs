@@ -146,6 +146,17 @@ impl GuestAccess for ConnGuest {
     }
 
     fn interface_addresses(&self, domain: &str, source: AddressSource) -> Result<Vec<GuestInterface>, HypervisorError> {
+        // libvirt's test driver makes addresses up (from its network's range): probing them
+        // would send requests to whatever host really has that address.
+        let made_up =
+            self.0.upgrade().is_some_and(|s| s.meta.lock().map(|m| m.uri.starts_with("test:")).unwrap_or(false));
+        if made_up {
+            return Err(HypervisorError::Failed {
+                op: "domifaddr",
+                domain: domain.to_string(),
+                message: "libvirt's test driver makes addresses up; give `address` in the policy".into(),
+            });
+        }
         self.with("domifaddr", domain, |g| g.interface_addresses(domain, source))
     }
 
