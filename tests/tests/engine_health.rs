@@ -152,11 +152,12 @@ async fn never_answering_guest_is_boot_failed_reset_then_quarantined() {
     assert!(h.detail.as_deref().unwrap().contains("quarantined"), "{h:?}");
     assert_eq!(r.host.observe_domain("web2").unwrap().unwrap().state, DomainState::Running);
 
-    // Released with the service fixed: reset once more, then healthy.
+    // Fixed in place and released: judged afresh (a new boot window), healthy without a reset.
     let _fixed = TcpListener::bind(("127.0.0.1", port)).unwrap();
     r.engine.release("web2").await.expect("released");
     let s = r.until("healthy after release", |s| phase(s, "web2") == Some(HealthPhase::Healthy)).await;
     assert!(domain(&s, "web2").quarantined.is_none());
+    assert_eq!(domain(&s, "web2").restarts, 2, "not reset again: {:#?}", domain(&s, "web2"));
     r.stop().await;
 }
 
@@ -199,9 +200,7 @@ async fn the_test_drivers_made_up_addresses_are_never_probed() {
     ))
     .await;
     let s = r
-        .until("a probe failed", |s| {
-            domain(s, "web2").health.as_ref().is_some_and(|h| h.last_probe_ok == Some(false))
-        })
+        .until("a probe failed", |s| domain(s, "web2").health.as_ref().is_some_and(|h| h.last_probe_ok == Some(false)))
         .await;
     let probe = domain(&s, "web2").health.clone().unwrap().last_probe.unwrap();
     assert!(probe.contains("no address: "), "{probe}");

@@ -193,6 +193,11 @@ impl Worker {
             if self.stopping {
                 self.ack(&rounds);
                 self.count_flapping(&[]);
+                // A last action may have published health after the domain was dropped.
+                if self.health.take().is_some() {
+                    self.shared.metrics.forget_health(self.name());
+                    self.shared.set_healthy(self.name(), false);
+                }
                 return;
             }
             if std::mem::take(&mut self.look_needed) {
@@ -211,6 +216,7 @@ impl Worker {
     /// Start again after a panic: what is remembered is the truth, in-memory state is not.
     pub(super) fn after_panic(&mut self, what: &str) {
         tracing::error!(domain = %self.name(), panic = %what, "domain worker panicked; restarting it");
+        self.look_needed = true;
         self.shared.metrics.worker_panics.inc();
         self.tracker = tracker_for(&self.shared, &self.managed);
         self.shared.update_domain(self.name(), |s| {
@@ -598,7 +604,7 @@ impl Worker {
                 }
                 self.shared.metrics.drift("domain-down");
                 tracing::info!(domain = %self.name(), reason = %action.reason, step = step.action.as_str(), attempt, "restarting");
-                let outcome = self.attempt(step, attempt, failure, observed.as_ref()).await;
+                let outcome = self.attempt(step, attempt, failure, observed.as_ref(), false).await;
                 if let Some(permit) = turn {
                     permit.finish(outcome == Outcome::Recovered);
                 }
@@ -653,6 +659,7 @@ impl Worker {
         attempt: u32,
         failure: String,
         observed: Option<&ObservedDomain>,
+        heal: bool,
     ) -> Outcome {
         // Counted before acting, so a crash of virtwarden cannot forget this restart.
         self.tracker.begin(self.shared.tick());
@@ -676,7 +683,7 @@ impl Worker {
         self.shared.hook_refused(self.name(), result.as_ref().and_then(|r| r.as_ref().err()));
         let after = self.calls().observe(self.name()).await.ok().flatten();
         let recovered = after.as_ref().is_some_and(is_up);
-        let (outcome, mut text) = classify(&result, recovered, after.as_ref());
+        let (outcome, mut text) = classify(&result, recovered, after.as_ref(), heal);
         // Where operators look: a failed repair carries what diagnosis finds.
         let diagnosis = match (&result, outcome) {
             // A refused hook is its own, complete reason.
@@ -774,7 +781,7 @@ impl Worker {
                 }
                 self.shared.metrics.drift(verdict.kind());
                 tracing::info!(domain = %self.name(), verdict = %failure, step = step.action.as_str(), attempt, "healing");
-                let outcome = self.attempt(step, attempt, failure, observed.as_ref()).await;
+                let outcome = self.attempt(step, attempt, failure, observed.as_ref(), true).await;
                 match outcome {
                     Outcome::Interrupted => Some(Instant::now() + OBSERVE_RETRY),
                     _ => self.tracker.next_retry().map(|t| self.shared.instant_at(t)),
@@ -825,14 +832,18 @@ impl Worker {
 }
 
 /// How an attempt ended, and the words for status.
+/// `was_up`: the step acted on a running guest (a health repair), so "running afterwards" proves
+/// nothing; only a step that was carried out counts.
 fn classify(
     result: &Option<Result<StepOutcome, RemediationError>>,
     recovered: bool,
     after: Option<&ObservedDomain>,
+    was_up: bool,
 ) -> (Outcome, String) {
     let now = || after.map(ObservedDomain::state_text).unwrap_or_else(|| "gone".into());
     match result {
-        _ if recovered => (Outcome::Recovered, "ok: running again".into()),
+        _ if recovered && !was_up => (Outcome::Recovered, "ok: running again".into()),
+        Some(Ok(StepOutcome::Done)) if recovered => (Outcome::Recovered, "ok: running again, booting".into()),
         None => (Outcome::Interrupted, "cancelled: the policy changed or virtwarden is stopping".into()),
         Some(Ok(StepOutcome::LeftAlone(why))) => (Outcome::Interrupted, format!("left alone: {why}")),
         Some(Ok(StepOutcome::Done)) => (Outcome::Failed, format!("did not come up: {}", now())),

@@ -61,6 +61,9 @@ pub enum Suspension {
     ShuttingDown,
     /// Automatic repairs stopped; probing would only repeat a verdict nobody acts on.
     Quarantined,
+    /// libvirt is not connected: probes that need it would fail for reasons that say nothing
+    /// about the guest, and nothing could act on a verdict anyway.
+    Disconnected,
 }
 
 impl fmt::Display for Suspension {
@@ -69,6 +72,7 @@ impl fmt::Display for Suspension {
             Suspension::Paused { reason } => write!(f, "paused ({reason})"),
             Suspension::ShuttingDown => f.write_str("shutting down"),
             Suspension::Quarantined => f.write_str("quarantined"),
+            Suspension::Disconnected => f.write_str("libvirt disconnected"),
         }
     }
 }
@@ -417,17 +421,21 @@ impl HealthMonitor {
 
     /// libvirt reported a guest reset (REBOOT event). During a boot it is evidence and does not
     /// move the deadline (a reset loop must not hide a boot failure); afterwards it starts a
-    /// new boot.
-    pub fn guest_rebooted(&mut self, now: Tick) {
+    /// new boot. True when it started a new boot (a pending judgement is then void).
+    pub fn guest_rebooted(&mut self, now: Tick) -> bool {
         if std::mem::take(&mut self.boot.own_reset_pending) {
-            return;
+            return false;
         }
         match self.phase {
-            Phase::Down => {}
-            Phase::Booting { .. } => self.boot.guest_resets += 1,
+            Phase::Down => false,
+            Phase::Booting { .. } => {
+                self.boot.guest_resets += 1;
+                false
+            }
             Phase::Healthy { .. } | Phase::Unhealthy { .. } | Phase::BootFailed { .. } => {
                 self.new_boot(now, false);
                 self.boot.guest_resets = 1;
+                true
             }
         }
     }
@@ -465,7 +473,11 @@ impl HealthMonitor {
     /// `why`'s kind no longer holds. When nothing else suspends the guest, probing resumes one
     /// period later; a boot deadline moves by the time spent suspended, and failures seen
     /// before the suspension are forgotten (the guest's clock jumped).
-    pub fn lift(&mut self, now: Tick, why: &Suspension) {
+    ///
+    /// A guest judged unhealthy or not booted before the suspension is judged afresh: it gets a
+    /// new `bootTimeout` window to pass (an operator may have fixed it in place during a
+    /// quarantine; libvirt may have been away). True when such a judgement was set aside.
+    pub fn lift(&mut self, now: Tick, why: &Suspension) -> bool {
         let before = self.suspensions.len();
         self.suspensions.retain(|s| discriminant(s) != discriminant(why));
         if self.suspensions.is_empty() && before > 0 {
@@ -476,7 +488,13 @@ impl HealthMonitor {
             }
             self.consecutive_failures = 0;
             self.next_probe = now + self.settings.period;
+            if matches!(self.phase, Phase::Unhealthy { .. } | Phase::BootFailed { .. }) {
+                self.phase = Phase::Booting { since: now, deadline: now + self.settings.boot_timeout };
+                self.boot.last_failure = None;
+                return true;
+            }
         }
+        false
     }
 
     /// libvirt reported a fault (a watchdog firing, an I/O error, lost control of QEMU): probe
@@ -1000,6 +1018,39 @@ mod tests {
         assert_eq!(m.poll(s(100), no_console), Step::Idle, "still quarantined");
         m.lift(s(100), &Suspension::Quarantined);
         assert_eq!(m.poll(s(100), no_console), Step::WaitUntil(s(110)));
+    }
+
+    #[test]
+    fn a_verdict_is_set_aside_when_probing_resumes_and_judged_afresh() {
+        // Unhealthy, then quarantined (or libvirt away): once probing resumes the guest gets a
+        // new bootTimeout window instead of being healed on old evidence.
+        let mut m = monitor();
+        m.started(s(0));
+        probes_at(&mut m, 10, 10, &ok());
+        let v = probes_at(&mut m, 20, 40, &refused());
+        assert!(matches!(v.as_slice(), [Verdict::Unhealthy { .. }]), "{v:?}");
+        m.suspend(s(41), Suspension::Disconnected);
+        assert_eq!(m.poll(s(50), no_console), Step::Idle, "no probes while libvirt is away");
+        assert!(m.lift(s(70), &Suspension::Disconnected), "the verdict is set aside");
+        assert_eq!(m.view().state, HealthState::Booting { since: s(70), deadline: s(130) });
+        assert!(probes_at(&mut m, 70, 120, &refused()).is_empty(), "failures in the window are no verdict yet");
+        let v = probes_at(&mut m, 120, 140, &refused());
+        assert!(matches!(v.as_slice(), [Verdict::BootFailed(_)]), "judged again at the new deadline: {v:?}");
+        // Lifting with nothing judged sets nothing aside.
+        let mut m = monitor();
+        m.started(s(0));
+        m.suspend(s(5), Suspension::Quarantined);
+        assert!(!m.lift(s(9), &Suspension::Quarantined));
+    }
+
+    #[test]
+    fn a_guest_reset_after_the_boot_starts_a_new_boot_and_says_so() {
+        let mut m = monitor();
+        m.started(s(0));
+        assert!(!m.guest_rebooted(s(5)), "during the boot it is evidence only");
+        probes_at(&mut m, 10, 10, &ok());
+        assert!(m.guest_rebooted(s(15)), "after it: a new boot");
+        assert_eq!(m.view().state, HealthState::Booting { since: s(15), deadline: s(75) });
     }
 
     #[test]

@@ -225,21 +225,39 @@ impl Worker {
             h.adopted = first_look && !fresh;
             self.shared.prober.forget_address(&self.managed.spec.name);
         }
+        // Observed just now: libvirt answers.
+        let mut set_aside = h.monitor.lift(now, &Suspension::Disconnected);
         let paused = Suspension::Paused { reason: String::new() };
         match d.state {
             DomainState::Paused => h.monitor.suspend(now, Suspension::Paused { reason: d.reason.to_string() }),
             DomainState::PmSuspended => h.monitor.suspend(now, Suspension::Paused { reason: "pmsuspended".into() }),
-            _ => h.monitor.lift(now, &paused),
+            _ => set_aside |= h.monitor.lift(now, &paused),
         }
         if d.state == DomainState::ShuttingDown {
             h.monitor.suspend(now, Suspension::ShuttingDown);
         } else {
-            h.monitor.lift(now, &Suspension::ShuttingDown);
+            set_aside |= h.monitor.lift(now, &Suspension::ShuttingDown);
         }
         if quarantined {
             h.monitor.suspend(now, Suspension::Quarantined);
         } else {
-            h.monitor.lift(now, &Suspension::Quarantined);
+            set_aside |= h.monitor.lift(now, &Suspension::Quarantined);
+        }
+        if set_aside && h.verdict.take().is_some() {
+            // Judged afresh (a new bootTimeout window) rather than healed on old evidence.
+            tracing::info!(domain = %self.managed.spec.name, "probing again after a suspension; the earlier verdict is set aside");
+        }
+    }
+
+    /// Probes are suspended while libvirt is not connected (their failures would say nothing
+    /// about the guest); lifted by the next successful observation.
+    fn suspend_if_disconnected(&mut self) {
+        if self.shared.hypervisor().is_some() {
+            return;
+        }
+        let now = self.shared.tick();
+        if let Some(h) = &mut self.health {
+            h.monitor.suspend(now, Suspension::Disconnected);
         }
     }
 
@@ -261,6 +279,7 @@ impl Worker {
     /// then publish. Reads the definition's devices once per boot (agent channel, console log).
     /// True when a new verdict came up.
     pub(super) async fn drive_health(&mut self) -> bool {
+        self.suspend_if_disconnected();
         let Some(h) = &self.health else { return false };
         if h.alive && !h.devices_read {
             let name = self.name().to_string();
@@ -321,6 +340,8 @@ impl Worker {
 
     /// A probe finished.
     pub(super) fn health_probed(&mut self, ticket: ProbeTicket, result: ProbeResult) {
+        // A result that arrives while libvirt is away is no evidence (the suspension voids it).
+        self.suspend_if_disconnected();
         let now = self.shared.tick();
         let name = self.name().to_string();
         let Some(h) = &mut self.health else { return };
@@ -366,7 +387,11 @@ impl Worker {
         }
         let Some(h) = &mut self.health else { return };
         match &ev.kind {
-            GuestEventKind::Reboot => h.monitor.guest_rebooted(now),
+            // A new boot: what was judged of the previous one no longer holds.
+            GuestEventKind::Reboot if h.monitor.guest_rebooted(now) => {
+                h.verdict = None;
+                h.adopted = false;
+            }
             GuestEventKind::Agent { connected, .. } => h.monitor.agent_changed(*connected),
             _ if class == FaultClass::Fault => h.monitor.probe_soon(now),
             _ => {}
