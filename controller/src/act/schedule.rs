@@ -376,6 +376,7 @@ mod tests {
                 boot: Default::default(),
                 interfaces: vec![],
                 disks: vec![],
+                id: None,
             }
         }
     }

@@ -126,6 +126,7 @@ impl LibvirtHost {
             boot,
             interfaces: live.interfaces,
             disks: live.disks,
+            id: dom.id(),
         })
     }
 }

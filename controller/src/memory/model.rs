@@ -234,6 +234,7 @@ mod tests {
             boot: Default::default(),
             interfaces: vec![],
             disks: vec![],
+            id: None,
         }
     }
 

@@ -69,6 +69,10 @@ pub struct ObservedDomain {
     pub interfaces: Vec<Interface>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<Disk>,
+    /// libvirt's runtime id of an active domain: a new one on every start, so a restart is seen
+    /// even when its STARTED event was missed (libvirt was away). Not part of any output.
+    #[serde(skip)]
+    pub id: Option<u32>,
 }
 
 fn yes() -> bool {

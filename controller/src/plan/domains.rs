@@ -254,6 +254,7 @@ mod tests {
             boot: BootConfig::default(),
             interfaces: vec![],
             disks: vec![],
+            id: None,
         }
     }
 

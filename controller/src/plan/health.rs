@@ -509,6 +509,17 @@ impl HealthMonitor {
         !self.suspensions.is_empty()
     }
 
+    /// The probe in flight, if any.
+    pub fn in_flight(&self) -> Option<ProbeTicket> {
+        self.in_flight
+    }
+
+    /// What is probed changed (another port, kind or address): the probe in flight no longer
+    /// counts; the next one is due as scheduled.
+    pub fn probe_changed(&mut self) {
+        self.forget_in_flight();
+    }
+
     fn forget_in_flight(&mut self) {
         self.epoch += 1;
         self.in_flight = None;

@@ -523,6 +523,7 @@ mod tests {
             boot: Default::default(),
             interfaces: vec![iface],
             disks: vec![],
+            id: None,
         }
     }
 

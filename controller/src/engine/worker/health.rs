@@ -42,6 +42,8 @@ pub(super) struct GuestHealth {
     pub(super) verdict: Option<Verdict>,
     /// QEMU was up at the last observation.
     alive: bool,
+    /// libvirt's runtime id of the domain at the last observation (changes on every start).
+    runtime_id: Option<u32>,
     /// No observation yet (the worker just started, or `health` was just added).
     first_look: bool,
     /// The guest was already running when first seen and has not passed a probe since: its
@@ -63,6 +65,7 @@ impl GuestHealth {
             probe: None,
             verdict: None,
             alive: false,
+            runtime_id: None,
             first_look: true,
             adopted: false,
             label: None,
@@ -71,7 +74,13 @@ impl GuestHealth {
 
     fn set_policy(&mut self, domain: &str, h: &Health) {
         self.monitor.set_settings(HealthSettings::from_policy(h));
-        self.spec = ProbeSpec::from_policy(domain, h);
+        let spec = ProbeSpec::from_policy(domain, h);
+        if spec != self.spec {
+            // A result of the old probe says nothing about the new one.
+            self.abort_probe();
+            self.monitor.probe_changed();
+            self.spec = spec;
+        }
     }
 
     fn new_boot(&mut self) {
@@ -216,9 +225,13 @@ impl Worker {
                 h.monitor.stopped();
                 h.new_boot();
             }
+            h.runtime_id = None;
             return;
         };
-        if !h.alive || fresh {
+        // Restarted while we did not watch (libvirt away, the STARTED event missed).
+        let restarted = h.alive && d.id.is_some() && h.runtime_id.is_some() && d.id != h.runtime_id;
+        h.runtime_id = d.id;
+        if !h.alive || fresh || restarted {
             h.alive = true;
             h.monitor.started(now);
             h.new_boot();
@@ -271,6 +284,8 @@ impl Worker {
         }
         h.alive = true;
         h.new_boot();
+        // The next observation brings the new runtime id; it is this boot, not another one.
+        h.runtime_id = None;
         self.fresh_start = false;
         self.shared.prober.forget_address(&self.managed.spec.name);
     }
@@ -345,7 +360,9 @@ impl Worker {
         let now = self.shared.tick();
         let name = self.name().to_string();
         let Some(h) = &mut self.health else { return };
-        h.probe = None;
+        if h.monitor.in_flight() == Some(ticket) {
+            h.probe = None;
+        }
         if let Some(v) = h.monitor.probe_done(now, ticket, &result) {
             tracing::warn!(domain = %name, verdict = %v.text(), "guest judged {}", v.kind());
             h.verdict = Some(v);
