@@ -99,3 +99,50 @@ pub fn sh(args: &[&str]) {
     let out = std::process::Command::new(args[0]).args(&args[1..]).output().expect("spawn");
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A connector to a shared test-driver connection that fails its next `fail_next` connects (a
+/// libvirtd restarting) and keeps each connection's event sender, so a test can say the
+/// connection closed.
+pub struct FlakyConnector {
+    pub host: std::sync::Arc<virtwarden::libvirt::LibvirtHost>,
+    pub connects:
+        std::sync::Mutex<Vec<tokio::sync::mpsc::UnboundedSender<virtwarden::libvirt::events::HypervisorEvent>>>,
+    pub fail_next: std::sync::atomic::AtomicUsize,
+}
+
+impl virtwarden::engine::connect::Connector for FlakyConnector {
+    fn uri(&self) -> String {
+        self.host.uri().to_string()
+    }
+
+    fn connect(
+        &self,
+        events: tokio::sync::mpsc::UnboundedSender<virtwarden::libvirt::events::HypervisorEvent>,
+    ) -> Result<virtwarden::engine::connect::Connection, virtwarden::hypervisor::HypervisorError> {
+        if self.fail_next.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.fail_next.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(virtwarden::hypervisor::HypervisorError::Failed {
+                op: "connect",
+                domain: String::new(),
+                message: "libvirtd is restarting".into(),
+            });
+        }
+        let sub = virtwarden::libvirt::events::subscribe(&self.host, events.clone()).unwrap();
+        self.connects.lock().unwrap().push(events);
+        Ok(virtwarden::engine::connect::Connection::new(self.host.clone(), Some(sub)))
+    }
+}
+
+impl FlakyConnector {
+    pub fn new(host: std::sync::Arc<virtwarden::libvirt::LibvirtHost>, fail_first: usize) -> Self {
+        FlakyConnector { host, connects: Default::default(), fail_next: fail_first.into() }
+    }
+
+    /// libvirt says the connection closed; the next `fail` connects fail.
+    pub fn drop_connection(&self, fail: usize) {
+        self.fail_next.store(fail, std::sync::atomic::Ordering::SeqCst);
+        if let Some(tx) = self.connects.lock().unwrap().last() {
+            let _ = tx.send(virtwarden::libvirt::events::HypervisorEvent::ConnectionClosed { reason: "end of file" });
+        }
+    }
+}

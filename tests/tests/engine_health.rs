@@ -207,3 +207,34 @@ async fn the_test_drivers_made_up_addresses_are_never_probed() {
     assert!(probe.contains("libvirt's test driver makes addresses up; give `address` in the policy"), "{probe}");
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libvirt_outage_suspends_probing_and_resets_nobody() {
+    start_event_loop();
+    let (port, listener) = service();
+    let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
+    let connector = Arc::new(virtwarden_tests::FlakyConnector::new(host.clone(), 0));
+    let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
+    let (engine, task) = Engine::spawn(connector.clone(), policy(&probed(port, 5)), config, Registry::with_builtins());
+    let r = Rig { host, engine, task };
+    r.until("web2 healthy", |s| phase(s, "web2") == Some(HealthPhase::Healthy)).await;
+
+    // libvirtd goes away for a while; meanwhile the guest's service stops answering.
+    connector.drop_connection(usize::MAX);
+    let s = r.until("suspended while disconnected", |s| phase(s, "web2") == Some(HealthPhase::Suspended)).await;
+    let h = domain(&s, "web2").health.clone().unwrap();
+    assert_eq!(h.detail.as_deref(), Some("libvirt disconnected"), "{h:?}");
+    drop(listener);
+    let probes = probe_count(&r.engine.metrics_text());
+    // An absence can only be checked over time: three periods (1 s each) without a probe.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(probe_count(&r.engine.metrics_text()), probes, "no probes while libvirt is away");
+
+    // libvirt is back and so is the service: judged afresh, healthy, never reset.
+    let _back = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    connector.fail_next.store(0, std::sync::atomic::Ordering::SeqCst);
+    let s =
+        r.until("healthy after the outage", |s| s.connected && phase(s, "web2") == Some(HealthPhase::Healthy)).await;
+    assert_eq!(domain(&s, "web2").restarts, 0, "{:#?}", domain(&s, "web2"));
+    r.stop().await;
+}

@@ -14,7 +14,7 @@ use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
 use virtwarden_policies::DesiredState;
-use virtwarden_tests::testbed_uri;
+use virtwarden_tests::{testbed_uri, FlakyConnector};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -195,40 +195,11 @@ async fn config_drift_is_repaired_and_metrics_count_it() {
 /// Hands out the same test-driver connection on every connect, counting connects, and keeps
 /// the event sender so the test can announce a lost connection the way libvirt's close
 /// callback does.
-struct FlakyConnector {
-    host: Arc<LibvirtHost>,
-    connects: std::sync::Mutex<Vec<tokio::sync::mpsc::UnboundedSender<virtwarden::libvirt::events::HypervisorEvent>>>,
-    fail_next: std::sync::atomic::AtomicUsize,
-}
-
-impl virtwarden::engine::connect::Connector for FlakyConnector {
-    fn uri(&self) -> String {
-        self.host.uri().to_string()
-    }
-
-    fn connect(
-        &self,
-        events: tokio::sync::mpsc::UnboundedSender<virtwarden::libvirt::events::HypervisorEvent>,
-    ) -> Result<virtwarden::engine::connect::Connection, virtwarden::hypervisor::HypervisorError> {
-        if self.fail_next.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            self.fail_next.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            return Err(virtwarden::hypervisor::HypervisorError::Failed {
-                op: "connect",
-                domain: String::new(),
-                message: "libvirtd is restarting".into(),
-            });
-        }
-        let sub = virtwarden::libvirt::events::subscribe(&self.host, events.clone()).unwrap();
-        self.connects.lock().unwrap().push(events);
-        Ok(virtwarden::engine::connect::Connection::new(self.host.clone(), Some(sub)))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_connection_loss_resyncs_and_keeps_healing() {
     start_event_loop();
     let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
-    let connector = Arc::new(FlakyConnector { host: host.clone(), connects: Default::default(), fail_next: 2.into() });
+    let connector = Arc::new(FlakyConnector::new(host.clone(), 2));
     let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
     let desired = policy("  domains:\n    - name: web2\n      restart: always\n");
     let (engine, task) = Engine::spawn(connector.clone(), desired, config, Registry::with_builtins());
