@@ -243,6 +243,15 @@ impl Worker {
                     if ev.is_started() {
                         self.fresh_start = true;
                     }
+                    if ev.is_crash() {
+                        // A guest panic is a guest fault like the others: a status line and a metric.
+                        let line = format!("guest crashed ({})", ev.text());
+                        self.shared.metrics.guest_event(self.name(), "crashed");
+                        self.shared.update_domain(self.name(), |s| {
+                            s.last_guest_event = Some(line);
+                            s.last_guest_event_at = Some(chrono::Utc::now());
+                        });
+                    }
                 }
                 return round;
             }

@@ -48,6 +48,11 @@ impl LifecycleEvent {
         matches!(self.event as u32, sys::VIR_DOMAIN_EVENT_STOPPED | sys::VIR_DOMAIN_EVENT_CRASHED)
     }
 
+    /// The guest crashed (a guest panic reported through a pvpanic device, or QEMU crashed).
+    pub fn is_crash(&self) -> bool {
+        self.event as u32 == sys::VIR_DOMAIN_EVENT_CRASHED
+    }
+
     /// QEMU started (a new boot), whoever started it.
     pub fn is_started(&self) -> bool {
         self.event as u32 == sys::VIR_DOMAIN_EVENT_STARTED
