@@ -217,6 +217,7 @@ async fn a_libvirt_outage_suspends_probing_and_resets_nobody() {
     let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
     let (engine, task) = Engine::spawn(connector.clone(), policy(&probed(port, 5)), config, Registry::with_builtins());
     let r = Rig { host, engine, task };
+    r.until("ready", |s| s.ready).await;
     r.until("web2 healthy", |s| phase(s, "web2") == Some(HealthPhase::Healthy)).await;
 
     // libvirtd goes away for a while; meanwhile the guest's service stops answering.
@@ -236,5 +237,40 @@ async fn a_libvirt_outage_suspends_probing_and_resets_nobody() {
     let s =
         r.until("healthy after the outage", |s| s.connected && phase(s, "web2") == Some(HealthPhase::Healthy)).await;
     assert_eq!(domain(&s, "web2").restarts, 0, "{:#?}", domain(&s, "web2"));
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_missed_while_libvirt_was_away_is_a_new_boot() {
+    start_event_loop();
+    let (port, _listener) = service();
+    let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
+    let connector = Arc::new(virtwarden_tests::FlakyConnector::new(host.clone(), 0));
+    let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
+    let (engine, task) = Engine::spawn(connector.clone(), policy(&probed(port, 5)), config, Registry::with_builtins());
+    let r = Rig { host, engine, task };
+    r.until("ready", |s| s.ready).await;
+    let s = r.until("web2 healthy", |s| phase(s, "web2") == Some(HealthPhase::Healthy)).await;
+    let healthy_since = domain(&s, "web2").health.clone().unwrap().since.unwrap();
+
+    // While libvirt is away (no events), an admin restarts web2.
+    connector.drop_connection(usize::MAX);
+    r.until("disconnect seen", |s| !s.connected).await;
+    let restarted_at = r.engine.status().updated.expect("status has a time");
+    r.host.destroy("web2").unwrap();
+    r.host.start("web2").unwrap();
+    connector.fail_next.store(0, std::sync::atomic::Ordering::SeqCst);
+    // Back: the new runtime id says it is another boot, judged from its start.
+    let s = r
+        .until("healthy again on the new boot", |s| {
+            s.connected
+                && domain(s, "web2")
+                    .health
+                    .as_ref()
+                    .is_some_and(|h| h.phase == HealthPhase::Healthy && h.since.is_some_and(|t| t > restarted_at))
+        })
+        .await;
+    assert!(healthy_since < restarted_at);
+    assert_eq!(domain(&s, "web2").restarts, 0, "virtwarden restarted nothing: {:#?}", domain(&s, "web2"));
     r.stop().await;
 }
