@@ -39,3 +39,11 @@ impl Clock for SystemClock {
         self.wall_at_start.saturating_add(self.started.elapsed())
     }
 }
+
+/// Sleep until `at`; forever when there is nothing to wake for.
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

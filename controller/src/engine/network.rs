@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use virtwarden_policies::DesiredState;
 
+use super::clock::sleep_until;
 use super::{Msg, Shared};
 use crate::act::network::{apply_net_actions, observe_net};
 use crate::hostnet::events::spawn_listener;
@@ -335,12 +336,5 @@ fn held_note(a: &NetAction, key: &FlapKey, until: Tick) -> Note {
             a.reason,
             tick_text(until)
         ),
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use virtwarden_policies::{Backoff, DesiredState, ManagedDomain};
 
+use super::clock::sleep_until;
 use super::metrics::DriftLabel;
 use super::network::NetKick;
 use super::shared::Shared;
@@ -875,12 +876,5 @@ async fn graceful_shutdown(calls: Calls, name: String, timeout: Duration) -> Res
             }
             Some(_) => tokio::time::sleep(SHUTDOWN_POLL).await,
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

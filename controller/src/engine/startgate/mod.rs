@@ -14,7 +14,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use virtwarden_policies::{DesiredDomainState, DesiredState, ManagedDomain};
 
-use super::clock::Clock;
+use super::clock::{sleep_until, Clock};
 use super::shared::Shared;
 use crate::observe::{DomainState, ObservedDomain};
 use crate::plan::restart::Tick;
@@ -512,13 +512,6 @@ async fn coordinate(shared: Arc<Shared>) {
             _ = c.paths.changed() => {}
             _ = sleep_until(wake) => {}
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
