@@ -364,3 +364,22 @@ fn e2e_health_run_judges_a_no_boot_domain_boot_failed_resets_it_then_quarantines
     let text = sh(&[env!("CARGO_BIN_EXE_virtwarden"), "status", "--state-dir", d.state_dir.to_str().unwrap()]);
     assert!(text.contains("to retry once fixed: virtwarden release nob"), "{text}");
 }
+
+#[test]
+fn e2e_health_run_restarts_a_guest_whose_kernel_panic_libvirt_reported_and_records_it() {
+    if !inside("e2e_health_run_restarts_a_guest_whose_kernel_panic_libvirt_reported_and_records_it") {
+        return;
+    }
+    let hv = connect();
+    bridge_with_address("br0", "10.77.0.1/24");
+    define_pvpanic_guest(&hv, "pp", "br0", &format!("{GUEST_IP}/24"));
+    let d = Daemon::start(&policy("  domains:\n    - name: pp\n      restart: always\n"));
+    wait("pp serves HTTP", BOOT, || http_ok(GUEST_IP));
+    assert!(knob(GUEST_IP, "panic").unwrap_or_default().contains("panicking"));
+    // libvirt is told (pvpanic), the domain stops (on_crash destroy) and virtwarden starts it.
+    wait("restarted after the panic", T, || d.domain("pp").is_some_and(|s| s["restarts"] == 2));
+    let s = d.domain("pp").unwrap();
+    assert_eq!(s["lastGuestEvent"], "guest crashed (crashed/panicked)", "{s}");
+    assert_eq!(s["lastFailure"], "stopped/crashed; shut off (crashed)", "{s}");
+    wait("pp serves HTTP again", BOOT, || http_ok(GUEST_IP));
+}

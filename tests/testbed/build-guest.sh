@@ -10,7 +10,9 @@
 #   /cgi-bin/stop-http   freeze it (SIGSTOP: connections are accepted, never answered)
 #   /cgi-bin/cont-http   unfreeze it
 #   /cgi-bin/panic       panic the kernel (sysrq c) a second later; with panic=0 on the command
-#                        line and no pvpanic device the guest hangs and libvirt still says running
+#                        line and no pvpanic device the guest hangs and libvirt still says running;
+#                        with a pvpanic device (<panic model='isa'/>, driver pvpanic-mmio loaded
+#                        at boot) libvirt reports CRASHED/PANICKED
 #   /cgi-bin/reboot      reset the guest (reboot -f) a second later: a libvirt REBOOT event
 #   /cgi-bin/stop-agent  kill the QEMU guest agent (an AGENT_LIFECYCLE disconnect)
 # Debian's qemu-guest-agent (with the libraries it links, copied from this host's Debian) runs
@@ -18,7 +20,7 @@
 set -euo pipefail
 out=$1
 # Bump when the guest changes, so cached guests are rebuilt.
-version=2
+version=3
 cached() { [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.gz" ] && [ "$(cat "$out/version" 2>/dev/null)" = "$version" ]; }
 cached && exit 0
 mkdir -p "$out"
@@ -40,7 +42,7 @@ kver=${pkg#linux-image-}
 root=initramfs
 mkdir -p $root/bin $root/proc $root/sys $root/dev $root/run $root/lib/modules $root/www $root/ctl/cgi-bin $root/usr/sbin
 cp x/bin/busybox $root/bin/busybox
-modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_console"
+modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_console pvpanic pvpanic-mmio"
 for m in $modules; do
   find x/lib/modules/"$kver" -name "$m.ko*" -exec cp {} $root/lib/modules/ \;
 done
@@ -76,7 +78,7 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs run /run
 # No modprobe/modules.dep: load in a few passes until dependencies resolve.
 for pass in 1 2 3; do
-  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_console; do
+  for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_console pvpanic pvpanic-mmio; do
     insmod /lib/modules/$m.ko 2>/dev/null
   done
 done

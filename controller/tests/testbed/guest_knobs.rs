@@ -18,9 +18,21 @@ pub fn console_path(name: &str) -> PathBuf {
 /// (a panicked kernel hangs instead of rebooting) and no pvpanic device (libvirt is not told),
 /// a serial console to [`console_path`], and a guest-agent channel when `agent`.
 pub fn define_health_guest(hv: &LibvirtHost, name: &str, bridge: &str, ip: &str, agent: bool) {
+    define_guest_with(hv, name, bridge, ip, agent, false);
+}
+
+/// [`define_health_guest`] with a pvpanic device: a guest kernel panic is reported to libvirt
+/// (CRASHED/PANICKED) and, with the default `on_crash` (destroy), the domain stops.
+pub fn define_pvpanic_guest(hv: &LibvirtHost, name: &str, bridge: &str, ip: &str) {
+    define_guest_with(hv, name, bridge, ip, false, true);
+}
+
+fn define_guest_with(hv: &LibvirtHost, name: &str, bridge: &str, ip: &str, agent: bool, pvpanic: bool) {
     let g = guest_dir();
-    let channel =
+    let agent_channel =
         if agent { "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>" } else { "" };
+    let panic_device = if pvpanic { "<panic model='isa'><address type='isa' iobase='0x505'/></panic>" } else { "" };
+    let channel = format!("{agent_channel}{panic_device}");
     let xml = format!(
         "<domain type='qemu'><name>{name}</name><memory unit='MiB'>192</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\
