@@ -74,8 +74,9 @@ fn e2e_admin_stop_is_kept_across_libvirtd_and_virtwarden_restarts_and_a_new_doma
     define_guest(&hv, "keep", "br0");
     define_guest(&hv, "fresh", "br0");
     let d = Daemon::start(&policy("  domains:\n    - name: keep\n      restart: on-failure\n"));
-    wait("keep started", T, || running(&hv, "keep"));
-    hv.destroy("keep").unwrap();
+    // The admin's stop. (Rarely, under load, the freshly started QEMU was seen gone between the
+    // check and the destroy; virtwarden then restarts it under on-failure and we stop it again.)
+    wait("keep started and then destroyed by the admin", T, || running(&hv, "keep") && hv.destroy("keep").is_ok());
     wait("the admin stop is remembered", T, || {
         d.domain("keep")
             .is_some_and(|s| s["remembered"].as_str().unwrap_or("").starts_with("stopped on purpose (destroyed)"))
