@@ -169,7 +169,7 @@
     function release(name) {
         releasing[name] = true;
         render();
-        run(["release", name, "--state-dir", config.stateDir], "require")
+        run(["release", "--state-dir", config.stateDir, "--", name], "require")
                 .then(out => message("success", (out || "").trim() || cockpit.format(_("released $0"), name)))
                 .catch((ex, out) => message("danger", cockpit.format(_("Cannot release $0: $1"), name,
                                                                      ex.message || (out || "").trim() || String(ex))))
