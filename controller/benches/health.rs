@@ -75,8 +75,8 @@ fn main() {
         let exe = std::env::current_exe().expect("bench path");
         match Command::new("unshare").args(["--net", "--"]).arg(exe).env("VW_BENCH_NETNS", "1").status() {
             Ok(s) if s.success() => {}
-            Ok(s) => eprintln!("\n!!! bench-health failed or could not create a private network namespace ({s}) !!!\n"),
-            Err(e) => eprintln!("\n!!! bench-health SKIPPED: cannot run unshare: {e} !!!\n"),
+            Ok(s) => panic!("bench-health failed or could not create a private network namespace ({s})"),
+            Err(e) => panic!("bench-health: cannot run unshare ({e}); install util-linux"),
         }
         return;
     }
