@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use virtwarden::act::remediation::Registry;
-use virtwarden::engine::connect::SharedConnector;
+use virtwarden::engine::connect::{Connector, SharedConnector};
 use virtwarden::engine::status::{DomainStatus, HealthPhase, StatusReport};
 use virtwarden::engine::{Engine, EngineConfig, EngineHandle};
 use virtwarden::hypervisor::{DomainControl, DomainReader};
@@ -17,7 +17,7 @@ use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
 use virtwarden_policies::DesiredState;
-use virtwarden_tests::testbed_uri;
+use virtwarden_tests::{testbed_uri, FlakyConnector};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -53,13 +53,22 @@ struct Rig {
 }
 
 async fn rig(desired: DesiredState) -> Rig {
+    rig_through(desired, |host| Arc::new(SharedConnector { host })).await.0
+}
+
+/// The engine on its own test-driver connection, reached through the connector `via` makes;
+/// ready when returned.
+async fn rig_through<C: Connector + 'static>(
+    desired: DesiredState,
+    via: impl FnOnce(Arc<LibvirtHost>) -> Arc<C>,
+) -> (Rig, Arc<C>) {
     start_event_loop();
     let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
-    let connector = Arc::new(SharedConnector { host: host.clone() });
+    let connector = via(host.clone());
     let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
-    let (engine, task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
+    let (engine, task) = Engine::spawn(connector.clone(), desired, config, Registry::with_builtins());
     assert!(engine.wait_for(WAIT, |_| engine.is_ready()).await.is_some(), "engine never became ready");
-    Rig { host, engine, task }
+    (Rig { host, engine, task }, connector)
 }
 
 fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {
@@ -210,14 +219,8 @@ async fn the_test_drivers_made_up_addresses_are_never_probed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_libvirt_outage_suspends_probing_and_resets_nobody() {
-    start_event_loop();
     let (port, listener) = service();
-    let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
-    let connector = Arc::new(virtwarden_tests::FlakyConnector::new(host.clone(), 0));
-    let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
-    let (engine, task) = Engine::spawn(connector.clone(), policy(&probed(port, 5)), config, Registry::with_builtins());
-    let r = Rig { host, engine, task };
-    r.until("ready", |s| s.ready).await;
+    let (r, connector) = rig_through(policy(&probed(port, 5)), |h| Arc::new(FlakyConnector::new(h, 0))).await;
     r.until("web2 healthy", |s| phase(s, "web2") == Some(HealthPhase::Healthy)).await;
 
     // libvirtd goes away for a while; meanwhile the guest's service stops answering.
@@ -242,14 +245,8 @@ async fn a_libvirt_outage_suspends_probing_and_resets_nobody() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_missed_while_libvirt_was_away_is_a_new_boot() {
-    start_event_loop();
     let (port, _listener) = service();
-    let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
-    let connector = Arc::new(virtwarden_tests::FlakyConnector::new(host.clone(), 0));
-    let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
-    let (engine, task) = Engine::spawn(connector.clone(), policy(&probed(port, 5)), config, Registry::with_builtins());
-    let r = Rig { host, engine, task };
-    r.until("ready", |s| s.ready).await;
+    let (r, connector) = rig_through(policy(&probed(port, 5)), |h| Arc::new(FlakyConnector::new(h, 0))).await;
     let s = r.until("web2 healthy", |s| phase(s, "web2") == Some(HealthPhase::Healthy)).await;
     let healthy_since = domain(&s, "web2").health.clone().unwrap().since.unwrap();
 
