@@ -141,3 +141,24 @@ impl FlakyConnector {
         }
     }
 }
+
+/// A start that always fails with this message (a stand-in for "could not open disk image": the
+/// test driver always starts), registered through the pluggable remediation registry.
+pub struct BrokenStart(pub &'static str);
+
+impl virtwarden::act::remediation::Remediation for BrokenStart {
+    fn run<'a>(
+        &'a self,
+        ctx: &'a virtwarden::act::remediation::RemediationContext,
+        _calls: &'a virtwarden::act::calls::Calls,
+    ) -> virtwarden::act::remediation::StepFuture<'a> {
+        Box::pin(async move {
+            Err(virtwarden::hypervisor::HypervisorError::Failed {
+                op: "start",
+                domain: ctx.domain.clone(),
+                message: self.0.into(),
+            }
+            .into())
+        })
+    }
+}

@@ -272,26 +272,6 @@ async fn a_repair_interrupted_by_a_lost_connection_is_not_counted() {
     r.stop().await;
 }
 
-/// A start that always fails (the test driver always starts), to drive a domain into quarantine.
-struct BrokenStart;
-
-impl virtwarden::act::remediation::Remediation for BrokenStart {
-    fn run<'a>(
-        &'a self,
-        ctx: &'a virtwarden::act::remediation::RemediationContext,
-        _calls: &'a virtwarden::act::calls::Calls,
-    ) -> virtwarden::act::remediation::StepFuture<'a> {
-        Box::pin(async move {
-            Err(virtwarden::hypervisor::HypervisorError::Failed {
-                op: "start",
-                domain: ctx.domain.clone(),
-                message: "could not open disk image: Permission denied".into(),
-            }
-            .into())
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quarantine_survives_an_engine_restart_until_released() {
     let data = tempfile::tempdir().unwrap();
@@ -299,7 +279,10 @@ async fn a_quarantine_survives_an_engine_restart_until_released() {
     faulty.inner.destroy("web2").unwrap();
     let spec = "  domains:\n    - name: web2\n      restart: always\n      backoff: {initialDelay: 10ms, maxDelay: 40ms, maxRestarts: 2}\n";
     let mut broken = Registry::with_builtins();
-    broken.register(virtwarden_policies::RemediationAction::Start, Box::new(BrokenStart));
+    broken.register(
+        virtwarden_policies::RemediationAction::Start,
+        Box::new(virtwarden_tests::BrokenStart("could not open disk image: Permission denied")),
+    );
     let r = spawn_on(faulty.clone(), policy(spec), config(Some(data.path())), broken);
     r.until("quarantined", |s| find(s, "web2").is_some_and(|d| d.quarantined.is_some())).await;
     r.stop().await;

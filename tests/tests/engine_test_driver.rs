@@ -232,34 +232,16 @@ async fn reconnects_after_connection_loss_resyncs_and_keeps_healing() {
     task.await.unwrap();
 }
 
-/// A start that always fails (a stand-in for "could not open disk image": the test driver
-/// always starts), registered through the pluggable registry.
-struct BrokenStart;
-
-impl virtwarden::act::remediation::Remediation for BrokenStart {
-    fn run<'a>(
-        &'a self,
-        ctx: &'a virtwarden::act::remediation::RemediationContext,
-        _calls: &'a virtwarden::act::calls::Calls,
-    ) -> virtwarden::act::remediation::StepFuture<'a> {
-        Box::pin(async move {
-            Err(virtwarden::hypervisor::HypervisorError::Failed {
-                op: "start",
-                domain: ctx.domain.clone(),
-                message: "could not open disk image /img/web2.img: Permission denied".into(),
-            }
-            .into())
-        })
-    }
-}
-
 fn find<'a>(r: &'a StatusReport, name: &str) -> Option<&'a DomainStatus> {
     r.domains.iter().find(|d| d.name == name)
 }
 
 async fn broken_start_engine(host: &Arc<LibvirtHost>, spec: &str) -> (EngineHandle, tokio::task::JoinHandle<()>) {
     let mut registry = Registry::with_builtins();
-    registry.register(virtwarden_policies::RemediationAction::Start, Box::new(BrokenStart));
+    registry.register(
+        virtwarden_policies::RemediationAction::Start,
+        Box::new(virtwarden_tests::BrokenStart("could not open disk image /img/web2.img: Permission denied")),
+    );
     let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
     Engine::spawn(Arc::new(SharedConnector { host: host.clone() }), policy(spec), config, registry)
 }
