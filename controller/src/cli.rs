@@ -784,12 +784,7 @@ fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Wri
     let reason = store
         .update(|m| {
             let d = m.domains.get_mut(domain)?;
-            let q = d.restarts.quarantine.take()?;
-            d.restarts.restarts.clear();
-            d.restarts.consecutive = 0;
-            d.restarts.down_since = None;
-            d.restarts.next_allowed = None;
-            Some(q.reason)
+            d.restarts.release().map(|q| q.reason)
         })
         .0;
     match reason {

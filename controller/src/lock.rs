@@ -26,11 +26,6 @@ pub struct HostLock {
     _file: File,
 }
 
-/// The lock file to use: `$VIRTWARDEN_LOCK_FILE` or [`DEFAULT_LOCK_FILE`].
-pub fn lock_path() -> PathBuf {
-    std::env::var_os("VIRTWARDEN_LOCK_FILE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_LOCK_FILE))
-}
-
 /// Take the host-wide lock for `command` (e.g. `run`), or say who holds it.
 pub fn acquire(path: &Path, command: &str) -> Result<HostLock, LockError> {
     let io = |source| LockError::Io { path: path.to_path_buf(), source };

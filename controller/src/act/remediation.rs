@@ -36,8 +36,6 @@ pub struct RemediationContext {
 pub enum RemediationError {
     #[error(transparent)]
     Call(#[from] CallError),
-    #[error("rewriting the boot order: {0}")]
-    BootXml(#[from] super::boot_xml::BootXmlError),
     #[error("domain {0} does not exist")]
     NoSuchDomain(String),
     #[error(transparent)]

@@ -148,10 +148,9 @@ fn console(path: &str, running: bool, out: &mut DomainReport) {
             return;
         }
     };
-    // SeaBIOS reports each device it gives up on ("Boot failed: Could not read from CDROM")
-    // and then tries the next; only a failure after the last attempt is final.
-    let last_attempt = text.rfind("Booting from").map_or(text.as_str(), |i| &text[i..]);
-    if let Some(f) = firmware_boot_failure(last_attempt) {
+    // A device SeaBIOS gave up on before trying the next is not a failure: the shared scan
+    // looks only after the last "Booting from".
+    if let Some(f) = firmware_boot_failure(&text) {
         let when = if running { "the guest's firmware" } else { "at its last boot the firmware" };
         out.findings.push(Finding::error(
             Check::Boot,

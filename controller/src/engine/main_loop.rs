@@ -301,9 +301,13 @@ impl Engine {
         if !self.shared.memory.flush(version, self.config.memory_flush).await {
             tracing::warn!("the last memory write did not complete before shutdown");
         }
-        if let Some(path) = &self.config.status_path {
-            if let Err(e) = super::status::write_atomically(path, &self.shared.report()) {
-                tracing::warn!(%e, "final status write failed");
+        if let Some(path) = self.config.status_path.clone() {
+            let report = self.shared.report();
+            // fsync and rename: off the async runtime, as the status writer does.
+            match tokio::task::spawn_blocking(move || super::status::write_atomically(&path, &report)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(%e, "final status write failed"),
+                Err(e) => tracing::warn!(%e, "final status write did not finish"),
             }
         }
         self.connection = None;

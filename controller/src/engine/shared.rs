@@ -182,7 +182,6 @@ impl Shared {
     }
 
     /// The managed domains that pass their health probe now.
-    #[allow(dead_code)] // read by startup ordering (`after` waits for health)
     pub(crate) fn healthy_domains(&self) -> HashSet<String> {
         self.healthy.read().map(|h| h.clone()).unwrap_or_default()
     }

@@ -4,8 +4,6 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use virt::domain::Domain;
-
 use super::LibvirtHost;
 use crate::guest::{AddressSource, GuestAccess, GuestInterface};
 use crate::hypervisor::HypervisorError;
@@ -14,21 +12,9 @@ use crate::observe::guest_devices::{parse_guest_devices, GuestDevices};
 
 const PING: &str = r#"{"execute":"guest-ping"}"#;
 
-impl LibvirtHost {
-    fn guest_domain(&self, op: &'static str, name: &str) -> Result<Domain, HypervisorError> {
-        self.connection().lookup_domain_by_name(name).map_err(|source| {
-            if matches!(source.code(), virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomain)) {
-                HypervisorError::NoSuchDomain { domain: name.to_string() }
-            } else {
-                HypervisorError::Call { op, domain: name.to_string(), source }
-            }
-        })
-    }
-}
-
 impl GuestAccess for LibvirtHost {
     fn guest_devices(&self, domain: &str) -> Result<GuestDevices, HypervisorError> {
-        let dom = self.guest_domain("dumpxml", domain)?;
+        let dom = self.lookup("dumpxml", domain)?;
         let xml =
             dom.xml_desc(0).map_err(|source| HypervisorError::Call { op: "dumpxml", domain: domain.into(), source })?;
         parse_guest_devices(&xml).map_err(|source| HypervisorError::Xml { domain: domain.into(), source })
@@ -36,7 +22,7 @@ impl GuestAccess for LibvirtHost {
 
     fn interface_addresses(&self, domain: &str, source: AddressSource) -> Result<Vec<GuestInterface>, HypervisorError> {
         let op = "domifaddr";
-        let dom = self.guest_domain(op, domain)?;
+        let dom = self.lookup(op, domain)?;
         let raw = match source {
             AddressSource::Agent => virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
             AddressSource::Lease => virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
@@ -60,7 +46,7 @@ impl GuestAccess for LibvirtHost {
 
     fn agent_ping(&self, domain: &str, timeout: Duration) -> Result<(), HypervisorError> {
         let op = "guest-ping";
-        let dom = self.guest_domain(op, domain)?;
+        let dom = self.lookup(op, domain)?;
         // libvirt takes whole seconds; round up so a 500ms timeout is not "return at once" (0).
         let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
         let secs = i32::try_from(secs.max(1)).unwrap_or(i32::MAX);

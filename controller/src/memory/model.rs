@@ -164,6 +164,19 @@ pub struct TrackerState {
     pub total_restarts: u32,
 }
 
+impl TrackerState {
+    /// Lift the quarantine (`virtwarden release`): the streak and the window start afresh, the
+    /// lifetime count stays. The lifted quarantine, if there was one.
+    pub fn release(&mut self) -> Option<Quarantine> {
+        let q = self.quarantine.take()?;
+        self.restarts.clear();
+        self.consecutive = 0;
+        self.down_since = None;
+        self.next_allowed = None;
+        Some(q)
+    }
+}
+
 /// An epoch tick as RFC 3339 text, for messages.
 pub fn tick_text(t: Tick) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(i64::try_from(t.as_millis()).unwrap_or(i64::MAX))

@@ -525,8 +525,31 @@ impl HealthMonitor {
         self.in_flight = None;
     }
 
+    /// While booting and not waiting on a probe in flight: `Some(true)` when the boot deadline
+    /// has passed, `Some(false)` when the console should be looked at early, `None` otherwise.
+    fn console_due(&self, now: Tick) -> Option<bool> {
+        if self.phase == Phase::Down || !self.suspensions.is_empty() || self.in_flight.is_some() {
+            return None;
+        }
+        let Phase::Booting { deadline, .. } = self.phase else { return None };
+        // A probe due by the deadline still runs (and decides) even if we woke late.
+        let deadline_passed = now >= deadline && self.next_probe > deadline;
+        // Before the deadline, a guest that already failed a probe has its console looked at
+        // once a period: firmware that says it has nothing to boot has halted for good, and
+        // waiting out bootTimeout would only delay the repair.
+        let look_early = now >= self.next_probe && self.boot.last_failure.is_some();
+        (deadline_passed || look_early).then_some(deadline_passed)
+    }
+
+    /// Whether [`poll`](Self::poll) at `now` will ask for the console's text (so a driver reads
+    /// the file only then, and off its async runtime).
+    pub fn may_read_console(&self, now: Tick) -> bool {
+        self.console_due(now).is_some()
+    }
+
     /// What to do at `now`. `console_tail` is asked for the serial console's last text only when
-    /// a boot deadline passes (it may read a file; the machine itself does no I/O).
+    /// a boot deadline passes or a failing boot is looked at early (it may read a file; the
+    /// machine itself does no I/O).
     pub fn poll(&mut self, now: Tick, console_tail: impl FnOnce() -> Option<String>) -> Step {
         if self.phase == Phase::Down || !self.suspensions.is_empty() {
             return Step::Idle;
@@ -535,20 +558,10 @@ impl HealthMonitor {
             // A probe in flight at the deadline may still pass: its result decides.
             return Step::Idle;
         }
-        if let Phase::Booting { deadline, .. } = self.phase {
-            // A probe due by the deadline still runs (and decides) even if we woke late.
-            let deadline_passed = now >= deadline && self.next_probe > deadline;
-            // Before the deadline, a guest that already failed a probe has its console looked at
-            // once a period: firmware that says it has nothing to boot has halted for good, and
-            // waiting out bootTimeout would only delay the repair.
-            let look_early = !deadline_passed && now >= self.next_probe && self.boot.last_failure.is_some();
-            let firmware = if deadline_passed || look_early {
-                console_tail().and_then(|t| firmware_boot_failure(&t))
-            } else {
-                None
-            };
+        if let Some(deadline_passed) = self.console_due(now) {
+            let firmware = console_tail().and_then(|t| firmware_boot_failure(&t));
             let halted = firmware.as_ref().is_some_and(FirmwareFailure::is_final);
-            if deadline_passed || (look_early && halted) {
+            if deadline_passed || halted {
                 let failure = BootFailure {
                     boot_timeout: self.settings.boot_timeout,
                     firmware,

@@ -238,14 +238,7 @@ impl RestartTracker {
     /// Lift a quarantine (`virtwarden release`): the streak and the window start afresh, the
     /// lifetime count stays. False when there was none.
     pub fn release(&mut self) -> bool {
-        if self.state.quarantine.take().is_none() {
-            return false;
-        }
-        self.state.restarts.clear();
-        self.state.consecutive = 0;
-        self.state.down_since = None;
-        self.state.next_allowed = None;
-        true
+        self.state.release().is_some()
     }
 
     pub fn quarantine(&self) -> Option<&Quarantine> {

@@ -314,13 +314,21 @@ impl Worker {
                 }
             }
         }
+        // The console tail is read off the runtime (a file; at most once a period while a booting
+        // guest fails, and at its deadline) when the machine may ask for it.
+        let console = match self.health.as_ref().and_then(|h| h.console.clone()) {
+            Some(path) if self.health.as_ref().is_some_and(|h| h.monitor.may_read_console(self.shared.tick())) => {
+                tokio::task::spawn_blocking(move || read_tail(&path).ok()).await.ok().flatten()
+            }
+            _ => None,
+        };
         let now = self.shared.tick();
         let name = self.name().to_string();
         let Some(h) = &mut self.health else { return false };
         let mut judged = false;
         loop {
-            let console = h.console.clone();
-            match h.monitor.poll(now, || console.as_deref().and_then(|p| read_tail(p).ok())) {
+            let console = console.clone();
+            match h.monitor.poll(now, || console) {
                 Step::Probe(ticket) => {
                     h.wake = None;
                     let (shared, spec, tx) = (self.shared.clone(), h.spec.clone(), self.tx.clone());
