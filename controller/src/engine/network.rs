@@ -34,24 +34,6 @@ pub(super) enum NetKick {
     Domain(String),
 }
 
-/// Which domains to observe again before the next pass.
-#[derive(Debug, Default)]
-struct Refresh {
-    all: bool,
-    domains: std::collections::BTreeSet<String>,
-}
-
-impl Refresh {
-    fn add(&mut self, kick: NetKick) {
-        match kick {
-            NetKick::AllDomains => self.all = true,
-            NetKick::Domain(name) => {
-                self.domains.insert(name);
-            }
-        }
-    }
-}
-
 /// Retry delays for changes that did not stick.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -79,8 +61,6 @@ pub struct NetworkTask {
     desired: watch::Receiver<Arc<DesiredState>>,
     kicks: UnboundedReceiver<NetKick>,
     domains: ObservedHost,
-    /// What the last refresh of `domains` said about their freshness.
-    domains_fresh: bool,
     flap: FlapDetector,
     /// The flap detector as last handed to the durable memory.
     remembered: serde_json::Value,
@@ -105,15 +85,7 @@ impl NetworkTask {
             }
         };
         detector.set_settings(flap);
-        NetworkTask {
-            shared,
-            desired,
-            kicks,
-            domains: ObservedHost::default(),
-            domains_fresh: false,
-            flap: detector,
-            remembered,
-        }
+        NetworkTask { shared, desired, kicks, domains: ObservedHost::default(), flap: detector, remembered }
     }
 
     /// Hand the flap detector's state to the durable memory when it changed.
@@ -128,7 +100,7 @@ impl NetworkTask {
     /// Where domain data comes from and whether it is fresh: the domain workers' latest
     /// observations (see `refresh_domains`), fresh only while libvirt is connected.
     fn domain_view(&self) -> DomainView<'_> {
-        DomainView { host: &self.domains, fresh: self.domains_fresh && self.shared.hypervisor().is_some() }
+        DomainView { host: &self.domains, fresh: self.shared.hypervisor().is_some() }
     }
 
     /// Run on this namespace's netlink and `/proc/sys`, woken by netlink notifications.
@@ -157,25 +129,19 @@ impl NetworkTask {
     ) {
         let mut retry: Option<Instant> = None;
         let mut delay = RETRY_MIN;
-        let mut refresh = Refresh { all: true, ..Default::default() };
         loop {
             tokio::select! {
                 k = self.kicks.recv() => match k {
-                    Some(kick) => refresh.add(kick),
+                    Some(kick) => tracing::trace!(?kick, "network kick"),
                     None => return,
                 },
                 Some(ev) = notifications.recv() => tracing::trace!(?ev, "network notification"),
                 _ = sleep_until(retry) => {}
             }
             // Coalesce a burst of notifications into one pass.
-            while let Ok(kick) = self.kicks.try_recv() {
-                refresh.add(kick);
-            }
+            while self.kicks.try_recv().is_ok() {}
             while notifications.try_recv().is_ok() {}
-            self.domains_fresh = self.refresh_domains(&refresh).await;
-            if self.domains_fresh {
-                refresh = Refresh::default();
-            }
+            self.refresh_domains();
             let started = std::time::Instant::now();
             let pass = self.reconcile(&net, &fwd).await;
             self.shared.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
@@ -195,11 +161,10 @@ impl NetworkTask {
 
     /// Bring the domain view up to date from what the domain workers last observed (the
     /// network task never calls libvirt itself, so a hung libvirt call cannot stall it).
-    /// False while libvirt is disconnected: the view is stale.
-    async fn refresh_domains(&mut self, _refresh: &Refresh) -> bool {
+    /// Whether it is fresh is the connection's state (see `domain_view`).
+    fn refresh_domains(&mut self) {
         self.domains =
             ObservedHost { domains: self.shared.domain_snapshots(), networks: self.shared.networks(), net: None };
-        self.shared.hypervisor().is_some()
     }
 
     /// One pass: observe, plan, act, read back.
