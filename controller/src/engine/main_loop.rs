@@ -175,7 +175,6 @@ impl Engine {
                 *self.shared.connected_since.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(tokio::time::Instant::now());
                 self.shared.metrics.connected.set(1);
-                self.shared.meta.lock().unwrap_or_else(|p| p.into_inner()).connected = true;
                 self.shared.mark_dirty();
                 self.start_resync();
             }
@@ -279,7 +278,6 @@ impl Engine {
         *self.shared.connected_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.shared.metrics.connected.set(0);
         self.shared.metrics.ready.set(0);
-        self.shared.meta.lock().unwrap_or_else(|p| p.into_inner()).connected = false;
         self.shared.mark_dirty();
         // Tap actions wait while domain data is stale.
         self.kick_network(network::NetKick::AllDomains);

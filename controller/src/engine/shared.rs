@@ -240,10 +240,10 @@ impl Shared {
         crate::engine::release_free_memory();
         if self.hypervisor().is_some() {
             self.metrics.ready.set(1);
-        }
-        if self.hypervisor().is_some() && !self.ready.swap(true, Ordering::Relaxed) {
-            let managed = self.book.lock().map(|b| b.len()).unwrap_or(0);
-            tracing::info!(managed, "first resync done; ready");
+            if !self.ready.swap(true, Ordering::Relaxed) {
+                let managed = self.book.lock().map(|b| b.len()).unwrap_or(0);
+                tracing::info!(managed, "first resync done; ready");
+            }
         }
         self.mark_dirty();
     }
@@ -252,6 +252,7 @@ impl Shared {
         let mut report = self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone();
         report.domains = self.book.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         report.memory_error = self.memory.problem();
+        report.connected = self.hypervisor().is_some();
         report.ready = self.ready.load(Ordering::Relaxed);
         report.updated = Some(Utc::now());
         report
