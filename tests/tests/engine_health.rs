@@ -192,14 +192,15 @@ async fn paused_guest_is_not_probed_and_not_reset() {
     r.stop().await;
 }
 
-/// How many probes ran (the histogram's count).
+/// How many probes ran (the histogram's count; probes have run whenever this is asked, so a
+/// missing series is a failure, not zero).
 fn probe_count(metrics: &str) -> u64 {
     metrics
         .lines()
         .find(|l| l.starts_with("virtwarden_probe_duration_seconds_count{probe=\"tcp\"}"))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no tcp probe count in the metrics:\n{metrics}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,14 +34,8 @@ async fn rig(desired: DesiredState) -> Rig {
     let connector = Arc::new(SharedConnector { host: host.clone() });
     let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
     let (engine, task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
-    assert!(engine.wait_for(WAIT, |_| true).await.is_some());
-    let r = Rig { host, engine, task };
-    assert!(r.engine.wait_for(WAIT, |_| r_ready(&r.engine)).await.is_some(), "engine never became ready");
-    r
-}
-
-fn r_ready(e: &EngineHandle) -> bool {
-    e.is_ready()
+    assert!(engine.wait_for(WAIT, |_| engine.is_ready()).await.is_some(), "engine never became ready");
+    Rig { host, engine, task }
 }
 
 fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {

@@ -618,11 +618,17 @@ impl Worker {
                 if let Some(permit) = turn {
                     permit.finish(outcome == Outcome::Recovered);
                 }
-                match outcome {
-                    Outcome::Interrupted => Some(Instant::now() + OBSERVE_RETRY),
-                    _ => self.tracker.next_retry().map(|t| self.shared.instant_at(t)),
-                }
+                self.look_again_after(outcome)
             }
+        }
+    }
+
+    /// When to look again after an attempt: soon when it was interrupted (nothing is known),
+    /// else when the backoff allows the next one.
+    fn look_again_after(&self, outcome: Outcome) -> Option<Instant> {
+        match outcome {
+            Outcome::Interrupted => Some(Instant::now() + OBSERVE_RETRY),
+            _ => self.tracker.next_retry().map(|t| self.shared.instant_at(t)),
         }
     }
 
@@ -792,10 +798,7 @@ impl Worker {
                 self.shared.metrics.drift(verdict.kind());
                 tracing::info!(domain = %self.name(), verdict = %failure, step = step.action.as_str(), attempt, "healing");
                 let outcome = self.attempt(step, attempt, failure, observed.as_ref(), true).await;
-                match outcome {
-                    Outcome::Interrupted => Some(Instant::now() + OBSERVE_RETRY),
-                    _ => self.tracker.next_retry().map(|t| self.shared.instant_at(t)),
-                }
+                self.look_again_after(outcome)
             }
         }
     }
