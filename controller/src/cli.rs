@@ -68,7 +68,7 @@ pub enum NetworkMode {
 impl NetworkMode {
     pub fn enabled_for(self, uri: &str) -> bool {
         match self {
-            NetworkMode::Auto => !uri.starts_with("test:"),
+            NetworkMode::Auto => !crate::libvirt::is_test_uri(uri),
             NetworkMode::On => true,
             NetworkMode::Off => false,
         }
@@ -87,7 +87,7 @@ pub enum DiagnoseMode {
 impl DiagnoseMode {
     pub fn enabled_for(self, uri: &str) -> bool {
         match self {
-            DiagnoseMode::Auto => !uri.starts_with("test:"),
+            DiagnoseMode::Auto => !crate::libvirt::is_test_uri(uri),
             DiagnoseMode::On => true,
             DiagnoseMode::Off => false,
         }

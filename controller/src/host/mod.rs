@@ -65,7 +65,7 @@ pub async fn run(opts: RunOptions) -> i32 {
         status_path: Some(opts.state_dir.join(STATUS_FILE)),
         data_dir: Some(opts.data_dir.clone()),
         network: opts.network,
-        diagnose: !opts.uri.starts_with("test:"),
+        diagnose: !crate::libvirt::is_test_uri(&opts.uri),
         max_concurrent_starts: opts.max_concurrent_starts,
         ..Default::default()
     };

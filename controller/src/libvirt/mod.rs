@@ -23,6 +23,12 @@ const XML_SECURE: u32 = virt::sys::VIR_DOMAIN_XML_SECURE;
 const XML_INACTIVE: u32 = virt::sys::VIR_DOMAIN_XML_INACTIVE;
 
 /// The connect URI to use: the flag, else `$LIBVIRT_DEFAULT_URI`, else `qemu:///system`.
+/// libvirt's in-process test driver (`test:///default`, `test:///path/node.xml`): no real
+/// guests, no taps, made-up addresses, state kept per connection.
+pub fn is_test_uri(uri: &str) -> bool {
+    uri.starts_with("test:")
+}
+
 pub fn resolve_uri(flag: Option<&str>) -> String {
     flag.map(str::to_string)
         .or_else(|| std::env::var("LIBVIRT_DEFAULT_URI").ok().filter(|s| !s.is_empty()))

@@ -16,7 +16,7 @@ pub const MAX_CONNECTIONS: usize = 4;
 /// How many connections `parallel` concurrent actions need against `uri`. A node-file test
 /// driver (`test:///path`) keeps its state per connection, so it always gets one.
 pub fn connections_for(uri: &str, parallel: usize) -> usize {
-    if uri.starts_with("test:") {
+    if super::is_test_uri(uri) {
         return 1;
     }
     parallel.div_ceil(CALLS_PER_CONNECTION).clamp(1, MAX_CONNECTIONS)

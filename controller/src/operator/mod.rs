@@ -102,7 +102,7 @@ pub async fn run(opts: OperatorOptions) -> i32 {
         resync: opts.resync,
         network: opts.network,
         data_dir: Some(opts.data_dir.clone()),
-        diagnose: !opts.uri.starts_with("test:"),
+        diagnose: !crate::libvirt::is_test_uri(&opts.uri),
         max_concurrent_starts: opts.max_concurrent_starts,
         ..Default::default()
     };

@@ -158,7 +158,7 @@ impl GuestAccess for ConnGuest {
         // libvirt's test driver makes addresses up (from its network's range): probing them
         // would send requests to whatever host really has that address.
         let made_up =
-            self.0.upgrade().is_some_and(|s| s.meta.lock().map(|m| m.uri.starts_with("test:")).unwrap_or(false));
+            self.0.upgrade().is_some_and(|s| s.meta.lock().is_ok_and(|m| crate::libvirt::is_test_uri(&m.uri)));
         if made_up {
             return Err(HypervisorError::Failed {
                 op: "domifaddr",
