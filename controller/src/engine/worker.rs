@@ -145,6 +145,7 @@ impl Worker {
         let mut flap =
             shared.memory.read(|m| m.domains.get(&managed.spec.name).and_then(|d| d.flap.clone())).unwrap_or_default();
         flap.set_settings(shared.config.flap);
+        flap.resume(shared.tick());
         let health = managed.spec.health.as_ref().map(|h| health::GuestHealth::new(&managed.spec.name, h));
         let w = Worker {
             health,
@@ -435,7 +436,9 @@ impl Worker {
                 return Some(Instant::now());
             }
         }
-        self.settle_flaps();
+        if let Some(until) = self.settle_flaps() {
+            wake = Some(wake.map_or(until, |w| w.min(until)));
+        }
         let again = match recovery.into_iter().next() {
             Some(action) => self.recover(action, observed).await,
             None if self.verdict().is_some() && observed.as_ref().is_some_and(is_up) => self.heal(observed).await,
@@ -463,14 +466,15 @@ impl Worker {
             self.run_action(action, observed).await;
             return None;
         };
-        if let Verdict::Wait { until } = self.flap.drifted(&key, self.shared.tick()) {
+        let wanted = format!("{:?}", action.kind);
+        if let Verdict::Wait { until } = self.flap.drifted(&key, &wanted, self.shared.tick()) {
             let note =
                 format!("another writer keeps changing {key}: {} held until {}", action.kind.verb(), tick_text(until));
             self.shared.update_domain(self.name(), |s| s.notes.push(note));
             self.remember_flaps();
             return Some(self.shared.instant_at(until));
         }
-        if self.run_action(action, observed).await && self.flap.repaired(&key, self.shared.tick()) {
+        if self.run_action(action, observed).await && self.flap.repaired(&key, &wanted, self.shared.tick()) {
             tracing::warn!(domain = %self.name(), object = %key, "another writer keeps changing it; backing off");
             self.shared.metrics.writer_conflicts.get_or_create(&DriftLabel { kind: key.kind.as_str().into() }).inc();
         }
@@ -478,17 +482,21 @@ impl Worker {
         None
     }
 
-    /// Forget objects that stayed put; keep status, the gauge and the memory in step.
-    fn settle_flaps(&mut self) {
-        let calmed = self.flap.settle(self.shared.tick());
+    /// Forget objects that stayed put; keep status, the gauge and the memory in step. Returns
+    /// when a backoff ends, so status is rewritten then (it never shows a past "next repair").
+    fn settle_flaps(&mut self) -> Option<Instant> {
+        let now = self.shared.tick();
+        let calmed = self.flap.settle(now);
         for key in &calmed {
             tracing::info!(domain = %self.name(), object = %key, "no longer changed by another writer");
         }
         self.remember_flaps();
+        self.flap.next_wakeup(now).map(|t| self.shared.instant_at(t))
     }
 
     fn remember_flaps(&mut self) {
-        let lines: Vec<String> = self.flap.flapping().iter().map(|r| r.line()).collect();
+        let now = self.shared.tick();
+        let lines: Vec<String> = self.flap.flapping().iter().map(|r| r.line(now)).collect();
         let kinds: Vec<FlapKind> = self.flap.flapping().iter().map(|r| r.key.kind).collect();
         self.count_flapping(&kinds);
         let flap = (!self.flap.is_empty()).then(|| self.flap.clone());
