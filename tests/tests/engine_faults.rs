@@ -418,3 +418,33 @@ async fn policy_edits_of_autostart_are_never_taken_for_another_writer() {
     assert!(!r.engine.metrics_text().contains("virtwarden_writer_conflicts_total{kind=\"autostart\"}"));
     r.stop().await;
 }
+
+/// Issue 18: the memory of a domain no policy names is dropped after the grace period (1 h by
+/// default, short here); a managed domain's is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_of_domains_no_policy_names_is_dropped_after_the_grace_period() {
+    use virtwarden::memory::{DomainMemory, MemoryStore};
+    let memory = Arc::new(MemoryStore::in_memory());
+    memory.update(|m| {
+        for name in ["db1", "renamed-away"] {
+            m.domains.insert(name.into(), DomainMemory::default());
+        }
+    });
+    let faulty = open();
+    let connector = FaultyConnector::new(faulty.clone());
+    let mut backends = Backends::new(connector, Registry::with_builtins());
+    backends.memory = Some(memory.clone());
+    let cfg = EngineConfig { memory_grace: Duration::from_millis(300), ..config(None) };
+    let (engine, task) = Engine::spawn_with(backends, policy("  domains:\n    - name: db1\n"), cfg);
+    let has = |name: &str| memory.read(|m| m.domains.contains_key(name));
+    // Marked at once, kept through the grace period, dropped at a resync after it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while has("renamed-away") {
+        assert!(tokio::time::Instant::now() < deadline, "never dropped: {:#?}", memory.snapshot());
+        engine.resync();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(has("db1"), "a managed domain keeps its memory: {:#?}", memory.snapshot());
+    engine.shutdown();
+    task.await.unwrap();
+}
