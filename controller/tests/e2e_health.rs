@@ -357,7 +357,8 @@ fn e2e_health_run_judges_a_no_boot_domain_boot_failed_resets_it_then_quarantines
         wait("quarantined", T, || d.domain("nob").is_some_and(|s| s["quarantined"].is_string()));
         d.domain("nob").unwrap()
     };
-    assert_eq!(s["restarts"], 1, "the reset (the first start is no restart): {s}");
+    // maxRestarts 2: two resets, then quarantine (the first start is no restart).
+    assert_eq!(s["restarts"], 2, "{s}");
     assert!(s["lastAction"].as_str().unwrap_or_default().starts_with("reset"), "{s}");
     assert_eq!(s["health"]["phase"], "suspended", "{s}");
     assert!(running(&hv, "nob"), "left as it is once quarantined");
