@@ -115,7 +115,8 @@ fn e2e_health_service_killed_or_frozen_fails_the_probe_while_libvirt_says_runnin
     let http = spec(healthz(), None);
     let r = rt.block_on(prober.probe(&http));
     assert_eq!((&r.outcome, r.address), (&Ok(()), Some(ip())), "{r:?}");
-    assert_eq!(discover(hv.as_ref(), "web").unwrap(), (ip(), AddressSource::Arp));
+    let found = discover(hv.as_ref(), "web", &[]).unwrap();
+    assert_eq!((found.address, found.source), (ip(), AddressSource::Arp));
 
     let said = knob(GUEST_IP, "kill-http").unwrap_or_default();
     assert!(said.contains("killed"), "{said}");
@@ -235,7 +236,8 @@ fn e2e_health_guest_agent_answers_pings_and_libvirt_reports_agent_and_reset_even
     let r = rt.block_on(prober.probe(&ping));
     assert_eq!((&r.outcome, r.target.as_str()), (&Ok(()), "guest agent"), "{r:?}");
     // The agent knows the guest's own addresses: the first source asked.
-    assert_eq!(discover(hv.as_ref(), "web").unwrap(), (ip(), AddressSource::Agent));
+    let found = discover(hv.as_ref(), "web", &[]).unwrap();
+    assert_eq!((found.address, found.source), (ip(), AddressSource::Agent));
 
     assert!(knob(GUEST_IP, "stop-agent").unwrap_or_default().contains("stopped"));
     wait_event(&mut rx, "the agent disconnecting", |e| agent_event(e, false));

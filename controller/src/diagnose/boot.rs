@@ -155,7 +155,7 @@ fn console(path: &str, running: bool, out: &mut DomainReport) {
         out.findings.push(Finding::error(
             Check::Boot,
             format!("{when} found nothing to boot ({})", f.summary),
-            format!("console {path}: \"{}\"", f.line),
+            format!("{path}: {}", crate::guest_text::console_excerpt(&f.line)),
             "give the boot disk a bootable image in the declared format (see the disk findings) and fix the boot order",
         ));
     }
@@ -251,7 +251,7 @@ mod tests {
         let r = run(&xml, true);
         assert_eq!(r.findings.len(), 1, "{r:#?}");
         assert_eq!(r.findings[0].what, "the guest's firmware found nothing to boot (SeaBIOS: No bootable device)");
-        assert_eq!(r.findings[0].evidence, format!("console {}: \"No bootable device.\"", log.display()));
+        assert_eq!(r.findings[0].evidence, format!("{}: guest console: \"No bootable device.\"", log.display()));
         std::fs::write(&log, "SeaBIOS\r\nBooting from Hard Disk...\r\n").unwrap();
         assert!(run(&xml, true).findings.is_empty());
         // The CD-ROM failed, then the disk booted: not a failure.

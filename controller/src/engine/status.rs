@@ -333,6 +333,10 @@ pub struct HealthStatus {
     /// The address probed last (the policy's or the one discovered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Another MAC, the host or another domain claims the probe's address: probes are no
+    /// evidence (neither pass nor failure) until it clears. Never a reason to reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_conflict: Option<String>,
 }
 
 impl HealthStatus {
@@ -368,6 +372,7 @@ impl HealthStatus {
             out.last_probe_latency_ms = Some(p.latency.as_secs_f64() * 1000.0);
             out.address = p.address.map(|a| a.to_string());
         }
+        out.address_conflict = view.address_conflict.clone();
         out
     }
 
@@ -387,6 +392,9 @@ impl HealthStatus {
         if let (Some(p), Some(ok)) = (&self.last_probe, self.last_probe_ok) {
             let latency = self.last_probe_latency_ms.map(|ms| format!(" in {ms:.1} ms")).unwrap_or_default();
             line.push_str(&format!("; last probe {}{latency}: {p}", if ok { "passed" } else { "failed" }));
+        }
+        if let Some(c) = &self.address_conflict {
+            line.push_str(&format!("; address conflict: {c} (probes are no evidence; not acted on)"));
         }
         line
     }
