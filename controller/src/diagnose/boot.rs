@@ -140,9 +140,30 @@ fn boot_order(spec: &DomainSpec, domain: &str, out: &mut DomainReport) {
 }
 
 fn console(path: &str, running: bool, out: &mut DomainReport) {
-    let text = match read_tail(Path::new(path)) {
+    let p = Path::new(path).to_path_buf();
+    let read = crate::observe::guarded::with_deadline(crate::observe::guarded::READ_DEADLINE, move || read_tail(&p));
+    let Some(read) = read else {
+        out.findings.push(Finding::warning(
+            Check::Boot,
+            format!("console {path}: reading it did not finish in time"),
+            "a read of the console log hangs (hung storage?)",
+            "check the storage the log is on",
+        ));
+        return;
+    };
+    let text = match read {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        // A FIFO, socket or device (never opened): say so, it is not where output is kept.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            out.findings.push(Finding::warning(
+                Check::Boot,
+                format!("console {path} is not a regular file"),
+                e.to_string(),
+                "log the serial console to a file (<serial type='file'><source path='/var/log/libvirt/NAME.console'/>)",
+            ));
+            return;
+        }
         Err(e) => {
             out.skipped.push(format!("console {path}: {e}"));
             return;
