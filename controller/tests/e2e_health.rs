@@ -214,7 +214,10 @@ fn e2e_health_no_boot_domain_shows_the_firmware_message_and_is_judged_boot_faile
     let Verdict::BootFailed(b) = &verdict else { panic!("{verdict:?}") };
     assert_eq!(b.summary(), "SeaBIOS: No bootable device");
     let text = verdict.text();
-    assert!(text.starts_with("boot failed: SeaBIOS: No bootable device (guest console: \"No bootable device"), "{text}");
+    assert!(
+        text.starts_with("boot failed: SeaBIOS: No bootable device (guest console: \"No bootable device"),
+        "{text}"
+    );
     assert!(text.contains("last probe: tcp port 22: no address: the domain has no network interface"), "{text}");
 }
 
@@ -445,7 +448,9 @@ fn e2e_health_run_an_arp_spoofer_on_the_bridge_is_an_address_conflict_never_a_re
     let _spoofer = Spoofer::start(GUEST_IP);
     wait("the conflict is reported", T, || {
         d.domain("web").is_some_and(|s| {
-            s["health"]["addressConflict"].as_str().is_some_and(|c| c.starts_with(&format!("{GUEST_IP} is answered by ")))
+            s["health"]["addressConflict"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(&format!("{GUEST_IP} is answered by ")))
         })
     });
     let s = d.domain("web").unwrap();
@@ -596,7 +601,10 @@ fn e2e_health_run_console_escapes_and_a_mebibyte_of_output_are_bounded_and_clean
     let s = d.domain("noisy").unwrap();
     let failure = s["lastFailure"].as_str().unwrap_or_default().to_string();
     for (what, t) in [("hook env", reason.as_str()), ("status", failure.as_str())] {
-        assert!(t.starts_with("boot failed: SeaBIOS: No bootable device (guest console: \"No bootable device."), "{what}: {t:.300}");
+        assert!(
+            t.starts_with("boot failed: SeaBIOS: No bootable device (guest console: \"No bootable device."),
+            "{what}: {t:.300}"
+        );
         assert!(!t.chars().any(char::is_control), "{what}: control characters in {t:?}");
         assert!(t.chars().count() <= 1024, "{what}: {} characters", t.chars().count());
         assert!(t.contains("…"), "{what}: the cut is marked: {t}");

@@ -268,7 +268,7 @@ mod tests {
             Err(Refusal::Untrusted("outside br0's networks (10.77.0.1/24, fe80::1/64, 2001:db8::1/64)".into()))
         );
         let loose = BoundNic { mac: MAC.into(), bridge: None };
-        assert!(judge("10.77.0.2".parse().unwrap(), &loose, &[loose.clone()], &view(&[]), &[]).is_err());
+        assert!(judge("10.77.0.2".parse().unwrap(), &loose, std::slice::from_ref(&loose), &view(&[]), &[]).is_err());
     }
 
     #[test]

@@ -199,6 +199,10 @@ impl Prober {
     }
 }
 
+/// An address to probe, the domain's NICs it was checked against, and where it was found
+/// (absent when it was not discovered just now).
+type Resolved = (IpAddr, Option<Vec<BoundNic>>, Option<AddressSource>);
+
 /// The address to probe, checked against what the host sees now: the policy's, the one found
 /// before, or a new discovery. With the domain's NICs (absent when they could not be read for a
 /// policy address: then it is probed unchecked, as the operator wrote it) and, for a new
@@ -209,7 +213,7 @@ fn resolve(
     policy: Option<IpAddr>,
     known: &Known,
     others: &[IpAddr],
-) -> Result<(IpAddr, Option<Vec<BoundNic>>, Option<AddressSource>), ProbeFailure> {
+) -> Result<Resolved, ProbeFailure> {
     let chosen = policy.map(|a| (a, false)).or(known.discovered.map(|a| (a, true)));
     let Some((ip, discovered)) = chosen else {
         let found = address::discover(guest, domain, others).map_err(failure)?;
