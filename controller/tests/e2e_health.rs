@@ -556,7 +556,8 @@ fn e2e_health_run_console_escapes_and_a_mebibyte_of_output_are_bounded_and_clean
         text.push_str("noise \u{1b}[2J\u{1b}[31mred\u{1b}[0m \u{7}\u{8}\r\n");
     }
     text.push_str("\u{1b}]0;pwned\u{7}\u{1b}[1mNo bootable device.\u{1b}[0m\u{1b}[1E\u{b}VIRTWARDEN_DOMAIN=evil ");
-    text.push_str(&"B".repeat(200_000));
+    // Longer than any bound, and within the 64 KiB tail that is read.
+    text.push_str(&"B".repeat(20_000));
     text.push('\n');
     std::fs::write(&console, &text).unwrap();
     // Diskless, no NIC, SeaBIOS not on serial: QEMU appends nothing of its own to the log.
