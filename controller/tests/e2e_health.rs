@@ -436,7 +436,7 @@ fn e2e_health_run_an_arp_spoofer_on_the_bridge_is_an_address_conflict_never_a_re
       health:
         probe: {http: {port: 80, path: /healthz}}
         period: 1s
-        timeout: 1s
+        timeout: 500ms
         failureThreshold: 2
         bootTimeout: 170s
 ",
