@@ -441,7 +441,13 @@ fn e2e_health_run_an_arp_spoofer_on_the_bridge_is_an_address_conflict_never_a_re
         bootTimeout: 170s
 ",
     ));
-    wait("web healthy", BOOT, || d.domain("web").is_some_and(|s| s["health"]["phase"] == "healthy"));
+    // The host talks to the guest (its neighbour table learns the guest's MAC on br0).
+    wait("web serves HTTP", BOOT, || http_ok(GUEST_IP));
+    let t0 = Instant::now();
+    while !d.domain("web").is_some_and(|s| s["health"]["phase"] == "healthy") {
+        assert!(t0.elapsed() < T, "web not healthy: {:?}\n{}", d.domain("web"), d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(d.domain("web").unwrap()["health"]["address"], GUEST_IP);
 
     let _spoofer = Spoofer::start(GUEST_IP);

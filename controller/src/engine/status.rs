@@ -455,6 +455,35 @@ mod health_tests {
     }
 
     #[test]
+    fn an_address_conflict_is_shown_beside_a_healthy_phase_in_json_and_text() {
+        let s = |v| Duration::from_secs(v);
+        let mut m = HealthMonitor::new(HealthSettings {
+            period: s(10),
+            timeout: s(2),
+            failure_threshold: 1,
+            boot_timeout: s(60),
+        });
+        m.started(s(0));
+        let result =
+            |outcome| ProbeResult { target: "tcp 10.0.0.2:22".into(), address: None, latency: Duration::ZERO, outcome };
+        let conflict = "10.0.0.2 is answered by 02:00:00:00:00:66 on br0, not by the domain's 52:54:00:00:00:01";
+        for (t, outcome) in [(10, Ok(())), (20, Err(ProbeFailure::Conflict(conflict.into())))] {
+            let Step::Probe(ticket) = m.poll(s(t), || None) else { panic!() };
+            assert_eq!(m.probe_done(s(t), ticket, &result(outcome)), None, "threshold 1, yet no verdict");
+        }
+        let wall_now = DateTime::parse_from_rfc3339("2025-01-01T00:01:00Z").unwrap().with_timezone(&Utc);
+        let h = HealthStatus::from_view(&m.view(), s(30), wall_now);
+        assert_eq!(h.phase, HealthPhase::Healthy);
+        assert_eq!(h.address_conflict.as_deref(), Some(conflict));
+        assert!(
+            h.line().ends_with(&format!("; address conflict: {conflict} (probes are no evidence; not acted on)")),
+            "{}",
+            h.line()
+        );
+        assert_eq!(serde_json::to_value(&h).unwrap()["addressConflict"], conflict);
+    }
+
+    #[test]
     fn booting_guest_shows_its_deadline() {
         let mut m = HealthMonitor::new(HealthSettings {
             period: Duration::from_secs(10),
