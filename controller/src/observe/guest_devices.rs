@@ -18,6 +18,9 @@ pub struct Nic {
     pub mac: String,
     /// `<target dev='vnet0'/>`: present while the domain runs.
     pub tap: Option<String>,
+    /// `<source bridge='br0'/>` (libvirt fills it in for `type='network'` too while it runs):
+    /// where libvirt says it attached the tap.
+    pub bridge: Option<String>,
 }
 
 /// Health-relevant devices of one domain.
@@ -45,8 +48,9 @@ pub fn parse_guest_devices(xml: &str) -> Result<GuestDevices, XmlError> {
                 if let Some(mac) = child(dev, "mac").and_then(|m| m.attribute("address")) {
                     let mac = mac.to_ascii_lowercase();
                     let tap = child(dev, "target").and_then(|t| t.attribute("dev")).map(str::to_string);
+                    let bridge = child(dev, "source").and_then(|s| s.attribute("bridge")).map(str::to_string);
                     out.macs.push(mac.clone());
-                    out.nics.push(Nic { mac, tap });
+                    out.nics.push(Nic { mac, tap, bridge });
                 }
             }
             // The first serial or console device that is logged to a file: a `type='file'`
@@ -86,7 +90,10 @@ mod tests {
             </devices></domain>";
         let d = parse_guest_devices(xml).unwrap();
         assert_eq!(d.macs, ["52:54:00:aa:bb:01", "52:54:00:aa:bb:02"]);
-        assert_eq!(d.nics[0], Nic { mac: "52:54:00:aa:bb:01".into(), tap: Some("vnet3".into()) });
+        assert_eq!(
+            d.nics[0],
+            Nic { mac: "52:54:00:aa:bb:01".into(), tap: Some("vnet3".into()), bridge: Some("br0".into()) }
+        );
         assert_eq!(d.nics[1].tap, None);
         assert_eq!(d.console_log, Some(PathBuf::from("/var/log/libvirt/web.console")));
         assert!(d.agent_channel);

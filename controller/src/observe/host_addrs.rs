@@ -45,6 +45,9 @@ pub struct HostView {
     pub addrs: Vec<HostAddr>,
     /// Port (tap) name → the bridge it is attached to.
     pub bridge_of: HashMap<String, String>,
+    /// Every interface `/sys/class/net` shows (it shows the namespace sysfs was mounted in,
+    /// which may not be ours: then a tap's bridge is not known from it).
+    pub links: std::collections::HashSet<String>,
     pub neighbours: Vec<ArpEntry>,
 }
 
@@ -54,6 +57,9 @@ impl HostView {
         Ok(HostView {
             addrs: host_addrs()?,
             bridge_of: bridge_ports(Path::new("/sys/class/net")),
+            links: std::fs::read_dir("/sys/class/net")
+                .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default(),
             neighbours: read_neighbours()?,
         })
     }

@@ -22,12 +22,22 @@ pub struct BoundNic {
     pub bridge: Option<String>,
 }
 
-/// The domain's NICs with the bridges their taps are on.
+/// The domain's NICs with the bridges their taps are on: the kernel's word (sysfs) when it
+/// shows the tap, else libvirt's (the live definition's `<source bridge>`): sysfs mounted in
+/// another network namespace does not show our taps at all. A tap sysfs shows on no bridge is
+/// on none.
 pub fn bound_nics(devices: &GuestDevices, view: &HostView) -> Vec<BoundNic> {
     devices
         .nics
         .iter()
-        .map(|n| BoundNic { mac: n.mac.clone(), bridge: n.tap.as_ref().and_then(|t| view.bridge_of.get(t)).cloned() })
+        .map(|n| BoundNic {
+            mac: n.mac.clone(),
+            bridge: match &n.tap {
+                Some(t) if view.links.contains(t) => view.bridge_of.get(t).cloned(),
+                Some(_) => n.bridge.clone(),
+                None => None,
+            },
+        })
         .collect()
 }
 
@@ -217,6 +227,7 @@ mod tests {
 
     use super::*;
     use crate::observe::arp::ArpEntry;
+    use crate::observe::guest_devices::GuestDevices;
     use crate::observe::host_addrs::HostAddr;
 
     const MAC: &str = "52:54:00:00:00:01";
@@ -236,6 +247,7 @@ mod tests {
                 addr("192.168.1.5", 24, "eth0"),
             ],
             bridge_of: HashMap::from([("vnet0".into(), "br0".into())]),
+            links: ["vnet0".to_string(), "br0".to_string()].into(),
             neighbours: neighbours
                 .iter()
                 .map(|(ip, mac, dev)| ArpEntry {
@@ -269,6 +281,19 @@ mod tests {
         );
         let loose = BoundNic { mac: MAC.into(), bridge: None };
         assert!(judge("10.77.0.2".parse().unwrap(), &loose, std::slice::from_ref(&loose), &view(&[]), &[]).is_err());
+    }
+
+    #[test]
+    fn the_kernel_says_which_bridge_a_tap_is_on_and_libvirt_only_when_sysfs_cannot_see_it() {
+        use crate::observe::guest_devices::Nic;
+        let nic = |tap: &str| Nic { mac: MAC.into(), tap: Some(tap.into()), bridge: Some("br9".into()) };
+        let devices = GuestDevices { nics: vec![nic("vnet0"), nic("vnet7")], ..Default::default() };
+        let mut v = view(&[]);
+        let got = bound_nics(&devices, &v);
+        assert_eq!(got[0].bridge.as_deref(), Some("br0"), "sysfs: on br0, whatever the XML says");
+        assert_eq!(got[1].bridge.as_deref(), Some("br9"), "not in this sysfs: libvirt's word");
+        v.links.insert("vnet7".into());
+        assert_eq!(bound_nics(&devices, &v)[1].bridge, None, "detached: on no bridge");
     }
 
     #[test]

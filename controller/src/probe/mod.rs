@@ -298,7 +298,7 @@ mod tests {
             self.lookups.fetch_add(1, Ordering::SeqCst);
             Ok(GuestDevices {
                 macs: vec![MAC.into()],
-                nics: vec![Nic { mac: MAC.into(), tap: Some("vnet0".into()) }],
+                nics: vec![Nic { mac: MAC.into(), tap: Some("vnet0".into()), bridge: Some("br0".into()) }],
                 ..Default::default()
             })
         }
@@ -340,6 +340,7 @@ mod tests {
             Ok(HostView {
                 addrs: vec![addr("127.0.0.1", 8, "lo"), addr("10.77.0.1", 24, "br0")],
                 bridge_of: HashMap::from([("vnet0".into(), "br0".into())]),
+                links: ["vnet0".to_string(), "br0".to_string()].into(),
                 neighbours: self.neighbours()?,
             })
         }
