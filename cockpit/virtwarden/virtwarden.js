@@ -244,6 +244,8 @@
         fact(_("Diagnosis:"), d.diagnosis);
         if (d.health && d.health.lastProbe)
             fact(_("Last probe:"), (d.health.lastProbeOk ? _("passed: ") : _("failed: ")) + d.health.lastProbe);
+        if (d.health && d.health.addressConflict)
+            fact(_("Address conflict:"), d.health.addressConflict + _(" (probes are no evidence; not acted on)"));
         fact(_("Hook refused:"), d.refusedHook);
         fact(_("Remembered:"), d.remembered);
         for (const f of d.flapping || [])
@@ -343,7 +345,7 @@
         const rows = [];
         for (const d of report.domains || []) {
             rows.push(domainRow(d));
-            if (isFailing(d) || (diagnoses[d.name] && diagnoses[d.name].manual))
+            if (isFailing(d) || (d.health && d.health.addressConflict) || (diagnoses[d.name] && diagnoses[d.name].manual))
                 rows.push(detailsRow(d));
         }
         $("domain-rows").replaceChildren(...rows);

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod exit;
 pub mod fsutil;
 pub mod guest;
+pub mod guest_text;
 pub mod host;
 pub mod hostnet;
 pub mod http;

@@ -16,6 +16,7 @@ struct Told {
     quarantined: bool,
     last_error: Option<String>,
     refused_hook: Option<String>,
+    address_conflict: Option<String>,
 }
 
 pub struct EventPublisher {
@@ -31,6 +32,7 @@ impl Told {
             quarantined: d.quarantined.is_some(),
             last_error: d.last_error.clone(),
             refused_hook: d.refused_hook.clone(),
+            address_conflict: d.health.as_ref().and_then(|h| h.address_conflict.clone()),
         }
     }
 }
@@ -73,6 +75,12 @@ impl EventPublisher {
         if let Some(r) = d.refused_hook.as_deref().filter(|r| before.refused_hook.as_deref() != Some(*r)) {
             let note = format!("{} on node {node}: exec step refused, not run: {r}", d.name);
             events.push(event(EventType::Warning, "HookRefused", "Remediate", note));
+        }
+        let conflict = d.health.as_ref().and_then(|h| h.address_conflict.as_deref());
+        if let Some(c) = conflict.filter(|c| before.address_conflict.as_deref() != Some(*c)) {
+            let note =
+                format!("{} on node {node}: {c}; its probes are no evidence until it clears (not reset)", d.name);
+            events.push(event(EventType::Warning, "AddressConflict", "Probe", note));
         }
         events
     }
@@ -120,5 +128,20 @@ mod tests {
         assert!(p.due(&d).is_empty(), "the same refusal is not told again");
         d.refused_hook = Some("/opt/repair is group-writable".into());
         assert_eq!(p.due(&d).len(), 1, "a different refusal is");
+    }
+
+    #[tokio::test]
+    async fn an_address_conflict_is_a_warning_told_once_per_change() {
+        let mut p = publisher();
+        let mut d = DomainStatus { name: "web1".into(), health: Some(Default::default()), ..Default::default() };
+        remember(&mut p, &d);
+        let conflict = "10.0.0.2 is answered by 02:00:00:00:00:66 on br0, not by the domain's 52:54:00:00:00:01";
+        d.health.as_mut().unwrap().address_conflict = Some(conflict.into());
+        let events = p.due(&d);
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].reason.as_str(), events[0].type_), ("AddressConflict", EventType::Warning));
+        assert!(events[0].note.as_deref().unwrap().contains(conflict));
+        remember(&mut p, &d);
+        assert!(p.due(&d).is_empty());
     }
 }
