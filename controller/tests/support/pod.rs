@@ -171,6 +171,91 @@ pub struct PodMount {
     pub source: PathBuf,
     pub path: String,
     pub read_only: bool,
+    pub is_dir: bool,
+}
+
+/// The declared volumes' host sides, prepared as the kubelet does (hostPath type checked or
+/// created, emptyDir fresh, tmpfs for `medium: Memory`), shallow mount paths first.
+pub fn prepare_volumes(work: &Path, pod: &PodSpec, c: &Container) -> Vec<PodMount> {
+    let volumes: BTreeMap<String, Volume> = pod.volumes.iter().flatten().map(|v| (v.name.clone(), v.clone())).collect();
+    let mut declared: Vec<_> = c.volume_mounts.clone().unwrap_or_default();
+    declared.sort_by_key(|m| m.mount_path.matches('/').count());
+    let mut mounts = Vec::new();
+    for m in &declared {
+        assert!(m.mount_propagation.is_none() && m.sub_path.is_none(), "{}: unsupported mount options", m.name);
+        assert!(!m.mount_path.starts_with("/proc"), "{}: mounts under /proc are not supported", m.name);
+        let v = volumes.get(&m.name).unwrap_or_else(|| panic!("volumeMount {}: no such volume", m.name));
+        let read_only = m.read_only == Some(true);
+        let (source, is_dir) = if let Some(hp) = &v.host_path {
+            let src = host_side(work, &hp.path);
+            let is_dir = match hp.type_.as_deref().unwrap_or("") {
+                "Directory" => {
+                    assert!(src.is_dir(), "hostPath {} (type Directory) is missing on the host", hp.path);
+                    true
+                }
+                "DirectoryOrCreate" => {
+                    mkdirs(&src);
+                    std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+                    true
+                }
+                "File" => {
+                    assert!(src.is_file(), "hostPath {} (type File) is missing on the host", hp.path);
+                    false
+                }
+                "FileOrCreate" => {
+                    if !src.exists() {
+                        touch(&src);
+                        std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+                    }
+                    false
+                }
+                "" => src.is_dir(),
+                other => panic!("hostPath {}: type {other} is not supported by the harness", hp.path),
+            };
+            (src, is_dir)
+        } else if let Some(ed) = &v.empty_dir {
+            let src = work.join("emptydir").join(&m.name);
+            mkdirs(&src);
+            if ed.medium.as_deref() == Some("Memory") {
+                let mut opts = "mode=0777".to_string();
+                if let Some(q) = &ed.size_limit {
+                    opts.push_str(&format!(",size={}", q.0.replace("Mi", "m").replace("Gi", "g").replace("Ki", "k")));
+                }
+                run(&["mount", "-t", "tmpfs", "-o", &opts, "tmpfs", src.to_str().unwrap()]);
+            } else {
+                std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+            }
+            (src, true)
+        } else {
+            panic!("volume {}: only hostPath and emptyDir are supported by the harness", v.name);
+        };
+        mounts.push(PodMount { volume: m.name.clone(), source, path: m.mount_path.clone(), read_only, is_dir });
+    }
+    mounts
+}
+
+/// What the kubelet puts in the container's environment: the API server's address (with a
+/// ServiceAccount token mounted) and the manifest's `env`.
+pub fn kubelet_env(pod: &PodSpec, c: &Container, cluster: &Cluster) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    if pod.automount_service_account_token != Some(false) {
+        env.push(("KUBERNETES_SERVICE_HOST".into(), cluster.api_host.clone()));
+        env.push(("KUBERNETES_SERVICE_PORT".into(), cluster.api_port.to_string()));
+    }
+    for e in c.env.iter().flatten() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), None) => v.clone(),
+            (None, Some(from)) => {
+                let path = from.field_ref.as_ref().map(|f| f.field_path.as_str());
+                assert_eq!(path, Some("spec.nodeName"), "env {}: only the node name is supported", e.name);
+                cluster.node_name.clone()
+            }
+            _ => panic!("env {}: neither value nor valueFrom", e.name),
+        };
+        env.push((e.name.clone(), value));
+    }
+    assert!(c.env_from.is_none(), "envFrom is not supported by the harness");
+    env
 }
 
 /// The confinement, built once; [`Pod::command`] runs anything inside it.
@@ -278,63 +363,9 @@ impl Pod {
             bind(binary, &mount_point(&root, &image.entrypoint[0], false), true);
         }
 
-        // The declared volumes, shallow paths first, as the kubelet orders them.
-        let volumes: BTreeMap<String, Volume> =
-            pod.volumes.iter().flatten().map(|v| (v.name.clone(), v.clone())).collect();
-        let mut declared: Vec<_> = c.volume_mounts.clone().unwrap_or_default();
-        declared.sort_by_key(|m| m.mount_path.matches('/').count());
-        let mut mounts = Vec::new();
-        for m in &declared {
-            assert!(m.mount_propagation.is_none() && m.sub_path.is_none(), "{}: unsupported mount options", m.name);
-            assert!(!m.mount_path.starts_with("/proc"), "{}: mounts under /proc are not supported", m.name);
-            let v = volumes.get(&m.name).unwrap_or_else(|| panic!("volumeMount {}: no such volume", m.name));
-            let read_only = m.read_only == Some(true);
-            let (source, is_dir) = if let Some(hp) = &v.host_path {
-                let src = host_side(work, &hp.path);
-                let is_dir = match hp.type_.as_deref().unwrap_or("") {
-                    "Directory" => {
-                        assert!(src.is_dir(), "hostPath {} (type Directory) is missing on the host", hp.path);
-                        true
-                    }
-                    "DirectoryOrCreate" => {
-                        mkdirs(&src);
-                        std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-                        true
-                    }
-                    "File" => {
-                        assert!(src.is_file(), "hostPath {} (type File) is missing on the host", hp.path);
-                        false
-                    }
-                    "FileOrCreate" => {
-                        if !src.exists() {
-                            touch(&src);
-                            std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-                                .unwrap();
-                        }
-                        false
-                    }
-                    "" => src.is_dir(),
-                    other => panic!("hostPath {}: type {other} is not supported by the harness", hp.path),
-                };
-                (src, is_dir)
-            } else if let Some(ed) = &v.empty_dir {
-                let src = work.join("emptydir").join(&m.name);
-                mkdirs(&src);
-                if ed.medium.as_deref() == Some("Memory") {
-                    let mut opts = "mode=0777".to_string();
-                    if let Some(q) = &ed.size_limit {
-                        opts.push_str(&format!(",size={}", q.0.replace("Mi", "m").replace("Gi", "g").replace("Ki", "k")));
-                    }
-                    run(&["mount", "-t", "tmpfs", "-o", &opts, "tmpfs", src.to_str().unwrap()]);
-                } else {
-                    std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-                }
-                (src, true)
-            } else {
-                panic!("volume {}: only hostPath and emptyDir are supported by the harness", v.name);
-            };
-            bind(&source, &mount_point(&root, &m.mount_path, is_dir), read_only);
-            mounts.push(PodMount { volume: m.name.clone(), source, path: m.mount_path.clone(), read_only });
+        let mounts = prepare_volumes(work, &pod, &c);
+        for m in &mounts {
+            bind(&m.source, &mount_point(&root, &m.path, m.is_dir), m.read_only);
         }
         // The kubelet's projected ServiceAccount volume (read-only).
         let sa_mounted = pod.automount_service_account_token != Some(false);
@@ -351,23 +382,7 @@ impl Pod {
             ("HOME".to_string(), "/root".to_string()),
             ("HOSTNAME".to_string(), cluster.node_name.clone()),
         ];
-        if sa_mounted || pod.service_account_name.is_some() {
-            env.push(("KUBERNETES_SERVICE_HOST".into(), cluster.api_host.clone()));
-            env.push(("KUBERNETES_SERVICE_PORT".into(), cluster.api_port.to_string()));
-        }
-        for e in c.env.iter().flatten() {
-            let value = match (&e.value, &e.value_from) {
-                (Some(v), None) => v.clone(),
-                (None, Some(from)) => {
-                    let path = from.field_ref.as_ref().map(|f| f.field_path.as_str());
-                    assert_eq!(path, Some("spec.nodeName"), "env {}: only the node name is supported", e.name);
-                    cluster.node_name.clone()
-                }
-                _ => panic!("env {}: neither value nor valueFrom", e.name),
-            };
-            env.push((e.name.clone(), value));
-        }
-        assert!(c.env_from.is_none(), "envFrom is not supported by the harness");
+        env.extend(kubelet_env(&pod, &c, cluster));
         let mut argv = entrypoint;
         argv.extend(c.args.clone().unwrap_or(if c.command.is_none() { image.cmd } else { vec![] }));
         Pod {
@@ -393,12 +408,19 @@ impl Pod {
     pub fn command(&self, argv: &[String]) -> Command {
         let caps: Vec<String> = self.caps.iter().map(|c| format!("+{}", c.to_ascii_lowercase())).collect();
         let bounding = std::iter::once("-all".to_string()).chain(caps).collect::<Vec<_>>().join(",");
-        let mut setpriv = vec!["/usr/bin/setpriv".to_string(), "--bounding-set".into(), bounding, "--inh-caps".into(), "-all".into()];
+        let mut setpriv =
+            vec!["/usr/bin/setpriv".to_string(), "--bounding-set".into(), bounding, "--inh-caps".into(), "-all".into()];
         if self.no_new_privs {
             setpriv.push("--no-new-privs".into());
         }
         if self.uid != 0 {
-            setpriv.extend(["--reuid".into(), self.uid.to_string(), "--regid".into(), self.uid.to_string(), "--clear-groups".into()]);
+            setpriv.extend([
+                "--reuid".into(),
+                self.uid.to_string(),
+                "--regid".into(),
+                self.uid.to_string(),
+                "--clear-groups".into(),
+            ]);
         }
         setpriv.extend(["--".into(), "/usr/bin/env".into(), "-i".into()]);
         setpriv.extend(self.env.iter().map(|(k, v)| format!("{k}={v}")));
