@@ -25,8 +25,11 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec, Volume};
@@ -77,6 +80,8 @@ pub struct ImageConfig {
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
     pub user: String,
+    /// What its `apt-get install` adds to the base image.
+    pub packages: Vec<String>,
 }
 
 pub fn dockerfile_image() -> ImageConfig {
@@ -85,8 +90,12 @@ pub fn dockerfile_image() -> ImageConfig {
     let json = |line: &str| -> Vec<String> {
         serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("Dockerfile: exec form expected ({e}): {line}"))
     };
-    let mut image = ImageConfig { entrypoint: vec![], cmd: vec![], user: "0".into() };
+    let mut image = ImageConfig { entrypoint: vec![], cmd: vec![], user: "0".into(), packages: vec![] };
     for line in last_stage.lines() {
+        if let Some((_, rest)) = line.split_once("apt-get install -y --no-install-recommends ") {
+            let list = rest.split("&&").next().unwrap_or("");
+            image.packages = list.split_whitespace().map(str::to_string).collect();
+        }
         if let Some(rest) = line.strip_prefix("ENTRYPOINT ") {
             image.entrypoint = json(rest);
         } else if let Some(rest) = line.strip_prefix("CMD ") {
@@ -462,4 +471,112 @@ impl Pod {
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         self.command(&argv).output().expect("run in the container")
     }
+}
+
+// ---------------------------------------------------------------- what a node agent must do
+
+/// A throw-away CA certificate, so the in-cluster configuration loads as in a pod.
+pub fn service_account_dir(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=vw-pod-test"])
+        .arg("-keyout")
+        .arg(dir.join("ca.key"))
+        .arg("-out")
+        .arg(dir.join("ca.crt"))
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_file(dir.join("ca.key")).unwrap();
+    std::fs::write(dir.join("token"), "placeholder").unwrap();
+    std::fs::write(dir.join("namespace"), "virtwarden").unwrap();
+}
+
+/// The container, killed (with its PID namespace) when the test ends.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn arg_value(argv: &[String], flag: &str) -> Option<String> {
+    argv.iter().position(|a| a == flag).and_then(|i| argv.get(i + 1).cloned())
+}
+
+/// Poll `cond` every 20 ms for up to `timeout`; whether it came true.
+pub fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        if t0.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// One plain HTTP/1.0 GET on loopback: (status code, body).
+pub fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let addr: SocketAddr = addr.parse().ok()?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// Wait until the container answers /readyz on the manifest's `--metrics-addr` (libvirt
+/// connected through the mounted socket, first resync done); fails early when it exits.
+pub fn wait_ready(argv: &[String], container: &mut Running, log: &Path, timeout: Duration) {
+    let metrics = arg_value(argv, "--metrics-addr").expect("--metrics-addr in the manifest");
+    let mut exited = None;
+    let ready = poll(timeout, || {
+        exited = container.0.try_wait().ok().flatten();
+        exited.is_some() || get(&metrics, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    let log_text = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(ready && exited.is_none(), "not ready on {metrics} ({exited:?}):\n{log_text}");
+    assert_eq!(get(&metrics, "/healthz").map(|r| r.0), Some(200), "{log_text}");
+    assert!(!log_text.contains("remembering in memory only"), "{log_text}");
+}
+
+/// The control socket in the state directory's volume, the data directory's volume in use, and
+/// the host-wide lock the host's own file: a host-side `virtwarden apply` with the default lock
+/// path is refused, naming the operator.
+pub fn assert_state_and_host_lock(mounts: &[PodMount], argv: &[String], work: &Path, log: &Path) {
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let source = |path: &str| -> PathBuf {
+        mounts.iter().find(|m| m.path == path).unwrap_or_else(|| panic!("no volume at {path}")).source.clone()
+    };
+    let state_dir = arg_value(argv, "--state-dir").unwrap_or_else(|| "/run/virtwarden".into());
+    let socket = source(&state_dir).join("control.sock");
+    assert!(socket.exists(), "no {} (state dir {state_dir}):\n{}", socket.display(), log_text());
+    let data_dir = arg_value(argv, "--data-dir").unwrap_or_else(|| "/var/lib/virtwarden".into());
+    let data = source(&data_dir);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "the engine made {} its private data directory", data.display());
+
+    let lock = std::fs::read_to_string("/run/virtwarden.lock").expect("the host's lock file");
+    assert!(lock.ends_with(" operator\n"), "{lock:?}");
+    let policies = work.join("host-policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("p.yaml"),
+        "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: { name: p }\nspec:\n  domains: []\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_virtwarden"))
+        .args(["apply", "--connect", "qemu:///system"])
+        .arg(&policies)
+        .env_remove("VIRTWARDEN_LOCK_FILE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("another virtwarden is changing this host"), "{stderr}");
+    assert!(stderr.contains("`operator`"), "{stderr}");
 }
