@@ -61,6 +61,27 @@ fn e2e_the_daemonset_container_runs_under_its_own_confinement() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"), "{out:?}");
     assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim(), "0");
 
+    // What the node needs, with these capabilities and mounts: a bridge (netlink, NET_ADMIN)
+    // and forwarding written through VIRTWARDEN_PROC_SYS. A one-shot `virtwarden apply` in the
+    // same confinement, with its policy as the test's input at /tmp.
+    let input = work.join("node-policy");
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::write(
+        input.join("node.yaml"),
+        "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: { name: node }\nspec:\n  \
+         bridges:\n    - name: brpod\n  forwarding: { ipv4: true }\n",
+    )
+    .unwrap();
+    let apply: Vec<String> = ["/usr/local/bin/virtwarden", "apply", "--connect", "qemu:///system", "/tmp"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let out = pod.command_with(&apply, Some(&input)).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "apply in the container: {text}");
+    assert!(testbed::sh(&["ip", "-d", "link", "show", "brpod"]).contains("bridge"), "{text}");
+    assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim(), "1", "{text}");
+
     // Started as the manifest starts it.
     let log = work.join("operator.log");
     let mut container = Running(pod.start(&log));

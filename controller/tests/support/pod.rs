@@ -415,6 +415,12 @@ impl Pod {
     /// `argv` inside the confinement, as PID 1 of its own PID namespace; the environment is the
     /// container's only. Killing the returned process (SIGKILL) kills the container.
     pub fn command(&self, argv: &[String]) -> Command {
+        self.command_with(argv, None)
+    }
+
+    /// [`Pod::command`] with one more directory, read-only at /tmp (a test's input; this mount
+    /// is the test's, not the manifest's, and exists only for this command).
+    pub fn command_with(&self, argv: &[String], input: Option<&Path>) -> Command {
         let caps: Vec<String> = self.caps.iter().map(|c| format!("+{}", c.to_ascii_lowercase())).collect();
         let bounding = std::iter::once("-all".to_string()).chain(caps).collect::<Vec<_>>().join(",");
         let mut setpriv =
@@ -448,10 +454,12 @@ impl Pod {
             "mount -t proc -o nosuid,nodev,noexec proc \"$0/proc\"\n\
              mount --bind \"$0/proc/sys\" \"$0/proc/sys\"\n\
              mount -o remount,bind,ro,nosuid,nodev,noexec \"$0/proc/sys\"\n\
+             if [ -n \"$VW_INPUT\" ]; then mount --bind -o ro \"$VW_INPUT\" \"$0/tmp\"; fi\n\
              cd \"$0\"\nexec chroot \"$0\" \"$@\"",
         ]);
         cmd.arg(&self.root).args(setpriv);
         cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        cmd.env("VW_INPUT", input.unwrap_or(Path::new("")));
         cmd
     }
 
