@@ -5,10 +5,12 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build and the tests need. libvirt0 (pulled in by libvirt-dev) carries
 # libvirt's in-process test driver, which `make run` and most tests use; systemd brings
-# `systemd-analyze verify` for the unit's test.
+# `systemd-analyze verify` for the unit's test; mmdebstrap, buildah, podman and runc build and
+# run the image without a registry (`make image`, controller/tests/e2e_image.rs).
 DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 	libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils cpio gzip \
-	iptables nftables acl systemd
+	iptables nftables acl systemd \
+	mmdebstrap buildah podman runc openssl
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
