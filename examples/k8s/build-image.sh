@@ -7,7 +7,7 @@
 # Debian suite of its `FROM debian:<suite>-slim`, the packages its `apt-get install` names, the
 # COPY destination of the binary, ENTRYPOINT, CMD and USER — so the two cannot drift.
 #
-#   - root file system: mmdebstrap (minbase, + those packages; documentation, manuals and
+#   - root file system: mmdebstrap (minbase + those packages; documentation, manuals and
 #     locales left out like the -slim images), from the machine's OWN apt sources read at run
 #     time (nothing about a mirror is written in this repository); cached as
 #     target/image/rootfs-<suite>-<hash of packages>.tar and built only when missing;
@@ -54,7 +54,13 @@ fi
 
 # ------------------------------------------------------------------ the base root file system
 mkdir -p "$IMAGE_DIR"
-key=$(printf '%s\n' "$suite" $packages | sha256sum | cut -c1-12)
+# minbase + the packages, merged /usr by debootstrap's method (not the usrmerge package, which
+# pulls in perl), no manuals, documentation (copyrights kept) or translations, like -slim images.
+mm_opts=(--variant=minbase --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
+  --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*'
+  --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias'
+  --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright')
+key=$(printf '%s\n' "$suite" $packages "${mm_opts[@]}" | sha256sum | cut -c1-12)
 rootfs="$IMAGE_DIR/rootfs-$suite-$key.tar"
 if [ ! -s "$rootfs" ]; then
   sources=()
@@ -65,10 +71,7 @@ if [ ! -s "$rootfs" ]; then
   [ ${#sources[@]} -gt 0 ] || { echo "build-image.sh: no apt sources on this machine" >&2; exit 1; }
   log "mmdebstrap $suite + $packages from ${sources[*]}"
   started=$(date +%s)
-  mmdebstrap --quiet --format=tar --variant=minbase --include="${packages// /,}" \
-    --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+  mmdebstrap --quiet --format=tar "${mm_opts[@]}" --include="${packages// /,}" \
     "$suite" "$rootfs.tmp" "${sources[@]}"
   mv "$rootfs.tmp" "$rootfs"
   log "root file system in $(( $(date +%s) - started )) s: $rootfs"
@@ -84,6 +87,6 @@ trap '"${B[@]}" rm "$ctr" >/dev/null 2>&1 || true' EXIT
   --label "org.opencontainers.image.title=virtwarden" --label "org.opencontainers.image.version=$version" \
   --label "io.virtwarden.packages=$packages" "$ctr"
 rm -f "$out.tmp"
-"${B[@]}" commit --quiet --format oci "$ctr" "oci-archive:$out.tmp:$tag" >/dev/null
+"${B[@]}" commit --quiet --format oci --disable-compression=false "$ctr" "oci-archive:$out.tmp:$tag" >/dev/null
 mv "$out.tmp" "$out"
 log "$tag: $out ($(du -m "$out" | cut -f1) MiB)"
