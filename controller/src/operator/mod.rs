@@ -5,9 +5,11 @@
 //! goes away the engine keeps enforcing the last policy it saw.
 
 pub mod aggregate;
+pub mod backoff;
 pub mod enactment;
 pub mod events;
 pub mod kube_io;
+pub mod lease;
 pub mod select;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
@@ -138,6 +141,8 @@ pub async fn run(opts: OperatorOptions) -> i32 {
 pub struct Operator {
     client: Client,
     node: String,
+    /// The operator's own namespace (the client's default: the pod's): its Lease and Events.
+    namespace: String,
     engine: Arc<dyn NodeEngine>,
     selection: Selection,
     events: events::EventPublisher,
@@ -154,10 +159,12 @@ pub struct Operator {
 
 impl Operator {
     pub fn new(client: Client, node: String, engine: impl NodeEngine) -> Self {
+        let namespace = client.default_namespace().to_string();
         Operator {
-            events: events::EventPublisher::new(client.clone(), node.clone()),
+            events: events::EventPublisher::new(client.clone(), node.clone(), namespace.clone()),
             client,
             node,
+            namespace,
             engine: Arc::new(engine),
             selection: Selection::default(),
             written: HashMap::new(),
@@ -173,26 +180,38 @@ impl Operator {
         let (policies, policy_writer) = reflector::store::<WatchedHostPolicy>();
         let (nodes, node_writer) = reflector::store::<Node>();
         let (enactments, enactment_writer) = reflector::store::<HostPolicyEnactment>();
+        let (leases, lease_writer) = reflector::store::<Lease>();
         let policy_api: Api<WatchedHostPolicy> = Api::all(self.client.clone());
         let node_api: Api<Node> = Api::all(self.client.clone());
         let enactment_api: Api<HostPolicyEnactment> = Api::all(self.client.clone());
+        let lease_api: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
         let node_cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.node));
+        let lease_cfg = watcher::Config::default().labels(kube_io::NODE_LABEL);
+        let retry = backoff::CappedBackoff::default;
         let mut policy_events =
-            watcher(policy_api, watcher::Config::default()).default_backoff().reflect(policy_writer).boxed();
-        let mut node_events = watcher(node_api, node_cfg).default_backoff().reflect(node_writer).boxed();
+            watcher(policy_api, watcher::Config::default()).backoff(retry()).reflect(policy_writer).boxed();
+        let mut node_events = watcher(node_api, node_cfg).backoff(retry()).reflect(node_writer).boxed();
         let mut enactment_events =
-            watcher(enactment_api, watcher::Config::default()).default_backoff().reflect(enactment_writer).boxed();
+            watcher(enactment_api, watcher::Config::default()).backoff(retry()).reflect(enactment_writer).boxed();
+        let mut lease_events = watcher(lease_api, lease_cfg).backoff(retry()).reflect(lease_writer).boxed();
+        // The heartbeat runs on its own: a slow status round never delays it.
+        let heartbeat = tokio::spawn(lease::heartbeat(self.client.clone(), self.namespace.clone(), self.node.clone()));
+        let _heartbeat = AbortOnDrop(heartbeat);
         // Selecting from half-filled caches would drop and re-add policies, or select with no
         // labels: select only once both the policy and the node lists are complete. Status is
-        // compared with the enactments as listed, so writing waits for that list too.
-        let (p, n, e) = (policies.clone(), nodes.clone(), enactments.clone());
+        // compared with the enactments as listed, and counts nodes alive by their Leases, so
+        // writing waits for those lists too.
+        let (p, n, e, l) = (policies.clone(), nodes.clone(), enactments.clone(), leases.clone());
         let selection_ready = async move { p.wait_until_ready().await.is_ok() && n.wait_until_ready().await.is_ok() };
-        let enactments_ready = async move { e.wait_until_ready().await.is_ok() };
+        let enactments_ready = async move { e.wait_until_ready().await.is_ok() && l.wait_until_ready().await.is_ok() };
         tokio::pin!(selection_ready, enactments_ready);
         let (mut selecting, mut reporting) = (false, false);
         let mut changes = self.engine.subscribe();
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A node whose Lease expires sends nothing: look at the heartbeats again regularly.
+        let mut heartbeats = tokio::time::interval(lease::RENEW_EVERY);
+        heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut api_down = false;
         let mut dirty = true;
         loop {
@@ -222,13 +241,20 @@ impl Operator {
                     Some(Err(e)) => api_lost(&mut api_down, &e),
                     None => return,
                 },
+                ev = lease_events.next() => match ev {
+                    Some(Ok(_)) => { dirty = true; api_back(&mut api_down); }
+                    Some(Err(e)) => api_lost(&mut api_down, &e),
+                    None => return,
+                },
+                _ = heartbeats.tick() => dirty = true,
                 changed = changes.changed() => {
                     if changed.is_err() { return; }
                     dirty = true;
                 }
                 _ = tick.tick() => {
                     if selecting && reporting && !api_down && (dirty || !self.pending.is_empty()) {
-                        dirty = !self.write_statuses(&policies.state(), &enactments.state()).await;
+                        let alive = lease::alive_nodes(&leases.state(), k8s_openapi::jiff::Timestamp::now());
+                        dirty = !self.write_statuses(&policies.state(), &enactments.state(), &alive).await;
                     }
                 }
             }
@@ -286,6 +312,7 @@ impl Operator {
         &mut self,
         all: &[Arc<WatchedHostPolicy>],
         enactments: &[Arc<HostPolicyEnactment>],
+        alive: &HashSet<String>,
     ) -> bool {
         let report = self.engine.status();
         let now = Time(k8s_openapi::jiff::Timestamp::now());
@@ -301,7 +328,7 @@ impl Operator {
             self.events.publish(p, &domains).await;
         }
         for p in &selected {
-            ok &= self.write_aggregate(p, enactments, &now).await;
+            ok &= self.write_aggregate(p, enactments, alive, &now).await;
         }
         ok
     }
@@ -380,6 +407,7 @@ impl Operator {
         &mut self,
         p: &WatchedHostPolicy,
         enactments: &[Arc<HostPolicyEnactment>],
+        alive: &HashSet<String>,
         now: &Time,
     ) -> bool {
         let (name, uid) = (p.name_any(), p.metadata.uid.clone().unwrap_or_default());
@@ -391,7 +419,9 @@ impl Operator {
         }
         let mine = self.written.get(&name).filter(|(u, _)| *u == uid).map(|(_, s)| s);
         let members = aggregate::members(enactments, &name, &uid, &self.node, mine);
-        let target = aggregate::aggregate(p.metadata.generation, &members, p.status.as_ref(), now);
+        // This node is alive: it is the one writing.
+        let is_alive = |n: &str| n == self.node || alive.contains(n);
+        let target = aggregate::aggregate(p.metadata.generation, &members, &is_alive, p.status.as_ref(), now);
         if p.status.as_ref() == Some(&target) {
             self.pending.remove(&name);
             return true;
@@ -421,6 +451,15 @@ impl Operator {
                 false
             }
         }
+    }
+}
+
+/// Stops a spawned task when the owner goes (the operator loop is aborted in tests).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
