@@ -10,6 +10,7 @@ pub mod enactment;
 pub mod events;
 pub mod kube_io;
 pub mod lease;
+pub mod probes;
 pub mod select;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -112,8 +113,10 @@ pub async fn run(opts: OperatorOptions) -> i32 {
     let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });
     let (engine, mut engine_task) =
         Engine::spawn(connector, Default::default(), config, Registry::with_exec_policy(opts.exec.clone()));
+    let api_health = probes::ApiHealth::default();
     if let Some(addr) = opts.metrics_addr {
-        if let Err(e) = crate::http::serve(addr, engine.clone()).await {
+        let probes = probes::OperatorProbes { engine: engine.clone(), api: api_health.clone() };
+        if let Err(e) = crate::http::serve(addr, probes).await {
             eprintln!("error: cannot serve metrics on {addr}: {e}");
             return exit::RUNTIME;
         }
@@ -126,6 +129,7 @@ pub async fn run(opts: OperatorOptions) -> i32 {
         _ => return exit::RUNTIME,
     };
     let mut op = Operator::new(client, opts.node.clone(), engine.clone());
+    op.api_health = api_health;
     tokio::select! {
         _ = op.run() => {}
         _ = term.recv() => {}
@@ -155,6 +159,8 @@ pub struct Operator {
     awaiting: HashMap<String, Option<String>>,
     /// Policies (uid, generation) whose ignored fields were already logged.
     warned: HashSet<(String, Option<i64>)>,
+    /// What `/readyz` says about the API.
+    pub api_health: probes::ApiHealth,
 }
 
 impl Operator {
@@ -171,6 +177,7 @@ impl Operator {
             pending: HashMap::new(),
             awaiting: HashMap::new(),
             warned: HashSet::new(),
+            api_health: probes::ApiHealth::default(),
         }
     }
 
@@ -216,34 +223,37 @@ impl Operator {
         let mut dirty = true;
         loop {
             let mut reselect = false;
+            let synced = selecting && reporting;
             tokio::select! {
                 ready = &mut selection_ready, if !selecting => {
                     if !ready { return; }
                     selecting = true;
                     reselect = true;
+                    if reporting && !api_down { self.api_health.set(None); }
                 }
                 ready = &mut enactments_ready, if !reporting => {
                     if !ready { return; }
                     reporting = true;
+                    if selecting && !api_down { self.api_health.set(None); }
                 }
                 ev = policy_events.next() => match ev {
-                    Some(Ok(_)) => { reselect = selecting; dirty = true; api_back(&mut api_down); }
-                    Some(Err(e)) => api_lost(&mut api_down, &e),
+                    Some(Ok(_)) => { reselect = selecting; dirty = true; api_back(&mut api_down, synced, &self.api_health); }
+                    Some(Err(e)) => api_lost(&mut api_down, &e, &self.api_health),
                     None => return,
                 },
                 ev = node_events.next() => match ev {
-                    Some(Ok(_)) => { reselect = selecting; api_back(&mut api_down); }
-                    Some(Err(e)) => api_lost(&mut api_down, &e),
+                    Some(Ok(_)) => { reselect = selecting; api_back(&mut api_down, synced, &self.api_health); }
+                    Some(Err(e)) => api_lost(&mut api_down, &e, &self.api_health),
                     None => return,
                 },
                 ev = enactment_events.next() => match ev {
-                    Some(Ok(ev)) => { self.saw_enactment(&ev); dirty = true; api_back(&mut api_down); }
-                    Some(Err(e)) => api_lost(&mut api_down, &e),
+                    Some(Ok(ev)) => { self.saw_enactment(&ev); dirty = true; api_back(&mut api_down, synced, &self.api_health); }
+                    Some(Err(e)) => api_lost(&mut api_down, &e, &self.api_health),
                     None => return,
                 },
                 ev = lease_events.next() => match ev {
-                    Some(Ok(_)) => { dirty = true; api_back(&mut api_down); }
-                    Some(Err(e)) => api_lost(&mut api_down, &e),
+                    Some(Ok(_)) => { dirty = true; api_back(&mut api_down, synced, &self.api_health); }
+                    Some(Err(e)) => api_lost(&mut api_down, &e, &self.api_health),
                     None => return,
                 },
                 _ = heartbeats.tick() => dirty = true,
@@ -463,16 +473,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn api_lost(down: &mut bool, e: &watcher::Error) {
+fn api_lost(down: &mut bool, e: &watcher::Error, health: &probes::ApiHealth) {
     if !*down {
         tracing::warn!(%e, "Kubernetes API unreachable; enforcing the last policy seen");
+        health.set(Some(format!("Kubernetes API unreachable: {e}")));
     }
     *down = true;
 }
 
-fn api_back(down: &mut bool) {
+/// A watch delivered again; readiness returns once the first lists were all in (`synced`).
+fn api_back(down: &mut bool, synced: bool, health: &probes::ApiHealth) {
     if *down {
         tracing::info!("Kubernetes API reachable again");
     }
     *down = false;
+    if synced {
+        health.set(None);
+    }
 }
