@@ -131,9 +131,12 @@ bench: deps
 bench-e2e: deps
 	$(CARGO) bench -p virtwarden --bench e2e
 
-## bench-operator: Kubernetes API requests per change with 1, 10 and 100 simulated nodes (in-memory API server).
-bench-operator: deps
+## bench-operator: Kubernetes API requests per change with 1, 10 and 100 simulated nodes (in-memory API
+## server), then on the real kube-apiserver (k8s-testenv) with 3 operator processes: HostPolicy edit →
+## enactment updated p50/p99 and API requests per edit from the audit log (BENCH_EDITS, default 40).
+bench-operator: deps k8s-testenv
 	$(CARGO) test -p virtwarden --test operator_scale -- --nocapture
+	$(CARGO) bench -p virtwarden --bench operator_api
 
 ## bench-apply: apply of 16/50 stopped domains vs parallel `virsh start`, a --parallel sweep, one
 ## connection vs a pool, Ansible's community.libvirt.virt on 20 domains, a mass crash under `run`
