@@ -4,6 +4,7 @@
 //!   first node and for all three (the edits are spaced 2.5–3.5 s apart, as separate edits are);
 //! - API requests per edit, from the server's audit log (the ServiceAccount's requests, by verb and
 //!   resource; Lease renewals are a fixed rate and shown apart).
+//!
 //! BENCH_EDITS (default 40) edits.
 
 #[path = "../tests/support/apiserver.rs"]
