@@ -11,17 +11,18 @@
 //!   nproc 4194304) need CAP_SYS_RESOURCE, which root here does not have ("setrlimit
 //!   RLIMIT_NOFILE: Operation not permitted").
 
+#[path = "support/apiserver.rs"]
+mod apiserver;
 #[path = "support/pod.rs"]
 mod pod;
 mod testbed;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
-use pod::{Cluster, PodMount, Running, SERVICE_ACCOUNT_DIR};
+use pod::{PodMount, Running, SERVICE_ACCOUNT_DIR};
 use serde_json::Value;
 use testbed::{inside, work};
 
@@ -128,6 +129,7 @@ fn e2e_the_image_runs_with_podman_under_the_daemonsets_confinement() {
     if std::env::var_os("VW_TESTBED").is_none() {
         // Outside the testbed (it has no network): the tools and the image.
         ensure_packages(&["podman", "runc", "buildah", "mmdebstrap", "openssl"]);
+        pod::ensure_k8s_testenv();
         std::fs::create_dir_all(archive().parent().unwrap()).unwrap();
         let out = Command::new(pod::repo().join("examples/k8s/build-image.sh"))
             .arg(env!("CARGO_BIN_EXE_virtwarden"))
@@ -173,15 +175,9 @@ fn e2e_the_image_runs_with_podman_under_the_daemonsets_confinement() {
         assert!(installed.lines().any(|l| l == p), "{p} is not in the image");
     }
 
-    let api = TcpListener::bind("127.0.0.1:0").unwrap();
-    let sa = work.join("serviceaccount");
-    pod::service_account_dir(&sa);
-    let cluster = Cluster {
-        node_name: "kvm-1".into(),
-        api_host: "127.0.0.1".into(),
-        api_port: api.local_addr().unwrap().port(),
-        service_account_dir: sa.clone(),
-    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (server, cluster) = rt.block_on(pod::real_cluster(&work, "kvm-1"));
+    let sa = cluster.service_account_dir.clone();
     let (spec, c) = pod::pod_and_container();
     let mut mounts = pod::prepare_volumes(&work, &spec, &c);
     if spec.automount_service_account_token != Some(false) {
@@ -205,9 +201,12 @@ fn e2e_the_image_runs_with_podman_under_the_daemonsets_confinement() {
     let mut container = Running(child);
     pod::wait_ready(&argv, &mut container, &log, T);
     pod::assert_state_and_host_lock(&mounts, &argv, &work, &log);
-    api.set_nonblocking(true).unwrap();
-    let reached = pod::poll(T, || api.accept().is_ok());
-    assert!(reached, "the operator never reached the API server:\n{}", std::fs::read_to_string(&log).unwrap());
+    // Ready means the watches have listed from the real API server (as the ServiceAccount, from
+    // the in-cluster configuration); its heartbeat Lease is written there too.
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(server.admin.clone(), "virtwarden");
+    let beat = pod::poll(T, || rt.block_on(leases.get_opt("kvm-1")).is_ok_and(|l| l.is_some()));
+    assert!(beat, "no heartbeat Lease of kvm-1:\n{}", std::fs::read_to_string(&log).unwrap());
 
     // Stopped as the kubelet stops it: SIGTERM to PID 1, a clean exit.
     let out = podman(&["stop", "-t", "20", "vw-pod"]).output().unwrap();

@@ -588,3 +588,55 @@ pub fn assert_state_and_host_lock(mounts: &[PodMount], argv: &[String], work: &P
     assert!(!out.status.success() && stderr.contains("another virtwarden is changing this host"), "{stderr}");
     assert!(stderr.contains("`operator`"), "{stderr}");
 }
+
+// ---------------------------------------------------------------- the cluster side
+
+/// A real API server (support/apiserver.rs) with the manifests a cluster admin applies
+/// (namespace, CRDs, ServiceAccount, RBAC; the admission policy needs 1.30 and is left out),
+/// this node's Node object labelled as the DaemonSet's nodeSelector asks, and in
+/// `work/serviceaccount` what the kubelet projects into the pod: a TokenRequest token of the
+/// DaemonSet's own ServiceAccount (not an admin), the cluster CA and the namespace.
+pub async fn real_cluster(work: &Path, node_name: &str) -> (crate::apiserver::ApiServer, Cluster) {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, PostParams};
+
+    let server = crate::apiserver::ApiServer::start().await;
+    let k8s = repo().join("examples/k8s");
+    for f in ["namespace.yaml", "crd.yaml", "serviceaccount.yaml", "rbac.yaml"] {
+        server.apply_yaml(&std::fs::read_to_string(k8s.join(f)).unwrap()).await;
+    }
+    eprintln!("examples/k8s/admission-policy.yaml not applied: ValidatingAdmissionPolicy needs Kubernetes 1.30, this API server is 1.20");
+    let ds = daemonset();
+    let spec = ds.spec.clone().unwrap().template.spec.unwrap();
+    let node = Node {
+        metadata: kube::api::ObjectMeta {
+            name: Some(node_name.into()),
+            labels: spec.node_selector.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Node>::all(server.admin.clone()).create(&PostParams::default(), &node).await.expect("create the Node");
+    let namespace = ds.metadata.namespace.clone().expect("the DaemonSet's namespace");
+    let account = spec.service_account_name.clone().expect("the DaemonSet's serviceAccountName");
+    let dir = work.join("serviceaccount");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), server.service_account_token(&namespace, &account).await).unwrap();
+    std::fs::copy(server.dir().join("pki/ca.crt"), dir.join("ca.crt")).unwrap();
+    std::fs::write(dir.join("namespace"), &namespace).unwrap();
+    let cluster = Cluster {
+        node_name: node_name.into(),
+        api_host: "127.0.0.1".into(),
+        api_port: server.api_port,
+        service_account_dir: dir,
+    };
+    (server, cluster)
+}
+
+/// The real API server's binaries (controller/tests/k8s/testenv.sh, a no-op when built): run
+/// before entering the testbed, which has no network to build them.
+pub fn ensure_k8s_testenv() {
+    let script = repo().join("controller/tests/k8s/testenv.sh");
+    let status = Command::new(&script).status().unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    assert!(status.success(), "{} failed: no real API server to test against", script.display());
+}
