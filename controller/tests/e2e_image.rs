@@ -190,6 +190,23 @@ fn e2e_the_image_runs_with_podman_under_the_daemonsets_confinement() {
         });
     }
     let env = pod::kubelet_env(&spec, &c, &cluster);
+    // The flags take effect: only the declared capabilities, no_new_privs, the runtime's seccomp
+    // filter, a read-only root.
+    let mut probe = podman_run_args(&spec, &c, &mounts, &env);
+    probe.extend(["--entrypoint=[\"/bin/sh\"]".to_string(), tag.clone(), "-c".into()]);
+    probe.push("cat /proc/self/status; touch /probe".into());
+    let probe: Vec<&str> = probe.iter().map(String::as_str).collect();
+    let out = podman(&probe).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    let mask: u64 = pod::capabilities(&c).iter().map(|c| 1u64 << pod::cap_bit(c)).sum();
+    let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(&format!("{key}:"))).map(str::trim);
+    assert_eq!(field("CapEff"), Some(format!("{mask:016x}").as_str()), "{status}");
+    assert_eq!(field("CapBnd"), Some(format!("{mask:016x}").as_str()), "{status}");
+    let escalation = c.security_context.as_ref().and_then(|s| s.allow_privilege_escalation);
+    assert_eq!(field("NoNewPrivs"), Some(if escalation == Some(true) { "0" } else { "1" }), "{status}");
+    assert_eq!(field("Seccomp"), Some("2"), "{status}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"), "{out:?}");
+
     let mut args = podman_run_args(&spec, &c, &mounts, &env);
     args.push(tag.clone());
     let argv: Vec<String> = c.args.clone().unwrap_or(pod::dockerfile_image().cmd);
