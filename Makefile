@@ -14,14 +14,14 @@ DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps deps-ops install-cockpit prometheusrule build run image test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health k8s-testenv fuzz fmt lint crd schema clean
+.PHONY: help deps deps-ops install-cockpit prometheusrule build run test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health k8s-testenv fuzz fmt lint crd schema clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
 	@echo "make test   the whole suite (installs what it needs)"
 	@echo "make lint | fmt | bench | bench-operator | fuzz | crd | schema | deps"
-	@echo "make image  the OCI image (target/image/virtwarden-<version>.oci.tar), no registry needed"
 	@echo "make install-cockpit   the Cockpit page into \$$(DESTDIR)\$$(PREFIX)/share/cockpit/virtwarden"
+	@echo "make image  the OCI image (target/image/virtwarden-<version>.oci.tar), no registry needed"
 
 ## deps: install missing Debian packages (idempotent; needs root or sudo).
 deps:
@@ -75,6 +75,7 @@ install-cockpit:
 ## image: examples/k8s/Dockerfile's image without any registry: Debian packages (mmdebstrap, from
 ## this machine's apt sources), the release binary, buildah → target/image/virtwarden-<version>.oci.tar.
 ## The base root file system is cached in target/image and built only when missing.
+.PHONY: image
 image: deps
 	$(CARGO) build --release --locked -p virtwarden --bin virtwarden
 	examples/k8s/build-image.sh target/release/virtwarden
