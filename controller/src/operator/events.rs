@@ -153,14 +153,15 @@ mod tests {
     async fn an_address_conflict_is_a_warning_told_once_per_change() {
         let mut p = publisher();
         let mut d = DomainStatus { name: "web1".into(), health: Some(Default::default()), ..Default::default() };
+        let web = ObjectReference { name: Some("web".into()), ..Default::default() };
         remember(&mut p, &d);
         let conflict = "10.0.0.2 is answered by 02:00:00:00:00:66 on br0, not by the domain's 52:54:00:00:00:01";
         d.health.as_mut().unwrap().address_conflict = Some(conflict.into());
-        let events = p.due(&d);
+        let events = p.due(&web, &d);
         assert_eq!(events.len(), 1);
         assert_eq!((events[0].reason.as_str(), events[0].type_), ("AddressConflict", EventType::Warning));
         assert!(events[0].note.as_deref().unwrap().contains(conflict));
         remember(&mut p, &d);
-        assert!(p.due(&d).is_empty());
+        assert!(p.due(&web, &d).is_empty());
     }
 }
