@@ -28,6 +28,9 @@ impl HostNet for NoLinks {
     async fn default_route_links(&self) -> Result<Vec<u32>, NetError> {
         Ok(Vec::new())
     }
+    async fn ra_default_route_links(&self) -> Result<Vec<u32>, NetError> {
+        Ok(Vec::new())
+    }
     async fn global_address_links(&self) -> Result<Vec<u32>, NetError> {
         Ok(Vec::new())
     }
@@ -73,6 +76,12 @@ impl Forwarding for RecordingForwarding {
     }
     fn set_ipv6(&self, _: bool) -> Result<(), NetError> {
         unreachable!("the policy does not ask for IPv6 forwarding")
+    }
+    fn accept_ra(&self, _: &str) -> Result<u8, NetError> {
+        unreachable!("no interface has an RA-learned default route")
+    }
+    fn set_accept_ra(&self, _: &str, _: u8) -> Result<(), NetError> {
+        unreachable!("no interface has an RA-learned default route")
     }
 }
 

@@ -679,3 +679,54 @@ async fn engine_holds_tap_repairs_while_libvirt_is_disconnected() {
     engine.shutdown();
     task.await.unwrap();
 }
+
+/// `ip -6 route show default` in this namespace.
+fn ipv6_default_routes() -> String {
+    let out = std::process::Command::new("ip").args(["-6", "route", "show", "default"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn ipv6_forwarding_keeps_a_default_route_learned_from_router_advertisements() {
+    if !in_private_netns("ipv6_forwarding_keeps_a_default_route_learned_from_router_advertisements") {
+        return;
+    }
+    // up0 here, rt0 in a router namespace that advertises itself as the default router.
+    let router = virtwarden_tests::peer::PeerNetns::new();
+    sh(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "rt0"]);
+    router.take_link("rt0");
+    router.sh(&["ip", "link", "set", "rt0", "up"]);
+    router.sh(&["ip", "addr", "add", "fe80::1/64", "dev", "rt0", "nodad"]);
+    sh(&["ip", "link", "set", "up0", "up"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ipv6_default_routes().contains("proto ra") {
+        assert!(std::time::Instant::now() < deadline, "no RA-learned default route: {}", ipv6_default_routes());
+        router
+            .enter(|| virtwarden_tests::peer::send_router_advertisement("rt0", "fe80::1".parse().unwrap(), 1800))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ipv6_default_routes().contains("via fe80::1 dev up0"), "{}", ipv6_default_routes());
+    assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv6/conf/up0/accept_ra").unwrap().trim(), "1");
+
+    let net = Net::new();
+    let desired = policy("  forwarding: { ipv6: true }\n");
+    let p = net.plan(&desired, None).await;
+    assert_eq!(
+        render_text(&p),
+        "up0: takes its IPv6 default route from router advertisements (accept_ra 1); ipv6 forwarding on would drop that route → set accept_ra 2\n\
+         forwarding: ipv6 forwarding off, policy wants on → set ipv6 forwarding on\n\
+         2 actions planned\n"
+    );
+    assert!(net.converge(&desired, None).await.is_empty());
+    assert!(net.fwd.ipv6().unwrap());
+    assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv6/conf/up0/accept_ra").unwrap().trim(), "2");
+    // The kernel purges RA default routes synchronously when forwarding goes on: still here.
+    let routes = ipv6_default_routes();
+    assert!(routes.contains("via fe80::1 dev up0") && routes.contains("proto ra"), "{routes}");
+    // And new advertisements are still accepted (the route's lifetime is refreshed).
+    router
+        .enter(|| virtwarden_tests::peer::send_router_advertisement("rt0", "fe80::1".parse().unwrap(), 1800))
+        .unwrap();
+    assert!(ipv6_default_routes().contains("via fe80::1 dev up0"));
+}

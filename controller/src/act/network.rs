@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::hostnet::{Forwarding, HostNet, NetError};
-use crate::observe::{ForwardingState, ObservedNet};
+use crate::observe::{ForwardingState, ObservedNet, RaDefaultRoute};
 use crate::plan::network::{NetAction, NetActionKind};
 
 /// Read links, uplinks (default-route and global-address interfaces) and forwarding switches.
@@ -17,9 +17,13 @@ pub async fn observe_net<N: HostNet, F: Forwarding>(net: &N, fwd: &F) -> Result<
     };
     let default_route = names(net.default_route_links().await?);
     let global_address = names(net.global_address_links().await?);
+    let ra_default_route = names(net.ra_default_route_links().await?)
+        .into_iter()
+        .map(|name| RaDefaultRoute { accept_ra: fwd.accept_ra(&name).ok(), name })
+        .collect();
     // A namespace without IPv6 has no ipv6 forwarding file: report it as unknown.
     let forwarding = ForwardingState { ipv4: fwd.ipv4().ok(), ipv6: fwd.ipv6().ok() };
-    Ok(ObservedNet { links, forwarding, default_route, global_address })
+    Ok(ObservedNet { links, forwarding, default_route, global_address, ra_default_route })
 }
 
 /// Carry out one network action.
@@ -36,6 +40,7 @@ pub async fn execute_net_action<N: HostNet, F: Forwarding>(
         NetActionKind::Enslave { bridge } | NetActionKind::AttachTap { bridge, .. } => {
             net.enslave(subject, bridge).await
         }
+        NetActionKind::SetAcceptRa { value } => fwd.set_accept_ra(subject, *value),
         NetActionKind::SetForwarding { family, on } => match family.as_str() {
             "ipv6" => fwd.set_ipv6(*on),
             _ => fwd.set_ipv4(*on),

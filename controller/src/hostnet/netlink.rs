@@ -164,6 +164,25 @@ impl HostNet for NetlinkHost {
         Ok(indexes)
     }
 
+    async fn ra_default_route_links(&self) -> Result<Vec<u32>, NetError> {
+        let msg = all_routes(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build());
+        let routes: Vec<RouteMessage> =
+            self.handle.route().get(msg).execute().try_collect().await.map_err(|source| NetError::Netlink {
+                op: "list routes",
+                object: String::new(),
+                source,
+            })?;
+        let mut indexes: Vec<u32> = routes
+            .iter()
+            .filter(|r| r.header.protocol == RouteProtocol::Ra)
+            .filter_map(default_route_exits)
+            .flat_map(|(oifs, _)| oifs)
+            .collect();
+        indexes.sort();
+        indexes.dedup();
+        Ok(indexes)
+    }
+
     async fn global_address_links(&self) -> Result<Vec<u32>, NetError> {
         let addrs: Vec<AddressMessage> =
             self.handle.address().get().execute().try_collect().await.map_err(|source| NetError::Netlink {

@@ -19,6 +19,21 @@ pub struct ObservedNet {
     /// Interfaces holding a global-scope address (IPv4 or IPv6).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub global_address: Vec<String>,
+    /// Interfaces whose IPv6 default route was learned from router advertisements (`proto ra`),
+    /// with their `accept_ra` setting: turning IPv6 forwarding on drops those routes unless
+    /// `accept_ra` is 2.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ra_default_route: Vec<RaDefaultRoute>,
+}
+
+/// An interface whose IPv6 default route comes from router advertisements.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RaDefaultRoute {
+    pub name: String,
+    /// `net.ipv6.conf.<name>.accept_ra` (0, 1 or 2); `None` when it could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_ra: Option<u8>,
 }
 
 impl ObservedNet {

@@ -45,6 +45,11 @@ pub enum NetActionKind {
         family: String,
         on: bool,
     },
+    /// Set `net.ipv6.conf.<subject>.accept_ra`: 2 keeps an RA-learned default route when IPv6
+    /// forwarding goes on.
+    SetAcceptRa {
+        value: u8,
+    },
 }
 
 impl NetActionKind {
@@ -72,6 +77,7 @@ impl NetActionKind {
             NetActionKind::SetForwarding { family, on } => {
                 format!("set {family} forwarding {}", if *on { "on" } else { "off" })
             }
+            NetActionKind::SetAcceptRa { value } => format!("set accept_ra {value}"),
         }
     }
 
@@ -83,6 +89,7 @@ impl NetActionKind {
             NetActionKind::Enslave { .. } => "attach-port",
             NetActionKind::AttachTap { .. } => "attach-tap",
             NetActionKind::SetForwarding { .. } => "set-forwarding",
+            NetActionKind::SetAcceptRa { .. } => "set-accept-ra",
         }
     }
 }
@@ -110,6 +117,9 @@ impl NetAction {
             NetActionKind::Enslave { .. } => FlapKind::Port,
             NetActionKind::AttachTap { .. } => FlapKind::Tap,
             NetActionKind::SetForwarding { family, .. } => return FlapKey::new(FlapKind::Forwarding, family),
+            NetActionKind::SetAcceptRa { .. } => {
+                return FlapKey::new(FlapKind::Forwarding, &format!("ipv6 accept_ra {}", self.subject))
+            }
         };
         FlapKey::new(kind, &self.subject)
     }
@@ -305,6 +315,9 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
         let (Some(want), Some(have)) = (want, have) else {
             continue;
         };
+        if family == "ipv6" && want.enabled && !keep_ra_default_routes(net, &want.policy, &mut actions, &mut notes) {
+            continue;
+        }
         if want.enabled != have {
             actions.push(NetAction {
                 subject: "forwarding".into(),
@@ -315,6 +328,45 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
         }
     }
     (actions, notes)
+}
+
+/// IPv6 forwarding on makes the kernel drop every default route learned from router
+/// advertisements on an interface whose `accept_ra` is 1 (and ignore new RAs there), which cuts
+/// a host off whose IPv6 default route comes from RAs. `accept_ra = 2` keeps accepting them
+/// while forwarding — what an operator turning a host into an IPv6 router does — so it is set on
+/// exactly those interfaces first. Interfaces without an RA-learned default route keep their
+/// setting. Returns false (forwarding held, with a warning) when an interface's `accept_ra`
+/// cannot be read: we cannot tell whether forwarding would cut it off.
+fn keep_ra_default_routes(
+    net: &ObservedNet,
+    policy: &str,
+    actions: &mut Vec<NetAction>,
+    notes: &mut Vec<Note>,
+) -> bool {
+    let mut ok = true;
+    for ra in &net.ra_default_route {
+        match ra.accept_ra {
+            Some(1) => actions.push(NetAction {
+                subject: ra.name.clone(),
+                policy: policy.to_string(),
+                kind: NetActionKind::SetAcceptRa { value: 2 },
+                reason: "takes its IPv6 default route from router advertisements (accept_ra 1); ipv6 forwarding on would drop that route".into(),
+            }),
+            Some(_) => {}
+            None => {
+                ok = false;
+                notes.push(Note {
+                    subject: "forwarding".into(),
+                    severity: Severity::Warning,
+                    message: format!(
+                        "ipv6 forwarding → held: {} takes its IPv6 default route from router advertisements and its accept_ra cannot be read (forwarding on could drop that route)",
+                        ra.name
+                    ),
+                });
+            }
+        }
+    }
+    ok
 }
 
 /// Domain data is stale (libvirt disconnected): a tap's name may already belong to another
@@ -740,5 +792,52 @@ mod tests {
         let (actions, _) = plan_network(&d, &h);
         let keys: Vec<String> = actions.iter().map(|a| a.flap_key().to_string()).collect();
         assert_eq!(keys, ["bridge br0 stp", "port eth1", "forwarding ipv6"]);
+    }
+
+    fn ra_host(accept_ra: Option<u8>, ipv6_forwarding: bool) -> ObservedHost {
+        ObservedHost {
+            net: Some(ObservedNet {
+                links: vec![link("eth0", None, None, None), link("eth1", None, None, None)],
+                default_route: vec!["eth0".into()],
+                ra_default_route: vec![crate::observe::RaDefaultRoute { name: "eth0".into(), accept_ra }],
+                forwarding: crate::observe::ForwardingState { ipv4: Some(false), ipv6: Some(ipv6_forwarding) },
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ipv6_forwarding_first_sets_accept_ra_2_where_the_default_route_comes_from_ras() {
+        let d = desired("  forwarding: { ipv6: true }\n");
+        assert_eq!(
+            lines(&d, &ra_host(Some(1), false)),
+            [
+                "eth0: takes its IPv6 default route from router advertisements (accept_ra 1); ipv6 forwarding on would drop that route → set accept_ra 2",
+                "forwarding: ipv6 forwarding off, policy wants on → set ipv6 forwarding on",
+            ]
+        );
+        // Already 2 (or 0: no RA is accepted anyway): forwarding alone.
+        for v in [2, 0] {
+            assert_eq!(
+                lines(&d, &ra_host(Some(v), false)),
+                ["forwarding: ipv6 forwarding off, policy wants on → set ipv6 forwarding on"]
+            );
+        }
+        // Forwarding already on and accept_ra put back to 1: the route would expire; set again.
+        assert_eq!(lines(&d, &ra_host(Some(1), true)).len(), 1);
+        // IPv4 forwarding and IPv6 forwarding off never touch accept_ra.
+        for spec in ["  forwarding: { ipv4: true }\n", "  forwarding: { ipv6: false }\n"] {
+            assert!(lines(&desired(spec), &ra_host(Some(1), true)).iter().all(|l| !l.contains("accept_ra")));
+        }
+    }
+
+    #[test]
+    fn ipv6_forwarding_is_held_when_accept_ra_of_an_ra_uplink_is_unknown() {
+        let d = desired("  forwarding: { ipv6: true }\n");
+        assert_eq!(
+            lines(&d, &ra_host(None, false)),
+            ["warning: forwarding: ipv6 forwarding → held: eth0 takes its IPv6 default route from router advertisements and its accept_ra cannot be read (forwarding on could drop that route)"]
+        );
     }
 }
