@@ -5,10 +5,11 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build and the tests need. libvirt0 (pulled in by libvirt-dev) carries
 # libvirt's in-process test driver, which `make run` and most tests use; systemd brings
-# `systemd-analyze verify` for the unit's test.
+# `systemd-analyze verify` for the unit's test; isc-dhcp-client is the real DHCP client the uplink
+# takeover test runs on a link to prove it is refused (its script is /bin/true: it never touches /etc).
 DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 	libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils cpio gzip \
-	iptables nftables acl systemd
+	iptables nftables acl systemd isc-dhcp-client
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use virtwarden::act::remediation::Registry;
 use virtwarden::engine::connect::SharedConnector;
 use virtwarden::engine::{Backends, Engine, EngineConfig, NetworkRunner};
+use virtwarden::hostnet::uplink::{Checkpoint, UplinkNet};
 use virtwarden::hostnet::{Forwarding, HostNet, NetError, StpSettings};
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
@@ -45,6 +46,24 @@ impl HostNet for NoLinks {
     }
     async fn enslave(&self, _: &str, _: &str) -> Result<(), NetError> {
         unreachable!("the policy names no bridge")
+    }
+}
+
+impl UplinkNet for NoLinks {
+    async fn checkpoint(&self, _: &str, _: &str) -> Result<Checkpoint, NetError> {
+        unreachable!("no uplink")
+    }
+    async fn take_over(&self, _: &Checkpoint) -> Result<(), NetError> {
+        unreachable!("no uplink")
+    }
+    async fn restore(&self, _: &Checkpoint) -> Result<(), NetError> {
+        unreachable!("no uplink")
+    }
+    async fn neighbour_reachable(&self, _: &str, _: std::net::IpAddr) -> Result<bool, NetError> {
+        unreachable!("no uplink")
+    }
+    async fn probe(&self, _: &virtwarden_policies::VerifyProbe, _: Duration) -> bool {
+        unreachable!("no uplink")
     }
 }
 

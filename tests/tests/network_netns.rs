@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use virtwarden::act::apply_plan;
 use virtwarden::act::network::{apply_net_actions, observe_net};
+use virtwarden::act::uplink::observe_uplinks;
 use virtwarden::engine::status::StatusReport;
 use virtwarden::engine::EngineHandle;
 use virtwarden::hostnet::netlink::NetlinkHost;
@@ -15,6 +16,7 @@ use virtwarden::hostnet::sysctl::ProcForwarding;
 use virtwarden::hostnet::Forwarding;
 use virtwarden::hypervisor::DomainReader;
 use virtwarden::libvirt::LibvirtHost;
+use virtwarden::memory::MemoryStore;
 use virtwarden::observe::{BridgeAttrs, ObservedHost};
 use virtwarden::plan::flap::FlapSettings;
 use virtwarden::plan::network::libvirt_tap_mac;
@@ -29,11 +31,20 @@ fn policy(spec: &str) -> DesiredState {
 struct Net {
     nl: NetlinkHost,
     fwd: ProcForwarding,
+    /// Uplink checkpoints and holds (the service keeps them in its durable memory).
+    journal: MemoryStore,
+    /// The policy last planned, for uplink observation.
+    desired: std::sync::Mutex<DesiredState>,
 }
 
 impl Net {
     fn new() -> Self {
-        Net { nl: NetlinkHost::connect().unwrap(), fwd: ProcForwarding::default() }
+        Net {
+            nl: NetlinkHost::connect().unwrap(),
+            fwd: ProcForwarding::default(),
+            journal: MemoryStore::in_memory(),
+            desired: Default::default(),
+        }
     }
 
     async fn host(&self, domains: Option<&LibvirtHost>) -> ObservedHost {
@@ -41,18 +52,22 @@ impl Net {
             Some(hv) => hv.observe_host().unwrap(),
             None => ObservedHost::default(),
         };
-        host.net = Some(observe_net(&self.nl, &self.fwd).await.unwrap());
+        let mut n = observe_net(&self.nl, &self.fwd).await.unwrap();
+        let desired = self.desired.lock().unwrap().clone();
+        observe_uplinks(&self.nl, &mut n, &desired, &self.journal).await;
+        host.net = Some(n);
         host
     }
 
     async fn plan(&self, desired: &DesiredState, domains: Option<&LibvirtHost>) -> Plan {
+        *self.desired.lock().unwrap() = desired.clone();
         plan(desired, &self.host(domains).await)
     }
 
     /// Plan, apply the network part, and return the plan that remains.
     async fn converge(&self, desired: &DesiredState, domains: Option<&LibvirtHost>) -> Plan {
         let p = self.plan(desired, domains).await;
-        let outcomes = apply_net_actions(&self.nl, &self.fwd, &p.network).await;
+        let outcomes = apply_net_actions(&self.nl, &self.fwd, &self.journal, &p.network).await;
         assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:#?}");
         self.plan(desired, domains).await
     }
@@ -247,7 +262,7 @@ async fn domain_start_waits_for_its_missing_bridge() {
         policy(&format!("  domains:\n    - name: vm1\n      restart: always\n{}", "  bridges:\n    - name: br0\n"));
     let p = net.plan(&desired, Some(&hv)).await;
     assert_eq!(render_text(&p), "br0: missing, policy wants it → create bridge\nvm1: shut off (destroyed), policy wants running → start\n2 actions planned\n");
-    let outcomes = apply_net_actions(&net.nl, &net.fwd, &p.network).await;
+    let outcomes = apply_net_actions(&net.nl, &net.fwd, &net.journal, &p.network).await;
     assert!(outcomes.iter().all(|o| o.error.is_none()));
     let report = apply_plan(&hv, &desired, &p).unwrap();
     assert_eq!(report.failed(), 0);

@@ -15,9 +15,11 @@ use virtwarden_policies::DesiredState;
 use super::clock::sleep_until;
 use super::{Msg, Shared};
 use crate::act::network::{apply_net_actions, observe_net};
+use crate::act::uplink::{observe_uplinks, restore_pending};
 use crate::hostnet::events::spawn_listener;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
+use crate::hostnet::uplink::UplinkNet;
 use crate::hostnet::{Forwarding, HostNet};
 use crate::observe::ObservedHost;
 use crate::plan::flap::{tick_text, FlapDetector, FlapKey, FlapKind, FlapSettings, Verdict};
@@ -121,12 +123,24 @@ impl NetworkTask {
 
     /// Run on the given backends; `notifications` wake it (besides the engine's kicks) — any
     /// message counts, its content is only logged.
-    pub async fn run_with<N: HostNet, F: Forwarding, E: std::fmt::Debug>(
+    pub async fn run_with<N: HostNet + UplinkNet, F: Forwarding, E: std::fmt::Debug>(
         mut self,
         net: N,
         fwd: F,
         mut notifications: UnboundedReceiver<E>,
     ) {
+        // Before anything else: an uplink change interrupted by our own stop is undone.
+        let restored = restore_pending(&net, &*self.shared.memory).await;
+        if !restored.is_empty() {
+            self.shared.metrics.action("restore-uplink-checkpoint", true);
+            self.shared.update_network(|s| {
+                s.last_actions = restored
+                    .iter()
+                    .map(|r| format!("restored at start: uplink change {r} (interrupted by a stop)"))
+                    .collect();
+                s.last_action_at = Some(chrono::Utc::now());
+            });
+        }
         let mut retry: Option<Instant> = None;
         let mut delay = RETRY_MIN;
         loop {
@@ -168,13 +182,16 @@ impl NetworkTask {
     }
 
     /// One pass: observe, plan, act, read back.
-    async fn reconcile<N: HostNet, F: Forwarding>(&mut self, net: &N, fwd: &F) -> PassResult {
+    async fn reconcile<N: HostNet + UplinkNet, F: Forwarding>(&mut self, net: &N, fwd: &F) -> PassResult {
         let desired = self.desired.borrow().clone();
         let view = self.domain_view();
         let fresh = view.fresh;
         let mut host = view.host.clone();
         host.net = match observe_net(net, fwd).await {
-            Ok(n) => Some(n),
+            Ok(mut n) => {
+                observe_uplinks(net, &mut n, &desired, &*self.shared.memory).await;
+                Some(n)
+            }
             Err(e) => {
                 tracing::warn!(%e, "cannot observe the host network");
                 return PassResult { drift_left: true, wake_at: None };
@@ -196,7 +213,7 @@ impl NetworkTask {
                 self.shared.metrics.drift(a.kind.name());
                 tracing::info!(subject = %a.subject, reason = %a.reason, action = a.kind.name(), "correcting network drift");
             }
-            outcomes = apply_net_actions(net, fwd, &actions).await;
+            outcomes = apply_net_actions(net, fwd, &*self.shared.memory, &actions).await;
             for o in &outcomes {
                 self.shared.metrics.action(o.action.kind.name(), o.error.is_none());
                 if o.error.is_none() {
@@ -204,7 +221,13 @@ impl NetworkTask {
                 }
             }
             // Read back: what did not stick is reported with the attribute that differs.
-            host.net = observe_net(net, fwd).await.ok();
+            host.net = match observe_net(net, fwd).await {
+                Ok(mut n) => {
+                    observe_uplinks(net, &mut n, &desired, &*self.shared.memory).await;
+                    Some(n)
+                }
+                Err(_) => None,
+            };
         }
         let (mut left, mut left_notes) = plan(&host);
         // Backed-off objects are reported as conflicts, not retried as drift.
@@ -239,9 +262,10 @@ impl NetworkTask {
             if !outcomes.is_empty() {
                 s.last_actions = outcomes
                     .iter()
-                    .map(|o| match &o.error {
-                        None => format!("ok: {}", o.action.line()),
-                        Some(e) => format!("FAILED: {}: {e}", o.action.line()),
+                    .map(|o| match (&o.error, &o.verification) {
+                        (None, Some(v)) => format!("ok: {} ({})", o.action.line(), v.detail),
+                        (None, None) => format!("ok: {}", o.action.line()),
+                        (Some(e), _) => format!("FAILED: {}: {e}", o.action.line()),
                     })
                     .collect();
                 s.last_action_at = Some(chrono::Utc::now());

@@ -3,9 +3,12 @@
 //! calling process.
 
 pub mod events;
+pub mod icmp;
+pub mod managers;
 pub mod netlink;
 pub mod nexthop;
 pub mod sysctl;
+pub mod uplink;
 
 use std::future::Future;
 

@@ -31,6 +31,10 @@ impl NetlinkHost {
         Ok(NetlinkHost { handle, nexthops: NexthopSocket::connect()? })
     }
 
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     async fn index_of(&self, op: &'static str, name: &str) -> Result<u32, NetError> {
         let mut links = self.handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {

@@ -24,6 +24,55 @@ pub struct ObservedNet {
     /// `accept_ra` is 2.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ra_default_route: Vec<RaDefaultRoute>,
+    /// Uplinks that a bridge with `allowUplinkChange` lists as ports and that are not its
+    /// ports yet: what a takeover would move, and who else manages them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uplink_ports: Vec<UplinkPort>,
+    /// Uplink takeovers that failed verification and were rolled back (from the durable
+    /// memory): held until the policy changes or an admin releases them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_uplinks: Vec<HeldUplink>,
+}
+
+/// An uplink port as a takeover into `bridge` would see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UplinkPort {
+    pub name: String,
+    pub bridge: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// `198.51.100.2/24 (valid 3600s, preferred 3600s)`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// `default via 198.51.100.1 table main`.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// `priority 100 iif eth0 table 10`.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Gateways of the default routes that move.
+    #[serde(default)]
+    pub gateways: Vec<std::net::IpAddr>,
+    /// Other managers of the link: `DHCP client dhclient (pid 42)`, `NetworkManager (pid 7)`.
+    #[serde(default)]
+    pub managers: Vec<String>,
+}
+
+/// A takeover rolled back after failed verification.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeldUplink {
+    pub bridge: String,
+    pub port: String,
+    /// Why verification failed.
+    pub reason: String,
+    /// When it was rolled back (RFC 3339).
+    pub at: String,
+    /// The bridge's policy when it failed: a changed policy is tried again.
+    pub fingerprint: String,
 }
 
 /// An interface whose IPv6 default route comes from router advertisements.

@@ -2,7 +2,7 @@
 //! on their bridge, IP forwarding. Pure: reads observed values only.
 
 use serde::Serialize;
-use virtwarden_policies::{DesiredState, ManagedBridge};
+use virtwarden_policies::{DesiredState, Duration, ManagedBridge, UplinkChange, VerifyProbe};
 
 use super::flap::{FlapKey, FlapKind};
 use super::{Note, Severity};
@@ -45,6 +45,12 @@ pub enum NetActionKind {
         family: String,
         on: bool,
     },
+    /// Take the subject, an uplink, over into `bridge`: MAC, MTU, addresses, routes and rules
+    /// move to the bridge, then the port is enslaved; verified, rolled back on failure.
+    TakeOverUplink {
+        bridge: String,
+        takeover: Takeover,
+    },
     /// Set `net.ipv6.conf.<subject>.accept_ra`: 2 keeps an RA-learned default route when IPv6
     /// forwarding goes on.
     SetAcceptRa {
@@ -78,6 +84,7 @@ impl NetActionKind {
                 format!("set {family} forwarding {}", if *on { "on" } else { "off" })
             }
             NetActionKind::SetAcceptRa { value } => format!("set accept_ra {value}"),
+            NetActionKind::TakeOverUplink { bridge, takeover } => takeover.describe(bridge),
         }
     }
 
@@ -90,8 +97,67 @@ impl NetActionKind {
             NetActionKind::AttachTap { .. } => "attach-tap",
             NetActionKind::SetForwarding { .. } => "set-forwarding",
             NetActionKind::SetAcceptRa { .. } => "set-accept-ra",
+            NetActionKind::TakeOverUplink { .. } => "take-over-uplink",
         }
     }
+}
+
+/// What a takeover moves and what decides it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Takeover {
+    pub mac: Option<String>,
+    pub mtu: Option<u32>,
+    pub addresses: Vec<String>,
+    pub routes: Vec<String>,
+    pub rules: Vec<String>,
+    /// Default gateways that must answer ARP/NDP on the bridge.
+    pub gateways: Vec<std::net::IpAddr>,
+    /// The policy's own probes.
+    pub probes: Vec<VerifyProbe>,
+    pub verify_timeout: Duration,
+    /// The bridge policy as planned (a held change is retried when it differs).
+    pub fingerprint: String,
+    /// Other managers of the link, when `allowUplinkChange: force` overrode them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forced_past: Vec<String>,
+}
+
+impl Takeover {
+    /// The probes that decide, in words.
+    pub fn deciders(&self, bridge: &str) -> Vec<String> {
+        let mut out: Vec<String> =
+            self.gateways.iter().map(|g| format!("gateway {g} answers ARP/NDP on {bridge}")).collect();
+        out.extend(self.probes.iter().map(|p| p.to_string()));
+        out
+    }
+
+    fn describe(&self, bridge: &str) -> String {
+        let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+        let mut link = Vec::new();
+        if let Some(m) = &self.mac {
+            link.push(format!("MAC {m}"));
+        }
+        if let Some(m) = self.mtu {
+            link.push(format!("MTU {m}"));
+        }
+        let deciders = self.deciders(bridge);
+        format!(
+            "take over into {bridge}: {} → {bridge}; addresses {} → {bridge}; routes {} → {bridge}; rules {} → {bridge}; then attach to {bridge}; verify within {}: {}; roll back if not{}",
+            list(&link),
+            list(&self.addresses),
+            list(&self.routes),
+            list(&self.rules),
+            self.verify_timeout,
+            if deciders.is_empty() { "nothing to probe (no default gateway, no verify probes)".into() } else { deciders.join(", ") },
+            if self.forced_past.is_empty() { String::new() } else { format!(" (forced past {})", self.forced_past.join(", ")) }
+        )
+    }
+}
+
+/// The bridge policy as text: a held takeover is tried again once it changes.
+pub fn bridge_fingerprint(b: &ManagedBridge) -> String {
+    serde_json::to_string(&b.spec).unwrap_or_default()
 }
 
 /// One planned network change; `subject` is a bridge, a port or `forwarding`.
@@ -114,7 +180,7 @@ impl NetAction {
         let kind = match &self.kind {
             NetActionKind::CreateBridge | NetActionKind::SetUp => FlapKind::Bridge,
             NetActionKind::SetStp { .. } => FlapKind::Stp,
-            NetActionKind::Enslave { .. } => FlapKind::Port,
+            NetActionKind::Enslave { .. } | NetActionKind::TakeOverUplink { .. } => FlapKind::Port,
             NetActionKind::AttachTap { .. } => FlapKind::Tap,
             NetActionKind::SetForwarding { family, .. } => return FlapKey::new(FlapKind::Forwarding, family),
             NetActionKind::SetAcceptRa { .. } => {
@@ -229,7 +295,7 @@ pub fn tap_mac_matches(tap_mac: &str, guest_mac: &str) -> bool {
 /// its ports, or a port it lists carries a default route or holds a global address — unless its
 /// policy says `allowUplinkChange: true`.
 fn uplink_guard(b: &ManagedBridge, net: &ObservedNet) -> Option<String> {
-    if b.spec.allow_uplink_change {
+    if b.spec.allow_uplink_change.allowed() {
         return None;
     }
     net.bridge_uplink(&b.spec.name)
@@ -425,6 +491,14 @@ fn plan_ports(
             None => {}
         }
         let reason = format!("not a port of {name}, policy lists it");
+        if b.spec.allow_uplink_change.allowed() {
+            if let Some(why) = net.uplink_reason(port) {
+                if let Some(a) = plan_takeover(b, net, port, why, notes) {
+                    actions.push(a);
+                }
+                continue;
+            }
+        }
         if let Some(uplink) = &guard {
             notes.push(Note {
                 subject: port.clone(),
@@ -451,6 +525,68 @@ fn plan_ports(
             });
         }
     }
+}
+
+/// Taking uplink `port` over into `b`: refused while another manager runs the link (unless
+/// `force`), held after a failed verification until the policy changes or an admin releases
+/// it, else one action that says what moves and what decides.
+fn plan_takeover(
+    b: &ManagedBridge,
+    net: &ObservedNet,
+    port: &str,
+    why: &str,
+    notes: &mut Vec<Note>,
+) -> Option<NetAction> {
+    let bridge = b.spec.name.as_str();
+    let mut note = |message: String| {
+        notes.push(Note { subject: port.to_string(), severity: Severity::Warning, message });
+    };
+    let Some(up) = net.uplink_ports.iter().find(|u| u.name == port && u.bridge == bridge) else {
+        note(format!("{why}; its addresses and routes could not be read → takeover into {bridge} held"));
+        return None;
+    };
+    let fingerprint = bridge_fingerprint(b);
+    if let Some(h) =
+        net.held_uplinks.iter().find(|h| h.port == port && h.bridge == bridge && h.fingerprint == fingerprint)
+    {
+        note(format!(
+            "takeover into {bridge} → held: verification failed at {}: {}; rolled back; retried when the policy changes or after `virtwarden release {bridge}`",
+            h.at, h.reason
+        ));
+        return None;
+    }
+    let forced_past = match (&b.spec.allow_uplink_change, up.managers.is_empty()) {
+        (_, true) => Vec::new(),
+        (UplinkChange::Force, false) => up.managers.clone(),
+        (_, false) => {
+            note(format!(
+                "{}error: {why} and is managed by {} → takeover into {bridge} refused: two managers for one link fight over its addresses (stop that manager for {port}, or set allowUplinkChange: force)",
+                b.location.as_deref().map(|l| format!("{l}: ")).unwrap_or_default(),
+                up.managers.join(", ")
+            ));
+            return None;
+        }
+    };
+    Some(NetAction {
+        subject: port.to_string(),
+        policy: b.policy.clone(),
+        kind: NetActionKind::TakeOverUplink {
+            bridge: bridge.to_string(),
+            takeover: Takeover {
+                mac: up.mac.clone(),
+                mtu: up.mtu,
+                addresses: up.addresses.clone(),
+                routes: up.routes.clone(),
+                rules: up.rules.clone(),
+                gateways: up.gateways.clone(),
+                probes: b.spec.verify.clone(),
+                verify_timeout: b.spec.verify_timeout(),
+                fingerprint,
+                forced_past,
+            },
+        },
+        reason: format!("uplink ({why}), policy lists it as a port of {bridge} with allowUplinkChange"),
+    })
 }
 
 /// Taps back on their bridge — only when the tap is provably the domain's (its MAC matches the
