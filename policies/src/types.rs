@@ -389,9 +389,12 @@ impl JsonSchema for UplinkChange {
         "UplinkChange".into()
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // One enum of mixed types: a Kubernetes structural schema allows no typed anyOf branches,
+        // and a field without a type must preserve unknown fields.
         schemars::json_schema!({
             "description": "false (default), true, or \"force\" (also when a DHCP client or network manager runs the uplink).",
-            "anyOf": [{"type": "boolean"}, {"type": "string", "enum": ["force"]}]
+            "enum": [false, true, "force"],
+            "x-kubernetes-preserve-unknown-fields": true
         })
     }
     fn inline_schema() -> bool {

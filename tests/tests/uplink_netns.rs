@@ -279,3 +279,41 @@ async fn a_crash_between_apply_and_verify_is_restored_at_the_next_start() {
     engine.shutdown();
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn takeover_of_an_ipv6_uplink_keeps_its_ra_learned_default_route() {
+    if !in_private_netns("takeover_of_an_ipv6_uplink_keeps_its_ra_learned_default_route") {
+        return;
+    }
+    sh(&["ip", "link", "set", "lo", "up"]);
+    let router = PeerNetns::new();
+    sh(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "rt0"]);
+    router.take_link("rt0");
+    router.sh(&["ip", "link", "set", "rt0", "up"]);
+    router.sh(&["ip", "addr", "add", "fe80::1/64", "dev", "rt0", "nodad"]);
+    router.sh(&["ip", "addr", "add", "2001:db8:1::1/64", "dev", "rt0", "nodad"]);
+    sh(&["ip", "addr", "add", "2001:db8:1::2/64", "dev", "up0", "nodad"]);
+    sh(&["ip", "link", "set", "up0", "up"]);
+    sh(&["ip", "link", "add", "br0", "type", "bridge"]);
+    sh(&["ip", "link", "set", "br0", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !out(&["ip", "-6", "route", "show", "default"]).contains("proto ra") {
+        assert!(Instant::now() < deadline, "no RA-learned default route");
+        router
+            .enter(|| virtwarden_tests::peer::send_router_advertisement("rt0", "fe80::1".parse().unwrap(), 1800))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let net = Net::new(MemoryStore::in_memory());
+    let desired = policy("      verify: [{ping: {address: 2001:db8:1::1}}]\n");
+    let text = render_text(&net.plan(&desired).await);
+    assert!(text.contains("addresses 2001:db8:1::2/64 → br0"), "{text}");
+    assert!(text.contains("routes default via fe80::1 metric 1024 proto ra table main → br0"), "{text}");
+    assert!(text.contains("verify within 10s: gateway fe80::1 answers ARP/NDP on br0, ping 2001:db8:1::1"), "{text}");
+    let outcomes = net.apply(&desired).await;
+    assert!(outcomes[0].error.is_none(), "{outcomes:#?}");
+    let routes = out(&["ip", "-6", "route", "show", "default"]);
+    assert!(routes.contains("via fe80::1 dev br0"), "{routes}");
+    assert!(out(&["ip", "-6", "addr", "show", "dev", "br0"]).contains("2001:db8:1::2/64"));
+    assert!(out(&["ip", "-6", "neigh", "show", "fe80::1", "dev", "br0"]).contains("REACHABLE"));
+}

@@ -113,19 +113,20 @@ fn route_address(a: &RouteAddress) -> String {
 
 pub(crate) fn describe_route(r: &RouteMessage) -> String {
     let mut dst = "default".to_string();
-    let mut parts = Vec::new();
+    let (mut via, mut metric) = (None, None);
     let mut table = u32::from(r.header.table);
     for a in &r.attributes {
         match a {
             RouteAttribute::Destination(d) => {
                 dst = format!("{}/{}", route_address(d), r.header.destination_prefix_length)
             }
-            RouteAttribute::Gateway(g) => parts.push(format!("via {}", route_address(g))),
-            RouteAttribute::Priority(m) => parts.push(format!("metric {m}")),
+            RouteAttribute::Gateway(g) => via = Some(format!("via {}", route_address(g))),
+            RouteAttribute::Priority(m) => metric = Some(format!("metric {m}")),
             RouteAttribute::Table(t) => table = *t,
             _ => {}
         }
     }
+    let mut parts: Vec<String> = via.into_iter().chain(metric).collect();
     if r.header.protocol == RouteProtocol::Ra {
         parts.push("proto ra".into());
     }

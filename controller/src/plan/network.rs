@@ -133,7 +133,13 @@ impl Takeover {
     }
 
     fn describe(&self, bridge: &str) -> String {
-        let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+        let moves = |what: &str, v: &[String]| {
+            if v.is_empty() {
+                format!("no {what}")
+            } else {
+                format!("{what} {} → {bridge}", v.join(", "))
+            }
+        };
         let mut link = Vec::new();
         if let Some(m) = &self.mac {
             link.push(format!("MAC {m}"));
@@ -143,11 +149,11 @@ impl Takeover {
         }
         let deciders = self.deciders(bridge);
         format!(
-            "take over into {bridge}: {} → {bridge}; addresses {} → {bridge}; routes {} → {bridge}; rules {} → {bridge}; then attach to {bridge}; verify within {}: {}; roll back if not{}",
-            list(&link),
-            list(&self.addresses),
-            list(&self.routes),
-            list(&self.rules),
+            "take over into {bridge}: {}; {}; {}; {}; then attach to {bridge}; verify within {}: {}; roll back if not{}",
+            if link.is_empty() { "MAC and MTU unknown".to_string() } else { format!("{} → {bridge}", link.join(", ")) },
+            moves("addresses", &self.addresses),
+            moves("routes", &self.routes),
+            moves("rules", &self.rules),
             self.verify_timeout,
             if deciders.is_empty() { "nothing to probe (no default gateway, no verify probes)".into() } else { deciders.join(", ") },
             if self.forced_past.is_empty() { String::new() } else { format!(" (forced past {})", self.forced_past.join(", ")) }
