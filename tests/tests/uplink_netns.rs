@@ -131,6 +131,19 @@ async fn takeover_moves_addresses_routes_and_rules_and_keeps_the_gateway_reachab
     // The gateway answers through the bridge, from its own namespace's point of view too.
     assert!(out(&["ip", "neigh", "show", "198.51.100.1", "dev", "br0"]).contains("REACHABLE"));
     assert!(net.plan(&desired).await.is_empty(), "converged");
+
+    // The policy lets go of up0: everything moves back.
+    let released = virtwarden_tests::inline_policy("  bridges:\n    - name: br0\n");
+    let text = render_text(&net.plan(&released).await);
+    assert!(
+        text.starts_with("up0: taken over into br0 by virtwarden; no policy lists it there any more → give back"),
+        "{text}"
+    );
+    let outcomes = net.apply(&released).await;
+    assert!(outcomes[0].error.is_none(), "{outcomes:#?}");
+    assert!(up0_is_back(), "addresses, routes and rule back on up0, detached");
+    assert!(!out(&["ip", "-4", "addr", "show", "dev", "br0"]).contains("198.51.100.2"));
+    assert!(net.plan(&released).await.network.is_empty());
 }
 
 #[tokio::test]

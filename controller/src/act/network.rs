@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::uplink::{take_over, TakeoverResult, UplinkJournal};
+use super::uplink::{give_back, take_over, TakeoverResult, UplinkJournal};
 use crate::hostnet::uplink::UplinkNet;
 use crate::hostnet::{Forwarding, HostNet, NetError};
 use crate::observe::{ForwardingState, ObservedNet, RaDefaultRoute};
@@ -45,6 +45,8 @@ pub async fn execute_net_action<N: HostNet, F: Forwarding>(
         NetActionKind::SetAcceptRa { value } => fwd.set_accept_ra(subject, *value),
         // Runs through `take_over` (apply_net_actions); alone it only attaches the port.
         NetActionKind::TakeOverUplink { bridge, .. } => net.enslave(subject, bridge).await,
+        // Needs the takeover's checkpoint: only through apply_net_actions.
+        NetActionKind::ReleaseUplink { .. } => Ok(()),
         NetActionKind::SetForwarding { family, on } => match family.as_str() {
             "ipv6" => fwd.set_ipv6(*on),
             _ => fwd.set_ipv4(*on),
@@ -77,6 +79,10 @@ pub async fn apply_net_actions<N: HostNet + UplinkNet, F: Forwarding>(
         let (result, verification) = match &action.kind {
             NetActionKind::TakeOverUplink { bridge, takeover } => {
                 let r = take_over(net, journal, &action.subject, bridge, takeover).await;
+                (if r.verified { Ok(()) } else { Err(r.detail.clone()) }, Some(r))
+            }
+            NetActionKind::ReleaseUplink { bridge } => {
+                let r = give_back(net, journal, &action.subject, bridge).await;
                 (if r.verified { Ok(()) } else { Err(r.detail.clone()) }, Some(r))
             }
             _ => (execute_net_action(net, fwd, action).await.map_err(|e| e.to_string()), None),

@@ -60,7 +60,9 @@ pub async fn observe_uplinks<N: UplinkNet>(
     desired: &DesiredState,
     journal: &dyn UplinkJournal,
 ) {
-    observed.held_uplinks = journal.load().held;
+    let memory = journal.load();
+    observed.held_uplinks = memory.held;
+    observed.taken_over = memory.committed.iter().map(|c| (c.port.clone(), c.bridge.clone())).collect();
     for b in desired.bridges.iter().filter(|b| b.spec.allow_uplink_change.allowed()) {
         for port in &b.spec.ports {
             let Some(link) = observed.link(port) else { continue };
@@ -248,6 +250,36 @@ pub async fn restore_pending<N: UplinkNet>(net: &N, journal: &dyn UplinkJournal)
         }
     }
     done
+}
+
+/// Give a taken-over uplink back: everything the takeover moved goes back to the port, which
+/// leaves the bridge. Then its default gateways must answer on the port again; a failure is
+/// reported (the port has its original configuration back, so nothing is rolled forward).
+pub async fn give_back<N: UplinkNet>(net: &N, journal: &dyn UplinkJournal, port: &str, bridge: &str) -> TakeoverResult {
+    let Some(cp) = journal.load().committed.into_iter().find(|c| c.port == port && c.bridge == bridge) else {
+        return failed(format!("no record of taking {port} over into {bridge}; nothing changed"));
+    };
+    let started = Instant::now();
+    if let Err(e) = net.restore(&cp).await {
+        return failed(format!("giving {port} back failed: {e}"));
+    }
+    let _ = journal.change(&mut |u| u.committed.retain(|c| !(c.port == port && c.bridge == bridge)));
+    let verdict = verify(net, port, &cp.gateways(), &[], Duration::from_secs(10)).await;
+    let verify_millis = started.elapsed().as_millis();
+    match verdict {
+        Ok(passed) => TakeoverResult {
+            verified: true,
+            detail: format!("given back and verified in {verify_millis} ms: {passed}"),
+            verify_millis,
+            rollback_millis: None,
+        },
+        Err(why) => TakeoverResult {
+            verified: false,
+            detail: format!("given back, but {why}"),
+            verify_millis,
+            rollback_millis: None,
+        },
+    }
 }
 
 /// Lift the hold on `bridge`'s takeovers. Returns what was held.

@@ -32,6 +32,10 @@ pub struct ObservedNet {
     /// memory): held until the policy changes or an admin releases them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held_uplinks: Vec<HeldUplink>,
+    /// Uplinks virtwarden took over (from the durable memory), as `(port, bridge)`: when the
+    /// policy no longer lists them they are given back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taken_over: Vec<(String, String)>,
 }
 
 /// An uplink port as a takeover into `bridge` would see it.

@@ -51,6 +51,11 @@ pub enum NetActionKind {
         bridge: String,
         takeover: Takeover,
     },
+    /// Give the subject, an uplink virtwarden took over into `bridge`, back: its addresses,
+    /// routes and rules return to it and it leaves the bridge (the policy no longer lists it).
+    ReleaseUplink {
+        bridge: String,
+    },
     /// Set `net.ipv6.conf.<subject>.accept_ra`: 2 keeps an RA-learned default route when IPv6
     /// forwarding goes on.
     SetAcceptRa {
@@ -85,6 +90,9 @@ impl NetActionKind {
             }
             NetActionKind::SetAcceptRa { value } => format!("set accept_ra {value}"),
             NetActionKind::TakeOverUplink { bridge, takeover } => takeover.describe(bridge),
+            NetActionKind::ReleaseUplink { bridge } => {
+                format!("give back: addresses, routes and rules from {bridge} back to it, then detach; verify its gateways answer")
+            }
         }
     }
 
@@ -98,6 +106,7 @@ impl NetActionKind {
             NetActionKind::SetForwarding { .. } => "set-forwarding",
             NetActionKind::SetAcceptRa { .. } => "set-accept-ra",
             NetActionKind::TakeOverUplink { .. } => "take-over-uplink",
+            NetActionKind::ReleaseUplink { .. } => "release-uplink",
         }
     }
 }
@@ -186,7 +195,9 @@ impl NetAction {
         let kind = match &self.kind {
             NetActionKind::CreateBridge | NetActionKind::SetUp => FlapKind::Bridge,
             NetActionKind::SetStp { .. } => FlapKind::Stp,
-            NetActionKind::Enslave { .. } | NetActionKind::TakeOverUplink { .. } => FlapKind::Port,
+            NetActionKind::Enslave { .. }
+            | NetActionKind::TakeOverUplink { .. }
+            | NetActionKind::ReleaseUplink { .. } => FlapKind::Port,
             NetActionKind::AttachTap { .. } => FlapKind::Tap,
             NetActionKind::SetForwarding { family, .. } => return FlapKey::new(FlapKind::Forwarding, family),
             NetActionKind::SetAcceptRa { .. } => {
@@ -379,6 +390,7 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
         }
         plan_ports(b, net, &taps, &mut actions, &mut notes);
     }
+    plan_releases(desired, net, &mut actions);
     plan_taps(desired, net, &taps, &mut actions, &mut notes);
     for (family, want, have) in [
         ("ipv4", desired.ipv4_forwarding.as_ref(), net.forwarding.ipv4),
@@ -593,6 +605,26 @@ fn plan_takeover(
         },
         reason: format!("uplink ({why}), policy lists it as a port of {bridge} with allowUplinkChange"),
     })
+}
+
+/// Uplinks virtwarden took over that the policy no longer lists (the port dropped from
+/// `ports`, `allowUplinkChange` withdrawn, or the bridge gone from the policies) are given back.
+fn plan_releases(desired: &DesiredState, net: &ObservedNet, actions: &mut Vec<NetAction>) {
+    for (port, bridge) in &net.taken_over {
+        let still_wanted = desired
+            .bridge(bridge)
+            .is_some_and(|b| b.spec.allow_uplink_change.allowed() && b.spec.ports.iter().any(|p| p == port));
+        let on_bridge = net.link(port).is_some_and(|l| l.master.as_deref() == Some(bridge.as_str()));
+        if still_wanted || !on_bridge {
+            continue;
+        }
+        actions.push(NetAction {
+            subject: port.clone(),
+            policy: desired.bridge(bridge).map(|b| b.policy.clone()).unwrap_or_default(),
+            kind: NetActionKind::ReleaseUplink { bridge: bridge.clone() },
+            reason: format!("taken over into {bridge} by virtwarden; no policy lists it there any more"),
+        });
+    }
 }
 
 /// Taps back on their bridge — only when the tap is provably the domain's (its MAC matches the
