@@ -282,6 +282,8 @@ async fn a_crash_between_apply_and_verify_is_restored_at_the_next_start() {
     };
     engine.wait_for(Duration::from_secs(20), held).await.unwrap_or_else(|| panic!("{:#?}", engine.status()));
     assert!(up0_is_back(), "the checkpoint was restored");
+    let metrics = engine.metrics_text();
+    assert!(metrics.contains("virtwarden_uplink_changes_held 1"), "{metrics}");
     assert!(engine
         .status()
         .network

@@ -216,6 +216,9 @@ impl NetworkTask {
             outcomes = apply_net_actions(net, fwd, &*self.shared.memory, &actions).await;
             for o in &outcomes {
                 self.shared.metrics.action(o.action.kind.name(), o.error.is_none());
+                if o.verification.as_ref().is_some_and(|v| v.rollback_millis.is_some()) {
+                    self.shared.metrics.uplink_rollbacks.inc();
+                }
                 if o.error.is_none() {
                     self.repaired(&o.action, now);
                 }
@@ -257,6 +260,8 @@ impl NetworkTask {
         for (kind, n) in backed_off {
             self.shared.metrics.set_backed_off(kind, n);
         }
+        let held = host.net.as_ref().map_or(0, |n| n.held_uplinks.len());
+        self.shared.metrics.uplink_held.set(held as i64);
         *self.shared.net_snapshot.write().unwrap_or_else(|p| p.into_inner()) = host.net.clone();
         self.shared.update_network(|s| {
             if !outcomes.is_empty() {
