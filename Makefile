@@ -144,7 +144,8 @@ bench-apply: deps
 	fi
 	$(CARGO) bench -p virtwarden --bench apply
 
-## bench-net: drift → repaired latency for port detach, STP flip, forwarding reset (private netns).
+## bench-net: drift → repaired latency for port detach, STP flip, forwarding reset; uplink takeover →
+## gateway reachable and failed verification → connectivity back (private netns, gateway in a peer netns).
 bench-net: deps
 	$(CARGO) bench -p virtwarden --bench net
 
