@@ -1,7 +1,7 @@
 //! `make bench-net`: host-network drift → repaired (read back) latency, in a private network
 //! namespace (the bench re-runs itself under `unshare --net`; it never touches the host's).
 //! Drift is caused through netlink/procfs directly; repair is detected by reading back. Then
-//! uplink takeover and rollback against a \"gateway\" in a peer namespace.
+//! uplink takeover and rollback against a "gateway" in a peer namespace.
 
 mod common;
 
@@ -250,6 +250,8 @@ async fn bench_uplink() {
         let back = give_back(&net, &journal, "up0", "brU").await;
         assert!(back.verified, "{back:?}");
 
+        // Connectivity back must be proven afresh: no neighbour entry left over on up0.
+        let _ = std::process::Command::new("ip").args(["neigh", "flush", "dev", "up0"]).status();
         let actions = planned(bad.clone()).await;
         let out = apply_net_actions(&net, &fwd, &journal, &actions).await;
         let v = out[0].verification.clone().expect("verification");
@@ -265,7 +267,9 @@ async fn bench_uplink() {
         // The next takeover must resolve the gateway afresh on the bridge.
         let _ = std::process::Command::new("ip").args(["neigh", "flush", "dev", "brU"]).status();
     }
-    println!("uplink up0 (198.51.100.2/24, default via 198.51.100.1 in a peer namespace) into brU, {UPLINK_TRIALS} trials");
+    println!(
+        "uplink up0 (198.51.100.2/24, default via 198.51.100.1 in a peer namespace) into brU, {UPLINK_TRIALS} trials"
+    );
     common::report("takeover → gateway answers ARP on the bridge", takeover);
     common::report("failed verification → gateway answers on up0", rollback);
 }

@@ -719,7 +719,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::observe::{BridgeAttrs, Interface, NetLink, ObservedDomain};
+    use crate::observe::{BridgeAttrs, HeldUplink, Interface, NetLink, ObservedDomain};
 
     fn desired(spec: &str) -> DesiredState {
         let text = format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{spec}");
@@ -1013,5 +1013,69 @@ mod tests {
             lines(&d, &ra_host(None, false)),
             ["warning: forwarding: ipv6 forwarding → held: eth0 takes its IPv6 default route from router advertisements and its accept_ra cannot be read (forwarding on could drop that route)"]
         );
+    }
+
+    fn takeover_host(managers: &[&str], held: Option<HeldUplink>) -> ObservedHost {
+        ObservedHost {
+            net: Some(ObservedNet {
+                links: vec![
+                    link("br0", Some("bridge"), None, None),
+                    link("eth0", None, None, Some("52:54:00:00:00:01")),
+                ],
+                default_route: vec!["eth0".into()],
+                uplink_ports: vec![crate::observe::UplinkPort {
+                    name: "eth0".into(),
+                    bridge: "br0".into(),
+                    mac: Some("52:54:00:00:00:01".into()),
+                    mtu: Some(9000),
+                    addresses: vec!["192.0.2.2/24 (valid 600s, preferred 600s)".into()],
+                    routes: vec!["default via 192.0.2.1 table main".into()],
+                    rules: vec![],
+                    gateways: vec!["192.0.2.1".parse().unwrap()],
+                    managers: managers.iter().map(|m| m.to_string()).collect(),
+                }],
+                held_uplinks: held.into_iter().collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    const TAKEOVER: &str = "  bridges:\n    - name: br0\n      ports: [eth0]\n      allowUplinkChange: true\n      verify: [{tcp: {address: 192.0.2.1, port: 22}}]\n";
+
+    #[test]
+    fn an_allowed_uplink_port_is_taken_over_and_the_plan_says_what_moves_and_what_decides() {
+        assert_eq!(
+            lines(&desired(TAKEOVER), &takeover_host(&[], None)),
+            ["eth0: uplink (carries a default route), policy lists it as a port of br0 with allowUplinkChange → take over into br0: MAC 52:54:00:00:00:01, MTU 9000 → br0; addresses 192.0.2.2/24 (valid 600s, preferred 600s) → br0; routes default via 192.0.2.1 table main → br0; no rules; then attach to br0; verify within 10s: gateway 192.0.2.1 answers ARP/NDP on br0, tcp 192.0.2.1:22; roll back if not"]
+        );
+    }
+
+    #[test]
+    fn another_manager_refuses_the_takeover_unless_forced() {
+        let l = lines(&desired(TAKEOVER), &takeover_host(&["NetworkManager (pid 7)"], None));
+        assert_eq!(l.len(), 1);
+        assert!(l[0].starts_with("warning: eth0: t.yaml:9:26: error: carries a default route and is managed by NetworkManager (pid 7) → takeover into br0 refused"), "{l:?}");
+        let forced = desired(&TAKEOVER.replace("allowUplinkChange: true", "allowUplinkChange: force"));
+        let l = lines(&forced, &takeover_host(&["NetworkManager (pid 7)"], None));
+        assert!(l[0].ends_with("roll back if not (forced past NetworkManager (pid 7))"), "{l:?}");
+    }
+
+    #[test]
+    fn a_held_takeover_waits_for_a_policy_change() {
+        let d = desired(TAKEOVER);
+        let held = HeldUplink {
+            bridge: "br0".into(),
+            port: "eth0".into(),
+            reason: "tcp 192.0.2.1:22 did not answer within 10s".into(),
+            at: "2026-12-06T04:00:00Z".into(),
+            fingerprint: bridge_fingerprint(&d.bridges[0]),
+        };
+        assert_eq!(
+            lines(&d, &takeover_host(&[], Some(held.clone()))),
+            ["warning: eth0: takeover into br0 → held: verification failed at 2026-12-06T04:00:00Z: tcp 192.0.2.1:22 did not answer within 10s; rolled back; retried when the policy changes or after `virtwarden release br0`"]
+        );
+        let changed = desired(&format!("{TAKEOVER}      verifyTimeout: 30s\n"));
+        assert_eq!(plan_network(&changed, &takeover_host(&[], Some(held))).0.len(), 1);
     }
 }
