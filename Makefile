@@ -6,11 +6,13 @@ CARGO ?= cargo
 # Debian packages the build and the tests need. libvirt0 (pulled in by libvirt-dev) carries
 # libvirt's in-process test driver, which `make run` and most tests use; systemd brings
 # `systemd-analyze verify` for the unit's test; mmdebstrap, buildah, podman and runc build and
-# run the image without a registry (`make image`, controller/tests/e2e_image.rs).
+# run the image without a registry (`make image`, controller/tests/e2e_image.rs); isc-dhcp-client
+# is the real DHCP client the uplink takeover test runs on a link to prove it is refused (its
+# script is /bin/true: it never touches /etc).
 DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 	libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils cpio gzip \
 	iptables nftables acl systemd \
-	mmdebstrap buildah podman runc openssl
+	mmdebstrap buildah podman runc openssl isc-dhcp-client
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
@@ -163,7 +165,8 @@ bench-apply: deps
 	fi
 	$(CARGO) bench -p virtwarden --bench apply
 
-## bench-net: drift → repaired latency for port detach, STP flip, forwarding reset (private netns).
+## bench-net: drift → repaired latency for port detach, STP flip, forwarding reset; uplink takeover →
+## gateway reachable and failed verification → connectivity back (private netns, gateway in a peer netns).
 bench-net: deps
 	$(CARGO) bench -p virtwarden --bench net
 

@@ -1,6 +1,7 @@
 //! `make bench-net`: host-network drift → repaired (read back) latency, in a private network
 //! namespace (the bench re-runs itself under `unshare --net`; it never touches the host's).
-//! Drift is caused through netlink/procfs directly; repair is detected by reading back.
+//! Drift is caused through netlink/procfs directly; repair is detected by reading back. Then
+//! uplink takeover and rollback against a "gateway" in a peer namespace.
 
 mod common;
 
@@ -158,4 +159,117 @@ async fn bench() {
     common::report("ip_forward reset → 1 (netconf event)", fwd);
     engine.shutdown();
     let _ = task.await;
+    bench_uplink().await;
+}
+
+const UPLINK_TRIALS: usize = 40;
+
+/// A network namespace held open by `sleep`, for the LAN's gateway.
+struct Peer(std::process::Child);
+
+impl Peer {
+    fn new() -> Self {
+        let child = std::process::Command::new("unshare")
+            .args(["--net", "--", "sleep", "infinity"])
+            .spawn()
+            .expect("unshare for the gateway namespace");
+        let own = std::fs::read_link("/proc/self/ns/net").ok();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_link(format!("/proc/{}/ns/net", child.id())).ok() == own {
+            assert!(Instant::now() < deadline, "cannot create the gateway namespace");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Peer(child)
+    }
+
+    fn sh(&self, args: &[&str]) {
+        let pid = self.0.id().to_string();
+        let mut all = vec!["nsenter", "-t", pid.as_str(), "-n", "--"];
+        all.extend_from_slice(args);
+        sh(&all);
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Uplink takeover → gateway answers on the bridge (the verification itself), and a takeover
+/// whose verification fails → the gateway answers on the port again after the rollback.
+async fn bench_uplink() {
+    use virtwarden::act::network::{apply_net_actions, observe_net};
+    use virtwarden::act::uplink::{give_back, observe_uplinks, release};
+    use virtwarden::hostnet::netlink::NetlinkHost;
+    use virtwarden::hostnet::sysctl::ProcForwarding;
+    use virtwarden::hostnet::uplink::UplinkNet;
+    use virtwarden::memory::MemoryStore;
+    use virtwarden::observe::ObservedHost;
+
+    sh(&["ip", "link", "set", "lo", "up"]);
+    let gw = Peer::new();
+    sh(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "gw0"]);
+    sh(&["ip", "link", "set", "gw0", "netns", &gw.0.id().to_string()]);
+    gw.sh(&["ip", "addr", "add", "198.51.100.1/24", "dev", "gw0"]);
+    gw.sh(&["ip", "link", "set", "gw0", "up"]);
+    sh(&["ip", "addr", "add", "198.51.100.2/24", "dev", "up0"]);
+    sh(&["ip", "link", "set", "up0", "up"]);
+    sh(&["ip", "route", "add", "default", "via", "198.51.100.1", "dev", "up0"]);
+    sh(&["ip", "link", "add", "brU", "type", "bridge"]);
+    sh(&["ip", "link", "set", "brU", "up"]);
+    let policy = |verify: &str| {
+        let yaml = format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: {{name: u}}\nspec:\n  bridges:\n    - name: brU\n      ports: [up0]\n      allowUplinkChange: true\n{verify}");
+        load_texts([(std::path::Path::new("u.yaml"), yaml.as_str())]).expect("policy").desired
+    };
+    let good = policy("");
+    // Nothing answers .99: verification fails after 100 ms.
+    let bad = policy("      verify: [{ping: {address: 198.51.100.99}}]\n      verifyTimeout: 100ms\n");
+    let net = NetlinkHost::connect().expect("netlink");
+    let fwd = ProcForwarding::default();
+    let journal = MemoryStore::in_memory();
+    let gateway: std::net::IpAddr = "198.51.100.1".parse().unwrap();
+    let planned = |desired: virtwarden_policies::DesiredState| {
+        let (net, fwd, journal) = (&net, &fwd, &journal);
+        async move {
+            let mut n = observe_net(net, fwd).await.expect("observe");
+            observe_uplinks(net, &mut n, &desired, journal).await;
+            virtwarden::plan::plan(&desired, &ObservedHost { net: Some(n), ..Default::default() }).network
+        }
+    };
+    let mut takeover = Vec::new();
+    let mut rollback = Vec::new();
+    for _ in 0..UPLINK_TRIALS {
+        let actions = planned(good.clone()).await;
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        let t0 = Instant::now();
+        let out = apply_net_actions(&net, &fwd, &journal, &actions).await;
+        assert!(out[0].error.is_none(), "{out:?}");
+        takeover.push(t0.elapsed());
+        let back = give_back(&net, &journal, "up0", "brU").await;
+        assert!(back.verified, "{back:?}");
+
+        // Connectivity back must be proven afresh: no neighbour entry left over on up0.
+        let _ = std::process::Command::new("ip").args(["neigh", "flush", "dev", "up0"]).status();
+        let actions = planned(bad.clone()).await;
+        let out = apply_net_actions(&net, &fwd, &journal, &actions).await;
+        let v = out[0].verification.clone().expect("verification");
+        assert!(!v.verified, "{v:?}");
+        // From the verdict: the rollback, then the gateway answering on up0 again.
+        let t1 = Instant::now();
+        while !net.neighbour_reachable("up0", gateway).await.unwrap_or(false) {
+            assert!(t1.elapsed() < Duration::from_secs(10), "connectivity not back");
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        rollback.push(Duration::from_millis(v.rollback_millis.unwrap_or(0) as u64) + t1.elapsed());
+        release(&journal, "brU").expect("release");
+        // The next takeover must resolve the gateway afresh on the bridge.
+        let _ = std::process::Command::new("ip").args(["neigh", "flush", "dev", "brU"]).status();
+    }
+    println!(
+        "uplink up0 (198.51.100.2/24, default via 198.51.100.1 in a peer namespace) into brU, {UPLINK_TRIALS} trials"
+    );
+    common::report("takeover → gateway answers ARP on the bridge", takeover);
+    common::report("failed verification → gateway answers on up0", rollback);
 }

@@ -253,10 +253,11 @@ pub enum Command {
         #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_CONCURRENT_STARTS, value_parser = parse_parallel)]
         max_concurrent_starts: usize,
     },
-    /// Lift a domain's quarantine once its cause is fixed, without editing the policy: through
-    /// the running service, or in the durable memory when none runs.
+    /// Lift a domain's quarantine, or a bridge's held uplink change (NET-OBJECT: the bridge or
+    /// its port), once its cause is fixed, without editing the policy: through the running
+    /// service, or in the durable memory when none runs.
     Release {
-        /// The domain to release.
+        /// The domain, or the bridge whose held uplink change is tried again.
         domain: String,
         /// The running service's state directory (its control socket).
         #[arg(long, default_value = "/run/virtwarden")]
@@ -440,17 +441,28 @@ struct NetCtx {
     rt: tokio::runtime::Runtime,
     net: NetlinkHost,
     fwd: ProcForwarding,
+    /// Uplink checkpoints and holds: the durable memory for `apply` (which holds the host
+    /// lock), an in-process copy of it for `plan`.
+    journal: MemoryStore,
 }
 
 impl NetCtx {
-    fn open() -> std::io::Result<Self> {
+    fn open(journal: MemoryStore) -> std::io::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let net = rt.block_on(async { NetlinkHost::connect() }).map_err(std::io::Error::other)?;
-        Ok(NetCtx { rt, net, fwd: ProcForwarding::default() })
+        Ok(NetCtx { rt, net, fwd: ProcForwarding::default(), journal })
     }
 
-    fn observe(&self) -> std::io::Result<ObservedNet> {
-        self.rt.block_on(observe_net(&self.net, &self.fwd)).map_err(std::io::Error::other)
+    fn observe(&self, desired: &virtwarden_policies::DesiredState) -> std::io::Result<ObservedNet> {
+        self.rt.block_on(async {
+            let mut n = observe_net(&self.net, &self.fwd).await.map_err(std::io::Error::other)?;
+            crate::act::uplink::observe_uplinks(&self.net, &mut n, desired, &self.journal).await;
+            Ok(n)
+        })
+    }
+
+    fn apply(&self, actions: &[crate::plan::network::NetAction]) -> Vec<crate::act::network::NetOutcome> {
+        self.rt.block_on(apply_net_actions(&self.net, &self.fwd, &self.journal, actions))
     }
 }
 
@@ -469,7 +481,7 @@ impl Ctx<'_> {
     fn observe(&self) -> std::io::Result<ObservedHost> {
         let mut host = self.hv.observe_host().map_err(std::io::Error::other)?;
         if let Some(net) = &self.net {
-            host.net = Some(net.observe()?);
+            host.net = Some(net.observe(&self.loaded.desired)?);
         }
         Ok(host)
     }
@@ -516,7 +528,15 @@ fn with_host(
         }
     };
     let net = if network.enabled_for(&uri) {
-        match NetCtx::open() {
+        let journal = match lock_for.map(|_| MemoryStore::open(&args.data_dir)) {
+            Some(Ok((store, _))) => store,
+            _ => {
+                let store = MemoryStore::in_memory();
+                store.update(|m| m.uplinks = memory.uplinks.clone());
+                store
+            }
+        };
+        match NetCtx::open(journal) {
             Ok(n) => Some(n),
             Err(e) => {
                 writeln!(err, "error: cannot open netlink: {e}")?;
@@ -597,7 +617,7 @@ fn apply_cmd(ctx: &Ctx, output: Output, opts: &ApplyOptions, out: &mut dyn Write
     let p = ctx.plan()?;
     let mut network_outcomes = Vec::new();
     if let Some(net) = &ctx.net {
-        network_outcomes = net.rt.block_on(apply_net_actions(&net.net, &net.fwd, &p.network));
+        network_outcomes = net.apply(&p.network);
     }
     let mut report = apply_plan_with(ctx.hv, &ctx.loaded.desired, &p, opts).map_err(std::io::Error::other)?;
     // Verified against what is remembered too (why domains are off).
@@ -612,7 +632,7 @@ fn apply_cmd(ctx: &Ctx, output: Output, opts: &ApplyOptions, out: &mut dyn Write
             }
             std::thread::sleep(delay);
             delay *= 2;
-            network_outcomes.extend(net.rt.block_on(apply_net_actions(&net.net, &net.fwd, &again.network)));
+            network_outcomes.extend(net.apply(&again.network));
         }
         report.remaining = ctx.plan()?;
     }
@@ -650,9 +670,10 @@ fn write_apply_text(
     if !report.outcomes.is_empty() || !report.network_outcomes.is_empty() {
         writeln!(out, "applied:")?;
         for o in &report.network_outcomes {
-            match &o.error {
-                None => writeln!(out, "  ok      {} ({} ms)", o.action.line(), o.millis)?,
-                Some(e) => writeln!(out, "  FAILED  {}: {e}", o.action.line())?,
+            match (&o.error, &o.verification) {
+                (None, Some(v)) => writeln!(out, "  ok      {} ({} ms; {})", o.action.line(), o.millis, v.detail)?,
+                (None, None) => writeln!(out, "  ok      {} ({} ms)", o.action.line(), o.millis)?,
+                (Some(e), _) => writeln!(out, "  FAILED  {}: {e}", o.action.line())?,
             }
         }
         for o in &report.outcomes {
@@ -837,6 +858,18 @@ fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Wri
     };
     if let Some(p) = problem {
         writeln!(err, "warning: {p}")?;
+    }
+    if let Ok(held) = crate::act::uplink::release(&store, domain) {
+        if !held.is_empty() {
+            for h in held {
+                writeln!(
+                    out,
+                    "released {} → {} (held: {}); it is tried again when virtwarden runs next",
+                    h.port, h.bridge, h.reason
+                )?;
+            }
+            return Ok(exit::OK);
+        }
     }
     let reason = store
         .update(|m| {

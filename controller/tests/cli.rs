@@ -157,3 +157,29 @@ fn apply_rejects_a_parallel_bound_of_zero() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("`0` is not a number from 1 to 1024"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn release_of_a_bridge_lifts_its_held_uplink_change_in_the_memory_when_no_service_runs() {
+    let data = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let memory = serde_json::json!({
+        "format": 1,
+        "domains": {},
+        "uplinks": {"held": [{"bridge": "br0", "port": "up0", "reason": "ping 198.51.100.99 did not answer within 2s",
+                               "at": "2026-12-06T04:00:00Z", "fingerprint": "{}"}]}
+    });
+    std::fs::write(data.path().join("memory.json"), memory.to_string()).unwrap();
+    let args =
+        ["release", "br0", "--state-dir", state.path().to_str().unwrap(), "--data-dir", data.path().to_str().unwrap()];
+    let out = virtwarden(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "released up0 → br0 (held: ping 198.51.100.99 did not answer within 2s); it is tried again when virtwarden runs next\n"
+    );
+    let after: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.path().join("memory.json")).unwrap()).unwrap();
+    assert!(after["uplinks"].get("held").is_none(), "{after}");
+    // Nothing held any more: a second release lifts nothing of up0's.
+    assert!(!text(&virtwarden(&args).stdout).contains("up0"));
+}

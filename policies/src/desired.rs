@@ -17,6 +17,10 @@ pub struct ManagedDomain {
 pub struct ManagedBridge {
     pub policy: String,
     pub spec: BridgePolicy,
+    /// `file:line:column` of its `allowUplinkChange` (or of the bridge when absent), for
+    /// refusals found later against the host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// One forwarding switch and the policy that set it.

@@ -234,6 +234,17 @@ pub fn load_texts<'a>(inputs: impl IntoIterator<Item = (&'a Path, &'a str)>) -> 
     if !diagnostics.is_empty() {
         return Err(LoadError::Invalid(diagnostics));
     }
+    let mut desired = desired;
+    for doc in &documents {
+        for (i, b) in doc.policy.spec.bridges.iter().enumerate() {
+            if let Some(m) =
+                desired.bridges.iter_mut().find(|m| m.spec.name == b.name && m.policy == doc.policy.metadata.name)
+            {
+                let pos = doc.position(&format!("spec.bridges[{i}].allowUplinkChange"));
+                m.location = Some(format!("{}:{}:{}", doc.file.display(), pos.line, pos.column));
+            }
+        }
+    }
     Ok(LoadedPolicies { desired, documents, files, warnings: Vec::new() })
 }
 

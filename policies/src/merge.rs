@@ -81,7 +81,7 @@ pub fn merge(docs: &[HostPolicy]) -> (DesiredState, Vec<Conflict>) {
                 }
                 None => {
                     bridge_sites.insert(&b.name, here);
-                    state.bridges.push(ManagedBridge { policy: name.to_string(), spec: b.clone() });
+                    state.bridges.push(ManagedBridge { policy: name.to_string(), spec: b.clone(), location: None });
                 }
             }
             for (p, port) in b.ports.iter().enumerate() {

@@ -306,11 +306,122 @@ pub struct BridgePolicy {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<String>,
     /// Allow changing the ports or STP settings of a bridge that carries one of the host's
-    /// uplinks (default false). An uplink is an interface with a default route in any routing
-    /// table (multipath and nexthop-object routes included) or with a global address; it counts
-    /// when it is the bridge, one of its ports, or a port listed here.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub allow_uplink_change: bool,
+    /// uplinks: `false` (default), `true`, or `"force"`. An uplink is an interface with a default
+    /// route in any routing table (multipath and nexthop-object routes included) or with a
+    /// global address; it counts when it is the bridge, one of its ports, or a port listed here.
+    /// With `true` a listed uplink port is taken over (its MAC, MTU, addresses, routes and rules
+    /// move to the bridge), verified, and rolled back if verification fails; an uplink that a
+    /// DHCP client, NetworkManager or systemd-networkd manages is refused unless `"force"`.
+    #[serde(default, skip_serializing_if = "UplinkChange::is_never")]
+    pub allow_uplink_change: UplinkChange,
+    /// Probes that must pass after an uplink change, besides the default gateways answering
+    /// ARP/NDP on the new path: `[{ping: {address: 198.51.100.1}}, {tcp: {address: …, port: 22}}]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify: Vec<VerifyProbe>,
+    /// How long verification of an uplink change may take before it is rolled back (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_timeout: Option<Duration>,
+}
+
+/// Default time verification of an uplink change may take.
+pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl BridgePolicy {
+    pub fn verify_timeout(&self) -> Duration {
+        self.verify_timeout.unwrap_or(DEFAULT_VERIFY_TIMEOUT)
+    }
+}
+
+/// `allowUplinkChange`: `false`, `true` or `"force"` (older files with a bool keep working).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UplinkChange {
+    /// Never touch a bridge that carries an uplink.
+    #[default]
+    Never,
+    /// Change it, taking the uplink over with checkpoint, verification and rollback; refused
+    /// while another manager (DHCP client, NetworkManager, systemd-networkd) runs the uplink.
+    Allow,
+    /// As `Allow`, even when another manager runs the uplink.
+    Force,
+}
+
+impl UplinkChange {
+    pub fn is_never(&self) -> bool {
+        matches!(self, UplinkChange::Never)
+    }
+    pub fn allowed(&self) -> bool {
+        !self.is_never()
+    }
+}
+
+impl Serialize for UplinkChange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UplinkChange::Never => s.serialize_bool(false),
+            UplinkChange::Allow => s.serialize_bool(true),
+            UplinkChange::Force => s.serialize_str("force"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UplinkChange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = UplinkChange;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or \"force\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<UplinkChange, E> {
+                Ok(if v { UplinkChange::Allow } else { UplinkChange::Never })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UplinkChange, E> {
+                match v {
+                    "force" => Ok(UplinkChange::Force),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for UplinkChange {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "UplinkChange".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // One enum of mixed types: a Kubernetes structural schema allows no typed anyOf branches,
+        // and a field without a type must preserve unknown fields.
+        schemars::json_schema!({
+            "description": "false (default), true, or \"force\" (also when a DHCP client or network manager runs the uplink).",
+            "enum": [false, true, "force"],
+            "x-kubernetes-preserve-unknown-fields": true
+        })
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+}
+
+/// One verification probe of an uplink change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum VerifyProbe {
+    /// An ICMP echo answered.
+    Ping { address: std::net::IpAddr },
+    /// A TCP connection accepted.
+    Tcp { address: std::net::IpAddr, port: u16 },
+}
+
+impl std::fmt::Display for VerifyProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VerifyProbe::Ping { address } => write!(f, "ping {address}"),
+            VerifyProbe::Tcp { address: std::net::IpAddr::V6(a), port } => write!(f, "tcp [{a}]:{port}"),
+            VerifyProbe::Tcp { address, port } => write!(f, "tcp {address}:{port}"),
+        }
+    }
 }
 
 /// Spanning tree settings; timers in seconds, as `ip link … type bridge` takes them.
@@ -351,4 +462,31 @@ pub struct Forwarding {
     /// `net/ipv6/conf/all/forwarding`; absent leaves it as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<bool>,
+}
+
+#[cfg(test)]
+mod uplink_change_tests {
+    use super::*;
+
+    fn bridge(extra: &str) -> Result<BridgePolicy, String> {
+        serde_saphyr::from_str::<BridgePolicy>(&format!("name: br0\n{extra}")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn allow_uplink_change_takes_true_false_and_force() {
+        assert_eq!(bridge("").unwrap().allow_uplink_change, UplinkChange::Never);
+        assert_eq!(bridge("allowUplinkChange: false\n").unwrap().allow_uplink_change, UplinkChange::Never);
+        assert_eq!(bridge("allowUplinkChange: true\n").unwrap().allow_uplink_change, UplinkChange::Allow);
+        assert_eq!(bridge("allowUplinkChange: force\n").unwrap().allow_uplink_change, UplinkChange::Force);
+        assert_eq!(bridge("allowUplinkChange: \"force\"\n").unwrap().allow_uplink_change, UplinkChange::Force);
+        let err = bridge("allowUplinkChange: always\n").unwrap_err();
+        assert!(err.contains("force"), "{err}");
+        let b = bridge("allowUplinkChange: force\nverify: [{ping: {address: 198.51.100.1}}, {tcp: {address: 198.51.100.1, port: 22}}]\nverifyTimeout: 3s\n").unwrap();
+        assert_eq!(b.verify.len(), 2);
+        assert_eq!(b.verify[1].to_string(), "tcp 198.51.100.1:22");
+        assert_eq!(b.verify_timeout(), Duration::from_secs(3));
+        // Round trip: the bool stays a bool.
+        let json = serde_json::to_value(bridge("allowUplinkChange: true\n").unwrap()).unwrap();
+        assert_eq!(json["allowUplinkChange"], serde_json::json!(true));
+    }
 }

@@ -1,6 +1,7 @@
 //! Shared helpers for virtwarden's integration tests: fixture paths and test-driver URIs.
 
 pub mod faulty;
+pub mod peer;
 
 use std::path::{Path, PathBuf};
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use virtwarden::act::remediation::Registry;
 use virtwarden::engine::connect::SharedConnector;
 use virtwarden::engine::{Backends, Engine, EngineConfig, NetworkRunner};
+use virtwarden::hostnet::uplink::{Checkpoint, UplinkNet};
 use virtwarden::hostnet::{Forwarding, HostNet, NetError, StpSettings};
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
@@ -28,6 +29,9 @@ impl HostNet for NoLinks {
     async fn default_route_links(&self) -> Result<Vec<u32>, NetError> {
         Ok(Vec::new())
     }
+    async fn ra_default_route_links(&self) -> Result<Vec<u32>, NetError> {
+        Ok(Vec::new())
+    }
     async fn global_address_links(&self) -> Result<Vec<u32>, NetError> {
         Ok(Vec::new())
     }
@@ -42,6 +46,24 @@ impl HostNet for NoLinks {
     }
     async fn enslave(&self, _: &str, _: &str) -> Result<(), NetError> {
         unreachable!("the policy names no bridge")
+    }
+}
+
+impl UplinkNet for NoLinks {
+    async fn checkpoint(&self, _: &str, _: &str) -> Result<Checkpoint, NetError> {
+        unreachable!("no uplink")
+    }
+    async fn take_over(&self, _: &Checkpoint) -> Result<(), NetError> {
+        unreachable!("no uplink")
+    }
+    async fn restore(&self, _: &Checkpoint) -> Result<(), NetError> {
+        unreachable!("no uplink")
+    }
+    async fn neighbour_reachable(&self, _: &str, _: std::net::IpAddr) -> Result<bool, NetError> {
+        unreachable!("no uplink")
+    }
+    async fn probe(&self, _: &virtwarden_policies::VerifyProbe, _: Duration) -> bool {
+        unreachable!("no uplink")
     }
 }
 
@@ -73,6 +95,12 @@ impl Forwarding for RecordingForwarding {
     }
     fn set_ipv6(&self, _: bool) -> Result<(), NetError> {
         unreachable!("the policy does not ask for IPv6 forwarding")
+    }
+    fn accept_ra(&self, _: &str) -> Result<u8, NetError> {
+        unreachable!("no interface has an RA-learned default route")
+    }
+    fn set_accept_ra(&self, _: &str, _: u8) -> Result<(), NetError> {
+        unreachable!("no interface has an RA-learned default route")
     }
 }
 

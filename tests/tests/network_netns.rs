@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use virtwarden::act::apply_plan;
 use virtwarden::act::network::{apply_net_actions, observe_net};
+use virtwarden::act::uplink::observe_uplinks;
 use virtwarden::engine::status::StatusReport;
 use virtwarden::engine::EngineHandle;
 use virtwarden::hostnet::netlink::NetlinkHost;
@@ -15,6 +16,7 @@ use virtwarden::hostnet::sysctl::ProcForwarding;
 use virtwarden::hostnet::Forwarding;
 use virtwarden::hypervisor::DomainReader;
 use virtwarden::libvirt::LibvirtHost;
+use virtwarden::memory::MemoryStore;
 use virtwarden::observe::{BridgeAttrs, ObservedHost};
 use virtwarden::plan::flap::FlapSettings;
 use virtwarden::plan::network::libvirt_tap_mac;
@@ -29,11 +31,20 @@ fn policy(spec: &str) -> DesiredState {
 struct Net {
     nl: NetlinkHost,
     fwd: ProcForwarding,
+    /// Uplink checkpoints and holds (the service keeps them in its durable memory).
+    journal: MemoryStore,
+    /// The policy last planned, for uplink observation.
+    desired: std::sync::Mutex<DesiredState>,
 }
 
 impl Net {
     fn new() -> Self {
-        Net { nl: NetlinkHost::connect().unwrap(), fwd: ProcForwarding::default() }
+        Net {
+            nl: NetlinkHost::connect().unwrap(),
+            fwd: ProcForwarding::default(),
+            journal: MemoryStore::in_memory(),
+            desired: Default::default(),
+        }
     }
 
     async fn host(&self, domains: Option<&LibvirtHost>) -> ObservedHost {
@@ -41,18 +52,22 @@ impl Net {
             Some(hv) => hv.observe_host().unwrap(),
             None => ObservedHost::default(),
         };
-        host.net = Some(observe_net(&self.nl, &self.fwd).await.unwrap());
+        let mut n = observe_net(&self.nl, &self.fwd).await.unwrap();
+        let desired = self.desired.lock().unwrap().clone();
+        observe_uplinks(&self.nl, &mut n, &desired, &self.journal).await;
+        host.net = Some(n);
         host
     }
 
     async fn plan(&self, desired: &DesiredState, domains: Option<&LibvirtHost>) -> Plan {
+        *self.desired.lock().unwrap() = desired.clone();
         plan(desired, &self.host(domains).await)
     }
 
     /// Plan, apply the network part, and return the plan that remains.
     async fn converge(&self, desired: &DesiredState, domains: Option<&LibvirtHost>) -> Plan {
         let p = self.plan(desired, domains).await;
-        let outcomes = apply_net_actions(&self.nl, &self.fwd, &p.network).await;
+        let outcomes = apply_net_actions(&self.nl, &self.fwd, &self.journal, &p.network).await;
         assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:#?}");
         self.plan(desired, domains).await
     }
@@ -247,7 +262,7 @@ async fn domain_start_waits_for_its_missing_bridge() {
         policy(&format!("  domains:\n    - name: vm1\n      restart: always\n{}", "  bridges:\n    - name: br0\n"));
     let p = net.plan(&desired, Some(&hv)).await;
     assert_eq!(render_text(&p), "br0: missing, policy wants it → create bridge\nvm1: shut off (destroyed), policy wants running → start\n2 actions planned\n");
-    let outcomes = apply_net_actions(&net.nl, &net.fwd, &p.network).await;
+    let outcomes = apply_net_actions(&net.nl, &net.fwd, &net.journal, &p.network).await;
     assert!(outcomes.iter().all(|o| o.error.is_none()));
     let report = apply_plan(&hv, &desired, &p).unwrap();
     assert_eq!(report.failed(), 0);
@@ -679,4 +694,55 @@ async fn engine_holds_tap_repairs_while_libvirt_is_disconnected() {
         .unwrap_or_else(|| panic!("tap not re-attached after reconnecting: {:#?}", engine.status()));
     engine.shutdown();
     task.await.unwrap();
+}
+
+/// `ip -6 route show default` in this namespace.
+fn ipv6_default_routes() -> String {
+    let out = std::process::Command::new("ip").args(["-6", "route", "show", "default"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn ipv6_forwarding_keeps_a_default_route_learned_from_router_advertisements() {
+    if !in_private_netns("ipv6_forwarding_keeps_a_default_route_learned_from_router_advertisements") {
+        return;
+    }
+    // up0 here, rt0 in a router namespace that advertises itself as the default router.
+    let router = virtwarden_tests::peer::PeerNetns::new();
+    sh(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "rt0"]);
+    router.take_link("rt0");
+    router.sh(&["ip", "link", "set", "rt0", "up"]);
+    router.sh(&["ip", "addr", "add", "fe80::1/64", "dev", "rt0", "nodad"]);
+    sh(&["ip", "link", "set", "up0", "up"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ipv6_default_routes().contains("proto ra") {
+        assert!(std::time::Instant::now() < deadline, "no RA-learned default route: {}", ipv6_default_routes());
+        router
+            .enter(|| virtwarden_tests::peer::send_router_advertisement("rt0", "fe80::1".parse().unwrap(), 1800))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ipv6_default_routes().contains("via fe80::1 dev up0"), "{}", ipv6_default_routes());
+    assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv6/conf/up0/accept_ra").unwrap().trim(), "1");
+
+    let net = Net::new();
+    let desired = policy("  forwarding: { ipv6: true }\n");
+    let p = net.plan(&desired, None).await;
+    assert_eq!(
+        render_text(&p),
+        "up0: takes its IPv6 default route from router advertisements (accept_ra 1); ipv6 forwarding on would drop that route → set accept_ra 2\n\
+         forwarding: ipv6 forwarding off, policy wants on → set ipv6 forwarding on\n\
+         2 actions planned\n"
+    );
+    assert!(net.converge(&desired, None).await.is_empty());
+    assert!(net.fwd.ipv6().unwrap());
+    assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv6/conf/up0/accept_ra").unwrap().trim(), "2");
+    // The kernel purges RA default routes synchronously when forwarding goes on: still here.
+    let routes = ipv6_default_routes();
+    assert!(routes.contains("via fe80::1 dev up0") && routes.contains("proto ra"), "{routes}");
+    // And new advertisements are still accepted (the route's lifetime is refreshed).
+    router
+        .enter(|| virtwarden_tests::peer::send_router_advertisement("rt0", "fe80::1".parse().unwrap(), 1800))
+        .unwrap();
+    assert!(ipv6_default_routes().contains("via fe80::1 dev up0"));
 }

@@ -5,8 +5,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::uplink::{give_back, take_over, TakeoverResult, UplinkJournal};
+use crate::hostnet::uplink::UplinkNet;
 use crate::hostnet::{Forwarding, HostNet, NetError};
-use crate::observe::{ForwardingState, ObservedNet};
+use crate::observe::{ForwardingState, ObservedNet, RaDefaultRoute};
 use crate::plan::network::{NetAction, NetActionKind};
 
 /// Read links, uplinks (default-route and global-address interfaces) and forwarding switches.
@@ -17,9 +19,13 @@ pub async fn observe_net<N: HostNet, F: Forwarding>(net: &N, fwd: &F) -> Result<
     };
     let default_route = names(net.default_route_links().await?);
     let global_address = names(net.global_address_links().await?);
+    let ra_default_route = names(net.ra_default_route_links().await?)
+        .into_iter()
+        .map(|name| RaDefaultRoute { accept_ra: fwd.accept_ra(&name).ok(), name })
+        .collect();
     // A namespace without IPv6 has no ipv6 forwarding file: report it as unknown.
     let forwarding = ForwardingState { ipv4: fwd.ipv4().ok(), ipv6: fwd.ipv6().ok() };
-    Ok(ObservedNet { links, forwarding, default_route, global_address })
+    Ok(ObservedNet { links, forwarding, default_route, global_address, ra_default_route, ..Default::default() })
 }
 
 /// Carry out one network action.
@@ -36,6 +42,11 @@ pub async fn execute_net_action<N: HostNet, F: Forwarding>(
         NetActionKind::Enslave { bridge } | NetActionKind::AttachTap { bridge, .. } => {
             net.enslave(subject, bridge).await
         }
+        NetActionKind::SetAcceptRa { value } => fwd.set_accept_ra(subject, *value),
+        // Runs through `take_over` (apply_net_actions); alone it only attaches the port.
+        NetActionKind::TakeOverUplink { bridge, .. } => net.enslave(subject, bridge).await,
+        // Needs the takeover's checkpoint: only through apply_net_actions.
+        NetActionKind::ReleaseUplink { .. } => Ok(()),
         NetActionKind::SetForwarding { family, on } => match family.as_str() {
             "ipv6" => fwd.set_ipv6(*on),
             _ => fwd.set_ipv4(*on),
@@ -49,14 +60,33 @@ pub struct NetOutcome {
     pub action: NetAction,
     pub error: Option<String>,
     pub millis: u128,
+    /// An uplink takeover's verification: what decided, how long it took, the rollback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verification: Option<TakeoverResult>,
 }
 
-/// Execute network actions in order, continuing past failures.
-pub async fn apply_net_actions<N: HostNet, F: Forwarding>(net: &N, fwd: &F, actions: &[NetAction]) -> Vec<NetOutcome> {
+/// Execute network actions in order, continuing past failures. Uplink takeovers run as a
+/// transaction (checkpoint in `journal`, verify, commit or roll back; see `act::uplink`).
+pub async fn apply_net_actions<N: HostNet + UplinkNet, F: Forwarding>(
+    net: &N,
+    fwd: &F,
+    journal: &dyn UplinkJournal,
+    actions: &[NetAction],
+) -> Vec<NetOutcome> {
     let mut out = Vec::with_capacity(actions.len());
     for action in actions {
         let started = Instant::now();
-        let result = execute_net_action(net, fwd, action).await;
+        let (result, verification) = match &action.kind {
+            NetActionKind::TakeOverUplink { bridge, takeover } => {
+                let r = take_over(net, journal, &action.subject, bridge, takeover).await;
+                (if r.verified { Ok(()) } else { Err(r.detail.clone()) }, Some(r))
+            }
+            NetActionKind::ReleaseUplink { bridge } => {
+                let r = give_back(net, journal, &action.subject, bridge).await;
+                (if r.verified { Ok(()) } else { Err(r.detail.clone()) }, Some(r))
+            }
+            _ => (execute_net_action(net, fwd, action).await.map_err(|e| e.to_string()), None),
+        };
         let millis = started.elapsed().as_millis();
         match &result {
             Ok(()) => {
@@ -66,7 +96,7 @@ pub async fn apply_net_actions<N: HostNet, F: Forwarding>(net: &N, fwd: &F, acti
                 tracing::warn!(subject = %action.subject, action = action.kind.name(), %e, "network action failed")
             }
         }
-        out.push(NetOutcome { action: action.clone(), error: result.err().map(|e| e.to_string()), millis });
+        out.push(NetOutcome { action: action.clone(), error: result.err(), millis, verification });
     }
     out
 }

@@ -156,9 +156,23 @@ impl Engine {
                         let _ = reply.send(text);
                     });
                 }
-                None => {
-                    let _ = reply.send(Err(format!("domain `{domain}` is not managed by any policy in force")));
-                }
+                // Not a domain: a bridge (or port) whose uplink takeover is held?
+                None => match crate::act::uplink::release(&*self.shared.memory, &domain) {
+                    Ok(held) if !held.is_empty() => {
+                        let what: Vec<String> =
+                            held.iter().map(|h| format!("{} → {} (held: {})", h.port, h.bridge, h.reason)).collect();
+                        let _ = reply.send(Ok(format!("released {}; trying again now", what.join(", "))));
+                        self.kick_network(network::NetKick::AllDomains);
+                    }
+                    Ok(_) => {
+                        let _ = reply.send(Err(format!(
+                            "`{domain}` is neither a domain managed by a policy in force nor a bridge with a held uplink change"
+                        )));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("cannot release {domain}: {e}")));
+                    }
+                },
             },
             Msg::Networks(networks) => {
                 *self.shared.networks.write().unwrap_or_else(|p| p.into_inner()) = networks;

@@ -90,6 +90,9 @@ pub struct Metrics {
     pub writer_conflicts: Family<DriftLabel, Counter>,
     /// Objects whose repairs are backed off now, by kind.
     pub backed_off: Family<DriftLabel, Gauge>,
+    /// Uplink changes rolled back (failed verification) and held now.
+    pub uplink_rollbacks: Counter,
+    pub uplink_held: Gauge,
     /// Guest health (issue 11).
     pub probe_seconds: ProbeHistograms,
     pub probe_failures: Family<ProbeFailureLabels, Counter>,
@@ -158,6 +161,18 @@ impl Default for Metrics {
             "Objects whose repairs are backed off now, by kind",
             backed_off.clone(),
         );
+        let uplink_rollbacks = Counter::default();
+        let uplink_held = Gauge::default();
+        registry.register(
+            "uplink_rollbacks",
+            "Uplink changes rolled back because their verification failed",
+            uplink_rollbacks.clone(),
+        );
+        registry.register(
+            "uplink_changes_held",
+            "Uplink changes held after a rollback (until the policy changes or `virtwarden release`)",
+            uplink_held.clone(),
+        );
         let probe_seconds: ProbeHistograms = Family::new_with_constructor(probe_histogram);
         let probe_failures = Family::<ProbeFailureLabels, Counter>::default();
         let guest_health = Family::<HealthLabels, Gauge>::default();
@@ -200,6 +215,8 @@ impl Default for Metrics {
             hooks_refused,
             writer_conflicts,
             backed_off,
+            uplink_rollbacks,
+            uplink_held,
             probe_seconds,
             probe_failures,
             guest_health,

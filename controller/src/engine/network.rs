@@ -15,9 +15,11 @@ use virtwarden_policies::DesiredState;
 use super::clock::sleep_until;
 use super::{Msg, Shared};
 use crate::act::network::{apply_net_actions, observe_net};
+use crate::act::uplink::{observe_uplinks, restore_pending};
 use crate::hostnet::events::spawn_listener;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
+use crate::hostnet::uplink::UplinkNet;
 use crate::hostnet::{Forwarding, HostNet};
 use crate::observe::ObservedHost;
 use crate::plan::flap::{tick_text, FlapDetector, FlapKey, FlapKind, FlapSettings, Verdict};
@@ -123,12 +125,24 @@ impl NetworkTask {
 
     /// Run on the given backends; `notifications` wake it (besides the engine's kicks) — any
     /// message counts, its content is only logged.
-    pub async fn run_with<N: HostNet, F: Forwarding, E: std::fmt::Debug>(
+    pub async fn run_with<N: HostNet + UplinkNet, F: Forwarding, E: std::fmt::Debug>(
         mut self,
         net: N,
         fwd: F,
         mut notifications: UnboundedReceiver<E>,
     ) {
+        // Before anything else: an uplink change interrupted by our own stop is undone.
+        let restored = restore_pending(&net, &*self.shared.memory).await;
+        if !restored.is_empty() {
+            self.shared.metrics.action("restore-uplink-checkpoint", true);
+            self.shared.update_network(|s| {
+                s.last_actions = restored
+                    .iter()
+                    .map(|r| format!("restored at start: uplink change {r} (interrupted by a stop)"))
+                    .collect();
+                s.last_action_at = Some(chrono::Utc::now());
+            });
+        }
         let mut retry: Option<Instant> = None;
         let mut delay = RETRY_MIN;
         loop {
@@ -170,13 +184,16 @@ impl NetworkTask {
     }
 
     /// One pass: observe, plan, act, read back.
-    async fn reconcile<N: HostNet, F: Forwarding>(&mut self, net: &N, fwd: &F) -> PassResult {
+    async fn reconcile<N: HostNet + UplinkNet, F: Forwarding>(&mut self, net: &N, fwd: &F) -> PassResult {
         let desired = self.desired.borrow().clone();
         let view = self.domain_view();
         let fresh = view.fresh;
         let mut host = view.host.clone();
         host.net = match observe_net(net, fwd).await {
-            Ok(n) => Some(n),
+            Ok(mut n) => {
+                observe_uplinks(net, &mut n, &desired, &*self.shared.memory).await;
+                Some(n)
+            }
             Err(e) => {
                 tracing::warn!(%e, "cannot observe the host network");
                 return PassResult { drift_left: true, wake_at: None };
@@ -198,15 +215,24 @@ impl NetworkTask {
                 self.shared.metrics.drift(a.kind.name());
                 tracing::info!(subject = %a.subject, reason = %a.reason, action = a.kind.name(), "correcting network drift");
             }
-            outcomes = apply_net_actions(net, fwd, &actions).await;
+            outcomes = apply_net_actions(net, fwd, &*self.shared.memory, &actions).await;
             for o in &outcomes {
                 self.shared.metrics.action(o.action.kind.name(), o.error.is_none());
+                if o.verification.as_ref().is_some_and(|v| v.rollback_millis.is_some()) {
+                    self.shared.metrics.uplink_rollbacks.inc();
+                }
                 if o.error.is_none() {
                     self.repaired(&o.action, now);
                 }
             }
             // Read back: what did not stick is reported with the attribute that differs.
-            host.net = observe_net(net, fwd).await.ok();
+            host.net = match observe_net(net, fwd).await {
+                Ok(mut n) => {
+                    observe_uplinks(net, &mut n, &desired, &*self.shared.memory).await;
+                    Some(n)
+                }
+                Err(_) => None,
+            };
         }
         let (mut left, mut left_notes) = plan(&host);
         // Backed-off objects are reported as conflicts, not retried as drift.
@@ -236,14 +262,17 @@ impl NetworkTask {
         for (kind, n) in backed_off {
             self.shared.metrics.set_backed_off(kind, n);
         }
+        let held = host.net.as_ref().map_or(0, |n| n.held_uplinks.len());
+        self.shared.metrics.uplink_held.set(held as i64);
         *self.shared.net_snapshot.write().unwrap_or_else(|p| p.into_inner()) = host.net.clone();
         self.shared.update_network(|s| {
             if !outcomes.is_empty() {
                 s.last_actions = outcomes
                     .iter()
-                    .map(|o| match &o.error {
-                        None => format!("ok: {}", o.action.line()),
-                        Some(e) => format!("FAILED: {}: {e}", o.action.line()),
+                    .map(|o| match (&o.error, &o.verification) {
+                        (None, Some(v)) => format!("ok: {} ({})", o.action.line(), v.detail),
+                        (None, None) => format!("ok: {}", o.action.line()),
+                        (Some(e), _) => format!("FAILED: {}: {e}", o.action.line()),
                     })
                     .collect();
                 s.last_action_at = Some(chrono::Utc::now());

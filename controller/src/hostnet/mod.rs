@@ -3,9 +3,12 @@
 //! calling process.
 
 pub mod events;
+pub mod icmp;
+pub mod managers;
 pub mod netlink;
 pub mod nexthop;
 pub mod sysctl;
+pub mod uplink;
 
 use std::future::Future;
 
@@ -34,6 +37,9 @@ pub trait HostNet: Send + Sync {
     /// Indexes of the interfaces that carry a default route: IPv4 or IPv6, in any routing
     /// table, through every nexthop of a multipath route or a nexthop object (group).
     fn default_route_links(&self) -> impl Future<Output = Result<Vec<u32>, NetError>> + Send;
+    /// Indexes of the interfaces carrying an IPv6 default route learned from router
+    /// advertisements (`proto ra`), in any table.
+    fn ra_default_route_links(&self) -> impl Future<Output = Result<Vec<u32>, NetError>> + Send;
     /// Indexes of the interfaces holding a global-scope address (IPv4 or IPv6).
     fn global_address_links(&self) -> impl Future<Output = Result<Vec<u32>, NetError>> + Send;
     fn create_bridge(&self, name: &str) -> impl Future<Output = Result<(), NetError>> + Send;
@@ -43,12 +49,16 @@ pub trait HostNet: Send + Sync {
     fn enslave(&self, port: &str, bridge: &str) -> impl Future<Output = Result<(), NetError>> + Send;
 }
 
-/// IP forwarding of this network namespace.
+/// IP forwarding of this network namespace, and the per-interface `accept_ra` that decides
+/// whether an RA-learned default route survives IPv6 forwarding.
 pub trait Forwarding: Send + Sync {
     fn ipv4(&self) -> Result<bool, NetError>;
     fn ipv6(&self) -> Result<bool, NetError>;
     fn set_ipv4(&self, on: bool) -> Result<(), NetError>;
     fn set_ipv6(&self, on: bool) -> Result<(), NetError>;
+    /// `net.ipv6.conf.<iface>.accept_ra` (0, 1 or 2).
+    fn accept_ra(&self, iface: &str) -> Result<u8, NetError>;
+    fn set_accept_ra(&self, iface: &str, value: u8) -> Result<(), NetError>;
 }
 
 /// Convert kernel centiseconds to whole seconds (rounded).

@@ -31,6 +31,10 @@ impl NetlinkHost {
         Ok(NetlinkHost { handle, nexthops: NexthopSocket::connect()? })
     }
 
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     async fn index_of(&self, op: &'static str, name: &str) -> Result<u32, NetError> {
         let mut links = self.handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
@@ -159,6 +163,25 @@ impl HostNet for NetlinkHost {
                 indexes.extend(nexthops.interfaces(id));
             }
         }
+        indexes.sort();
+        indexes.dedup();
+        Ok(indexes)
+    }
+
+    async fn ra_default_route_links(&self) -> Result<Vec<u32>, NetError> {
+        let msg = all_routes(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build());
+        let routes: Vec<RouteMessage> =
+            self.handle.route().get(msg).execute().try_collect().await.map_err(|source| NetError::Netlink {
+                op: "list routes",
+                object: String::new(),
+                source,
+            })?;
+        let mut indexes: Vec<u32> = routes
+            .iter()
+            .filter(|r| r.header.protocol == RouteProtocol::Ra)
+            .filter_map(default_route_exits)
+            .flat_map(|(oifs, _)| oifs)
+            .collect();
         indexes.sort();
         indexes.dedup();
         Ok(indexes)

@@ -1,4 +1,5 @@
-//! IP forwarding through `/proc/sys/net`, which shows the caller's network namespace.
+//! IP forwarding and `accept_ra` through `/proc/sys/net`, which shows the caller's network
+//! namespace.
 
 use std::path::PathBuf;
 
@@ -30,9 +31,25 @@ impl ProcForwarding {
     }
 
     fn write(&self, key: &str, on: bool) -> Result<(), NetError> {
-        std::fs::write(self.root.join(key), if on { "1\n" } else { "0\n" })
+        self.write_value(key, if on { 1 } else { 0 })
+    }
+
+    fn write_value(&self, key: &str, value: u8) -> Result<(), NetError> {
+        std::fs::write(self.root.join(key), format!("{value}\n"))
             .map_err(|source| NetError::Sysctl { key: key.into(), source })
     }
+}
+
+/// `net/ipv6/conf/<iface>/accept_ra`, or an error for a name that is not one interface's (the
+/// kernel forbids `/` and the names `.` and `..`; a name from outside is checked anyway).
+fn accept_ra_key(iface: &str) -> Result<String, NetError> {
+    if iface.is_empty() || iface.len() > 15 || iface.contains('/') || iface == "." || iface == ".." {
+        return Err(NetError::Sysctl {
+            key: format!("net/ipv6/conf/{iface}/accept_ra"),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an interface name"),
+        });
+    }
+    Ok(format!("net/ipv6/conf/{iface}/accept_ra"))
 }
 
 impl Forwarding for ProcForwarding {
@@ -47,5 +64,17 @@ impl Forwarding for ProcForwarding {
     }
     fn set_ipv6(&self, on: bool) -> Result<(), NetError> {
         self.write(IPV6_FORWARD, on)
+    }
+    fn accept_ra(&self, iface: &str) -> Result<u8, NetError> {
+        let key = accept_ra_key(iface)?;
+        let text = std::fs::read_to_string(self.root.join(&key))
+            .map_err(|source| NetError::Sysctl { key: key.clone(), source })?;
+        text.trim().parse::<u8>().map_err(|e| NetError::Sysctl {
+            key,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })
+    }
+    fn set_accept_ra(&self, iface: &str, value: u8) -> Result<(), NetError> {
+        self.write_value(&accept_ra_key(iface)?, value)
     }
 }

@@ -21,6 +21,10 @@ pub struct Memory {
     /// What the network flap detector keeps about links (owned by the network task).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub network: serde_json::Value,
+    /// Uplink takeovers: in flight (checkpoints to restore first at start), committed, held
+    /// (owned by `act::uplink`).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub uplinks: serde_json::Value,
 }
 
 impl Memory {

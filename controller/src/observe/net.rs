@@ -19,6 +19,74 @@ pub struct ObservedNet {
     /// Interfaces holding a global-scope address (IPv4 or IPv6).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub global_address: Vec<String>,
+    /// Interfaces whose IPv6 default route was learned from router advertisements (`proto ra`),
+    /// with their `accept_ra` setting: turning IPv6 forwarding on drops those routes unless
+    /// `accept_ra` is 2.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ra_default_route: Vec<RaDefaultRoute>,
+    /// Uplinks that a bridge with `allowUplinkChange` lists as ports and that are not its
+    /// ports yet: what a takeover would move, and who else manages them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uplink_ports: Vec<UplinkPort>,
+    /// Uplink takeovers that failed verification and were rolled back (from the durable
+    /// memory): held until the policy changes or an admin releases them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_uplinks: Vec<HeldUplink>,
+    /// Uplinks virtwarden took over (from the durable memory), as `(port, bridge)`: when the
+    /// policy no longer lists them they are given back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taken_over: Vec<(String, String)>,
+}
+
+/// An uplink port as a takeover into `bridge` would see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UplinkPort {
+    pub name: String,
+    pub bridge: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// `198.51.100.2/24 (valid 3600s, preferred 3600s)`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// `default via 198.51.100.1 table main`.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// `priority 100 iif eth0 table 10`.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Gateways of the default routes that move.
+    #[serde(default)]
+    pub gateways: Vec<std::net::IpAddr>,
+    /// Other managers of the link: `DHCP client dhclient (pid 42)`, `NetworkManager (pid 7)`.
+    #[serde(default)]
+    pub managers: Vec<String>,
+}
+
+/// A takeover rolled back after failed verification.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeldUplink {
+    pub bridge: String,
+    pub port: String,
+    /// Why verification failed.
+    pub reason: String,
+    /// When it was rolled back (RFC 3339).
+    pub at: String,
+    /// The bridge's policy when it failed: a changed policy is tried again.
+    pub fingerprint: String,
+}
+
+/// An interface whose IPv6 default route comes from router advertisements.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RaDefaultRoute {
+    pub name: String,
+    /// `net.ipv6.conf.<name>.accept_ra` (0, 1 or 2); `None` when it could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_ra: Option<u8>,
 }
 
 impl ObservedNet {

@@ -2,7 +2,7 @@
 //! on their bridge, IP forwarding. Pure: reads observed values only.
 
 use serde::Serialize;
-use virtwarden_policies::{DesiredState, ManagedBridge};
+use virtwarden_policies::{DesiredState, Duration, ManagedBridge, UplinkChange, VerifyProbe};
 
 use super::flap::{FlapKey, FlapKind};
 use super::{Note, Severity};
@@ -45,6 +45,22 @@ pub enum NetActionKind {
         family: String,
         on: bool,
     },
+    /// Take the subject, an uplink, over into `bridge`: MAC, MTU, addresses, routes and rules
+    /// move to the bridge, then the port is enslaved; verified, rolled back on failure.
+    TakeOverUplink {
+        bridge: String,
+        takeover: Takeover,
+    },
+    /// Give the subject, an uplink virtwarden took over into `bridge`, back: its addresses,
+    /// routes and rules return to it and it leaves the bridge (the policy no longer lists it).
+    ReleaseUplink {
+        bridge: String,
+    },
+    /// Set `net.ipv6.conf.<subject>.accept_ra`: 2 keeps an RA-learned default route when IPv6
+    /// forwarding goes on.
+    SetAcceptRa {
+        value: u8,
+    },
 }
 
 impl NetActionKind {
@@ -72,6 +88,11 @@ impl NetActionKind {
             NetActionKind::SetForwarding { family, on } => {
                 format!("set {family} forwarding {}", if *on { "on" } else { "off" })
             }
+            NetActionKind::SetAcceptRa { value } => format!("set accept_ra {value}"),
+            NetActionKind::TakeOverUplink { bridge, takeover } => takeover.describe(bridge),
+            NetActionKind::ReleaseUplink { bridge } => {
+                format!("give back: addresses, routes and rules from {bridge} back to it, then detach; verify its gateways answer")
+            }
         }
     }
 
@@ -83,8 +104,75 @@ impl NetActionKind {
             NetActionKind::Enslave { .. } => "attach-port",
             NetActionKind::AttachTap { .. } => "attach-tap",
             NetActionKind::SetForwarding { .. } => "set-forwarding",
+            NetActionKind::SetAcceptRa { .. } => "set-accept-ra",
+            NetActionKind::TakeOverUplink { .. } => "take-over-uplink",
+            NetActionKind::ReleaseUplink { .. } => "release-uplink",
         }
     }
+}
+
+/// What a takeover moves and what decides it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Takeover {
+    pub mac: Option<String>,
+    pub mtu: Option<u32>,
+    pub addresses: Vec<String>,
+    pub routes: Vec<String>,
+    pub rules: Vec<String>,
+    /// Default gateways that must answer ARP/NDP on the bridge.
+    pub gateways: Vec<std::net::IpAddr>,
+    /// The policy's own probes.
+    pub probes: Vec<VerifyProbe>,
+    pub verify_timeout: Duration,
+    /// The bridge policy as planned (a held change is retried when it differs).
+    pub fingerprint: String,
+    /// Other managers of the link, when `allowUplinkChange: force` overrode them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forced_past: Vec<String>,
+}
+
+impl Takeover {
+    /// The probes that decide, in words.
+    pub fn deciders(&self, bridge: &str) -> Vec<String> {
+        let mut out: Vec<String> =
+            self.gateways.iter().map(|g| format!("gateway {g} answers ARP/NDP on {bridge}")).collect();
+        out.extend(self.probes.iter().map(|p| p.to_string()));
+        out
+    }
+
+    fn describe(&self, bridge: &str) -> String {
+        let moves = |what: &str, v: &[String]| {
+            if v.is_empty() {
+                format!("no {what}")
+            } else {
+                format!("{what} {} → {bridge}", v.join(", "))
+            }
+        };
+        let mut link = Vec::new();
+        if let Some(m) = &self.mac {
+            link.push(format!("MAC {m}"));
+        }
+        if let Some(m) = self.mtu {
+            link.push(format!("MTU {m}"));
+        }
+        let deciders = self.deciders(bridge);
+        format!(
+            "take over into {bridge}: {}; {}; {}; {}; then attach to {bridge}; verify within {}: {}; roll back if not{}",
+            if link.is_empty() { "MAC and MTU unknown".to_string() } else { format!("{} → {bridge}", link.join(", ")) },
+            moves("addresses", &self.addresses),
+            moves("routes", &self.routes),
+            moves("rules", &self.rules),
+            self.verify_timeout,
+            if deciders.is_empty() { "nothing to probe (no default gateway, no verify probes)".into() } else { deciders.join(", ") },
+            if self.forced_past.is_empty() { String::new() } else { format!(" (forced past {})", self.forced_past.join(", ")) }
+        )
+    }
+}
+
+/// The bridge policy as text: a held takeover is tried again once it changes.
+pub fn bridge_fingerprint(b: &ManagedBridge) -> String {
+    serde_json::to_string(&b.spec).unwrap_or_default()
 }
 
 /// One planned network change; `subject` is a bridge, a port or `forwarding`.
@@ -113,9 +201,14 @@ impl NetAction {
         let kind = match &self.kind {
             NetActionKind::CreateBridge | NetActionKind::SetUp => FlapKind::Bridge,
             NetActionKind::SetStp { .. } => FlapKind::Stp,
-            NetActionKind::Enslave { .. } => FlapKind::Port,
+            NetActionKind::Enslave { .. }
+            | NetActionKind::TakeOverUplink { .. }
+            | NetActionKind::ReleaseUplink { .. } => FlapKind::Port,
             NetActionKind::AttachTap { .. } => FlapKind::Tap,
             NetActionKind::SetForwarding { family, .. } => return FlapKey::new(FlapKind::Forwarding, family),
+            NetActionKind::SetAcceptRa { .. } => {
+                return FlapKey::new(FlapKind::Forwarding, &format!("ipv6 accept_ra {}", self.subject))
+            }
         };
         FlapKey::new(kind, &self.subject)
     }
@@ -225,7 +318,7 @@ pub fn tap_mac_matches(tap_mac: &str, guest_mac: &str) -> bool {
 /// its ports, or a port it lists carries a default route or holds a global address — unless its
 /// policy says `allowUplinkChange: true`.
 fn uplink_guard(b: &ManagedBridge, net: &ObservedNet) -> Option<String> {
-    if b.spec.allow_uplink_change {
+    if b.spec.allow_uplink_change.allowed() {
         return None;
     }
     net.bridge_uplink(&b.spec.name)
@@ -303,6 +396,7 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
         }
         plan_ports(b, net, &taps, &mut actions, &mut notes);
     }
+    plan_releases(desired, net, &mut actions);
     plan_taps(desired, net, &taps, &mut actions, &mut notes);
     for (family, want, have) in [
         ("ipv4", desired.ipv4_forwarding.as_ref(), net.forwarding.ipv4),
@@ -311,6 +405,9 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
         let (Some(want), Some(have)) = (want, have) else {
             continue;
         };
+        if family == "ipv6" && want.enabled && !keep_ra_default_routes(net, &want.policy, &mut actions, &mut notes) {
+            continue;
+        }
         if want.enabled != have {
             actions.push(NetAction {
                 subject: "forwarding".into(),
@@ -321,6 +418,45 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
         }
     }
     (actions, notes)
+}
+
+/// IPv6 forwarding on makes the kernel drop every default route learned from router
+/// advertisements on an interface whose `accept_ra` is 1 (and ignore new RAs there), which cuts
+/// a host off whose IPv6 default route comes from RAs. `accept_ra = 2` keeps accepting them
+/// while forwarding — what an operator turning a host into an IPv6 router does — so it is set on
+/// exactly those interfaces first. Interfaces without an RA-learned default route keep their
+/// setting. Returns false (forwarding held, with a warning) when an interface's `accept_ra`
+/// cannot be read: we cannot tell whether forwarding would cut it off.
+fn keep_ra_default_routes(
+    net: &ObservedNet,
+    policy: &str,
+    actions: &mut Vec<NetAction>,
+    notes: &mut Vec<Note>,
+) -> bool {
+    let mut ok = true;
+    for ra in &net.ra_default_route {
+        match ra.accept_ra {
+            Some(1) => actions.push(NetAction {
+                subject: ra.name.clone(),
+                policy: policy.to_string(),
+                kind: NetActionKind::SetAcceptRa { value: 2 },
+                reason: "takes its IPv6 default route from router advertisements (accept_ra 1); ipv6 forwarding on would drop that route".into(),
+            }),
+            Some(_) => {}
+            None => {
+                ok = false;
+                notes.push(Note {
+                    subject: "forwarding".into(),
+                    severity: Severity::Warning,
+                    message: format!(
+                        "ipv6 forwarding → held: {} takes its IPv6 default route from router advertisements and its accept_ra cannot be read (forwarding on could drop that route)",
+                        ra.name
+                    ),
+                });
+            }
+        }
+    }
+    ok
 }
 
 /// Domain data is stale (libvirt disconnected): a tap's name may already belong to another
@@ -379,6 +515,14 @@ fn plan_ports(
             None => {}
         }
         let reason = format!("not a port of {name}, policy lists it");
+        if b.spec.allow_uplink_change.allowed() {
+            if let Some(why) = net.uplink_reason(port) {
+                if let Some(a) = plan_takeover(b, net, port, why, notes) {
+                    actions.push(a);
+                }
+                continue;
+            }
+        }
         if let Some(uplink) = &guard {
             notes.push(Note {
                 subject: port.clone(),
@@ -404,6 +548,88 @@ fn plan_ports(
                 message: format!("port {port} is neither listed nor a managed domain's tap → left alone"),
             });
         }
+    }
+}
+
+/// Taking uplink `port` over into `b`: refused while another manager runs the link (unless
+/// `force`), held after a failed verification until the policy changes or an admin releases
+/// it, else one action that says what moves and what decides.
+fn plan_takeover(
+    b: &ManagedBridge,
+    net: &ObservedNet,
+    port: &str,
+    why: &str,
+    notes: &mut Vec<Note>,
+) -> Option<NetAction> {
+    let bridge = b.spec.name.as_str();
+    let mut note = |message: String| {
+        notes.push(Note { subject: port.to_string(), severity: Severity::Warning, message });
+    };
+    let Some(up) = net.uplink_ports.iter().find(|u| u.name == port && u.bridge == bridge) else {
+        note(format!("{why}; its addresses and routes could not be read → takeover into {bridge} held"));
+        return None;
+    };
+    let fingerprint = bridge_fingerprint(b);
+    if let Some(h) =
+        net.held_uplinks.iter().find(|h| h.port == port && h.bridge == bridge && h.fingerprint == fingerprint)
+    {
+        note(format!(
+            "takeover into {bridge} → held: verification failed at {}: {}; rolled back; retried when the policy changes or after `virtwarden release {bridge}`",
+            h.at, h.reason
+        ));
+        return None;
+    }
+    let forced_past = match (&b.spec.allow_uplink_change, up.managers.is_empty()) {
+        (_, true) => Vec::new(),
+        (UplinkChange::Force, false) => up.managers.clone(),
+        (_, false) => {
+            note(format!(
+                "{}error: {why} and is managed by {} → takeover into {bridge} refused: two managers for one link fight over its addresses (stop that manager for {port}, or set allowUplinkChange: force)",
+                b.location.as_deref().map(|l| format!("{l}: ")).unwrap_or_default(),
+                up.managers.join(", ")
+            ));
+            return None;
+        }
+    };
+    Some(NetAction {
+        subject: port.to_string(),
+        policy: b.policy.clone(),
+        kind: NetActionKind::TakeOverUplink {
+            bridge: bridge.to_string(),
+            takeover: Takeover {
+                mac: up.mac.clone(),
+                mtu: up.mtu,
+                addresses: up.addresses.clone(),
+                routes: up.routes.clone(),
+                rules: up.rules.clone(),
+                gateways: up.gateways.clone(),
+                probes: b.spec.verify.clone(),
+                verify_timeout: b.spec.verify_timeout(),
+                fingerprint,
+                forced_past,
+            },
+        },
+        reason: format!("uplink ({why}), policy lists it as a port of {bridge} with allowUplinkChange"),
+    })
+}
+
+/// Uplinks virtwarden took over that the policy no longer lists (the port dropped from
+/// `ports`, `allowUplinkChange` withdrawn, or the bridge gone from the policies) are given back.
+fn plan_releases(desired: &DesiredState, net: &ObservedNet, actions: &mut Vec<NetAction>) {
+    for (port, bridge) in &net.taken_over {
+        let still_wanted = desired
+            .bridge(bridge)
+            .is_some_and(|b| b.spec.allow_uplink_change.allowed() && b.spec.ports.iter().any(|p| p == port));
+        let on_bridge = net.link(port).is_some_and(|l| l.master.as_deref() == Some(bridge.as_str()));
+        if still_wanted || !on_bridge {
+            continue;
+        }
+        actions.push(NetAction {
+            subject: port.clone(),
+            policy: desired.bridge(bridge).map(|b| b.policy.clone()).unwrap_or_default(),
+            kind: NetActionKind::ReleaseUplink { bridge: bridge.clone() },
+            reason: format!("taken over into {bridge} by virtwarden; no policy lists it there any more"),
+        });
     }
 }
 
@@ -499,7 +725,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::observe::{BridgeAttrs, Interface, NetLink, ObservedDomain};
+    use crate::observe::{BridgeAttrs, HeldUplink, Interface, NetLink, ObservedDomain};
 
     fn desired(spec: &str) -> DesiredState {
         let text = format!("apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n{spec}");
@@ -746,5 +972,116 @@ mod tests {
         let (actions, _) = plan_network(&d, &h);
         let keys: Vec<String> = actions.iter().map(|a| a.flap_key().to_string()).collect();
         assert_eq!(keys, ["bridge br0 stp", "port eth1", "forwarding ipv6"]);
+    }
+
+    fn ra_host(accept_ra: Option<u8>, ipv6_forwarding: bool) -> ObservedHost {
+        ObservedHost {
+            net: Some(ObservedNet {
+                links: vec![link("eth0", None, None, None), link("eth1", None, None, None)],
+                default_route: vec!["eth0".into()],
+                ra_default_route: vec![crate::observe::RaDefaultRoute { name: "eth0".into(), accept_ra }],
+                forwarding: crate::observe::ForwardingState { ipv4: Some(false), ipv6: Some(ipv6_forwarding) },
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ipv6_forwarding_first_sets_accept_ra_2_where_the_default_route_comes_from_ras() {
+        let d = desired("  forwarding: { ipv6: true }\n");
+        assert_eq!(
+            lines(&d, &ra_host(Some(1), false)),
+            [
+                "eth0: takes its IPv6 default route from router advertisements (accept_ra 1); ipv6 forwarding on would drop that route → set accept_ra 2",
+                "forwarding: ipv6 forwarding off, policy wants on → set ipv6 forwarding on",
+            ]
+        );
+        // Already 2 (or 0: no RA is accepted anyway): forwarding alone.
+        for v in [2, 0] {
+            assert_eq!(
+                lines(&d, &ra_host(Some(v), false)),
+                ["forwarding: ipv6 forwarding off, policy wants on → set ipv6 forwarding on"]
+            );
+        }
+        // Forwarding already on and accept_ra put back to 1: the route would expire; set again.
+        assert_eq!(lines(&d, &ra_host(Some(1), true)).len(), 1);
+        // IPv4 forwarding and IPv6 forwarding off never touch accept_ra.
+        for spec in ["  forwarding: { ipv4: true }\n", "  forwarding: { ipv6: false }\n"] {
+            assert!(lines(&desired(spec), &ra_host(Some(1), true)).iter().all(|l| !l.contains("accept_ra")));
+        }
+    }
+
+    #[test]
+    fn ipv6_forwarding_is_held_when_accept_ra_of_an_ra_uplink_is_unknown() {
+        let d = desired("  forwarding: { ipv6: true }\n");
+        assert_eq!(
+            lines(&d, &ra_host(None, false)),
+            ["warning: forwarding: ipv6 forwarding → held: eth0 takes its IPv6 default route from router advertisements and its accept_ra cannot be read (forwarding on could drop that route)"]
+        );
+    }
+
+    fn takeover_host(managers: &[&str], held: Option<HeldUplink>) -> ObservedHost {
+        ObservedHost {
+            net: Some(ObservedNet {
+                links: vec![
+                    link("br0", Some("bridge"), None, None),
+                    link("eth0", None, None, Some("52:54:00:00:00:01")),
+                ],
+                default_route: vec!["eth0".into()],
+                uplink_ports: vec![crate::observe::UplinkPort {
+                    name: "eth0".into(),
+                    bridge: "br0".into(),
+                    mac: Some("52:54:00:00:00:01".into()),
+                    mtu: Some(9000),
+                    addresses: vec!["192.0.2.2/24 (valid 600s, preferred 600s)".into()],
+                    routes: vec!["default via 192.0.2.1 table main".into()],
+                    rules: vec![],
+                    gateways: vec!["192.0.2.1".parse().unwrap()],
+                    managers: managers.iter().map(|m| m.to_string()).collect(),
+                }],
+                held_uplinks: held.into_iter().collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    const TAKEOVER: &str = "  bridges:\n    - name: br0\n      ports: [eth0]\n      allowUplinkChange: true\n      verify: [{tcp: {address: 192.0.2.1, port: 22}}]\n";
+
+    #[test]
+    fn an_allowed_uplink_port_is_taken_over_and_the_plan_says_what_moves_and_what_decides() {
+        assert_eq!(
+            lines(&desired(TAKEOVER), &takeover_host(&[], None)),
+            ["eth0: uplink (carries a default route), policy lists it as a port of br0 with allowUplinkChange → take over into br0: MAC 52:54:00:00:00:01, MTU 9000 → br0; addresses 192.0.2.2/24 (valid 600s, preferred 600s) → br0; routes default via 192.0.2.1 table main → br0; no rules; then attach to br0; verify within 10s: gateway 192.0.2.1 answers ARP/NDP on br0, tcp 192.0.2.1:22; roll back if not"]
+        );
+    }
+
+    #[test]
+    fn another_manager_refuses_the_takeover_unless_forced() {
+        let l = lines(&desired(TAKEOVER), &takeover_host(&["NetworkManager (pid 7)"], None));
+        assert_eq!(l.len(), 1);
+        assert!(l[0].starts_with("warning: eth0: t.yaml:9:26: error: carries a default route and is managed by NetworkManager (pid 7) → takeover into br0 refused"), "{l:?}");
+        let forced = desired(&TAKEOVER.replace("allowUplinkChange: true", "allowUplinkChange: force"));
+        let l = lines(&forced, &takeover_host(&["NetworkManager (pid 7)"], None));
+        assert!(l[0].ends_with("roll back if not (forced past NetworkManager (pid 7))"), "{l:?}");
+    }
+
+    #[test]
+    fn a_held_takeover_waits_for_a_policy_change() {
+        let d = desired(TAKEOVER);
+        let held = HeldUplink {
+            bridge: "br0".into(),
+            port: "eth0".into(),
+            reason: "tcp 192.0.2.1:22 did not answer within 10s".into(),
+            at: "2026-12-06T04:00:00Z".into(),
+            fingerprint: bridge_fingerprint(&d.bridges[0]),
+        };
+        assert_eq!(
+            lines(&d, &takeover_host(&[], Some(held.clone()))),
+            ["warning: eth0: takeover into br0 → held: verification failed at 2026-12-06T04:00:00Z: tcp 192.0.2.1:22 did not answer within 10s; rolled back; retried when the policy changes or after `virtwarden release br0`"]
+        );
+        let changed = desired(&format!("{TAKEOVER}      verifyTimeout: 30s\n"));
+        assert_eq!(plan_network(&changed, &takeover_host(&[], Some(held))).0.len(), 1);
     }
 }
