@@ -204,14 +204,21 @@ impl EngineHandle {
         matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
     }
 
-    /// Whether the engine makes progress: its loop answers, and while connected, resync rounds
-    /// complete (a round waits only for the managed domains, each bounded by the read
-    /// deadline). For the systemd watchdog and `/healthz`: a stuck engine is restarted.
+    /// Whether the engine makes progress: its loop answers, its own work moves (no libvirt call
+    /// waits [`STALL`] for a thread, no status or memory write hangs for [`STALL`]), and while
+    /// connected, resync rounds complete (a round waits only for the managed domains, each
+    /// bounded by the read deadline). A domain whose storage hangs costs only its own thread
+    /// and is not a lack of progress. For the systemd watchdog and `/healthz`: a stuck engine
+    /// is restarted.
     pub async fn liveness(&self) -> Result<(), String> {
         if !self.ping(Duration::from_secs(1)).await {
             return Err("the engine loop does not answer".into());
         }
         let s = &self.shared;
+        let memory = s.memory.path().is_some().then(|| s.memory.io_stats());
+        if let Some(why) = stalled(&s.limits.pool().stats(), &s.status_io.stats(), memory.as_ref(), STALL) {
+            return Err(why);
+        }
         let Some(since) = *s.connected_since.lock().unwrap_or_else(|p| p.into_inner()) else {
             return Ok(()); // reconnecting is progress
         };
@@ -246,6 +253,36 @@ impl EngineHandle {
             }
         }
     }
+}
+
+/// The engine makes no progress (`/healthz` fails, the systemd watchdog is withheld) when its
+/// own work waits this long: a libvirt call for a thread, a status or memory write to return.
+pub const STALL: Duration = Duration::from_secs(60);
+
+/// Why the engine's own work does not move, if it does not: a libvirt call waiting longer than
+/// `bound` for a thread (every thread of the pool hung), a status or memory write in flight
+/// longer than `bound`.
+fn stalled(
+    libvirt: &crate::blocking::PoolStats,
+    status: &crate::blocking::PoolStats,
+    memory: Option<&crate::blocking::PoolStats>,
+    bound: Duration,
+) -> Option<String> {
+    let over = |d: Option<Duration>| d.filter(|d| *d > bound).map(|d| d.as_secs());
+    if let Some(s) = over(libvirt.oldest_queued) {
+        return Some(format!(
+            "a libvirt call has waited {s}s for a thread ({} hung calls hold the pool; allowed {}s)",
+            libvirt.stuck,
+            bound.as_secs()
+        ));
+    }
+    if let Some(s) = over(status.oldest_running) {
+        return Some(format!("the status write has not returned for {s}s (allowed {}s)", bound.as_secs()));
+    }
+    if let Some(s) = memory.and_then(|m| over(m.oldest_running)) {
+        return Some(format!("the memory write has not returned for {s}s (allowed {}s)", bound.as_secs()));
+    }
+    None
 }
 
 /// Starts engines.
@@ -294,6 +331,7 @@ impl Engine {
             memory,
             clock: backends.clock,
             limits,
+            status_io: crate::blocking::Pool::new("status", 1, 0),
             config: config.clone(),
             ready: AtomicBool::new(false),
             reconnecting: AtomicBool::new(false),
@@ -328,6 +366,31 @@ fn open_memory(dir: Option<&std::path::Path>) -> (Arc<MemoryStore>, Option<Strin
     match MemoryStore::open(dir) {
         Ok((store, problem)) => (Arc::new(store), problem.map(|p| p.to_string())),
         Err(e) => (Arc::new(MemoryStore::in_memory()), Some(format!("{e}; remembering in memory only"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocking::PoolStats;
+
+    #[test]
+    fn only_the_engines_own_work_waiting_too_long_is_a_stall() {
+        let bound = Duration::from_secs(60);
+        let idle = PoolStats::default();
+        // Hung calls that were replaced (the pool still takes work) are no stall.
+        let hung = PoolStats { stuck: 16, live: 8, ..Default::default() };
+        assert_eq!(stalled(&hung, &idle, Some(&idle), bound), None);
+        let busy = PoolStats { oldest_queued: Some(Duration::from_secs(5)), ..hung };
+        assert_eq!(stalled(&busy, &idle, Some(&idle), bound), None, "a short wait for a thread");
+        let full = PoolStats { stuck: 72, live: 0, oldest_queued: Some(Duration::from_secs(61)), ..Default::default() };
+        let why = stalled(&full, &idle, None, bound).expect("no thread for 61s");
+        assert!(why.starts_with("a libvirt call has waited 61s for a thread (72 hung calls"), "{why}");
+        let writing = PoolStats { oldest_running: Some(Duration::from_secs(90)), ..Default::default() };
+        assert!(stalled(&idle, &writing, None, bound)
+            .unwrap()
+            .starts_with("the status write has not returned for 90s"));
+        assert!(stalled(&idle, &idle, Some(&writing), bound).unwrap().starts_with("the memory write"));
     }
 }
 

@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     pub(crate) memory: Arc<MemoryStore>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) limits: Arc<CallLimits>,
+    /// The status writer's own thread: never behind libvirt calls or path checks.
+    pub(crate) status_io: crate::blocking::Pool,
     pub(crate) config: EngineConfig,
     pub(super) ready: AtomicBool,
     pub(super) reconnecting: AtomicBool,
@@ -99,6 +101,8 @@ impl Shared {
             f(entry);
             let label = super::metrics::DomainLabel { domain: name.to_string() };
             self.metrics.domain_quarantined.get_or_create(&label).set(i64::from(entry.quarantined.is_some()));
+            self.metrics.domain_stalled.get_or_create(&label).set(i64::from(entry.stalled.is_some()));
+            self.metrics.stalled.set(book.values().filter(|d| d.stalled.is_some()).count() as i64);
             let quarantined = book.values().filter(|d| d.quarantined.is_some()).count();
             self.metrics.quarantined.set(quarantined as i64);
             let waiting = book.values().filter(|d| !d.waiting_for.is_empty()).count();
@@ -115,8 +119,13 @@ impl Shared {
 
     /// Forget a domain that is no longer managed.
     pub(super) fn remove_domain(&self, name: &str) {
-        self.book.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        {
+            let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+            book.remove(name);
+            self.metrics.stalled.set(book.values().filter(|d| d.stalled.is_some()).count() as i64);
+        }
         self.metrics.domain_quarantined.remove(&super::metrics::DomainLabel { domain: name.to_string() });
+        self.metrics.domain_stalled.remove(&super::metrics::DomainLabel { domain: name.to_string() });
         self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         self.healthy.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         self.metrics.forget_health(name);

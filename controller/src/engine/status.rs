@@ -114,6 +114,12 @@ pub struct DomainStatus {
     pub last_guest_event: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_guest_event_at: Option<DateTime<Utc>>,
+    /// Why its state is `stalled`: a libvirt call about it does not return (storage hung, a
+    /// stuck job); it is asked nothing else until that call returns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_since: Option<DateTime<Utc>>,
     /// What its start (or its stop) waits for (`startup`: `db1 (not running)`, `/mnt/images`,
     /// `order group 1 (+30s delay after db1)`, `a start slot …`); empty when it does not wait.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -44,6 +44,8 @@ pub struct MemoryStore {
     written: watch::Sender<u64>,
     wake: Notify,
     problem: Mutex<Option<String>>,
+    /// The writer's own thread: never behind libvirt calls or path checks.
+    io: crate::blocking::Pool,
 }
 
 impl MemoryStore {
@@ -59,6 +61,7 @@ impl MemoryStore {
             written: watch::channel(0).0,
             wake: Notify::new(),
             problem: Mutex::new(None),
+            io: crate::blocking::Pool::new("memory", 1, 0),
         }
     }
 
@@ -122,6 +125,11 @@ impl MemoryStore {
         *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
     }
 
+    /// The writer's thread (a write that never returns shows in its stats).
+    pub fn io_stats(&self) -> crate::blocking::PoolStats {
+        self.io.stats()
+    }
+
     /// The last load or write problem, if it has not been resolved by a later write.
     pub fn problem(&self) -> Option<String> {
         self.problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -173,7 +181,7 @@ impl MemoryStore {
                 continue;
             }
             let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.write_now()).await {
+            match self.io.spawn(move || me.write_now()).finish().await {
                 Ok(Ok(_)) => retry = Duration::from_millis(100),
                 Ok(Err(e)) => {
                     tracing::error!(%e, retry_in = ?retry, "cannot persist virtwarden's memory");

@@ -392,6 +392,7 @@ impl Coordinator {
         };
         if idle {
             self.paths.set(BTreeSet::new());
+            shared.metrics.paths_not_answering.set(0);
             self.clear_all(shared);
             return None;
         }
@@ -403,6 +404,7 @@ impl Coordinator {
             let watched = st.starts.keys().flat_map(|d| st.order.paths(d).to_vec()).collect();
             self.paths.set(watched);
             view.facts.missing_paths = self.paths.missing();
+            shared.metrics.paths_not_answering.set(self.paths.not_answering() as i64);
             view.facts.started_at = st.started_at.clone();
             let paths = &self.paths;
             let v = decide(&st, &view, &|p| paths.found(p), gate.max_starts, now);
