@@ -270,7 +270,12 @@ mod tests {
     /// A job that blocks until released, like a stat on a hung mount.
     fn hang(pool: &Pool) -> (Task<()>, mpsc::Sender<()>) {
         let (tx, rx) = mpsc::channel::<()>();
-        (pool.spawn(move || drop(rx.recv())), tx)
+        (
+            pool.spawn(move || {
+                let _ = rx.recv();
+            }),
+            tx,
+        )
     }
 
     #[tokio::test]

@@ -168,6 +168,17 @@ impl EngineHandle {
         rx.await.unwrap_or_else(|_| Err("the engine has stopped".into()))
     }
 
+    /// `virtwarden memory confirm`: end the "memory lost" mode (see [`crate::memory::Memory::lost`]);
+    /// every domain is looked at again. The text says what was done.
+    pub async fn confirm_memory(&self) -> String {
+        let (text, version) = self.shared.confirm_memory();
+        if !self.shared.memory.flush(version, self.shared.config.memory_flush).await {
+            tracing::warn!("the confirmation is not yet on disk");
+        }
+        let _ = self.shared.msg.send(Msg::KickAll);
+        text
+    }
+
     /// Stop: in-flight actions finish or are cancelled (bounded by the grace period).
     pub fn shutdown(&self) {
         let _ = self.shared.msg.send(Msg::Shutdown);

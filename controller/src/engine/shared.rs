@@ -257,10 +257,57 @@ impl Shared {
         self.mark_dirty();
     }
 
+    /// `name` was seen running: if the memory is lost, what is remembered about it is current
+    /// again; once every managed domain was, the memory is rebuilt and the loss forgotten.
+    pub(crate) fn rebuilt(&self, name: &str) {
+        if self.memory.read(|m| m.lost_for(name).is_none()) {
+            return;
+        }
+        let managed: Vec<String> = self.book.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let done = self
+            .memory
+            .update(|m| {
+                let Some(lost) = m.lost.as_mut() else { return false };
+                lost.rebuilt.insert(name.to_string());
+                let done = managed.iter().all(|d| lost.rebuilt.contains(d));
+                if done {
+                    m.lost = None;
+                }
+                done
+            })
+            .0;
+        if done {
+            tracing::info!("memory rebuilt: every managed domain was seen running since it was lost");
+        }
+        self.mark_dirty();
+    }
+
+    /// `virtwarden memory confirm`: an admin vouches that what is remembered now is right (the
+    /// domains left down may be started by their policies). The text says what was done.
+    pub(crate) fn confirm_memory(&self) -> (String, u64) {
+        let (was, version) = self.memory.update(|m| m.lost.take());
+        self.mark_dirty();
+        match was {
+            Some(l) => {
+                tracing::info!(loss = %l.describe(), "lost memory confirmed by an admin");
+                (format!("confirmed: the memory lost ({}) is no longer waited for; domains left down are looked at again", l.describe()), version)
+            }
+            None => ("the memory is not lost; nothing to confirm".to_string(), version),
+        }
+    }
+
     pub(crate) fn report(&self) -> StatusReport {
         let mut report = self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone();
         report.domains = self.book.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         report.memory_error = self.memory.problem();
+        report.memory_lost = self.memory.read(|m| m.lost.as_ref().map(|l| {
+            format!(
+                "{}; domains that are down stay down (unless restart: always) until seen running or `virtwarden memory confirm`; {} seen running since",
+                l.describe(),
+                l.rebuilt.len()
+            )
+        }));
+        self.metrics.memory_lost.set(i64::from(report.memory_lost.is_some()));
         report.connected = self.hypervisor().is_some();
         report.ready = self.ready.load(Ordering::Relaxed);
         report.updated = Some(Utc::now());

@@ -26,6 +26,10 @@ pub struct StatusReport {
     /// The durable memory could not be read or written (what, and what was done about it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_error: Option<String>,
+    /// The durable memory was lost (corrupt, unreadable, or deleted): what happened, and that
+    /// down domains are left down until it is rebuilt or `virtwarden memory confirm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_lost: Option<String>,
     /// The last reload error, if the newest edit was rejected (the previous policy stays).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_error: Option<String>,
@@ -181,6 +185,9 @@ pub fn render_text(report: &StatusReport) -> String {
     ));
     if let Some(e) = &report.memory_error {
         out.push_str(&format!("MEMORY PROBLEM: {e}\n"));
+    }
+    if let Some(l) = &report.memory_lost {
+        out.push_str(&format!("MEMORY LOST: {l}\n"));
     }
     if let Some(e) = &report.policy_error {
         out.push_str(&format!("last reload REJECTED (previous policy in force):\n{e}\n"));

@@ -9,6 +9,11 @@ use super::shared::Shared;
 use super::status;
 
 pub(super) async fn run(shared: Arc<Shared>, path: PathBuf) {
+    let p = path.clone();
+    let left = shared.status_io.spawn(move || crate::fsutil::remove_leftover_temps(&p)).finish().await;
+    for f in left.unwrap_or_default() {
+        tracing::info!(file = %f.display(), "removed the temporary file of an interrupted status write");
+    }
     let mut rx = shared.status_version.subscribe();
     loop {
         if rx.changed().await.is_err() {

@@ -320,9 +320,11 @@ impl Worker {
     /// This domain's remembered state as a memory the planner reads.
     fn memory_view(&self) -> Memory {
         let mut m = Memory::empty();
-        if let Some(d) = self.shared.memory.read(|all| all.domains.get(self.name()).cloned()) {
+        let (domain, lost) = self.shared.memory.read(|all| (all.domains.get(self.name()).cloned(), all.lost.clone()));
+        if let Some(d) = domain {
             m.domains.insert(self.name().to_string(), d);
         }
+        m.lost = lost;
         m
     }
 
@@ -401,6 +403,9 @@ impl Worker {
             self.shared.kick_network(NetKick::Domain(self.name().to_string()));
         }
         self.remember_intent(observed.as_ref());
+        if observed.as_ref().is_some_and(is_up) {
+            self.shared.rebuilt(self.name());
+        }
         self.health_observed(observed.as_ref());
         self.drive_health().await;
         let p = self.plan_for(observed.as_ref());

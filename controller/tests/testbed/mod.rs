@@ -235,13 +235,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_virtwarden"))
             .args(["run", "--connect", URI])
             .args(metrics)
-            .args([
-                "--network",
-                "on",
-                "--resync",
-                "60s",
-                "--state-dir",
-            ])
+            .args(["--network", "on", "--resync", "60s", "--state-dir"])
             .arg(&state_dir)
             .arg("--data-dir")
             .arg(dir.join("data"))
