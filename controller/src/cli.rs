@@ -1,6 +1,6 @@
 //! The command line: one-shot `check`, `plan`, `apply`, `release`, `memory confirm`, `status`,
 //! `schema`, and the long-running `run` and `operator`. Exit codes are part of the interface
-//! (documented in `--help` and the README).
+//! (documented in `--help` and docs/cli.md).
 
 use std::io::Write;
 use std::path::PathBuf;
