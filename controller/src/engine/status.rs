@@ -241,6 +241,10 @@ pub fn render_text(report: &StatusReport) -> String {
         if let Some(r) = &d.remembered {
             lines.push(format!("remembered: {r}"));
         }
+        if let Some(why) = &d.stalled {
+            let since = d.stalled_since.map(|t| format!(" since {}", t.to_rfc3339())).unwrap_or_default();
+            lines.push(format!("STALLED{since}: {why}"));
+        }
         for f in &d.flapping {
             lines.push(format!("CONFLICT: {f}"));
         }
@@ -473,5 +477,36 @@ mod health_tests {
         assert_eq!(h.phase, HealthPhase::Booting);
         assert_eq!(h.boot_deadline.unwrap().to_rfc3339(), "2025-01-01T00:04:00+00:00");
         assert_eq!(h.since.unwrap().to_rfc3339(), "2024-12-31T23:59:00+00:00");
+    }
+}
+
+#[cfg(test)]
+mod storage_tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_domain_and_a_lost_memory_are_shown() {
+        let since = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let report = StatusReport {
+            memory_lost: Some("memory.json is not valid (at 2026-01-01T00:00:00Z); …".into()),
+            domains: vec![DomainStatus {
+                name: "web1".into(),
+                state: "stalled".into(),
+                stalled: Some("libvirt call `observe` did not return within 15s; this domain waits for it".into()),
+                stalled_since: Some(since),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render_text(&report);
+        assert!(text.contains("MEMORY LOST: memory.json is not valid"), "{text}");
+        assert!(
+            text.contains("STALLED since 2026-01-01T00:00:00+00:00: libvirt call `observe` did not return within 15s"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["memoryLost"].is_string());
+        assert_eq!(json["domains"][0]["state"], "stalled");
+        assert!(json["domains"][0]["stalledSince"].is_string());
     }
 }
