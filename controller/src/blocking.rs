@@ -249,6 +249,12 @@ impl<T> Task<T> {
         (&mut self.done).await.map_err(|_| Panicked)
     }
 
+    /// Stop waiting for the job (keeping the task to learn when it returns): a queued job never
+    /// runs, a running one is stuck from now on.
+    pub fn abandon(&self) {
+        self.pool.give_up(self.id, &self.ctl);
+    }
+
     /// The job has returned (or panicked, or was cancelled).
     pub fn is_finished(&self) -> bool {
         matches!(self.ctl.load(Ordering::Acquire), DONE | CANCELLED)

@@ -100,6 +100,9 @@ struct InFlight<'a, T: Send + 'static> {
 impl<T: Send + 'static> Drop for InFlight<'_, T> {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
+            // Nobody waits for it any more: a queued call never runs, a running one gives its
+            // thread up (the pool replaces it).
+            task.abandon();
             if !task.is_finished() {
                 *self.hung.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(HungCall { op: self.op, since: self.since, task: Box::new(task) });

@@ -380,6 +380,16 @@ fn open_memory(dir: Option<&std::path::Path>) -> (Arc<MemoryStore>, Option<Strin
     }
 }
 
+/// A resync allocates and frees a snapshot of every domain; hand the freed pages back so an idle
+/// service stays small.
+pub(crate) fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,15 +412,5 @@ mod tests {
             .unwrap()
             .starts_with("the status write has not returned for 90s"));
         assert!(stalled(&idle, &idle, Some(&writing), bound).unwrap().starts_with("the memory write"));
-    }
-}
-
-/// A resync allocates and frees a snapshot of every domain; hand the freed pages back so an idle
-/// service stays small.
-pub(crate) fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
