@@ -294,7 +294,9 @@ mod tests {
         let (store, problem) = MemoryStore::open(dir.path()).unwrap();
         let problem = problem.expect("reported");
         assert!(problem.to_string().contains("is not valid"), "{problem}");
-        assert_eq!(store.snapshot(), Memory::empty());
+        let memory = store.snapshot();
+        assert!(memory.domains.is_empty(), "nothing of it is believed");
+        assert!(memory.lost.is_some_and(|l| l.why.contains("is not valid")), "recorded as lost");
         assert!(store.problem().is_some(), "kept for status");
         let names: Vec<String> =
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
