@@ -243,6 +243,7 @@ async fn a_hung_call_stalls_only_its_domain() {
     let metrics = r.engine.metrics_text();
     assert!(metrics.contains("virtwarden_domain_stalled{domain=\"web2\"} 1"), "{metrics}");
     assert!(metrics.contains("virtwarden_stalled_domains 1"), "{metrics}");
+    assert!(metrics.contains("virtwarden_hung_threads{pool=\"libvirt\"} 1"), "{metrics}");
     r.faulty.inner.destroy("db1").unwrap();
     r.until("db1 healed while web2 hangs", |s| running(s, "db1") && find(s, "db1").unwrap().restarts == 1).await;
     // web2 is not asked anything else until its call returns.
@@ -257,7 +258,9 @@ async fn a_hung_call_stalls_only_its_domain() {
     r.engine.resync();
     let s = r.until("web2 observed again", |s| find(s, "web2").is_some_and(|d| d.state.starts_with("running"))).await;
     assert_eq!(find(&s, "web2").unwrap().stalled, None, "no longer stalled");
-    assert!(r.engine.metrics_text().contains("virtwarden_domain_stalled{domain=\"web2\"} 0"));
+    let metrics = r.engine.metrics_text();
+    assert!(metrics.contains("virtwarden_domain_stalled{domain=\"web2\"} 0"), "{metrics}");
+    assert!(metrics.contains("virtwarden_hung_threads{pool=\"libvirt\"} 0"), "{metrics}");
     r.stop().await;
 }
 

@@ -57,6 +57,12 @@ pub struct GuestEventLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    /// `libvirt`, `status` (hung path checks: `required_paths_not_answering`).
+    pub pool: String,
+}
+
 /// The values of `guest_health`'s `state` label; exactly one is 1 per probed domain.
 pub const HEALTH_STATES: [&str; 6] = ["down", "booting", "healthy", "unhealthy", "boot-failed", "suspended"];
 
@@ -102,6 +108,8 @@ pub struct Metrics {
     pub paths_not_answering: Gauge,
     /// 1 while the durable memory is lost and not yet rebuilt or confirmed.
     pub memory_lost: Gauge,
+    /// Threads whose blocking call hangs past its deadline, by pool (read at each scrape).
+    pub hung_threads: Family<PoolLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -203,7 +211,14 @@ impl Default for Metrics {
             "1 while the durable memory is lost (down domains are left down until it is rebuilt or `virtwarden memory confirm`)",
             memory_lost.clone(),
         );
+        let hung_threads = Family::<PoolLabel, Gauge>::default();
+        registry.register(
+            "hung_threads",
+            "Threads whose blocking call hangs past its deadline, by pool (libvirt, status)",
+            hung_threads.clone(),
+        );
         Metrics {
+            hung_threads,
             domain_stalled,
             stalled,
             paths_not_answering,

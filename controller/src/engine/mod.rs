@@ -189,7 +189,12 @@ impl EngineHandle {
     }
 
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.encode()
+        let s = &self.shared;
+        for pool in [s.limits.pool(), &s.status_io] {
+            let label = metrics::PoolLabel { pool: pool.name().to_string() };
+            s.metrics.hung_threads.get_or_create(&label).set(pool.stats().stuck as i64);
+        }
+        s.metrics.encode()
     }
 
     /// Connected and one full resync done.
