@@ -33,18 +33,12 @@ const FUSE_INIT: u32 = 26;
 
 impl HungMount {
     fn mount(dir: &Path) -> HungMount {
-        if !Path::new("/dev/fuse").exists() {
-            let out = std::process::Command::new("modprobe").arg("fuse").output();
-            assert!(
-                Path::new("/dev/fuse").exists(),
-                "/dev/fuse is missing and `modprobe fuse` did not provide it ({out:?}): this test needs FUSE"
-            );
-        }
+        let node = fuse_device();
         let mut dev = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open("/dev/fuse")
-            .unwrap_or_else(|e| panic!("cannot open /dev/fuse: {e}"));
+            .open(&node)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", node.display()));
         std::fs::create_dir_all(dir).unwrap();
         let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
         let opts = CString::new(format!("fd={},rootmode=40000,user_id=0,group_id=0", dev.as_raw_fd())).unwrap();
@@ -84,6 +78,27 @@ impl HungMount {
         dev.write_all(&reply).expect("answer FUSE_INIT");
         HungMount { dir: dir.to_path_buf(), dev: Some(dev) }
     }
+}
+
+/// The FUSE device: /dev/fuse, after `modprobe fuse` if needed; when the module is there but
+/// the node is not (a minimal /dev), a private node in the test's work directory — never a new
+/// node in the host's /dev.
+fn fuse_device() -> PathBuf {
+    let dev = PathBuf::from("/dev/fuse");
+    if dev.exists() {
+        return dev;
+    }
+    let modprobe = std::process::Command::new("modprobe").arg("fuse").output();
+    if dev.exists() {
+        return dev;
+    }
+    let numbers = std::fs::read_to_string("/sys/class/misc/fuse/dev").unwrap_or_else(|e| {
+        panic!("/dev/fuse is missing and `modprobe fuse` did not load FUSE ({modprobe:?}; /sys/class/misc/fuse/dev: {e}): this test needs FUSE")
+    });
+    let (major, minor) = numbers.trim().split_once(':').expect("MAJOR:MINOR");
+    let private = work().join("fuse");
+    sh(&["mknod", private.to_str().unwrap(), "c", major, minor]);
+    private
 }
 
 impl Drop for HungMount {

@@ -12,7 +12,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::blocking::{Pool, Task};
-
 use crate::hypervisor::{ErrorKind, Hypervisor, HypervisorError};
 use crate::observe::{DomainState, ObservedDomain, StateReason};
 
