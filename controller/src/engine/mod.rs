@@ -381,8 +381,21 @@ fn open_memory(dir: Option<&std::path::Path>) -> (Arc<MemoryStore>, Option<Strin
     };
     match MemoryStore::open(dir) {
         Ok((store, problem)) => (Arc::new(store), problem.map(|p| p.to_string())),
-        Err(e) => (Arc::new(MemoryStore::in_memory()), Some(format!("{e}; remembering in memory only"))),
+        Err(e) => {
+            // Whatever it held cannot be read: not a clean slate either (see `Memory::lost`).
+            let store = MemoryStore::in_memory();
+            let why = format!("{e}; remembering in memory only");
+            store.update(|m| {
+                m.lost =
+                    Some(crate::memory::MemoryLoss { why: why.clone(), at: store_now(), rebuilt: Default::default() })
+            });
+            (Arc::new(store), Some(why))
+        }
     }
+}
+
+fn store_now() -> crate::plan::restart::Tick {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
 }
 
 /// A resync allocates and frees a snapshot of every domain; hand the freed pages back so an idle
@@ -399,6 +412,14 @@ pub(crate) fn release_free_memory() {
 mod tests {
     use super::*;
     use crate::blocking::PoolStats;
+
+    #[test]
+    fn an_unusable_data_directory_is_a_lost_memory_not_a_clean_slate() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let (store, problem) = open_memory(Some(&file.path().join("data")));
+        assert!(problem.is_some_and(|p| p.contains("remembering in memory only")));
+        assert!(store.snapshot().lost.is_some_and(|l| l.why.contains("cannot create data directory")));
+    }
 
     #[test]
     fn only_the_engines_own_work_waiting_too_long_is_a_stall() {
