@@ -1,6 +1,6 @@
-//! The command line: one-shot `check`, `plan`, `apply`, `release`, `status`, `schema`, and the
-//! long-running `run` and `operator`. Exit codes are part of the interface (documented in
-//! `--help` and docs/cli.md).
+//! The command line: one-shot `check`, `plan`, `apply`, `release`, `memory confirm`, `status`,
+//! `schema`, and the long-running `run` and `operator`. Exit codes are part of the interface
+//! (documented in `--help` and docs/cli.md).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -30,6 +30,7 @@ Exit codes:
   apply   0 converged, 1 some action failed or did not stick, 2 invalid or untrusted policy
   run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid or untrusted policy
   release 0 released (or was not quarantined), 1 not managed or not reachable
+  memory confirm 0 confirmed (or nothing was lost), 1 not reachable
   status  0 shown, 1 no status file
   show    0 shown, 1 runtime error (e.g. cannot connect, no such domain)
   diagnose 0 nothing found, 3 problems found, 1 runtime error, 2 invalid policy";
@@ -268,6 +269,13 @@ pub enum Command {
         #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
         lock_file: PathBuf,
     },
+    /// The durable memory. After it was lost (corrupt, unreadable, or deleted) down domains
+    /// are left down (unless `restart: always`) until they are seen running or an admin
+    /// confirms with `virtwarden memory confirm`.
+    Memory {
+        #[command(subcommand)]
+        action: MemoryAction,
+    },
     /// Show what a running `virtwarden run` reports (from its status file).
     Status {
         #[arg(long, default_value = "/run/virtwarden")]
@@ -281,6 +289,22 @@ pub enum Command {
     Diagnose(DiagnoseArgs),
     /// Print the host as it is now as a HostPolicy that `plan` finds in sync (to adopt a host).
     Show(ShowArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemoryAction {
+    /// Confirm, after the memory was lost, that domains it left down may be started by their
+    /// policies again (check first that none was stopped by an admin or quarantined on purpose).
+    Confirm {
+        /// The running service's state directory (its control socket).
+        #[arg(long, default_value = "/run/virtwarden")]
+        state_dir: PathBuf,
+        /// The durable memory, edited directly when no service runs.
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
+        lock_file: PathBuf,
+    },
 }
 
 fn parse_parallel(text: &str) -> Result<usize, String> {
@@ -337,6 +361,9 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         }
         Command::Release { domain, state_dir, data_dir, lock_file } => {
             release_cmd(&domain, &Dirs { state_dir, data_dir, lock_file }, out, err)
+        }
+        Command::Memory { action: MemoryAction::Confirm { state_dir, data_dir, lock_file } } => {
+            memory_confirm_cmd(&Dirs { state_dir, data_dir, lock_file }, out, err)
         }
         Command::Diagnose(a) => diagnose_cmd(&a, out, err),
         Command::Show(a) => show_cmd(&a, out, err),
@@ -886,6 +913,57 @@ fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Wri
             writeln!(out, "released {domain} (was quarantined: {r}); it is restarted when virtwarden runs next")?;
         }
         None => writeln!(out, "{domain} is not quarantined")?,
+    }
+    Ok(exit::OK)
+}
+
+fn memory_confirm_cmd(dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    match crate::host::control::request_confirm_memory(&dirs.state_dir) {
+        Ok(Some(answer)) => {
+            if answer.ok {
+                writeln!(out, "{}", answer.message)?;
+                return Ok(exit::OK);
+            }
+            writeln!(err, "error: {}", answer.message)?;
+            return Ok(exit::RUNTIME);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            writeln!(err, "error: cannot ask the running service ({}): {e}", dirs.state_dir.display())?;
+            return Ok(exit::RUNTIME);
+        }
+    }
+    // No service listens: edit the memory, holding the host lock so no service starts meanwhile.
+    let _lock = match crate::lock::acquire(&dirs.lock_file, "memory confirm") {
+        Ok(l) => l,
+        Err(e) => {
+            writeln!(
+                err,
+                "error: {e}; it has no control socket in {} (pass its --state-dir)",
+                dirs.state_dir.display()
+            )?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    let (store, problem) = match MemoryStore::open(&dirs.data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    if let Some(p) = problem {
+        writeln!(err, "warning: {p}")?;
+    }
+    match store.update(|m| m.lost.take()).0 {
+        Some(l) => {
+            if let Err(e) = store.write_now() {
+                writeln!(err, "error: {e}")?;
+                return Ok(exit::RUNTIME);
+            }
+            writeln!(out, "confirmed: the memory lost ({}) is no longer waited for", l.describe())?;
+        }
+        None => writeln!(out, "the memory is not lost; nothing to confirm")?,
     }
     Ok(exit::OK)
 }

@@ -34,6 +34,26 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Remove the temporary files [`write_atomically`] leaves when interrupted (a crash or power
+/// loss between creating and renaming) beside `path`; returns what was removed.
+pub fn remove_leftover_temps(path: &Path) -> Vec<std::path::PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Vec::new();
+    };
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with(&prefix) && n.ends_with(".tmp") && e.file_type().is_ok_and(|t| t.is_file())
+        })
+        .map(|e| e.path())
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +71,11 @@ mod tests {
         assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
         let left: Vec<_> = std::fs::read_dir(&sub).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, ["status.json"], "no temporary files left behind");
+        // An interrupted write's leftover is recognised and removed; other files stay.
+        std::fs::write(sub.join(".status.json.x1Y2z3.tmp"), b"half").unwrap();
+        std::fs::write(sub.join(".other.json.x1Y2z3.tmp"), b"not ours").unwrap();
+        assert_eq!(remove_leftover_temps(&f), [sub.join(".status.json.x1Y2z3.tmp")]);
+        assert!(sub.join(".other.json.x1Y2z3.tmp").exists());
     }
 
     #[test]

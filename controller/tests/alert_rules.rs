@@ -112,6 +112,9 @@ fn every_alert_has_a_for_a_severity_a_summary_and_says_what_to_run() {
         "VirtwardenLibvirtDisconnected",
         "VirtwardenNotReady",
         "VirtwardenHookRefused",
+        "VirtwardenDomainStalled",
+        "VirtwardenStorageNotAnswering",
+        "VirtwardenMemoryLost",
     ] {
         assert!(names.contains(expected), "missing alert {expected}: {names:?}");
     }
@@ -124,6 +127,7 @@ fn exported_names() -> BTreeSet<String> {
     let domain = DomainLabel { domain: "d".into() };
     m.restarts.get_or_create(&domain).inc();
     m.domain_quarantined.get_or_create(&domain).set(1);
+    m.domain_stalled.get_or_create(&domain).set(1);
     m.action("start", true);
     m.drift("stp");
     m.hook_refused("writable");

@@ -223,7 +223,48 @@ fn a_corrupt_memory_file_is_set_aside_reported_and_the_service_runs() {
         std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
     assert!(names.iter().any(|n| n.starts_with("memory.json.corrupt-")), "{names:?}");
     let text = bin().args(["status", "--state-dir"]).arg(&svc.state).output().unwrap();
-    assert!(String::from_utf8_lossy(&text.stdout).contains("MEMORY PROBLEM: "));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("MEMORY PROBLEM: "), "{text}");
+    // `restart: always` started web1 anyway; the service is in "memory lost" mode until it is
+    // rebuilt (web1 seen running: it is the only domain, so at once) or confirmed.
+    let lost =
+        wait_status(&svc.state, "the memory rebuilt: every managed domain seen running", |s| s["memoryLost"].is_null());
+    assert!(lost["memoryError"].is_string());
+    // Confirming when nothing is lost says so.
+    let out = bin_in(dir.path()).args(["memory", "confirm", "--state-dir"]).arg(&svc.state).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to confirm"));
+}
+
+#[test]
+fn memory_confirm_without_a_running_service_ends_the_lost_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // A memory that was written once (its marker), then deleted.
+    std::fs::write(data.join("memory.json.written"), b"").unwrap();
+    let confirm = || {
+        bin_in(dir.path())
+            .args(["memory", "confirm", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let out = confirm();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("confirmed: the memory lost (") && said.contains("is missing although it had been written"),
+        "{said}"
+    );
+    let memory: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("memory.json")).unwrap()).unwrap();
+    assert!(memory["lost"].is_null(), "{memory}");
+    assert!(String::from_utf8_lossy(&confirm().stdout).contains("nothing to confirm"));
+    let help = bin().args(["memory", "confirm", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("domains it left down may be started by their policies again"), "{help}");
 }
 
 #[test]

@@ -236,6 +236,14 @@ async fn a_hung_call_stalls_only_its_domain() {
         })
         .await;
     assert!(s.connected);
+    let d = find(&s, "web2").unwrap();
+    assert_eq!(d.state, "stalled", "{d:#?}");
+    assert!(d.stalled.as_deref().is_some_and(|w| w.contains("`observe` did not return within")), "{d:#?}");
+    assert!(d.stalled_since.is_some());
+    let metrics = r.engine.metrics_text();
+    assert!(metrics.contains("virtwarden_domain_stalled{domain=\"web2\"} 1"), "{metrics}");
+    assert!(metrics.contains("virtwarden_stalled_domains 1"), "{metrics}");
+    assert!(metrics.contains("virtwarden_hung_threads{pool=\"libvirt\"} 1"), "{metrics}");
     r.faulty.inner.destroy("db1").unwrap();
     r.until("db1 healed while web2 hangs", |s| running(s, "db1") && find(s, "db1").unwrap().restarts == 1).await;
     // web2 is not asked anything else until its call returns.
@@ -248,7 +256,62 @@ async fn a_hung_call_stalls_only_its_domain() {
     assert_eq!(r.faulty.count("observe", "web2") + r.faulty.count("state", "web2"), asked);
     r.faulty.release_hangs();
     r.engine.resync();
-    r.until("web2 observed again", |s| find(s, "web2").is_some_and(|d| d.state.starts_with("running"))).await;
+    let s = r.until("web2 observed again", |s| find(s, "web2").is_some_and(|d| d.state.starts_with("running"))).await;
+    assert_eq!(find(&s, "web2").unwrap().stalled, None, "no longer stalled");
+    let metrics = r.engine.metrics_text();
+    assert!(metrics.contains("virtwarden_domain_stalled{domain=\"web2\"} 0"), "{metrics}");
+    assert!(metrics.contains("virtwarden_hung_threads{pool=\"libvirt\"} 0"), "{metrics}");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_memory_leaves_an_admin_stop_down_until_confirmed() {
+    let data = tempfile::tempdir().unwrap();
+    let faulty = open();
+    let spec = "  domains:\n    - name: web2\n      restart: on-failure\n    - name: web1\n      restart: always\n";
+    let r = spawn_on(faulty.clone(), policy(spec), config(Some(data.path())), Registry::with_builtins());
+    r.until("ready", |_| r.engine.is_ready()).await;
+    r.faulty.inner.destroy("web2").unwrap();
+    r.until("the admin stop is remembered", |s| {
+        find(s, "web2").is_some_and(|d| d.remembered.as_deref().is_some_and(|m| m.starts_with("stopped on purpose")))
+    })
+    .await;
+    r.stop().await;
+
+    // The memory is corrupted, an interrupted write left its temporary file, and libvirtd
+    // restarted too (every inactive domain is `shut off (unknown)`); web1 went down meanwhile.
+    std::fs::write(data.path().join("memory.json"), b"{\"format\": 1, \"domains\": {\"web2\"").unwrap();
+    let temp = data.path().join(".memory.json.q1W2e3.tmp");
+    std::fs::write(&temp, b"{").unwrap();
+    faulty.inner.destroy("web1").unwrap();
+    faulty.forget_reasons();
+
+    let r = spawn_on(faulty.clone(), policy(spec), config(Some(data.path())), Registry::with_builtins());
+    // web1 (`restart: always`) starts whatever the memory says; web2 is reported and left down.
+    let s = r.until("web1 started", |s| running(s, "web1")).await;
+    let s = if find(&s, "web2").is_some_and(|d| d.notes.iter().any(|n| n.contains("memory was lost"))) {
+        s
+    } else {
+        r.until("web2 held", |s| find(s, "web2").is_some_and(|d| d.notes.iter().any(|n| n.contains("memory was lost"))))
+            .await
+    };
+    let lost = s.memory_lost.as_deref().expect("status shows the mode");
+    assert!(lost.contains("memory.json is not valid") && lost.contains("virtwarden memory confirm"), "{lost}");
+    assert!(!temp.exists(), "the interrupted write's temporary file is removed at start");
+    assert!(r.engine.metrics_text().contains("virtwarden_memory_lost 1"));
+    assert_eq!(r.state("web2"), DomainState::ShutOff);
+    assert_eq!(r.faulty.count("start", "web2"), 0, "an admin's stop is not undone on a lost memory");
+    // The mode outlives a restart of virtwarden (it is kept in the new memory file).
+    r.stop().await;
+    let r = spawn_on(faulty, policy(spec), config(Some(data.path())), Registry::with_builtins());
+    r.until("still lost after a restart", |s| s.memory_lost.is_some() && r.engine.is_ready()).await;
+    assert_eq!(r.faulty.count("start", "web2"), 0);
+    // An admin confirms: web2 is started by its policy again, the mode ends.
+    let said = r.engine.confirm_memory().await;
+    assert!(said.starts_with("confirmed"), "{said}");
+    let s = r.until("web2 started once confirmed", |s| running(s, "web2")).await;
+    assert_eq!(s.memory_lost, None);
+    assert!(r.engine.metrics_text().contains("virtwarden_memory_lost 0"));
     r.stop().await;
 }
 

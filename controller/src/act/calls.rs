@@ -1,22 +1,27 @@
-//! libvirt calls with a deadline, for the engine. Calls block, so each runs on the blocking
-//! pool, bounded by a shared number of slots. A call that does not return within its deadline
-//! (storage hung, a stuck job) costs only its domain: the domain waits for that call to come
-//! back before it is asked anything else, everyone else goes on. An error that may mean the
+//! libvirt calls with a deadline, for the engine. Calls block, so each runs on the engine's own
+//! libvirt pool ([`crate::blocking::Pool`]: `concurrency` threads at work, plus at most
+//! [`MAX_HUNG_CALLS`] hung ones), never on tokio's shared blocking pool. A call that does not
+//! return within its deadline (storage hung, a stuck job) costs only its domain: its thread is
+//! replaced, the domain waits for that call to come back before it is asked anything else
+//! (at most one hung call per domain), everyone else goes on. An error that may mean the
 //! connection is gone is checked with `virConnectIsAlive`; a domain's own error stays with it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::blocking::{Pool, Task};
 use crate::hypervisor::{ErrorKind, Hypervisor, HypervisorError};
 use crate::observe::{DomainState, ObservedDomain, StateReason};
 
+/// Threads of hung libvirt calls (past their deadline) that are replaced; beyond this the pool
+/// shrinks and calls queue (which `/healthz` reports once a call waits too long for a thread).
+pub const MAX_HUNG_CALLS: usize = 64;
+
 /// Shared bounds of all calls.
 pub struct CallLimits {
-    slots: Arc<Semaphore>,
+    pool: Pool,
     /// Reads (state, XML).
     pub read_deadline: Duration,
     /// Changes (start, destroy, define, …): QEMU start-up can take a while.
@@ -25,7 +30,12 @@ pub struct CallLimits {
 
 impl CallLimits {
     pub fn new(concurrency: usize, read_deadline: Duration, action_deadline: Duration) -> Self {
-        CallLimits { slots: Arc::new(Semaphore::new(concurrency.max(1))), read_deadline, action_deadline }
+        CallLimits { pool: Pool::new("libvirt", concurrency, MAX_HUNG_CALLS), read_deadline, action_deadline }
+    }
+
+    /// The libvirt pool (its queue and hung threads count for liveness).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 }
 
@@ -60,27 +70,41 @@ impl CallError {
     }
 }
 
+/// A call still in flight after its caller stopped waiting for it.
+trait Pending: Send {
+    fn is_finished(&self) -> bool;
+}
+
+impl<T: Send> Pending for Task<T> {
+    fn is_finished(&self) -> bool {
+        Task::is_finished(self)
+    }
+}
+
 struct HungCall {
     op: &'static str,
     since: Instant,
-    handle: JoinHandle<()>,
+    task: Box<dyn Pending>,
 }
 
 /// Records a call still in flight when its caller stopped waiting (deadline passed, or the
 /// caller was cancelled), so the domain is not asked again until it returns.
-struct InFlight<'a> {
+struct InFlight<'a, T: Send + 'static> {
     op: &'static str,
     since: Instant,
-    handle: Option<JoinHandle<()>>,
+    task: Option<Task<T>>,
     hung: &'a Mutex<Option<HungCall>>,
 }
 
-impl Drop for InFlight<'_> {
+impl<T: Send + 'static> Drop for InFlight<'_, T> {
     fn drop(&mut self) {
-        if let Some(handle) = self.handle.take() {
-            if !handle.is_finished() {
+        if let Some(task) = self.task.take() {
+            // Nobody waits for it any more: a queued call never runs, a running one gives its
+            // thread up (the pool replaces it).
+            task.abandon();
+            if !task.is_finished() {
                 *self.hung.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(HungCall { op: self.op, since: self.since, handle });
+                    Some(HungCall { op: self.op, since: self.since, task: Box::new(task) });
             }
         }
     }
@@ -139,7 +163,7 @@ impl Calls {
         {
             let mut hung = self.hung.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(h) = hung.as_ref() {
-                if !h.handle.is_finished() {
+                if !h.task.is_finished() {
                     return Err(CallError::StillHung { op: h.op, waited: h.since.elapsed() });
                 }
                 tracing::info!(op = h.op, waited = ?h.since.elapsed(), "a hung libvirt call returned");
@@ -147,25 +171,24 @@ impl Calls {
             }
         }
         let hv = self.hv.clone().ok_or(CallError::Disconnected)?;
-        let _slot = self.limits.slots.clone().acquire_owned().await.map_err(|_| CallError::Disconnected)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let worker = hv.clone();
-        let handle = tokio::task::spawn_blocking(move || {
-            let _ = tx.send(f(worker.as_ref()));
-        });
-        let mut in_flight = InFlight { op, since: Instant::now(), handle: Some(handle), hung: &self.hung };
-        let result = tokio::time::timeout(deadline, rx).await;
+        let task = self.limits.pool.spawn(move || f(worker.as_ref()));
+        let mut in_flight = InFlight { op, since: Instant::now(), task: Some(task), hung: &self.hung };
+        let result = match in_flight.task.as_mut() {
+            Some(t) => t.within(deadline).await,
+            None => None,
+        };
         match result {
-            Ok(Ok(Ok(v))) => {
-                in_flight.handle = None;
+            Some(Ok(Ok(v))) => {
+                in_flight.task = None;
                 Ok(v)
             }
-            Ok(Ok(Err(e))) => {
-                in_flight.handle = None;
+            Some(Ok(Err(e))) => {
+                in_flight.task = None;
                 Err(self.classify(op, hv, e).await)
             }
-            Ok(Err(_)) => {
-                in_flight.handle = None;
+            Some(Err(_)) => {
+                in_flight.task = None;
                 Err(CallError::Failed(HypervisorError::Failed {
                     op,
                     domain: String::new(),
@@ -173,7 +196,7 @@ impl Calls {
                 }))
             }
             // Dropping `in_flight` records the call as hung.
-            Err(_) => Err(CallError::Hung { op, after: deadline }),
+            None => Err(CallError::Hung { op, after: deadline }),
         }
     }
 
@@ -183,9 +206,13 @@ impl Calls {
         if e.kind() != ErrorKind::MaybeConnection {
             return CallError::Failed(e);
         }
-        let alive = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(move || hv.is_alive()))
+        let alive = self
+            .limits
+            .pool
+            .spawn(move || hv.is_alive())
+            .within(Duration::from_secs(5))
             .await
-            .is_ok_and(|r| r.unwrap_or(false));
+            .is_some_and(|r| r.unwrap_or(false));
         if alive {
             CallError::Failed(e)
         } else {

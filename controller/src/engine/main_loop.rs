@@ -278,15 +278,15 @@ impl Engine {
         }
         let tx = self.shared.msg.clone();
         let deadline = self.config.read_deadline;
+        let mut list = self.shared.limits.pool().spawn(move || list_networks(hv.as_ref()));
         tokio::spawn(async move {
-            let list = tokio::task::spawn_blocking(move || list_networks(hv.as_ref()));
-            match tokio::time::timeout(deadline, list).await {
-                Ok(Ok(Ok(networks))) => {
+            match list.within(deadline).await {
+                Some(Ok(Ok(networks))) => {
                     let _ = tx.send(Msg::Networks(networks));
                 }
-                Ok(Ok(Err(e))) => tracing::warn!(%e, "cannot list libvirt networks"),
-                Ok(Err(e)) => tracing::warn!(%e, "network listing failed"),
-                Err(_) => tracing::warn!(?deadline, "listing libvirt networks hung"),
+                Some(Ok(Err(e))) => tracing::warn!(%e, "cannot list libvirt networks"),
+                Some(Err(e)) => tracing::warn!(%e, "network listing failed"),
+                None => tracing::warn!(?deadline, "listing libvirt networks hung"),
             }
         });
     }
@@ -330,11 +330,13 @@ impl Engine {
         }
         if let Some(path) = self.config.status_path.clone() {
             let report = self.shared.report();
-            // fsync and rename: off the async runtime, as the status writer does.
-            match tokio::task::spawn_blocking(move || super::status::write_atomically(&path, &report)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(%e, "final status write failed"),
-                Err(e) => tracing::warn!(%e, "final status write did not finish"),
+            // fsync and rename: on the status writer's own thread, bounded.
+            let mut write = self.shared.status_io.spawn(move || super::status::write_atomically(&path, &report));
+            match write.within(self.config.memory_flush).await {
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => tracing::warn!(%e, "final status write failed"),
+                Some(Err(e)) => tracing::warn!(%e, "final status write did not finish"),
+                None => tracing::warn!("final status write did not finish in time"),
             }
         }
         self.connection = None;

@@ -57,6 +57,12 @@ pub struct GuestEventLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    /// `libvirt`, `status` (hung path checks: `required_paths_not_answering`).
+    pub pool: String,
+}
+
 /// The values of `guest_health`'s `state` label; exactly one is 1 per probed domain.
 pub const HEALTH_STATES: [&str; 6] = ["down", "booting", "healthy", "unhealthy", "boot-failed", "suspended"];
 
@@ -98,6 +104,15 @@ pub struct Metrics {
     pub probe_failures: Family<ProbeFailureLabels, Counter>,
     pub guest_health: Family<HealthLabels, Gauge>,
     pub guest_events: Family<GuestEventLabels, Counter>,
+    /// 1 while the domain's libvirt calls hang (status `stalled`), 0 otherwise.
+    pub domain_stalled: Family<DomainLabel, Gauge>,
+    pub stalled: Gauge,
+    /// Required paths (`startup.requires.paths`) whose check does not return (storage hung).
+    pub paths_not_answering: Gauge,
+    /// 1 while the durable memory is lost and not yet rebuilt or confirmed.
+    pub memory_lost: Gauge,
+    /// Threads whose blocking call hangs past its deadline, by pool (read at each scrape).
+    pub hung_threads: Family<PoolLabel, Gauge>,
     /// 1 while the domain's probe address is in conflict (its probes are no evidence).
     pub address_conflict: Family<DomainLabel, Gauge>,
 }
@@ -199,7 +214,38 @@ impl Default for Metrics {
             "Guest faults and signs of life libvirt reported, by kind",
             guest_events.clone(),
         );
+        let domain_stalled = Family::<DomainLabel, Gauge>::default();
+        let stalled = Gauge::default();
+        let paths_not_answering = Gauge::default();
+        let memory_lost = Gauge::default();
+        registry.register(
+            "domain_stalled",
+            "1 while a libvirt call about the domain does not return (status state `stalled`)",
+            domain_stalled.clone(),
+        );
+        registry.register("stalled_domains", "Domains whose libvirt calls do not return", stalled.clone());
+        registry.register(
+            "required_paths_not_answering",
+            "Required paths (startup.requires.paths) whose check does not return (storage hung)",
+            paths_not_answering.clone(),
+        );
+        registry.register(
+            "memory_lost",
+            "1 while the durable memory is lost (down domains are left down until it is rebuilt or `virtwarden memory confirm`)",
+            memory_lost.clone(),
+        );
+        let hung_threads = Family::<PoolLabel, Gauge>::default();
+        registry.register(
+            "hung_threads",
+            "Threads whose blocking call hangs past its deadline, by pool (libvirt, status)",
+            hung_threads.clone(),
+        );
         Metrics {
+            hung_threads,
+            domain_stalled,
+            stalled,
+            paths_not_answering,
+            memory_lost,
             registry,
             restarts,
             actions,

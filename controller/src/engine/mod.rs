@@ -171,6 +171,17 @@ impl EngineHandle {
         rx.await.unwrap_or_else(|_| Err("the engine has stopped".into()))
     }
 
+    /// `virtwarden memory confirm`: end the "memory lost" mode (see [`crate::memory::Memory::lost`]);
+    /// every domain is looked at again. The text says what was done.
+    pub async fn confirm_memory(&self) -> String {
+        let (text, version) = self.shared.confirm_memory();
+        if !self.shared.memory.flush(version, self.shared.config.memory_flush).await {
+            tracing::warn!("the confirmation is not yet on disk");
+        }
+        let _ = self.shared.msg.send(Msg::KickAll);
+        text
+    }
+
     /// Stop: in-flight actions finish or are cancelled (bounded by the grace period).
     pub fn shutdown(&self) {
         let _ = self.shared.msg.send(Msg::Shutdown);
@@ -181,7 +192,12 @@ impl EngineHandle {
     }
 
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.encode()
+        let s = &self.shared;
+        for pool in [s.limits.pool(), &s.status_io] {
+            let label = metrics::PoolLabel { pool: pool.name().to_string() };
+            s.metrics.hung_threads.get_or_create(&label).set(pool.stats().stuck as i64);
+        }
+        s.metrics.encode()
     }
 
     /// Connected and one full resync done.
@@ -207,14 +223,21 @@ impl EngineHandle {
         matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
     }
 
-    /// Whether the engine makes progress: its loop answers, and while connected, resync rounds
-    /// complete (a round waits only for the managed domains, each bounded by the read
-    /// deadline). For the systemd watchdog and `/healthz`: a stuck engine is restarted.
+    /// Whether the engine makes progress: its loop answers, its own work moves (no libvirt call
+    /// waits [`STALL`] for a thread, no status or memory write hangs for [`STALL`]), and while
+    /// connected, resync rounds complete (a round waits only for the managed domains, each
+    /// bounded by the read deadline). A domain whose storage hangs costs only its own thread
+    /// and is not a lack of progress. For the systemd watchdog and `/healthz`: a stuck engine
+    /// is restarted.
     pub async fn liveness(&self) -> Result<(), String> {
         if !self.ping(Duration::from_secs(1)).await {
             return Err("the engine loop does not answer".into());
         }
         let s = &self.shared;
+        let memory = s.memory.path().is_some().then(|| s.memory.io_stats());
+        if let Some(why) = stalled(&s.limits.pool().stats(), &s.status_io.stats(), memory.as_ref(), STALL) {
+            return Err(why);
+        }
         let Some(since) = *s.connected_since.lock().unwrap_or_else(|p| p.into_inner()) else {
             return Ok(()); // reconnecting is progress
         };
@@ -249,6 +272,36 @@ impl EngineHandle {
             }
         }
     }
+}
+
+/// The engine makes no progress (`/healthz` fails, the systemd watchdog is withheld) when its
+/// own work waits this long: a libvirt call for a thread, a status or memory write to return.
+pub const STALL: Duration = Duration::from_secs(60);
+
+/// Why the engine's own work does not move, if it does not: a libvirt call waiting longer than
+/// `bound` for a thread (every thread of the pool hung), a status or memory write in flight
+/// longer than `bound`.
+fn stalled(
+    libvirt: &crate::blocking::PoolStats,
+    status: &crate::blocking::PoolStats,
+    memory: Option<&crate::blocking::PoolStats>,
+    bound: Duration,
+) -> Option<String> {
+    let over = |d: Option<Duration>| d.filter(|d| *d > bound).map(|d| d.as_secs());
+    if let Some(s) = over(libvirt.oldest_queued) {
+        return Some(format!(
+            "a libvirt call has waited {s}s for a thread ({} hung calls hold the pool; allowed {}s)",
+            libvirt.stuck,
+            bound.as_secs()
+        ));
+    }
+    if let Some(s) = over(status.oldest_running) {
+        return Some(format!("the status write has not returned for {s}s (allowed {}s)", bound.as_secs()));
+    }
+    if let Some(s) = memory.and_then(|m| over(m.oldest_running)) {
+        return Some(format!("the memory write has not returned for {s}s (allowed {}s)", bound.as_secs()));
+    }
+    None
 }
 
 /// Starts engines.
@@ -297,6 +350,7 @@ impl Engine {
             memory,
             clock: backends.clock,
             limits,
+            status_io: crate::blocking::Pool::new("status", 1, 0),
             config: config.clone(),
             ready: AtomicBool::new(false),
             reconnecting: AtomicBool::new(false),
@@ -330,8 +384,21 @@ fn open_memory(dir: Option<&std::path::Path>) -> (Arc<MemoryStore>, Option<Strin
     };
     match MemoryStore::open(dir) {
         Ok((store, problem)) => (Arc::new(store), problem.map(|p| p.to_string())),
-        Err(e) => (Arc::new(MemoryStore::in_memory()), Some(format!("{e}; remembering in memory only"))),
+        Err(e) => {
+            // Whatever it held cannot be read: not a clean slate either (see `Memory::lost`).
+            let store = MemoryStore::in_memory();
+            let why = format!("{e}; remembering in memory only");
+            store.update(|m| {
+                m.lost =
+                    Some(crate::memory::MemoryLoss { why: why.clone(), at: store_now(), rebuilt: Default::default() })
+            });
+            (Arc::new(store), Some(why))
+        }
     }
+}
+
+fn store_now() -> crate::plan::restart::Tick {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
 }
 
 /// A resync allocates and frees a snapshot of every domain; hand the freed pages back so an idle
@@ -341,5 +408,38 @@ pub(crate) fn release_free_memory() {
     // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocking::PoolStats;
+
+    #[test]
+    fn an_unusable_data_directory_is_a_lost_memory_not_a_clean_slate() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let (store, problem) = open_memory(Some(&file.path().join("data")));
+        assert!(problem.is_some_and(|p| p.contains("remembering in memory only")));
+        assert!(store.snapshot().lost.is_some_and(|l| l.why.contains("cannot create data directory")));
+    }
+
+    #[test]
+    fn only_the_engines_own_work_waiting_too_long_is_a_stall() {
+        let bound = Duration::from_secs(60);
+        let idle = PoolStats::default();
+        // Hung calls that were replaced (the pool still takes work) are no stall.
+        let hung = PoolStats { stuck: 16, live: 8, ..Default::default() };
+        assert_eq!(stalled(&hung, &idle, Some(&idle), bound), None);
+        let busy = PoolStats { oldest_queued: Some(Duration::from_secs(5)), ..hung };
+        assert_eq!(stalled(&busy, &idle, Some(&idle), bound), None, "a short wait for a thread");
+        let full = PoolStats { stuck: 72, live: 0, oldest_queued: Some(Duration::from_secs(61)), ..Default::default() };
+        let why = stalled(&full, &idle, None, bound).expect("no thread for 61s");
+        assert!(why.starts_with("a libvirt call has waited 61s for a thread (72 hung calls"), "{why}");
+        let writing = PoolStats { oldest_running: Some(Duration::from_secs(90)), ..Default::default() };
+        assert!(stalled(&idle, &writing, None, bound)
+            .unwrap()
+            .starts_with("the status write has not returned for 90s"));
+        assert!(stalled(&idle, &idle, Some(&writing), bound).unwrap().starts_with("the memory write"));
     }
 }

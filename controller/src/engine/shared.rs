@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     pub(crate) memory: Arc<MemoryStore>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) limits: Arc<CallLimits>,
+    /// The status writer's own thread: never behind libvirt calls or path checks.
+    pub(crate) status_io: crate::blocking::Pool,
     pub(crate) config: EngineConfig,
     pub(super) ready: AtomicBool,
     pub(super) reconnecting: AtomicBool,
@@ -99,6 +101,8 @@ impl Shared {
             f(entry);
             let label = super::metrics::DomainLabel { domain: name.to_string() };
             self.metrics.domain_quarantined.get_or_create(&label).set(i64::from(entry.quarantined.is_some()));
+            self.metrics.domain_stalled.get_or_create(&label).set(i64::from(entry.stalled.is_some()));
+            self.metrics.stalled.set(book.values().filter(|d| d.stalled.is_some()).count() as i64);
             let quarantined = book.values().filter(|d| d.quarantined.is_some()).count();
             self.metrics.quarantined.set(quarantined as i64);
             let waiting = book.values().filter(|d| !d.waiting_for.is_empty()).count();
@@ -115,8 +119,13 @@ impl Shared {
 
     /// Forget a domain that is no longer managed.
     pub(super) fn remove_domain(&self, name: &str) {
-        self.book.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        {
+            let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+            book.remove(name);
+            self.metrics.stalled.set(book.values().filter(|d| d.stalled.is_some()).count() as i64);
+        }
         self.metrics.domain_quarantined.remove(&super::metrics::DomainLabel { domain: name.to_string() });
+        self.metrics.domain_stalled.remove(&super::metrics::DomainLabel { domain: name.to_string() });
         self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         self.healthy.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         self.metrics.forget_health(name);
@@ -248,10 +257,57 @@ impl Shared {
         self.mark_dirty();
     }
 
+    /// `name` was seen running: if the memory is lost, what is remembered about it is current
+    /// again; once every managed domain was, the memory is rebuilt and the loss forgotten.
+    pub(crate) fn rebuilt(&self, name: &str) {
+        if self.memory.read(|m| m.lost_for(name).is_none()) {
+            return;
+        }
+        let managed: Vec<String> = self.book.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let done = self
+            .memory
+            .update(|m| {
+                let Some(lost) = m.lost.as_mut() else { return false };
+                lost.rebuilt.insert(name.to_string());
+                let done = managed.iter().all(|d| lost.rebuilt.contains(d));
+                if done {
+                    m.lost = None;
+                }
+                done
+            })
+            .0;
+        if done {
+            tracing::info!("memory rebuilt: every managed domain was seen running since it was lost");
+        }
+        self.mark_dirty();
+    }
+
+    /// `virtwarden memory confirm`: an admin vouches that what is remembered now is right (the
+    /// domains left down may be started by their policies). The text says what was done.
+    pub(crate) fn confirm_memory(&self) -> (String, u64) {
+        let (was, version) = self.memory.update(|m| m.lost.take());
+        self.mark_dirty();
+        match was {
+            Some(l) => {
+                tracing::info!(loss = %l.describe(), "lost memory confirmed by an admin");
+                (format!("confirmed: the memory lost ({}) is no longer waited for; domains left down are looked at again", l.describe()), version)
+            }
+            None => ("the memory is not lost; nothing to confirm".to_string(), version),
+        }
+    }
+
     pub(crate) fn report(&self) -> StatusReport {
         let mut report = self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone();
         report.domains = self.book.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         report.memory_error = self.memory.problem();
+        report.memory_lost = self.memory.read(|m| m.lost.as_ref().map(|l| {
+            format!(
+                "{}; domains that are down stay down (unless restart: always) until seen running or `virtwarden memory confirm`; {} seen running since",
+                l.describe(),
+                l.rebuilt.len()
+            )
+        }));
+        self.metrics.memory_lost.set(i64::from(report.memory_lost.is_some()));
         report.connected = self.hypervisor().is_some();
         report.ready = self.ready.load(Ordering::Relaxed);
         report.updated = Some(Utc::now());

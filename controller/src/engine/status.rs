@@ -26,6 +26,10 @@ pub struct StatusReport {
     /// The durable memory could not be read or written (what, and what was done about it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_error: Option<String>,
+    /// The durable memory was lost (corrupt, unreadable, or deleted): what happened, and that
+    /// down domains are left down until it is rebuilt or `virtwarden memory confirm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_lost: Option<String>,
     /// The last reload error, if the newest edit was rejected (the previous policy stays).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_error: Option<String>,
@@ -117,6 +121,12 @@ pub struct DomainStatus {
     pub last_guest_event: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_guest_event_at: Option<DateTime<Utc>>,
+    /// Why its state is `stalled`: a libvirt call about it does not return (storage hung, a
+    /// stuck job); it is asked nothing else until that call returns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_since: Option<DateTime<Utc>>,
     /// What its start (or its stop) waits for (`startup`: `db1 (not running)`, `/mnt/images`,
     /// `order group 1 (+30s delay after db1)`, `a start slot …`); empty when it does not wait.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -179,6 +189,9 @@ pub fn render_text(report: &StatusReport) -> String {
     if let Some(e) = &report.memory_error {
         out.push_str(&format!("MEMORY PROBLEM: {e}\n"));
     }
+    if let Some(l) = &report.memory_lost {
+        out.push_str(&format!("MEMORY LOST: {l}\n"));
+    }
     if let Some(e) = &report.policy_error {
         out.push_str(&format!("last reload REJECTED (previous policy in force):\n{e}\n"));
     }
@@ -232,6 +245,10 @@ pub fn render_text(report: &StatusReport) -> String {
         }
         if let Some(r) = &d.remembered {
             lines.push(format!("remembered: {r}"));
+        }
+        if let Some(why) = &d.stalled {
+            let since = d.stalled_since.map(|t| format!(" since {}", t.to_rfc3339())).unwrap_or_default();
+            lines.push(format!("STALLED{since}: {why}"));
         }
         for f in &d.flapping {
             lines.push(format!("CONFLICT: {f}"));
@@ -502,5 +519,36 @@ mod health_tests {
         assert_eq!(h.phase, HealthPhase::Booting);
         assert_eq!(h.boot_deadline.unwrap().to_rfc3339(), "2025-01-01T00:04:00+00:00");
         assert_eq!(h.since.unwrap().to_rfc3339(), "2024-12-31T23:59:00+00:00");
+    }
+}
+
+#[cfg(test)]
+mod storage_tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_domain_and_a_lost_memory_are_shown() {
+        let since = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let report = StatusReport {
+            memory_lost: Some("memory.json is not valid (at 2026-01-01T00:00:00Z); …".into()),
+            domains: vec![DomainStatus {
+                name: "web1".into(),
+                state: "stalled".into(),
+                stalled: Some("libvirt call `observe` did not return within 15s; this domain waits for it".into()),
+                stalled_since: Some(since),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render_text(&report);
+        assert!(text.contains("MEMORY LOST: memory.json is not valid"), "{text}");
+        assert!(
+            text.contains("STALLED since 2026-01-01T00:00:00+00:00: libvirt call `observe` did not return within 15s"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["memoryLost"].is_string());
+        assert_eq!(json["domains"][0]["state"], "stalled");
+        assert!(json["domains"][0]["stalledSince"].is_string());
     }
 }

@@ -332,9 +332,11 @@ impl Worker {
     /// This domain's remembered state as a memory the planner reads.
     fn memory_view(&self) -> Memory {
         let mut m = Memory::empty();
-        if let Some(d) = self.shared.memory.read(|all| all.domains.get(self.name()).cloned()) {
+        let (domain, lost) = self.shared.memory.read(|all| (all.domains.get(self.name()).cloned(), all.lost.clone()));
+        if let Some(d) = domain {
             m.domains.insert(self.name().to_string(), d);
         }
+        m.lost = lost;
         m
     }
 
@@ -390,7 +392,10 @@ impl Worker {
         let _may_start = self.shared.startgate.announce(self.name(), startgate::may_start(&self.managed, seen));
         self.ack(rounds);
         let observed = match looked {
-            Ok(o) => o,
+            Ok(o) => {
+                self.stalled(None);
+                o
+            }
             Err(e) => {
                 let note = match &e {
                     CallError::Disconnected | CallError::ConnectionLost { .. } => {
@@ -398,6 +403,7 @@ impl Worker {
                     }
                     other => format!("cannot observe: {other}"),
                 };
+                self.stalled(Some(&e));
                 self.shared.update_domain(self.name(), |s| s.notes = vec![note]);
                 return match e {
                     CallError::Disconnected | CallError::ConnectionLost { .. } => None,
@@ -410,6 +416,9 @@ impl Worker {
             self.shared.kick_network(NetKick::Domain(self.name().to_string()));
         }
         self.remember_intent(observed.as_ref());
+        if observed.as_ref().is_some_and(is_up) {
+            self.shared.rebuilt(self.name());
+        }
         self.health_observed(observed.as_ref());
         self.drive_health().await;
         let p = self.plan_for(observed.as_ref());
@@ -450,6 +459,36 @@ impl Worker {
         match (wake, again) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        }
+    }
+
+    /// Report the domain `stalled` while a libvirt call about it hangs (`e` is the error of the
+    /// last look); the state libvirt last reported is unknown meanwhile. Cleared by a look that
+    /// got an answer.
+    fn stalled(&self, e: Option<&CallError>) {
+        let hung = matches!(e, Some(CallError::Hung { .. } | CallError::StillHung { .. }));
+        let was =
+            self.shared.book.lock().unwrap_or_else(|p| p.into_inner()).get(self.name()).map(|s| s.stalled.is_some());
+        match (hung, e) {
+            (true, Some(e)) => {
+                let reason = e.to_string();
+                if was == Some(false) {
+                    tracing::warn!(domain = %self.name(), %reason, "stalled: a libvirt call about this domain does not return");
+                }
+                self.shared.update_domain(self.name(), |s| {
+                    s.state = "stalled".into();
+                    s.stalled = Some(reason);
+                    s.stalled_since.get_or_insert_with(chrono::Utc::now);
+                });
+            }
+            _ if was == Some(true) && e.is_none() => {
+                tracing::info!(domain = %self.name(), "no longer stalled: libvirt answers again");
+                self.shared.update_domain(self.name(), |s| {
+                    s.stalled = None;
+                    s.stalled_since = None;
+                });
+            }
+            _ => {}
         }
     }
 
@@ -763,7 +802,12 @@ impl Worker {
         };
         let result = self.guarded(cancellable, fut).await;
         self.shared.hook_refused(self.name(), result.as_ref().and_then(|r| r.as_ref().err()));
-        let after = self.calls().observe(self.name()).await.ok().flatten();
+        let looked = self.calls().observe(self.name()).await;
+        let hung_after = matches!(&looked, Err(CallError::Hung { .. } | CallError::StillHung { .. }));
+        if let Err(e) = &looked {
+            self.stalled(Some(e));
+        }
+        let after = looked.ok().flatten();
         let recovered = after.as_ref().is_some_and(is_up);
         let (outcome, mut text) = classify(&result, recovered, after.as_ref(), heal);
         // Where operators look: a failed repair carries what diagnosis finds.
@@ -814,7 +858,11 @@ impl Worker {
                 tracing::warn!(domain = %self.name(), attempt, outcome = %text, "restart interrupted; not counted")
             }
         }
-        let state = after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
+        let state = match &after {
+            _ if hung_after => "stalled".to_string(),
+            Some(d) => d.state_text(),
+            None => "not defined".into(),
+        };
         self.shared.update_domain(self.name(), |s| {
             s.state = state;
             if !first {

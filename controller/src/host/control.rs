@@ -1,5 +1,6 @@
 //! The control socket `<state-dir>/control.sock` (owner-only): how `virtwarden release NAME`
-//! reaches a running service. One JSON request per line, one JSON answer per line.
+//! and `virtwarden memory confirm` reach a running service. One JSON request per line, one
+//! JSON answer per line.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,12 +14,16 @@ use crate::engine::EngineHandle;
 /// Name of the socket inside the state directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
 
-/// What a client asks.
-#[derive(Debug, Serialize, Deserialize)]
+/// What a client asks: exactly one of the fields.
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Request {
     /// Lift the quarantine of this domain.
-    pub release: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    /// End the "memory lost" mode (`virtwarden memory confirm`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub confirm_memory: bool,
 }
 
 /// What the service answers.
@@ -69,13 +74,18 @@ async fn handle(stream: UnixStream, engine: EngineHandle) -> std::io::Result<()>
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
     let answer = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(req) => {
-            tracing::info!(domain = %req.release, "release requested");
-            match engine.release(&req.release).await {
+        Ok(Request { release: Some(domain), confirm_memory: false }) => {
+            tracing::info!(%domain, "release requested");
+            match engine.release(&domain).await {
                 Ok(message) => Answer { ok: true, message },
                 Err(message) => Answer { ok: false, message },
             }
         }
+        Ok(Request { release: None, confirm_memory: true }) => {
+            tracing::info!("memory confirmation requested");
+            Answer { ok: true, message: engine.confirm_memory().await }
+        }
+        Ok(_) => Answer { ok: false, message: "bad request: ask for exactly one thing".into() },
         Err(e) => Answer { ok: false, message: format!("bad request: {e}") },
     };
     let mut text = serde_json::to_string(&answer).map_err(std::io::Error::other)?;
@@ -85,6 +95,15 @@ async fn handle(stream: UnixStream, engine: EngineHandle) -> std::io::Result<()>
 
 /// Ask a running service to release `domain`. `Ok(None)` when no service listens there.
 pub fn request_release(state_dir: &Path, domain: &str) -> std::io::Result<Option<Answer>> {
+    request(state_dir, &Request { release: Some(domain.to_string()), ..Default::default() })
+}
+
+/// Ask a running service to end its "memory lost" mode. `Ok(None)` when no service listens.
+pub fn request_confirm_memory(state_dir: &Path) -> std::io::Result<Option<Answer>> {
+    request(state_dir, &Request { confirm_memory: true, ..Default::default() })
+}
+
+fn request(state_dir: &Path, req: &Request) -> std::io::Result<Option<Answer>> {
     use std::io::{BufRead, Write};
     let path = state_dir.join(CONTROL_SOCKET);
     let stream = match std::os::unix::net::UnixStream::connect(&path) {
@@ -95,7 +114,7 @@ pub fn request_release(state_dir: &Path, domain: &str) -> std::io::Result<Option
         Err(e) => return Err(e),
     };
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut text = serde_json::to_string(&Request { release: domain.to_string() }).map_err(std::io::Error::other)?;
+    let mut text = serde_json::to_string(req).map_err(std::io::Error::other)?;
     text.push('\n');
     (&stream).write_all(text.as_bytes())?;
     let mut line = String::new();

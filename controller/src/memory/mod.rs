@@ -5,5 +5,5 @@
 pub mod model;
 pub mod store;
 
-pub use model::{intent_after, BadHealth, DomainMemory, Intent, Memory, Quarantine, TrackerState};
+pub use model::{intent_after, BadHealth, DomainMemory, Intent, Memory, MemoryLoss, Quarantine, TrackerState};
 pub use store::{MemoryError, MemoryStore, MEMORY_FILE};

@@ -25,6 +25,31 @@ pub struct Memory {
     /// (owned by `act::uplink`).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub uplinks: serde_json::Value,
+    /// Set while this memory stands in for one that was lost (corrupt, unreadable, or missing
+    /// although it existed), until it is rebuilt or an admin confirms (`virtwarden memory
+    /// confirm`). Kept on disk, so a restart meanwhile does not forget the loss too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<MemoryLoss>,
+}
+
+/// What is known about a lost memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryLoss {
+    /// What happened to it (the load problem).
+    pub why: String,
+    #[serde(with = "tick_ms")]
+    pub at: Tick,
+    /// Managed domains seen running since: what is remembered about them is current again.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub rebuilt: std::collections::BTreeSet<String>,
+}
+
+impl MemoryLoss {
+    /// `memory.json is not valid (…) at 2026-…`.
+    pub fn describe(&self) -> String {
+        format!("{} (at {})", self.why, tick_text(self.at))
+    }
 }
 
 impl Memory {
@@ -35,6 +60,11 @@ impl Memory {
     /// The remembered intent for `domain`, if any.
     pub fn intent(&self, domain: &str) -> Option<&Intent> {
         self.domains.get(domain).and_then(|d| d.intent.as_ref())
+    }
+
+    /// The loss, while nothing current is remembered about `domain` (not seen running since).
+    pub fn lost_for(&self, domain: &str) -> Option<&MemoryLoss> {
+        self.lost.as_ref().filter(|l| !l.rebuilt.contains(domain))
     }
 
     /// Whether [`forget_unmanaged`](Self::forget_unmanaged) would change anything.

@@ -14,6 +14,9 @@ use crate::fsutil::{ensure_private_dir, write_atomically};
 
 /// The file inside the data directory.
 pub const MEMORY_FILE: &str = "memory.json";
+/// Written next to it once it has been written: a memory file missing beside this marker was
+/// lost (deleted), not never written.
+pub const MEMORY_MARKER: &str = "memory.json.written";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -44,6 +47,8 @@ pub struct MemoryStore {
     written: watch::Sender<u64>,
     wake: Notify,
     problem: Mutex<Option<String>>,
+    /// The writer's own thread: never behind libvirt calls or path checks.
+    io: crate::blocking::Pool,
 }
 
 impl MemoryStore {
@@ -59,16 +64,37 @@ impl MemoryStore {
             written: watch::channel(0).0,
             wake: Notify::new(),
             problem: Mutex::new(None),
+            io: crate::blocking::Pool::new("memory", 1, 0),
         }
     }
 
     /// Open the memory in `dir` (created 0700 if missing). A file that cannot be read or parsed
     /// is reported in the second value and, when corrupt, renamed aside; the store then starts
     /// empty. Only a directory that cannot be created is an error.
+    ///
+    /// A memory that was lost — corrupt, unreadable, of another format, or missing beside its
+    /// [`MEMORY_MARKER`] — is recorded as lost in the new one ([`Memory::lost`]). Temporary
+    /// files of interrupted writes are removed.
     pub fn open(dir: &Path) -> Result<(Self, Option<MemoryError>), MemoryError> {
         ensure_private_dir(dir).map_err(|source| MemoryError::CreateDir { path: dir.to_path_buf(), source })?;
         let path = dir.join(MEMORY_FILE);
-        let (memory, problem) = load(&path, true);
+        for left in crate::fsutil::remove_leftover_temps(&path) {
+            tracing::info!(file = %left.display(), "removed the temporary file of an interrupted memory write");
+        }
+        let deleted = !path.exists() && dir.join(MEMORY_MARKER).exists();
+        let (mut memory, problem) = load(&path, true);
+        let why = match &problem {
+            Some(p) => Some(p.to_string()),
+            None if deleted => {
+                Some(format!("{} is missing although it had been written ({MEMORY_MARKER} is there)", path.display()))
+            }
+            None => None,
+        };
+        if let Some(why) = why {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            tracing::error!(%why, "virtwarden's memory is lost: domains that are down stay down until it is rebuilt or `virtwarden memory confirm`");
+            memory.lost = Some(crate::memory::MemoryLoss { why, at: now, rebuilt: Default::default() });
+        }
         let store = Self::with(Some(path), memory);
         if let Some(p) = &problem {
             *store.problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.to_string());
@@ -122,6 +148,11 @@ impl MemoryStore {
         *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
     }
 
+    /// The writer's thread (a write that never returns shows in its stats).
+    pub fn io_stats(&self) -> crate::blocking::PoolStats {
+        self.io.stats()
+    }
+
     /// The last load or write problem, if it has not been resolved by a later write.
     pub fn problem(&self) -> Option<String> {
         self.problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -140,6 +171,11 @@ impl MemoryStore {
         };
         match write_atomically(path, &bytes) {
             Ok(()) => {
+                if let Some(marker) = path.parent().map(|d| d.join(MEMORY_MARKER)).filter(|m| !m.exists()) {
+                    if let Err(e) = std::fs::write(&marker, b"") {
+                        tracing::warn!(%e, marker = %marker.display(), "cannot mark the memory as written");
+                    }
+                }
                 let mut problem = self.problem.lock().unwrap_or_else(|e| e.into_inner());
                 if problem.as_deref().is_some_and(|p| p.starts_with("cannot write")) {
                     *problem = None;
@@ -173,7 +209,7 @@ impl MemoryStore {
                 continue;
             }
             let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.write_now()).await {
+            match self.io.spawn(move || me.write_now()).finish().await {
                 Ok(Ok(_)) => retry = Duration::from_millis(100),
                 Ok(Err(e)) => {
                     tracing::error!(%e, retry_in = ?retry, "cannot persist virtwarden's memory");
@@ -258,12 +294,45 @@ mod tests {
         let (store, problem) = MemoryStore::open(dir.path()).unwrap();
         let problem = problem.expect("reported");
         assert!(problem.to_string().contains("is not valid"), "{problem}");
-        assert_eq!(store.snapshot(), Memory::empty());
+        let memory = store.snapshot();
+        assert!(memory.domains.is_empty(), "nothing of it is believed");
+        assert!(memory.lost.is_some_and(|l| l.why.contains("is not valid")), "recorded as lost");
         assert!(store.problem().is_some(), "kept for status");
         let names: Vec<String> =
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
         assert!(names.iter().any(|n| n.starts_with("memory.json.corrupt-")), "{names:?}");
         assert!(!names.iter().any(|n| n == MEMORY_FILE), "the corrupt file is not reused: {names:?}");
+    }
+
+    #[test]
+    fn a_lost_memory_is_recorded_as_lost_and_leftover_temp_files_go() {
+        let dir = tempfile::tempdir().unwrap();
+        // Never written: a fresh start, nothing lost.
+        let (store, _) = MemoryStore::open(dir.path()).unwrap();
+        assert!(store.snapshot().lost.is_none());
+        store.update(quarantined);
+        store.write_now().unwrap();
+        assert!(dir.path().join(MEMORY_MARKER).exists());
+        drop(store);
+        // Deleted beside its marker, with a temporary file of an interrupted write left over.
+        std::fs::remove_file(dir.path().join(MEMORY_FILE)).unwrap();
+        let temp = dir.path().join(".memory.json.Ab12Cd.tmp");
+        std::fs::write(&temp, b"{\"format\": 1, \"dom").unwrap();
+        let (store, problem) = MemoryStore::open(dir.path()).unwrap();
+        assert!(problem.is_none());
+        let lost = store.snapshot().lost.expect("a deleted memory is lost");
+        assert!(lost.why.contains("is missing although it had been written"), "{}", lost.why);
+        assert!(!temp.exists(), "the interrupted write's temporary file is removed");
+        // The loss is remembered across a restart until confirmed.
+        store.write_now().unwrap();
+        drop(store);
+        let (store, _) = MemoryStore::open(dir.path()).unwrap();
+        assert!(store.snapshot().lost.is_some());
+        // Corrupt: lost as well.
+        drop(store);
+        std::fs::write(dir.path().join(MEMORY_FILE), b"{").unwrap();
+        let (store, _) = MemoryStore::open(dir.path()).unwrap();
+        assert!(store.snapshot().lost.expect("corrupt").why.contains("is not valid"));
     }
 
     #[test]

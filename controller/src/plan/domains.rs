@@ -3,13 +3,14 @@
 use virtwarden_policies::{DesiredDomainState, ManagedDomain, RestartPolicy};
 
 use super::{boot_list, on_off, Action, ActionKind, Note, Plan, Severity};
-use crate::memory::Intent;
+use crate::memory::{Intent, MemoryLoss};
 use crate::observe::{DomainState, ObservedDomain, StateReason};
 
 pub(super) fn plan_domain(
     managed: &ManagedDomain,
     observed: Option<&ObservedDomain>,
     intent: Option<&Intent>,
+    lost: Option<&MemoryLoss>,
     plan: &mut Plan,
 ) {
     let spec = &managed.spec;
@@ -26,6 +27,9 @@ pub(super) fn plan_domain(
     let mut notes = Vec::new();
     config_actions(managed, obs, &mut wanted, &mut notes);
     state_actions(managed, obs, intent, &mut wanted, &mut notes);
+    if let Some(loss) = lost {
+        hold_while_lost(managed, obs, loss, &mut wanted, &mut notes);
+    }
 
     let action = |kind: ActionKind, reason: String| Action {
         domain: name.to_string(),
@@ -167,6 +171,37 @@ fn state_actions(
     }
 }
 
+/// The memory that would say why a down domain is down (an admin's stop, a quarantine) is lost:
+/// a start could undo either, so a down domain is reported and left down — unless its policy
+/// says `restart: always` (which starts it whatever the memory says) — until it is seen
+/// running again or an admin confirms (`virtwarden memory confirm`).
+fn hold_while_lost(
+    managed: &ManagedDomain,
+    obs: &ObservedDomain,
+    loss: &MemoryLoss,
+    wanted: &mut Wanted,
+    notes: &mut Vec<Note>,
+) {
+    let spec = &managed.spec;
+    if spec.restart == RestartPolicy::Always || !matches!(obs.state, DomainState::ShutOff | DomainState::Crashed) {
+        return;
+    }
+    let before = wanted.len();
+    wanted.retain(|(kind, _)| !matches!(kind, ActionKind::Start | ActionKind::Restart));
+    if wanted.len() != before {
+        note(
+            notes,
+            &spec.name,
+            Severity::Warning,
+            format!(
+                "{}; virtwarden's memory was lost ({}) so it cannot tell an admin's stop or a quarantine from a crash → left down until it is seen running or `virtwarden memory confirm`",
+                obs.state_text(),
+                loss.describe()
+            ),
+        );
+    }
+}
+
 fn restart_name(r: RestartPolicy) -> &'static str {
     match r {
         RestartPolicy::Always => "always",
@@ -238,7 +273,7 @@ mod tests {
     use virtwarden_policies::{BootDevice, DesiredState, DomainPolicy};
 
     use super::*;
-    use crate::memory::{DomainMemory, Memory};
+    use crate::memory::{DomainMemory, Memory, MemoryLoss};
     use crate::observe::{BootConfig, BootStyle, ObservedHost};
     use crate::plan::restart::Tick;
     use crate::plan::{plan, plan_with};
@@ -395,6 +430,44 @@ mod tests {
                 ours
             ),
             ["web1: shut off (shutdown) (stopped earlier by its policy), policy wants running → start"]
+        );
+    }
+
+    #[test]
+    fn a_lost_memory_leaves_down_domains_down_unless_restart_always() {
+        let mut memory = Memory::empty();
+        memory.lost = Some(MemoryLoss {
+            why: "memory.json is not valid".into(),
+            at: Tick::from_secs(1_700_000_000),
+            rebuilt: Default::default(),
+        });
+        let host = |reason| ObservedHost {
+            domains: vec![observed("web1", DomainState::ShutOff, reason)],
+            networks: vec![],
+            net: None,
+        };
+        let lines = |policy, memory: &Memory, reason| {
+            let p = plan_with(&desired(policy), &host(reason), memory);
+            p.actions.iter().map(|a| a.line()).chain(p.notes.iter().map(|n| n.line())).collect::<Vec<_>>()
+        };
+        for reason in ["crashed", "unknown"] {
+            let l = lines(with_restart(RestartPolicy::OnFailure), &memory, reason);
+            assert_eq!(l.len(), 1, "{l:?}");
+            assert!(
+                l[0].starts_with(&format!("warning: web1: shut off ({reason}); virtwarden's memory was lost (memory.json is not valid (at 2023-11-14T22:13:20Z))")),
+                "{l:?}"
+            );
+            assert!(l[0].ends_with("`virtwarden memory confirm`"), "{l:?}");
+        }
+        assert_eq!(
+            lines(with_restart(RestartPolicy::Always), &memory, "crashed"),
+            ["web1: shut off (crashed), policy wants running → start"]
+        );
+        // Seen running since the loss: what is remembered about it is current again.
+        memory.lost.as_mut().unwrap().rebuilt.insert("web1".into());
+        assert_eq!(
+            lines(with_restart(RestartPolicy::OnFailure), &memory, "crashed"),
+            ["web1: shut off (crashed), policy wants running → start"]
         );
     }
 

@@ -155,13 +155,20 @@ pub fn plan(desired: &DesiredState, observed: &ObservedHost) -> Plan {
 }
 
 /// Plan every managed domain. `memory` supplies what libvirt forgets across its restarts (why
-/// a domain is off). Domains no policy names never appear in the plan.
+/// a domain is off); while it is lost, a down domain is left down unless `restart: always`.
+/// Domains no policy names never appear in the plan.
 pub fn plan_with(desired: &DesiredState, observed: &ObservedHost, memory: &Memory) -> Plan {
     let mut plan = Plan::default();
     let by_name: HashMap<&str, &ObservedDomain> = observed.domains.iter().map(|d| (d.name.as_str(), d)).collect();
     for managed in &desired.domains {
         let name = managed.spec.name.as_str();
-        domains::plan_domain(managed, by_name.get(name).copied(), memory.intent(name), &mut plan);
+        domains::plan_domain(
+            managed,
+            by_name.get(name).copied(),
+            memory.intent(name),
+            memory.lost_for(name),
+            &mut plan,
+        );
     }
     // Stable: by phase, then policy order (sort_by_key is stable).
     plan.actions.sort_by_key(|a| a.kind.phase());

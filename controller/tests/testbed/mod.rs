@@ -230,19 +230,12 @@ impl Daemon {
         std::fs::write(policies.join("p.yaml"), policy_yaml).unwrap();
         let state_dir = dir.join("state");
         let log = std::fs::File::create(dir.join("virtwarden.log")).unwrap();
+        // A test that wants the endpoint passes its own `--metrics-addr`.
+        let metrics: &[&str] = if flags.contains(&"--metrics-addr") { &[] } else { &["--metrics-addr", "off"] };
         let child = Command::new(env!("CARGO_BIN_EXE_virtwarden"))
-            .args([
-                "run",
-                "--connect",
-                URI,
-                "--metrics-addr",
-                "off",
-                "--network",
-                "on",
-                "--resync",
-                "60s",
-                "--state-dir",
-            ])
+            .args(["run", "--connect", URI])
+            .args(metrics)
+            .args(["--network", "on", "--resync", "60s", "--state-dir"])
             .arg(&state_dir)
             .arg("--data-dir")
             .arg(dir.join("data"))

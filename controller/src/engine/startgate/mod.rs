@@ -376,6 +376,21 @@ fn words(w: &Wait, view: &View, found: &dyn Fn(&str) -> Option<Found>) -> String
     }
 }
 
+/// The paths to check for the waiting starts' required paths (each domain's in its order): a
+/// domain's paths after one whose check does not return are not checked meanwhile — it waits
+/// for that one anyway — so a domain holds at most one hung check, and a path at most one.
+fn watch_list<'a>(
+    required: impl Iterator<Item = &'a [String]>,
+    found: &dyn Fn(&str) -> Option<Found>,
+) -> BTreeSet<String> {
+    required
+        .flat_map(|paths| {
+            let cut = paths.iter().position(|p| found(p) == Some(Found::NotAnswering)).map_or(paths.len(), |i| i + 1);
+            paths[..cut].iter().cloned()
+        })
+        .collect()
+}
+
 /// The deciding task's own state.
 struct Coordinator {
     /// What each waiter's status says it waits for.
@@ -392,6 +407,7 @@ impl Coordinator {
         };
         if idle {
             self.paths.set(BTreeSet::new());
+            shared.metrics.paths_not_answering.set(0);
             self.clear_all(shared);
             return None;
         }
@@ -400,9 +416,11 @@ impl Coordinator {
         let mut went: Vec<(String, Waiter)> = Vec::new();
         let (verdicts, waiting) = {
             let mut st = gate.lock();
-            let watched = st.starts.keys().flat_map(|d| st.order.paths(d).to_vec()).collect();
+            let paths = &self.paths;
+            let watched = watch_list(st.starts.keys().map(|d| st.order.paths(d)), &|p| paths.found(p));
             self.paths.set(watched);
             view.facts.missing_paths = self.paths.missing();
+            shared.metrics.paths_not_answering.set(self.paths.not_answering() as i64);
             view.facts.started_at = st.started_at.clone();
             let paths = &self.paths;
             let v = decide(&st, &view, &|p| paths.found(p), gate.max_starts, now);
@@ -643,6 +661,18 @@ mod tests {
         assert_eq!(held(&d), ["db1: web1 (stops first)"], "`other` is not to stop");
         let v = view(&[("db1", ON), ("web1", OFF), ("other", ON)]);
         assert_eq!(decide(&g.lock(), &v, &|_| None, 4, Tick::ZERO).stops, ["db1"]);
+    }
+
+    #[test]
+    fn a_domain_holds_at_most_one_hung_path_check() {
+        let web1: Vec<String> = ["/nfs/a", "/nfs/b", "/local/c"].map(String::from).to_vec();
+        let db1: Vec<String> = vec!["/nfs/b".to_string()];
+        let hung = |p: &str| (p == "/nfs/a").then_some(Found::NotAnswering);
+        let list = watch_list([web1.as_slice(), db1.as_slice()].into_iter(), &hung);
+        // web1 waits for /nfs/a anyway: its later paths are not checked meanwhile; db1's are.
+        assert_eq!(list, BTreeSet::from(["/nfs/a".to_string(), "/nfs/b".to_string()]));
+        let list = watch_list([web1.as_slice()].into_iter(), &|_| None);
+        assert_eq!(list.len(), 3, "nothing hangs: every path is checked");
     }
 
     #[tokio::test]

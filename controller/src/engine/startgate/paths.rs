@@ -1,5 +1,7 @@
-//! Whether the paths that waiting starts require (`requires.paths`) exist: checked off the
-//! runtime with a deadline (a hung NFS mount must not stall the gate), again every 500 ms while
+//! Whether the paths that waiting starts require (`requires.paths`) exist: checked on a pool of
+//! their own ([`CHECK_THREADS`] at work, at most [`MAX_HUNG_CHECKS`] hung) with a deadline, at
+//! most one check per path at a time (a path whose check hangs is not checked again until it
+//! returns), so a hung NFS mount stalls neither the gate nor anything else; again every 500 ms while
 //! a start waits for them, and at once when the mount table changes. Why poll at all: mounting
 //! on a mount point makes no inotify event in its parent directory, and a file appearing on a
 //! network filesystem makes none anywhere; `/proc/self/mountinfo` (pollable for POLLPRI) tells
@@ -13,10 +15,17 @@ use tokio::io::Interest;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 
+use crate::blocking::Pool;
+
 /// How often watched paths are checked again.
 pub(super) const POLL: Duration = Duration::from_millis(500);
 /// A check that takes longer says "not answering" (and is not started again until it returns).
-const CHECK_DEADLINE: Duration = Duration::from_secs(2);
+pub(super) const CHECK_DEADLINE: Duration = Duration::from_secs(2);
+/// Threads checking paths at once.
+pub(crate) const CHECK_THREADS: usize = 4;
+/// Threads of hung checks that are replaced (one per path at most); beyond this, checks of
+/// other paths queue until a hung one returns.
+pub(crate) const MAX_HUNG_CHECKS: usize = 64;
 
 /// What the last check of a path found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +48,7 @@ pub(super) struct PathWatch {
     rx: UnboundedReceiver<Report>,
     mounts: Option<AsyncFd<std::fs::File>>,
     next_poll: Instant,
+    pool: Pool,
 }
 
 impl PathWatch {
@@ -52,6 +62,7 @@ impl PathWatch {
             rx,
             mounts: open_mount_table(),
             next_poll: Instant::now(),
+            pool: Pool::new("paths", CHECK_THREADS, MAX_HUNG_CHECKS),
         }
     }
 
@@ -75,6 +86,11 @@ impl PathWatch {
     /// What the last check of a watched path found (`None`: not checked yet).
     pub(super) fn found(&self, path: &str) -> Option<Found> {
         self.found.get(path).copied()
+    }
+
+    /// How many watched paths have a check that does not return.
+    pub(super) fn not_answering(&self) -> usize {
+        self.watched.iter().filter(|p| self.found(p) == Some(Found::NotAnswering)).count()
     }
 
     /// The watched paths not known to exist.
@@ -149,21 +165,21 @@ impl PathWatch {
         }
     }
 
-    /// Check `path` on the blocking pool; report "not answering" at the deadline and the answer
-    /// whenever it comes.
+    /// Check `path` on the paths pool; report "not answering" at the deadline and the answer
+    /// whenever it comes. A path already being checked is not checked twice.
     fn check(&mut self, path: String) {
         if !self.checking.insert(path.clone()) {
             return;
         }
         let tx = self.tx.clone();
+        let p = path.clone();
+        let mut call = self.pool.spawn(move || crate::observe::paths::exists(&p));
         tokio::spawn(async move {
-            let p = path.clone();
-            let mut call = tokio::task::spawn_blocking(move || crate::observe::paths::exists(&p));
-            let exists = match tokio::time::timeout(CHECK_DEADLINE, &mut call).await {
-                Ok(r) => r.unwrap_or(false),
-                Err(_) => {
+            let exists = match call.within(CHECK_DEADLINE).await {
+                Some(r) => r.unwrap_or(false),
+                None => {
                     let _ = tx.send((path.clone(), Found::NotAnswering, false));
-                    call.await.unwrap_or(false)
+                    call.finish().await.unwrap_or(false)
                 }
             };
             let _ = tx.send((path, if exists { Found::Exists } else { Found::Missing }, true));
