@@ -1062,7 +1062,7 @@ fn show_cmd(args: &ShowArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::i
         }
     };
     if args.network.enabled_for(&uri) {
-        match NetCtx::open().and_then(|n| n.observe()) {
+        match NetCtx::open(MemoryStore::in_memory()).and_then(|n| n.observe(&Default::default())) {
             Ok(n) => observed.net = Some(n),
             Err(e) => {
                 writeln!(err, "error: cannot read the host network: {e}")?;

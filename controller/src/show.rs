@@ -217,7 +217,14 @@ fn bridges(
             .filter(|p| net.link(p).is_none_or(|l| !matches!(l.kind.as_deref(), Some("tun" | "tap"))))
             .map(str::to_string)
             .collect();
-        out.push(BridgePolicy { name, stp, ports, allow_uplink_change: false });
+        out.push(BridgePolicy {
+            name,
+            stp,
+            ports,
+            allow_uplink_change: Default::default(),
+            verify: Vec::new(),
+            verify_timeout: None,
+        });
     }
     out
 }
