@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use virtwarden::act::remediation::Registry;
-use virtwarden::engine::connect::{Connector, SharedConnector};
+use virtwarden::engine::connect::Connector;
 use virtwarden::engine::status::{DomainStatus, HealthPhase, StatusReport};
 use virtwarden::engine::{Engine, EngineConfig, EngineHandle};
 use virtwarden::hypervisor::{DomainControl, DomainReader};
+use virtwarden::libvirt::connect::SharedConnector;
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;

@@ -14,14 +14,15 @@ use virtwarden::act::remediation::{Registry, Remediation, RemediationContext, St
 use virtwarden::engine::connect::{Connection, Connector};
 use virtwarden::engine::status::{render_text, DomainStatus, StatusReport};
 use virtwarden::engine::{Engine, EngineConfig, EngineHandle};
+use virtwarden::hypervisor::events::{HypervisorEvent, LifecycleKind};
 use virtwarden::hypervisor::{DomainReader, HypervisorError};
-use virtwarden::libvirt::events::{start_event_loop, subscribe, HypervisorEvent};
+use virtwarden::libvirt::events::{start_event_loop, subscribe};
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
 use virtwarden_policies::{DesiredState, RemediationAction};
 
-const STARTED: i32 = virt::sys::VIR_DOMAIN_EVENT_STARTED as i32;
-const STOPPED: i32 = virt::sys::VIR_DOMAIN_EVENT_STOPPED as i32;
+const STARTED: LifecycleKind = LifecycleKind::Started;
+const STOPPED: LifecycleKind = LifecycleKind::Stopped;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn policy(domains: &str) -> DesiredState {
@@ -103,11 +104,11 @@ impl Rig {
     }
 
     /// The next `n` lifecycle events of kind `event`, in arrival order, with when each arrived.
-    async fn events(&mut self, event: i32, n: usize) -> Vec<(String, Instant)> {
+    async fn events(&mut self, event: LifecycleKind, n: usize) -> Vec<(String, Instant)> {
         let mut got = Vec::new();
         while got.len() < n {
             match tokio::time::timeout(WAIT, self.events.recv()).await {
-                Ok(Some(HypervisorEvent::Lifecycle(e))) if e.event == event => got.push((e.domain, e.received)),
+                Ok(Some(HypervisorEvent::Lifecycle(e))) if e.kind == event => got.push((e.domain, e.received)),
                 Ok(Some(_)) => {}
                 _ => panic!("only {} of {n} events arrived: {got:?}\nstatus: {:#?}", got.len(), self.engine.status()),
             }

@@ -15,9 +15,9 @@ use tokio::sync::mpsc;
 use virtwarden_policies::{load_paths_with, TrustMode, TrustedOwners};
 
 use crate::act::remediation::Registry;
-use crate::engine::connect::LibvirtConnector;
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::exit;
+use crate::libvirt::connect::LibvirtConnector;
 
 /// Options of `virtwarden run`.
 #[derive(Debug, Clone)]
@@ -65,12 +65,12 @@ pub async fn run(opts: RunOptions) -> i32 {
         status_path: Some(opts.state_dir.join(STATUS_FILE)),
         data_dir: Some(opts.data_dir.clone()),
         network: opts.network,
-        diagnose: !crate::libvirt::is_test_uri(&opts.uri),
         max_concurrent_starts: opts.max_concurrent_starts,
         ..Default::default()
     };
     let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });
-    let (engine, mut engine_task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
+    let backends = crate::service::backends(connector, Registry::with_builtins(), &opts.uri, opts.network);
+    let (engine, mut engine_task) = Engine::spawn_with(backends, desired, config);
 
     if let Some(addr) = opts.metrics_addr {
         match crate::http::serve(addr, engine.clone()).await {

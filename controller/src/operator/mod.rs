@@ -28,10 +28,10 @@ use virtwarden_crd::{HostPolicyEnactment, HostPolicyEnactmentStatus, HostPolicyS
 use virtwarden_policies::DesiredState;
 
 use crate::act::remediation::Registry;
-use crate::engine::connect::LibvirtConnector;
 use crate::engine::status::{DomainStatus, StatusReport};
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::exit;
+use crate::libvirt::connect::LibvirtConnector;
 use enactment::{enactment_status, keep_transition_times, PolicyView};
 use select::{select, Selection};
 
@@ -102,13 +102,13 @@ pub async fn run(opts: OperatorOptions) -> i32 {
         resync: opts.resync,
         network: opts.network,
         data_dir: Some(opts.data_dir.clone()),
-        diagnose: !crate::libvirt::is_test_uri(&opts.uri),
         max_concurrent_starts: opts.max_concurrent_starts,
         ..Default::default()
     };
     let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });
-    let (engine, mut engine_task) =
-        Engine::spawn(connector, Default::default(), config, Registry::with_exec_policy(opts.exec.clone()));
+    let backends =
+        crate::service::backends(connector, Registry::with_exec_policy(opts.exec.clone()), &opts.uri, opts.network);
+    let (engine, mut engine_task) = Engine::spawn_with(backends, Default::default(), config);
     if let Some(addr) = opts.metrics_addr {
         if let Err(e) = crate::http::serve(addr, engine.clone()).await {
             eprintln!("error: cannot serve metrics on {addr}: {e}");
