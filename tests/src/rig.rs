@@ -20,6 +20,10 @@ pub const WAIT: Duration = Duration::from_secs(15);
 pub struct EngineRig {
     pub engine: EngineHandle,
     task: JoinHandle<()>,
+    /// More to print when a wait times out (the calls a fake recorded, …).
+    context: Option<Box<dyn Fn() -> String + Send + Sync>>,
+    /// How long [`EngineRig::until`] waits.
+    wait: Duration,
 }
 
 /// The configuration engine tests start from: resync once an hour (it must not be what makes a
@@ -37,21 +41,43 @@ impl EngineRig {
     /// An engine on the given backends and configuration.
     pub fn spawn_with(backends: Backends, desired: DesiredState, config: EngineConfig) -> Self {
         let (engine, task) = Engine::spawn_with(backends, desired, config);
-        EngineRig { engine, task }
+        EngineRig { engine, task, context: None, wait: WAIT }
+    }
+
+    /// Wait this long in [`EngineRig::until`] (probes on a period need more).
+    pub fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Print `context()` too when a wait times out.
+    pub fn with_context(mut self, context: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        self.context = Some(Box::new(context));
+        self
     }
 
     /// Wait until `cond` holds for the status; panic naming `what` with the status otherwise.
     pub async fn until(&self, what: &str, cond: impl Fn(&StatusReport) -> bool) -> StatusReport {
-        match self.engine.wait_for(WAIT, cond).await {
+        match self.engine.wait_for(self.wait, cond).await {
             Some(r) => r,
-            None => panic!("timed out waiting for: {what}\nstatus: {:#?}", self.engine.status()),
+            None => panic!(
+                "timed out waiting for: {what}\nstatus: {:#?}\n{}",
+                self.engine.status(),
+                self.context.as_ref().map(|c| c()).unwrap_or_default()
+            ),
         }
+    }
+
+    /// Wait until the engine is connected and its first resync is done.
+    pub async fn until_ready(&self) {
+        let engine = self.engine.clone();
+        self.until("the engine ready", move |_| engine.is_ready()).await;
     }
 
     /// Stop the engine and wait for it.
     pub async fn stop(self) {
         self.engine.shutdown();
-        tokio::time::timeout(WAIT, self.task).await.expect("the engine stops").expect("the engine task ends");
+        tokio::time::timeout(self.wait, self.task).await.expect("the engine stops").expect("the engine task ends");
     }
 }
 

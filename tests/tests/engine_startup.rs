@@ -13,13 +13,14 @@ use virtwarden::act::calls::Calls;
 use virtwarden::act::remediation::{Registry, Remediation, RemediationContext, StepFuture};
 use virtwarden::engine::connect::{Connection, Connector};
 use virtwarden::engine::status::{render_text, DomainStatus, StatusReport};
-use virtwarden::engine::{Engine, EngineConfig, EngineHandle};
+use virtwarden::engine::{Backends, EngineConfig};
 use virtwarden::hypervisor::events::{HypervisorEvent, LifecycleKind};
 use virtwarden::hypervisor::{DomainReader, HypervisorError};
 use virtwarden::libvirt::events::{start_event_loop, subscribe};
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
 use virtwarden_policies::{DesiredState, RemediationAction};
+use virtwarden_tests::rig::EngineRig;
 
 const STARTED: LifecycleKind = LifecycleKind::Started;
 const STOPPED: LifecycleKind = LifecycleKind::Stopped;
@@ -66,8 +67,7 @@ impl Connector for TeeConnector {
 /// An engine on a test-driver host with these domains (running or shut off), and the host's
 /// lifecycle events as the test sees them.
 struct Rig {
-    engine: EngineHandle,
-    task: tokio::task::JoinHandle<()>,
+    inner: EngineRig,
     events: UnboundedReceiver<HypervisorEvent>,
     host: Arc<LibvirtHost>,
     _dir: tempfile::TempDir,
@@ -87,8 +87,15 @@ async fn rig(domains: &[(&str, bool)], desired: DesiredState, max_starts: usize,
     let config =
         EngineConfig { resync: Duration::from_secs(3600), max_concurrent_starts: max_starts, ..Default::default() };
     let connector = Arc::new(TeeConnector { host: host.clone(), test });
-    let (engine, task) = Engine::spawn(connector, desired, config, registry);
-    Rig { engine, task, events, host, _dir: dir }
+    let inner = EngineRig::spawn_with(Backends::new(connector, registry), desired, config).with_wait(WAIT);
+    Rig { inner, events, host, _dir: dir }
+}
+
+impl std::ops::Deref for Rig {
+    type Target = EngineRig;
+    fn deref(&self) -> &EngineRig {
+        &self.inner
+    }
 }
 
 fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {
@@ -96,13 +103,6 @@ fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {
 }
 
 impl Rig {
-    async fn until(&self, what: &str, cond: impl Fn(&StatusReport) -> bool) -> StatusReport {
-        match self.engine.wait_for(WAIT, cond).await {
-            Some(r) => r,
-            None => panic!("timed out waiting for: {what}\nstatus: {:#?}", self.engine.status()),
-        }
-    }
-
     /// The next `n` lifecycle events of kind `event`, in arrival order, with when each arrived.
     async fn events(&mut self, event: LifecycleKind, n: usize) -> Vec<(String, Instant)> {
         let mut got = Vec::new();
@@ -121,8 +121,7 @@ impl Rig {
     }
 
     async fn stop(self) {
-        self.engine.shutdown();
-        tokio::time::timeout(WAIT, self.task).await.expect("engine stops").unwrap();
+        self.inner.stop().await;
     }
 }
 
