@@ -29,6 +29,7 @@ use super::status::DomainStatus;
 use crate::act::calls::{CallError, Calls};
 use crate::act::execute_action;
 use crate::act::remediation::{RemediationContext, RemediationError, StepOutcome};
+use crate::act::shutdown::graceful_shutdown_async;
 use crate::hypervisor::events::GuestEvent;
 use crate::hypervisor::events::LifecycleEvent;
 use crate::hypervisor::HypervisorError;
@@ -60,8 +61,6 @@ pub(super) enum Order {
 
 /// Retry delay after an observation failed (lost connections are handled by reconnecting).
 const OBSERVE_RETRY: Duration = Duration::from_secs(1);
-/// How often a graceful shutdown is checked on.
-const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
 
 pub(super) struct Worker {
     shared: Arc<Shared>,
@@ -557,7 +556,7 @@ impl Worker {
         let name = self.name().to_string();
         let result = match action.kind.clone() {
             ActionKind::Shutdown { timeout } => {
-                self.guarded(true, graceful_shutdown(calls, name, timeout.as_std())).await
+                self.guarded(true, graceful_shutdown_async(calls, name, timeout.as_std())).await
             }
             _ => {
                 let a = action.clone();
@@ -867,22 +866,5 @@ fn classify(
         Some(Ok(StepOutcome::Done)) => (Outcome::Failed, format!("did not come up: {}", now())),
         Some(Err(e)) if e.is_interruption() => (Outcome::Interrupted, format!("interrupted: {e}")),
         Some(Err(e)) => (Outcome::Failed, e.detail()),
-    }
-}
-
-/// Ask the guest to shut down; destroy it if it is still up after `timeout`. Cancellable: the
-/// wait ends when the future is dropped.
-async fn graceful_shutdown(calls: Calls, name: String, timeout: Duration) -> Result<(), CallError> {
-    calls.shutdown(&name).await?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match calls.state(&name).await? {
-            None | Some((DomainState::ShutOff, _)) => return Ok(()),
-            Some(_) if Instant::now() >= deadline => {
-                tracing::warn!(domain = %name, ?timeout, "graceful shutdown timed out; destroying");
-                return calls.destroy(&name).await;
-            }
-            Some(_) => tokio::time::sleep(SHUTDOWN_POLL).await,
-        }
     }
 }
