@@ -5,20 +5,23 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build and the tests need. libvirt0 (pulled in by libvirt-dev) carries
 # libvirt's in-process test driver, which `make run` and most tests use; systemd brings
-# `systemd-analyze verify` for the unit's test.
+# `systemd-analyze verify` for the unit's test; mmdebstrap, buildah, podman and runc build and
+# run the image without a registry (`make image`, controller/tests/e2e_image.rs).
 DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 	libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils cpio gzip \
-	iptables nftables acl systemd
+	iptables nftables acl systemd \
+	mmdebstrap buildah podman runc openssl
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps deps-ops install-cockpit prometheusrule build run test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health fuzz fmt lint crd schema docs clean
+.PHONY: help deps deps-ops install-cockpit prometheusrule build run test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health k8s-testenv fuzz fmt lint crd schema docs clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
 	@echo "make test   the whole suite (installs what it needs)"
 	@echo "make lint | fmt | bench | bench-operator | fuzz | crd | schema | docs | deps"
 	@echo "make install-cockpit   the Cockpit page into \$$(DESTDIR)\$$(PREFIX)/share/cockpit/virtwarden"
+	@echo "make image  the OCI image (target/image/virtwarden-<version>.oci.tar), no registry needed"
 
 ## deps: install missing Debian packages (idempotent; needs root or sudo).
 deps:
@@ -69,6 +72,14 @@ install-cockpit:
 	install -m 0644 cockpit/virtwarden/* $(COCKPIT_DIR)/
 	@echo "installed in $(COCKPIT_DIR); open Cockpit → virtwarden"
 
+## image: examples/k8s/Dockerfile's image without any registry: Debian packages (mmdebstrap, from
+## this machine's apt sources), the release binary, buildah → target/image/virtwarden-<version>.oci.tar.
+## The base root file system is cached in target/image and built only when missing.
+.PHONY: image
+image: deps
+	$(CARGO) build --release --locked -p virtwarden --bin virtwarden
+	examples/k8s/build-image.sh target/release/virtwarden
+
 ## prometheusrule: examples/k8s/prometheusrule.yaml from the Prometheus rules (same groups).
 PROMETHEUS_RULES := examples/prometheus/virtwarden-rules.yaml
 prometheusrule:
@@ -109,12 +120,18 @@ run: build
 	  $(VIRTWARDEN) run --connect $(TESTBED_URI) --state-dir $(STATE_DIR) --data-dir $(DATA_DIR) examples/policies; \
 	fi
 
-test: deps deps-ops
+## k8s-testenv: the real Kubernetes API server the operator's tests run against: kube-apiserver and
+## kube-controller-manager 1.20 built from Debian's source package into target/k8s/bin (~6 min on
+## 2 cores, once; nothing when present), etcd-server and openssl from Debian.
+k8s-testenv:
+	controller/tests/k8s/testenv.sh
+
+test: deps deps-ops k8s-testenv
 	$(CARGO) fmt --all -- --check
 	$(CARGO) test --workspace
 
 ## test-fast: the suite without the end-to-end tests (private libvirtd + QEMU), for local loops.
-test-fast: deps deps-ops
+test-fast: deps deps-ops k8s-testenv
 	$(CARGO) test --workspace -- --skip e2e_
 
 ## bench: event→action latency, resync of 1,000 domains, idle CPU/RSS of `run` (BENCH_IDLE_SECS, default 60).
@@ -125,9 +142,12 @@ bench: deps
 bench-e2e: deps
 	$(CARGO) bench -p virtwarden --bench e2e
 
-## bench-operator: Kubernetes API requests per change with 1, 10 and 100 simulated nodes (in-memory API server).
-bench-operator: deps
+## bench-operator: Kubernetes API requests per change with 1, 10 and 100 simulated nodes (in-memory API
+## server), then on the real kube-apiserver (k8s-testenv) with 3 operator processes: HostPolicy edit →
+## enactment updated p50/p99 and API requests per edit from the audit log (BENCH_EDITS, default 40).
+bench-operator: deps k8s-testenv
 	$(CARGO) test -p virtwarden --test operator_scale -- --nocapture
+	$(CARGO) bench -p virtwarden --bench operator_api
 
 ## bench-apply: apply of 16/50 stopped domains vs parallel `virsh start`, a --parallel sweep, one
 ## connection vs a pool, Ansible's community.libvirt.virt on 20 domains, a mass crash under `run`

@@ -14,7 +14,7 @@ use crate::diagnose::{self, DiagnoseSource, DomainReport, Target};
 use crate::exit;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
-use crate::hypervisor::Hypervisor;
+use crate::hypervisor::{DomainReader, Hypervisor};
 use crate::libvirt::pool::{connections_for, LibvirtPool};
 use crate::libvirt::{resolve_uri, LibvirtHost};
 use crate::memory::{Memory, MemoryStore};
@@ -31,6 +31,7 @@ Exit codes:
   run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid or untrusted policy
   release 0 released (or was not quarantined), 1 not managed or not reachable
   status  0 shown, 1 no status file
+  show    0 shown, 1 runtime error (e.g. cannot connect, no such domain)
   diagnose 0 nothing found, 3 problems found, 1 runtime error, 2 invalid policy";
 
 #[derive(Debug, Parser)]
@@ -122,6 +123,29 @@ pub struct HostArgs {
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/virtwarden";
 /// Where `diagnose` finds the managed domains when no `--policies` is given.
 pub const DEFAULT_POLICIES: &str = "/etc/virtwarden/policies";
+
+/// `show`'s document format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DocumentFormat {
+    Yaml,
+    Json,
+}
+
+/// What `show` takes.
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
+    #[arg(long, short = 'c')]
+    pub connect: Option<String>,
+    #[arg(long, short = 'o', value_enum, default_value_t = DocumentFormat::Yaml)]
+    pub output: DocumentFormat,
+    /// Host network (bridges, forwarding): auto = on unless the URI is libvirt's test driver.
+    #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
+    pub network: NetworkMode,
+    /// Domains to write (default: every domain, and forwarding).
+    #[arg(value_name = "DOMAIN")]
+    pub domains: Vec<String>,
+}
 
 /// What `diagnose` takes.
 #[derive(Debug, clap::Args)]
@@ -239,6 +263,8 @@ pub enum Command {
     Schema,
     /// Say why domains cannot boot or be reached, with evidence and the fix. Changes nothing.
     Diagnose(DiagnoseArgs),
+    /// Print the host as it is now as a HostPolicy that `plan` finds in sync (to adopt a host).
+    Show(ShowArgs),
 }
 
 fn parse_parallel(text: &str) -> Result<usize, String> {
@@ -272,6 +298,7 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             release_cmd(&domain, &Dirs { state_dir, data_dir, lock_file }, out, err)
         }
         Command::Diagnose(a) => diagnose_cmd(&a, out, err),
+        Command::Show(a) => show_cmd(&a, out, err),
     };
     result.unwrap_or(exit::RUNTIME)
 }
@@ -320,6 +347,9 @@ fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io
     let Some(loaded) = load(paths, warn_ownership(), err)? else {
         return Ok(exit::INVALID_POLICY);
     };
+    for w in exec_hook_warnings(&loaded) {
+        writeln!(err, "warning: {w}")?;
+    }
     let d = &loaded.desired;
     let fwd: Vec<String> = [("ipv4", &d.ipv4_forwarding), ("ipv6", &d.ipv6_forwarding)]
         .iter()
@@ -336,6 +366,33 @@ fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io
         if fwd.is_empty() { "unmanaged".to_string() } else { fwd.join(" ") }
     )?;
     Ok(exit::OK)
+}
+
+/// `exec` steps whose command does not exist or is not executable here: a warning, not an
+/// error (the policy may be checked before the hook is installed), located at the command.
+fn exec_hook_warnings(loaded: &LoadedPolicies) -> Vec<virtwarden_policies::Diagnostic> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    for doc in &loaded.documents {
+        for (i, d) in doc.policy.spec.domains.iter().enumerate() {
+            for (j, step) in d.remediation.iter().flatten().enumerate() {
+                let Some(program) = step.command.as_ref().and_then(|c| c.first()) else { continue };
+                let problem = match std::fs::metadata(program) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_string(),
+                    Err(e) => format!("cannot be read ({e})"),
+                    Ok(m) if !m.is_file() => "is not a file".to_string(),
+                    Ok(m) if m.permissions().mode() & 0o111 == 0 => "is not executable".to_string(),
+                    Ok(_) => continue,
+                };
+                out.push(doc.diagnostic(
+                    &format!("spec.domains[{i}].remediation[{j}].command[0]"),
+                    format!("exec hook of domain {}: {program} {problem}; the step fails when it is reached", d.name),
+                    Some("install the command (root-owned, mode 0755) or remove the step".into()),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The network half of a one-shot run: a netlink connection on a small runtime.
@@ -834,4 +891,62 @@ fn diagnose_cmd(args: &DiagnoseArgs, out: &mut dyn Write, err: &mut dyn Write) -
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?)?,
     }
     Ok(if report.problems() == 0 { exit::OK } else { exit::PROBLEMS })
+}
+
+fn show_cmd(args: &ShowArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    let uri = resolve_uri(args.connect.as_deref());
+    let host = match LibvirtHost::open(&uri) {
+        Ok(h) => h,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    let mut observed = match host.observe_host() {
+        Ok(o) => o,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    if args.network.enabled_for(&uri) {
+        match NetCtx::open().and_then(|n| n.observe()) {
+            Ok(n) => observed.net = Some(n),
+            Err(e) => {
+                writeln!(err, "error: cannot read the host network: {e}")?;
+                return Ok(exit::RUNTIME);
+            }
+        }
+    }
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let shown = match crate::show::host_policy(&observed, &args.domains, &hostname) {
+        Ok(s) => s,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    let text = match args.output {
+        DocumentFormat::Yaml => {
+            let header = [
+                format!(
+                    "{} as virtwarden show read it (libvirt {uri}) on {}",
+                    hostname.trim(),
+                    chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+                ),
+                "`virtwarden plan` on this file finds nothing to do; edit it (restart: always, drop what".into(),
+                "should stay unmanaged), check it, then install it in /etc/virtwarden/policies/.".into(),
+            ];
+            crate::show::to_yaml(&shown, &header)
+        }
+        DocumentFormat::Json => crate::show::to_json(&shown).map(|j| j + "\n"),
+    };
+    match text {
+        Ok(t) => write!(out, "{t}")?,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    }
+    Ok(exit::OK)
 }

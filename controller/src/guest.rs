@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::hypervisor::HypervisorError;
 use crate::observe::guest_devices::GuestDevices;
+use crate::observe::host_addrs::HostView;
 
 /// Where libvirt learns a guest's addresses (`virDomainInterfaceAddresses` sources).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -15,7 +16,7 @@ pub enum AddressSource {
     Agent,
     /// libvirt's DHCP leases (guests on a libvirt network).
     Lease,
-    /// The host's ARP table.
+    /// The host's neighbour (ARP) table, on the bridge the domain's tap is attached to.
     Arp,
 }
 
@@ -49,4 +50,13 @@ pub trait GuestAccess: Send + Sync {
     fn interface_addresses(&self, domain: &str, source: AddressSource) -> Result<Vec<GuestInterface>, HypervisorError>;
     /// Send `guest-ping` to the guest agent; `Ok` when it answered within `timeout`.
     fn agent_ping(&self, domain: &str, timeout: Duration) -> Result<(), HypervisorError>;
+    /// What only the host controls: its own addresses, its bridges' ports, its neighbour table
+    /// (that guests' claims are checked against). The running host unless a test says otherwise.
+    fn host_view(&self) -> std::io::Result<HostView> {
+        HostView::read()
+    }
+    /// The host's IPv4 neighbour table alone (checked around every probe).
+    fn neighbours(&self) -> std::io::Result<Vec<crate::observe::arp::ArpEntry>> {
+        crate::observe::host_addrs::read_neighbours()
+    }
 }

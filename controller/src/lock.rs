@@ -54,17 +54,55 @@ pub fn acquire(path: &Path, command: &str) -> Result<HostLock, LockError> {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
             let mut words = text.split_whitespace();
-            let pid = words.next().unwrap_or("unknown").to_string();
+            let written = words.next().unwrap_or("unknown").to_string();
             let command = words.next().unwrap_or("unknown").to_string();
+            // The pid the holder wrote is the one of its own pid namespace ("1" in a pod); the
+            // kernel tells the holder's pid as this process sees it.
+            let pid = match holder_pid(&file) {
+                Some(seen) if seen.to_string() != written => format!("{seen}; {written} in its own pid namespace"),
+                Some(seen) => seen.to_string(),
+                None => written,
+            };
             return Err(LockError::Held { path: path.to_path_buf(), pid, command });
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
     }
+    // A POSIX record lock beside the flock, only so that others can ask the kernel who holds
+    // the file (F_GETLK answers with the pid in the asker's namespace). This process never
+    // opens the file again, so the record lock lives as long as the flock.
+    set_record_lock(&file);
     file.set_len(0).map_err(io)?;
     file.rewind().map_err(io)?;
     writeln!(file, "{} {command}", std::process::id()).map_err(io)?;
     file.flush().map_err(io)?;
     Ok(HostLock { _file: file })
+}
+
+fn flock_struct(type_: libc::c_int) -> libc::flock {
+    // SAFETY: flock is a plain C struct; all-zero is a valid value (whole file from offset 0).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = type_ as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl
+}
+
+fn set_record_lock(file: &File) {
+    use std::os::fd::AsRawFd;
+    let fl = flock_struct(libc::F_WRLCK);
+    // SAFETY: a valid open descriptor and a pointer to a live flock struct.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &fl) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "no record lock: holders will be named by their own pid");
+    }
+}
+
+/// The pid (in this process's pid namespace) of whoever holds the record lock, if anyone
+/// visible does.
+fn holder_pid(file: &File) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let mut fl = flock_struct(libc::F_WRLCK);
+    // SAFETY: a valid open descriptor and a pointer to a live flock struct the kernel fills.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) };
+    (rc == 0 && fl.l_type != libc::F_UNLCK as libc::c_short && fl.l_pid > 0).then_some(fl.l_pid)
 }
 
 #[cfg(test)]

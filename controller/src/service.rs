@@ -14,6 +14,7 @@ use crate::act::remediation::Registry;
 use crate::engine::connect::Connector;
 use crate::engine::{Backends, Engine, EngineConfig, EngineHandle};
 use crate::exit;
+use crate::http::Probes;
 use crate::libvirt::connect::LibvirtConnector;
 use crate::lock::HostLock;
 
@@ -70,11 +71,13 @@ pub struct Running {
 /// socket — the same way for both front ends. An endpoint that cannot be bound stops the
 /// engine again (exit 1); a control socket that cannot be made is a warning (`release` then
 /// edits the memory under the lock instead).
-pub async fn start(s: Start<'_>) -> Result<Running, i32> {
+/// `probes` makes what the endpoint answers from (the engine alone for `run`; the operator adds
+/// the API server's health).
+pub async fn start<P: Probes>(s: Start<'_>, probes: impl FnOnce(&EngineHandle) -> P) -> Result<Running, i32> {
     let connector = Arc::new(LibvirtConnector { uri: s.uri.to_string() });
     let (engine, task) = Engine::spawn_with(backends(connector, s.remediations, s.uri, s.network), s.desired, s.config);
     if let Some(addr) = s.metrics_addr {
-        match crate::http::serve(addr, engine.clone()).await {
+        match crate::http::serve(addr, probes(&engine)).await {
             Ok(bound) => tracing::info!(%bound, "serving /metrics, /healthz, /readyz"),
             Err(e) => {
                 eprintln!("error: cannot serve metrics on {addr}: {e}");

@@ -138,6 +138,7 @@ fn exported_names() -> BTreeSet<String> {
     m.probe("d", "tcp", &probe);
     m.health_state("d", "healthy");
     m.guest_event("d", "watchdog");
+    m.set_address_conflict("d", true);
     m.reconcile_seconds.observe(0.1);
     m.event_lag_seconds.observe(0.1);
     promql::sample_names(&m.encode())

@@ -124,8 +124,15 @@ fn e2e_diagnose_disk_problems_and_explains_failed_starts() {
         std::fs::read_to_string(console("qcow2-as-raw")).is_ok_and(|t| t.contains("No bootable device"))
     });
     let r = report(&hv, "qcow2-as-raw");
-    assert!(has(&r, "q.qcow2 is qcow2 but declared raw"), "{:#?}", lines(&r));
-    assert!(has(&r, "header 51 46 49 fb"), "{:#?}", lines(&r));
+    // The header of a raw disk is the guest's to write: reported, never advice to believe it.
+    assert!(has(&r, "q.qcow2 is declared raw and starts with a qcow2 header"), "{:#?}", lines(&r));
+    assert!(!has(&r, "51 46 49 fb"), "no bytes of the image are shown: {:#?}", lines(&r));
+    assert!(
+        r.findings.iter().all(|f| !f.fix.contains("<driver") && !f.fix.contains("type='qcow2'")),
+        "no advice to change the driver type: {r:#?}"
+    );
+    assert!(r.findings.iter().any(|f| f.fix
+        == "the guest wrote a header that looks like qcow2; libvirt never probes formats, do not change the driver type on this evidence"));
     assert!(has(&r, "the guest's firmware found nothing to boot (SeaBIOS: No bootable device)"), "{:#?}", lines(&r));
 
     // raw declared qcow2: QEMU refuses; its log line is the evidence of the failed start.
@@ -258,4 +265,59 @@ fn e2e_diagnose_sound_domain_comes_out_clean() {
     let owner = sh(&["stat", "-c", "%U:%G", &format!("{IMAGES}/sound.img")]);
     assert_eq!(owner.trim(), "libvirt-qemu:kvm");
     save_example("diagnose-example-sound.txt", &out);
+}
+
+/// Run the CLI, killing it after `limit`: `None` when it did not finish.
+fn cli_within(args: &[&str], limit: Duration) -> Option<(i32, String)> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_virtwarden"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run virtwarden");
+    let t0 = std::time::Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            let out = child.wait_with_output().expect("output");
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            return Some((out.status.code().unwrap_or(-1), text));
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn e2e_diagnose_fifo_and_character_device_disk_and_console_paths_are_reported_never_opened() {
+    if !inside_unprivileged("e2e_diagnose_fifo_and_character_device_disk_and_console_paths_are_reported_never_opened") {
+        return;
+    }
+    let hv = connect();
+    let img = images();
+    // A FIFO as disk and as console log: an open would wait for a writer for ever.
+    let fifo = img.join("fifo.img");
+    sh(&["mkfifo", fifo.to_str().unwrap(), &console("fifo")]);
+    define(&hv, "fifo", &["hd"], &disk(&fifo, "raw"));
+    // A character device as disk, and a console log that is a symlink to one (opening
+    // /dev/watchdog would arm a hardware watchdog; /dev/zero stands in).
+    std::os::unix::fs::symlink("/dev/zero", console("chardev")).unwrap();
+    define(&hv, "chardev", &["hd"], &disk(Path::new("/dev/zero"), "raw"));
+
+    // Each disk's checks have a 5 s deadline; a minute is "finished", not "hung".
+    let (code, out) = cli_within(&["diagnose", "--connect", URI, "fifo", "chardev"], T).expect("diagnose finishes");
+    assert_eq!(code, 3, "{out}");
+    for want in [
+        format!("disk vda {} is not a regular file", fifo.display()),
+        "it is a FIFO (not opened)".to_string(),
+        format!("console {} is not a regular file", console("fifo")),
+        "disk vda /dev/zero is not a regular file".into(),
+        "it is a character device (not opened)".into(),
+        format!("console {} is not a regular file", console("chardev")),
+    ] {
+        assert!(out.contains(&want), "missing {want:?} in:\n{out}");
+    }
 }

@@ -115,7 +115,8 @@ fn e2e_health_service_killed_or_frozen_fails_the_probe_while_libvirt_says_runnin
     let http = spec(healthz(), None);
     let r = rt.block_on(prober.probe(&http));
     assert_eq!((&r.outcome, r.address), (&Ok(()), Some(ip())), "{r:?}");
-    assert_eq!(discover(hv.as_ref(), "web").unwrap(), (ip(), AddressSource::Arp));
+    let found = discover(hv.as_ref(), "web", &[]).unwrap();
+    assert_eq!((found.address, found.source), (ip(), AddressSource::Arp));
 
     let said = knob(GUEST_IP, "kill-http").unwrap_or_default();
     assert!(said.contains("killed"), "{said}");
@@ -213,7 +214,10 @@ fn e2e_health_no_boot_domain_shows_the_firmware_message_and_is_judged_boot_faile
     let Verdict::BootFailed(b) = &verdict else { panic!("{verdict:?}") };
     assert_eq!(b.summary(), "SeaBIOS: No bootable device");
     let text = verdict.text();
-    assert!(text.starts_with("boot failed: SeaBIOS: No bootable device (console: \"No bootable device"), "{text}");
+    assert!(
+        text.starts_with("boot failed: SeaBIOS: No bootable device (guest console: \"No bootable device"),
+        "{text}"
+    );
     assert!(text.contains("last probe: tcp port 22: no address: the domain has no network interface"), "{text}");
 }
 
@@ -235,7 +239,8 @@ fn e2e_health_guest_agent_answers_pings_and_libvirt_reports_agent_and_reset_even
     let r = rt.block_on(prober.probe(&ping));
     assert_eq!((&r.outcome, r.target.as_str()), (&Ok(()), "guest agent"), "{r:?}");
     // The agent knows the guest's own addresses: the first source asked.
-    assert_eq!(discover(hv.as_ref(), "web").unwrap(), (ip(), AddressSource::Agent));
+    let found = discover(hv.as_ref(), "web", &[]).unwrap();
+    assert_eq!((found.address, found.source), (ip(), AddressSource::Agent));
 
     assert!(knob(GUEST_IP, "stop-agent").unwrap_or_default().contains("stopped"));
     wait_event(&mut rx, "the agent disconnecting", |e| agent_event(e, false));
@@ -287,7 +292,7 @@ fn e2e_health_run_heals_a_dead_service_and_a_kernel_panic_and_leaves_a_guest_wit
     assert!(knob(PLAIN_IP, "kill-http").unwrap_or_default().contains("killed"));
     let took = wait("web reset", T, || d.domain("web").is_some_and(|s| s["lastAction"] == "reset (attempt 1)"));
     let s = d.domain("web").unwrap();
-    assert_eq!(s["restarts"], 2, "virtwarden's first start, then this reset: {s}");
+    assert_eq!(s["restarts"], 1, "this reset (virtwarden's first start is no restart): {s}");
     let failure = s["lastFailure"].as_str().unwrap_or_default().to_string();
     assert!(failure.starts_with(&format!("unhealthy (probe: http://{GUEST_IP}:80/healthz: ")), "{s}");
     eprintln!("service killed → reset issued in {took:?}");
@@ -310,7 +315,7 @@ fn e2e_health_run_heals_a_dead_service_and_a_kernel_panic_and_leaves_a_guest_wit
     let p = d.domain("plain").unwrap();
     assert_eq!(
         (&p["restarts"], &p["lastAction"]),
-        (&1.into(), &"start (attempt 1)".into()),
+        (&0.into(), &"start (first start)".into()),
         "only virtwarden's first start: {p}"
     );
     assert!(p["health"].is_null(), "{p}");
@@ -351,12 +356,13 @@ fn e2e_health_run_judges_a_no_boot_domain_boot_failed_resets_it_then_quarantines
         d.log(),
         read_tail(&console_path("nob"))
     );
-    assert!(failure.contains("(console: \""), "{s}");
+    assert!(failure.contains("(guest console: \""), "{s}");
     assert!(failure.contains("no address: the domain has no network interface"), "{s}");
     let s = {
         wait("quarantined", T, || d.domain("nob").is_some_and(|s| s["quarantined"].is_string()));
         d.domain("nob").unwrap()
     };
+    // maxRestarts 2: two resets, then quarantine (the first start is no restart).
     assert_eq!(s["restarts"], 2, "{s}");
     assert!(s["lastAction"].as_str().unwrap_or_default().starts_with("reset"), "{s}");
     assert_eq!(s["health"]["phase"], "suspended", "{s}");
@@ -377,9 +383,245 @@ fn e2e_health_run_restarts_a_guest_whose_kernel_panic_libvirt_reported_and_recor
     wait("pp serves HTTP", BOOT, || http_ok(GUEST_IP));
     assert!(knob(GUEST_IP, "panic").unwrap_or_default().contains("panicking"));
     // libvirt is told (pvpanic), the domain stops (on_crash destroy) and virtwarden starts it.
-    wait("restarted after the panic", T, || d.domain("pp").is_some_and(|s| s["restarts"] == 2));
+    wait("restarted after the panic", T, || d.domain("pp").is_some_and(|s| s["restarts"] == 1));
     let s = d.domain("pp").unwrap();
     assert_eq!(s["lastGuestEvent"], "guest crashed (crashed/panicked)", "{s}");
-    assert_eq!(s["lastFailure"], "stopped/crashed; shut off (crashed)", "{s}");
+    // The restart is immediate (the first start is no restart, so no backoff step): the failure
+    // names whichever of libvirt's two events (crashed/panicked, then stopped/crashed) came last.
+    let failure = s["lastFailure"].as_str().unwrap_or_default();
+    assert!(
+        failure == "stopped/crashed; shut off (crashed)" || failure == "crashed/panicked; shut off (crashed)",
+        "{s}"
+    );
     wait("pp serves HTTP again", BOOT, || http_ok(GUEST_IP));
+}
+
+// ---- Guest- and neighbour-supplied evidence (issue 19) ----
+
+/// A second "guest" on br0 — a veth whose far end, in a network namespace of its own, holds
+/// `ip` — that keeps sending ARP requests claiming it (as any host on the bridge can). Killed on
+/// drop.
+struct Spoofer(std::process::Child);
+
+impl Spoofer {
+    fn start(ip: &str) -> Spoofer {
+        sh(&["ip", "netns", "add", "spoof"]);
+        sh(&["ip", "link", "add", "vsp0", "type", "veth", "peer", "name", "vsp1"]);
+        sh(&["ip", "link", "set", "vsp1", "netns", "spoof"]);
+        sh(&["ip", "link", "set", "vsp0", "master", "br0", "up"]);
+        sh(&["ip", "netns", "exec", "spoof", "ip", "addr", "add", &format!("{ip}/24"), "dev", "vsp1"]);
+        sh(&["ip", "netns", "exec", "spoof", "ip", "link", "set", "vsp1", "up"]);
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", "spoof", "sh", "-c"])
+            .arg("while :; do ping -c1 -W1 10.77.0.1 >/dev/null 2>&1; sleep 0.3; done")
+            .spawn()
+            .expect("spoofer");
+        Spoofer(child)
+    }
+}
+
+impl Drop for Spoofer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn e2e_health_run_an_arp_spoofer_on_the_bridge_is_an_address_conflict_never_a_reset() {
+    if !inside("e2e_health_run_an_arp_spoofer_on_the_bridge_is_an_address_conflict_never_a_reset") {
+        return;
+    }
+    let hv = connect();
+    bridge_with_address("br0", "10.77.0.1/24");
+    define_health_guest(&hv, "web", "br0", &format!("{GUEST_IP}/24"), false);
+    // No `address`, no agent: the address comes from the host's neighbour table on br0.
+    let d = Daemon::start(&policy(
+        "  domains:
+    - name: web
+      restart: always
+      health:
+        probe: {http: {port: 80, path: /healthz}}
+        period: 1s
+        timeout: 500ms
+        failureThreshold: 2
+        bootTimeout: 170s
+",
+    ));
+    // The host talks to the guest (its neighbour table learns the guest's MAC on br0).
+    wait("web serves HTTP", BOOT, || http_ok(GUEST_IP));
+    let t0 = Instant::now();
+    while !d.domain("web").is_some_and(|s| s["health"]["phase"] == "healthy") {
+        assert!(t0.elapsed() < T, "web not healthy: {:?}\n{}", d.domain("web"), d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(d.domain("web").unwrap()["health"]["address"], GUEST_IP);
+
+    let _spoofer = Spoofer::start(GUEST_IP);
+    wait("the conflict is reported", T, || {
+        d.domain("web").is_some_and(|s| {
+            s["health"]["addressConflict"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(&format!("{GUEST_IP} is answered by ")))
+        })
+    });
+    let s = d.domain("web").unwrap();
+    eprintln!("conflict reported: {}", s["health"]["addressConflict"]);
+    // Twenty more probe periods under the spoofer: never judged, never reset, never quarantined.
+    let mut probes = std::collections::HashSet::new();
+    wait("twenty probes under the spoofer", T, || {
+        let s = d.domain("web").unwrap();
+        assert_eq!(s["restarts"], 1, "only virtwarden's first start: {s}\n{}", d.log());
+        assert_eq!(s["lastAction"], "start (attempt 1)", "{s}");
+        assert!(s["quarantined"].is_null(), "{s}");
+        assert_ne!(s["health"]["phase"], "unhealthy", "{s}");
+        assert_ne!(s["health"]["phase"], "boot-failed", "{s}");
+        probes.insert(s["health"]["lastProbeAt"].to_string());
+        probes.len() > 20
+    });
+    assert!(running(&hv, "web"));
+    assert!(d.log().contains("address conflict"), "logged for the host's journal");
+    let text = sh(&[env!("CARGO_BIN_EXE_virtwarden"), "status", "--state-dir", d.state_dir.to_str().unwrap()]);
+    assert!(text.contains("address conflict: "), "{text}");
+}
+
+/// Run `script` in the guest through its agent (`guest-exec`), as the guest's own root would.
+fn in_guest(hv: &LibvirtHost, domain: &str, script: &str) {
+    let dom = hv.connection().lookup_domain_by_name(domain).expect("domain");
+    let cmd = serde_json::json!({"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", script]}});
+    dom.qemu_agent_command(&cmd.to_string(), 10, 0).expect("guest-exec");
+}
+
+#[test]
+fn e2e_health_a_guest_agent_claiming_loopback_the_hosts_or_another_guests_address_is_not_probed() {
+    if !inside("e2e_health_a_guest_agent_claiming_loopback_the_hosts_or_another_guests_address_is_not_probed") {
+        return;
+    }
+    start_event_loop();
+    let hv = Arc::new(connect());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _sub = subscribe(&hv, tx).expect("subscribe");
+    boot_guest(&hv, true);
+    wait_event(&mut rx, "the agent connecting", |e| agent_event(e, true));
+    let rt = runtime();
+    let prober = Prober::new(hv.clone(), 4);
+    // Another managed guest is probed at 10.77.0.3.
+    let other = ProbeSpec {
+        domain: "db".into(),
+        timeout: Duration::from_millis(500),
+        ..spec(Probe::Tcp(TcpProbe { port: 80 }), Some(PLAIN_IP.parse().unwrap()))
+    };
+    rt.block_on(prober.probe(&other));
+    // Services of the host's own: a probe aimed at them would be accepted here.
+    let listeners: Vec<std::net::TcpListener> = ["127.0.0.1:80", "10.77.0.1:80"]
+        .iter()
+        .map(|a| {
+            let l = std::net::TcpListener::bind(a).expect("bind");
+            l.set_nonblocking(true).unwrap();
+            l
+        })
+        .collect();
+    for (claim, conflict, why) in [
+        ("127.0.0.1/8", false, "loopback"),
+        ("10.77.0.1/24", true, "an address of this host's own (br0)"),
+        ("10.77.0.3/24", true, "used by another managed domain"),
+    ] {
+        let ip: IpAddr = claim.split('/').next().unwrap().parse().unwrap();
+        in_guest(&hv, "web", &format!("ip addr flush dev eth0; ip addr add {claim} dev eth0"));
+        wait("the agent reports the claim", T, || {
+            hv.interface_addresses("web", AddressSource::Agent)
+                .is_ok_and(|ifs| ifs.iter().any(|i| i.name == "eth0" && i.addrs == [ip]))
+        });
+        // What the host saw of the guest's real address is gone too: the agent's word is all.
+        sh(&["ip", "neigh", "flush", "dev", "br0"]);
+        let r = rt.block_on(prober.probe(&spec(healthz(), None)));
+        let text = format!("guest agent reports {ip} on eth0: {why}");
+        let ok = match &r.outcome {
+            Err(ProbeFailure::Conflict(t)) => conflict && t.contains(&text),
+            Err(ProbeFailure::Untrusted(t)) => !conflict && t.contains(&text),
+            _ => false,
+        };
+        assert!(ok, "{claim}: {r:?}");
+        assert_eq!(r.address, None, "not probed: {r:?}");
+        assert!(r.describe().contains(&text), "reported: {}", r.describe());
+    }
+    for l in &listeners {
+        let got = l.accept();
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a probe reached {:?}: {got:?}",
+            l.local_addr()
+        );
+    }
+}
+
+#[test]
+fn e2e_health_run_console_escapes_and_a_mebibyte_of_output_are_bounded_and_clean_in_status_and_hook_env() {
+    if !inside("e2e_health_run_console_escapes_and_a_mebibyte_of_output_are_bounded_and_clean_in_status_and_hook_env") {
+        return;
+    }
+    let hv = connect();
+    // What the guest printed: a mebibyte of noise with escapes, then a firmware-looking line
+    // that tries to retitle the terminal, clear it, and smuggle a line into the hook's env.
+    let console = console_path("noisy");
+    let mut text = String::new();
+    while text.len() < 1 << 20 {
+        text.push_str("noise \u{1b}[2J\u{1b}[31mred\u{1b}[0m \u{7}\u{8}\r\n");
+    }
+    text.push_str("\u{1b}]0;pwned\u{7}\u{1b}[1mNo bootable device.\u{1b}[0m\u{1b}[1E\u{b}VIRTWARDEN_DOMAIN=evil ");
+    // Longer than any bound, and within the 64 KiB tail that is read.
+    text.push_str(&"B".repeat(20_000));
+    text.push('\n');
+    std::fs::write(&console, &text).unwrap();
+    // Diskless, no NIC, SeaBIOS not on serial: QEMU appends nothing of its own to the log.
+    let xml = format!(
+        "<domain type='{}'><name>noisy</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>\
+         <devices><serial type='file'><source path='{}' append='on'/></serial></devices></domain>",
+        domain_type(),
+        console.display(),
+    );
+    hv.connection().define_domain_xml(&xml).expect("define");
+    let hook_out = work().join("hook-reason");
+    let hook = work().join("hook.sh");
+    std::fs::write(&hook, format!("#!/bin/sh\nprintf '%s' \"$VIRTWARDEN_REASON\" > {}\n", hook_out.display())).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let d = Daemon::start(&policy(&format!(
+        "  domains:
+    - name: noisy
+      restart: always
+      # virtwarden's own first start, then the hook for the verdict.
+      remediation:
+        - action: start
+        - action: exec
+          after: 1
+          command: [\"{}\"]
+          timeout: 30s
+      health:
+        probe: {{tcp: {{port: 22}}}}
+        period: 1s
+        timeout: 500ms
+        bootTimeout: 60s
+",
+        hook.display()
+    )));
+    let t0 = Instant::now();
+    while !hook_out.exists() {
+        let s = d.domain("noisy");
+        assert!(t0.elapsed() < T, "the hook did not run; status: {s:?}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reason = std::fs::read_to_string(&hook_out).unwrap();
+    let s = d.domain("noisy").unwrap();
+    let failure = s["lastFailure"].as_str().unwrap_or_default().to_string();
+    for (what, t) in [("hook env", reason.as_str()), ("status", failure.as_str())] {
+        assert!(
+            t.starts_with("boot failed: SeaBIOS: No bootable device (guest console: \"No bootable device."),
+            "{what}: {t:.300}"
+        );
+        assert!(!t.chars().any(char::is_control), "{what}: control characters in {t:?}");
+        assert!(t.chars().count() <= 1024, "{what}: {} characters", t.chars().count());
+        assert!(t.contains("…"), "{what}: the cut is marked: {t}");
+        assert!(!t.contains("pwned"), "{what}: {t}");
+    }
 }

@@ -25,18 +25,27 @@ fn documents(file: &str) -> Vec<Value> {
 fn rbac_grants_nothing_beyond_the_list() {
     let text = std::fs::read_to_string(k8s_dir().join("rbac.yaml")).unwrap();
     let docs = documents("rbac.yaml");
-    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
-    let mut granted = Vec::new();
-    for rule in role["rules"].as_array().unwrap() {
-        for g in rule["apiGroups"].as_array().unwrap() {
-            for r in rule["resources"].as_array().unwrap() {
-                for v in rule["verbs"].as_array().unwrap() {
-                    granted.push(format!("{}/{}:{}", g.as_str().unwrap(), r.as_str().unwrap(), v.as_str().unwrap()));
+    let grants = |kind: &str| {
+        let role = docs.iter().find(|d| d["kind"] == kind).unwrap();
+        let mut granted = Vec::new();
+        for rule in role["rules"].as_array().unwrap() {
+            for g in rule["apiGroups"].as_array().unwrap() {
+                for r in rule["resources"].as_array().unwrap() {
+                    for v in rule["verbs"].as_array().unwrap() {
+                        granted.push(format!(
+                            "{}/{}:{}",
+                            g.as_str().unwrap(),
+                            r.as_str().unwrap(),
+                            v.as_str().unwrap()
+                        ));
+                    }
                 }
             }
         }
-    }
-    granted.sort();
+        granted.sort();
+        granted
+    };
+    let granted = grants("ClusterRole");
     let mut allowed = vec![
         // Policies are only read: no patch (there is no finalizer), no update, no delete.
         "virtwarden.io/hostpolicies:list",
@@ -50,11 +59,26 @@ fn rbac_grants_nothing_beyond_the_list() {
         "virtwarden.io/hostpolicyenactments/status:patch",
         "/nodes:list",
         "/nodes:watch",
-        "events.k8s.io/events:create",
-        "events.k8s.io/events:patch",
     ];
     allowed.sort();
     assert_eq!(granted, allowed);
+    // In the operator's namespace only: heartbeat Leases and Events.
+    let role = docs.iter().find(|d| d["kind"] == "Role").unwrap();
+    assert_eq!(role["metadata"]["namespace"], "virtwarden");
+    let binding = docs.iter().find(|d| d["kind"] == "RoleBinding").unwrap();
+    assert_eq!(binding["metadata"]["namespace"], "virtwarden");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        grants("Role"),
+        [
+            "coordination.k8s.io/leases:create",
+            "coordination.k8s.io/leases:list",
+            "coordination.k8s.io/leases:patch",
+            "coordination.k8s.io/leases:watch",
+            "events.k8s.io/events:create",
+            "events.k8s.io/events:patch",
+        ]
+    );
     assert!(!text.contains("\"*\""), "no wildcards");
     assert!(!text.contains("finalizers"), "no finalizer rights");
 }
@@ -132,7 +156,7 @@ fn request(operation: &str, user: &str, node: Option<&str>) -> Value {
 /// An enactment as server-side apply produces it.
 fn enactment(policy: &str, node: &str) -> Value {
     json!({"apiVersion": "virtwarden.io/v1alpha1", "kind": "HostPolicyEnactment",
-           "metadata": {"name": format!("{policy}.{node}"),
+           "metadata": {"name": virtwarden::operator::kube_io::enactment_name(policy, node),
                         "labels": {"virtwarden.io/node": node, "virtwarden.io/policy": policy}},
            "spec": {"policy": policy, "node": node}})
 }
@@ -193,8 +217,12 @@ fn a_node_writes_only_its_own_enactments() {
     assert!(denied(a.review("UPDATE", VIRTWARDEN, Some("node1"), own(), other())));
     // Its own node in spec, but named or labelled as another node's or another policy's.
     let mut misnamed = own();
-    misnamed["metadata"]["name"] = json!("web.node2");
+    misnamed["metadata"]["name"] = json!("web.node2.3");
     assert!(denied(a.review("CREATE", VIRTWARDEN, Some("node1"), misnamed, null.clone())));
+    // The old `<policy>.<node>` names: one name for two different enactments.
+    let mut unsuffixed = own();
+    unsuffixed["metadata"]["name"] = json!("web.node1");
+    assert!(denied(a.review("CREATE", VIRTWARDEN, Some("node1"), unsuffixed, null.clone())));
     let mut mislabelled = own();
     mislabelled["metadata"]["labels"]["virtwarden.io/node"] = json!("node2");
     assert!(denied(a.review("CREATE", VIRTWARDEN, Some("node1"), mislabelled, null.clone())));
@@ -204,6 +232,21 @@ fn a_node_writes_only_its_own_enactments() {
     let mut unlabelled = own();
     unlabelled["metadata"].as_object_mut().unwrap().remove("labels");
     assert!(denied(a.review("CREATE", VIRTWARDEN, Some("node1"), unlabelled, null.clone())));
+}
+
+#[test]
+fn no_node_can_take_the_name_another_node_needs() {
+    // Node `x.n2` with policy `p` and node `n2` with policy `p.x`: `<policy>.<node>` was
+    // `p.x.n2` for both; the names differ now, and each node may write only its own.
+    let a = Admission::load();
+    let (mine, theirs) = (enactment("p", "x.n2"), enactment("p.x", "n2"));
+    assert_ne!(mine["metadata"]["name"], theirs["metadata"]["name"]);
+    assert_eq!(a.review("CREATE", VIRTWARDEN, Some("x.n2"), mine.clone(), Value::Null), Verdict::Allowed);
+    assert_eq!(a.review("CREATE", VIRTWARDEN, Some("n2"), theirs.clone(), Value::Null), Verdict::Allowed);
+    let mut squat = mine;
+    squat["metadata"]["name"] = theirs["metadata"]["name"].clone();
+    let v = a.review("CREATE", VIRTWARDEN, Some("x.n2"), squat, Value::Null);
+    assert!(matches!(v, Verdict::Denied(ref m) if m.contains("x.n2")), "{v:?}");
 }
 
 #[test]

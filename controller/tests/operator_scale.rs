@@ -25,6 +25,8 @@ struct Requests {
     aggregate_writes: usize,
     other_writes: usize,
     reads: usize,
+    /// Lease renewals: a fixed rate per node (one per lease::RENEW_EVERY), not caused by a change.
+    heartbeats: usize,
 }
 
 impl Requests {
@@ -33,6 +35,7 @@ impl Requests {
         for c in calls.iter().filter(|c| !c.is_watch()) {
             match (c.method.as_str(), c.path()) {
                 ("GET", _) => r.reads += 1,
+                ("PATCH", p) if p.contains("/leases/") => r.heartbeats += 1,
                 ("PATCH", p) if p.contains("/hostpolicyenactments/") => r.enactment_writes += 1,
                 ("PATCH", p) if p.contains("/hostpolicies/") => r.aggregate_writes += 1,
                 _ => r.other_writes += 1,

@@ -61,6 +61,24 @@ pub mod reason {
         json_path = ".status.degradedNodes",
         description = "nodes that cannot converge"
     ),
+    printcolumn(
+        name = "Enforcing",
+        type_ = "integer",
+        json_path = ".status.enforcingNodes",
+        description = "nodes enforcing the current generation, alive"
+    ),
+    printcolumn(
+        name = "Lagging",
+        type_ = "integer",
+        json_path = ".status.laggingNodes",
+        description = "nodes on an older generation or whose heartbeat expired"
+    ),
+    printcolumn(
+        name = "Failing",
+        type_ = "integer",
+        json_path = ".status.failingNodes",
+        description = "nodes alive on the current generation that cannot converge"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[schemars(transform = schema::open_empty_objects)]
@@ -84,6 +102,16 @@ pub struct HostPolicyStatus {
     pub progressing_nodes: u32,
     #[serde(default)]
     pub degraded_nodes: u32,
+    /// Nodes enforcing the policy's current generation, their virtwarden alive and not failing.
+    #[serde(default)]
+    pub enforcing_nodes: u32,
+    /// Nodes behind: their enactment is of an older generation, or their virtwarden's heartbeat
+    /// Lease expired (it is down, or cannot reach the API).
+    #[serde(default)]
+    pub lagging_nodes: u32,
+    /// Nodes alive and on the current generation that cannot converge (Degraded).
+    #[serde(default)]
+    pub failing_nodes: u32,
     /// Standard conditions (`Available`, `Progressing`, `Degraded`) summarising the nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

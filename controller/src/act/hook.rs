@@ -42,6 +42,9 @@ pub enum ExecPolicy {
     InsideDir(PathBuf),
 }
 
+/// Longest `VIRTWARDEN_REASON`, in characters.
+pub const REASON_CHARS: usize = 1024;
+
 /// One hook invocation: argv (no shell) and the `VIRTWARDEN_*` variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hook {
@@ -58,7 +61,8 @@ impl Hook {
             env: vec![
                 ("VIRTWARDEN_DOMAIN".into(), ctx.domain.clone()),
                 ("VIRTWARDEN_UUID".into(), ctx.uuid.clone()),
-                ("VIRTWARDEN_REASON".into(), ctx.reason.clone()),
+                // The reason may quote the guest (console, agent): one clean, bounded line.
+                ("VIRTWARDEN_REASON".into(), crate::guest_text::clean(&ctx.reason, REASON_CHARS)),
                 ("VIRTWARDEN_ATTEMPT".into(), ctx.attempt.to_string()),
             ],
             timeout: ctx.step.timeout,

@@ -140,9 +140,30 @@ fn boot_order(spec: &DomainSpec, domain: &str, out: &mut DomainReport) {
 }
 
 fn console(path: &str, running: bool, out: &mut DomainReport) {
-    let text = match read_tail(Path::new(path)) {
+    let p = Path::new(path).to_path_buf();
+    let read = crate::observe::guarded::with_deadline(crate::observe::guarded::READ_DEADLINE, move || read_tail(&p));
+    let Some(read) = read else {
+        out.findings.push(Finding::warning(
+            Check::Boot,
+            format!("console {path}: reading it did not finish in time"),
+            "a read of the console log hangs (hung storage?)",
+            "check the storage the log is on",
+        ));
+        return;
+    };
+    let text = match read {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        // A FIFO, socket or device (never opened): say so, it is not where output is kept.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            out.findings.push(Finding::warning(
+                Check::Boot,
+                format!("console {path} is not a regular file"),
+                e.to_string(),
+                "log the serial console to a file (<serial type='file'><source path='/var/log/libvirt/NAME.console'/>)",
+            ));
+            return;
+        }
         Err(e) => {
             out.skipped.push(format!("console {path}: {e}"));
             return;
@@ -155,7 +176,7 @@ fn console(path: &str, running: bool, out: &mut DomainReport) {
         out.findings.push(Finding::error(
             Check::Boot,
             format!("{when} found nothing to boot ({})", f.summary),
-            format!("console {path}: \"{}\"", f.line),
+            format!("{path}: {}", crate::guest_text::console_excerpt(&f.line)),
             "give the boot disk a bootable image in the declared format (see the disk findings) and fix the boot order",
         ));
     }
@@ -251,7 +272,7 @@ mod tests {
         let r = run(&xml, true);
         assert_eq!(r.findings.len(), 1, "{r:#?}");
         assert_eq!(r.findings[0].what, "the guest's firmware found nothing to boot (SeaBIOS: No bootable device)");
-        assert_eq!(r.findings[0].evidence, format!("console {}: \"No bootable device.\"", log.display()));
+        assert_eq!(r.findings[0].evidence, format!("{}: guest console: \"No bootable device.\"", log.display()));
         std::fs::write(&log, "SeaBIOS\r\nBooting from Hard Disk...\r\n").unwrap();
         assert!(run(&xml, true).findings.is_empty());
         // The CD-ROM failed, then the disk booted: not a failure.

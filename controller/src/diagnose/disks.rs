@@ -1,27 +1,39 @@
 //! Disk checks: the source exists and is not empty, its header matches `<driver type>`, every
 //! file of a qcow2 backing chain exists, and QEMU's user can open it (directories, mode, ACL,
-//! with a hint for NFS root-squash). Reads metadata and the first bytes only.
+//! with a hint for NFS root-squash). Reads metadata and the first bytes only, through
+//! [`crate::observe::guarded`]: a FIFO, socket or character device is reported, never opened;
+//! each disk's checks run against a deadline, so hung storage costs only that disk's findings.
+//! A header is evidence of what the image holds, never of what libvirt should be told: the
+//! guest writes a raw disk's first bytes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::observe::guarded::{self, GuardedError};
 
 use super::access::{can_open, FileFacts, READ, WRITE};
 use super::identity::{Accounts, QemuUser};
-use super::image::{detect, hex_prefix, qcow2_backing, read_head, size_of, Format, HEAD_BYTES};
+use super::image::{detect, qcow2_backing, read_head, Format, HEAD_BYTES};
 use super::model::{io_text, Check, DomainReport, Finding};
 use super::xml::{DiskSpec, DomainSpec};
 
 /// A qcow2 chain deeper than this is reported as-is rather than followed.
 const MAX_CHAIN: usize = 16;
 
-/// What the disk checks need besides the definition.
-pub struct DiskEnv<'a> {
-    pub domain: &'a str,
-    pub who: &'a QemuUser,
-    pub accounts: &'a Accounts,
+/// What the disk checks need besides the definition (owned: each disk is checked on a thread
+/// of its own).
+#[derive(Clone)]
+pub struct DiskEnv {
+    pub domain: String,
+    pub who: QemuUser,
+    pub accounts: Accounts,
     /// Whether a path is on NFS (statfs; tests substitute it).
-    pub is_nfs: &'a dyn Fn(&Path) -> bool,
+    pub is_nfs: Arc<dyn Fn(&Path) -> bool + Send + Sync>,
     /// False when QEMU's user is unknown (not in passwd): access is then not evaluated.
     pub check_access: bool,
+    /// How long one disk's checks may take.
+    pub deadline: Duration,
 }
 
 pub fn check(spec: &DomainSpec, env: &DiskEnv, out: &mut DomainReport) {
@@ -44,8 +56,30 @@ pub fn check(spec: &DomainSpec, env: &DiskEnv, out: &mut DomainReport) {
             }
             continue;
         };
-        check_image(disk, Path::new(source), env, out);
+        let (d, path, e) = (disk.clone(), PathBuf::from(source), env.clone());
+        let name = out.domain.clone();
+        let checked = guarded::with_deadline(env.deadline, move || {
+            let mut r = DomainReport::new(&name, None, String::new());
+            check_image(&d, &path, &e, &mut r);
+            r
+        });
+        match checked {
+            Some(r) => {
+                out.findings.extend(r.findings);
+                out.skipped.extend(r.skipped);
+            }
+            None => out.findings.push(Finding::warning(
+                Check::Disk,
+                format!("disk {}: checks of {source} did not finish within {}", disk.label(), secs(env.deadline)),
+                "a stat, open or read of the image or a directory above it hangs (hung NFS or FUSE mount?)",
+                "check the storage the image is on (mount, NFS server); the other checks went on without it",
+            )),
+        }
     }
+}
+
+fn secs(d: Duration) -> String {
+    virtwarden_policies::Duration(d).to_string()
 }
 
 fn check_image(disk: &DiskSpec, path: &Path, env: &DiskEnv, out: &mut DomainReport) {
@@ -60,6 +94,16 @@ fn check_image(disk: &DiskSpec, path: &Path, env: &DiskEnv, out: &mut DomainRepo
     }
     let Ok(meta) = std::fs::metadata(path) else { return };
     use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_fifo() || t.is_socket() || t.is_char_device() {
+        out.findings.push(Finding::error(
+            Check::Disk,
+            format!("disk {label} {} is not a regular file", path.display()),
+            format!("it is {} (not opened)", guarded::kind_words(&meta)),
+            format!("point the disk at an image file or a block device (virsh edit {})", env.domain),
+        ));
+        return;
+    }
     if disk.kind == "block" && !meta.file_type().is_block_device() {
         out.findings.push(Finding::error(
             Check::Disk,
@@ -81,7 +125,23 @@ fn check_image(disk: &DiskSpec, path: &Path, env: &DiskEnv, out: &mut DomainRepo
     if disk.kind == "dir" {
         return;
     }
-    match size_of(path) {
+    let opened = match guarded::open(path, true) {
+        Ok(f) => f,
+        Err(e @ (GuardedError::NotRegular { .. } | GuardedError::Changed { .. })) => {
+            out.findings.push(Finding::error(
+                Check::Disk,
+                format!("disk {label} {} is not a regular file", path.display()),
+                e.to_string(),
+                format!("point the disk at an image file or a block device (virsh edit {})", env.domain),
+            ));
+            return;
+        }
+        Err(e) => {
+            out.skipped.push(format!("disk {label}: cannot read {e}"));
+            return;
+        }
+    };
+    match opened.size() {
         Ok(0) => {
             out.findings.push(Finding::error(
                 Check::Disk,
@@ -98,16 +158,17 @@ fn check_image(disk: &DiskSpec, path: &Path, env: &DiskEnv, out: &mut DomainRepo
         }
     }
     let declared = disk.driver_type.clone().unwrap_or_else(|| "raw".into());
-    let head = match read_head(path, HEAD_BYTES) {
+    let head = match opened.read_at(0, HEAD_BYTES) {
         Ok(h) => h,
         Err(e) => {
             out.skipped.push(format!("disk {label}: cannot read {}: {e}", path.display()));
             return;
         }
     };
+    drop(opened);
     let (found, words) = detect(&head);
     if found.as_str() != declared {
-        out.findings.push(format_mismatch(disk, path, &declared, found, words, &head, env.domain));
+        out.findings.push(format_mismatch(disk, path, &declared, found, words, &env.domain));
     }
     let want = if disk.is_readonly() { READ } else { READ | WRITE };
     access(path, &format!("disk {label} {}", path.display()), want, !disk.no_relabel, env, out);
@@ -136,24 +197,27 @@ fn exists(path: &Path, what: &str, fix: &str, out: &mut DomainReport) -> bool {
     }
 }
 
-fn format_mismatch(
-    disk: &DiskSpec,
-    path: &Path,
-    declared: &str,
-    found: Format,
-    words: &str,
-    head: &[u8],
-    domain: &str,
-) -> Finding {
-    let evidence = format!("header {} ({words}); <driver type='{declared}'>", hex_prefix(head));
-    let what = format!("disk {} {} is {} but declared {declared}", disk.label(), path.display(), found.as_str());
-    let fix = if declared == "raw" {
-        format!(
-            "set <driver name='qemu' type='{}'/> (virsh edit {domain}); read as raw the guest sees the {} header instead of its disk and finds nothing to boot",
-            found.as_str(),
+fn format_mismatch(disk: &DiskSpec, path: &Path, declared: &str, found: Format, words: &str, domain: &str) -> Finding {
+    // No bytes of the image are shown: only which signature matched.
+    let evidence = format!("header: {words}; <driver type='{declared}'>");
+    if declared == "raw" {
+        // A raw disk's first bytes are whatever the guest wrote there. Reading it as another
+        // format would let the guest name a backing file on the host (why libvirt never probes
+        // formats): not a fix to offer on this evidence.
+        let what = format!(
+            "disk {} {} is declared raw and starts with a {} header",
+            disk.label(),
+            path.display(),
             found.as_str()
-        )
-    } else {
+        );
+        let note = format!(
+            "the guest wrote a header that looks like {}; libvirt never probes formats, do not change the driver type on this evidence",
+            found.as_str()
+        );
+        return Finding::warning(Check::Disk, what, evidence, note);
+    }
+    let what = format!("disk {} {} is {} but declared {declared}", disk.label(), path.display(), found.as_str());
+    let fix = {
         format!(
             "set <driver name='qemu' type='{}'/> (virsh edit {domain}), or convert the image: qemu-img convert -f {} -O {declared} …",
             found.as_str(),
@@ -169,7 +233,7 @@ fn access(path: &Path, what: &str, want: u32, relabel: bool, env: &DiskEnv, out:
     if !env.check_access {
         return;
     }
-    let who = env.who;
+    let who = &env.who;
     let nfs = (env.is_nfs)(path);
     let chowned = who.dynamic_ownership && relabel;
     // Root-squash: on NFS root is nobody, and libvirt's chown as root fails.
@@ -201,7 +265,7 @@ fn access(path: &Path, what: &str, want: u32, relabel: bool, env: &DiskEnv, out:
                         out.findings.push(Finding::warning(
                             Check::Disk,
                             format!("{what} is on NFS and libvirt must chown it to {} at start", who.display()),
-                            format!("{}; filesystem nfs (root-squash refuses root's chown)", f.describe(env.accounts)),
+                            format!("{}; filesystem nfs (root-squash refuses root's chown)", f.describe(&env.accounts)),
                             format!(
                                 "chown {} {} on the NFS server, or set dynamic_ownership = 0 in qemu.conf",
                                 who.display(),
@@ -227,7 +291,7 @@ fn access(path: &Path, what: &str, want: u32, relabel: bool, env: &DiskEnv, out:
             out.findings.push(Finding::error(
                 Check::Disk,
                 format!("{what} {verb} by {}", as_user.user_name),
-                denied.evidence(as_user, env.accounts),
+                denied.evidence(as_user, &env.accounts),
                 fix,
             ));
         }
@@ -248,7 +312,7 @@ fn backing_chain(top: &Path, env: &DiskEnv, out: &mut DomainReport) {
                 return;
             }
         };
-        let what = format!("backing file {} of {}", backing.path.display(), image.display());
+        let what = format!("backing file {} of {}", clean_path(&backing.path), image.display());
         let fix = format!(
             "restore it, or point the image at the right one: qemu-img rebase -u -b NEW -F FORMAT {}",
             image.display()
@@ -258,7 +322,10 @@ fn backing_chain(top: &Path, env: &DiskEnv, out: &mut DomainReport) {
         }
         let head = match read_head(&backing.path, HEAD_BYTES) {
             Ok(h) => h,
-            Err(_) => return,
+            Err(e) => {
+                out.skipped.push(format!("{what}: {e}"));
+                return;
+            }
         };
         let (found, words) = detect(&head);
         if let Some(declared) = &backing.format {
@@ -266,8 +333,13 @@ fn backing_chain(top: &Path, env: &DiskEnv, out: &mut DomainReport) {
                 out.findings.push(Finding::error(
                     Check::Disk,
                     format!("{what} is {} but declared {declared}", found.as_str()),
-                    format!("header {} ({words}); backing format {declared} in {}", hex_prefix(&head), image.display()),
-                    format!("qemu-img rebase -u -b {} -F {} {}", backing.name, found.as_str(), image.display()),
+                    format!("header: {words}; backing format {declared} in {}", image.display()),
+                    format!(
+                        "qemu-img rebase -u -b {} -F {} {}",
+                        clean_path(&backing.path),
+                        found.as_str(),
+                        image.display()
+                    ),
                 ));
             }
         }
@@ -278,6 +350,11 @@ fn backing_chain(top: &Path, env: &DiskEnv, out: &mut DomainReport) {
         seen.push(backing.path.clone());
         image = backing.path;
     }
+}
+
+/// A path read from an image header, for display: bounded, no control characters.
+fn clean_path(p: &Path) -> String {
+    crate::guest_text::clean(&p.display().to_string(), 512)
 }
 
 #[cfg(test)]
@@ -301,8 +378,14 @@ mod tests {
     fn run(disks: Vec<DiskSpec>, who: &QemuUser, nfs: bool) -> DomainReport {
         let spec = DomainSpec { disks, ..Default::default() };
         let accounts = Accounts::parse("root:x:0:0::/:/bin/sh\n", "root:x:0:\n");
-        let is_nfs = move |_: &Path| nfs;
-        let env = DiskEnv { domain: "vm1", who, accounts: &accounts, is_nfs: &is_nfs, check_access: true };
+        let env = DiskEnv {
+            domain: "vm1".into(),
+            who: who.clone(),
+            accounts,
+            is_nfs: Arc::new(move |_: &Path| nfs),
+            check_access: true,
+            deadline: Duration::from_secs(60),
+        };
         let mut out = DomainReport::new("vm1", None, "shut off".into());
         check(&spec, &env, &mut out);
         out
@@ -357,19 +440,73 @@ mod tests {
         qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "1M"]);
         let r = run(vec![disk(&q, "raw")], &who(0, true), false);
         assert_eq!(r.findings.len(), 1, "{r:#?}");
-        assert_eq!(r.findings[0].what, format!("disk vda {} is qcow2 but declared raw", q.display()));
-        assert!(
-            r.findings[0].evidence.starts_with("header 51 46 49 fb 00 00 00 03 (QFI\\xfb: qcow2)"),
-            "{}",
-            r.findings[0].evidence
+        let f = &r.findings[0];
+        assert_eq!(f.severity, Severity::Warning);
+        assert_eq!(f.what, format!("disk vda {} is declared raw and starts with a qcow2 header", q.display()));
+        assert_eq!(f.evidence, "header: QFI\\xfb: qcow2; <driver type='raw'>", "no bytes of the image are shown");
+        assert_eq!(
+            f.fix,
+            "the guest wrote a header that looks like qcow2; libvirt never probes formats, do not change the driver type on this evidence"
         );
-        assert!(r.findings[0].fix.starts_with("set <driver name='qemu' type='qcow2'/>"));
 
         let raw = d.path().join("b.img");
         std::fs::write(&raw, vec![0u8; 4096]).unwrap();
         let r = run(vec![disk(&raw, "qcow2")], &who(0, true), false);
         assert_eq!(r.findings[0].what, format!("disk vda {} is raw but declared qcow2", raw.display()));
         assert!(run(vec![disk(&raw, "raw")], &who(0, true), false).findings.is_empty());
+    }
+
+    #[test]
+    fn fifo_socket_and_character_device_disks_are_not_regular_files_and_never_opened() {
+        let d = tmp();
+        let fifo = d.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let sock = d.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        for (p, kind) in
+            [(fifo.as_path(), "a FIFO"), (sock.as_path(), "a socket"), (Path::new("/dev/zero"), "a character device")]
+        {
+            let r = run(vec![disk(p, "raw")], &who(0, true), false);
+            assert_eq!(r.findings.len(), 1, "{r:#?}");
+            assert_eq!(r.findings[0].what, format!("disk vda {} is not a regular file", p.display()));
+            assert_eq!(r.findings[0].evidence, format!("it is {kind} (not opened)"));
+        }
+    }
+
+    #[test]
+    fn a_disk_whose_checks_hang_costs_only_its_finding() {
+        let d = tmp();
+        let ok = d.path().join("ok.img");
+        std::fs::write(&ok, vec![0u8; 4096]).unwrap();
+        let spec = DomainSpec { disks: vec![disk(&ok, "raw"), disk(&ok, "qcow2")], ..Default::default() };
+        let accounts = Accounts::parse("root:x:0:0::/:/bin/sh\n", "root:x:0:\n");
+        // statfs standing in for a hung NFS server, on the second disk only.
+        let (hold, release) = std::sync::mpsc::channel::<()>();
+        let hold = std::sync::Mutex::new(hold);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = calls.clone();
+        let release = std::sync::Mutex::new(release);
+        let env = DiskEnv {
+            domain: "vm1".into(),
+            who: who(0, true),
+            accounts,
+            is_nfs: Arc::new(move |_: &Path| {
+                if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1 {
+                    let _ = release.lock().unwrap().recv();
+                }
+                false
+            }),
+            check_access: true,
+            deadline: Duration::from_millis(300),
+        };
+        let mut out = DomainReport::new("vm1", None, "shut off".into());
+        check(&spec, &env, &mut out);
+        let hung: Vec<&Finding> = out.findings.iter().filter(|f| f.what.contains("did not finish")).collect();
+        assert_eq!(hung.len(), 1, "{out:#?}");
+        assert_eq!(hung[0].what, format!("disk vda: checks of {} did not finish within 300ms", ok.display()));
+        drop(hold);
     }
 
     #[test]

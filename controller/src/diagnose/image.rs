@@ -66,23 +66,18 @@ pub fn detect(head: &[u8]) -> (Format, &'static str) {
     (Format::Raw, "no image header: raw")
 }
 
-/// The first bytes as hex, for evidence: `51 46 49 fb 00 00 00 03`.
-pub fn hex_prefix(head: &[u8]) -> String {
-    head.iter().take(8).map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+/// Open a file an image chain names: a regular file or a block device, never a FIFO,
+/// socket or character device ([`crate::observe::guarded`]).
+fn open(path: &Path) -> std::io::Result<crate::observe::guarded::Opened> {
+    crate::observe::guarded::open(path, true).map_err(|e| match e {
+        crate::observe::guarded::GuardedError::Io { source, .. } => source,
+        other => std::io::Error::new(std::io::ErrorKind::InvalidInput, other.to_string()),
+    })
 }
 
 /// Read up to `n` bytes from the start of `path` (a file or a block device).
 pub fn read_head(path: &Path, n: usize) -> std::io::Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = Vec::with_capacity(n);
-    f.by_ref().take(n as u64).read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
-/// The size of a file or a block device, in bytes.
-pub fn size_of(path: &Path) -> std::io::Result<u64> {
-    let mut f = std::fs::File::open(path)?;
-    f.seek(SeekFrom::End(0))
+    open(path)?.read_at(0, n)
 }
 
 /// A qcow2 image's backing file and its declared format (header extension 0xe2792aca).
@@ -97,7 +92,7 @@ pub struct Backing {
 
 /// The backing file named by the qcow2 image at `path`, if any.
 pub fn qcow2_backing(path: &Path) -> std::io::Result<Option<Backing>> {
-    let mut f = std::fs::File::open(path)?;
+    let mut f = open(path)?.file;
     let mut header = [0u8; 104];
     let n = read_up_to(&mut f, &mut header)?;
     if n < 72 || &header[0..4] != b"QFI\xfb" {
@@ -182,7 +177,7 @@ mod tests {
             let p = dir.path().join(format!("a.{fmt}"));
             qemu_img(&["create", "-q", "-f", fmt, p.to_str().unwrap(), "1M"]);
             let head = read_head(&p, HEAD_BYTES).unwrap();
-            assert_eq!(detect(&head).0, want, "{fmt}: {}", hex_prefix(&head));
+            assert_eq!(detect(&head).0, want, "{fmt}");
         }
     }
 

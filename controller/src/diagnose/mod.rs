@@ -16,7 +16,7 @@ pub mod network;
 pub mod source;
 pub mod xml;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub use model::{render_text, Check, DomainReport, Finding, Report, Severity};
 pub use source::{DiagnoseSource, HypervisorSource};
@@ -139,13 +139,13 @@ impl Ctx<'_> {
                 self.opts.paths.passwd.display()
             ));
         }
-        let nfs = |p: &Path| access::is_nfs(p);
         let env = disks::DiskEnv {
-            domain: name,
-            who: &who,
-            accounts: &self.accounts,
-            is_nfs: &nfs,
+            domain: name.to_string(),
+            who: who.clone(),
+            accounts: self.accounts.clone(),
+            is_nfs: std::sync::Arc::new(access::is_nfs),
             check_access: known_user,
+            deadline: crate::observe::guarded::READ_DEADLINE,
         };
         disks::check(&spec, &env, &mut r);
         boot::check(&spec, name, running, &mut r);

@@ -95,6 +95,8 @@ pub struct Metrics {
     pub probe_failures: Family<ProbeFailureLabels, Counter>,
     pub guest_health: Family<HealthLabels, Gauge>,
     pub guest_events: Family<GuestEventLabels, Counter>,
+    /// 1 while the domain's probe address is in conflict (its probes are no evidence).
+    pub address_conflict: Family<DomainLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -160,6 +162,12 @@ impl Default for Metrics {
         let probe_failures = Family::<ProbeFailureLabels, Counter>::default();
         let guest_health = Family::<HealthLabels, Gauge>::default();
         let guest_events = Family::<GuestEventLabels, Counter>::default();
+        let address_conflict = Family::<DomainLabel, Gauge>::default();
+        registry.register(
+            "address_conflict",
+            "1 while another MAC, the host or another domain claims the address the domain is probed at (probes are then no evidence)",
+            address_conflict.clone(),
+        );
         registry.register(
             "probe_duration_seconds",
             "Guest health probe duration, by probe kind",
@@ -196,6 +204,7 @@ impl Default for Metrics {
             probe_failures,
             guest_health,
             guest_events,
+            address_conflict,
         }
     }
 }
@@ -247,8 +256,14 @@ impl Metrics {
         }
     }
 
+    /// Whether `domain`'s probe address is in conflict now.
+    pub fn set_address_conflict(&self, domain: &str, conflict: bool) {
+        self.address_conflict.get_or_create(&DomainLabel { domain: domain.to_string() }).set(i64::from(conflict));
+    }
+
     /// The domain is no longer probed (no `health`, or not managed): drop its series.
     pub fn forget_health(&self, domain: &str) {
+        self.address_conflict.remove(&DomainLabel { domain: domain.to_string() });
         for s in HEALTH_STATES {
             self.guest_health.remove(&HealthLabels { domain: domain.to_string(), state: s.to_string() });
         }

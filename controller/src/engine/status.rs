@@ -89,6 +89,9 @@ pub struct DomainStatus {
     pub last_action_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_retry: Option<DateTime<Utc>>,
+    /// A restart waiting for backoff, as logged: `restart in 4 s, backoff after 3 restarts in 10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
     /// Why automatic restarts stopped, if they did (lift with `virtwarden release NAME`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<String>,
@@ -219,8 +222,10 @@ pub fn render_text(report: &StatusReport) -> String {
                 if let Some(a) = &d.last_action {
                     detail.push(format!("action: {a} → {}", d.last_outcome.as_deref().unwrap_or("pending")));
                 }
-                if let Some(t) = d.next_retry {
-                    detail.push(format!("next retry {}", t.to_rfc3339()));
+                match (&d.backoff, d.next_retry) {
+                    (Some(b), Some(t)) => detail.push(format!("BACKOFF: {b} (next retry {})", t.to_rfc3339())),
+                    (None, Some(t)) => detail.push(format!("next retry {}", t.to_rfc3339())),
+                    _ => {}
                 }
                 lines.push(detail.join("; "));
             }
@@ -333,6 +338,10 @@ pub struct HealthStatus {
     /// The address probed last (the policy's or the one discovered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Another MAC, the host or another domain claims the probe's address: probes are no
+    /// evidence (neither pass nor failure) until it clears. Never a reason to reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_conflict: Option<String>,
 }
 
 impl HealthStatus {
@@ -368,6 +377,7 @@ impl HealthStatus {
             out.last_probe_latency_ms = Some(p.latency.as_secs_f64() * 1000.0);
             out.address = p.address.map(|a| a.to_string());
         }
+        out.address_conflict = view.address_conflict.clone();
         out
     }
 
@@ -387,6 +397,9 @@ impl HealthStatus {
         if let (Some(p), Some(ok)) = (&self.last_probe, self.last_probe_ok) {
             let latency = self.last_probe_latency_ms.map(|ms| format!(" in {ms:.1} ms")).unwrap_or_default();
             line.push_str(&format!("; last probe {}{latency}: {p}", if ok { "passed" } else { "failed" }));
+        }
+        if let Some(c) = &self.address_conflict {
+            line.push_str(&format!("; address conflict: {c} (probes are no evidence; not acted on)"));
         }
         line
     }
@@ -444,6 +457,35 @@ mod health_tests {
         }
         let back: StatusReport = serde_json::from_value(json).unwrap();
         assert_eq!(back, report);
+    }
+
+    #[test]
+    fn an_address_conflict_is_shown_beside_a_healthy_phase_in_json_and_text() {
+        let s = |v| Duration::from_secs(v);
+        let mut m = HealthMonitor::new(HealthSettings {
+            period: s(10),
+            timeout: s(2),
+            failure_threshold: 1,
+            boot_timeout: s(60),
+        });
+        m.started(s(0));
+        let result =
+            |outcome| ProbeResult { target: "tcp 10.0.0.2:22".into(), address: None, latency: Duration::ZERO, outcome };
+        let conflict = "10.0.0.2 is answered by 02:00:00:00:00:66 on br0, not by the domain's 52:54:00:00:00:01";
+        for (t, outcome) in [(10, Ok(())), (20, Err(ProbeFailure::Conflict(conflict.into())))] {
+            let Step::Probe(ticket) = m.poll(s(t), || None) else { panic!() };
+            assert_eq!(m.probe_done(s(t), ticket, &result(outcome)), None, "threshold 1, yet no verdict");
+        }
+        let wall_now = DateTime::parse_from_rfc3339("2025-01-01T00:01:00Z").unwrap().with_timezone(&Utc);
+        let h = HealthStatus::from_view(&m.view(), s(30), wall_now);
+        assert_eq!(h.phase, HealthPhase::Healthy);
+        assert_eq!(h.address_conflict.as_deref(), Some(conflict));
+        assert!(
+            h.line().ends_with(&format!("; address conflict: {conflict} (probes are no evidence; not acted on)")),
+            "{}",
+            h.line()
+        );
+        assert_eq!(serde_json::to_value(&h).unwrap()["addressConflict"], conflict);
     }
 
     #[test]

@@ -69,10 +69,11 @@ pub async fn run(opts: RunOptions) -> i32 {
         metrics_addr: opts.metrics_addr,
         state_dir: &opts.state_dir,
     };
-    let crate::service::Running { engine, task: mut engine_task } = match crate::service::start(start).await {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
+    let crate::service::Running { engine, task: mut engine_task } =
+        match crate::service::start(start, EngineHandle::clone).await {
+            Ok(r) => r,
+            Err(code) => return code,
+        };
 
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
     let _watcher = match watch::watch(&opts.paths, reload_tx) {

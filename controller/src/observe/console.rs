@@ -2,7 +2,6 @@
 //! nothing to boot (SeaBIOS, OVMF) by health checks and by `diagnose`. Pure text scanning plus
 //! a bounded read of the log's tail.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// How much of a console log's end is read: firmware messages are short and recent.
@@ -34,7 +33,8 @@ pub fn firmware_boot_failure(text: &str) -> Option<FirmwareFailure> {
     let (at, words) = found?;
     let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
     let line_end = text[at..].find(['\n', '\r']).map_or(text.len(), |i| at + i);
-    Some(FirmwareFailure { summary: words.to_string(), line: text[line_start..line_end].trim().to_string() })
+    let line = crate::guest_text::clean(&text[line_start..line_end], crate::guest_text::CONSOLE_EXCERPT);
+    Some(FirmwareFailure { summary: words.to_string(), line })
 }
 
 /// A firmware boot failure found in a console log.
@@ -42,7 +42,8 @@ pub fn firmware_boot_failure(text: &str) -> Option<FirmwareFailure> {
 pub struct FirmwareFailure {
     /// e.g. `SeaBIOS: No bootable device`.
     pub summary: String,
-    /// The console line it was found on, as printed.
+    /// The console line it was found on: the guest's text, cleaned and bounded
+    /// ([`crate::guest_text::clean`]).
     pub line: String,
 }
 
@@ -53,13 +54,17 @@ impl FirmwareFailure {
     }
 }
 
-/// The last [`TAIL_BYTES`] of a console log as text (invalid UTF-8 replaced).
+/// The last [`TAIL_BYTES`] of a console log as text (invalid UTF-8 replaced). The path comes
+/// from the domain's definition: a FIFO, device or socket there is an error, never opened.
+/// The text is the guest's: clean it ([`crate::guest_text`]) before showing any of it.
 pub fn read_tail(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
-    let mut buf = Vec::with_capacity(TAIL_BYTES.min(len) as usize);
-    f.take(TAIL_BYTES).read_to_end(&mut buf)?;
+    let f = super::guarded::open(path, false).map_err(|e| match e {
+        super::guarded::GuardedError::Io { source, .. } => source,
+        other => std::io::Error::new(std::io::ErrorKind::InvalidInput, other.to_string()),
+    })?;
+    let len = f.size()?;
+    let start = len.saturating_sub(TAIL_BYTES);
+    let buf = f.read_at(start, usize::try_from(len - start).unwrap_or(0))?;
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
@@ -91,6 +96,15 @@ mod tests {
     }
 
     #[test]
+    fn the_line_shown_is_cleaned_and_bounded() {
+        let text = format!("\u{1b}]0;pwned\u{7}\u{1b}[31mNo bootable device.{}\u{1b}[0m\r\n", "A".repeat(1 << 20));
+        let f = firmware_boot_failure(&text).unwrap();
+        assert!(f.line.starts_with("No bootable device.AAA"), "{}", &f.line[..40]);
+        assert_eq!(f.line.chars().count(), crate::guest_text::CONSOLE_EXCERPT);
+        assert!(!f.line.contains('\u{1b}'));
+    }
+
+    #[test]
     fn reads_only_the_tail() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.log");
@@ -100,5 +114,11 @@ mod tests {
         let tail = read_tail(&p).unwrap();
         assert_eq!(tail.len() as u64, TAIL_BYTES);
         assert!(firmware_boot_failure(&tail).is_some());
+    }
+
+    #[test]
+    fn a_console_path_that_is_no_regular_file_is_an_error_not_an_open() {
+        let e = read_tail(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(e.to_string(), "/dev/zero is a character device, not a regular file; not opened");
     }
 }

@@ -11,11 +11,25 @@ use super::domain_xml::{child, XmlError};
 /// The channel name QEMU's guest agent listens on.
 pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 
+/// One NIC: the MAC libvirt assigned and the host's end of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Nic {
+    /// Lowercase.
+    pub mac: String,
+    /// `<target dev='vnet0'/>`: present while the domain runs.
+    pub tap: Option<String>,
+    /// `<source bridge='br0'/>` (libvirt fills it in for `type='network'` too while it runs):
+    /// where libvirt says it attached the tap.
+    pub bridge: Option<String>,
+}
+
 /// Health-relevant devices of one domain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestDevices {
     /// MAC addresses of the NICs, lowercase, in definition order.
     pub macs: Vec<String>,
+    /// The NICs with their host-side device (the tap libvirt created, live definition only).
+    pub nics: Vec<Nic>,
     /// Where a serial console's output is written, if one is logged to a file.
     pub console_log: Option<PathBuf>,
     /// A virtio channel for the QEMU guest agent is defined.
@@ -32,7 +46,11 @@ pub fn parse_guest_devices(xml: &str) -> Result<GuestDevices, XmlError> {
         match dev.tag_name().name() {
             "interface" => {
                 if let Some(mac) = child(dev, "mac").and_then(|m| m.attribute("address")) {
-                    out.macs.push(mac.to_ascii_lowercase());
+                    let mac = mac.to_ascii_lowercase();
+                    let tap = child(dev, "target").and_then(|t| t.attribute("dev")).map(str::to_string);
+                    let bridge = child(dev, "source").and_then(|s| s.attribute("bridge")).map(str::to_string);
+                    out.macs.push(mac.clone());
+                    out.nics.push(Nic { mac, tap, bridge });
                 }
             }
             // The first serial or console device that is logged to a file: a `type='file'`
@@ -64,7 +82,7 @@ mod tests {
     #[test]
     fn macs_console_file_and_agent_channel() {
         let xml = "<domain><devices>\
-            <interface type='bridge'><mac address='52:54:00:AA:bb:01'/><source bridge='br0'/></interface>\
+            <interface type='bridge'><mac address='52:54:00:AA:bb:01'/><source bridge='br0'/><target dev='vnet3'/></interface>\
             <interface type='network'><mac address='52:54:00:aa:bb:02'/></interface>\
             <serial type='file'><source path='/var/log/libvirt/web.console'/><target port='0'/></serial>\
             <console type='file'><source path='/other'/></console>\
@@ -72,6 +90,11 @@ mod tests {
             </devices></domain>";
         let d = parse_guest_devices(xml).unwrap();
         assert_eq!(d.macs, ["52:54:00:aa:bb:01", "52:54:00:aa:bb:02"]);
+        assert_eq!(
+            d.nics[0],
+            Nic { mac: "52:54:00:aa:bb:01".into(), tap: Some("vnet3".into()), bridge: Some("br0".into()) }
+        );
+        assert_eq!(d.nics[1].tap, None);
         assert_eq!(d.console_log, Some(PathBuf::from("/var/log/libvirt/web.console")));
         assert!(d.agent_channel);
     }

@@ -3,7 +3,9 @@
 pub mod arp;
 pub mod console;
 pub mod domain_xml;
+pub mod guarded;
 pub mod guest_devices;
+pub mod host_addrs;
 pub mod model;
 pub mod net;
 pub mod paths;

@@ -47,15 +47,42 @@ fn is_true(s: Option<&HostPolicyEnactmentStatus>, type_: &str) -> bool {
     s.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == type_ && c.status == "True"))
 }
 
-/// Count nodes per condition; conditions summarise them, keeping the transition times of
-/// `previous` where a condition's status did not change.
+/// Where one node stands with a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Enforcing,
+    /// On an older generation, or its heartbeat expired.
+    Lagging,
+    /// Alive, current, and Degraded.
+    Failing,
+}
+
+/// A node whose heartbeat expired lags whatever its (stale) enactment says; one that has not
+/// observed `generation` yet lags too; then Degraded is failing; the rest enforce.
+pub fn standing(generation: Option<i64>, status: Option<&HostPolicyEnactmentStatus>, alive: bool) -> Standing {
+    let current = status.is_some_and(|s| s.observed_generation >= generation);
+    if !alive || !current {
+        Standing::Lagging
+    } else if is_true(status, condition::DEGRADED) {
+        Standing::Failing
+    } else {
+        Standing::Enforcing
+    }
+}
+
+/// Count nodes per condition and per standing (`alive` tells whose heartbeat is fresh);
+/// conditions summarise them, keeping the transition times of `previous` where a condition's
+/// status did not change.
 pub fn aggregate(
     generation: Option<i64>,
     members: &[(&str, Option<&HostPolicyEnactmentStatus>)],
+    alive: &dyn Fn(&str) -> bool,
     previous: Option<&HostPolicyStatus>,
     now: &Time,
 ) -> HostPolicyStatus {
     let count = |t: &str| members.iter().filter(|(_, s)| is_true(*s, t)).count() as u32;
+    let standings: Vec<Standing> = members.iter().map(|(n, s)| standing(generation, *s, alive(n))).collect();
+    let of = |x: Standing| standings.iter().filter(|s| **s == x).count() as u32;
     let (matched, available, progressing, degraded) =
         (members.len() as u32, count(condition::AVAILABLE), count(condition::PROGRESSING), count(condition::DEGRADED));
     let cond = |type_: &str, status: bool, reason: &str, message: String| {
@@ -96,6 +123,9 @@ pub fn aggregate(
         available_nodes: available,
         progressing_nodes: progressing,
         degraded_nodes: degraded,
+        enforcing_nodes: of(Standing::Enforcing),
+        lagging_nodes: of(Standing::Lagging),
+        failing_nodes: of(Standing::Failing),
         conditions,
     }
 }
@@ -166,7 +196,7 @@ mod tests {
         let mine = status("Available");
         let m = members(&store, "web", "u2", "me", Some(&mine));
         assert_eq!(m.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["a", "b", "me"]);
-        let agg = aggregate(Some(4), &m, None, &t(100));
+        let agg = aggregate(Some(4), &m, &|_| true, None, &t(100));
         assert_eq!((agg.matched_nodes, agg.available_nodes, agg.progressing_nodes, agg.degraded_nodes), (3, 2, 0, 1));
         assert_eq!(agg.observed_generation, Some(4));
         assert_eq!(rank(&m, "a"), 0);
@@ -175,24 +205,43 @@ mod tests {
         // Without a record of its own last write, the watched copy of its own counts.
         let m = members(&store, "web", "u2", "me", None);
         assert_eq!(m.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["a", "b", "me"]);
-        assert_eq!(aggregate(Some(4), &m, None, &t(100)).progressing_nodes, 1);
+        assert_eq!(aggregate(Some(4), &m, &|_| true, None, &t(100)).progressing_nodes, 1);
     }
 
     #[test]
     fn unchanged_conditions_keep_their_transition_time_so_the_aggregate_compares_equal() {
         let store = vec![enactment("web", "u", "a", status("Available"))];
         let m = members(&store, "web", "u", "z", None);
-        let first = aggregate(Some(1), &m, None, &t(100));
-        let again = aggregate(Some(1), &m, Some(&first), &t(200));
+        let first = aggregate(Some(1), &m, &|_| true, None, &t(100));
+        let again = aggregate(Some(1), &m, &|_| true, Some(&first), &t(200));
         assert_eq!(again, first, "nothing changed: nothing to write");
         let store = vec![enactment("web", "u", "a", status("Degraded"))];
         let m = members(&store, "web", "u", "z", None);
-        let changed = aggregate(Some(1), &m, Some(&first), &t(300));
+        let changed = aggregate(Some(1), &m, &|_| true, Some(&first), &t(300));
         let time = |s: &HostPolicyStatus, c: &str| {
             s.conditions.iter().find(|x| x.type_ == c).unwrap().last_transition_time.clone()
         };
         assert_eq!(time(&changed, "Available"), t(300));
         assert_eq!(time(&changed, "Degraded"), t(300));
         assert_eq!(time(&changed, "Progressing"), t(100), "still False: its time stays");
+    }
+
+    #[test]
+    fn nodes_are_enforcing_lagging_or_failing() {
+        let at =
+            |g: i64, true_type: &str| HostPolicyEnactmentStatus { observed_generation: Some(g), ..status(true_type) };
+        let store = vec![
+            enactment("web", "u", "current", at(3, "Available")),
+            enactment("web", "u", "behind", at(2, "Available")),
+            enactment("web", "u", "dead", at(3, "Available")),
+            enactment("web", "u", "broken", at(3, "Degraded")),
+            enactment("web", "u", "dead-broken", at(3, "Degraded")),
+        ];
+        let m = members(&store, "web", "u", "me", None);
+        let alive = |n: &str| !n.starts_with("dead");
+        let agg = aggregate(Some(3), &m, &alive, None, &t(100));
+        assert_eq!((agg.enforcing_nodes, agg.lagging_nodes, agg.failing_nodes), (1, 3, 1));
+        assert_eq!(agg.matched_nodes, 5);
+        assert_eq!(standing(Some(3), None, true), Standing::Lagging, "no enactment yet: lagging");
     }
 }

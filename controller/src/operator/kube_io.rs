@@ -17,8 +17,13 @@ pub const POLICY_LABEL: &str = "virtwarden.io/policy";
 const API_VERSION: &str = "virtwarden.io/v1alpha1";
 const AGGREGATE_MANAGER: &str = "virtwarden-aggregate";
 
+/// This node's enactment of `policy`: `<policy>.<node>.<length of policy>`. Policy and node
+/// names may both contain dots, so `<policy>.<node>` alone is ambiguous (policy `p.x` on node `n2`
+/// and policy `p` on node `x.n2`); the policy's length makes the split unique. A hash suffix
+/// would be unique too, but the admission policy's CEL has no hash function to check it, and a
+/// name it cannot check is a name another node can take first.
 pub fn enactment_name(policy: &str, node: &str) -> String {
-    format!("{policy}.{node}")
+    format!("{policy}.{node}.{}", policy.len())
 }
 
 fn node_manager(node: &str) -> String {

@@ -5,9 +5,12 @@
 //! goes away the engine keeps enforcing the last policy it saw.
 
 pub mod aggregate;
+pub mod backoff;
 pub mod enactment;
 pub mod events;
 pub mod kube_io;
+pub mod lease;
+pub mod probes;
 pub mod select;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
@@ -76,6 +80,10 @@ pub struct OperatorOptions {
 
 /// Status writes are batched: at most one round per this interval.
 const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+/// A change is written this long after it was seen (when the last round is older than
+/// `STATUS_INTERVAL`), so the engine's reaction to it (milliseconds) goes in the same write.
+/// Rounds used to run on a fixed 2 s tick, so a lone change waited 1 s on average and up to 2 s.
+const STATUS_DEBOUNCE: Duration = Duration::from_millis(100);
 
 pub async fn run(opts: OperatorOptions) -> i32 {
     let client = match Client::try_default().await {
@@ -107,7 +115,11 @@ pub async fn run(opts: OperatorOptions) -> i32 {
         metrics_addr: opts.metrics_addr,
         state_dir: &opts.state_dir,
     };
-    let crate::service::Running { engine, task: mut engine_task } = match crate::service::start(start).await {
+    // The endpoint's health includes the API server's (a node cut off from it is not live).
+    let api_health = probes::ApiHealth::default();
+    let api = api_health.clone();
+    let served = move |engine: &EngineHandle| probes::OperatorProbes { engine: engine.clone(), api };
+    let crate::service::Running { engine, task: mut engine_task } = match crate::service::start(start, served).await {
         Ok(r) => r,
         Err(code) => return code,
     };
@@ -116,6 +128,7 @@ pub async fn run(opts: OperatorOptions) -> i32 {
         _ => return exit::RUNTIME,
     };
     let mut op = Operator::new(client, opts.node.clone(), engine.clone());
+    op.api_health = api_health;
     tokio::select! {
         _ = op.run() => {}
         _ = term.recv() => {}
@@ -131,6 +144,8 @@ pub async fn run(opts: OperatorOptions) -> i32 {
 pub struct Operator {
     client: Client,
     node: String,
+    /// The operator's own namespace (the client's default: the pod's): its Lease and Events.
+    namespace: String,
     engine: Arc<dyn NodeEngine>,
     selection: Selection,
     events: events::EventPublisher,
@@ -143,20 +158,25 @@ pub struct Operator {
     awaiting: HashMap<String, Option<String>>,
     /// Policies (uid, generation) whose ignored fields were already logged.
     warned: HashSet<(String, Option<i64>)>,
+    /// What `/readyz` says about the API.
+    pub api_health: probes::ApiHealth,
 }
 
 impl Operator {
     pub fn new(client: Client, node: String, engine: impl NodeEngine) -> Self {
+        let namespace = client.default_namespace().to_string();
         Operator {
-            events: events::EventPublisher::new(client.clone(), node.clone()),
+            events: events::EventPublisher::new(client.clone(), node.clone(), namespace.clone()),
             client,
             node,
+            namespace,
             engine: Arc::new(engine),
             selection: Selection::default(),
             written: HashMap::new(),
             pending: HashMap::new(),
             awaiting: HashMap::new(),
             warned: HashSet::new(),
+            api_health: probes::ApiHealth::default(),
         }
     }
 
@@ -166,63 +186,93 @@ impl Operator {
         let (policies, policy_writer) = reflector::store::<WatchedHostPolicy>();
         let (nodes, node_writer) = reflector::store::<Node>();
         let (enactments, enactment_writer) = reflector::store::<HostPolicyEnactment>();
+        let (leases, lease_writer) = reflector::store::<Lease>();
         let policy_api: Api<WatchedHostPolicy> = Api::all(self.client.clone());
         let node_api: Api<Node> = Api::all(self.client.clone());
         let enactment_api: Api<HostPolicyEnactment> = Api::all(self.client.clone());
+        let lease_api: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
         let node_cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.node));
+        let lease_cfg = watcher::Config::default().labels(kube_io::NODE_LABEL);
+        let retry = backoff::CappedBackoff::default;
         let mut policy_events =
-            watcher(policy_api, watcher::Config::default()).default_backoff().reflect(policy_writer).boxed();
-        let mut node_events = watcher(node_api, node_cfg).default_backoff().reflect(node_writer).boxed();
+            watcher(policy_api, watcher::Config::default()).backoff(retry()).reflect(policy_writer).boxed();
+        let mut node_events = watcher(node_api, node_cfg).backoff(retry()).reflect(node_writer).boxed();
         let mut enactment_events =
-            watcher(enactment_api, watcher::Config::default()).default_backoff().reflect(enactment_writer).boxed();
+            watcher(enactment_api, watcher::Config::default()).backoff(retry()).reflect(enactment_writer).boxed();
+        let mut lease_events = watcher(lease_api, lease_cfg).backoff(retry()).reflect(lease_writer).boxed();
+        // The heartbeat runs on its own: a slow status round never delays it.
+        let heartbeat = tokio::spawn(lease::heartbeat(self.client.clone(), self.namespace.clone(), self.node.clone()));
+        let _heartbeat = AbortOnDrop(heartbeat);
         // Selecting from half-filled caches would drop and re-add policies, or select with no
         // labels: select only once both the policy and the node lists are complete. Status is
-        // compared with the enactments as listed, so writing waits for that list too.
-        let (p, n, e) = (policies.clone(), nodes.clone(), enactments.clone());
+        // compared with the enactments as listed, and counts nodes alive by their Leases, so
+        // writing waits for those lists too.
+        let (p, n, e, l) = (policies.clone(), nodes.clone(), enactments.clone(), leases.clone());
         let selection_ready = async move { p.wait_until_ready().await.is_ok() && n.wait_until_ready().await.is_ok() };
-        let enactments_ready = async move { e.wait_until_ready().await.is_ok() };
+        let enactments_ready = async move { e.wait_until_ready().await.is_ok() && l.wait_until_ready().await.is_ok() };
         tokio::pin!(selection_ready, enactments_ready);
         let (mut selecting, mut reporting) = (false, false);
         let mut changes = self.engine.subscribe();
-        let mut tick = tokio::time::interval(STATUS_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the last status round ran, and since when something is waiting to be written.
+        let mut last_round: Option<Instant> = None;
+        let mut dirty_since: Option<Instant> = None;
+        // A node whose Lease expires sends nothing: look at the heartbeats again regularly.
+        let mut heartbeats = tokio::time::interval(lease::RENEW_EVERY);
+        heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut api_down = false;
         let mut dirty = true;
         loop {
             let mut reselect = false;
+            let synced = selecting && reporting;
+            if dirty && dirty_since.is_none() {
+                dirty_since = Some(Instant::now());
+            }
+            let want_round = synced && !api_down && (dirty || !self.pending.is_empty());
+            let due = round_due(dirty_since.filter(|_| dirty), last_round);
             tokio::select! {
                 ready = &mut selection_ready, if !selecting => {
                     if !ready { return; }
                     selecting = true;
                     reselect = true;
+                    if reporting && !api_down { self.api_health.set(None); }
                 }
                 ready = &mut enactments_ready, if !reporting => {
                     if !ready { return; }
                     reporting = true;
+                    if selecting && !api_down { self.api_health.set(None); }
                 }
                 ev = policy_events.next() => match ev {
-                    Some(Ok(_)) => { reselect = selecting; dirty = true; api_back(&mut api_down); }
-                    Some(Err(e)) => api_lost(&mut api_down, &e),
+                    Some(Ok(_)) => { reselect = selecting; dirty = true; api_back(&mut api_down, synced, &self.api_health); }
+                    Some(Err(e)) => api_lost(&mut api_down, &e, &self.api_health),
                     None => return,
                 },
                 ev = node_events.next() => match ev {
-                    Some(Ok(_)) => { reselect = selecting; api_back(&mut api_down); }
-                    Some(Err(e)) => api_lost(&mut api_down, &e),
+                    Some(Ok(_)) => { reselect = selecting; api_back(&mut api_down, synced, &self.api_health); }
+                    Some(Err(e)) => api_lost(&mut api_down, &e, &self.api_health),
                     None => return,
                 },
                 ev = enactment_events.next() => match ev {
-                    Some(Ok(ev)) => { self.saw_enactment(&ev); dirty = true; api_back(&mut api_down); }
-                    Some(Err(e)) => api_lost(&mut api_down, &e),
+                    Some(Ok(ev)) => { self.saw_enactment(&ev); dirty = true; api_back(&mut api_down, synced, &self.api_health); }
+                    Some(Err(e)) => api_lost(&mut api_down, &e, &self.api_health),
                     None => return,
                 },
+                ev = lease_events.next() => match ev {
+                    Some(Ok(_)) => { dirty = true; api_back(&mut api_down, synced, &self.api_health); }
+                    Some(Err(e)) => api_lost(&mut api_down, &e, &self.api_health),
+                    None => return,
+                },
+                _ = heartbeats.tick() => dirty = true,
                 changed = changes.changed() => {
                     if changed.is_err() { return; }
                     dirty = true;
                 }
-                _ = tick.tick() => {
-                    if selecting && reporting && !api_down && (dirty || !self.pending.is_empty()) {
-                        dirty = !self.write_statuses(&policies.state(), &enactments.state()).await;
-                    }
+                _ = tokio::time::sleep_until(due), if want_round => {
+                    let alive = lease::alive_nodes(&leases.state(), k8s_openapi::jiff::Timestamp::now());
+                    let started = Instant::now();
+                    // What changes while this round runs is seen by the engine's notifications.
+                    dirty_since = None;
+                    dirty = !self.write_statuses(&policies.state(), &enactments.state(), &alive).await;
+                    last_round = Some(started);
                 }
             }
             if reselect {
@@ -279,6 +329,7 @@ impl Operator {
         &mut self,
         all: &[Arc<WatchedHostPolicy>],
         enactments: &[Arc<HostPolicyEnactment>],
+        alive: &HashSet<String>,
     ) -> bool {
         let report = self.engine.status();
         let now = Time(k8s_openapi::jiff::Timestamp::now());
@@ -294,7 +345,7 @@ impl Operator {
             self.events.publish(p, &domains).await;
         }
         for p in &selected {
-            ok &= self.write_aggregate(p, enactments, &now).await;
+            ok &= self.write_aggregate(p, enactments, alive, &now).await;
         }
         ok
     }
@@ -373,6 +424,7 @@ impl Operator {
         &mut self,
         p: &WatchedHostPolicy,
         enactments: &[Arc<HostPolicyEnactment>],
+        alive: &HashSet<String>,
         now: &Time,
     ) -> bool {
         let (name, uid) = (p.name_any(), p.metadata.uid.clone().unwrap_or_default());
@@ -384,7 +436,9 @@ impl Operator {
         }
         let mine = self.written.get(&name).filter(|(u, _)| *u == uid).map(|(_, s)| s);
         let members = aggregate::members(enactments, &name, &uid, &self.node, mine);
-        let target = aggregate::aggregate(p.metadata.generation, &members, p.status.as_ref(), now);
+        // This node is alive: it is the one writing.
+        let is_alive = |n: &str| n == self.node || alive.contains(n);
+        let target = aggregate::aggregate(p.metadata.generation, &members, &is_alive, p.status.as_ref(), now);
         if p.status.as_ref() == Some(&target) {
             self.pending.remove(&name);
             return true;
@@ -417,16 +471,61 @@ impl Operator {
     }
 }
 
-fn api_lost(down: &mut bool, e: &watcher::Error) {
+/// When the next status round may run: `STATUS_DEBOUNCE` after the change that calls for it, and
+/// never sooner than `STATUS_INTERVAL` after the last round (a change seen while a round was
+/// already due waits for that one). Without a change (`changed_at` None: only an aggregate
+/// waiting for its repair turn) the next round is the interval's.
+fn round_due(changed_at: Option<Instant>, last_round: Option<Instant>) -> Instant {
+    let earliest = last_round.map(|l| l + STATUS_INTERVAL);
+    match (changed_at, earliest) {
+        (Some(c), Some(e)) => (c + STATUS_DEBOUNCE).max(e),
+        (Some(c), None) => c + STATUS_DEBOUNCE,
+        (None, Some(e)) => e,
+        (None, None) => Instant::now() + STATUS_INTERVAL,
+    }
+}
+
+/// Stops a spawned task when the owner goes (the operator loop is aborted in tests).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn api_lost(down: &mut bool, e: &watcher::Error, health: &probes::ApiHealth) {
     if !*down {
         tracing::warn!(%e, "Kubernetes API unreachable; enforcing the last policy seen");
+        health.set(Some(format!("Kubernetes API unreachable: {e}")));
     }
     *down = true;
 }
 
-fn api_back(down: &mut bool) {
+/// A watch delivered again; readiness returns once the first lists were all in (`synced`).
+fn api_back(down: &mut bool, synced: bool, health: &probes::ApiHealth) {
     if *down {
         tracing::info!("Kubernetes API reachable again");
     }
     *down = false;
+    if synced {
+        health.set(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_change_is_written_after_the_debounce_and_rounds_stay_an_interval_apart() {
+        let t0 = Instant::now();
+        // Nothing written for a while: a change goes out 100 ms later, not on a 2 s tick.
+        assert_eq!(round_due(Some(t0), Some(t0 - Duration::from_secs(10))), t0 + STATUS_DEBOUNCE);
+        assert_eq!(round_due(Some(t0), None), t0 + STATUS_DEBOUNCE);
+        // Right after a round, the next waits for the interval: at most one round per 2 s.
+        assert_eq!(round_due(Some(t0), Some(t0 - Duration::from_millis(500))), t0 + Duration::from_millis(1500));
+        // A repair turn alone: the interval.
+        assert_eq!(round_due(None, Some(t0)), t0 + STATUS_INTERVAL);
+    }
 }

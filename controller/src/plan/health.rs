@@ -99,6 +99,14 @@ pub enum ProbeFailure {
     /// libvirt's error for the agent command (agent not connected, not configured, …).
     #[error("guest agent: {0}")]
     Agent(String),
+    /// Someone else claims the address too (another MAC on the domain's bridge, the host,
+    /// another domain): not probed, or the result is void. No evidence either way.
+    #[error("address conflict: {0}")]
+    Conflict(String),
+    /// Only addresses that cannot be the domain's were offered (the guest agent reporting
+    /// loopback, an address outside its network, …): not probed. No evidence either way.
+    #[error("no trusted address: {0}")]
+    Untrusted(String),
 }
 
 impl ProbeFailure {
@@ -111,7 +119,15 @@ impl ProbeFailure {
             ProbeFailure::HttpStatus(_) => "http-status",
             ProbeFailure::Http(_) => "http",
             ProbeFailure::Agent(_) => "agent",
+            ProbeFailure::Conflict(_) => "address-conflict",
+            ProbeFailure::Untrusted(_) => "untrusted-address",
         }
+    }
+
+    /// Whether this says anything about the guest. A probe that could not be aimed at the
+    /// domain's own address is no evidence: it neither passes nor counts as a failure.
+    pub fn is_evidence(&self) -> bool {
+        !matches!(self, ProbeFailure::Conflict(_) | ProbeFailure::Untrusted(_))
     }
 }
 
@@ -232,7 +248,7 @@ impl BootFailure {
     pub fn evidence(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(f) = &self.firmware {
-            out.push(format!("console: \"{}\"", f.line));
+            out.push(crate::guest_text::console_excerpt(&f.line));
         }
         if self.guest_resets > 0 {
             out.push(format!("{} guest reset(s) since the start", self.guest_resets));
@@ -248,7 +264,7 @@ impl BootFailure {
         out
     }
 
-    /// `boot failed: SeaBIOS: No bootable device (console: "No bootable device."; last probe: …)`.
+    /// `boot failed: SeaBIOS: No bootable device (guest console: "No bootable device."; last probe: …)`.
     pub fn text(&self) -> String {
         let evidence = self.evidence();
         if evidence.is_empty() {
@@ -312,6 +328,8 @@ pub struct HealthView {
     pub next_probe: Option<Tick>,
     /// The guest agent's last known connection state (absent: never reported).
     pub agent_connected: Option<bool>,
+    /// The address conflict the last probe met (absent once a probe reaches the domain again).
+    pub address_conflict: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,6 +349,9 @@ struct BootLog {
     own_reset_pending: bool,
     agent_connected: bool,
     last_failure: Option<String>,
+    /// The last probe was no evidence (address conflict or untrusted address): the boot
+    /// deadline does not judge on it.
+    inconclusive: bool,
 }
 
 /// One guest's health, driven by inputs with explicit times.
@@ -350,6 +371,7 @@ pub struct HealthMonitor {
     boot: BootLog,
     agent_channel: bool,
     agent_connected: Option<bool>,
+    address_conflict: Option<String>,
 }
 
 impl HealthMonitor {
@@ -368,6 +390,7 @@ impl HealthMonitor {
             boot: BootLog::default(),
             agent_channel: false,
             agent_connected: None,
+            address_conflict: None,
         }
     }
 
@@ -452,6 +475,7 @@ impl HealthMonitor {
     /// QEMU is gone (shut off, crashed): nothing to probe until it starts again.
     pub fn stopped(&mut self) {
         self.phase = Phase::Down;
+        self.address_conflict = None;
         self.boot = BootLog::default();
         self.agent_connected = None;
         self.consecutive_failures = 0;
@@ -532,8 +556,10 @@ impl HealthMonitor {
             return None;
         }
         let Phase::Booting { deadline, .. } = self.phase else { return None };
-        // A probe due by the deadline still runs (and decides) even if we woke late.
-        let deadline_passed = now >= deadline && self.next_probe > deadline;
+        // A probe due by the deadline still runs (and decides) even if we woke late. While the
+        // probes are no evidence (an address conflict), the deadline judges nothing: report,
+        // do not reset on what cannot be known.
+        let deadline_passed = now >= deadline && self.next_probe > deadline && !self.boot.inconclusive;
         // Before the deadline, a guest that already failed a probe has its console looked at
         // once a period: firmware that says it has nothing to boot has halted for good, and
         // waiting out bootTimeout would only delay the repair.
@@ -583,7 +609,8 @@ impl HealthMonitor {
             return Step::Probe(ticket);
         }
         match self.phase {
-            Phase::Booting { deadline, .. } => Step::WaitUntil(self.next_probe.min(deadline)),
+            // A deadline already passed (its probes were no evidence) no longer wakes anyone.
+            Phase::Booting { deadline, .. } if deadline > now => Step::WaitUntil(self.next_probe.min(deadline)),
             _ => Step::WaitUntil(self.next_probe),
         }
     }
@@ -604,6 +631,17 @@ impl HealthMonitor {
             latency: result.latency,
             address: result.address,
         });
+        if let Some(e) = result.outcome.as_ref().err().filter(|e| !e.is_evidence()) {
+            // Neither a pass nor a failure: the phase and the failure count stay as they are.
+            self.boot.inconclusive = true;
+            self.address_conflict = match e {
+                ProbeFailure::Conflict(c) => Some(c.clone()),
+                _ => None,
+            };
+            return None;
+        }
+        self.boot.inconclusive = false;
+        self.address_conflict = None;
         match &result.outcome {
             Ok(()) => {
                 self.consecutive_failures = 0;
@@ -657,6 +695,7 @@ impl HealthMonitor {
             last_probe: self.last.clone(),
             next_probe: scheduled.then_some(self.next_probe),
             agent_connected: self.agent_connected,
+            address_conflict: self.address_conflict.clone(),
         }
     }
 }
@@ -924,7 +963,7 @@ mod tests {
         assert_eq!(failure.summary(), "SeaBIOS: No bootable device");
         assert!(failure
             .text()
-            .starts_with("boot failed: SeaBIOS: No bootable device (console: \"No bootable device.\""));
+            .starts_with("boot failed: SeaBIOS: No bootable device (guest console: \"No bootable device.\""));
     }
 
     #[test]
@@ -1154,6 +1193,44 @@ mod tests {
         assert_eq!(wake_at(Duration::from_millis(1)), Duration::from_millis(100));
         assert_eq!(wake_at(Duration::from_millis(100)), Duration::from_millis(100));
         assert_eq!(wake_at(Duration::from_millis(10_001)), Duration::from_millis(10_100));
+    }
+
+    fn conflict() -> ProbeResult {
+        ProbeResult {
+            outcome: Err(ProbeFailure::Conflict("10.0.0.2 is answered by 02:00:00:00:00:66 on br0".into())),
+            ..ok()
+        }
+    }
+
+    #[test]
+    fn an_address_conflict_is_no_evidence_healthy_stays_healthy_and_is_never_judged_unhealthy() {
+        let mut m = monitor();
+        m.started(s(0));
+        assert_eq!(tick(&mut m, s(10), &ok()).1, None);
+        assert!(m.is_healthy());
+        // Far more conflicted probes than the threshold: still healthy, no verdict, no failures.
+        assert_eq!(probes_at(&mut m, 20, 300, &conflict()), Vec::<Verdict>::new());
+        assert!(m.is_healthy());
+        let v = m.view();
+        assert_eq!(v.consecutive_failures, 0);
+        assert_eq!(v.address_conflict.as_deref(), Some("10.0.0.2 is answered by 02:00:00:00:00:66 on br0"));
+        assert!(matches!(v.state, HealthState::Healthy { .. }));
+        // A real result again clears the conflict; real failures count from there.
+        assert_eq!(tick(&mut m, s(310), &refused()).1, None);
+        assert_eq!(m.view().address_conflict, None);
+        assert_eq!(m.view().consecutive_failures, 1);
+    }
+
+    #[test]
+    fn a_boot_whose_probes_are_no_evidence_is_not_judged_at_its_deadline() {
+        let mut m = monitor();
+        m.started(s(0));
+        let untrusted = ProbeResult { outcome: Err(ProbeFailure::Untrusted("loopback".into())), ..ok() };
+        assert_eq!(probes_at(&mut m, 0, 300, &untrusted), Vec::<Verdict>::new());
+        assert!(matches!(m.view().state, HealthState::Booting { .. }));
+        // The first real failure after the deadline judges it.
+        let v = probes_at(&mut m, 310, 330, &refused());
+        assert!(matches!(v.as_slice(), [Verdict::BootFailed(_)]), "{v:?}");
     }
 
     #[test]

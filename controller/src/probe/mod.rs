@@ -14,8 +14,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use virtwarden_policies::{Health, Probe};
 
-use crate::guest::GuestAccess;
+use crate::guest::{AddressSource, GuestAccess};
+use crate::observe::host_addrs::HostView;
 use crate::plan::health::{ProbeFailure, ProbeResult};
+use address::{AddressError, BoundNic};
 
 /// Probes running at once by default: enough for 1,000 guests at a 10 s period with 2 s
 /// timeouts even if every probe times out (1,000 / 10 s × 2 s = 200 would queue; 64 keeps the
@@ -62,26 +64,43 @@ impl ProbeSpec {
     }
 }
 
+/// What the prober remembers of one domain between probes.
+#[derive(Debug, Clone, Default)]
+struct Known {
+    /// The discovered (not policy) address, kept until a probe at it fails or conflicts.
+    discovered: Option<IpAddr>,
+    /// Its NICs as the host saw them when they were last read (once per boot).
+    nics: Option<Vec<BoundNic>>,
+    /// The address its probes use now (policy or discovered): another domain's claim on it
+    /// is refused.
+    in_use: Option<IpAddr>,
+}
+
 /// Runs probes with bounded concurrency and remembers discovered addresses.
 pub struct Prober {
     guest: Arc<dyn GuestAccess>,
     permits: Arc<Semaphore>,
-    /// Discovered (not policy) addresses, kept until a probe at that address fails.
-    addresses: Mutex<HashMap<String, IpAddr>>,
+    known: Mutex<HashMap<String, Known>>,
 }
 
 impl Prober {
     pub fn new(guest: Arc<dyn GuestAccess>, concurrency: usize) -> Self {
-        Prober { guest, permits: Arc::new(Semaphore::new(concurrency.max(1))), addresses: Mutex::new(HashMap::new()) }
+        Prober { guest, permits: Arc::new(Semaphore::new(concurrency.max(1))), known: Mutex::new(HashMap::new()) }
     }
 
-    /// Forget a discovered address (the domain restarted: it may get another lease).
+    /// Forget a discovered address (the domain restarted: it may get another lease, its taps
+    /// are new).
     pub fn forget_address(&self, domain: &str) {
-        self.cache().remove(domain);
+        self.known().remove(domain);
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, IpAddr>> {
-        self.addresses.lock().unwrap_or_else(|p| p.into_inner())
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Addresses other managed domains' probes use.
+    fn others(&self, domain: &str) -> Vec<IpAddr> {
+        self.known().iter().filter(|(d, _)| d.as_str() != domain).filter_map(|(_, k)| k.in_use).collect()
     }
 
     /// Run one probe. Waits for a free slot first; the timeout counts from when it starts.
@@ -97,17 +116,39 @@ impl Prober {
         };
         let started = Instant::now();
         let deadline = started + spec.timeout;
-        let mut address = spec.address;
-        let run = self.run(spec, permit, &mut address);
-        let outcome = match tokio::time::timeout_at(deadline, run).await {
+        let mut aimed: Option<(IpAddr, Option<Vec<BoundNic>>)> = None;
+        let run = self.run(spec, permit, &mut aimed);
+        let mut outcome = match tokio::time::timeout_at(deadline, run).await {
             Ok(outcome) => outcome,
             Err(_) => Err(ProbeFailure::Timeout(spec.timeout)),
         };
-        let discovered = spec.address.is_none();
-        if discovered && outcome.is_err() {
-            // The guest may have moved; look again next time.
-            self.forget_address(&spec.domain);
+        // The address moved to another MAC while we probed: whatever answered (or did not) was
+        // perhaps not the domain. No evidence.
+        if let Some((ip, Some(nics))) = aimed.clone() {
+            if outcome.as_ref().err().is_none_or(ProbeFailure::is_evidence) {
+                let guest = self.guest.clone();
+                let after = tokio::task::spawn_blocking(move || guest.neighbours()).await;
+                if let Ok(Ok(neighbours)) = after {
+                    let view = HostView { neighbours, ..HostView::default() };
+                    if let Some(c) = address::neighbour_conflict(ip, &nics, &view) {
+                        outcome = Err(ProbeFailure::Conflict(format!("{c} (seen after the probe)")));
+                    }
+                }
+            }
         }
+        let discovered = spec.address.is_none();
+        if discovered && outcome.as_ref().err().is_some_and(ProbeFailure::is_evidence) {
+            // The guest may have moved; look again next time. Not after a conflict: the
+            // address stays the domain's and is checked again (a new lookup would find the
+            // other MAC's entry and call the domain's address unknown — a failure).
+            if let Some(k) = self.known().get_mut(&spec.domain) {
+                k.discovered = None;
+            }
+        }
+        if let Err(ProbeFailure::Conflict(c)) = &outcome {
+            tracing::debug!(domain = %spec.domain, conflict = %c, "address conflict: the probe is no evidence");
+        }
+        let address = aimed.map(|(a, _)| a).or(spec.address);
         let address = if matches!(spec.probe, Probe::GuestAgentPing(_)) { None } else { address };
         ProbeResult { target: spec.target(address), address, latency: started.elapsed(), outcome }
     }
@@ -116,43 +157,93 @@ impl Prober {
         &self,
         spec: &ProbeSpec,
         permit: OwnedSemaphorePermit,
-        address: &mut Option<IpAddr>,
+        aimed: &mut Option<(IpAddr, Option<Vec<BoundNic>>)>,
     ) -> Result<(), ProbeFailure> {
         let port = match &spec.probe {
             Probe::GuestAgentPing(_) => {
                 let guest = self.guest.clone();
                 let (domain, timeout) = (spec.domain.clone(), spec.timeout);
                 let (r, _permit) = blocking(permit, move || guest.agent_ping(&domain, timeout)).await?;
-                return r.map_err(|e| ProbeFailure::Agent(e.detail()));
+                // libvirt's error may carry the agent's (the guest's) own words.
+                return r.map_err(|e| ProbeFailure::Agent(crate::guest_text::clean(&e.detail(), 240)));
             }
             Probe::Http(h) => h.port,
             Probe::Tcp(t) => t.port,
         };
-        // A separate statement: the cache's guard must not live across the await below.
-        let cached = self.cache().get(&spec.domain).copied();
-        let _permit = if address.is_some() {
-            permit
-        } else if let Some(a) = cached {
-            *address = Some(a);
-            permit
-        } else {
-            let guest = self.guest.clone();
-            let domain = spec.domain.clone();
-            let (found, permit) = blocking(permit, move || address::discover(guest.as_ref(), &domain)).await?;
-            let (a, source) = found.map_err(ProbeFailure::NoAddress)?;
-            tracing::debug!(domain = %spec.domain, address = %a, source = source.word(), "guest address found");
-            self.cache().insert(spec.domain.clone(), a);
-            *address = Some(a);
-            permit
-        };
-        let Some(ip) = *address else {
-            return Err(ProbeFailure::NoAddress("not found".into()));
-        };
+        // A separate statement: the map's guard must not live across the await below.
+        let known = self.known().get(&spec.domain).cloned().unwrap_or_default();
+        let others = self.others(&spec.domain);
+        let guest = self.guest.clone();
+        let (domain, policy) = (spec.domain.clone(), spec.address);
+        let (resolved, _permit) =
+            blocking(permit, move || resolve(guest.as_ref(), &domain, policy, &known, &others)).await?;
+        let (ip, nics, source) = resolved?;
+        if let Some(source) = source {
+            tracing::debug!(domain = %spec.domain, address = %ip, source = source.word(), "guest address found");
+        }
+        {
+            let mut map = self.known();
+            let k = map.entry(spec.domain.clone()).or_default();
+            if spec.address.is_none() {
+                k.discovered = Some(ip);
+            }
+            k.in_use = Some(ip);
+            if nics.is_some() {
+                k.nics = nics.clone();
+            }
+        }
+        *aimed = Some((ip, nics));
         let addr = SocketAddr::new(ip, port);
         match &spec.probe {
             Probe::Http(h) => http::http_get(addr, h.path.as_deref().unwrap_or("/")).await,
             _ => http::tcp_connect(addr).await,
         }
+    }
+}
+
+/// An address to probe, the domain's NICs it was checked against, and where it was found
+/// (absent when it was not discovered just now).
+type Resolved = (IpAddr, Option<Vec<BoundNic>>, Option<AddressSource>);
+
+/// The address to probe, checked against what the host sees now: the policy's, the one found
+/// before, or a new discovery. With the domain's NICs (absent when they could not be read for a
+/// policy address: then it is probed unchecked, as the operator wrote it) and, for a new
+/// discovery, where it was found.
+fn resolve(
+    guest: &dyn GuestAccess,
+    domain: &str,
+    policy: Option<IpAddr>,
+    known: &Known,
+    others: &[IpAddr],
+) -> Result<Resolved, ProbeFailure> {
+    let chosen = policy.map(|a| (a, false)).or(known.discovered.map(|a| (a, true)));
+    let Some((ip, discovered)) = chosen else {
+        let found = address::discover(guest, domain, others).map_err(failure)?;
+        return Ok((found.address, Some(found.nics), Some(found.source)));
+    };
+    let nics = match &known.nics {
+        Some(n) => Some(n.clone()),
+        None => match address::read_nics(guest, domain) {
+            Ok((n, _)) => Some(n),
+            Err(e) => {
+                tracing::debug!(domain, error = %e, "cannot read the domain's NICs; the policy's address is not checked");
+                None
+            }
+        },
+    };
+    if let Some(n) = &nics {
+        let neighbours = guest.neighbours().unwrap_or_default();
+        let view = HostView { neighbours, ..HostView::default() };
+        address::check_binding(ip, n, &view, others, discovered).map_err(failure)?;
+    }
+    Ok((ip, nics, None))
+}
+
+fn failure(e: AddressError) -> ProbeFailure {
+    match e {
+        AddressError::NotFound(t) => ProbeFailure::NoAddress(t),
+        AddressError::Untrusted(t) => ProbeFailure::Untrusted(t),
+        AddressError::Conflict(t) => ProbeFailure::Conflict(t),
     }
 }
 
@@ -177,17 +268,21 @@ mod tests {
     use virtwarden_policies::{GuestAgentPing, HttpProbe, TcpProbe};
 
     use super::*;
-    use crate::guest::{AddressSource, GuestInterface};
+    use crate::guest::GuestInterface;
     use crate::hypervisor::HypervisorError;
-    use crate::observe::guest_devices::GuestDevices;
+    use crate::observe::arp::ArpEntry;
+    use crate::observe::guest_devices::{GuestDevices, Nic};
+    use crate::observe::host_addrs::HostAddr;
 
     const MAC: &str = "52:54:00:00:00:01";
 
-    /// A guest whose addresses come from `arp` only, whose agent answers when `agent_ok`, and
-    /// whose agent pings block while `hold` is set (to observe concurrency).
+    /// A guest with one NIC (tap vnet0 on br0, where the host holds 10.77.0.1/24) whose
+    /// agent reports `agent` (an error when absent), whose neighbour entries are `neighbours`,
+    /// whose agent answers pings when `agent_ok`, and whose pings block while `hold` is set.
     #[derive(Default)]
     struct FakeGuest {
-        arp: Mutex<Vec<IpAddr>>,
+        agent: Mutex<Option<Vec<GuestInterface>>>,
+        neighbours: Mutex<Vec<ArpEntry>>,
         agent_ok: bool,
         lookups: AtomicUsize,
         hold: Mutex<bool>,
@@ -196,28 +291,32 @@ mod tests {
         most: AtomicUsize,
     }
 
+    fn neighbour(ip: &str, mac: &str, dev: &str) -> ArpEntry {
+        ArpEntry { ip: ip.parse().unwrap(), mac: mac.into(), device: dev.into() }
+    }
+
     impl GuestAccess for FakeGuest {
         fn guest_devices(&self, _: &str) -> Result<GuestDevices, HypervisorError> {
-            Ok(GuestDevices { macs: vec![MAC.into()], ..Default::default() })
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            Ok(GuestDevices {
+                macs: vec![MAC.into()],
+                nics: vec![Nic { mac: MAC.into(), tap: Some("vnet0".into()), bridge: Some("br0".into()) }],
+                ..Default::default()
+            })
         }
         fn interface_addresses(
             &self,
             domain: &str,
             source: AddressSource,
         ) -> Result<Vec<GuestInterface>, HypervisorError> {
-            self.lookups.fetch_add(1, Ordering::SeqCst);
-            match source {
-                AddressSource::Agent => Err(HypervisorError::Failed {
+            match (source, self.agent.lock().unwrap().clone()) {
+                (AddressSource::Agent, None) => Err(HypervisorError::Failed {
                     op: "domifaddr",
                     domain: domain.into(),
                     message: "Guest agent is not responding".into(),
                 }),
-                AddressSource::Lease => Ok(Vec::new()),
-                AddressSource::Arp => Ok(vec![GuestInterface {
-                    name: "vnet0".into(),
-                    mac: Some(MAC.into()),
-                    addrs: self.arp.lock().unwrap().clone(),
-                }]),
+                (AddressSource::Agent, Some(ifaces)) => Ok(ifaces),
+                _ => Ok(Vec::new()),
             }
         }
         fn agent_ping(&self, domain: &str, _: Duration) -> Result<(), HypervisorError> {
@@ -237,6 +336,18 @@ mod tests {
                     message: "Guest agent is not responding: QEMU guest agent is not connected".into(),
                 })
             }
+        }
+        fn host_view(&self) -> std::io::Result<HostView> {
+            let addr = |ip: &str, prefix, dev: &str| HostAddr { ip: ip.parse().unwrap(), prefix, dev: dev.into() };
+            Ok(HostView {
+                addrs: vec![addr("127.0.0.1", 8, "lo"), addr("10.77.0.1", 24, "br0")],
+                bridge_of: HashMap::from([("vnet0".into(), "br0".into())]),
+                links: ["vnet0".to_string(), "br0".to_string()].into(),
+                neighbours: self.neighbours()?,
+            })
+        }
+        fn neighbours(&self) -> std::io::Result<Vec<ArpEntry>> {
+            Ok(self.neighbours.lock().unwrap().clone())
         }
     }
 
@@ -337,22 +448,126 @@ mod tests {
         assert!(matches!(r.outcome, Err(ProbeFailure::Http(_))), "{r:?}");
     }
 
-    #[tokio::test]
-    async fn the_address_is_discovered_by_mac_cached_and_looked_up_again_after_a_failure() {
+    /// A listener on 127.0.0.1 counting the connections it accepts.
+    async fn counting_listener() -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let guest = Arc::new(FakeGuest { arp: Mutex::new(vec![addr.ip()]), ..Default::default() });
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((_s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn the_address_is_found_in_the_neighbour_table_of_the_taps_bridge_only_and_kept_through_a_conflict() {
+        let guest = Arc::new(FakeGuest::default());
+        // The guest's MAC seen on another interface says nothing about this domain.
+        *guest.neighbours.lock().unwrap() = vec![neighbour("10.77.0.2", MAC, "eth0")];
         let p = prober(guest.clone());
-        let s = spec(Probe::Tcp(TcpProbe { port: addr.port() }), None);
+        let mut s = spec(Probe::Tcp(TcpProbe { port: 9 }), None);
+        s.timeout = Duration::from_millis(300);
         let r = p.probe(&s).await;
-        assert_eq!((r.outcome, r.address), (Ok(()), Some(addr.ip())));
-        assert_eq!(guest.lookups.load(Ordering::SeqCst), 3, "agent, lease, then ARP");
+        assert!(matches!(&r.outcome, Err(ProbeFailure::NoAddress(t)) if t.contains("ARP: none")), "{r:?}");
+        *guest.neighbours.lock().unwrap() = vec![neighbour("10.77.0.2", MAC, "br0")];
+        let r = p.probe(&s).await;
+        assert_eq!(r.address, Some("10.77.0.2".parse().unwrap()), "{r:?}");
+        // Another MAC takes the address over: a conflict for as long as it lasts, the address
+        // is kept (not looked up again: the other MAC's entry would make it "unknown").
+        *guest.neighbours.lock().unwrap() = vec![neighbour("10.77.0.2", "02:00:00:00:00:66", "br0")];
+        for _ in 0..3 {
+            let r = p.probe(&s).await;
+            assert!(matches!(&r.outcome, Err(ProbeFailure::Conflict(_))), "{r:?}");
+            assert_eq!(r.address, None);
+        }
+        // Gone: the neighbour table forgot it; a failed probe then makes the next one look again.
+        guest.neighbours.lock().unwrap().clear();
+        let r = p.probe(&s).await;
+        assert!(r.outcome.as_ref().err().is_some_and(ProbeFailure::is_evidence) || r.outcome.is_ok(), "{r:?}");
+        if r.outcome.is_err() {
+            let before = guest.lookups.load(Ordering::SeqCst);
+            p.probe(&s).await;
+            assert!(guest.lookups.load(Ordering::SeqCst) > before, "looked up again after the failure");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_found_address_is_kept_and_rechecked_without_another_lookup() {
+        let guest = Arc::new(FakeGuest::default());
+        *guest.neighbours.lock().unwrap() = vec![neighbour("10.77.0.2", MAC, "br0")];
+        let known = Known { discovered: Some("10.77.0.2".parse().unwrap()), nics: None, in_use: None };
+        let nics = vec![BoundNic { mac: MAC.into(), bridge: Some("br0".into()) }];
+        let cached = Known { nics: Some(nics.clone()), ..known.clone() };
+        let (ip, _, source) = resolve(guest.as_ref(), "web", None, &cached, &[]).unwrap();
+        assert_eq!((ip.to_string().as_str(), source), ("10.77.0.2", None));
+        assert_eq!(guest.lookups.load(Ordering::SeqCst), 0, "no libvirt call for a known address");
+        *guest.neighbours.lock().unwrap() = vec![neighbour("10.77.0.2", "02:00:00:00:00:66", "br0")];
+        let r = resolve(guest.as_ref(), "web", None, &cached, &[]);
+        assert!(matches!(&r, Err(ProbeFailure::Conflict(t)) if t.contains("02:00:00:00:00:66")), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn an_agent_claiming_loopback_the_hosts_or_another_domains_address_is_not_probed() {
+        let (listener, accepted) = counting_listener().await;
+        let guest = Arc::new(FakeGuest::default());
+        let p = prober(guest.clone());
+        // Another managed domain probes 10.77.0.3.
+        let other = ProbeSpec {
+            domain: "db".into(),
+            ..spec(Probe::Tcp(TcpProbe { port: 9 }), Some("10.77.0.3".parse().unwrap()))
+        };
+        let mut other = other;
+        other.timeout = Duration::from_millis(200);
+        p.probe(&other).await;
+        let claims = [
+            ("127.0.0.1", "not probed: guest agent reports 127.0.0.1 on eth0: loopback", false),
+            (
+                "10.77.0.1",
+                "not probed: guest agent reports 10.77.0.1 on eth0: an address of this host's own (br0)",
+                true,
+            ),
+            ("10.77.0.3", "not probed: guest agent reports 10.77.0.3 on eth0: used by another managed domain", true),
+            (
+                "192.0.2.1",
+                "not probed: guest agent reports 192.0.2.1 on eth0: outside br0's networks (10.77.0.1/24)",
+                false,
+            ),
+        ];
+        for (ip, text, conflict) in claims {
+            *guest.agent.lock().unwrap() = Some(vec![GuestInterface {
+                name: "eth0\u{1b}[2J".into(),
+                mac: Some(MAC.into()),
+                addrs: vec![ip.parse().unwrap()],
+            }]);
+            let r = p.probe(&spec(Probe::Tcp(TcpProbe { port: listener.port() }), None)).await;
+            let want =
+                if conflict { ProbeFailure::Conflict(text.into()) } else { ProbeFailure::Untrusted(text.into()) };
+            assert_eq!(r.outcome, Err(want));
+            assert_eq!(r.address, None);
+            assert!(!r.outcome.as_ref().unwrap_err().is_evidence());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 0, "the host's loopback service was never probed");
+    }
+
+    #[tokio::test]
+    async fn a_policy_address_answered_by_another_mac_on_the_bridge_is_a_conflict_and_not_probed() {
+        let (listener, accepted) = counting_listener().await;
+        let guest = Arc::new(FakeGuest::default());
+        let p = prober(guest.clone());
+        let s = spec(Probe::Tcp(TcpProbe { port: listener.port() }), Some(listener.ip()));
         assert_eq!(p.probe(&s).await.outcome, Ok(()));
-        assert_eq!(guest.lookups.load(Ordering::SeqCst), 3, "cached");
-        drop(listener);
-        assert_eq!(p.probe(&s).await.outcome, Err(ProbeFailure::Refused));
-        p.probe(&s).await;
-        assert_eq!(guest.lookups.load(Ordering::SeqCst), 6, "looked up again after the failure");
+        *guest.neighbours.lock().unwrap() = vec![neighbour("127.0.0.1", "02:00:00:00:00:66", "br0")];
+        let r = p.probe(&s).await;
+        assert_eq!(
+            r.outcome,
+            Err(ProbeFailure::Conflict(
+                "127.0.0.1 is answered by 02:00:00:00:00:66 on br0, not by the domain's 52:54:00:00:00:01".into()
+            ))
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "only the first probe connected");
     }
 
     #[tokio::test]

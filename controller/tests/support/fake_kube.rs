@@ -25,6 +25,8 @@ type Handle = tower_test::mock::Handle<Request<Body>, Response<ResponseBody>>;
 pub const POLICIES: &str = "/apis/virtwarden.io/v1alpha1/hostpolicies";
 pub const ENACTMENTS: &str = "/apis/virtwarden.io/v1alpha1/hostpolicyenactments";
 pub const NODES: &str = "/api/v1/nodes";
+/// The heartbeat Leases in the client's default namespace ("default").
+pub const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/default/leases";
 
 /// One recorded request.
 #[derive(Debug, Clone)]
@@ -81,6 +83,7 @@ fn collection_of(kind: &str) -> &'static str {
         "HostPolicy" => POLICIES,
         "HostPolicyEnactment" => ENACTMENTS,
         "Node" => NODES,
+        "Lease" => LEASES,
         other => panic!("fake API: unknown kind {other}"),
     }
 }
@@ -382,7 +385,7 @@ fn json_response(status: StatusCode, body: &Value) -> Response<ResponseBody> {
 
 /// `/apis/g/v/plural[/name[/status]]` → (collection path, name, is status subresource).
 fn split_path(path: &str) -> (String, Option<String>, bool) {
-    for collection in [POLICIES, ENACTMENTS, NODES] {
+    for collection in [POLICIES, ENACTMENTS, NODES, LEASES] {
         if let Some(rest) = path.strip_prefix(collection) {
             let mut parts = rest.trim_start_matches('/').split('/').filter(|s| !s.is_empty());
             let name = parts.next().map(String::from);

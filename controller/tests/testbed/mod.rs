@@ -256,7 +256,11 @@ impl Daemon {
             .spawn()
             .expect("start virtwarden run");
         let d = Daemon { child, state_dir };
-        wait("virtwarden ready", Duration::from_secs(20), || d.status().is_some_and(|s| s["connected"] == true));
+        let t0 = Instant::now();
+        while !d.status().is_some_and(|s| s["connected"] == true) {
+            assert!(t0.elapsed() < Duration::from_secs(20), "virtwarden not ready after 20s:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(2));
+        }
         d
     }
 

@@ -52,6 +52,8 @@ pub(super) struct GuestHealth {
     pub(super) adopted: bool,
     /// The metrics state label last set.
     label: Option<&'static str>,
+    /// The address conflict last reported (logged and counted once per change).
+    conflict: Option<String>,
 }
 
 impl GuestHealth {
@@ -69,6 +71,7 @@ impl GuestHealth {
             first_look: true,
             adopted: false,
             label: None,
+            conflict: None,
         }
     }
 
@@ -446,6 +449,17 @@ impl Worker {
         let Some(h) = &mut self.health else { return };
         let view = h.monitor.view();
         let status = HealthStatus::from_view(&view, self.shared.tick(), chrono::Utc::now());
+        if h.conflict != view.address_conflict {
+            let name = &self.managed.spec.name;
+            match &view.address_conflict {
+                Some(c) => {
+                    tracing::warn!(domain = %name, conflict = %c, "address conflict: probes are no evidence until it clears; not acting on them")
+                }
+                None => tracing::info!(domain = %name, "address conflict cleared"),
+            }
+            self.shared.metrics.set_address_conflict(name, view.address_conflict.is_some());
+            h.conflict = view.address_conflict.clone();
+        }
         let label = status.phase.label();
         if h.label != Some(label) {
             h.label = Some(label);
