@@ -21,15 +21,16 @@ use std::time::{Duration, Instant};
 use testbed::*;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use virtwarden::act::{apply_plan_with, ApplyOptions};
-use virtwarden::libvirt::events::{start_event_loop, subscribe, HypervisorEvent};
+use virtwarden::hypervisor::events::{HypervisorEvent, LifecycleKind};
+use virtwarden::libvirt::events::{start_event_loop, subscribe};
 use virtwarden::libvirt::pool::{connections_for, LibvirtPool};
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
 use virtwarden::plan::plan_ordered;
 use virtwarden_policies::{load_texts, DesiredState};
 
-const STARTED: i32 = virt::sys::VIR_DOMAIN_EVENT_STARTED as i32;
-const STOPPED: i32 = virt::sys::VIR_DOMAIN_EVENT_STOPPED as i32;
+const STARTED: LifecycleKind = LifecycleKind::Started;
+const STOPPED: LifecycleKind = LifecycleKind::Stopped;
 const ANSIBLE_DOMAINS: usize = 20;
 const CRASH_DOMAINS: usize = 16;
 
@@ -123,20 +124,20 @@ impl Events {
     }
 
     /// Wait until each of `names` had an event of kind `event`; returns when the last arrived.
-    fn wait_all(&mut self, event: i32, names: &[String], timeout: Duration) -> Instant {
+    fn wait_all(&mut self, event: LifecycleKind, names: &[String], timeout: Duration) -> Instant {
         let mut left: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
         let deadline = Instant::now() + timeout;
         let mut last = Instant::now();
         while !left.is_empty() {
             match self.rx.try_recv() {
-                Ok(HypervisorEvent::Lifecycle(e)) if e.event == event => {
+                Ok(HypervisorEvent::Lifecycle(e)) if e.kind == event => {
                     if left.remove(e.domain.as_str()) {
                         last = e.received;
                     }
                 }
                 Ok(_) => {}
                 Err(_) => {
-                    assert!(Instant::now() < deadline, "timed out; still waiting for event {event} of {left:?}");
+                    assert!(Instant::now() < deadline, "timed out; still waiting for event {event:?} of {left:?}");
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }

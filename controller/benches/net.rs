@@ -12,9 +12,9 @@ use futures_util::TryStreamExt;
 use rtnetlink::packet_route::link::{BridgeStpState, InfoBridge, InfoData, LinkAttribute, LinkInfo};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec};
 use virtwarden::act::remediation::Registry;
-use virtwarden::engine::connect::SharedConnector;
-use virtwarden::engine::{Engine, EngineConfig};
+use virtwarden::engine::{Backends, Engine, EngineConfig};
 use virtwarden::hypervisor::DomainReader;
+use virtwarden::libvirt::connect::SharedConnector;
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::plan::flap::FlapSettings;
@@ -100,8 +100,9 @@ async fn bench() {
         flap: FlapSettings::off(),
         ..Default::default()
     };
-    let (engine, task) =
-        Engine::spawn(Arc::new(SharedConnector { host: hv.clone() }), desired, config, Registry::with_builtins());
+    let mut backends = Backends::new(Arc::new(SharedConnector { host: hv.clone() }), Registry::with_builtins());
+    backends.network = Some(virtwarden::hostnet::netlink_runner());
+    let (engine, task) = Engine::spawn_with(backends, desired, config);
 
     let (conn, h, _) = rtnetlink::new_connection().expect("netlink");
     tokio::spawn(conn);

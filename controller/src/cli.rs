@@ -171,6 +171,37 @@ pub struct DiagnoseArgs {
     pub domains: Vec<String>,
 }
 
+/// What both long-running front ends take (`run` and `operator`), with the same meaning.
+#[derive(Debug, clap::Args)]
+pub struct ServiceArgs {
+    /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
+    #[arg(long, short = 'c')]
+    pub connect: Option<String>,
+    /// Full resync period (safety net for missed events).
+    #[arg(long, default_value = "60s")]
+    pub resync: virtwarden_policies::Duration,
+    /// Where to serve /metrics, /healthz and /readyz; `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    pub metrics_addr: String,
+    /// Status file and control socket directory (`virtwarden status` and `release` use it).
+    #[arg(long, default_value = "/run/virtwarden")]
+    pub state_dir: PathBuf,
+    /// Durable memory: restart history, quarantines, why domains are off (in a pod, mount it
+    /// from the host so it survives pod restarts).
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// The host-wide lock (one writer per host: run, operator, apply).
+    #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
+    pub lock_file: PathBuf,
+    /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
+    #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
+    pub network: NetworkMode,
+    /// At most this many starts of stopped or crashed domains at once (lower startup order
+    /// first); a reset of a running domain is not a start.
+    #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_CONCURRENT_STARTS, value_parser = parse_parallel)]
+    pub max_concurrent_starts: usize,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate policy files and directories; print every problem with file:line:column.
@@ -190,69 +221,23 @@ pub enum Command {
     },
     /// Run as a host service: react to libvirt events and policy changes, resync periodically.
     Run {
-        /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
-        #[arg(long, short = 'c')]
-        connect: Option<String>,
-        /// Full resync period (safety net for missed events).
-        #[arg(long, default_value = "60s")]
-        resync: virtwarden_policies::Duration,
-        /// Where to serve /metrics, /healthz and /readyz; `off` disables it.
-        #[arg(long, default_value = "127.0.0.1:9477")]
-        metrics_addr: String,
-        /// Status file and control socket directory.
-        #[arg(long, default_value = "/run/virtwarden")]
-        state_dir: PathBuf,
-        /// Durable memory: restart history, quarantines, why domains are off.
-        #[arg(long, default_value = DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
-        /// The host-wide lock (one writer per host: run, operator, apply).
-        #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
-        lock_file: PathBuf,
-        /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
-        #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
-        network: NetworkMode,
-        /// At most this many starts of stopped or crashed domains at once (lower startup order
-        /// first); a reset of a running domain is not a start.
-        #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_CONCURRENT_STARTS, value_parser = parse_parallel)]
-        max_concurrent_starts: usize,
+        #[command(flatten)]
+        service: ServiceArgs,
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
     /// Run as a Kubernetes operator on this node (DaemonSet): HostPolicy resources instead of files.
     Operator {
-        /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
-        #[arg(long, short = 'c')]
-        connect: Option<String>,
         /// This node's name (the DaemonSet passes it from the downward API).
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
-        /// Full resync period.
-        #[arg(long, default_value = "60s")]
-        resync: virtwarden_policies::Duration,
-        /// Where to serve /metrics, /healthz and /readyz; `off` disables it.
-        #[arg(long, default_value = "127.0.0.1:9477")]
-        metrics_addr: String,
-        /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
-        #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
-        network: NetworkMode,
-        /// Control socket directory (`virtwarden release` inside the pod).
-        #[arg(long, default_value = "/run/virtwarden")]
-        state_dir: PathBuf,
-        /// Durable memory (mount it from the host so it survives pod restarts).
-        #[arg(long, default_value = DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
-        /// The host-wide lock (one writer per host: run, operator, apply).
-        #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
-        lock_file: PathBuf,
+        #[command(flatten)]
+        service: ServiceArgs,
         /// Run `exec` remediation steps only when the command resolves inside DIR (owned by root
         /// and not group- or world-writable); without it every `exec` step is refused, because
         /// whoever may write a HostPolicy would otherwise run commands as root on this node.
         #[arg(long, value_name = "DIR")]
         allow_exec_dir: Option<PathBuf>,
-        /// At most this many starts of stopped or crashed domains at once (lower startup order
-        /// first); a reset of a running domain is not a start.
-        #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_CONCURRENT_STARTS, value_parser = parse_parallel)]
-        max_concurrent_starts: usize,
     },
     /// Lift a domain's quarantine, or a bridge's held uplink change (NET-OBJECT: the bridge or
     /// its port), once its cause is fixed, without editing the policy: through the running
@@ -325,39 +310,14 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             })
         }
         Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
-        Command::Run {
-            connect,
-            resync,
-            metrics_addr,
-            state_dir,
-            data_dir,
-            lock_file,
-            network,
-            max_concurrent_starts,
-            paths,
-        } => {
-            let dirs = Dirs { state_dir, data_dir, lock_file };
-            run_service(connect, resync, &metrics_addr, dirs, network, max_concurrent_starts, paths, err)
-        }
+        Command::Run { service, paths } => run_service(service, paths, err),
         Command::Status { state_dir, output } => status_cmd(&state_dir, output, out, err),
-        Command::Operator {
-            connect,
-            node_name,
-            resync,
-            metrics_addr,
-            network,
-            state_dir,
-            data_dir,
-            lock_file,
-            allow_exec_dir,
-            max_concurrent_starts,
-        } => {
-            let dirs = Dirs { state_dir, data_dir, lock_file };
+        Command::Operator { node_name, service, allow_exec_dir } => {
             let exec = match allow_exec_dir {
                 Some(dir) => crate::act::hook::ExecPolicy::InsideDir(dir),
                 None => crate::act::hook::ExecPolicy::Disabled,
             };
-            operator_cmd(connect, node_name, resync, &metrics_addr, network, dirs, exec, max_concurrent_starts, err)
+            operator_cmd(service, node_name, exec, err)
         }
         Command::Release { domain, state_dir, data_dir, lock_file } => {
             release_cmd(&domain, &Dirs { state_dir, data_dir, lock_file }, out, err)
@@ -754,34 +714,38 @@ struct Dirs {
 
 // CLI glue: one parameter per group of flags.
 #[allow(clippy::too_many_arguments)]
-fn run_service(
-    connect: Option<String>,
-    resync: virtwarden_policies::Duration,
-    metrics_addr: &str,
-    dirs: Dirs,
-    network: NetworkMode,
-    max_concurrent_starts: usize,
-    paths: Vec<PathBuf>,
+/// What `run` and `operator` check the same way before they start: the metrics address and a
+/// resync period that is not zero. `Err` carries the exit code.
+fn service_settings(
+    s: &ServiceArgs,
     err: &mut dyn Write,
-) -> std::io::Result<i32> {
-    let metrics_addr = match parse_metrics_addr(metrics_addr, err)? {
+) -> std::io::Result<Result<(Option<std::net::SocketAddr>, std::time::Duration), i32>> {
+    let metrics_addr = match parse_metrics_addr(&s.metrics_addr, err)? {
         Ok(a) => a,
+        Err(code) => return Ok(Err(code)),
+    };
+    if s.resync.as_std().is_zero() {
+        writeln!(err, "error: --resync must be longer than 0s")?;
+        return Ok(Err(exit::INVALID_POLICY));
+    }
+    Ok(Ok((metrics_addr, s.resync.as_std())))
+}
+
+fn run_service(s: ServiceArgs, paths: Vec<PathBuf>, err: &mut dyn Write) -> std::io::Result<i32> {
+    let (metrics_addr, resync) = match service_settings(&s, err)? {
+        Ok(v) => v,
         Err(code) => return Ok(code),
     };
-    if resync.as_std().is_zero() {
-        writeln!(err, "error: --resync must be longer than 0s")?;
-        return Ok(exit::INVALID_POLICY);
-    }
-    let uri = resolve_uri(connect.as_deref());
+    let uri = resolve_uri(s.connect.as_deref());
     let opts = crate::host::RunOptions {
-        network: network.enabled_for(&uri),
+        network: s.network.enabled_for(&uri),
         uri,
-        resync: resync.as_std(),
+        resync,
         metrics_addr,
-        state_dir: dirs.state_dir,
-        data_dir: dirs.data_dir,
-        lock_file: dirs.lock_file,
-        max_concurrent_starts,
+        state_dir: s.state_dir,
+        data_dir: s.data_dir,
+        lock_file: s.lock_file,
+        max_concurrent_starts: s.max_concurrent_starts,
         paths,
     };
     Ok(runtime()?.block_on(crate::host::run(opts)))
@@ -812,18 +776,13 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 // CLI glue: one parameter per group of flags.
 #[allow(clippy::too_many_arguments)]
 fn operator_cmd(
-    connect: Option<String>,
+    s: ServiceArgs,
     node: String,
-    resync: virtwarden_policies::Duration,
-    metrics_addr: &str,
-    network: NetworkMode,
-    dirs: Dirs,
     exec: crate::act::hook::ExecPolicy,
-    max_concurrent_starts: usize,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let metrics_addr = match parse_metrics_addr(metrics_addr, err)? {
-        Ok(a) => a,
+    let (metrics_addr, resync) = match service_settings(&s, err)? {
+        Ok(v) => v,
         Err(code) => return Ok(code),
     };
     if let crate::act::hook::ExecPolicy::InsideDir(dir) = &exec {
@@ -832,18 +791,18 @@ fn operator_cmd(
             return Ok(exit::INVALID_POLICY);
         }
     }
-    let uri = resolve_uri(connect.as_deref());
+    let uri = resolve_uri(s.connect.as_deref());
     let opts = crate::operator::OperatorOptions {
         exec,
-        network: network.enabled_for(&uri),
+        network: s.network.enabled_for(&uri),
         uri,
         node,
-        resync: resync.as_std().max(std::time::Duration::from_secs(1)),
+        resync,
         metrics_addr,
-        state_dir: dirs.state_dir,
-        data_dir: dirs.data_dir,
-        lock_file: dirs.lock_file,
-        max_concurrent_starts,
+        state_dir: s.state_dir,
+        data_dir: s.data_dir,
+        lock_file: s.lock_file,
+        max_concurrent_starts: s.max_concurrent_starts,
     };
     Ok(runtime()?.block_on(crate::operator::run(opts)))
 }

@@ -1,17 +1,19 @@
 //! The two small traits everything libvirt-facing goes through: reading domains and
 //! controlling them. One real implementation ([`crate::libvirt`]), recording fakes in tests.
 
+pub mod events;
+
 use crate::observe::{DomainState, ObservedDomain, ObservedHost, ObservedNetwork, StateReason};
 
 /// A failed hypervisor call, naming the operation and the domain.
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     #[error("cannot connect to {uri}: {source}")]
-    Connect { uri: String, source: virt::error::Error },
+    Connect { uri: String, source: BackendError },
     #[error("{op} {domain}: {source}")]
-    Call { op: &'static str, domain: String, source: virt::error::Error },
+    Call { op: &'static str, domain: String, source: BackendError },
     #[error("{op}: {source}")]
-    Host { op: &'static str, source: virt::error::Error },
+    Host { op: &'static str, source: BackendError },
     #[error("domain {domain}: {source}")]
     Xml { domain: String, source: crate::observe::domain_xml::XmlError },
     #[error("domain {domain} does not exist")]
@@ -22,6 +24,19 @@ pub enum HypervisorError {
     /// A fault injected by a test double, classified like a real libvirt error of that kind.
     #[error("{op} {domain}: {message}")]
     Simulated { op: &'static str, domain: String, kind: ErrorKind, message: String },
+}
+
+/// An error as the backend reported it, already classified by the backend (libvirt: by its
+/// error number and, for the few errors libvirt does not number apart, its message).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{full}")]
+pub struct BackendError {
+    /// What it means for what to do next.
+    pub kind: ErrorKind,
+    /// The backend's own message (for status and reports).
+    pub message: String,
+    /// Everything the backend said, codes included (for logs).
+    pub full: String,
 }
 
 /// What an error means for what to do next.
@@ -38,23 +53,10 @@ pub enum ErrorKind {
     Other,
 }
 
-fn kind_of(source: &virt::error::Error) -> ErrorKind {
-    use virt::enumutil::Enum::Known;
-    use virt::error::ErrorNumber as N;
-    match source.code() {
-        Known(N::OperationTimeout) => ErrorKind::Transient,
-        Known(N::NoDomain) => ErrorKind::NoDomain,
-        Known(N::SystemError | N::Rpc | N::NoConnect | N::InvalidConn) => ErrorKind::MaybeConnection,
-        _ if source.message().contains("cannot acquire state change lock") => ErrorKind::Transient,
-        _ if source.message().contains("client socket is closed") => ErrorKind::MaybeConnection,
-        _ => ErrorKind::Other,
-    }
-}
-
 impl HypervisorError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            HypervisorError::Call { source, .. } | HypervisorError::Host { source, .. } => kind_of(source),
+            HypervisorError::Call { source, .. } | HypervisorError::Host { source, .. } => source.kind,
             HypervisorError::Connect { .. } => ErrorKind::MaybeConnection,
             HypervisorError::NoSuchDomain { .. } => ErrorKind::NoDomain,
             HypervisorError::Simulated { kind, .. } => *kind,
@@ -67,12 +69,12 @@ impl HypervisorError {
         self.kind() == ErrorKind::Transient
     }
 
-    /// libvirt's own message, without our prefix (for status and reports).
+    /// The backend's own message, without our prefix (for status and reports).
     pub fn detail(&self) -> String {
         match self {
             HypervisorError::Connect { source, .. }
             | HypervisorError::Call { source, .. }
-            | HypervisorError::Host { source, .. } => source.message().to_string(),
+            | HypervisorError::Host { source, .. } => source.message.clone(),
             HypervisorError::Simulated { message, .. } => message.clone(),
             other => other.to_string(),
         }

@@ -21,4 +21,5 @@ pub mod observe;
 pub mod operator;
 pub mod plan;
 pub mod probe;
+pub mod service;
 pub mod show;

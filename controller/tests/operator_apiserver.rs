@@ -378,8 +378,8 @@ async fn operators_as_the_service_account_enforce_report_and_follow_the_cluster(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_an_api_outage_the_node_keeps_enforcing_and_catches_up_in_seconds() {
     use virtwarden::act::remediation::Registry;
-    use virtwarden::engine::connect::SharedConnector;
     use virtwarden::engine::{Engine, EngineConfig};
+    use virtwarden::libvirt::connect::SharedConnector;
     use virtwarden::libvirt::events::start_event_loop;
     use virtwarden::libvirt::LibvirtHost;
     use virtwarden::operator::Operator;

@@ -1,7 +1,9 @@
 //! Shared helpers for virtwarden's integration tests: fixture paths and test-driver URIs.
 
 pub mod faulty;
+pub mod memhv;
 pub mod peer;
+pub mod rig;
 
 use std::path::{Path, PathBuf};
 

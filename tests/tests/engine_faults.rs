@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use virtwarden::act::remediation::Registry;
 use virtwarden::engine::status::{DomainStatus, StatusReport};
-use virtwarden::engine::{Backends, Engine, EngineConfig, EngineHandle};
+use virtwarden::engine::{Backends, EngineConfig};
 use virtwarden::hypervisor::{DomainControl, DomainReader};
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
 use virtwarden_policies::DesiredState;
 use virtwarden_tests::faulty::{Fault, Faulty, FaultyConnector};
+use virtwarden_tests::rig::EngineRig;
 use virtwarden_tests::testbed_uri;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -32,11 +33,18 @@ fn running(r: &StatusReport, name: &str) -> bool {
     find(r, name).is_some_and(|d| d.state.starts_with("running"))
 }
 
+/// The shared engine rig, with the fault-injecting wrapper and its connector.
 struct Rig {
     faulty: Arc<Faulty>,
     connector: Arc<FaultyConnector>,
-    engine: EngineHandle,
-    task: tokio::task::JoinHandle<()>,
+    inner: EngineRig,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = EngineRig;
+    fn deref(&self) -> &EngineRig {
+        &self.inner
+    }
 }
 
 fn config(data: Option<&std::path::Path>) -> EngineConfig {
@@ -50,8 +58,10 @@ fn config(data: Option<&std::path::Path>) -> EngineConfig {
 
 fn spawn_on(faulty: Arc<Faulty>, desired: DesiredState, config: EngineConfig, registry: Registry) -> Rig {
     let connector = FaultyConnector::new(faulty.clone());
-    let (engine, task) = Engine::spawn_with(Backends::new(connector.clone(), registry), desired, config);
-    Rig { faulty, connector, engine, task }
+    let calls = faulty.clone();
+    let inner = EngineRig::spawn_with(Backends::new(connector.clone(), registry), desired, config)
+        .with_context(move || format!("calls: {:?}", calls.calls()));
+    Rig { faulty, connector, inner }
 }
 
 fn open() -> Arc<Faulty> {
@@ -60,17 +70,6 @@ fn open() -> Arc<Faulty> {
 }
 
 impl Rig {
-    async fn until(&self, what: &str, cond: impl Fn(&StatusReport) -> bool) -> StatusReport {
-        match self.engine.wait_for(WAIT, cond).await {
-            Some(r) => r,
-            None => panic!(
-                "timed out waiting for: {what}\nstatus: {:#?}\ncalls: {:?}",
-                self.engine.status(),
-                self.faulty.calls()
-            ),
-        }
-    }
-
     /// Wait for the recorded calls to satisfy `cond` (they change without a status change).
     async fn until_calls(&self, what: &str, cond: impl Fn(&Faulty) -> bool) {
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -90,8 +89,7 @@ impl Rig {
 
     async fn stop(self) {
         self.faulty.release_hangs();
-        self.engine.shutdown();
-        tokio::time::timeout(WAIT, self.task).await.expect("engine stops").unwrap();
+        self.inner.stop().await;
     }
 }
 
@@ -498,7 +496,8 @@ async fn memory_of_domains_no_policy_names_is_dropped_after_the_grace_period() {
     let mut backends = Backends::new(connector, Registry::with_builtins());
     backends.memory = Some(memory.clone());
     let cfg = EngineConfig { memory_grace: Duration::from_millis(300), ..config(None) };
-    let (engine, task) = Engine::spawn_with(backends, policy("  domains:\n    - name: db1\n"), cfg);
+    let rig = EngineRig::spawn_with(backends, policy("  domains:\n    - name: db1\n"), cfg);
+    let engine = rig.engine.clone();
     let has = |name: &str| memory.read(|m| m.domains.contains_key(name));
     // Marked at once, kept through the grace period, dropped at a resync after it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -508,6 +507,5 @@ async fn memory_of_domains_no_policy_names_is_dropped_after_the_grace_period() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(has("db1"), "a managed domain keeps its memory: {:#?}", memory.snapshot());
-    engine.shutdown();
-    task.await.unwrap();
+    rig.stop().await;
 }

@@ -9,14 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use virtwarden::act::remediation::Registry;
-use virtwarden::engine::connect::{Connector, SharedConnector};
+use virtwarden::engine::connect::Connector;
 use virtwarden::engine::status::{DomainStatus, HealthPhase, StatusReport};
-use virtwarden::engine::{Engine, EngineConfig, EngineHandle};
+use virtwarden::engine::{Backends, EngineConfig};
 use virtwarden::hypervisor::{DomainControl, DomainReader};
+use virtwarden::libvirt::connect::SharedConnector;
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
 use virtwarden_policies::DesiredState;
+use virtwarden_tests::rig::EngineRig;
 use virtwarden_tests::{testbed_uri, FlakyConnector};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -46,10 +48,17 @@ fn probed(port: u16, max: u32) -> String {
     )
 }
 
+/// The shared engine rig, with the test driver's connection the test acts on.
 struct Rig {
     host: Arc<LibvirtHost>,
-    engine: EngineHandle,
-    task: tokio::task::JoinHandle<()>,
+    inner: EngineRig,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = EngineRig;
+    fn deref(&self) -> &EngineRig {
+        &self.inner
+    }
 }
 
 async fn rig(desired: DesiredState) -> Rig {
@@ -66,9 +75,10 @@ async fn rig_through<C: Connector + 'static>(
     let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
     let connector = via(host.clone());
     let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
-    let (engine, task) = Engine::spawn(connector.clone(), desired, config, Registry::with_builtins());
-    assert!(engine.wait_for(WAIT, |_| engine.is_ready()).await.is_some(), "engine never became ready");
-    (Rig { host, engine, task }, connector)
+    let backends = Backends::new(connector.clone(), Registry::with_builtins());
+    let inner = EngineRig::spawn_with(backends, desired, config).with_wait(WAIT);
+    inner.until_ready().await;
+    (Rig { host, inner }, connector)
 }
 
 fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {
@@ -80,16 +90,8 @@ fn phase(r: &StatusReport, name: &str) -> Option<HealthPhase> {
 }
 
 impl Rig {
-    async fn until(&self, what: &str, cond: impl Fn(&StatusReport) -> bool) -> StatusReport {
-        match self.engine.wait_for(WAIT, cond).await {
-            Some(r) => r,
-            None => panic!("timed out waiting for: {what}\nstatus: {:#?}", self.engine.status()),
-        }
-    }
-
     async fn stop(self) {
-        self.engine.shutdown();
-        tokio::time::timeout(WAIT, self.task).await.expect("engine stops").unwrap();
+        self.inner.stop().await;
     }
 }
 

@@ -7,13 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use virtwarden::act::remediation::Registry;
-use virtwarden::engine::connect::SharedConnector;
 use virtwarden::engine::{Backends, Engine, EngineConfig, NetworkRunner};
 use virtwarden::hostnet::uplink::{Checkpoint, UplinkNet};
-use virtwarden::hostnet::{Forwarding, HostNet, NetError, StpSettings};
+use virtwarden::hostnet::{Forwarding, HostNet, NetError};
+use virtwarden::libvirt::connect::SharedConnector;
+use virtwarden::observe::StpSettings;
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::NetLink;
+use virtwarden::observe::StpSettings;
 use virtwarden_policies::load_texts;
 use virtwarden_tests::testbed_uri;
 

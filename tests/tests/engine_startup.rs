@@ -13,15 +13,17 @@ use virtwarden::act::calls::Calls;
 use virtwarden::act::remediation::{Registry, Remediation, RemediationContext, StepFuture};
 use virtwarden::engine::connect::{Connection, Connector};
 use virtwarden::engine::status::{render_text, DomainStatus, StatusReport};
-use virtwarden::engine::{Engine, EngineConfig, EngineHandle};
+use virtwarden::engine::{Backends, EngineConfig};
+use virtwarden::hypervisor::events::{HypervisorEvent, LifecycleKind};
 use virtwarden::hypervisor::{DomainReader, HypervisorError};
-use virtwarden::libvirt::events::{start_event_loop, subscribe, HypervisorEvent};
+use virtwarden::libvirt::events::{start_event_loop, subscribe};
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
 use virtwarden_policies::{DesiredState, RemediationAction};
+use virtwarden_tests::rig::EngineRig;
 
-const STARTED: i32 = virt::sys::VIR_DOMAIN_EVENT_STARTED as i32;
-const STOPPED: i32 = virt::sys::VIR_DOMAIN_EVENT_STOPPED as i32;
+const STARTED: LifecycleKind = LifecycleKind::Started;
+const STOPPED: LifecycleKind = LifecycleKind::Stopped;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn policy(domains: &str) -> DesiredState {
@@ -65,8 +67,7 @@ impl Connector for TeeConnector {
 /// An engine on a test-driver host with these domains (running or shut off), and the host's
 /// lifecycle events as the test sees them.
 struct Rig {
-    engine: EngineHandle,
-    task: tokio::task::JoinHandle<()>,
+    inner: EngineRig,
     events: UnboundedReceiver<HypervisorEvent>,
     host: Arc<LibvirtHost>,
     _dir: tempfile::TempDir,
@@ -86,8 +87,15 @@ async fn rig(domains: &[(&str, bool)], desired: DesiredState, max_starts: usize,
     let config =
         EngineConfig { resync: Duration::from_secs(3600), max_concurrent_starts: max_starts, ..Default::default() };
     let connector = Arc::new(TeeConnector { host: host.clone(), test });
-    let (engine, task) = Engine::spawn(connector, desired, config, registry);
-    Rig { engine, task, events, host, _dir: dir }
+    let inner = EngineRig::spawn_with(Backends::new(connector, registry), desired, config).with_wait(WAIT);
+    Rig { inner, events, host, _dir: dir }
+}
+
+impl std::ops::Deref for Rig {
+    type Target = EngineRig;
+    fn deref(&self) -> &EngineRig {
+        &self.inner
+    }
 }
 
 fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {
@@ -95,19 +103,12 @@ fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {
 }
 
 impl Rig {
-    async fn until(&self, what: &str, cond: impl Fn(&StatusReport) -> bool) -> StatusReport {
-        match self.engine.wait_for(WAIT, cond).await {
-            Some(r) => r,
-            None => panic!("timed out waiting for: {what}\nstatus: {:#?}", self.engine.status()),
-        }
-    }
-
     /// The next `n` lifecycle events of kind `event`, in arrival order, with when each arrived.
-    async fn events(&mut self, event: i32, n: usize) -> Vec<(String, Instant)> {
+    async fn events(&mut self, event: LifecycleKind, n: usize) -> Vec<(String, Instant)> {
         let mut got = Vec::new();
         while got.len() < n {
             match tokio::time::timeout(WAIT, self.events.recv()).await {
-                Ok(Some(HypervisorEvent::Lifecycle(e))) if e.event == event => got.push((e.domain, e.received)),
+                Ok(Some(HypervisorEvent::Lifecycle(e))) if e.kind == event => got.push((e.domain, e.received)),
                 Ok(Some(_)) => {}
                 _ => panic!("only {} of {n} events arrived: {got:?}\nstatus: {:#?}", got.len(), self.engine.status()),
             }
@@ -120,8 +121,7 @@ impl Rig {
     }
 
     async fn stop(self) {
-        self.engine.shutdown();
-        tokio::time::timeout(WAIT, self.task).await.expect("engine stops").unwrap();
+        self.inner.stop().await;
     }
 }
 

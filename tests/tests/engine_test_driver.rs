@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use virtwarden::act::remediation::Registry;
-use virtwarden::engine::connect::SharedConnector;
 use virtwarden::engine::status::{DomainStatus, StatusReport};
-use virtwarden::engine::{Engine, EngineConfig, EngineHandle};
+use virtwarden::engine::{Backends, Engine, EngineConfig, EngineHandle};
 use virtwarden::hypervisor::{DomainControl, DomainReader};
+use virtwarden::libvirt::connect::SharedConnector;
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::DomainState;
 use virtwarden_policies::DesiredState;
+use virtwarden_tests::rig::EngineRig;
 use virtwarden_tests::{testbed_uri, FlakyConnector};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -22,10 +23,17 @@ fn policy(spec: &str) -> DesiredState {
     virtwarden_tests::inline_policy(spec)
 }
 
+/// The shared engine rig, with the test driver's connection the test acts on.
 struct Rig {
     host: Arc<LibvirtHost>,
-    engine: EngineHandle,
-    task: tokio::task::JoinHandle<()>,
+    inner: EngineRig,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = EngineRig;
+    fn deref(&self) -> &EngineRig {
+        &self.inner
+    }
 }
 
 async fn rig(desired: DesiredState) -> Rig {
@@ -33,9 +41,9 @@ async fn rig(desired: DesiredState) -> Rig {
     let host = Arc::new(LibvirtHost::open(&testbed_uri()).unwrap());
     let connector = Arc::new(SharedConnector { host: host.clone() });
     let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
-    let (engine, task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
-    assert!(engine.wait_for(WAIT, |_| engine.is_ready()).await.is_some(), "engine never became ready");
-    Rig { host, engine, task }
+    let inner = EngineRig::spawn_with(Backends::new(connector, Registry::with_builtins()), desired, config);
+    inner.until_ready().await;
+    Rig { host, inner }
 }
 
 fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {
@@ -43,20 +51,12 @@ fn domain<'a>(r: &'a StatusReport, name: &str) -> &'a DomainStatus {
 }
 
 impl Rig {
-    async fn until(&self, what: &str, cond: impl Fn(&StatusReport) -> bool) -> StatusReport {
-        match self.engine.wait_for(WAIT, cond).await {
-            Some(r) => r,
-            None => panic!("timed out waiting for: {what}\nstatus: {:#?}", self.engine.status()),
-        }
-    }
-
     fn state(&self, name: &str) -> DomainState {
         self.host.observe_domain(name).unwrap().unwrap().state
     }
 
     async fn stop(self) {
-        self.engine.shutdown();
-        tokio::time::timeout(WAIT, self.task).await.expect("engine stops").unwrap();
+        self.inner.stop().await;
     }
 }
 

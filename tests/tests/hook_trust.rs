@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use virtwarden::act::hook::ExecPolicy;
 use virtwarden::act::remediation::Registry;
-use virtwarden::engine::connect::SharedConnector;
 use virtwarden::engine::status::StatusReport;
 use virtwarden::engine::{Engine, EngineConfig};
 use virtwarden::hypervisor::DomainControl;
+use virtwarden::libvirt::connect::SharedConnector;
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden_policies::load_texts;

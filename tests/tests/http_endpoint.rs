@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use virtwarden::act::remediation::Registry;
-use virtwarden::engine::connect::SharedConnector;
 use virtwarden::engine::{Engine, EngineConfig};
+use virtwarden::libvirt::connect::SharedConnector;
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden_tests::testbed_uri;

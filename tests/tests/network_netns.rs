@@ -519,8 +519,8 @@ fn spawn_engine(
     data_dir: Option<&Path>,
 ) -> (EngineHandle, tokio::task::JoinHandle<()>) {
     use virtwarden::act::remediation::Registry;
-    use virtwarden::engine::connect::SharedConnector;
-    use virtwarden::engine::{Engine, EngineConfig};
+    use virtwarden::engine::{Backends, Engine, EngineConfig};
+    use virtwarden::libvirt::connect::SharedConnector;
 
     virtwarden::libvirt::events::start_event_loop();
     // A long resync: repairs must come from netlink notifications, not from the timer.
@@ -531,7 +531,9 @@ fn spawn_engine(
         data_dir: data_dir.map(Path::to_path_buf),
         ..Default::default()
     };
-    Engine::spawn(Arc::new(SharedConnector { host: hv }), desired, config, Registry::with_builtins())
+    let mut backends = Backends::new(Arc::new(SharedConnector { host: hv }), Registry::with_builtins());
+    backends.network = Some(virtwarden::hostnet::netlink_runner());
+    Engine::spawn_with(backends, desired, config)
 }
 
 fn network_notes(s: &StatusReport) -> Vec<String> {
@@ -666,8 +668,9 @@ async fn engine_holds_tap_repairs_while_libvirt_is_disconnected() {
     let connector = FaultyConnector::new(Faulty::new(hv));
     let desired = policy("  domains:\n    - name: vm1\n  bridges:\n    - name: br0\n");
     let config = EngineConfig { resync: Duration::from_secs(3600), network: true, ..Default::default() };
-    let (engine, task) =
-        Engine::spawn_with(Backends::new(connector.clone(), Registry::with_builtins()), desired, config);
+    let mut backends = Backends::new(connector.clone(), Registry::with_builtins());
+    backends.network = Some(virtwarden::hostnet::netlink_runner());
+    let (engine, task) = Engine::spawn_with(backends, desired, config);
     engine
         .wait_for(Duration::from_secs(10), |_| master_of(&tap).as_deref() == Some("br0"))
         .await

@@ -8,16 +8,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use virtwarden::act::{apply_plan_with, ApplyOptions, ApplyReport};
+use virtwarden::hypervisor::events::{HypervisorEvent, LifecycleKind};
 use virtwarden::hypervisor::DomainReader;
-use virtwarden::libvirt::events::{start_event_loop, subscribe, EventSubscription, HypervisorEvent};
+use virtwarden::libvirt::events::{start_event_loop, subscribe, EventSubscription};
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::paths::missing_paths;
 use virtwarden::plan::startup::waits_text;
 use virtwarden::plan::{plan_ordered, render_text, Plan};
 use virtwarden_policies::DesiredState;
 
-const STARTED: i32 = virt::sys::VIR_DOMAIN_EVENT_STARTED as i32;
-const STOPPED: i32 = virt::sys::VIR_DOMAIN_EVENT_STOPPED as i32;
+const STARTED: LifecycleKind = LifecycleKind::Started;
+const STOPPED: LifecycleKind = LifecycleKind::Stopped;
 
 fn policy(domains: &str) -> DesiredState {
     virtwarden_tests::inline_policy(&format!(
@@ -57,12 +58,12 @@ impl Host {
     }
 
     /// The next `n` events of kind `event`, in arrival order, with when each arrived.
-    fn events(&mut self, event: i32, n: usize) -> Vec<(String, Instant)> {
+    fn events(&mut self, event: LifecycleKind, n: usize) -> Vec<(String, Instant)> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut got = Vec::new();
         while got.len() < n {
             match self.events.try_recv() {
-                Ok(HypervisorEvent::Lifecycle(e)) if e.event == event => got.push((e.domain, e.received)),
+                Ok(HypervisorEvent::Lifecycle(e)) if e.kind == event => got.push((e.domain, e.received)),
                 Ok(_) => {}
                 Err(_) => {
                     assert!(Instant::now() < deadline, "only {} of {n} events arrived: {got:?}", got.len());

@@ -267,12 +267,12 @@ async fn a_crash_between_apply_and_verify_is_restored_at_the_next_start() {
         data_dir: Some(dir.path().to_path_buf()),
         ..Default::default()
     };
-    let (engine, task) = virtwarden::engine::Engine::spawn(
-        Arc::new(virtwarden::engine::connect::SharedConnector { host: hv }),
-        crash_policy(),
-        config,
+    let mut backends = virtwarden::engine::Backends::new(
+        Arc::new(virtwarden::libvirt::connect::SharedConnector { host: hv }),
         virtwarden::act::remediation::Registry::with_builtins(),
     );
+    backends.network = Some(virtwarden::hostnet::netlink_runner());
+    let (engine, task) = virtwarden::engine::Engine::spawn_with(backends, crash_policy(), config);
     let held = |s: &StatusReport| {
         s.network.as_ref().is_some_and(|n| {
             n.notes.iter().any(|l| {

@@ -1,8 +1,6 @@
 //! Executing one action, and a whole plan followed by verification (nmstate's habit: after
 //! applying, observe again and report what did not stick).
 
-use std::time::{Duration, Instant};
-
 use serde::Serialize;
 use virtwarden_policies::DesiredState;
 
@@ -13,9 +11,6 @@ use crate::observe::paths::missing_paths;
 use crate::observe::DomainState;
 use crate::plan::startup::Wait;
 use crate::plan::{plan_ordered, Action, ActionKind, Plan};
-
-/// How often a graceful shutdown is checked on.
-const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActError {
@@ -87,7 +82,7 @@ pub fn execute_action(hv: &dyn Hypervisor, action: &Action) -> Result<(), ActErr
         }
         ActionKind::Resume => hv.resume(name)?,
         ActionKind::Destroy => hv.destroy(name)?,
-        ActionKind::Shutdown { timeout } => shutdown(hv, name, timeout.as_std())?,
+        ActionKind::Shutdown { timeout } => super::shutdown::graceful_shutdown(hv, name, timeout.as_std())?,
         ActionKind::SetAutostart { on } => hv.set_autostart(name, *on)?,
         ActionKind::SetBootOrder { order } => {
             let xml = hv.persistent_xml(name)?;
@@ -97,22 +92,6 @@ pub fn execute_action(hv: &dyn Hypervisor, action: &Action) -> Result<(), ActErr
         }
     }
     Ok(())
-}
-
-/// Ask the guest to shut down; destroy it if it is still up after `timeout`.
-fn shutdown(hv: &dyn Hypervisor, name: &str, timeout: Duration) -> Result<(), HypervisorError> {
-    hv.shutdown(name)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match hv.domain_state(name)? {
-            None | Some(DomainState::ShutOff) => return Ok(()),
-            Some(_) if Instant::now() >= deadline => {
-                tracing::warn!(domain = name, timeout = ?timeout, "graceful shutdown timed out; destroying");
-                return hv.destroy(name);
-            }
-            Some(_) => std::thread::sleep(SHUTDOWN_POLL),
-        }
-    }
 }
 
 /// Execute `plan` with the default options; see [`apply_plan_with`].

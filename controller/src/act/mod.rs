@@ -8,6 +8,7 @@ pub mod network;
 pub mod remediation;
 pub mod retry;
 mod schedule;
+pub mod shutdown;
 pub mod uplink;
 
 pub use execute::{apply_plan, apply_plan_with, execute_action, ActError, ActionOutcome, ApplyReport};

@@ -56,7 +56,7 @@ impl Default for HostPaths {
             group: "/etc/group".into(),
             meminfo: "/proc/meminfo".into(),
             dev_kvm: "/dev/kvm".into(),
-            proc_sys: std::env::var_os("VIRTWARDEN_PROC_SYS").map(PathBuf::from).unwrap_or_else(|| "/proc/sys".into()),
+            proc_sys: crate::hostnet::sysctl::proc_sys(),
         }
     }
 }
@@ -210,6 +210,18 @@ pub fn explain_start_failure(
             tracing::debug!(domain = name, %e, "diagnosis of a failed start not possible");
             None
         }
+    }
+}
+
+/// [`explain_start_failure`] as the engine's [`Explain`](crate::engine::Explain) backend.
+pub struct StartFailureExplainer {
+    /// Whether the host network is real (false for libvirt's test driver).
+    pub network: bool,
+}
+
+impl crate::engine::Explain for StartFailureExplainer {
+    fn explain(&self, hv: &dyn Hypervisor, domain: &str, error: &str) -> Option<String> {
+        explain_start_failure(hv, domain, Some(error), self.network)
     }
 }
 

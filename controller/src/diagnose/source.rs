@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::libvirt::backend_error;
 use crate::libvirt::LibvirtHost;
 use crate::observe::DomainState;
 
@@ -97,7 +98,9 @@ impl DiagnoseSource for LibvirtHost {
             Ok(d) => d,
             Err(_) => return Ok(None),
         };
-        let call = |op: &'static str| move |source| HypervisorError::Call { op, domain: name.to_string(), source };
+        let call = |op: &'static str| {
+            move |source| HypervisorError::Call { op, domain: name.to_string(), source: backend_error(source) }
+        };
         let active = observed.state.is_active();
         let xml = if active || !observed.persistent {
             dom.xml_desc(0).map_err(call("dumpxml"))?
@@ -125,7 +128,7 @@ impl DiagnoseSource for LibvirtHost {
         let nets = self
             .connection()
             .list_all_networks(0)
-            .map_err(|source| HypervisorError::Host { op: "list networks", source })?;
+            .map_err(|source| HypervisorError::Host { op: "list networks", source: backend_error(source) })?;
         let mut out = Vec::new();
         for n in &nets {
             let Ok(name) = n.name() else { continue };

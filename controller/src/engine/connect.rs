@@ -1,30 +1,41 @@
-//! Opening the hypervisor connection and subscribing to its events, so the engine can
-//! reconnect after libvirtd restarts without knowing which driver it talks to.
+//! The hypervisor connection as the engine sees it: a [`Connector`] opens it (again after each
+//! loss) and reports what it can be trusted with; the engine reconnects without knowing which
+//! backend it talks to. The libvirt connectors live in [`crate::libvirt::connect`].
 
 use std::sync::Arc;
-
-use tokio::sync::mpsc::UnboundedSender;
-
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::act::retry::RetryIdempotent;
+use crate::hypervisor::events::HypervisorEvent;
 use crate::hypervisor::{Hypervisor, HypervisorError};
-use crate::libvirt::events::{start_event_loop, subscribe, EventSubscription, HypervisorEvent};
-use crate::libvirt::{route_errors_to_tracing, LibvirtHost};
+
+/// Whatever keeps a connection's events flowing while it is held (libvirt: the registered
+/// callbacks, deregistered on drop).
+pub trait EventGuard: Send + Sync {}
+
+impl<T: Send + Sync> EventGuard for T {}
 
 /// An open connection and what keeps its events flowing.
 pub struct Connection {
     // Declared first so it is dropped (deregistered) before the hypervisor it belongs to.
-    subscription: Option<EventSubscription>,
+    subscription: Option<Box<dyn EventGuard>>,
     pub hypervisor: Arc<dyn Hypervisor>,
 }
 
 impl Connection {
-    /// A connection whose idempotent calls are retried after transient errors.
-    pub fn new(hypervisor: Arc<dyn Hypervisor>, subscription: Option<EventSubscription>) -> Self {
+    /// A connection whose idempotent calls are retried after transient errors; its events keep
+    /// flowing while `subscription` is held.
+    pub fn new<S: EventGuard + 'static>(hypervisor: Arc<dyn Hypervisor>, subscription: Option<S>) -> Self {
+        let subscription = subscription.map(|s| Box::new(s) as Box<dyn EventGuard>);
         Connection { subscription, hypervisor: Arc::new(RetryIdempotent(hypervisor)) }
+    }
+
+    /// A connection without events (the periodic resync still runs).
+    pub fn without_events(hypervisor: Arc<dyn Hypervisor>) -> Self {
+        Connection { subscription: None, hypervisor: Arc::new(RetryIdempotent(hypervisor)) }
     }
 
     pub fn has_events(&self) -> bool {
@@ -32,59 +43,25 @@ impl Connection {
     }
 }
 
+/// What a backend's connection can be trusted with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The guest addresses it reports (guest agent, DHCP lease, ARP) are real ones. libvirt's
+    /// test driver makes them up, and probing them would reach whatever host has that address;
+    /// without this, health probes need `address` in the policy.
+    pub real_guest_addresses: bool,
+}
+
 /// Opens connections (again and again, after each loss).
 pub trait Connector: Send + Sync + 'static {
     fn uri(&self) -> String;
+    /// What its connections can be trusted with; by default nothing beyond domain state
+    /// (do no harm: a backend says what it can do).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
     /// Open a connection whose events go to `events`. Blocks.
     fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError>;
-}
-
-/// libvirt at a URI.
-pub struct LibvirtConnector {
-    pub uri: String,
-}
-
-impl Connector for LibvirtConnector {
-    fn uri(&self) -> String {
-        self.uri.clone()
-    }
-
-    fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError> {
-        route_errors_to_tracing();
-        start_event_loop();
-        let host = Arc::new(LibvirtHost::open(&self.uri)?);
-        // A libvirtd that stops answering is noticed within ~15 s (the close callback fires).
-        host.enable_keepalive(5, 3);
-        let subscription = match subscribe(&host, events) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(%e, "no libvirt events; relying on the periodic resync");
-                None
-            }
-        };
-        Ok(Connection::new(host, subscription))
-    }
-}
-
-/// An already-open libvirt connection, shared with the caller (tests: the test driver's state
-/// lives in the connection, so the test must act on the same one).
-pub struct SharedConnector {
-    pub host: Arc<LibvirtHost>,
-}
-
-impl Connector for SharedConnector {
-    fn uri(&self) -> String {
-        self.host.uri().to_string()
-    }
-
-    fn connect(&self, events: UnboundedSender<HypervisorEvent>) -> Result<Connection, HypervisorError> {
-        let subscription = subscribe(&self.host, events).map_err(|e| HypervisorError::Failed {
-            op: "subscribe",
-            domain: String::new(),
-            message: e.to_string(),
-        })?;
-        Ok(Connection::new(self.host.clone(), Some(subscription)))
-    }
 }
 
 /// Connect in the background until it works (100 ms doubling to 5 s between tries), then hand

@@ -19,7 +19,7 @@ use super::shared::Shared;
 use super::status::DomainStatus;
 use super::worker::{Order, Worker};
 use super::{status_writer, EngineConfig, Msg};
-use crate::libvirt::events::HypervisorEvent;
+use crate::hypervisor::events::HypervisorEvent;
 use crate::observe::ObservedNetwork;
 
 struct WorkerEntry {
@@ -80,8 +80,8 @@ impl Engine {
             let task =
                 network::NetworkTask::new(self.shared.clone(), self.desired_tx.subscribe(), rx, self.config.flap);
             match &self.network {
-                Some(runner) => tokio::spawn(runner(task)),
-                None => tokio::spawn(task.run()),
+                Some(runner) => drop(tokio::spawn(runner(task))),
+                None => tracing::error!("host-network reconciliation is on but no network backend was given"),
             };
             *self.shared.net_kicks.write().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         }

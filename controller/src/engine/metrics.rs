@@ -53,7 +53,7 @@ pub struct HealthLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GuestEventLabels {
     pub domain: String,
-    /// [`crate::libvirt::events::GuestEventKind::label`]: `reboot`, `watchdog`, `io-error`, …
+    /// [`crate::hypervisor::events::GuestEventKind::label`]: `reboot`, `watchdog`, `io-error`, …
     pub kind: String,
 }
 

@@ -62,9 +62,6 @@ pub struct EngineConfig {
     pub memory_flush: Duration,
     /// Reconcile the host network (bridges, taps, forwarding) of this process's namespace.
     pub network: bool,
-    /// Diagnose a domain whose repair failed (reads its disks, logs and the host). Off for
-    /// libvirt's test driver, whose domains' paths are not on this host.
-    pub diagnose: bool,
     /// When repairs of an object another writer keeps changing back are backed off.
     pub flap: crate::plan::flap::FlapSettings,
     /// At most this many starts of stopped or crashed domains at once (lower order first).
@@ -85,7 +82,6 @@ impl Default for EngineConfig {
             action_deadline: Duration::from_secs(120),
             memory_flush: Duration::from_secs(2),
             network: false,
-            diagnose: false,
             flap: Default::default(),
             max_concurrent_starts: DEFAULT_MAX_CONCURRENT_STARTS,
             memory_grace: Duration::from_secs(3600),
@@ -101,11 +97,20 @@ pub struct Backends {
     pub clock: Arc<dyn Clock>,
     /// The durable memory; `None` opens `config.data_dir` (or keeps it in memory).
     pub memory: Option<Arc<MemoryStore>>,
-    /// Runs the host-network task (when `config.network`) on chosen backends; `None`: netlink
-    /// and `/proc/sys` of this network namespace, with netlink notifications. Tests hand in
-    /// recording or fault-injecting [`HostNet`](crate::hostnet::HostNet)/[`Forwarding`](crate::hostnet::Forwarding)
-    /// implementations through [`network::NetworkTask::run_with`].
+    /// Runs the host-network task (when `config.network`) on its backends: the front ends hand
+    /// in netlink and `/proc/sys` (`crate::hostnet::netlink_runner`), tests recording or
+    /// fault-injecting ones through [`network::NetworkTask::run_with`]. The engine builds none.
     pub network: Option<NetworkRunner>,
+    /// Says why a repair failed (diagnosis: the domain's disks, logs and the host); `None`: the
+    /// failure is reported as the hypervisor worded it.
+    pub explain: Option<Arc<dyn Explain>>,
+}
+
+/// Why a start or repair of a domain failed, in one line, from what the host shows. Read-only;
+/// the engine calls it on a blocking thread under its read deadline.
+pub trait Explain: Send + Sync + 'static {
+    /// The cause of `error` on `domain`, or `None` when nothing explains it.
+    fn explain(&self, hv: &dyn Hypervisor, domain: &str, error: &str) -> Option<String>;
 }
 
 /// Starts the network task on its backends (see [`Backends::network`]).
@@ -115,7 +120,14 @@ pub type NetworkRunner =
 impl Backends {
     /// The real backends for `connector`.
     pub fn new(connector: Arc<dyn Connector>, remediations: Registry) -> Self {
-        Backends { connector, remediations, clock: Arc::new(SystemClock::new()), memory: None, network: None }
+        Backends {
+            connector,
+            remediations,
+            clock: Arc::new(SystemClock::new()),
+            memory: None,
+            network: None,
+            explain: None,
+        }
     }
 }
 
@@ -363,6 +375,8 @@ impl Engine {
             net_kicks: RwLock::new(None),
             healthy: RwLock::new(Default::default()),
             startgate: gate,
+            capabilities: backends.connector.capabilities(),
+            explain: backends.explain,
         });
         if let Some(p) = problem {
             tracing::error!(problem = %p, "virtwarden's memory could not be loaded");

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use virtwarden_policies::DesiredState;
@@ -16,9 +16,6 @@ use super::clock::sleep_until;
 use super::{Msg, Shared};
 use crate::act::network::{apply_net_actions, observe_net};
 use crate::act::uplink::{observe_uplinks, restore_pending};
-use crate::hostnet::events::spawn_listener;
-use crate::hostnet::netlink::NetlinkHost;
-use crate::hostnet::sysctl::ProcForwarding;
 use crate::hostnet::uplink::UplinkNet;
 use crate::hostnet::{Forwarding, HostNet};
 use crate::observe::ObservedHost;
@@ -105,22 +102,6 @@ impl NetworkTask {
     /// observations (see `refresh_domains`), fresh only while libvirt is connected.
     fn domain_view(&self) -> DomainView<'_> {
         DomainView { host: &self.domains, fresh: self.shared.hypervisor().is_some() }
-    }
-
-    /// Run on this namespace's netlink and `/proc/sys`, woken by netlink notifications.
-    pub(super) async fn run(self) {
-        let net = match NetlinkHost::connect() {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::error!(%e, "no netlink: host-network reconciliation is off");
-                return;
-            }
-        };
-        let (tx, events) = unbounded_channel();
-        if let Err(e) = spawn_listener(tx) {
-            tracing::warn!(%e, "no netlink notifications; the network is checked on resync only");
-        }
-        self.run_with(net, ProcForwarding::default(), events).await;
     }
 
     /// Run on the given backends; `notifications` wake it (besides the engine's kicks) — any

@@ -64,6 +64,10 @@ pub(crate) struct Shared {
     pub(crate) prober: crate::probe::Prober,
     /// Start ordering and the bound on concurrent starts (issue 13).
     pub(crate) startgate: Arc<super::startgate::StartGate>,
+    /// What the connector says its connections can be trusted with.
+    pub(super) capabilities: super::connect::Capabilities,
+    /// Diagnosis of failed repairs, when the front end gave one.
+    pub(super) explain: Option<Arc<dyn super::Explain>>,
 }
 
 impl Shared {

@@ -29,9 +29,10 @@ use super::status::DomainStatus;
 use crate::act::calls::{CallError, Calls};
 use crate::act::execute_action;
 use crate::act::remediation::{RemediationContext, RemediationError, StepOutcome};
+use crate::act::shutdown::graceful_shutdown_async;
+use crate::hypervisor::events::GuestEvent;
+use crate::hypervisor::events::LifecycleEvent;
 use crate::hypervisor::HypervisorError;
-use crate::libvirt::events::GuestEvent;
-use crate::libvirt::events::LifecycleEvent;
 use crate::memory::{intent_after, Intent, Memory};
 use crate::observe::{DomainState, ObservedDomain, ObservedHost};
 use crate::plan::flap::{tick_text, FlapDetector, FlapKey, FlapKind, Verdict};
@@ -60,8 +61,6 @@ pub(super) enum Order {
 
 /// Retry delay after an observation failed (lost connections are handled by reconnecting).
 const OBSERVE_RETRY: Duration = Duration::from_secs(1);
-/// How often a graceful shutdown is checked on.
-const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
 
 pub(super) struct Worker {
     shared: Arc<Shared>,
@@ -142,8 +141,14 @@ impl Worker {
             Arc::new(move |why: String| s.connection_lost(why))
         };
         let calls = Calls::new(shared.limits.clone(), lost);
-        let mut flap =
-            shared.memory.read(|m| m.domains.get(&managed.spec.name).and_then(|d| d.flap.clone())).unwrap_or_default();
+        let remembered = shared.memory.read(|m| m.domains.get(&managed.spec.name).and_then(|d| d.flap.clone()));
+        let mut flap: FlapDetector = remembered
+            .and_then(|v| {
+                serde_json::from_value(v)
+                    .map_err(|e| tracing::warn!(domain = %managed.spec.name, %e, "the remembered flap state is unreadable; starting afresh"))
+                    .ok()
+            })
+            .unwrap_or_default();
         flap.set_settings(shared.config.flap);
         flap.resume(shared.tick());
         let health = managed.spec.health.as_ref().map(|h| health::GuestHealth::new(&managed.spec.name, h));
@@ -542,7 +547,8 @@ impl Worker {
         let saved = serde_json::to_value(&flap).ok();
         if saved != self.flap_saved {
             let name = self.name().to_string();
-            self.shared.memory.update(|m| m.domains.entry(name).or_default().flap = flap);
+            let value = saved.clone().filter(|v| !v.is_null());
+            self.shared.memory.update(|m| m.domains.entry(name).or_default().flap = value);
             self.flap_saved = saved;
         }
         self.shared.update_domain(self.name(), |s| s.flapping = lines);
@@ -609,7 +615,7 @@ impl Worker {
         let name = self.name().to_string();
         let result = match action.kind.clone() {
             ActionKind::Shutdown { timeout } => {
-                self.guarded(true, graceful_shutdown(calls, name, timeout.as_std())).await
+                self.guarded(true, graceful_shutdown_async(calls, name, timeout.as_std())).await
             }
             _ => {
                 let a = action.clone();
@@ -814,7 +820,7 @@ impl Worker {
         let diagnosis = match (&result, outcome) {
             // A refused hook is its own, complete reason.
             (Some(Err(e)), _) if e.refused_hook().is_some() => None,
-            (_, Outcome::Failed) if self.shared.config.diagnose => self.explain(&text).await,
+            (_, Outcome::Failed) if self.shared.explain.is_some() => self.explain(&text).await,
             _ => None,
         };
         if let Some(d) = &diagnosis {
@@ -942,11 +948,9 @@ impl Worker {
 
     /// Why the last repair failed, as `diagnose` finds it (read-only, bounded like any read).
     async fn explain(&self, error: &str) -> Option<String> {
-        let (name, error, network) = (self.name().to_string(), error.to_string(), self.shared.config.network);
-        let found = self
-            .calls()
-            .read("diagnose", move |hv| Ok(crate::diagnose::explain_start_failure(hv, &name, Some(&error), network)))
-            .await;
+        let explain = self.shared.explain.clone()?;
+        let (name, error) = (self.name().to_string(), error.to_string());
+        let found = self.calls().read("diagnose", move |hv| Ok(explain.explain(hv, &name, &error))).await;
         found.ok().flatten()
     }
 
@@ -1011,22 +1015,5 @@ fn classify(
         Some(Ok(StepOutcome::Done)) => (Outcome::Failed, format!("did not come up: {}", now())),
         Some(Err(e)) if e.is_interruption() => (Outcome::Interrupted, format!("interrupted: {e}")),
         Some(Err(e)) => (Outcome::Failed, e.detail()),
-    }
-}
-
-/// Ask the guest to shut down; destroy it if it is still up after `timeout`. Cancellable: the
-/// wait ends when the future is dropped.
-async fn graceful_shutdown(calls: Calls, name: String, timeout: Duration) -> Result<(), CallError> {
-    calls.shutdown(&name).await?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match calls.state(&name).await? {
-            None | Some((DomainState::ShutOff, _)) => return Ok(()),
-            Some(_) if Instant::now() >= deadline => {
-                tracing::warn!(domain = %name, ?timeout, "graceful shutdown timed out; destroying");
-                return calls.destroy(&name).await;
-            }
-            Some(_) => tokio::time::sleep(SHUTDOWN_POLL).await,
-        }
     }
 }

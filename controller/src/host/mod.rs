@@ -6,7 +6,6 @@ pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -15,8 +14,7 @@ use tokio::sync::mpsc;
 use virtwarden_policies::{load_paths_with, TrustMode, TrustedOwners};
 
 use crate::act::remediation::Registry;
-use crate::engine::connect::LibvirtConnector;
-use crate::engine::{Engine, EngineConfig, EngineHandle};
+use crate::engine::{EngineConfig, EngineHandle};
 use crate::exit;
 
 /// Options of `virtwarden run`.
@@ -42,17 +40,10 @@ pub const STATUS_FILE: &str = "status.json";
 
 /// Run until SIGTERM/SIGINT. Returns the process exit code.
 pub async fn run(opts: RunOptions) -> i32 {
-    let _lock = match crate::lock::acquire(&opts.lock_file, "run") {
+    let _lock = match crate::service::prepare(&opts.lock_file, "run", &opts.state_dir) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::RUNTIME;
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = crate::fsutil::ensure_private_dir(&opts.state_dir) {
-        eprintln!("error: cannot create state directory {}: {e}", opts.state_dir.display());
-        return exit::RUNTIME;
-    }
     let desired = match load_blocking(opts.paths.clone()).await {
         Ok(d) => d,
         Err(text) => {
@@ -65,29 +56,24 @@ pub async fn run(opts: RunOptions) -> i32 {
         status_path: Some(opts.state_dir.join(STATUS_FILE)),
         data_dir: Some(opts.data_dir.clone()),
         network: opts.network,
-        diagnose: !crate::libvirt::is_test_uri(&opts.uri),
         max_concurrent_starts: opts.max_concurrent_starts,
         ..Default::default()
     };
-    let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });
-    let (engine, mut engine_task) = Engine::spawn(connector, desired, config, Registry::with_builtins());
-
-    if let Some(addr) = opts.metrics_addr {
-        match crate::http::serve(addr, engine.clone()).await {
-            Ok(bound) => tracing::info!(%bound, "serving /metrics, /healthz, /readyz"),
-            Err(e) => {
-                eprintln!("error: cannot serve metrics on {addr}: {e}");
-                engine.shutdown();
-                let _ = engine_task.await;
-                return exit::RUNTIME;
-            }
-        }
-    }
-
-    match control::serve(&opts.state_dir, engine.clone()) {
-        Ok(path) => tracing::debug!(path = %path.display(), "control socket ready"),
-        Err(e) => tracing::warn!(%e, "no control socket; `virtwarden release` cannot reach this service"),
-    }
+    let start = crate::service::Start {
+        who: "run",
+        uri: &opts.uri,
+        network: opts.network,
+        config,
+        remediations: Registry::with_builtins(),
+        desired,
+        metrics_addr: opts.metrics_addr,
+        state_dir: &opts.state_dir,
+    };
+    let crate::service::Running { engine, task: mut engine_task } =
+        match crate::service::start(start, EngineHandle::clone).await {
+            Ok(r) => r,
+            Err(code) => return code,
+        };
 
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
     let _watcher = match watch::watch(&opts.paths, reload_tx) {

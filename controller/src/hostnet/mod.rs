@@ -12,8 +12,7 @@ pub mod uplink;
 
 use std::future::Future;
 
-use crate::observe::NetLink;
-pub use crate::plan::network::StpWanted as StpSettings;
+use crate::observe::{NetLink, StpSettings};
 
 /// A failed network operation, naming the object.
 #[derive(Debug, thiserror::Error)]
@@ -64,4 +63,25 @@ pub trait Forwarding: Send + Sync {
 /// Convert kernel centiseconds to whole seconds (rounded).
 pub fn centis_to_secs(cs: u32) -> u32 {
     (cs + 50) / 100
+}
+
+/// The engine's host-network task on this namespace's netlink and `/proc/sys`, woken by netlink
+/// notifications. The front ends hand it to the engine; the engine builds no backend itself.
+pub fn netlink_runner() -> crate::engine::NetworkRunner {
+    std::sync::Arc::new(|task: crate::engine::network::NetworkTask| {
+        Box::pin(async move {
+            let net = match netlink::NetlinkHost::connect() {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(%e, "no netlink: host-network reconciliation is off");
+                    return;
+                }
+            };
+            let (tx, notifications) = tokio::sync::mpsc::unbounded_channel();
+            if let Err(e) = events::spawn_listener(tx) {
+                tracing::warn!(%e, "no netlink notifications; the network is checked on resync only");
+            }
+            task.run_with(net, sysctl::ProcForwarding::default(), notifications).await;
+        })
+    })
 }

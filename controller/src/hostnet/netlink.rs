@@ -13,7 +13,8 @@ use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, 
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 use super::nexthop::NexthopSocket;
-use super::{centis_to_secs, HostNet, NetError, StpSettings};
+use super::{centis_to_secs, HostNet, NetError};
+use crate::observe::StpSettings;
 use crate::observe::{BridgeAttrs, NetLink};
 
 /// A netlink connection in the caller's network namespace.

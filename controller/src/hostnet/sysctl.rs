@@ -8,18 +8,22 @@ use super::{Forwarding, NetError};
 pub const IPV4_FORWARD: &str = "net/ipv4/ip_forward";
 pub const IPV6_FORWARD: &str = "net/ipv6/conf/all/forwarding";
 
+/// Where `/proc/sys` is: `$VIRTWARDEN_PROC_SYS` in containers, where /proc/sys is read-only and
+/// the host's /proc/sys/net is mounted elsewhere; `/proc/sys` otherwise. The one place that reads
+/// the variable (forwarding and diagnosis both go through it).
+pub fn proc_sys() -> PathBuf {
+    std::env::var_os("VIRTWARDEN_PROC_SYS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/proc/sys"))
+}
+
 /// `/proc/sys` (or another root, for tests of the parsing).
 pub struct ProcForwarding {
     root: PathBuf,
 }
 
 impl Default for ProcForwarding {
-    /// `/proc/sys`, or `$VIRTWARDEN_PROC_SYS` (containers, where /proc/sys is read-only and the
-    /// host's /proc/sys/net is mounted elsewhere).
+    /// [`proc_sys`].
     fn default() -> Self {
-        let root =
-            std::env::var_os("VIRTWARDEN_PROC_SYS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/proc/sys"));
-        ProcForwarding { root }
+        ProcForwarding { root: proc_sys() }
     }
 }
 

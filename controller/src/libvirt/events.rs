@@ -13,50 +13,32 @@ use virt::sys;
 use super::LibvirtHost;
 
 mod guest;
-pub use guest::{AgentReason, FaultClass, GuestEvent, GuestEventKind, IoErrorAction, WatchdogAction};
+pub use crate::hypervisor::events::{
+    AgentReason, FaultClass, GuestEvent, GuestEventKind, HypervisorEvent, IoErrorAction, LifecycleEvent, LifecycleKind,
+    WatchdogAction,
+};
 
-/// Something libvirt told us.
-#[derive(Debug, Clone)]
-pub enum HypervisorEvent {
-    Lifecycle(LifecycleEvent),
-    /// A guest fault or sign of life (reset, watchdog, I/O error, control error, agent).
-    Guest(GuestEvent),
-    /// The connection to libvirtd closed; `reason` as libvirt words it.
-    ConnectionClosed {
-        reason: &'static str,
-    },
+/// libvirt's lifecycle event type in our words.
+fn lifecycle_kind(event: i32) -> LifecycleKind {
+    match event as u32 {
+        sys::VIR_DOMAIN_EVENT_DEFINED => LifecycleKind::Defined,
+        sys::VIR_DOMAIN_EVENT_UNDEFINED => LifecycleKind::Undefined,
+        sys::VIR_DOMAIN_EVENT_STARTED => LifecycleKind::Started,
+        sys::VIR_DOMAIN_EVENT_SUSPENDED => LifecycleKind::Suspended,
+        sys::VIR_DOMAIN_EVENT_RESUMED => LifecycleKind::Resumed,
+        sys::VIR_DOMAIN_EVENT_STOPPED => LifecycleKind::Stopped,
+        sys::VIR_DOMAIN_EVENT_SHUTDOWN => LifecycleKind::Shutdown,
+        sys::VIR_DOMAIN_EVENT_PMSUSPENDED => LifecycleKind::PmSuspended,
+        sys::VIR_DOMAIN_EVENT_CRASHED => LifecycleKind::Crashed,
+        _ => LifecycleKind::Other(event),
+    }
 }
 
-/// A domain lifecycle event.
-#[derive(Debug, Clone)]
-pub struct LifecycleEvent {
-    pub domain: String,
-    pub event: i32,
-    pub detail: i32,
-    /// When the callback ran (for event-lag metrics).
-    pub received: Instant,
-}
-
-impl LifecycleEvent {
-    /// `stopped/failed`, `crashed/panicked`, … for status and logs.
-    pub fn text(&self) -> String {
-        event_text(self.event, self.detail)
-    }
-
-    /// The domain went down (stopped or crashed), not a suspend or a definition change.
-    pub fn is_down(&self) -> bool {
-        matches!(self.event as u32, sys::VIR_DOMAIN_EVENT_STOPPED | sys::VIR_DOMAIN_EVENT_CRASHED)
-    }
-
-    /// The guest crashed (a guest panic reported through a pvpanic device, or QEMU crashed).
-    pub fn is_crash(&self) -> bool {
-        self.event as u32 == sys::VIR_DOMAIN_EVENT_CRASHED
-    }
-
-    /// QEMU started (a new boot), whoever started it.
-    pub fn is_started(&self) -> bool {
-        self.event as u32 == sys::VIR_DOMAIN_EVENT_STARTED
-    }
+/// A libvirt lifecycle callback's numbers as the engine's event.
+pub fn lifecycle_event(domain: String, event: i32, detail: i32, received: Instant) -> LifecycleEvent {
+    let text = event_text(event, detail);
+    let detail = text.split_once('/').map(|(_, d)| d.to_string()).unwrap_or_default();
+    LifecycleEvent { domain, kind: lifecycle_kind(event), detail, received }
 }
 
 /// Lifecycle event and detail in words.
@@ -155,7 +137,7 @@ unsafe extern "C" fn lifecycle_cb(
         };
         // SAFETY: opaque is the Box<Sender> we registered; it lives until free_sender runs.
         let tx = unsafe { &*(opaque as *const Sender) };
-        let _ = tx.send(HypervisorEvent::Lifecycle(LifecycleEvent { domain: name, event, detail, received }));
+        let _ = tx.send(HypervisorEvent::Lifecycle(lifecycle_event(name, event, detail, received)));
     });
     0
 }
@@ -263,5 +245,9 @@ mod tests {
         assert_eq!(event_text(2, 0), "started/booted");
         assert_eq!(event_text(5, 99), "stopped/99");
         assert_eq!(event_text(42, 1), "event-42/1");
+        let ev = lifecycle_event("d".into(), 5, 5, Instant::now());
+        assert_eq!((ev.kind, ev.text()), (LifecycleKind::Stopped, "stopped/failed".to_string()));
+        assert_eq!(lifecycle_event("d".into(), 42, 1, Instant::now()).text(), "event-42/1");
+        assert_eq!(lifecycle_event("d".into(), 8, 0, Instant::now()).kind, LifecycleKind::Crashed);
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::LibvirtHost;
 use crate::guest::{AddressSource, GuestAccess, GuestInterface};
 use crate::hypervisor::HypervisorError;
+use crate::libvirt::backend_error;
 use crate::observe::arp::{read_arp_table, PROC_NET_ARP};
 use crate::observe::guest_devices::{parse_guest_devices, GuestDevices};
 
@@ -15,8 +16,11 @@ const PING: &str = r#"{"execute":"guest-ping"}"#;
 impl GuestAccess for LibvirtHost {
     fn guest_devices(&self, domain: &str) -> Result<GuestDevices, HypervisorError> {
         let dom = self.lookup("dumpxml", domain)?;
-        let xml =
-            dom.xml_desc(0).map_err(|source| HypervisorError::Call { op: "dumpxml", domain: domain.into(), source })?;
+        let xml = dom.xml_desc(0).map_err(|source| HypervisorError::Call {
+            op: "dumpxml",
+            domain: domain.into(),
+            source: backend_error(source),
+        })?;
         parse_guest_devices(&xml).map_err(|source| HypervisorError::Xml { domain: domain.into(), source })
     }
 
@@ -31,7 +35,7 @@ impl GuestAccess for LibvirtHost {
         let ifaces = match dom.interface_addresses(raw, 0) {
             Ok(ifaces) => ifaces,
             Err(e) if source == AddressSource::Arp => return arp_fallback(domain, e),
-            Err(e) => return Err(HypervisorError::Call { op, domain: domain.into(), source: e }),
+            Err(e) => return Err(HypervisorError::Call { op, domain: domain.into(), source: backend_error(e) }),
         };
         Ok(ifaces
             .into_iter()
@@ -53,7 +57,7 @@ impl GuestAccess for LibvirtHost {
         dom.qemu_agent_command(PING, secs, 0).map(|_| ()).map_err(|source| HypervisorError::Call {
             op,
             domain: domain.into(),
-            source,
+            source: backend_error(source),
         })
     }
 }

@@ -11,11 +11,12 @@ use virt::domain::{
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
+pub mod connect;
 pub mod events;
 pub mod guest;
 pub mod pool;
 
-use crate::hypervisor::{DomainControl, DomainReader, HypervisorError};
+use crate::hypervisor::{BackendError, DomainControl, DomainReader, ErrorKind, HypervisorError};
 use crate::observe::domain_xml::parse_domain_xml;
 use crate::observe::{DomainState, ObservedDomain, ObservedHost, ObservedNetwork, StateReason};
 
@@ -70,8 +71,8 @@ pub struct LibvirtHost {
 
 impl LibvirtHost {
     pub fn open(uri: &str) -> Result<Self, HypervisorError> {
-        let conn =
-            Connect::open(Some(uri)).map_err(|source| HypervisorError::Connect { uri: uri.to_string(), source })?;
+        let conn = Connect::open(Some(uri))
+            .map_err(|source| HypervisorError::Connect { uri: uri.to_string(), source: backend_error(source) })?;
         Ok(LibvirtHost { conn: ManuallyDrop::new(conn), uri: uri.to_string() })
     }
 
@@ -97,16 +98,16 @@ impl LibvirtHost {
             if is_no_domain(&source) {
                 HypervisorError::NoSuchDomain { domain: name.to_string() }
             } else {
-                HypervisorError::Call { op, domain: name.to_string(), source }
+                HypervisorError::Call { op, domain: name.to_string(), source: backend_error(source) }
             }
         })
     }
 
     fn observe_one(&self, dom: &Domain) -> Result<ObservedDomain, HypervisorError> {
-        let name = dom.name().map_err(|source| HypervisorError::Host { op: "name", source })?;
+        let name = dom.name().map_err(|source| HypervisorError::Host { op: "name", source: backend_error(source) })?;
         let call = |op: &'static str| {
             let name = name.clone();
-            move |source| HypervisorError::Call { op, domain: name, source }
+            move |source| HypervisorError::Call { op, domain: name, source: backend_error(source) }
         };
         let uuid = dom.uuid_string().map_err(call("uuid"))?;
         let (state, reason) = map_state(dom.state().map_err(call("state"))?);
@@ -150,6 +151,23 @@ impl Drop for LibvirtHost {
 
 fn is_no_domain(e: &virt::error::Error) -> bool {
     matches!(e.code(), Enum::Known(ErrorNumber::NoDomain))
+}
+
+/// A libvirt error as the hypervisor seam's [`BackendError`], classified by what it means.
+pub fn backend_error(source: virt::error::Error) -> BackendError {
+    BackendError { kind: error_kind(&source), message: source.message().to_string(), full: source.to_string() }
+}
+
+fn error_kind(source: &virt::error::Error) -> ErrorKind {
+    use ErrorNumber as N;
+    match source.code() {
+        Enum::Known(N::OperationTimeout) => ErrorKind::Transient,
+        Enum::Known(N::NoDomain) => ErrorKind::NoDomain,
+        Enum::Known(N::SystemError | N::Rpc | N::NoConnect | N::InvalidConn) => ErrorKind::MaybeConnection,
+        _ if source.message().contains("cannot acquire state change lock") => ErrorKind::Transient,
+        _ if source.message().contains("client socket is closed") => ErrorKind::MaybeConnection,
+        _ => ErrorKind::Other,
+    }
 }
 
 fn map_state(
@@ -235,14 +253,16 @@ impl DomainReader for LibvirtHost {
     }
 
     fn observe_host(&self) -> Result<ObservedHost, HypervisorError> {
-        let domains =
-            self.conn.list_all_domains(0).map_err(|source| HypervisorError::Host { op: "list domains", source })?;
+        let domains = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|source| HypervisorError::Host { op: "list domains", source: backend_error(source) })?;
         let mut host = ObservedHost::default();
         for dom in &domains {
             match self.observe_one(dom) {
                 Ok(d) => host.domains.push(d),
                 // Undefined between listing and reading: it is simply gone.
-                Err(HypervisorError::Call { source, .. }) if is_no_domain(&source) => {}
+                Err(HypervisorError::Call { source, .. }) if source.kind == ErrorKind::NoDomain => {}
                 Err(e) => return Err(e),
             }
         }
@@ -252,11 +272,15 @@ impl DomainReader for LibvirtHost {
     }
 
     fn list_networks(&self) -> Result<Vec<ObservedNetwork>, HypervisorError> {
-        let networks =
-            self.conn.list_all_networks(0).map_err(|source| HypervisorError::Host { op: "list networks", source })?;
+        let networks = self
+            .conn
+            .list_all_networks(0)
+            .map_err(|source| HypervisorError::Host { op: "list networks", source: backend_error(source) })?;
         let mut out = Vec::with_capacity(networks.len());
         for net in &networks {
-            let name = net.name().map_err(|source| HypervisorError::Host { op: "network name", source })?;
+            let name = net
+                .name()
+                .map_err(|source| HypervisorError::Host { op: "network name", source: backend_error(source) })?;
             out.push(ObservedNetwork {
                 bridge: net.bridge_name().ok(),
                 active: net.is_active().unwrap_or(false),
@@ -271,7 +295,7 @@ impl DomainReader for LibvirtHost {
         match self.lookup("lookup", name) {
             Ok(dom) => match self.observe_one(&dom) {
                 Ok(d) => Ok(Some(d)),
-                Err(HypervisorError::Call { source, .. }) if is_no_domain(&source) => Ok(None),
+                Err(HypervisorError::Call { source, .. }) if source.kind == ErrorKind::NoDomain => Ok(None),
                 Err(e) => Err(e),
             },
             Err(HypervisorError::NoSuchDomain { .. }) => Ok(None),
@@ -288,7 +312,9 @@ impl DomainReader for LibvirtHost {
         match dom.state() {
             Ok(st) => Ok(Some(map_state(st))),
             Err(source) if is_no_domain(&source) => Ok(None),
-            Err(source) => Err(HypervisorError::Call { op: "state", domain: name.into(), source }),
+            Err(source) => {
+                Err(HypervisorError::Call { op: "state", domain: name.into(), source: backend_error(source) })
+            }
         }
     }
 }
@@ -296,27 +322,47 @@ impl DomainReader for LibvirtHost {
 impl DomainControl for LibvirtHost {
     fn start(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("start", name)?;
-        dom.create().map_err(|source| HypervisorError::Call { op: "start", domain: name.into(), source })
+        dom.create().map_err(|source| HypervisorError::Call {
+            op: "start",
+            domain: name.into(),
+            source: backend_error(source),
+        })
     }
 
     fn shutdown(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("shutdown", name)?;
-        dom.shutdown().map_err(|source| HypervisorError::Call { op: "shutdown", domain: name.into(), source })
+        dom.shutdown().map_err(|source| HypervisorError::Call {
+            op: "shutdown",
+            domain: name.into(),
+            source: backend_error(source),
+        })
     }
 
     fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("destroy", name)?;
-        dom.destroy().map_err(|source| HypervisorError::Call { op: "destroy", domain: name.into(), source })
+        dom.destroy().map_err(|source| HypervisorError::Call {
+            op: "destroy",
+            domain: name.into(),
+            source: backend_error(source),
+        })
     }
 
     fn resume(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("resume", name)?;
-        dom.resume().map_err(|source| HypervisorError::Call { op: "resume", domain: name.into(), source })
+        dom.resume().map_err(|source| HypervisorError::Call {
+            op: "resume",
+            domain: name.into(),
+            source: backend_error(source),
+        })
     }
 
     fn reset(&self, name: &str) -> Result<(), HypervisorError> {
         let dom = self.lookup("reset", name)?;
-        dom.reset().map_err(|source| HypervisorError::Call { op: "reset", domain: name.into(), source })
+        dom.reset().map_err(|source| HypervisorError::Call {
+            op: "reset",
+            domain: name.into(),
+            source: backend_error(source),
+        })
     }
 
     fn set_autostart(&self, name: &str, on: bool) -> Result<(), HypervisorError> {
@@ -324,7 +370,7 @@ impl DomainControl for LibvirtHost {
         dom.set_autostart(on).map_err(|source| HypervisorError::Call {
             op: "set autostart",
             domain: name.into(),
-            source,
+            source: backend_error(source),
         })
     }
 
@@ -334,7 +380,7 @@ impl DomainControl for LibvirtHost {
         dom.xml_desc(XML_INACTIVE | XML_SECURE).map_err(|source| HypervisorError::Call {
             op: "dumpxml --inactive --security-info",
             domain: name.into(),
-            source,
+            source: backend_error(source),
         })
     }
 
@@ -342,7 +388,7 @@ impl DomainControl for LibvirtHost {
         self.conn.define_domain_xml(xml).map(drop).map_err(|source| HypervisorError::Call {
             op: "define",
             domain: name.into(),
-            source,
+            source: backend_error(source),
         })
     }
 }

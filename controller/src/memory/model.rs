@@ -6,7 +6,10 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::observe::{DomainState, ObservedDomain, StateReason};
-use crate::plan::restart::Tick;
+
+/// A point on the engine's clock: time since the Unix epoch, advancing monotonically while
+/// the engine runs (see `engine::clock`), so remembered times keep their meaning across restarts.
+pub type Tick = std::time::Duration;
 
 /// Current format of the memory file.
 pub const FORMAT: u32 = 1;
@@ -111,9 +114,11 @@ pub struct DomainMemory {
     /// The last intent observed, if it still holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intent: Option<Intent>,
-    /// Backoffs of its boot order and autostart when another writer keeps changing them.
+    /// Backoffs of its boot order and autostart when another writer keeps changing them: the
+    /// planner's flap detector (`plan::flap::FlapDetector`) as the worker last saved it. Kept as
+    /// JSON so the memory sits below the planner (which reads the memory) without a cycle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flap: Option<crate::plan::flap::FlapDetector>,
+    pub flap: Option<serde_json::Value>,
     /// The last health verdict not yet followed by a passing probe (`plan` notes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bad_health: Option<BadHealth>,
@@ -212,7 +217,7 @@ pub struct Quarantine {
     pub since: Tick,
 }
 
-/// The crash-loop bookkeeping of one domain ([`crate::plan::restart::RestartTracker`]'s state).
+/// The crash-loop bookkeeping of one domain (the state of the planner's `RestartTracker`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrackerState {

@@ -265,7 +265,7 @@ mod tests {
 
     use super::*;
     use crate::memory::model::Quarantine;
-    use crate::plan::restart::Tick;
+    use crate::memory::model::Tick;
 
     fn quarantined(m: &mut Memory) {
         let d = m.domains.entry("web1".into()).or_default();

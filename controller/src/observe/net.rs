@@ -167,3 +167,19 @@ pub struct ForwardingState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<bool>,
 }
+
+/// Bridge STP settings to apply (timers in seconds; `None` leaves one as it is): what the
+/// planner wants and the host network backend sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StpSettings {
+    pub enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_delay: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hello_time: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u16>,
+}

@@ -32,9 +32,8 @@ use virtwarden_crd::{HostPolicyEnactment, HostPolicyEnactmentStatus, HostPolicyS
 use virtwarden_policies::DesiredState;
 
 use crate::act::remediation::Registry;
-use crate::engine::connect::LibvirtConnector;
 use crate::engine::status::{DomainStatus, StatusReport};
-use crate::engine::{Engine, EngineConfig, EngineHandle};
+use crate::engine::{EngineConfig, EngineHandle};
 use crate::exit;
 use enactment::{enactment_status, keep_transition_times, PolicyView};
 use select::{select, Selection};
@@ -95,39 +94,35 @@ pub async fn run(opts: OperatorOptions) -> i32 {
         }
     };
     // One writer per host, whichever front end it is.
-    let _lock = match crate::lock::acquire(&opts.lock_file, "operator") {
+    let _lock = match crate::service::prepare(&opts.lock_file, "operator", &opts.state_dir) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::RUNTIME;
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = crate::fsutil::ensure_private_dir(&opts.state_dir) {
-        eprintln!("error: cannot create state directory {}: {e}", opts.state_dir.display());
-        return exit::RUNTIME;
-    }
     let config = EngineConfig {
         resync: opts.resync,
         network: opts.network,
         data_dir: Some(opts.data_dir.clone()),
-        diagnose: !crate::libvirt::is_test_uri(&opts.uri),
         max_concurrent_starts: opts.max_concurrent_starts,
         ..Default::default()
     };
-    let connector = Arc::new(LibvirtConnector { uri: opts.uri.clone() });
-    let (engine, mut engine_task) =
-        Engine::spawn(connector, Default::default(), config, Registry::with_exec_policy(opts.exec.clone()));
+    let start = crate::service::Start {
+        who: "operator",
+        uri: &opts.uri,
+        network: opts.network,
+        config,
+        remediations: Registry::with_exec_policy(opts.exec.clone()),
+        desired: Default::default(),
+        metrics_addr: opts.metrics_addr,
+        state_dir: &opts.state_dir,
+    };
+    // The endpoint's health includes the API server's (a node cut off from it is not live).
     let api_health = probes::ApiHealth::default();
-    if let Some(addr) = opts.metrics_addr {
-        let probes = probes::OperatorProbes { engine: engine.clone(), api: api_health.clone() };
-        if let Err(e) = crate::http::serve(addr, probes).await {
-            eprintln!("error: cannot serve metrics on {addr}: {e}");
-            return exit::RUNTIME;
-        }
-    }
-    if let Err(e) = crate::host::control::serve(&opts.state_dir, engine.clone()) {
-        tracing::warn!(%e, "no control socket; `virtwarden release` cannot reach this operator");
-    }
+    let api = api_health.clone();
+    let served = move |engine: &EngineHandle| probes::OperatorProbes { engine: engine.clone(), api };
+    let crate::service::Running { engine, task: mut engine_task } = match crate::service::start(start, served).await {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
     let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(t), Ok(i)) => (t, i),
         _ => return exit::RUNTIME,

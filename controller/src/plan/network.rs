@@ -6,22 +6,7 @@ use virtwarden_policies::{DesiredState, Duration, ManagedBridge, UplinkChange, V
 
 use super::flap::{FlapKey, FlapKind};
 use super::{Note, Severity};
-use crate::observe::{DomainState, ObservedHost, ObservedNet};
-
-/// Bridge STP settings to apply (timers in seconds; `None` leaves one as it is).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StpWanted {
-    pub enabled: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub forward_delay: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hello_time: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_age: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub priority: Option<u16>,
-}
+use crate::observe::{DomainState, ObservedHost, ObservedNet, StpSettings};
 
 /// A network change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -30,7 +15,7 @@ pub enum NetActionKind {
     CreateBridge,
     SetUp,
     SetStp {
-        stp: StpWanted,
+        stp: StpSettings,
     },
     /// Make the subject (a host interface the policy lists) a port of `bridge`.
     Enslave {
@@ -214,8 +199,8 @@ impl NetAction {
     }
 }
 
-fn stp_wanted(b: &ManagedBridge) -> Option<StpWanted> {
-    b.spec.stp.as_ref().map(|s| StpWanted {
+fn stp_wanted(b: &ManagedBridge) -> Option<StpSettings> {
+    b.spec.stp.as_ref().map(|s| StpSettings {
         enabled: s.enabled,
         forward_delay: s.forward_delay,
         hello_time: s.hello_time,
@@ -224,7 +209,7 @@ fn stp_wanted(b: &ManagedBridge) -> Option<StpWanted> {
     })
 }
 
-fn stp_matches(have: &crate::observe::BridgeAttrs, want: &StpWanted) -> bool {
+fn stp_matches(have: &crate::observe::BridgeAttrs, want: &StpSettings) -> bool {
     have.stp == want.enabled
         && want.forward_delay.is_none_or(|v| v == have.forward_delay)
         && want.hello_time.is_none_or(|v| v == have.hello_time)

@@ -14,11 +14,8 @@ use std::time::Duration;
 use serde::Serialize;
 use virtwarden_policies::{BackoffSettings, RemediationAction, RemediationStep, DEFAULT_EXEC_TIMEOUT};
 
+pub use crate::memory::model::Tick;
 use crate::memory::model::{Quarantine, TrackerState};
-
-/// A point on the engine's clock: time since the Unix epoch, advancing monotonically while
-/// the engine runs (see `engine::clock`), so remembered times keep their meaning across restarts.
-pub type Tick = Duration;
 
 /// What to do about a domain that is down.
 #[derive(Debug, Clone, PartialEq, Eq)]

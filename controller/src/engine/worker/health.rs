@@ -15,8 +15,8 @@ use super::super::shared::Shared;
 use super::super::status::HealthStatus;
 use super::{Order, Worker};
 use crate::guest::{AddressSource, GuestAccess, GuestInterface};
+use crate::hypervisor::events::{FaultClass, GuestEvent, GuestEventKind};
 use crate::hypervisor::HypervisorError;
-use crate::libvirt::events::{FaultClass, GuestEvent, GuestEventKind};
 use crate::memory::BadHealth;
 use crate::observe::console::read_tail;
 use crate::observe::guest_devices::GuestDevices;
@@ -158,10 +158,9 @@ impl GuestAccess for ConnGuest {
     }
 
     fn interface_addresses(&self, domain: &str, source: AddressSource) -> Result<Vec<GuestInterface>, HypervisorError> {
-        // libvirt's test driver makes addresses up (from its network's range): probing them
-        // would send requests to whatever host really has that address.
-        let made_up =
-            self.0.upgrade().is_some_and(|s| s.meta.lock().is_ok_and(|m| crate::libvirt::is_test_uri(&m.uri)));
+        // A backend whose addresses are made up (libvirt's test driver: from its network's
+        // range) would send probes to whatever host really has that address.
+        let made_up = self.0.upgrade().is_some_and(|s| !s.capabilities.real_guest_addresses);
         if made_up {
             return Err(HypervisorError::Failed {
                 op: "domifaddr",

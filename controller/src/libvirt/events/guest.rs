@@ -1,6 +1,7 @@
 //! Guest faults and signs of life libvirt reports beside lifecycle changes: guest resets,
 //! watchdog firings, disk I/O errors with their reason, lost control of QEMU, and the guest
-//! agent connecting or disconnecting. Each is evidence for health checks and may trigger a repair.
+//! agent connecting or disconnecting — registered with libvirt here and converted into
+//! [`GuestEvent`]s (the hypervisor seam's own types).
 
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
@@ -8,178 +9,41 @@ use std::time::Instant;
 
 use virt::sys;
 
-use super::{free_sender, HypervisorEvent, Sender, SubscribeError};
+use super::{free_sender, Sender, SubscribeError};
+use crate::hypervisor::events::{
+    AgentReason, GuestEvent, GuestEventKind, HypervisorEvent, IoErrorAction, WatchdogAction,
+};
 
-/// A guest event for one domain.
-#[derive(Debug, Clone)]
-pub struct GuestEvent {
-    pub domain: String,
-    pub kind: GuestEventKind,
-    /// When the callback ran.
-    pub received: Instant,
-}
-
-/// What libvirt reported.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GuestEventKind {
-    /// The guest was reset (REBOOT): its own reboot, a watchdog reset, firmware retrying a boot,
-    /// or a reset through libvirt. Not sent for the start itself.
-    Reboot,
-    /// The guest's watchdog device fired; libvirt/QEMU then took `action`.
-    Watchdog { action: WatchdogAction },
-    /// A disk I/O error (IO_ERROR_REASON). `reason` is QEMU's word: `enospc`, `eio`, `eperm`, …
-    IoError { device: String, path: String, action: IoErrorAction, reason: String },
-    /// libvirt lost control of QEMU's monitor (CONTROL_ERROR); the domain's state is unknown.
-    ControlError,
-    /// The guest agent connected or disconnected (AGENT_LIFECYCLE).
-    Agent { connected: bool, reason: AgentReason },
-}
-
-/// What a watchdog firing led to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WatchdogAction {
-    None,
-    Pause,
-    Reset,
-    Poweroff,
-    Shutdown,
-    Debug,
-    InjectNmi,
-    Other(i32),
-}
-
-/// What QEMU did about an I/O error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoErrorAction {
-    /// Nothing: the error was ignored.
-    None,
-    /// The guest was paused.
-    Pause,
-    /// The error was passed to the guest.
-    Report,
-    Other(i32),
-}
-
-/// Why the agent's state changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentReason {
-    Unknown,
-    /// The domain started with the channel already there.
-    DomainStarted,
-    /// The guest opened or closed the channel.
-    Channel,
-}
-
-/// What an event means for healing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultClass {
-    /// A sign of life or a reset: evidence for health checks, no repair by itself.
-    Evidence,
-    /// The guest is in trouble: look at it now.
-    Fault,
-    /// A host problem a guest reset cannot fix (a full disk): report it, do not reset.
-    HostProblem,
-}
-
-impl GuestEventKind {
-    /// A bounded name for metrics and logs.
-    pub fn label(&self) -> &'static str {
-        match self {
-            GuestEventKind::Reboot => "reboot",
-            GuestEventKind::Watchdog { .. } => "watchdog",
-            GuestEventKind::IoError { .. } => "io-error",
-            GuestEventKind::ControlError => "control-error",
-            GuestEventKind::Agent { connected: true, .. } => "agent-connected",
-            GuestEventKind::Agent { connected: false, .. } => "agent-disconnected",
-        }
-    }
-
-    pub fn class(&self) -> FaultClass {
-        match self {
-            GuestEventKind::Reboot | GuestEventKind::Agent { .. } => FaultClass::Evidence,
-            GuestEventKind::Watchdog { .. } | GuestEventKind::ControlError => FaultClass::Fault,
-            GuestEventKind::IoError { reason, .. } if reason == "enospc" => FaultClass::HostProblem,
-            GuestEventKind::IoError { .. } => FaultClass::Fault,
-        }
-    }
-
-    /// For status reasons and logs: `watchdog fired (action: reset)`.
-    pub fn text(&self) -> String {
-        match self {
-            GuestEventKind::Reboot => "guest reset".into(),
-            GuestEventKind::Watchdog { action } => format!("watchdog fired (action: {})", action.word()),
-            GuestEventKind::IoError { device, path, action, reason } => {
-                let what = if reason == "enospc" { "no space left on the host for" } else { "I/O error on" };
-                let place = if path.is_empty() { device.clone() } else { format!("{device} ({path})") };
-                let outcome = match action {
-                    IoErrorAction::Pause => "guest paused",
-                    IoErrorAction::Report => "reported to the guest",
-                    IoErrorAction::None => "ignored",
-                    IoErrorAction::Other(_) => "unknown action",
-                };
-                format!("{what} {place}: {reason}, {outcome}")
-            }
-            GuestEventKind::ControlError => "libvirt lost control of QEMU (control error)".into(),
-            GuestEventKind::Agent { connected, reason } => format!(
-                "guest agent {}{}",
-                if *connected { "connected" } else { "disconnected" },
-                match reason {
-                    AgentReason::DomainStarted => " (domain started)",
-                    AgentReason::Channel => " (channel)",
-                    AgentReason::Unknown => "",
-                }
-            ),
-        }
+/// libvirt's watchdog action number in our words.
+fn watchdog_action(v: c_int) -> WatchdogAction {
+    match v as u32 {
+        sys::VIR_DOMAIN_EVENT_WATCHDOG_NONE => WatchdogAction::None,
+        sys::VIR_DOMAIN_EVENT_WATCHDOG_PAUSE => WatchdogAction::Pause,
+        sys::VIR_DOMAIN_EVENT_WATCHDOG_RESET => WatchdogAction::Reset,
+        sys::VIR_DOMAIN_EVENT_WATCHDOG_POWEROFF => WatchdogAction::Poweroff,
+        sys::VIR_DOMAIN_EVENT_WATCHDOG_SHUTDOWN => WatchdogAction::Shutdown,
+        sys::VIR_DOMAIN_EVENT_WATCHDOG_DEBUG => WatchdogAction::Debug,
+        sys::VIR_DOMAIN_EVENT_WATCHDOG_INJECTNMI => WatchdogAction::InjectNmi,
+        _ => WatchdogAction::Other(v),
     }
 }
 
-impl WatchdogAction {
-    fn from_raw(v: c_int) -> Self {
-        match v as u32 {
-            sys::VIR_DOMAIN_EVENT_WATCHDOG_NONE => WatchdogAction::None,
-            sys::VIR_DOMAIN_EVENT_WATCHDOG_PAUSE => WatchdogAction::Pause,
-            sys::VIR_DOMAIN_EVENT_WATCHDOG_RESET => WatchdogAction::Reset,
-            sys::VIR_DOMAIN_EVENT_WATCHDOG_POWEROFF => WatchdogAction::Poweroff,
-            sys::VIR_DOMAIN_EVENT_WATCHDOG_SHUTDOWN => WatchdogAction::Shutdown,
-            sys::VIR_DOMAIN_EVENT_WATCHDOG_DEBUG => WatchdogAction::Debug,
-            sys::VIR_DOMAIN_EVENT_WATCHDOG_INJECTNMI => WatchdogAction::InjectNmi,
-            _ => WatchdogAction::Other(v),
-        }
-    }
-
-    /// libvirt's `<watchdog action=…>` words.
-    pub fn word(&self) -> String {
-        match self {
-            WatchdogAction::None => "none".into(),
-            WatchdogAction::Pause => "pause".into(),
-            WatchdogAction::Reset => "reset".into(),
-            WatchdogAction::Poweroff => "poweroff".into(),
-            WatchdogAction::Shutdown => "shutdown".into(),
-            WatchdogAction::Debug => "dump".into(),
-            WatchdogAction::InjectNmi => "inject-nmi".into(),
-            WatchdogAction::Other(v) => format!("action-{v}"),
-        }
+/// libvirt's I/O error action number in our words.
+fn io_error_action(v: c_int) -> IoErrorAction {
+    match v as u32 {
+        sys::VIR_DOMAIN_EVENT_IO_ERROR_NONE => IoErrorAction::None,
+        sys::VIR_DOMAIN_EVENT_IO_ERROR_PAUSE => IoErrorAction::Pause,
+        sys::VIR_DOMAIN_EVENT_IO_ERROR_REPORT => IoErrorAction::Report,
+        _ => IoErrorAction::Other(v),
     }
 }
 
-impl IoErrorAction {
-    fn from_raw(v: c_int) -> Self {
-        match v as u32 {
-            sys::VIR_DOMAIN_EVENT_IO_ERROR_NONE => IoErrorAction::None,
-            sys::VIR_DOMAIN_EVENT_IO_ERROR_PAUSE => IoErrorAction::Pause,
-            sys::VIR_DOMAIN_EVENT_IO_ERROR_REPORT => IoErrorAction::Report,
-            _ => IoErrorAction::Other(v),
-        }
-    }
-}
-
-impl AgentReason {
-    fn from_raw(v: c_int) -> Self {
-        match v as u32 {
-            sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_REASON_DOMAIN_STARTED => AgentReason::DomainStarted,
-            sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_REASON_CHANNEL => AgentReason::Channel,
-            _ => AgentReason::Unknown,
-        }
+/// libvirt's agent lifecycle reason number in our words.
+fn agent_reason(v: c_int) -> AgentReason {
+    match v as u32 {
+        sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_REASON_DOMAIN_STARTED => AgentReason::DomainStarted,
+        sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_REASON_CHANNEL => AgentReason::Channel,
+        _ => AgentReason::Unknown,
     }
 }
 
@@ -232,7 +96,7 @@ unsafe extern "C" fn watchdog_cb(
     opaque: *mut c_void,
 ) {
     // SAFETY: called by libvirt with its callback contract.
-    unsafe { forward(dom, opaque, || GuestEventKind::Watchdog { action: WatchdogAction::from_raw(action) }) }
+    unsafe { forward(dom, opaque, || GuestEventKind::Watchdog { action: watchdog_action(action) }) }
 }
 
 unsafe extern "C" fn io_error_reason_cb(
@@ -250,7 +114,7 @@ unsafe extern "C" fn io_error_reason_cb(
         forward(dom, opaque, || GuestEventKind::IoError {
             device: owned(dev_alias),
             path: owned(src_path),
-            action: IoErrorAction::from_raw(action),
+            action: io_error_action(action),
             reason: owned(reason),
         })
     }
@@ -265,7 +129,7 @@ unsafe extern "C" fn agent_cb(
 ) {
     let connected = state as u32 == sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED;
     // SAFETY: called by libvirt with its callback contract.
-    unsafe { forward(dom, opaque, || GuestEventKind::Agent { connected, reason: AgentReason::from_raw(reason) }) }
+    unsafe { forward(dom, opaque, || GuestEventKind::Agent { connected, reason: agent_reason(reason) }) }
 }
 
 type Generic = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
@@ -344,38 +208,16 @@ pub(super) fn deregister(conn: sys::virConnectPtr, ids: &[c_int]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn io(reason: &str, action: IoErrorAction) -> GuestEventKind {
-        GuestEventKind::IoError {
-            device: "virtio-disk0".into(),
-            path: "/var/lib/x.qcow2".into(),
-            action,
-            reason: reason.into(),
-        }
-    }
-
-    #[test]
-    fn enospc_is_a_host_problem_not_a_reason_to_reset() {
-        assert_eq!(io("enospc", IoErrorAction::Pause).class(), FaultClass::HostProblem);
-        assert_eq!(io("eio", IoErrorAction::Pause).class(), FaultClass::Fault);
-        assert_eq!(
-            io("enospc", IoErrorAction::Pause).text(),
-            "no space left on the host for virtio-disk0 (/var/lib/x.qcow2): enospc, guest paused"
-        );
-        assert_eq!(
-            io("eio", IoErrorAction::Report).text(),
-            "I/O error on virtio-disk0 (/var/lib/x.qcow2): eio, reported to the guest"
-        );
-    }
+    use crate::hypervisor::events::FaultClass;
 
     #[test]
     fn words_and_labels() {
-        let wd = GuestEventKind::Watchdog { action: WatchdogAction::from_raw(2) };
+        let wd = GuestEventKind::Watchdog { action: watchdog_action(2) };
         assert_eq!(wd.text(), "watchdog fired (action: reset)");
         assert_eq!(wd.label(), "watchdog");
         assert_eq!(wd.class(), FaultClass::Fault);
-        assert_eq!(WatchdogAction::from_raw(99).word(), "action-99");
-        let agent = GuestEventKind::Agent { connected: true, reason: AgentReason::from_raw(2) };
+        assert_eq!(watchdog_action(99).word(), "action-99");
+        let agent = GuestEventKind::Agent { connected: true, reason: agent_reason(2) };
         assert_eq!(agent.text(), "guest agent connected (channel)");
         assert_eq!(agent.label(), "agent-connected");
         assert_eq!(agent.class(), FaultClass::Evidence);
