@@ -11,7 +11,6 @@ use virtwarden::engine::{Backends, Engine, EngineConfig, NetworkRunner};
 use virtwarden::hostnet::uplink::{Checkpoint, UplinkNet};
 use virtwarden::hostnet::{Forwarding, HostNet, NetError};
 use virtwarden::libvirt::connect::SharedConnector;
-use virtwarden::observe::StpSettings;
 use virtwarden::libvirt::events::start_event_loop;
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::observe::NetLink;
