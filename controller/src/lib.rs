@@ -14,6 +14,7 @@ pub mod http;
 pub mod hypervisor;
 pub mod libvirt;
 pub mod lock;
+pub mod logging;
 pub mod memory;
 pub mod observe;
 pub mod operator;
