@@ -2,6 +2,7 @@
 //! observe → plan (pure) → act → verify; front ends (CLI, host service, operator) drive it.
 
 pub mod act;
+pub mod assets;
 pub mod cli;
 pub mod diagnose;
 pub mod engine;

@@ -115,7 +115,7 @@ pub async fn run(opts: OperatorOptions) -> i32 {
             return exit::RUNTIME;
         }
     }
-    if let Err(e) = crate::host::control::serve(&opts.state_dir, engine.clone()) {
+    if let Err(e) = crate::host::control::serve(&opts.state_dir, engine.clone(), None) {
         tracing::warn!(%e, "no control socket; `virtwarden release` cannot reach this operator");
     }
     let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
