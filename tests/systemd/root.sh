@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build (once) the pristine Debian 12 root the systemd test boots: systemd as PID 1, libvirtd
-# and QEMU, nothing of virtwarden. Usage: root.sh DIR — DIR is left alone when it is complete.
+# and QEMU, nothing of virtwarden. Usage: root.sh DIR — DIR is left alone when it is complete
+# (run.sh names DIR after this script's checksum, so a changed recipe builds a new root).
 # The mirror is read from this machine's apt configuration at run time (never kept in the repo).
 set -euo pipefail
 root=${1:?usage: root.sh DIR}
@@ -47,8 +48,11 @@ chroot "$tmp" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-ins
     >> "$tmp.log" 2>&1 || { tail -30 "$tmp.log" >&2; exit 1; }
 chroot "$tmp" apt-get clean
 rm -f "$tmp/usr/sbin/policy-rc.d"
-# In the container cgroup v1 controllers are read-only: libvirt must not try to use them.
-echo 'cgroup_controllers = [ ]' >> "$tmp/etc/libvirt/qemu.conf"
+# In the container cgroup v1 controllers are read-only: libvirt must not try to use them. QEMU
+# runs as root: the bound /dev/kvm keeps the host's owner and mode (root, 0600).
+printf 'cgroup_controllers = [ ]\nuser = "root"\ngroup = "root"\n' >> "$tmp/etc/libvirt/qemu.conf"
+# Shutting the container down must not wait minutes for guests without an OS to power off.
+chroot "$tmp" systemctl mask libvirt-guests.service >/dev/null 2>&1
 echo virtwarden-test > "$tmp/etc/hostname"
 # No login prompt on the console the test does not read.
 chroot "$tmp" systemctl mask console-getty.service getty@.service systemd-networkd-wait-online.service >/dev/null 2>&1 || true

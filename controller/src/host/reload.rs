@@ -78,9 +78,10 @@ impl Reloader {
         let fp = fingerprint_blocking(self.paths.clone()).await;
         if let (Some(fp), Some((Some(last_fp), verdict))) = (fp, &self.last) {
             if fp == *last_fp && (trigger == Trigger::Watch || verdict.is_ok()) {
-                tracing::debug!(?trigger, "policy files unchanged since the last load; not reloading");
-                if trigger != Trigger::Watch {
-                    tracing::info!("policy files unchanged since the last load; resyncing only");
+                if trigger == Trigger::Watch {
+                    tracing::info!("policy files unchanged since the last load (already reloaded); not reloading again");
+                } else {
+                    tracing::info!(?trigger, "policy files unchanged since the last load; resyncing only");
                     engine.resync();
                 }
                 return verdict.clone();
