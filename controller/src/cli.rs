@@ -771,7 +771,11 @@ fn reload_cmd(state_dir: &std::path::Path, out: &mut dyn Write, err: &mut dyn Wr
             Ok(exit::INVALID_POLICY)
         }
         Ok(None) => {
-            writeln!(err, "error: no service listens on {}", state_dir.join(crate::host::control::CONTROL_SOCKET).display())?;
+            writeln!(
+                err,
+                "error: no service listens on {}",
+                state_dir.join(crate::host::control::CONTROL_SOCKET).display()
+            )?;
             Ok(exit::RUNTIME)
         }
         Err(e) => {

@@ -96,7 +96,9 @@ pub async fn run(opts: RunOptions) -> i32 {
     let (control_tx, mut control_rx) = mpsc::unbounded_channel::<control::ReloadReply>();
     match control::serve(&opts.state_dir, engine.clone(), Some(control_tx)) {
         Ok(path) => tracing::debug!(path = %path.display(), "control socket ready"),
-        Err(e) => tracing::warn!(%e, "no control socket; `virtwarden release` and `virtwarden reload` cannot reach this service"),
+        Err(e) => {
+            tracing::warn!(%e, "no control socket; `virtwarden release` and `virtwarden reload` cannot reach this service")
+        }
     }
 
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
@@ -215,5 +217,33 @@ async fn tick(interval: Option<&mut tokio::time::Interval>) {
             i.tick().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::status::StatusReport;
+
+    #[test]
+    fn status_says_when_no_policy_is_loaded_and_how_the_last_reload_went() {
+        let empty = StatusReport { connected: true, ..Default::default() };
+        let text = status_text(&empty, &LastReload::default());
+        assert!(text.starts_with("no policy loaded"), "{text}");
+        assert!(!text.contains("reload"), "{text}");
+
+        let loaded = StatusReport { connected: true, policies: vec!["web".into(), "db".into()], ..Default::default() };
+        let ok = LastReload { at: Some(chrono::Local::now()), result: Some(Ok(())) };
+        let text = status_text(&loaded, &ok);
+        assert!(text.starts_with("policies: web, db;") && text.contains("last reload OK at "), "{text}");
+
+        let rejected = LastReload { at: Some(chrono::Local::now()), result: Some(Err("a.yaml:3:7: bad".into())) };
+        let text = status_text(&loaded, &rejected);
+        assert!(
+            text.contains("reload FAILED at ")
+                && text.contains("a.yaml:3:7")
+                && text.contains("last good policy in force"),
+            "{text}"
+        );
     }
 }

@@ -79,7 +79,9 @@ impl Reloader {
         if let (Some(fp), Some((Some(last_fp), verdict))) = (fp, &self.last) {
             if fp == *last_fp && (trigger == Trigger::Watch || verdict.is_ok()) {
                 if trigger == Trigger::Watch {
-                    tracing::info!("policy files unchanged since the last load (already reloaded); not reloading again");
+                    tracing::info!(
+                        "policy files unchanged since the last load (already reloaded); not reloading again"
+                    );
                 } else {
                     tracing::info!(?trigger, "policy files unchanged since the last load; resyncing only");
                     engine.resync();
