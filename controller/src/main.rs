@@ -15,7 +15,7 @@ fn main() {
     // Under systemd (stderr is the journal) records go through the native journal protocol:
     // each with its priority and its fields (DOMAIN=…), and no timestamp of our own in the text.
     if cli.log_format == LogFormat::Text && stderr_is_journal() {
-        if let Some(layer) = virtwarden::logging::journald_layer() {
+        if let Ok(layer) = virtwarden::logging::JournalLayer::connect() {
             tracing_subscriber::registry().with(filter).with(layer).init();
             let code = run(cli.command, &mut std::io::stdout(), &mut std::io::stderr());
             std::process::exit(code);

@@ -243,8 +243,8 @@ c=$(cursor)
 inc install -m 0644 /root/bad.yaml /etc/virtwarden/policies/bad.yaml
 check "systemctl reload fails when the new policy is rejected" bash -c "! inc systemctl reload virtwarden"
 check "the service stays active" active_state_is active
-check "systemctl status says the reload failed" \
-    bash -c "s=\$(inc systemctl status --no-pager virtwarden); echo \"\$s\" | head -8; echo \"\$s\" | grep -q 'reload FAILED'"
+check "STATUS= says the reload failed" wait_for 10 status_text_has 'reload FAILED' 'last good policy in force'
+check "systemctl status shows it" bash -c "s=\$(inc systemctl status --no-pager virtwarden); echo \"\$s\" | head -8; echo \"\$s\" | grep -q 'Status: .*reload FAILED'"
 check "the last good policy stays in force" bash -c "status_json | python3 -c 'import json,sys; p=json.load(sys.stdin)[\"policies\"]; print(p); assert p == [\"test\"]'"
 check "the rejection is in journalctl -p err, located" \
     bash -c "journal_since '$c' -p err | tee /dev/stderr | grep -q 'bad.yaml:[0-9]*:[0-9]*'"
