@@ -14,7 +14,7 @@ use crate::diagnose::{self, DiagnoseSource, DomainReport, Target};
 use crate::exit;
 use crate::hostnet::netlink::NetlinkHost;
 use crate::hostnet::sysctl::ProcForwarding;
-use crate::hypervisor::Hypervisor;
+use crate::hypervisor::{DomainReader, Hypervisor};
 use crate::libvirt::pool::{connections_for, LibvirtPool};
 use crate::libvirt::{resolve_uri, LibvirtHost};
 use crate::memory::{Memory, MemoryStore};
@@ -32,6 +32,7 @@ Exit codes:
   release 0 released (or was not quarantined), 1 not managed or not reachable
   reload  0 reloaded (or unchanged), 2 rejected (the service keeps the last good policy), 1 no service reachable
   status  0 shown, 1 no status file
+  show    0 shown, 1 runtime error (e.g. cannot connect, no such domain)
   diagnose 0 nothing found, 3 problems found, 1 runtime error, 2 invalid policy";
 
 #[derive(Debug, Parser)]
@@ -123,6 +124,29 @@ pub struct HostArgs {
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/virtwarden";
 /// Where `diagnose` finds the managed domains when no `--policies` is given.
 pub const DEFAULT_POLICIES: &str = "/etc/virtwarden/policies";
+
+/// `show`'s document format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DocumentFormat {
+    Yaml,
+    Json,
+}
+
+/// What `show` takes.
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
+    #[arg(long, short = 'c')]
+    pub connect: Option<String>,
+    #[arg(long, short = 'o', value_enum, default_value_t = DocumentFormat::Yaml)]
+    pub output: DocumentFormat,
+    /// Host network (bridges, forwarding): auto = on unless the URI is libvirt's test driver.
+    #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
+    pub network: NetworkMode,
+    /// Domains to write (default: every domain, and forwarding).
+    #[arg(value_name = "DOMAIN")]
+    pub domains: Vec<String>,
+}
 
 /// What `diagnose` takes.
 #[derive(Debug, clap::Args)]
@@ -269,6 +293,8 @@ pub enum Command {
     Schema,
     /// Say why domains cannot boot or be reached, with evidence and the fix. Changes nothing.
     Diagnose(DiagnoseArgs),
+    /// Print the host as it is now as a HostPolicy that `plan` finds in sync (to adopt a host).
+    Show(ShowArgs),
 }
 
 fn parse_parallel(text: &str) -> Result<usize, String> {
@@ -329,6 +355,7 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         Command::Diagnose(a) => diagnose_cmd(&a, out, err),
         Command::Reload { state_dir } => reload_cmd(&state_dir, out, err),
         Command::GenerateAssets { dir } => crate::assets::generate(&dir).map(|()| exit::OK),
+        Command::Show(a) => show_cmd(&a, out, err),
     };
     result.unwrap_or(exit::RUNTIME)
 }
@@ -917,4 +944,62 @@ fn diagnose_cmd(args: &DiagnoseArgs, out: &mut dyn Write, err: &mut dyn Write) -
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?)?,
     }
     Ok(if report.problems() == 0 { exit::OK } else { exit::PROBLEMS })
+}
+
+fn show_cmd(args: &ShowArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    let uri = resolve_uri(args.connect.as_deref());
+    let host = match LibvirtHost::open(&uri) {
+        Ok(h) => h,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    let mut observed = match host.observe_host() {
+        Ok(o) => o,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    if args.network.enabled_for(&uri) {
+        match NetCtx::open().and_then(|n| n.observe()) {
+            Ok(n) => observed.net = Some(n),
+            Err(e) => {
+                writeln!(err, "error: cannot read the host network: {e}")?;
+                return Ok(exit::RUNTIME);
+            }
+        }
+    }
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let shown = match crate::show::host_policy(&observed, &args.domains, &hostname) {
+        Ok(s) => s,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    };
+    let text = match args.output {
+        DocumentFormat::Yaml => {
+            let header = [
+                format!(
+                    "{} as virtwarden show read it (libvirt {uri}) on {}",
+                    hostname.trim(),
+                    chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+                ),
+                "`virtwarden plan` on this file finds nothing to do; edit it (restart: always, drop what".into(),
+                "should stay unmanaged), check it, then install it in /etc/virtwarden/policies/.".into(),
+            ];
+            crate::show::to_yaml(&shown, &header)
+        }
+        DocumentFormat::Json => crate::show::to_json(&shown).map(|j| j + "\n"),
+    };
+    match text {
+        Ok(t) => write!(out, "{t}")?,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(exit::RUNTIME);
+        }
+    }
+    Ok(exit::OK)
 }

@@ -21,3 +21,4 @@ pub mod observe;
 pub mod operator;
 pub mod plan;
 pub mod probe;
+pub mod show;
