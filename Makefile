@@ -12,12 +12,12 @@ DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps deps-ops deb test-systemd install-cockpit prometheusrule build run test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health fuzz fmt lint crd schema clean
+.PHONY: help deps deps-ops deb test-systemd install-cockpit prometheusrule build run test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health fuzz fmt lint crd schema docs clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
 	@echo "make test   the whole suite (installs what it needs)"
-	@echo "make lint | fmt | bench | bench-operator | fuzz | crd | schema | deps"
+	@echo "make lint | fmt | bench | bench-operator | fuzz | crd | schema | docs | deps"
 	@echo "make deb   target/debian/virtwarden_*.deb (then: apt install ./target/debian/virtwarden_*.deb)"
 	@echo "make install-cockpit   the Cockpit page into \$$(DESTDIR)\$$(PREFIX)/share/cockpit/virtwarden"
 
@@ -198,6 +198,11 @@ crd:
 schema: build
 	$(VIRTWARDEN) schema > examples/schema/hostpolicy.schema.json.new
 	mv examples/schema/hostpolicy.schema.json.new examples/schema/hostpolicy.schema.json
+
+## docs: the field reference in docs/policy-reference.md from the policy schema (tests/tests/docs.rs
+## checks it, and that every CLI flag is in a synopsis in docs/).
+docs: deps
+	UPDATE_DOCS=1 $(CARGO) test -p virtwarden-tests --test docs
 
 clean:
 	$(CARGO) clean

@@ -1,7 +1,10 @@
 /* virtwarden's Cockpit page.
  *
- * Reads the status file `virtwarden run` writes (<stateDir>/status.json) through Cockpit's bridge
- * and re-renders whenever it changes; lifts a quarantine with `virtwarden release NAME`; runs
+ * Reads the status file `virtwarden run` writes (<stateDir>/status.json, replaced by rename on
+ * every change) through Cockpit's bridge and re-renders whenever it changes. Reading is
+ * level-triggered, like the service itself: a change seen in the state directory, a timer and the
+ * page load each lead to one fresh read, and a read that does not answer is abandoned and tried
+ * again, so no lost event or stuck channel can leave the page on "Reading…"; lifts a quarantine with `virtwarden release NAME`; runs
  * `virtwarden diagnose NAME --output json` for a failing domain. Settings come from this
  * package's manifest "config", which an administrator overrides in
  * /etc/cockpit/virtwarden.override.json ({"config": {"stateDir": ..., "command": [...]}}).
@@ -88,9 +91,18 @@
 
     /* ---- settings ---- */
 
+    /* How long the settings fetch and a status read may take before they are given up (and the
+     * read tried again), and how often the status is read even when no change was seen. */
+    const CONFIG_TIMEOUT_MS = 5000;
+    const READ_TIMEOUT_MS = 5000;
+    const REREAD_MS = 10000;
+
     function loadConfig() {
-        /* manifests.json holds every package's manifest with the administrator's overrides. */
-        return fetch("../manifests.json", { credentials: "same-origin" })
+        /* manifests.json holds every package's manifest with the administrator's overrides. A
+         * fetch that never answers must not keep the page from reading the status: defaults. */
+        const abort = new AbortController();
+        window.setTimeout(() => abort.abort(), CONFIG_TIMEOUT_MS);
+        return fetch("../manifests.json", { credentials: "same-origin", signal: abort.signal })
                 .then(r => r.ok ? r.json() : {})
                 .then(m => {
                     const c = (m && m.virtwarden && m.virtwarden.config) || {};
@@ -368,11 +380,83 @@
         }
     }
 
+    /* ---- reading the status file ---- */
+
+    let reading = false;
+    let readAgain = false;
+
+    /* One fresh read of the status file (a new fsread each time, so no watch state carries
+     * over); a change seen meanwhile reads once more afterwards. */
+    function readStatus() {
+        if (reading) {
+            readAgain = true;
+            return;
+        }
+        reading = true;
+        const file = cockpit.file(statusPath(), { syntax: JSON, superuser: "try" });
+        let settled = false;
+        function finish() {
+            settled = true;
+            file.close();
+            reading = false;
+            if (readAgain) {
+                readAgain = false;
+                readStatus();
+            }
+        }
+        const timer = window.setTimeout(() => {
+            if (settled)
+                return;
+            console.warn("virtwarden: reading " + statusPath() + " did not answer; trying again");
+            readAgain = true;
+            finish();
+        }, READ_TIMEOUT_MS);
+        file.read()
+                .then((content, tag) => {
+                    if (settled)
+                        return;
+                    window.clearTimeout(timer);
+                    finish();
+                    onStatus(content, tag, null);
+                })
+                .catch(error => {
+                    if (settled)
+                        return;
+                    window.clearTimeout(timer);
+                    finish();
+                    onStatus(null, null, error);
+                });
+    }
+
+    /* Changes are watched on the state directory, not on the file: the file is replaced by
+     * rename on every change, so each version is a new inode, while the directory stays. Every
+     * event naming the status file (created, moved in, changed, deleted) leads to a read. */
+    function watchStateDir() {
+        const channel = cockpit.channel({ payload: "fswatch1", path: config.stateDir, superuser: "try" });
+        channel.addEventListener("message", (event, data) => {
+            let msg = null;
+            try {
+                msg = JSON.parse(data);
+            } catch (e) {
+                return;
+            }
+            if (msg && (msg.path === statusPath() || msg.other === statusPath()))
+                readStatus();
+        });
+        channel.addEventListener("close", (event, options) => {
+            /* The directory is missing (service not started yet) or the bridge went away: the
+             * timer keeps reading; watch again later. */
+            console.info("virtwarden: watch of " + config.stateDir + " closed:", options && options.problem);
+            window.setTimeout(watchStateDir, REREAD_MS);
+        });
+    }
+
     loadConfig().then(() => {
-        cockpit.file(statusPath(), { syntax: JSON, superuser: "try" }).watch(onStatus);
-        /* Keep "… ago" current between status changes. */
-        window.setInterval(render, 30000);
         document.body.setAttribute("data-config-state-dir", config.stateDir);
+        watchStateDir();
+        readStatus();
+        /* A safety net for missed events; also keeps "… ago" current. */
+        window.setInterval(readStatus, REREAD_MS);
     });
     cockpit.translate();
 }());

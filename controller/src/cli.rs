@@ -1,6 +1,6 @@
 //! The command line: one-shot `check`, `plan`, `apply`, `release`, `status`, `schema`, and the
 //! long-running `run` and `operator`. Exit codes are part of the interface (documented in
-//! `--help` and the README).
+//! `--help` and docs/cli.md).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -404,6 +404,9 @@ fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io
     let Some(loaded) = load(paths, warn_ownership(), err)? else {
         return Ok(exit::INVALID_POLICY);
     };
+    for w in exec_hook_warnings(&loaded) {
+        writeln!(err, "warning: {w}")?;
+    }
     let d = &loaded.desired;
     let fwd: Vec<String> = [("ipv4", &d.ipv4_forwarding), ("ipv6", &d.ipv6_forwarding)]
         .iter()
@@ -420,6 +423,33 @@ fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io
         if fwd.is_empty() { "unmanaged".to_string() } else { fwd.join(" ") }
     )?;
     Ok(exit::OK)
+}
+
+/// `exec` steps whose command does not exist or is not executable here: a warning, not an
+/// error (the policy may be checked before the hook is installed), located at the command.
+fn exec_hook_warnings(loaded: &LoadedPolicies) -> Vec<virtwarden_policies::Diagnostic> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    for doc in &loaded.documents {
+        for (i, d) in doc.policy.spec.domains.iter().enumerate() {
+            for (j, step) in d.remediation.iter().flatten().enumerate() {
+                let Some(program) = step.command.as_ref().and_then(|c| c.first()) else { continue };
+                let problem = match std::fs::metadata(program) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_string(),
+                    Err(e) => format!("cannot be read ({e})"),
+                    Ok(m) if !m.is_file() => "is not a file".to_string(),
+                    Ok(m) if m.permissions().mode() & 0o111 == 0 => "is not executable".to_string(),
+                    Ok(_) => continue,
+                };
+                out.push(doc.diagnostic(
+                    &format!("spec.domains[{i}].remediation[{j}].command[0]"),
+                    format!("exec hook of domain {}: {program} {problem}; the step fails when it is reached", d.name),
+                    Some("install the command (root-owned, mode 0755) or remove the step".into()),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The network half of a one-shot run: a netlink connection on a small runtime.

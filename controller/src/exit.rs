@@ -1,5 +1,5 @@
 //! Process exit codes, part of the command-line interface (documented in `--help` and the
-//! README). Shared by the CLI and both front ends, so none of them imports another.
+//! docs/cli.md). Shared by the CLI and both front ends, so none of them imports another.
 
 pub const OK: i32 = 0;
 pub const RUNTIME: i32 = 1;

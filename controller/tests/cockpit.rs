@@ -165,6 +165,9 @@ fn cockpit_page_shows_the_status_live_and_its_release_button_lifts_a_quarantine(
         "unprobed_diagnose_text": diagnose_text(&rig, "db1"),
         "screenshot_quarantined": shots.join("virtwarden-quarantined.png"),
         "screenshot_released": shots.join("virtwarden-released.png"),
+        // Repeated page loads while the status changes, each given this long to show it.
+        "loads": 8,
+        "load_ms": 15_000,
     });
     let out = Command::new(&python)
         .arg(ops_tools::repo().join("controller/tests/cockpit/page.py"))

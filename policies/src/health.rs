@@ -78,6 +78,7 @@ pub enum Probe {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpProbe {
+    /// TCP port of the guest's HTTP service (1–65535).
     pub port: u16,
     /// Request path (default `/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,6 +88,7 @@ pub struct HttpProbe {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpProbe {
+    /// TCP port that must accept a connection (1–65535).
     pub port: u16,
 }
 

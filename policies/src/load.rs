@@ -380,7 +380,7 @@ fn hint_for(message: &str) -> Option<String> {
     } else if message.starts_with("missing field") {
         "add the field; `virtwarden schema` shows which fields are required"
     } else if message.contains("durations are at most") {
-        "no policy duration needs more than 100 years; each field has a much smaller bound (see README, \"Bounds\")"
+        "no policy duration needs more than 100 years; each field has a much smaller bound (see docs/policy-reference.md, \"Bounds\")"
     } else if message.contains("invalid duration") {
         "write durations like 500ms, 30s, 5m, 1h or 1h30m"
     } else if message.starts_with("invalid type") || message.starts_with("expected") {

@@ -45,8 +45,10 @@ pub struct HostPolicy {
 pub struct Metadata {
     /// Lowercase letters, digits, `-` and `.`, at most 253 characters (a Kubernetes object name).
     pub name: String,
+    /// Kubernetes labels (ignored in host mode; kept so a document is also a custom resource).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Kubernetes annotations (ignored in host mode).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
@@ -315,6 +317,7 @@ pub struct BridgePolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Stp {
+    /// Spanning tree on or off.
     pub enabled: bool,
     /// Seconds, 2–30.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -342,8 +345,10 @@ pub const MAX_AGE_RANGE: std::ops::RangeInclusive<u32> = 6..=40;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Forwarding {
+    /// `net/ipv4/ip_forward`; absent leaves it as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv4: Option<bool>,
+    /// `net/ipv6/conf/all/forwarding`; absent leaves it as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<bool>,
 }

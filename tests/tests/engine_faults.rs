@@ -361,8 +361,8 @@ async fn a_writer_that_keeps_undoing_autostart_is_backed_off_and_reported() {
     let autostart = |r: &Rig| r.faulty.inner.observe_domain("db1").unwrap().unwrap().autostart;
     r.until("first repair", |_| autostart(&r)).await;
     // Another writer turns it off again and again; each resync repairs it, until the third
-    // repair within a minute: then virtwarden backs off and says so.
-    for n in 2..=3 {
+    // revert within a minute (the first repair is virtwarden's own): then it backs off, says so.
+    for n in 2..=4 {
         r.faulty.inner.set_autostart("db1", false).unwrap();
         r.engine.resync();
         r.until(&format!("repair {n}"), |_| autostart(&r)).await;
@@ -389,4 +389,62 @@ async fn a_writer_that_keeps_undoing_autostart_is_backed_off_and_reported() {
     let memory: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data.path().join("memory.json")).unwrap()).unwrap();
     assert!(memory["domains"]["db1"]["flap"]["records"][0]["key"]["kind"] == "autostart", "{memory}");
+}
+
+/// Issue 18: editing a policy's autostart back and forth (through the operator or a reload) is
+/// no other writer: every repair is towards a new desired value, so none counts as a revert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_edits_of_autostart_are_never_taken_for_another_writer() {
+    let faulty = open();
+    let mut cfg = config(None);
+    cfg.flap = virtwarden::plan::flap::FlapSettings { threshold: 2, ..Default::default() };
+    let r = spawn_on(
+        faulty,
+        policy("  domains:\n    - name: db1\n      autostart: true\n"),
+        cfg,
+        Registry::with_builtins(),
+    );
+    let autostart = |r: &Rig| r.faulty.inner.observe_domain("db1").unwrap().unwrap().autostart;
+    r.until("first repair", |_| autostart(&r)).await;
+    for n in 0..6 {
+        let on = n % 2 == 1;
+        r.engine.reload(policy(&format!("  domains:\n    - name: db1\n      autostart: {on}\n")));
+        r.until(&format!("edit {n} applied"), |_| autostart(&r) == on).await;
+    }
+    let s = r.engine.status();
+    let d = find(&s, "db1").unwrap();
+    assert!(d.flapping.is_empty(), "{d:#?}");
+    assert!(d.notes.iter().all(|n| !n.contains("held until")), "{d:#?}");
+    assert!(!r.engine.metrics_text().contains("virtwarden_writer_conflicts_total{kind=\"autostart\"}"));
+    r.stop().await;
+}
+
+/// Issue 18: the memory of a domain no policy names is dropped after the grace period (1 h by
+/// default, short here); a managed domain's is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_of_domains_no_policy_names_is_dropped_after_the_grace_period() {
+    use virtwarden::memory::{DomainMemory, MemoryStore};
+    let memory = Arc::new(MemoryStore::in_memory());
+    memory.update(|m| {
+        for name in ["db1", "renamed-away"] {
+            m.domains.insert(name.into(), DomainMemory::default());
+        }
+    });
+    let faulty = open();
+    let connector = FaultyConnector::new(faulty.clone());
+    let mut backends = Backends::new(connector, Registry::with_builtins());
+    backends.memory = Some(memory.clone());
+    let cfg = EngineConfig { memory_grace: Duration::from_millis(300), ..config(None) };
+    let (engine, task) = Engine::spawn_with(backends, policy("  domains:\n    - name: db1\n"), cfg);
+    let has = |name: &str| memory.read(|m| m.domains.contains_key(name));
+    // Marked at once, kept through the grace period, dropped at a resync after it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while has("renamed-away") {
+        assert!(tokio::time::Instant::now() < deadline, "never dropped: {:#?}", memory.snapshot());
+        engine.resync();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(has("db1"), "a managed domain keeps its memory: {:#?}", memory.snapshot());
+    engine.shutdown();
+    task.await.unwrap();
 }

@@ -75,6 +75,61 @@ async fn destroyed_domain_is_restarted_under_always() {
     r.stop().await;
 }
 
+/// Issue 18: a domain never started since libvirtd started (`shut off (unknown)`: host boot,
+/// first install, a new policy) is started, not restarted: no failure, no count, no backoff
+/// step — so the operator's first `virsh destroy` is repaired at once, not after `initialDelay`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_of_a_never_started_domain_is_no_restart_and_no_backoff_step() {
+    let spec =
+        "  domains:\n    - name: web1\n      restart: always\n      backoff: { initialDelay: 1h, maxDelay: 1h }\n";
+    let r = rig(policy(spec)).await;
+    let s = r.until("web1 started", |s| domain(s, "web1").state.starts_with("running")).await;
+    let d = domain(&s, "web1");
+    assert_eq!((d.restarts, d.restarts_in_window, d.consecutive_failures), (0, 0, 0), "{d:#?}");
+    assert_eq!(d.last_failure, None, "a first start follows no failure: {d:#?}");
+    assert_eq!(d.last_action.as_deref(), Some("start (first start)"));
+    assert_eq!(d.next_retry, None);
+    assert!(
+        r.engine.metrics_text().lines().all(|l| !l.starts_with("virtwarden_restarts_total{")),
+        "no restart counted"
+    );
+
+    // The operator's first test: destroyed right after, back at once (an hour's backoff otherwise).
+    r.host.destroy("web1").unwrap();
+    let s = r
+        .until("web1 restarted without backoff", |s| {
+            domain(s, "web1").restarts == 1 && domain(s, "web1").state.starts_with("running")
+        })
+        .await;
+    let d = domain(&s, "web1");
+    assert_eq!(d.last_action.as_deref(), Some("start (attempt 1)"));
+    assert!(d.last_failure.as_deref().unwrap().starts_with("stopped/destroyed"), "{d:#?}");
+    r.stop().await;
+}
+
+/// Issue 18: a restart waiting for backoff says so in status, with its delay and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_waiting_for_backoff_is_shown_with_its_delay() {
+    let spec =
+        "  domains:\n    - name: web2\n      restart: always\n      backoff: { initialDelay: 1h, maxDelay: 1h }\n";
+    let r = rig(policy(spec)).await;
+    r.host.destroy("web2").unwrap();
+    r.until("web2 restarted", |s| domain(s, "web2").restarts == 1 && domain(s, "web2").state.starts_with("running"))
+        .await;
+    // Down again soon after a restart: this one waits.
+    r.host.destroy("web2").unwrap();
+    let s = r.until("web2 backing off", |s| domain(s, "web2").backoff.is_some()).await;
+    let d = domain(&s, "web2");
+    let text = d.backoff.as_deref().unwrap();
+    assert!(text.starts_with("restart in 3"), "about an hour (3600 s plus jitter): {text}");
+    assert!(text.ends_with(" s, backoff after 1 restart in 10m"), "{text}");
+    assert_eq!(d.restarts, 1);
+    assert!(d.next_retry.is_some());
+    let table = virtwarden::engine::status::render_text(&s);
+    assert!(table.contains("BACKOFF: restart in 3"), "{table}");
+    r.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_failure_honours_admin_destroy_and_guest_shutdown_never_only_reports() {
     let r = rig(policy(

@@ -18,7 +18,7 @@ use crate::plan::Action;
 /// Default bound on concurrent actions in `apply` (`--parallel`): libvirtd serves 20 calls at
 /// once by default (`max_workers`), which the 4 pooled connections reach. `make bench-apply`
 /// measured 50 starts at 82 s (4), 52 s (8), 33 s (16), 36 s (20), 32 s (32), 29 s (50): past
-/// 16, noise (README).
+/// 16, noise (docs/benchmarks.md).
 pub const DEFAULT_PARALLEL: usize = 20;
 
 /// How `apply` runs a plan.

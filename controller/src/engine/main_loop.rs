@@ -231,6 +231,20 @@ impl Engine {
         self.shared.mark_dirty();
         self.desired_tx.send_replace(Arc::new(desired.clone()));
         self.desired = desired;
+        self.forget_unmanaged();
+    }
+
+    /// Drop the memory of domains no policy has named for the grace period (logged).
+    fn forget_unmanaged(&self) {
+        let (now, grace, desired) = (self.shared.tick(), self.config.memory_grace, &self.desired);
+        let managed = |name: &str| desired.domain(name).is_some();
+        if !self.shared.memory.read(|m| m.has_unmanaged_work(managed, now, grace)) {
+            return;
+        }
+        let (dropped, _) = self.shared.memory.update(|m| m.forget_unmanaged(managed, now, grace));
+        for name in dropped {
+            tracing::info!(domain = %name, ?grace, "forgot the memory of a domain no policy names");
+        }
     }
 
     fn kick_network(&self, kick: network::NetKick) {
@@ -240,6 +254,7 @@ impl Engine {
     /// Every managed worker looks at its domain once (reading only managed domains); READY
     /// and liveness follow the rounds. libvirt's network list is refreshed alongside.
     fn start_resync(&mut self) {
+        self.forget_unmanaged();
         let Some(hv) = self.shared.hypervisor() else {
             return;
         };

@@ -69,6 +69,8 @@ pub struct EngineConfig {
     pub flap: crate::plan::flap::FlapSettings,
     /// At most this many starts of stopped or crashed domains at once (lower order first).
     pub max_concurrent_starts: usize,
+    /// The durable memory of a domain no policy names is dropped this long after (1 h).
+    pub memory_grace: Duration,
 }
 
 impl Default for EngineConfig {
@@ -86,6 +88,7 @@ impl Default for EngineConfig {
             diagnose: false,
             flap: Default::default(),
             max_concurrent_starts: DEFAULT_MAX_CONCURRENT_STARTS,
+            memory_grace: Duration::from_secs(3600),
         }
     }
 }

@@ -73,8 +73,8 @@ impl NetworkTask {
         kicks: UnboundedReceiver<NetKick>,
         flap: FlapSettings,
     ) -> Self {
-        // Backoffs survive a restart: a writer that kept changing things back before it is
-        // still expected to.
+        // A running backoff survives a restart: a writer that kept changing things back before
+        // it is still expected to.
         let remembered = shared.memory.read(|m| m.network.clone());
         let mut detector = match serde_json::from_value::<FlapDetector>(remembered.clone()) {
             Ok(d) => d,
@@ -85,6 +85,8 @@ impl NetworkTask {
             }
         };
         detector.set_settings(flap);
+        // Only a backoff still running is carried across a restart (a reboot included).
+        detector.resume(shared.tick());
         NetworkTask { shared, desired, kicks, domains: ObservedHost::default(), flap: detector, remembered }
     }
 
@@ -222,7 +224,7 @@ impl NetworkTask {
             tracing::info!(object = %key, "no longer changed by another writer; repairs are immediate again");
         }
         self.remember_flaps();
-        let flapping: Vec<String> = self.flap.flapping().iter().map(|r| r.line()).collect();
+        let flapping: Vec<String> = self.flap.flapping().iter().map(|r| r.line(now)).collect();
         let mut backed_off: BTreeMap<&str, usize> =
             [FlapKind::Bridge, FlapKind::Stp, FlapKind::Port, FlapKind::Tap, FlapKind::Forwarding]
                 .iter()
@@ -268,7 +270,7 @@ impl NetworkTask {
             .into_iter()
             .filter(|a| {
                 let key = a.flap_key();
-                match self.flap.drifted(&key, now) {
+                match self.flap.drifted(&key, &a.flap_wanted(), now) {
                     Verdict::Repair => true,
                     Verdict::Wait { until } => {
                         tracing::debug!(subject = %a.subject, until = %tick_text(until), "repair held: another writer keeps changing it");
@@ -283,7 +285,7 @@ impl NetworkTask {
     /// Count a repair; warn when it shows another writer at work.
     fn repaired(&mut self, action: &NetAction, now: Tick) {
         let key = action.flap_key();
-        if self.flap.repaired(&key, now) {
+        if self.flap.repaired(&key, &action.flap_wanted(), now) {
             self.shared.metrics.writer_conflict(key.kind.as_str());
             let next = self.flap.wait_until(&key, now).map(tick_text);
             tracing::warn!(object = %key, ?next, "another writer keeps changing it back; backing off its repairs");

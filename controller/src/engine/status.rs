@@ -89,6 +89,9 @@ pub struct DomainStatus {
     pub last_action_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_retry: Option<DateTime<Utc>>,
+    /// A restart waiting for backoff, as logged: `restart in 4 s, backoff after 3 restarts in 10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
     /// Why automatic restarts stopped, if they did (lift with `virtwarden release NAME`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<String>,
@@ -219,8 +222,10 @@ pub fn render_text(report: &StatusReport) -> String {
                 if let Some(a) = &d.last_action {
                     detail.push(format!("action: {a} → {}", d.last_outcome.as_deref().unwrap_or("pending")));
                 }
-                if let Some(t) = d.next_retry {
-                    detail.push(format!("next retry {}", t.to_rfc3339()));
+                match (&d.backoff, d.next_retry) {
+                    (Some(b), Some(t)) => detail.push(format!("BACKOFF: {b} (next retry {})", t.to_rfc3339())),
+                    (None, Some(t)) => detail.push(format!("next retry {}", t.to_rfc3339())),
+                    _ => {}
                 }
                 lines.push(detail.join("; "));
             }

@@ -89,6 +89,14 @@ pub(super) struct Worker {
     fresh_start: bool,
     /// An order since the last pass needs the domain looked at (not only health polled).
     look_needed: bool,
+    /// The domain has been seen defined by this worker.
+    seen: bool,
+    /// First seen `shut off (unknown)` — never started since libvirtd started (host boot, first
+    /// install, a new policy) — and not yet started by us: starting it is a start, not a
+    /// restart (no failure, no count, no backoff step).
+    never_started: bool,
+    /// The backoff wait last logged (logged once per wait).
+    backoff_logged: Option<crate::plan::restart::Tick>,
 }
 
 fn is_recovery(kind: &ActionKind) -> bool {
@@ -137,6 +145,7 @@ impl Worker {
         let mut flap =
             shared.memory.read(|m| m.domains.get(&managed.spec.name).and_then(|d| d.flap.clone())).unwrap_or_default();
         flap.set_settings(shared.config.flap);
+        flap.resume(shared.tick());
         let health = managed.spec.health.as_ref().map(|h| health::GuestHealth::new(&managed.spec.name, h));
         let w = Worker {
             health,
@@ -156,6 +165,9 @@ impl Worker {
             flap_saved: None,
             flap,
             counted: Vec::new(),
+            seen: false,
+            never_started: false,
+            backoff_logged: None,
         };
         w.refresh_tracker_status();
         w
@@ -393,6 +405,7 @@ impl Worker {
                 };
             }
         };
+        self.note_first_look(observed.as_ref());
         if self.shared.publish_domain(self.name(), observed.clone()) {
             self.shared.kick_network(NetKick::Domain(self.name().to_string()));
         }
@@ -423,7 +436,9 @@ impl Worker {
                 return Some(Instant::now());
             }
         }
-        self.settle_flaps();
+        if let Some(until) = self.settle_flaps() {
+            wake = Some(wake.map_or(until, |w| w.min(until)));
+        }
         let again = match recovery.into_iter().next() {
             Some(action) => self.recover(action, observed).await,
             None if self.verdict().is_some() && observed.as_ref().is_some_and(is_up) => self.heal(observed).await,
@@ -451,14 +466,15 @@ impl Worker {
             self.run_action(action, observed).await;
             return None;
         };
-        if let Verdict::Wait { until } = self.flap.drifted(&key, self.shared.tick()) {
+        let wanted = format!("{:?}", action.kind);
+        if let Verdict::Wait { until } = self.flap.drifted(&key, &wanted, self.shared.tick()) {
             let note =
                 format!("another writer keeps changing {key}: {} held until {}", action.kind.verb(), tick_text(until));
             self.shared.update_domain(self.name(), |s| s.notes.push(note));
             self.remember_flaps();
             return Some(self.shared.instant_at(until));
         }
-        if self.run_action(action, observed).await && self.flap.repaired(&key, self.shared.tick()) {
+        if self.run_action(action, observed).await && self.flap.repaired(&key, &wanted, self.shared.tick()) {
             tracing::warn!(domain = %self.name(), object = %key, "another writer keeps changing it; backing off");
             self.shared.metrics.writer_conflicts.get_or_create(&DriftLabel { kind: key.kind.as_str().into() }).inc();
         }
@@ -466,17 +482,21 @@ impl Worker {
         None
     }
 
-    /// Forget objects that stayed put; keep status, the gauge and the memory in step.
-    fn settle_flaps(&mut self) {
-        let calmed = self.flap.settle(self.shared.tick());
+    /// Forget objects that stayed put; keep status, the gauge and the memory in step. Returns
+    /// when a backoff ends, so status is rewritten then (it never shows a past "next repair").
+    fn settle_flaps(&mut self) -> Option<Instant> {
+        let now = self.shared.tick();
+        let calmed = self.flap.settle(now);
         for key in &calmed {
             tracing::info!(domain = %self.name(), object = %key, "no longer changed by another writer");
         }
         self.remember_flaps();
+        self.flap.next_wakeup(now).map(|t| self.shared.instant_at(t))
     }
 
     fn remember_flaps(&mut self) {
-        let lines: Vec<String> = self.flap.flapping().iter().map(|r| r.line()).collect();
+        let now = self.shared.tick();
+        let lines: Vec<String> = self.flap.flapping().iter().map(|r| r.line(now)).collect();
         let kinds: Vec<FlapKind> = self.flap.flapping().iter().map(|r| r.key.kind).collect();
         self.count_flapping(&kinds);
         let flap = (!self.flap.is_empty()).then(|| self.flap.clone());
@@ -589,9 +609,27 @@ impl Worker {
         }
     }
 
+    /// Whether the domain was never started since libvirtd started: `shut off (unknown)` when
+    /// first seen, with no failure streak remembered; ends once it is seen in any other state.
+    fn note_first_look(&mut self, observed: Option<&ObservedDomain>) {
+        let never_started = observed
+            .is_some_and(|d| d.state == DomainState::ShutOff && d.reason == crate::observe::StateReason::Unknown);
+        if !self.seen && observed.is_some() {
+            self.seen = true;
+            self.never_started = never_started && self.tracker.state().down_since.is_none();
+        } else if !never_started {
+            self.never_started = false;
+        }
+    }
+
     async fn recover(&mut self, action: Action, observed: Option<ObservedDomain>) -> Option<Instant> {
         let now = self.shared.tick();
-        let decision = self.tracker.on_down(now, fastrand::f64());
+        let first = self.never_started && action.kind == ActionKind::Start && self.tracker.quarantine().is_none();
+        let decision = if first {
+            Decision::Act { step: crate::plan::restart::Step::start(), attempt: 1 }
+        } else {
+            self.tracker.on_down(now, fastrand::f64())
+        };
         let failure = self.failure_text(observed.as_ref());
         match decision {
             Decision::WaitUntil(at) => self.back_off(at, failure),
@@ -613,8 +651,13 @@ impl Worker {
                     return Some(Instant::now() + OBSERVE_RETRY);
                 }
                 self.shared.metrics.drift("domain-down");
-                tracing::info!(domain = %self.name(), reason = %action.reason, step = step.action.as_str(), attempt, "restarting");
-                let outcome = self.attempt(step, attempt, failure, observed.as_ref(), false).await;
+                if first {
+                    tracing::info!(domain = %self.name(), reason = %action.reason, "starting (first start since libvirtd started; not a restart)");
+                } else {
+                    tracing::info!(domain = %self.name(), reason = %action.reason, step = step.action.as_str(), attempt, "restarting");
+                }
+                let kind = if first { Attempt::FirstStart } else { Attempt::Restart };
+                let outcome = self.attempt(step, attempt, failure, observed.as_ref(), kind).await;
                 if let Some(permit) = turn {
                     permit.finish(outcome == Outcome::Recovered);
                 }
@@ -639,7 +682,27 @@ impl Worker {
             s.last_failure = Some(failure);
             self.write_tracker_fields(s);
         });
+        self.announce_backoff(at);
         Some(self.shared.instant_at(at))
+    }
+
+    /// A restart waits for backoff until `at`: logged once per wait, with its delay, and shown
+    /// in status (`vm1: restart in 4 s, backoff after 3 restarts in 10m`).
+    fn announce_backoff(&mut self, at: crate::plan::restart::Tick) {
+        let wait = at.saturating_sub(self.shared.tick());
+        let delay = match wait.as_millis() {
+            ms if ms < 10_000 => format!("{:.1} s", wait.as_secs_f64()).replace(".0 s", " s"),
+            _ => format!("{} s", wait.as_secs()),
+        };
+        let reset_after = Backoff::resolve(self.managed.spec.backoff.as_ref()).reset_after;
+        let n = self.tracker.consecutive_failures();
+        let text =
+            format!("restart in {delay}, backoff after {n} restart{} in {reset_after}", if n == 1 { "" } else { "s" });
+        if self.backoff_logged != Some(at) {
+            self.backoff_logged = Some(at);
+            tracing::info!(domain = %self.name(), delay_ms = wait.as_millis() as u64, "{}: {text}", self.name());
+        }
+        self.shared.update_domain(self.name(), |s| s.backoff = Some(text));
     }
 
     /// No more automatic repairs: remembered durably (logged once), probing stops, status says
@@ -675,11 +738,14 @@ impl Worker {
         attempt: u32,
         failure: String,
         observed: Option<&ObservedDomain>,
-        heal: bool,
+        kind: Attempt,
     ) -> Outcome {
+        let (heal, first) = (kind == Attempt::Heal, kind == Attempt::FirstStart);
         // Counted before acting, so a crash of virtwarden cannot forget this restart.
-        self.tracker.begin(self.shared.tick());
-        self.remember_durably().await;
+        if !first {
+            self.tracker.begin(self.shared.tick());
+            self.remember_durably().await;
+        }
         let ctx = RemediationContext {
             domain: self.name().to_string(),
             uuid: observed.map(|d| d.uuid.clone()).unwrap_or_default(),
@@ -710,17 +776,30 @@ impl Worker {
         if let Some(d) = &diagnosis {
             text = format!("{} failed: {d}", step.action.as_str());
         }
-        self.tracker.finish(self.shared.tick(), outcome, fastrand::f64());
+        let now = self.shared.tick();
+        if !first {
+            self.tracker.finish(now, outcome, fastrand::f64());
+        } else if outcome == Outcome::Failed {
+            // A first start that failed: what follows is a failure streak like any other.
+            self.tracker.on_down(now, fastrand::f64());
+            self.tracker.finish(now, outcome, fastrand::f64());
+        }
+        if first && outcome != Outcome::Interrupted {
+            self.never_started = false;
+        }
         self.remember();
         if outcome != Outcome::Interrupted {
-            self.shared
-                .metrics
-                .restarts
-                .get_or_create(&super::metrics::DomainLabel { domain: self.name().to_string() })
-                .inc();
+            if !first {
+                self.shared
+                    .metrics
+                    .restarts
+                    .get_or_create(&super::metrics::DomainLabel { domain: self.name().to_string() })
+                    .inc();
+            }
             self.shared.metrics.action(step.action.as_str(), recovered);
         }
         match outcome {
+            Outcome::Recovered if first => tracing::info!(domain = %self.name(), "started"),
             Outcome::Recovered => {
                 tracing::info!(domain = %self.name(), attempt, "running again");
                 self.last_event = None;
@@ -738,20 +817,30 @@ impl Worker {
         let state = after.as_ref().map(ObservedDomain::state_text).unwrap_or_else(|| "not defined".into());
         self.shared.update_domain(self.name(), |s| {
             s.state = state;
-            s.last_failure = Some(failure);
-            s.last_failure_at = Some(chrono::Utc::now());
+            if !first {
+                s.last_failure = Some(failure);
+                s.last_failure_at = Some(chrono::Utc::now());
+            }
             if outcome == Outcome::Failed {
                 s.last_error = Some(text.clone());
                 s.diagnosis = diagnosis;
             } else if outcome == Outcome::Recovered {
                 s.diagnosis = None;
             }
-            s.last_action = Some(format!("{} (attempt {attempt})", step.action.as_str()));
+            s.last_action = Some(match first {
+                true => "start (first start)".to_string(),
+                false => format!("{} (attempt {attempt})", step.action.as_str()),
+            });
             s.last_outcome = Some(text);
             s.last_action_at = Some(chrono::Utc::now());
             self.write_tracker_fields(s);
         });
         self.publish_health();
+        if outcome == Outcome::Failed {
+            if let Some(at) = self.tracker.next_retry() {
+                self.announce_backoff(at);
+            }
+        }
         outcome
     }
 
@@ -797,7 +886,7 @@ impl Worker {
                 }
                 self.shared.metrics.drift(verdict.kind());
                 tracing::info!(domain = %self.name(), verdict = %failure, step = step.action.as_str(), attempt, "healing");
-                let outcome = self.attempt(step, attempt, failure, observed.as_ref(), true).await;
+                let outcome = self.attempt(step, attempt, failure, observed.as_ref(), Attempt::Heal).await;
                 self.look_again_after(outcome)
             }
         }
@@ -839,9 +928,21 @@ impl Worker {
         s.restarts_in_window = t.restarts_in_window() as u32;
         s.consecutive_failures = t.consecutive_failures();
         s.next_retry = t.next_retry().map(|at| self.shared.wall_clock_at(at));
+        if s.next_retry.is_none() {
+            s.backoff = None;
+        }
         s.quarantined = t.quarantined().map(str::to_string);
         s.quarantined_since = t.quarantine().map(|q| self.shared.wall_clock_at(q.since));
     }
+}
+
+/// What an attempt is: a restart after a failure or stop, a repair of an unhealthy running
+/// guest, or the first start of a domain never started since libvirtd started (not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Restart,
+    Heal,
+    FirstStart,
 }
 
 /// How an attempt ended, and the words for status.

@@ -32,6 +32,40 @@ impl Memory {
     pub fn intent(&self, domain: &str) -> Option<&Intent> {
         self.domains.get(domain).and_then(|d| d.intent.as_ref())
     }
+
+    /// Whether [`forget_unmanaged`](Self::forget_unmanaged) would change anything.
+    pub fn has_unmanaged_work(&self, managed: impl Fn(&str) -> bool, now: Tick, grace: std::time::Duration) -> bool {
+        self.domains.iter().any(|(name, d)| match (managed(name), d.unmanaged_since) {
+            (true, since) => since.is_some(),
+            (false, None) => true,
+            (false, Some(t)) => now.saturating_sub(t) >= grace,
+        })
+    }
+
+    /// Entries of domains no policy names are dropped `grace` after they were first found
+    /// unnamed, so a policy moved between files (or briefly invalid) keeps its history; a domain
+    /// named again keeps its entry. Returns the names dropped.
+    pub fn forget_unmanaged(
+        &mut self,
+        managed: impl Fn(&str) -> bool,
+        now: Tick,
+        grace: std::time::Duration,
+    ) -> Vec<String> {
+        let mut dropped = Vec::new();
+        self.domains.retain(|name, d| {
+            if managed(name) {
+                d.unmanaged_since = None;
+                return true;
+            }
+            let since = *d.unmanaged_since.get_or_insert(now);
+            let keep = now.saturating_sub(since) < grace;
+            if !keep {
+                dropped.push(name.clone());
+            }
+            keep
+        });
+        dropped
+    }
 }
 
 /// What is remembered about one domain.
@@ -49,6 +83,10 @@ pub struct DomainMemory {
     /// The last health verdict not yet followed by a passing probe (`plan` notes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bad_health: Option<BadHealth>,
+    /// Since when no policy names it; forgotten after a grace period (see
+    /// [`Memory::forget_unmanaged`]).
+    #[serde(default, with = "opt_tick_ms", skip_serializing_if = "Option::is_none")]
+    pub unmanaged_since: Option<Tick>,
 }
 
 /// A guest judged unhealthy or not booted, as last known.
@@ -271,6 +309,27 @@ mod tests {
     }
 
     #[test]
+    fn entries_of_unmanaged_domains_are_dropped_after_the_grace_period_only() {
+        let hour = std::time::Duration::from_secs(3600);
+        let mut m = Memory::empty();
+        for name in ["kept", "moved", "gone"] {
+            m.domains.insert(name.into(), DomainMemory::default());
+        }
+        let t0 = Tick::from_secs(1_700_000_000);
+        let managed_at_first = |n: &str| n == "kept";
+        assert!(m.has_unmanaged_work(managed_at_first, t0, hour));
+        assert!(m.forget_unmanaged(managed_at_first, t0, hour).is_empty(), "nothing dropped at once");
+        assert!(!m.has_unmanaged_work(managed_at_first, t0 + hour / 2, hour));
+        // "moved" is named again (its policy moved to another file): it keeps its history.
+        let managed_later = |n: &str| n == "kept" || n == "moved";
+        assert!(m.forget_unmanaged(managed_later, t0 + hour / 2, hour).is_empty());
+        assert_eq!(m.domains["moved"].unmanaged_since, None);
+        assert_eq!(m.forget_unmanaged(managed_later, t0 + hour, hour), ["gone"]);
+        assert_eq!(m.domains.keys().collect::<Vec<_>>(), ["kept", "moved"]);
+        assert!(!m.has_unmanaged_work(managed_later, t0 + hour * 5, hour));
+    }
+
+    #[test]
     fn round_trips_through_json() {
         let mut m = Memory::empty();
         m.domains.insert(
@@ -294,6 +353,7 @@ mod tests {
                     at: Tick::from_millis(1_700_000_000_500),
                 }),
                 flap: None,
+                unmanaged_since: Some(Tick::from_secs(11)),
             },
         );
         let text = serde_json::to_string(&m).unwrap();

@@ -1,9 +1,12 @@
 //! Flapping: an object that another writer keeps changing back (a network manager resetting STP,
-//! a script rewriting a boot order). After `threshold` repairs of one object within `window`,
-//! further repairs of it wait, `initial_delay` doubling up to `max_delay`, and it is reported as
-//! "another writer keeps changing X" until it has stayed put for `quiet`. Pure: time is passed in
-//! (the engine's clock, time since the Unix epoch), and the state serializes — times as Unix
-//! milliseconds — so it can outlive a restart.
+//! a script rewriting a boot order). Only a real fight counts: the first repair towards a desired
+//! value (the object's creation, a first install, a policy edit or reload that changed the value)
+//! is virtwarden's own doing and never counts; each further repair towards the same value is a
+//! revert by someone else. After `threshold` reverts of one object within `window`, further
+//! repairs of it wait, `initial_delay` doubling up to `max_delay`, and it is reported as "another
+//! writer keeps changing X" until it has stayed put for `quiet`. Pure: time is passed in (the
+//! engine's clock, time since the Unix epoch), and the state serializes — times as Unix
+//! milliseconds — so a backoff still running outlives a restart (see [`FlapDetector::resume`]).
 
 use std::fmt;
 use std::time::Duration;
@@ -16,7 +19,7 @@ use super::restart::Tick;
 /// When an object counts as flapping and how long its repairs wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlapSettings {
-    /// Repairs of one object within `window` after which further repairs wait.
+    /// Reverts of one object within `window` after which further repairs wait.
     pub threshold: u32,
     pub window: Duration,
     /// The first wait; each further repair while backing off doubles it, up to `max_delay`.
@@ -27,10 +30,10 @@ pub struct FlapSettings {
 }
 
 impl Default for FlapSettings {
-    /// 3 repairs within 60 s; then 10 s doubling to 5 min; forgotten after 10 min without change.
+    /// 5 reverts within 60 s; then 10 s doubling to 5 min; forgotten after 10 min without change.
     fn default() -> Self {
         FlapSettings {
-            threshold: 3,
+            threshold: 5,
             window: Duration::from_secs(60),
             initial_delay: Duration::from_secs(10),
             max_delay: Duration::from_secs(300),
@@ -125,7 +128,11 @@ pub fn tick_text(t: Tick) -> String {
 #[serde(rename_all = "camelCase")]
 pub struct FlapRecord {
     pub key: FlapKey,
-    /// Repairs within the window, oldest first.
+    /// The desired value the repairs were towards (the repair action, as text); a repair towards
+    /// another value starts the record afresh.
+    #[serde(default)]
+    wanted: String,
+    /// Reverts (repairs after the first towards `wanted`) within the window, oldest first.
     #[serde(with = "ms_list")]
     repairs: Vec<Tick>,
     /// When the object was last found changed.
@@ -150,12 +157,17 @@ impl FlapRecord {
         self.next_repair
     }
 
-    /// For status: `another writer keeps changing bridge br0 stp; backing off 20s, next repair
-    /// at 2025-01-01T00:00:20Z`.
-    pub fn line(&self) -> String {
+    /// For status at `now`: `another writer keeps changing bridge br0 stp; backing off 20s, next
+    /// repair at 2025-01-01T00:00:20Z` — never a time already past (then: repaired at once if
+    /// changed again within the quiet period, with a longer wait after).
+    pub fn line(&self, now: Tick) -> String {
         let mut line = format!("another writer keeps changing {}", self.key);
-        if let (Some(delay), Some(at)) = (self.delay, self.next_repair) {
-            line.push_str(&format!("; backing off {}s, next repair at {}", delay.as_secs(), tick_text(at)));
+        match (self.delay, self.next_repair) {
+            (Some(delay), Some(at)) if at > now => {
+                line.push_str(&format!("; backing off {}s, next repair at {}", delay.as_secs(), tick_text(at)))
+            }
+            (Some(delay), _) => line.push_str(&format!("; last backoff {}s, watching", delay.as_secs())),
+            _ => {}
         }
         line
     }
@@ -201,6 +213,7 @@ impl FlapDetector {
             None => {
                 self.records.push(FlapRecord {
                     key: key.clone(),
+                    wanted: String::new(),
                     repairs: Vec::new(),
                     last_drift: now,
                     delay: None,
@@ -213,11 +226,15 @@ impl FlapDetector {
         &mut self.records[i]
     }
 
-    /// `key` was found changed at `now`: may it be repaired now?
-    pub fn drifted(&mut self, key: &FlapKey, now: Tick) -> Verdict {
+    /// `key` was found changed at `now`, to be repaired towards `wanted`: may it be repaired now?
+    /// A new desired value (a policy edit) is applied at once, whatever the backoff of the old.
+    pub fn drifted(&mut self, key: &FlapKey, wanted: &str, now: Tick) -> Verdict {
         let max = self.settings().max_delay;
         let r = self.record(key, now);
         r.last_drift = now;
+        if r.wanted != wanted {
+            return Verdict::Repair;
+        }
         match r.next_repair {
             // A wall clock set back must not stretch the wait beyond the longest delay.
             Some(at) if at > now + max => {
@@ -229,11 +246,20 @@ impl FlapDetector {
         }
     }
 
-    /// `key` was repaired at `now`. True when this repair starts or extends a backoff: the
-    /// object had to be repaired `threshold` times within the window, so another writer is at it.
-    pub fn repaired(&mut self, key: &FlapKey, now: Tick) -> bool {
+    /// `key` was repaired towards `wanted` at `now`. True when this repair starts or extends a
+    /// backoff: the object was reverted `threshold` times within the window, so another writer
+    /// is at it. The first repair towards a value (creation, first install, a changed policy)
+    /// is no revert: it starts the record afresh.
+    pub fn repaired(&mut self, key: &FlapKey, wanted: &str, now: Tick) -> bool {
         let s = self.settings();
         let r = self.record(key, now);
+        if r.wanted != wanted {
+            r.wanted = wanted.to_string();
+            r.repairs.clear();
+            r.delay = None;
+            r.next_repair = None;
+            return false;
+        }
         r.repairs.retain(|t| since(*t, now) < s.window);
         r.repairs.push(now);
         if r.delay.is_none() && (r.repairs.len() as u64) < u64::from(s.threshold) {
@@ -247,6 +273,12 @@ impl FlapDetector {
         r.next_repair = Some(now + delay);
         r.conflicts += 1;
         true
+    }
+
+    /// After a restart of virtwarden (a reboot included): keep only backoffs still running at
+    /// `now`; counts and finished backoffs are forgotten, so a fight is judged afresh.
+    pub fn resume(&mut self, now: Tick) {
+        self.records.retain(|r| r.delay.is_some() && r.next_repair.is_some_and(|at| at > now));
     }
 
     /// Forget objects that stayed put for the quiet period; returns those that were flapping.
@@ -337,27 +369,36 @@ mod tests {
         FlapKey::new(FlapKind::Stp, "br0")
     }
 
-    /// Drift found and repaired at `secs`; returns whether the repair was allowed.
+    /// Drift found and repaired towards `on` at `secs`; returns whether the repair was allowed.
     fn fight(d: &mut FlapDetector, secs: i64) -> Verdict {
-        let v = d.drifted(&stp(), t(secs));
+        fight_for(d, "on", secs)
+    }
+
+    fn fight_for(d: &mut FlapDetector, wanted: &str, secs: i64) -> Verdict {
+        let v = d.drifted(&stp(), wanted, t(secs));
         if v == Verdict::Repair {
-            d.repaired(&stp(), t(secs));
+            d.repaired(&stp(), wanted, t(secs));
         }
         v
     }
 
-    #[test]
-    fn three_repairs_within_the_window_start_a_doubling_backoff_up_to_the_cap() {
-        let mut d = FlapDetector::new(FlapSettings::default());
-        for s in [0, 1, 2] {
-            assert_eq!(fight(&mut d, s), Verdict::Repair, "repair at {s}s is immediate");
+    /// The first repair (not counted) and five reverts, at 0..=5 s: backing off from 5 s.
+    fn five_reverts(d: &mut FlapDetector) {
+        for s in 0..=5 {
+            assert_eq!(fight(d, s), Verdict::Repair, "repair at {s}s is immediate");
         }
-        // The third repair within 60 s started the backoff: 10 s from it.
-        assert_eq!(fight(&mut d, 3), Verdict::Wait { until: t(12) });
-        assert_eq!(fight(&mut d, 11), Verdict::Wait { until: t(12) });
-        assert_eq!(fight(&mut d, 12), Verdict::Repair);
+    }
+
+    #[test]
+    fn five_reverts_within_the_window_start_a_doubling_backoff_up_to_the_cap() {
+        let mut d = FlapDetector::new(FlapSettings::default());
+        five_reverts(&mut d);
+        // The fifth revert within 60 s started the backoff: 10 s from it.
+        assert_eq!(fight(&mut d, 6), Verdict::Wait { until: t(15) });
+        assert_eq!(fight(&mut d, 14), Verdict::Wait { until: t(15) });
+        assert_eq!(fight(&mut d, 15), Verdict::Repair);
         // Changed back again: 20 s, 40 s, 80 s, 160 s, then capped at 300 s.
-        let mut at = 12;
+        let mut at = 15;
         for delay in [20, 40, 80, 160, 300, 300] {
             assert_eq!(fight(&mut d, at + 1), Verdict::Wait { until: t(at + delay) });
             at += delay;
@@ -367,9 +408,10 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].conflicts, 8);
         assert!(
-            f[0].line().starts_with("another writer keeps changing bridge br0 stp; backing off 300s"),
+            f[0].line(t(at))
+                .starts_with("another writer keeps changing bridge br0 stp; backing off 300s, next repair at"),
             "{}",
-            f[0].line()
+            f[0].line(t(at))
         );
     }
 
@@ -385,52 +427,90 @@ mod tests {
     #[test]
     fn an_object_that_stays_put_for_the_quiet_period_is_forgotten() {
         let mut d = FlapDetector::new(FlapSettings::default());
-        for s in [0, 1, 2] {
-            fight(&mut d, s);
-        }
+        five_reverts(&mut d);
         assert_eq!(d.flapping().len(), 1);
-        assert_eq!(d.next_wakeup(t(5)), Some(t(12)));
-        // Still reported while the wait runs and shortly after.
+        assert_eq!(d.next_wakeup(t(7)), Some(t(15)));
+        // Still reported while the wait runs and shortly after, never with a past time.
+        assert!(
+            d.flapping()[0].line(t(7)).ends_with("next repair at 2023-11-14T22:13:35Z"),
+            "{}",
+            d.flapping()[0].line(t(7))
+        );
         assert!(d.settle(t(300)).is_empty());
         assert_eq!(d.flapping().len(), 1);
+        let later = d.flapping()[0].line(t(300));
+        assert_eq!(later, "another writer keeps changing bridge br0 stp; last backoff 10s, watching");
         // 10 minutes after it was last found changed: forgotten, and repairs are immediate again.
-        assert_eq!(d.settle(t(602)), vec![stp()]);
+        assert_eq!(d.settle(t(606)), vec![stp()]);
         assert!(d.flapping().is_empty());
-        assert_eq!(fight(&mut d, 603), Verdict::Repair);
+        assert_eq!(fight(&mut d, 607), Verdict::Repair);
+    }
+
+    #[test]
+    fn creation_first_installs_and_policy_edits_are_no_reverts() {
+        let mut d = FlapDetector::new(FlapSettings::default());
+        // Three repairs in a minute, the creation among them (issue 18): no fight.
+        for s in 0..3 {
+            assert_eq!(fight(&mut d, s), Verdict::Repair);
+        }
+        assert!(d.flapping().is_empty());
+        // A policy edited back and forth: every repair is towards a new value, none counts.
+        let mut d = FlapDetector::new(FlapSettings::default());
+        for s in 0..20 {
+            let wanted = if s % 2 == 0 { "on" } else { "off" };
+            assert_eq!(fight_for(&mut d, wanted, s), Verdict::Repair);
+        }
+        assert!(d.flapping().is_empty());
+        // While backing off, a new desired value goes at once and starts afresh.
+        let mut d = FlapDetector::new(FlapSettings::default());
+        five_reverts(&mut d);
+        assert_eq!(fight(&mut d, 6), Verdict::Wait { until: t(15) });
+        assert_eq!(fight_for(&mut d, "off", 7), Verdict::Repair);
+        assert!(d.flapping().is_empty());
+        assert_eq!(fight_for(&mut d, "off", 8), Verdict::Repair);
+    }
+
+    #[test]
+    fn only_a_running_backoff_outlives_a_restart() {
+        let mut d = FlapDetector::new(FlapSettings::default());
+        five_reverts(&mut d);
+        let port = FlapKey::new(FlapKind::Port, "eth1");
+        d.drifted(&port, "br0", t(5));
+        d.repaired(&port, "br0", t(5));
+        let mut early = d.clone();
+        early.resume(t(10));
+        assert_eq!(early.flapping().len(), 1, "still backing off at 10 s");
+        assert!(early.records.iter().all(|r| r.key == stp()), "counts are not carried: {early:?}");
+        d.resume(t(16));
+        assert!(d.is_empty(), "the backoff ended at 15 s: nothing carried");
     }
 
     #[test]
     fn objects_are_independent() {
         let mut d = FlapDetector::new(FlapSettings::default());
-        for s in [0, 1, 2] {
-            fight(&mut d, s);
-        }
+        five_reverts(&mut d);
         let port = FlapKey::new(FlapKind::Port, "eth1");
-        assert_eq!(d.drifted(&port, t(3)), Verdict::Repair);
-        assert!(!d.repaired(&port, t(3)));
+        assert_eq!(d.drifted(&port, "br0", t(6)), Verdict::Repair);
+        assert!(!d.repaired(&port, "br0", t(6)));
     }
 
     #[test]
     fn a_clock_set_back_does_not_stretch_the_wait() {
         let mut d = FlapDetector::new(FlapSettings::default());
-        for s in [0, 1, 2] {
-            fight(&mut d, s);
-        }
+        five_reverts(&mut d);
         // The wall clock jumps back an hour.
-        assert_eq!(d.drifted(&stp(), t(-3600)), Verdict::Wait { until: t(-3600 + 300) });
+        assert_eq!(d.drifted(&stp(), "on", t(-3600)), Verdict::Wait { until: t(-3600 + 300) });
     }
 
     #[test]
     fn state_round_trips_through_json_and_keys_read_like_the_users_words() {
         let mut d = FlapDetector::new(FlapSettings::default());
-        for s in [0, 1, 2] {
-            fight(&mut d, s);
-        }
+        five_reverts(&mut d);
         let text = serde_json::to_string(&d).unwrap();
         let mut back: FlapDetector = serde_json::from_str(&text).unwrap();
         back.set_settings(FlapSettings::default());
         assert_eq!(back, d);
-        assert_eq!(fight(&mut back, 3), Verdict::Wait { until: t(12) });
+        assert_eq!(fight(&mut back, 6), Verdict::Wait { until: t(15) });
         let words: Vec<String> = [
             FlapKey::new(FlapKind::Port, "eth1"),
             FlapKey::new(FlapKind::Forwarding, "ipv4"),

@@ -102,6 +102,12 @@ impl NetAction {
         format!("{}: {} → {}", self.subject, self.reason, self.kind.verb())
     }
 
+    /// The value this action repairs towards, for the flap detector: a new one (a policy edit)
+    /// is no revert.
+    pub fn flap_wanted(&self) -> String {
+        format!("{:?}", self.kind)
+    }
+
     /// The object this action repairs, for the flap detector.
     pub fn flap_key(&self) -> FlapKey {
         let kind = match &self.kind {

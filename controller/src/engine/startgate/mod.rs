@@ -23,7 +23,7 @@ use crate::plan::ActionKind;
 use paths::{Found, PathWatch};
 
 /// Default `--max-concurrent-starts`. `make bench-apply`, kill -9 of 16 real QEMU guests under
-/// `run`, p50 time until all run again vs the parallel floor, two interleaved runs (README):
+/// `run`, p50 time until all run again vs the parallel floor, two interleaved runs (docs/benchmarks.md):
 /// 1 slot 4.55×, 2 4.23×, 4 1.81×/1.80×, 8 1.47×/1.37×, 16 1.39×/1.51×, 32 1.40×/1.50×. From 8
 /// on the differences are noise; 8 is the smallest value there (the bound that protects most)
 /// and matches the engine's own bound on concurrent libvirt calls.
