@@ -182,7 +182,9 @@ mod tests {
             lines.contains(&"MESSAGE=quarantined: no more automatic repairs domain=vm1 reason=\"3 restarts in 10m\""),
             "{e}"
         );
-        for want in ["PRIORITY=3", "DOMAIN=vm1", "REASON=3 restarts in 10m", "SYSLOG_IDENTIFIER=virtwarden", "CODE_LINE=7"] {
+        for want in
+            ["PRIORITY=3", "DOMAIN=vm1", "REASON=3 restarts in 10m", "SYSLOG_IDENTIFIER=virtwarden", "CODE_LINE=7"]
+        {
             assert!(lines.contains(&want), "{want} missing: {e}");
         }
         assert_eq!(priority(Level::WARN), 4);
