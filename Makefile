@@ -12,16 +12,17 @@ CARGO ?= cargo
 DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 	libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils cpio gzip \
 	iptables nftables acl systemd \
-	mmdebstrap buildah podman runc openssl isc-dhcp-client
+	mmdebstrap buildah podman runc openssl isc-dhcp-client dpkg-dev
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps deps-ops install-cockpit prometheusrule build run test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health k8s-testenv fuzz fmt lint crd schema docs clean
+.PHONY: help deps deps-ops deb test-systemd install-cockpit prometheusrule build run test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health k8s-testenv fuzz fmt lint crd schema docs clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
 	@echo "make test   the whole suite (installs what it needs)"
 	@echo "make lint | fmt | bench | bench-operator | fuzz | crd | schema | docs | deps"
+	@echo "make deb   target/debian/virtwarden_*.deb (then: apt install ./target/debian/virtwarden_*.deb)"
 	@echo "make install-cockpit   the Cockpit page into \$$(DESTDIR)\$$(PREFIX)/share/cockpit/virtwarden"
 	@echo "make image  the OCI image (target/image/virtwarden-<version>.oci.tar), no registry needed"
 
@@ -82,6 +83,25 @@ image: deps
 	$(CARGO) build --release --locked -p virtwarden --bin virtwarden
 	examples/k8s/build-image.sh target/release/virtwarden
 
+## deb: the Debian package (cargo-deb, installed when missing; metadata in controller/Cargo.toml):
+## the release binary, the unit (enabled and started on install), the hooks drop-in and examples
+## under /usr/share/doc/virtwarden/examples/, the Cockpit page, man pages and completions
+## generated from the CLI (`virtwarden generate-assets`), dependencies from the shared libraries.
+CARGO_DEB_VERSION := 3.8.0
+deb: deps
+	@command -v cargo-deb >/dev/null || $(CARGO) install --locked cargo-deb --version $(CARGO_DEB_VERSION)
+	$(CARGO) build --release -p virtwarden --bin virtwarden
+	rm -rf target/assets
+	target/release/virtwarden generate-assets target/assets
+	gzip -9n target/assets/man/*.1
+	$(CARGO) deb -p virtwarden --no-build
+
+## test-systemd: the package under a real systemd: a cached Debian 12 root (debootstrap, built
+## once under target/systemd-host) booted with systemd-nspawn as PID 1, libvirtd and a QEMU
+## domain inside; installs the .deb with apt and checks the service as operators meet it.
+test-systemd: deb
+	tests/systemd/run.sh
+
 ## prometheusrule: examples/k8s/prometheusrule.yaml from the Prometheus rules (same groups).
 PROMETHEUS_RULES := examples/prometheus/virtwarden-rules.yaml
 prometheusrule:
@@ -131,6 +151,7 @@ k8s-testenv:
 test: deps deps-ops k8s-testenv
 	$(CARGO) fmt --all -- --check
 	$(CARGO) test --workspace
+	$(MAKE) test-systemd
 
 ## test-fast: the suite without the end-to-end tests (private libvirtd + QEMU), for local loops.
 test-fast: deps deps-ops k8s-testenv

@@ -31,6 +31,7 @@ Exit codes:
   run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid or untrusted policy
   release 0 released (or was not quarantined), 1 not managed or not reachable
   memory confirm 0 confirmed (or nothing was lost), 1 not reachable
+  reload  0 reloaded (or unchanged), 2 rejected (the service keeps the last good policy), 1 no service reachable
   status  0 shown, 1 no status file
   show    0 shown, 1 runtime error (e.g. cannot connect, no such domain)
   diagnose 0 nothing found, 3 problems found, 1 runtime error, 2 invalid policy";
@@ -261,6 +262,20 @@ pub enum Command {
         #[command(subcommand)]
         action: MemoryAction,
     },
+    /// Ask the running service to reload its policy files and wait for its verdict
+    /// (systemd's `ExecReload=`): exit 2 when it rejects them and keeps the last good policy.
+    Reload {
+        /// The running service's state directory (its control socket).
+        #[arg(long, default_value = "/run/virtwarden")]
+        state_dir: PathBuf,
+    },
+    /// Write the man pages (one per command) and the bash, zsh and fish completions into DIR
+    /// (`make deb` packages them).
+    #[command(hide = true)]
+    GenerateAssets {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Show what a running `virtwarden run` reports (from its status file).
     Status {
         #[arg(long, default_value = "/run/virtwarden")]
@@ -326,6 +341,8 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             memory_confirm_cmd(&Dirs { state_dir, data_dir, lock_file }, out, err)
         }
         Command::Diagnose(a) => diagnose_cmd(&a, out, err),
+        Command::Reload { state_dir } => reload_cmd(&state_dir, out, err),
+        Command::GenerateAssets { dir } => crate::assets::generate(&dir).map(|()| exit::OK),
         Command::Show(a) => show_cmd(&a, out, err),
     };
     result.unwrap_or(exit::RUNTIME)
@@ -805,6 +822,31 @@ fn operator_cmd(
         max_concurrent_starts: s.max_concurrent_starts,
     };
     Ok(runtime()?.block_on(crate::operator::run(opts)))
+}
+
+fn reload_cmd(state_dir: &std::path::Path, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    match crate::host::control::request_reload(state_dir) {
+        Ok(Some(answer)) if answer.ok => {
+            writeln!(out, "{}", answer.message)?;
+            Ok(exit::OK)
+        }
+        Ok(Some(answer)) => {
+            writeln!(err, "{}\nreload rejected: the service keeps the last good policy", answer.message)?;
+            Ok(exit::INVALID_POLICY)
+        }
+        Ok(None) => {
+            writeln!(
+                err,
+                "error: no service listens on {}",
+                state_dir.join(crate::host::control::CONTROL_SOCKET).display()
+            )?;
+            Ok(exit::RUNTIME)
+        }
+        Err(e) => {
+            writeln!(err, "error: cannot ask the running service ({}): {e}", state_dir.display())?;
+            Ok(exit::RUNTIME)
+        }
+    }
 }
 
 fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {

@@ -2,6 +2,7 @@
 //! observe → plan (pure) → act → verify; front ends (CLI, host service, operator) drive it.
 
 pub mod act;
+pub mod assets;
 pub mod blocking;
 pub mod cli;
 pub mod diagnose;
@@ -16,6 +17,7 @@ pub mod http;
 pub mod hypervisor;
 pub mod libvirt;
 pub mod lock;
+pub mod logging;
 pub mod memory;
 pub mod observe;
 pub mod operator;

@@ -349,3 +349,88 @@ fn plan_notes_a_guest_the_service_last_judged_unhealthy() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `virtwarden run` with its log in `dir/run.log`.
+fn start_logged(dir: &Path, policies: &Path) -> Service {
+    let state = dir.join("state");
+    let log = std::fs::File::create(dir.join("run.log")).unwrap();
+    let child = run_args(dir).arg(policies).stdout(Stdio::null()).stderr(log).spawn().expect("start virtwarden run");
+    Service { child, state }
+}
+
+fn count_in_log(dir: &Path, what: &str) -> usize {
+    std::fs::read_to_string(dir.join("run.log")).unwrap_or_default().matches(what).count()
+}
+
+fn wait_log(dir: &Path, what: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count_in_log(dir, what) < n {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n}× `{what}` in the log:\n{}",
+            std::fs::read_to_string(dir.join("run.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Write `name` into `dir` the way editors do (a temporary file renamed over it).
+fn write_policy(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+#[test]
+fn reload_waits_for_the_services_verdict_once_per_change_and_fails_keeping_the_last_good_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    for f in ["web-tier.yaml", "data-tier.yaml"] {
+        std::fs::copy(repo().join("examples/policies").join(f), policies.join(f)).unwrap();
+    }
+    let svc = start_logged(dir.path(), &policies);
+    wait_status(&svc.state, "ready", |s| s["ready"] == true);
+    let reload = || bin().arg("reload").arg("--state-dir").arg(&svc.state).output().unwrap();
+
+    // Unchanged files: the verdict is the policies in force; nothing is reloaded.
+    let out = reload();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("policies in force") && said.contains("web-tier"), "{said}");
+    assert_eq!(count_in_log(dir.path(), "policies reloaded"), 0);
+
+    // An edit, then `systemctl reload`: the watch and the request see one change, one reload.
+    let web = std::fs::read_to_string(policies.join("web-tier.yaml")).unwrap();
+    let edited = web.replacen("autostart: true", "autostart: false", 1);
+    assert_ne!(edited, web);
+    write_policy(&policies, "web-tier.yaml", &edited);
+    let out = reload();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // The second of the two (watch or request) finds the files already loaded.
+    wait_log(dir.path(), "unchanged since the last load", 2);
+    assert_eq!(count_in_log(dir.path(), "policies reloaded"), 1, "one reload per change");
+    let good = status_json(&svc.state).unwrap()["policies"].clone();
+    assert!(good.as_array().is_some_and(|p| p.len() == 3), "{good}");
+
+    // A rejected edit: exit 2 with the located error; the last good policy stays in force.
+    write_policy(
+        &policies,
+        "bad.yaml",
+        "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: { name: bad }\nspec:\n  domains:\n    - name: web9\n      state: sideways\n",
+    );
+    let out = reload();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml:7:") && err.contains("keeps the last good policy"), "{err}");
+    let s = wait_status(&svc.state, "the rejection in status", |s| s["policyError"].is_string());
+    assert_eq!(s["policies"], good);
+}
+
+#[test]
+fn reload_without_a_service_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin().arg("reload").arg("--state-dir").arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service listens"), "{:?}", out);
+}

@@ -12,7 +12,7 @@ fn examples() -> PathBuf {
 /// Copy the unit and its drop-in into `dir`, pointing at the binary under test.
 fn install(dir: &Path) -> PathBuf {
     let unit = std::fs::read_to_string(examples().join("virtwarden.service")).unwrap();
-    let unit = unit.replace("/usr/local/bin/virtwarden", env!("CARGO_BIN_EXE_virtwarden"));
+    let unit = unit.replace("/usr/bin/virtwarden", env!("CARGO_BIN_EXE_virtwarden"));
     std::fs::write(dir.join("virtwarden.service"), unit).unwrap();
     let dropins = dir.join("virtwarden.service.d");
     std::fs::create_dir(&dropins).unwrap();
@@ -39,7 +39,7 @@ fn the_unit_and_its_hooks_drop_in_pass_systemd_analyze_verify() {
     // The drop-in is read: a mistake in it is reported.
     let dropin = dir.path().join("virtwarden.service.d/hooks.conf");
     let text = std::fs::read_to_string(&dropin).unwrap();
-    std::fs::write(&dropin, text.replace("ReadWritePaths=/var/lib/libvirt/images", "ReadWritePaths=images")).unwrap();
+    std::fs::write(&dropin, text.replace("ReadWritePaths=-/var/lib/libvirt/images", "ReadWritePaths=images")).unwrap();
     let (_, complaints) = verify(&unit);
     assert!(complaints.contains("ReadWritePaths= path is not absolute"), "{complaints}");
 }

@@ -296,7 +296,7 @@ impl Engine {
             return;
         }
         if self.connection.is_some() || self.shared.ready.load(Ordering::Relaxed) {
-            tracing::warn!(reason = %why, uri = %self.connector.uri(), "lost libvirt; reconnecting");
+            tracing::error!(reason = %why, uri = %self.connector.uri(), "lost libvirt; reconnecting");
         } else {
             tracing::info!(uri = %self.connector.uri(), "connecting to libvirt");
         }

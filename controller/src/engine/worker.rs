@@ -761,7 +761,7 @@ impl Worker {
         if !self.quarantine_logged {
             self.quarantine_logged = true;
             self.remember_durably().await;
-            tracing::warn!(domain = %self.name(), %reason, "quarantined: no more automatic repairs");
+            tracing::error!(domain = %self.name(), %reason, "quarantined: no more automatic repairs");
         }
         // Probing stops while quarantined (published before the quarantine itself).
         self.health_observed(observed);

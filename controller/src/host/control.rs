@@ -1,6 +1,6 @@
 //! The control socket `<state-dir>/control.sock` (owner-only): how `virtwarden release NAME`
-//! and `virtwarden memory confirm` reach a running service. One JSON request per line, one
-//! JSON answer per line.
+//! `virtwarden memory confirm` and `virtwarden reload` (systemd's `ExecReload=`) reach a running service. One JSON request
+//! per line, one JSON answer per line.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,23 +8,28 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::EngineHandle;
 
 /// Name of the socket inside the state directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
 
-/// What a client asks: exactly one of the fields.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// What a client asks: `{"release":"vm1"}`, `"confirmMemory"` or `"reload"`.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Request {
+pub enum Request {
     /// Lift the quarantine of this domain.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub release: Option<String>,
+    Release(String),
     /// End the "memory lost" mode (`virtwarden memory confirm`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub confirm_memory: bool,
+    ConfirmMemory,
+    /// Read the policy files again and answer with the verdict.
+    Reload,
 }
+
+/// A reload asked through the socket: the service answers with what the policies now are
+/// (`Ok`) or why the files were rejected and the last good policy kept (`Err`).
+pub type ReloadReply = oneshot::Sender<Result<String, String>>;
 
 /// What the service answers.
 #[derive(Debug, Serialize, Deserialize)]
@@ -36,8 +41,14 @@ pub struct Answer {
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
 
-/// Serve the control socket until the process ends. An old socket file is replaced.
-pub fn serve(state_dir: &Path, engine: EngineHandle) -> std::io::Result<PathBuf> {
+/// Serve the control socket until the process ends. An old socket file is replaced. Reload
+/// requests go to `reloads`; without it (the operator, whose policies come from the API
+/// server) they are refused.
+pub fn serve(
+    state_dir: &Path,
+    engine: EngineHandle,
+    reloads: Option<mpsc::UnboundedSender<ReloadReply>>,
+) -> std::io::Result<PathBuf> {
     let path = state_dir.join(CONTROL_SOCKET);
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -50,8 +61,9 @@ pub fn serve(state_dir: &Path, engine: EngineHandle) -> std::io::Result<PathBuf>
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let engine = engine.clone();
+                    let reloads = reloads.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = handle(stream, engine).await {
+                        if let Err(e) = handle(stream, engine, reloads).await {
                             tracing::debug!(%e, "control connection ended with an error");
                         }
                     });
@@ -66,7 +78,11 @@ pub fn serve(state_dir: &Path, engine: EngineHandle) -> std::io::Result<PathBuf>
     Ok(path)
 }
 
-async fn handle(stream: UnixStream, engine: EngineHandle) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    engine: EngineHandle,
+    reloads: Option<mpsc::UnboundedSender<ReloadReply>>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
@@ -74,18 +90,21 @@ async fn handle(stream: UnixStream, engine: EngineHandle) -> std::io::Result<()>
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
     let answer = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(Request { release: Some(domain), confirm_memory: false }) => {
-            tracing::info!(%domain, "release requested");
+        Ok(Request::Release(domain)) => {
+            tracing::info!(domain = %domain, "release requested");
             match engine.release(&domain).await {
                 Ok(message) => Answer { ok: true, message },
                 Err(message) => Answer { ok: false, message },
             }
         }
-        Ok(Request { release: None, confirm_memory: true }) => {
+        Ok(Request::ConfirmMemory) => {
             tracing::info!("memory confirmation requested");
             Answer { ok: true, message: engine.confirm_memory().await }
         }
-        Ok(_) => Answer { ok: false, message: "bad request: ask for exactly one thing".into() },
+        Ok(Request::Reload) => match reload(reloads).await {
+            Ok(message) => Answer { ok: true, message },
+            Err(message) => Answer { ok: false, message },
+        },
         Err(e) => Answer { ok: false, message: format!("bad request: {e}") },
     };
     let mut text = serde_json::to_string(&answer).map_err(std::io::Error::other)?;
@@ -93,17 +112,34 @@ async fn handle(stream: UnixStream, engine: EngineHandle) -> std::io::Result<()>
     write.write_all(text.as_bytes()).await
 }
 
+async fn reload(reloads: Option<mpsc::UnboundedSender<ReloadReply>>) -> Result<String, String> {
+    let Some(reloads) = reloads else {
+        return Err("this service takes no policy files (the operator reads HostPolicy resources)".into());
+    };
+    let (reply, verdict) = oneshot::channel();
+    if reloads.send(reply).is_err() {
+        return Err("the service is stopping".into());
+    }
+    verdict.await.unwrap_or_else(|_| Err("the service is stopping".into()))
+}
+
 /// Ask a running service to release `domain`. `Ok(None)` when no service listens there.
 pub fn request_release(state_dir: &Path, domain: &str) -> std::io::Result<Option<Answer>> {
-    request(state_dir, &Request { release: Some(domain.to_string()), ..Default::default() })
+    request(state_dir, &Request::Release(domain.to_string()))
 }
 
 /// Ask a running service to end its "memory lost" mode. `Ok(None)` when no service listens.
 pub fn request_confirm_memory(state_dir: &Path) -> std::io::Result<Option<Answer>> {
-    request(state_dir, &Request { confirm_memory: true, ..Default::default() })
+    request(state_dir, &Request::ConfirmMemory)
 }
 
-fn request(state_dir: &Path, req: &Request) -> std::io::Result<Option<Answer>> {
+/// Ask a running service to reload its policy files and wait for its verdict. `Ok(None)` when
+/// no service listens there.
+pub fn request_reload(state_dir: &Path) -> std::io::Result<Option<Answer>> {
+    request(state_dir, &Request::Reload)
+}
+
+fn request(state_dir: &Path, request: &Request) -> std::io::Result<Option<Answer>> {
     use std::io::{BufRead, Write};
     let path = state_dir.join(CONTROL_SOCKET);
     let stream = match std::os::unix::net::UnixStream::connect(&path) {
@@ -113,8 +149,9 @@ fn request(state_dir: &Path, req: &Request) -> std::io::Result<Option<Answer>> {
         }
         Err(e) => return Err(e),
     };
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut text = serde_json::to_string(req).map_err(std::io::Error::other)?;
+    // A reload reads and checks every policy file; a release waits for the engine's loop.
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut text = serde_json::to_string(request).map_err(std::io::Error::other)?;
     text.push('\n');
     (&stream).write_all(text.as_bytes())?;
     let mut line = String::new();

@@ -2,6 +2,7 @@
 //! READY/STATUS/WATCHDOG, metrics are served on loopback, one instance per host.
 
 pub mod control;
+pub mod reload;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -10,12 +11,12 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
-use virtwarden_policies::{load_paths_with, TrustMode, TrustedOwners};
+use tokio::sync::{mpsc, watch as watch_channel};
 
 use crate::act::remediation::Registry;
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::exit;
+use reload::{LastReload, Reloader, Trigger};
 
 /// Options of `virtwarden run`.
 #[derive(Debug, Clone)]
@@ -44,13 +45,21 @@ pub async fn run(opts: RunOptions) -> i32 {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let desired = match load_blocking(opts.paths.clone()).await {
+    let mut reloader = Reloader::new(opts.paths.clone());
+    let desired = match reloader.load_at_start().await {
         Ok(d) => d,
         Err(text) => {
+            // The whole located report for the operator, and one record at error priority so
+            // `journalctl -p err` shows why the service did not start.
             eprintln!("{text}");
+            let first = text.lines().next().unwrap_or_default();
+            tracing::error!(error = %first, "invalid or untrusted policy at start; not starting (exit 2, systemd does not retry)");
             return exit::INVALID_POLICY;
         }
     };
+    if desired.policies.is_empty() {
+        tracing::info!(paths = ?opts.paths, "no policy loaded: nothing is managed until a policy file is added");
+    }
     let config = EngineConfig {
         resync: opts.resync,
         status_path: Some(opts.state_dir.join(STATUS_FILE)),
@@ -59,6 +68,7 @@ pub async fn run(opts: RunOptions) -> i32 {
         max_concurrent_starts: opts.max_concurrent_starts,
         ..Default::default()
     };
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel::<control::ReloadReply>();
     let start = crate::service::Start {
         who: "run",
         uri: &opts.uri,
@@ -68,6 +78,7 @@ pub async fn run(opts: RunOptions) -> i32 {
         desired,
         metrics_addr: opts.metrics_addr,
         state_dir: &opts.state_dir,
+        reloads: Some(control_tx),
     };
     let crate::service::Running { engine, task: mut engine_task } =
         match crate::service::start(start, EngineHandle::clone).await {
@@ -93,20 +104,22 @@ pub async fn run(opts: RunOptions) -> i32 {
                 return exit::RUNTIME;
             }
         };
-    tokio::spawn(systemd_notifier(engine.clone()));
+    tokio::spawn(systemd_notifier(engine.clone(), reloader.subscribe()));
     tracing::info!(uri = %opts.uri, state_dir = %opts.state_dir.display(), "virtwarden running");
 
     loop {
         tokio::select! {
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading policies and resyncing");
-                let _ = sd_notify::notify(&[NotifyState::Reloading]);
-                reload(&engine, &opts.paths).await;
-                let _ = sd_notify::notify(&[NotifyState::Ready]);
+                let _ = reloader.reload(&engine, Trigger::Signal).await;
+            }
+            Some(reply) = control_rx.recv() => {
+                tracing::info!("reload requested: reloading policies and resyncing");
+                let verdict = reloader.reload(&engine, Trigger::Request).await;
+                let _ = reply.send(verdict);
             }
             Some(()) = reload_rx.recv() => {
-                tracing::info!("policy files changed: reloading");
-                reload(&engine, &opts.paths).await;
+                let _ = reloader.reload(&engine, Trigger::Watch).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -123,41 +136,10 @@ pub async fn run(opts: RunOptions) -> i32 {
     exit::OK
 }
 
-async fn load_blocking(paths: Vec<PathBuf>) -> Result<virtwarden_policies::DesiredState, String> {
-    // Policy files are checked like sshd's StrictModes on every load: at start a violation exits 2,
-    // on a reload the last good policy stays.
-    match tokio::task::spawn_blocking(move || {
-        load_paths_with(&paths, TrustMode::Enforce(TrustedOwners::of_this_process()))
-    })
-    .await
-    {
-        Ok(Ok(loaded)) => Ok(loaded.desired),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(format!("policy loading failed: {e}")),
-    }
-}
-
-/// Load the policies again; on any error keep the last good ones in force and say why.
-async fn reload(engine: &EngineHandle, paths: &[PathBuf]) {
-    match load_blocking(paths.to_vec()).await {
-        Ok(desired) => {
-            tracing::info!(policies = ?desired.policies, domains = desired.domains.len(), "policies reloaded");
-            engine.reload(desired);
-        }
-        Err(text) => {
-            for line in text.lines().filter(|l| !l.starts_with(' ')) {
-                tracing::error!(error = %line, "policy reload rejected; the last good policy stays in force");
-            }
-            engine.policy_rejected(text);
-            engine.resync();
-        }
-    }
-}
-
 /// READY once connected and resynced, STATUS on changes (at most once a second), WATCHDOG
 /// only while the engine makes progress (its loop answers and resync rounds complete), so
 /// systemd restarts a stuck service. Nothing here polls when systemd asked for no watchdog.
-async fn systemd_notifier(engine: EngineHandle) {
+async fn systemd_notifier(engine: EngineHandle, mut reloads: watch_channel::Receiver<LastReload>) {
     let mut changes = engine.subscribe();
     let mut watchdog = sd_notify::watchdog_enabled().map(|w| tokio::time::interval(w / 2));
     let mut ready = false;
@@ -167,14 +149,7 @@ async fn systemd_notifier(engine: EngineHandle) {
             ready = true;
             let _ = sd_notify::notify(&[NotifyState::Ready]);
         }
-        let status = engine.status();
-        let down = status.domains.iter().filter(|d| !d.state.starts_with("running")).count();
-        let quarantined = status.domains.iter().filter(|d| d.quarantined.is_some()).count();
-        let text = format!(
-            "{} domains managed, {down} not running, {quarantined} quarantined{}",
-            status.domains.len(),
-            if status.connected { "" } else { "; libvirt DISCONNECTED" }
-        );
+        let text = status_text(&engine.status(), &reloads.borrow());
         if text != last {
             let _ = sd_notify::notify(&[NotifyState::Status(&text)]);
             last = text;
@@ -194,8 +169,31 @@ async fn systemd_notifier(engine: EngineHandle) {
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            changed = reloads.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
     }
+}
+
+/// systemd's STATUS= line: the policies in force (or that none is), the domains, and the last
+/// reload's verdict (`systemctl status` shows it).
+pub fn status_text(status: &crate::engine::status::StatusReport, last: &LastReload) -> String {
+    let policies = if status.policies.is_empty() {
+        "no policy loaded (nothing managed)".to_string()
+    } else {
+        format!("policies: {}", status.policies.join(", "))
+    };
+    let down = status.domains.iter().filter(|d| !d.state.starts_with("running")).count();
+    let quarantined = status.domains.iter().filter(|d| d.quarantined.is_some()).count();
+    format!(
+        "{policies}; {} domains managed, {down} not running, {quarantined} quarantined{}{}",
+        status.domains.len(),
+        if status.connected { "" } else { "; libvirt DISCONNECTED" },
+        last.describe().map(|r| format!("; {r}")).unwrap_or_default()
+    )
 }
 
 async fn tick(interval: Option<&mut tokio::time::Interval>) {
@@ -204,5 +202,33 @@ async fn tick(interval: Option<&mut tokio::time::Interval>) {
             i.tick().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::status::StatusReport;
+
+    #[test]
+    fn status_says_when_no_policy_is_loaded_and_how_the_last_reload_went() {
+        let empty = StatusReport { connected: true, ..Default::default() };
+        let text = status_text(&empty, &LastReload::default());
+        assert!(text.starts_with("no policy loaded"), "{text}");
+        assert!(!text.contains("reload"), "{text}");
+
+        let loaded = StatusReport { connected: true, policies: vec!["web".into(), "db".into()], ..Default::default() };
+        let ok = LastReload { at: Some(chrono::Local::now()), result: Some(Ok(())) };
+        let text = status_text(&loaded, &ok);
+        assert!(text.starts_with("policies: web, db;") && text.contains("last reload OK at "), "{text}");
+
+        let rejected = LastReload { at: Some(chrono::Local::now()), result: Some(Err("a.yaml:3:7: bad".into())) };
+        let text = status_text(&loaded, &rejected);
+        assert!(
+            text.contains("reload FAILED at ")
+                && text.contains("a.yaml:3:7")
+                && text.contains("last good policy in force"),
+            "{text}"
+        );
     }
 }

@@ -114,6 +114,7 @@ pub async fn run(opts: OperatorOptions) -> i32 {
         desired: Default::default(),
         metrics_addr: opts.metrics_addr,
         state_dir: &opts.state_dir,
+        reloads: None,
     };
     // The endpoint's health includes the API server's (a node cut off from it is not live).
     let api_health = probes::ApiHealth::default();
