@@ -92,7 +92,11 @@ async fn converged(admin: &Client) -> BTreeSet<(String, String)> {
         .await
         .into_iter()
         .filter(|e| condition(e, "Available") == "True")
-        .filter(|e| e.status.as_ref().is_some_and(|s| s.domains.iter().all(|d| d.state.starts_with("running"))))
+        .filter(|e| {
+            e.status
+                .as_ref()
+                .is_some_and(|s| !s.domains.is_empty() && s.domains.iter().all(|d| d.state.starts_with("running")))
+        })
         .map(|e| (e.spec.policy, e.spec.node))
         .collect()
 }
@@ -305,6 +309,7 @@ async fn operators_as_the_service_account_enforce_report_and_follow_the_cluster(
                 a["responseStatus"]["code"].as_i64().unwrap_or(0),
             )
         })
+        .filter(|(_, _, code)| *code < 400) // (this test's own refused requests above)
         .collect();
     let enactment_main =
         writes.iter().filter(|(_, u, _)| u.contains("/hostpolicyenactments/") && !u.contains("/status?")).count();
@@ -450,6 +455,32 @@ async fn through_an_api_outage_the_node_keeps_enforcing_and_catches_up_in_second
         restarts(admin.clone()).await.filter(|r| *r > before)
     })
     .await;
+    // The restart is told as an Event in the operator's namespace, regarding the node's Lease,
+    // naming the policy.
+    let events: Api<Event> = Api::namespaced(admin.clone(), "virtwarden");
+    let restarted = wait_for("a Restarted event", 20, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("Restarted") && e.note.as_deref().is_some_and(|n| n.contains("destroyed"))
+        })
+    })
+    .await;
+    let regarding = restarted.regarding.clone().unwrap_or_default();
+    assert_eq!((regarding.kind.as_deref(), regarding.name.as_deref()), (Some("Lease"), Some("n1")), "{restarted:?}");
+    let related = restarted.related.clone().unwrap_or_default();
+    assert_eq!((related.kind.as_deref(), related.name.as_deref()), (Some("HostPolicy"), Some("web")), "{restarted:?}");
+    assert!(restarted.note.as_deref().is_some_and(|n| n.starts_with("HostPolicy web: web1: ")), "{restarted:?}");
+    let elsewhere: Vec<Event> = Api::<Event>::all(admin.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("virtwarden"))
+        .filter(|e| e.metadata.namespace.as_deref() != Some("virtwarden"))
+        .collect();
+    assert!(elsewhere.is_empty(), "{elsewhere:#?}");
+
     // The watches listed again after the server returned (410 Gone).
     assert!(policy_lists(&server) > lists_before, "no relist of the policies after the outage");
     operator.abort();

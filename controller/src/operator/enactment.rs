@@ -82,6 +82,15 @@ pub fn enactment_status(view: &PolicyView, report: &StatusReport, now: Time) -> 
         })
         .collect();
     let g = view.generation;
+    // Right after a policy change the engine may not have reported a new domain yet: that is
+    // not convergence.
+    let unseen: Vec<&str> = view
+        .desired
+        .domains
+        .iter()
+        .filter(|m| m.policy == view.name && !domains.iter().any(|d| d.name == m.spec.name))
+        .map(|m| m.spec.name.as_str())
+        .collect();
     let not_running: Vec<&DomainEnactment> = domains
         .iter()
         .filter(|d| {
@@ -102,6 +111,8 @@ pub fn enactment_status(view: &PolicyView, report: &StatusReport, now: Time) -> 
         (false, false, true, reason::HOOK_REFUSED, format!("domain {}: exec step refused, not run: {hook}", d.name))
     } else if !view.conflicts.is_empty() {
         (true, false, true, reason::CONFLICT, view.conflicts.join("; "))
+    } else if !unseen.is_empty() {
+        (false, true, false, reason::REMEDIATING, format!("not yet observed: {}", unseen.join(", ")))
     } else if !report.connected {
         (false, true, false, reason::REMEDIATING, "libvirt is not connected".to_string())
     } else if !not_running.is_empty() || bridges.iter().any(|b| !b.drift.is_empty()) {
@@ -217,6 +228,16 @@ mod tests {
         r.domains[0].waiting_for = vec!["db1 (not running)".into(), "/mnt/images".into()];
         let s = enactment_status(&view, &r, now());
         assert_eq!(s.domains[0].waiting_for, ["db1 (not running)", "/mnt/images"]);
+    }
+
+    #[test]
+    fn a_desired_domain_the_engine_has_not_reported_yet_is_not_converged() {
+        let d = desired();
+        let view = PolicyView { name: "web", generation: Some(1), desired: &d, conflicts: &[], invalid: &[] };
+        let empty = StatusReport { connected: true, ..Default::default() };
+        let s = enactment_status(&view, &empty, now());
+        assert_eq!(status_of(&s, "Available"), ("False".into(), "Remediating".into()));
+        assert!(s.conditions[0].message.contains("web1"), "{:?}", s.conditions);
     }
 
     #[test]

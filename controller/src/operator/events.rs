@@ -28,7 +28,8 @@ struct Told {
 }
 
 pub struct EventPublisher {
-    recorder: Recorder,
+    client: Client,
+    reporter: Reporter,
     node: String,
     /// This node's Lease in the operator's namespace: what the Events regard.
     lease: ObjectReference,
@@ -57,7 +58,7 @@ impl EventPublisher {
             namespace: Some(namespace),
             ..Default::default()
         };
-        EventPublisher { recorder: Recorder::new(client, reporter), node, lease, told: HashMap::new() }
+        EventPublisher { client, reporter, node, lease, told: HashMap::new() }
     }
 
     /// The events `d` calls for, given what was told before (pure).
@@ -106,9 +107,13 @@ impl EventPublisher {
     /// Publish what changed for `domains` (of `policy`) since the last call.
     pub async fn publish(&mut self, policy: &WatchedHostPolicy, domains: &[&DomainStatus]) {
         let related = policy.object_ref(&());
+        // A fresh recorder each time: kube's Recorder folds events with the same reason about
+        // the same objects into one series and keeps the FIRST note, so "web1 … (2 restarts)"
+        // would be told as "(1 restarts)" again. Each change here is told once anyway.
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
         for d in domains {
             for ev in self.due(&related, d) {
-                if let Err(e) = self.recorder.publish(&ev, &self.lease).await {
+                if let Err(e) = recorder.publish(&ev, &self.lease).await {
                     tracing::warn!(%e, reason = %ev.reason, "cannot publish event");
                 }
             }

@@ -161,6 +161,8 @@ pub struct Operator {
     warned: HashSet<(String, Option<i64>)>,
     /// What `/readyz` says about the API.
     pub api_health: probes::ApiHealth,
+    /// Status writes sent so far (the rate limit counts rounds that wrote).
+    writes: u64,
 }
 
 impl Operator {
@@ -178,6 +180,7 @@ impl Operator {
             awaiting: HashMap::new(),
             warned: HashSet::new(),
             api_health: probes::ApiHealth::default(),
+            writes: 0,
         }
     }
 
@@ -214,8 +217,11 @@ impl Operator {
         tokio::pin!(selection_ready, enactments_ready);
         let (mut selecting, mut reporting) = (false, false);
         let mut changes = self.engine.subscribe();
-        // When the last status round ran, and since when something is waiting to be written.
+        // When the last status round that wrote something ran, and since when something is
+        // waiting to be written. Rounds that only compare (most: echoes of this node's own
+        // writes, heartbeats) do not hold the next change back.
         let mut last_round: Option<Instant> = None;
+        let mut last_check = Instant::now();
         let mut dirty_since: Option<Instant> = None;
         // A node whose Lease expires sends nothing: look at the heartbeats again regularly.
         let mut heartbeats = tokio::time::interval(lease::RENEW_EVERY);
@@ -229,7 +235,7 @@ impl Operator {
                 dirty_since = Some(Instant::now());
             }
             let want_round = synced && !api_down && (dirty || !self.pending.is_empty());
-            let due = round_due(dirty_since.filter(|_| dirty), last_round);
+            let due = round_due(dirty_since.filter(|_| dirty), last_round, last_check);
             tokio::select! {
                 ready = &mut selection_ready, if !selecting => {
                     if !ready { return; }
@@ -269,11 +275,14 @@ impl Operator {
                 }
                 _ = tokio::time::sleep_until(due), if want_round => {
                     let alive = lease::alive_nodes(&leases.state(), k8s_openapi::jiff::Timestamp::now());
-                    let started = Instant::now();
+                    let (started, writes) = (Instant::now(), self.writes);
                     // What changes while this round runs is seen by the engine's notifications.
                     dirty_since = None;
                     dirty = !self.write_statuses(&policies.state(), &enactments.state(), &alive).await;
-                    last_round = Some(started);
+                    if self.writes != writes {
+                        last_round = Some(started);
+                    }
+                    last_check = started;
                 }
             }
             if reselect {
@@ -365,6 +374,7 @@ impl Operator {
                 .iter()
                 .any(|p| aggregate::belongs_to(e, &p.name_any(), p.metadata.uid.as_deref().unwrap_or_default()));
             if owner_live && !self.selection.selected.contains(policy) {
+                self.writes += 1;
                 match kube_io::delete_enactment(&self.client, policy, &self.node).await {
                     Ok(()) => tracing::info!(%policy, "the policy no longer selects this node; enactment removed"),
                     Err(e) => {
@@ -408,6 +418,7 @@ impl Operator {
         if reference.as_ref() == Some(&status) {
             return true;
         }
+        self.writes += 1;
         match kube_io::apply_enactment(&self.client, &name, &uid, &self.node, &status, !exists).await {
             Ok(()) => {
                 self.written.insert(name, (uid, status));
@@ -456,6 +467,7 @@ impl Operator {
         if since.elapsed() < aggregate::REPAIR_TURN * rank {
             return true;
         }
+        self.writes += 1;
         match kube_io::apply_policy_status(&self.client, &name, &target).await {
             Ok(after) => {
                 self.pending.remove(&name);
@@ -473,16 +485,13 @@ impl Operator {
 }
 
 /// When the next status round may run: `STATUS_DEBOUNCE` after the change that calls for it, and
-/// never sooner than `STATUS_INTERVAL` after the last round (a change seen while a round was
-/// already due waits for that one). Without a change (`changed_at` None: only an aggregate
-/// waiting for its repair turn) the next round is the interval's.
-fn round_due(changed_at: Option<Instant>, last_round: Option<Instant>) -> Instant {
-    let earliest = last_round.map(|l| l + STATUS_INTERVAL);
-    match (changed_at, earliest) {
-        (Some(c), Some(e)) => (c + STATUS_DEBOUNCE).max(e),
-        (Some(c), None) => c + STATUS_DEBOUNCE,
-        (None, Some(e)) => e,
-        (None, None) => Instant::now() + STATUS_INTERVAL,
+/// never sooner than `STATUS_INTERVAL` after the last round that wrote. Without a change
+/// (`changed_at` None: only an aggregate waiting for its repair turn) the next look is an
+/// interval after the last one (`last_check`).
+fn round_due(changed_at: Option<Instant>, last_write: Option<Instant>, last_check: Instant) -> Instant {
+    match changed_at {
+        Some(c) => (c + STATUS_DEBOUNCE).max(last_write.map_or(c, |l| l + STATUS_INTERVAL)),
+        None => last_check + STATUS_INTERVAL,
     }
 }
 
@@ -521,12 +530,15 @@ mod tests {
     #[test]
     fn a_lone_change_is_written_after_the_debounce_and_rounds_stay_an_interval_apart() {
         let t0 = Instant::now();
-        // Nothing written for a while: a change goes out 100 ms later, not on a 2 s tick.
-        assert_eq!(round_due(Some(t0), Some(t0 - Duration::from_secs(10))), t0 + STATUS_DEBOUNCE);
-        assert_eq!(round_due(Some(t0), None), t0 + STATUS_DEBOUNCE);
-        // Right after a round, the next waits for the interval: at most one round per 2 s.
-        assert_eq!(round_due(Some(t0), Some(t0 - Duration::from_millis(500))), t0 + Duration::from_millis(1500));
-        // A repair turn alone: the interval.
-        assert_eq!(round_due(None, Some(t0)), t0 + STATUS_INTERVAL);
+        let check = t0 - Duration::from_millis(50);
+        // Nothing written for a while: a change goes out 100 ms later, not on a 2 s tick, however
+        // recently a round only compared.
+        assert_eq!(round_due(Some(t0), Some(t0 - Duration::from_secs(10)), check), t0 + STATUS_DEBOUNCE);
+        assert_eq!(round_due(Some(t0), None, check), t0 + STATUS_DEBOUNCE);
+        // Right after a round that wrote, the next waits for the interval: one write round per 2 s.
+        let wrote = t0 - Duration::from_millis(500);
+        assert_eq!(round_due(Some(t0), Some(wrote), check), t0 + Duration::from_millis(1500));
+        // A repair turn alone: an interval after the last look, not a busy loop.
+        assert_eq!(round_due(None, Some(t0 - Duration::from_secs(60)), check), check + STATUS_INTERVAL);
     }
 }
