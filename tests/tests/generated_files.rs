@@ -49,7 +49,7 @@ fn crd_schema_has_enums_ranges_and_printer_columns() {
     assert!(spec["nodeSelector"].is_object(), "nodeSelector must be part of the spec");
     let columns: Vec<&str> =
         version["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(columns, ["Matched", "Available", "Degraded", "Age"]);
+    assert_eq!(columns, ["Matched", "Available", "Degraded", "Enforcing", "Lagging", "Failing", "Age"]);
     assert_eq!(policy["spec"]["names"]["shortNames"], serde_json::json!(["hpol"]));
 
     let enactment = &docs[1];

@@ -196,18 +196,20 @@ async fn a_dhcp_client_on_the_uplink_is_refused_with_its_name_unless_forced() {
         .spawn()
         .expect("dhclient (isc-dhcp-client, installed by make deps)");
     let net = Net::new(MemoryStore::in_memory());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let text = render_text(&net.plan(&policy("")).await);
-        if text.contains("dhclient") || Instant::now() > deadline {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
     let refused = format!(
         "warning: up0: inline.yaml:9:26: error: carries a default route and is managed by DHCP client dhclient (pid {}) → takeover into br0 refused",
         dhclient.id()
     );
+    // Waits for dhclient to be up, and past the moments when it forks to run its script (the
+    // fork is a second `dhclient` on up0 until it execs /bin/true).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = render_text(&net.plan(&policy("")).await);
+        if text.contains(&refused) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(text.contains(&refused), "{text}");
     assert!(text.contains("set allowUplinkChange: force"), "{text}");
     let forced = virtwarden_tests::inline_policy(

@@ -166,7 +166,7 @@ impl Engine {
                     }
                     Ok(_) => {
                         let _ = reply.send(Err(format!(
-                            "`{domain}` is neither a domain managed by a policy in force nor a bridge with a held uplink change"
+                            "`{domain}` is not managed: neither a domain of a policy in force nor a bridge with a held uplink change"
                         )));
                     }
                     Err(e) => {

@@ -559,6 +559,12 @@ mod tests {
         let p = prober(guest.clone());
         let s = spec(Probe::Tcp(TcpProbe { port: listener.port() }), Some(listener.ip()));
         assert_eq!(p.probe(&s).await.outcome, Ok(()));
+        // The listener counts on its own task: let it see the first connection.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while accepted.load(Ordering::SeqCst) == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the first probe connected");
         *guest.neighbours.lock().unwrap() = vec![neighbour("127.0.0.1", "02:00:00:00:00:66", "br0")];
         let r = p.probe(&s).await;
         assert_eq!(
@@ -567,6 +573,10 @@ mod tests {
                 "127.0.0.1 is answered by 02:00:00:00:00:66 on br0, not by the domain's 52:54:00:00:00:01".into()
             ))
         );
+        // A connection the second probe made would be in the listener's backlog by now.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "only the first probe connected");
     }
 
