@@ -849,24 +849,32 @@ fn reload_cmd(state_dir: &std::path::Path, out: &mut dyn Write, err: &mut dyn Wr
     }
 }
 
-fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
-    match crate::host::control::request_release(&dirs.state_dir, domain) {
+/// Ask the running service through its control socket (`Ok(Err(exit code))` once it answered);
+/// when none listens, open the durable memory under the host lock, so no service starts
+/// meanwhile, for the caller to edit.
+fn ask_service_or_open_memory(
+    asked: std::io::Result<Option<crate::host::control::Answer>>,
+    who: &str,
+    dirs: &Dirs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<Result<(MemoryStore, crate::lock::HostLock), i32>> {
+    match asked {
         Ok(Some(answer)) if answer.ok => {
             writeln!(out, "{}", answer.message)?;
-            return Ok(exit::OK);
+            return Ok(Err(exit::OK));
         }
         Ok(Some(answer)) => {
             writeln!(err, "error: {}", answer.message)?;
-            return Ok(exit::RUNTIME);
+            return Ok(Err(exit::RUNTIME));
         }
         Ok(None) => {}
         Err(e) => {
             writeln!(err, "error: cannot ask the running service ({}): {e}", dirs.state_dir.display())?;
-            return Ok(exit::RUNTIME);
+            return Ok(Err(exit::RUNTIME));
         }
     }
-    // No service listens: edit the memory, holding the host lock so no service starts meanwhile.
-    let _lock = match crate::lock::acquire(&dirs.lock_file, "release") {
+    let lock = match crate::lock::acquire(&dirs.lock_file, who) {
         Ok(l) => l,
         Err(e) => {
             writeln!(
@@ -874,19 +882,28 @@ fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Wri
                 "error: {e}; it has no control socket in {} (pass its --state-dir)",
                 dirs.state_dir.display()
             )?;
-            return Ok(exit::RUNTIME);
+            return Ok(Err(exit::RUNTIME));
         }
     };
     let (store, problem) = match MemoryStore::open(&dirs.data_dir) {
         Ok(s) => s,
         Err(e) => {
             writeln!(err, "error: {e}")?;
-            return Ok(exit::RUNTIME);
+            return Ok(Err(exit::RUNTIME));
         }
     };
     if let Some(p) = problem {
         writeln!(err, "warning: {p}")?;
     }
+    Ok(Ok((store, lock)))
+}
+
+fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    let asked = crate::host::control::request_release(&dirs.state_dir, domain);
+    let (store, _lock) = match ask_service_or_open_memory(asked, "release", dirs, out, err)? {
+        Ok(offline) => offline,
+        Err(code) => return Ok(code),
+    };
     if let Ok(held) = crate::act::uplink::release(&store, domain) {
         if !held.is_empty() {
             for h in held {
@@ -919,43 +936,11 @@ fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Wri
 }
 
 fn memory_confirm_cmd(dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
-    match crate::host::control::request_confirm_memory(&dirs.state_dir) {
-        Ok(Some(answer)) => {
-            if answer.ok {
-                writeln!(out, "{}", answer.message)?;
-                return Ok(exit::OK);
-            }
-            writeln!(err, "error: {}", answer.message)?;
-            return Ok(exit::RUNTIME);
-        }
-        Ok(None) => {}
-        Err(e) => {
-            writeln!(err, "error: cannot ask the running service ({}): {e}", dirs.state_dir.display())?;
-            return Ok(exit::RUNTIME);
-        }
-    }
-    // No service listens: edit the memory, holding the host lock so no service starts meanwhile.
-    let _lock = match crate::lock::acquire(&dirs.lock_file, "memory confirm") {
-        Ok(l) => l,
-        Err(e) => {
-            writeln!(
-                err,
-                "error: {e}; it has no control socket in {} (pass its --state-dir)",
-                dirs.state_dir.display()
-            )?;
-            return Ok(exit::RUNTIME);
-        }
+    let asked = crate::host::control::request_confirm_memory(&dirs.state_dir);
+    let (store, _lock) = match ask_service_or_open_memory(asked, "memory confirm", dirs, out, err)? {
+        Ok(offline) => offline,
+        Err(code) => return Ok(code),
     };
-    let (store, problem) = match MemoryStore::open(&dirs.data_dir) {
-        Ok(s) => s,
-        Err(e) => {
-            writeln!(err, "error: {e}")?;
-            return Ok(exit::RUNTIME);
-        }
-    };
-    if let Some(p) = problem {
-        writeln!(err, "warning: {p}")?;
-    }
     match store.update(|m| m.lost.take()).0 {
         Some(l) => {
             if let Err(e) = store.write_now() {
