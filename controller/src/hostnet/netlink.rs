@@ -25,6 +25,15 @@ pub struct NetlinkHost {
 }
 
 impl NetlinkHost {
+    /// Every route the dump request `msg` selects (all tables).
+    async fn dump_routes(&self, msg: RouteMessage) -> Result<Vec<RouteMessage>, NetError> {
+        self.handle.route().get(msg).execute().try_collect().await.map_err(|source| NetError::Netlink {
+            op: "list routes",
+            object: String::new(),
+            source,
+        })
+    }
+
     /// Open a connection; its driver task runs on the current tokio runtime.
     pub fn connect() -> Result<Self, NetError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
@@ -146,12 +155,7 @@ impl HostNet for NetlinkHost {
             all_routes(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()),
             all_routes(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()),
         ] {
-            let routes: Vec<RouteMessage> =
-                self.handle.route().get(msg).execute().try_collect().await.map_err(|source| NetError::Netlink {
-                    op: "list routes",
-                    object: String::new(),
-                    source,
-                })?;
+            let routes = self.dump_routes(msg).await?;
             for (oifs, nh_id) in routes.iter().filter_map(default_route_exits) {
                 indexes.extend(oifs);
                 nh_ids.extend(nh_id);
@@ -171,12 +175,7 @@ impl HostNet for NetlinkHost {
 
     async fn ra_default_route_links(&self) -> Result<Vec<u32>, NetError> {
         let msg = all_routes(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build());
-        let routes: Vec<RouteMessage> =
-            self.handle.route().get(msg).execute().try_collect().await.map_err(|source| NetError::Netlink {
-                op: "list routes",
-                object: String::new(),
-                source,
-            })?;
+        let routes = self.dump_routes(msg).await?;
         let mut indexes: Vec<u32> = routes
             .iter()
             .filter(|r| r.header.protocol == RouteProtocol::Ra)
