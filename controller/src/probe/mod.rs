@@ -628,13 +628,24 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "three pings never started");
             tokio::task::yield_now().await;
         }
-        // The three blocked calls time out as probes but keep their slots: the others wait.
-        let first: Vec<ProbeResult> =
-            futures_util::future::join_all(tasks.into_iter().take(3)).await.into_iter().map(Result::unwrap).collect();
+        // The three blocked calls time out as probes but keep their slots: the others wait. Which
+        // three tasks got the slots is the scheduler's choice, so take the first three to finish.
+        let mut pending: futures_util::stream::FuturesUnordered<_> = tasks.into_iter().collect();
+        let mut first = Vec::new();
+        while first.len() < 3 {
+            let next = tokio::time::timeout(Duration::from_secs(10), futures_util::StreamExt::next(&mut pending));
+            let r = next.await.expect("three probes time out while their calls hold the slots");
+            first.push(r.expect("a probe task").expect("the probe task did not panic"));
+        }
         assert!(first.iter().all(|r| r.outcome == Err(ProbeFailure::Timeout(Duration::from_millis(50)))), "{first:?}");
         assert_eq!(guest.running.load(Ordering::SeqCst), 3);
+        assert_eq!(pending.len(), 7, "the other seven still wait for a slot");
         *guest.hold.lock().unwrap() = false;
         guest.released.notify_all();
+        let rest = tokio::time::timeout(Duration::from_secs(10), futures_util::StreamExt::collect::<Vec<_>>(pending))
+            .await
+            .expect("the others run once the slots are free");
+        assert_eq!(rest.len(), 7);
         assert_eq!(guest.most.load(Ordering::SeqCst), 3);
     }
 }
