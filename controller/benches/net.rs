@@ -202,7 +202,7 @@ impl Drop for Peer {
 /// whose verification fails → the gateway answers on the port again after the rollback.
 async fn bench_uplink() {
     use virtwarden::act::network::{apply_net_actions, observe_net};
-    use virtwarden::act::uplink::{give_back, observe_uplinks, release};
+    use virtwarden::act::uplink::{observe_uplinks, release};
     use virtwarden::hostnet::netlink::NetlinkHost;
     use virtwarden::hostnet::sysctl::ProcForwarding;
     use virtwarden::hostnet::uplink::UplinkNet;
@@ -225,6 +225,10 @@ async fn bench_uplink() {
         load_texts([(std::path::Path::new("u.yaml"), yaml.as_str())]).expect("policy").desired
     };
     let good = policy("");
+    let released = {
+        let yaml = "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata: {name: u}\nspec:\n  bridges:\n    - name: brU\n";
+        load_texts([(std::path::Path::new("u.yaml"), yaml)]).expect("policy").desired
+    };
     // Nothing answers .99: verification fails after 100 ms.
     let bad = policy("      verify: [{ping: {address: 198.51.100.99}}]\n      verifyTimeout: 100ms\n");
     let net = NetlinkHost::connect().expect("netlink");
@@ -248,8 +252,10 @@ async fn bench_uplink() {
         let out = apply_net_actions(&net, &fwd, &journal, &actions).await;
         assert!(out[0].error.is_none(), "{out:?}");
         takeover.push(t0.elapsed());
-        let back = give_back(&net, &journal, "up0", "brU").await;
-        assert!(back.verified, "{back:?}");
+        // The policy lets go of up0: it is given back (verified on up0).
+        let actions = planned(released.clone()).await;
+        let back = apply_net_actions(&net, &fwd, &journal, &actions).await;
+        assert!(back.len() == 1 && back[0].error.is_none(), "{back:?}");
 
         // Connectivity back must be proven afresh: no neighbour entry left over on up0.
         let _ = std::process::Command::new("ip").args(["neigh", "flush", "dev", "up0"]).status();

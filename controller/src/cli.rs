@@ -909,8 +909,9 @@ fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Wri
             for h in held {
                 writeln!(
                     out,
-                    "released {} → {} (held: {}); it is tried again when virtwarden runs next",
-                    h.port, h.bridge, h.reason
+                    "released {} (held: {}); it is tried again when virtwarden runs next",
+                    h.what(),
+                    h.reason
                 )?;
             }
             return Ok(exit::OK);

@@ -60,6 +60,12 @@ impl UplinkNet for NoLinks {
     async fn restore(&self, _: &Checkpoint) -> Result<(), NetError> {
         unreachable!("no uplink")
     }
+    async fn default_gateways(&self) -> Result<Vec<(u32, std::net::IpAddr)>, NetError> {
+        Ok(Vec::new())
+    }
+    async fn forget_neighbour(&self, _: &str, _: std::net::IpAddr) -> Result<(), NetError> {
+        unreachable!("no uplink")
+    }
     async fn neighbour_reachable(&self, _: &str, _: std::net::IpAddr) -> Result<bool, NetError> {
         unreachable!("no uplink")
     }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::uplink::{give_back, take_over, TakeoverResult, UplinkJournal};
+use super::uplink::{give_back, set_forwarding, set_stp, take_over, TakeoverResult, UplinkJournal};
 use crate::hostnet::uplink::UplinkNet;
 use crate::hostnet::{Forwarding, HostNet, NetError};
 use crate::observe::{ForwardingState, ObservedNet, RaDefaultRoute};
@@ -38,7 +38,8 @@ pub async fn execute_net_action<N: HostNet, F: Forwarding>(
     match &action.kind {
         NetActionKind::CreateBridge => net.create_bridge(subject).await,
         NetActionKind::SetUp => net.set_up(subject).await,
-        NetActionKind::SetStp { stp } => net.set_stp(subject, *stp).await,
+        // Guarded (a `guard`) only through apply_net_actions; alone it only sets.
+        NetActionKind::SetStp { stp, .. } => net.set_stp(subject, *stp).await,
         NetActionKind::Enslave { bridge } | NetActionKind::AttachTap { bridge, .. } => {
             net.enslave(subject, bridge).await
         }
@@ -47,7 +48,7 @@ pub async fn execute_net_action<N: HostNet, F: Forwarding>(
         NetActionKind::TakeOverUplink { bridge, .. } => net.enslave(subject, bridge).await,
         // Needs the takeover's checkpoint: only through apply_net_actions.
         NetActionKind::ReleaseUplink { .. } => Ok(()),
-        NetActionKind::SetForwarding { family, on } => match family.as_str() {
+        NetActionKind::SetForwarding { family, on, .. } => match family.as_str() {
             "ipv6" => fwd.set_ipv6(*on),
             _ => fwd.set_ipv4(*on),
         },
@@ -60,13 +61,15 @@ pub struct NetOutcome {
     pub action: NetAction,
     pub error: Option<String>,
     pub millis: u128,
-    /// An uplink takeover's verification: what decided, how long it took, the rollback.
+    /// A guarded change's verification (uplink takeover or release, STP on an uplink bridge,
+    /// forwarding): what decided, how long it took, the rollback.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verification: Option<TakeoverResult>,
 }
 
-/// Execute network actions in order, continuing past failures. Uplink takeovers run as a
-/// transaction (checkpoint in `journal`, verify, commit or roll back; see `act::uplink`).
+/// Execute network actions in order, continuing past failures. Guarded changes — uplink
+/// takeovers and releases, actions with a `guard` — run as a transaction (checkpoint in
+/// `journal`, verify, commit or roll back; see `act::uplink`).
 pub async fn apply_net_actions<N: HostNet + UplinkNet, F: Forwarding>(
     net: &N,
     fwd: &F,
@@ -76,16 +79,24 @@ pub async fn apply_net_actions<N: HostNet + UplinkNet, F: Forwarding>(
     let mut out = Vec::with_capacity(actions.len());
     for action in actions {
         let started = Instant::now();
-        let (result, verification) = match &action.kind {
+        let guarded = match &action.kind {
             NetActionKind::TakeOverUplink { bridge, takeover } => {
-                let r = take_over(net, journal, &action.subject, bridge, takeover).await;
-                (if r.verified { Ok(()) } else { Err(r.detail.clone()) }, Some(r))
+                Some(take_over(net, fwd, journal, &action.subject, bridge, takeover).await)
             }
-            NetActionKind::ReleaseUplink { bridge } => {
-                let r = give_back(net, journal, &action.subject, bridge).await;
-                (if r.verified { Ok(()) } else { Err(r.detail.clone()) }, Some(r))
+            NetActionKind::ReleaseUplink { bridge, guard } => {
+                Some(give_back(net, fwd, journal, &action.subject, bridge, guard).await)
             }
-            _ => (execute_net_action(net, fwd, action).await.map_err(|e| e.to_string()), None),
+            NetActionKind::SetStp { stp, guard: Some(guard) } => {
+                Some(set_stp(net, fwd, journal, &action.subject, *stp, guard).await)
+            }
+            NetActionKind::SetForwarding { family, on, guard: Some(guard) } => {
+                Some(set_forwarding(net, fwd, journal, family, *on, guard).await)
+            }
+            _ => None,
+        };
+        let (result, verification) = match guarded {
+            Some(r) => (if r.verified { Ok(()) } else { Err(r.detail.clone()) }, Some(r)),
+            None => (execute_net_action(net, fwd, action).await.map_err(|e| e.to_string()), None),
         };
         let millis = started.elapsed().as_millis();
         match &result {

@@ -1,7 +1,10 @@
-//! An uplink change as one transaction: checkpoint → apply → verify → commit or roll back.
-//! The checkpoint is written to the durable memory before anything changes, so a virtwarden
-//! killed mid-change restores it at its next start ([`restore_pending`]). A takeover whose
-//! verification fails is rolled back and held until the policy changes or an admin releases it.
+//! A guarded change as one transaction: checkpoint → apply → verify → commit or roll back.
+//! Guarded are the changes that can cut the host off: an uplink takeover and its release, STP
+//! on a bridge that carries an uplink, forwarding while the default route goes through a
+//! managed bridge. The checkpoint is written to the durable memory before anything changes, so
+//! a virtwarden killed mid-change restores it at its next start ([`restore_pending`]). A change
+//! whose verification fails is rolled back and held until the policy changes or an admin
+//! releases it.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -9,10 +12,13 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use virtwarden_policies::VerifyProbe;
 
-use crate::hostnet::uplink::{Checkpoint, UplinkNet};
+use crate::hostnet::uplink::{Checkpoint, SysctlValue, UplinkNet};
+use crate::hostnet::{Forwarding, HostNet, NetError};
 use crate::memory::MemoryStore;
-use crate::observe::{HeldUplink, ObservedNet, UplinkPort};
-use crate::plan::network::Takeover;
+use crate::observe::{
+    BridgeAttrs, DefaultGateway, GuardedChange, HeldUplink, ObservedNet, StpSettings, Sysctl, UplinkPort,
+};
+use crate::plan::network::{Guard, Takeover};
 use virtwarden_policies::DesiredState;
 
 /// What the durable memory keeps about uplinks (`uplinks` of the memory file).
@@ -62,6 +68,18 @@ pub async fn observe_uplinks<N: UplinkNet>(
 ) {
     let memory = journal.load();
     observed.held_uplinks = memory.held;
+    match net.default_gateways().await {
+        Ok(gws) => {
+            observed.default_gateways = gws
+                .into_iter()
+                .filter_map(|(index, address)| {
+                    let link = observed.links.iter().find(|l| l.index == index)?.name.clone();
+                    Some(DefaultGateway { link, address })
+                })
+                .collect()
+        }
+        Err(e) => tracing::warn!(%e, "cannot read the default gateways"),
+    }
     observed.taken_over = memory.committed.iter().map(|c| (c.port.clone(), c.bridge.clone())).collect();
     for b in desired.bridges.iter().filter(|b| b.spec.allow_uplink_change.allowed()) {
         for port in &b.spec.ports {
@@ -88,7 +106,7 @@ pub async fn observe_uplinks<N: UplinkNet>(
     }
 }
 
-/// The verdict of one takeover.
+/// The verdict of one guarded change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TakeoverResult {
@@ -101,9 +119,25 @@ pub struct TakeoverResult {
     pub rollback_millis: Option<u128>,
 }
 
+/// What a guarded change does between its checkpoint and its verification.
+pub enum Step<'a> {
+    /// Move the checkpoint's addresses, routes and rules into the bridge, enslave the port.
+    TakeOver,
+    /// Move them back to the port, detach it.
+    GiveBack,
+    Stp(StpSettings),
+    /// `accept_ra = 2` on `keep_ra` first, then the forwarding switch.
+    Forwarding {
+        ipv6: bool,
+        on: bool,
+        keep_ra: &'a [String],
+    },
+}
+
 /// Take `port` over into `bridge` as planned; roll back and hold on any failure.
-pub async fn take_over<N: UplinkNet>(
+pub async fn take_over<N: HostNet + UplinkNet, F: Forwarding>(
     net: &N,
+    fwd: &F,
     journal: &dyn UplinkJournal,
     port: &str,
     bridge: &str,
@@ -113,58 +147,278 @@ pub async fn take_over<N: UplinkNet>(
         Ok(cp) => Checkpoint { fingerprint: plan.fingerprint.clone(), ..cp },
         Err(e) => return failed(format!("cannot take a checkpoint: {e}; nothing changed")),
     };
+    let gateways: Vec<(String, IpAddr)> = cp.gateways().into_iter().map(|g| (bridge.to_string(), g)).collect();
+    transaction(net, fwd, journal, cp, Step::TakeOver, &gateways, &plan.probes, plan.verify_timeout.as_std()).await
+}
+
+/// Give a taken-over uplink back: everything the takeover moved goes back to the port, which
+/// leaves the bridge; then the guard's gateways must answer on the port. If they do not, the
+/// bridge takes the uplink over again (the state before the release) and the release is held.
+pub async fn give_back<N: HostNet + UplinkNet, F: Forwarding>(
+    net: &N,
+    fwd: &F,
+    journal: &dyn UplinkJournal,
+    port: &str,
+    bridge: &str,
+    guard: &Guard,
+) -> TakeoverResult {
+    let Some(committed) = journal.load().committed.into_iter().find(|c| c.port == port && c.bridge == bridge) else {
+        return failed(format!("no record of taking {port} over into {bridge}; nothing changed"));
+    };
+    let cp = Checkpoint { change: GuardedChange::Release, fingerprint: guard.fingerprint.clone(), ..committed };
+    let gateways = guard_gateways(guard);
+    transaction(net, fwd, journal, cp, Step::GiveBack, &gateways, &guard.probes, guard.verify_timeout.as_std()).await
+}
+
+/// STP settings `stp` on `bridge`, which carries an uplink: its STP settings are the checkpoint.
+pub async fn set_stp<N: HostNet + UplinkNet, F: Forwarding>(
+    net: &N,
+    fwd: &F,
+    journal: &dyn UplinkJournal,
+    bridge: &str,
+    stp: StpSettings,
+    guard: &Guard,
+) -> TakeoverResult {
+    let before = match bridge_stp(net, bridge).await {
+        Ok(b) => b,
+        Err(e) => return failed(format!("cannot take a checkpoint: {e}; nothing changed")),
+    };
+    let cp = Checkpoint {
+        bridge: bridge.into(),
+        change: GuardedChange::Stp,
+        fingerprint: guard.fingerprint.clone(),
+        bridge_stp: Some(before),
+        ..Default::default()
+    };
+    let gateways = guard_gateways(guard);
+    transaction(net, fwd, journal, cp, Step::Stp(stp), &gateways, &guard.probes, guard.verify_timeout.as_std()).await
+}
+
+/// IP forwarding of `family` while the default route depends on a managed bridge: the
+/// forwarding switch and the `accept_ra` of every interface with an RA-learned default route
+/// are the checkpoint.
+pub async fn set_forwarding<N: HostNet + UplinkNet, F: Forwarding>(
+    net: &N,
+    fwd: &F,
+    journal: &dyn UplinkJournal,
+    family: &str,
+    on: bool,
+    guard: &Guard,
+) -> TakeoverResult {
+    // The forwarding switch first: a rollback writes them back in this order.
+    let mut held: Vec<Sysctl> = guard.sysctls.clone();
+    for iface in &guard.keep_ra {
+        let s = Sysctl::AcceptRa { iface: iface.clone() };
+        if !held.contains(&s) {
+            held.push(s);
+        }
+    }
+    let mut sysctls = Vec::new();
+    for s in held {
+        match read_sysctl(fwd, &s) {
+            Ok(value) => sysctls.push(SysctlValue { sysctl: s, value }),
+            Err(e) => return failed(format!("cannot take a checkpoint: {e}; nothing changed")),
+        }
+    }
+    let cp = Checkpoint {
+        bridge: "forwarding".into(),
+        port: family.into(),
+        change: GuardedChange::Forwarding,
+        fingerprint: guard.fingerprint.clone(),
+        sysctls,
+        ..Default::default()
+    };
+    let step = Step::Forwarding { ipv6: family == "ipv6", on, keep_ra: &guard.keep_ra };
+    let gateways = guard_gateways(guard);
+    transaction(net, fwd, journal, cp, step, &gateways, &guard.probes, guard.verify_timeout.as_std()).await
+}
+
+fn guard_gateways(guard: &Guard) -> Vec<(String, IpAddr)> {
+    guard.gateways.iter().map(|g| (g.link.clone(), g.address)).collect()
+}
+
+/// The transaction: `cp` into the durable memory, `step`, verification, then commit — or roll
+/// back to `cp` and hold the change.
+#[allow(clippy::too_many_arguments)]
+async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
+    net: &N,
+    fwd: &F,
+    journal: &dyn UplinkJournal,
+    cp: Checkpoint,
+    step: Step<'_>,
+    gateways: &[(String, IpAddr)],
+    probes: &[VerifyProbe],
+    timeout: Duration,
+) -> TakeoverResult {
     if let Err(e) = journal.change(&mut |u| u.pending.push(cp.clone())) {
         return failed(format!("cannot record the checkpoint in the durable memory ({e}); nothing changed"));
     }
+    let (change, what) = (cp.change, describe(&cp));
     let started = Instant::now();
-    let applied = net.take_over(&cp).await;
-    let verdict = match applied {
+    let verdict = match apply_step(net, fwd, &cp, &step).await {
         Err(e) => Err(format!("applying failed: {e}")),
-        Ok(()) => verify(net, bridge, &cp.gateways(), &plan.probes, plan.verify_timeout.as_std()).await,
+        Ok(()) => verify_on(net, gateways, probes, timeout).await,
     };
     let verify_millis = started.elapsed().as_millis();
     match verdict {
         Ok(passed) => {
             let _ = journal.change(&mut |u| {
                 u.pending.retain(|p| p != &cp);
-                u.committed.retain(|p| !(p.port == cp.port && p.bridge == cp.bridge));
-                u.committed.push(cp.clone());
+                u.held.retain(|h| !(h.change == change && h.port == cp.port && h.bridge == cp.bridge));
+                let same = |p: &Checkpoint| p.port == cp.port && p.bridge == cp.bridge;
+                match change {
+                    GuardedChange::Takeover => {
+                        u.committed.retain(|p| !same(p));
+                        u.committed.push(cp.clone());
+                    }
+                    GuardedChange::Release => u.committed.retain(|p| !same(p)),
+                    GuardedChange::Stp | GuardedChange::Forwarding => {}
+                }
             });
-            tracing::info!(port, bridge, verify_millis, "uplink taken over and verified");
+            tracing::info!(change = %what, verify_millis, "guarded network change verified");
+            let verb = if change == GuardedChange::Release { "given back and verified" } else { "verified" };
             TakeoverResult {
                 verified: true,
-                detail: format!("verified in {verify_millis} ms: {passed}"),
+                detail: format!("{verb} in {verify_millis} ms: {passed}"),
                 verify_millis,
                 rollback_millis: None,
             }
         }
         Err(why) => {
             let t = Instant::now();
-            let restored = net.restore(&cp).await;
+            let restored = roll_back(net, fwd, &cp).await;
             let rollback_millis = t.elapsed().as_millis();
             let held = HeldUplink {
-                bridge: bridge.into(),
-                port: port.into(),
+                bridge: cp.bridge.clone(),
+                port: cp.port.clone(),
                 reason: why.clone(),
                 at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                fingerprint: plan.fingerprint.clone(),
+                fingerprint: cp.fingerprint.clone(),
+                change,
             };
             let _ = journal.change(&mut |u| {
                 if restored.is_ok() {
                     u.pending.retain(|p| p != &cp);
                 }
-                u.held.retain(|h| !(h.port == held.port && h.bridge == held.bridge));
+                u.held.retain(|h| !(h.change == change && h.port == held.port && h.bridge == held.bridge));
                 u.held.push(held.clone());
             });
+            let release = if change == GuardedChange::Forwarding { "forwarding" } else { cp.bridge.as_str() };
+            let undone = if change == GuardedChange::Release {
+                format!("put back into {} in {rollback_millis} ms", cp.bridge)
+            } else {
+                format!("rolled back in {rollback_millis} ms")
+            };
             let detail = match restored {
                 Ok(()) => format!(
-                    "verification failed after {verify_millis} ms: {why}; rolled back in {rollback_millis} ms; held until the policy changes or `virtwarden release {bridge}`"
+                    "verification failed after {verify_millis} ms: {why}; {undone}; held until the policy changes or `virtwarden release {release}`"
                 ),
                 Err(e) => format!("verification failed: {why}; ROLLBACK FAILED: {e} (the checkpoint stays in the durable memory and is restored at the next start)"),
             };
-            tracing::warn!(port, bridge, %detail, "uplink change rolled back");
+            tracing::warn!(change = %what, %detail, "guarded network change rolled back");
             TakeoverResult { verified: false, detail, verify_millis, rollback_millis: Some(rollback_millis) }
         }
+    }
+}
+
+/// `up0 → br0`, `release of up0 from br0`, `STP of br0`, `ipv4 forwarding`.
+fn describe(cp: &Checkpoint) -> String {
+    HeldUplink { bridge: cp.bridge.clone(), port: cp.port.clone(), change: cp.change, ..Default::default() }.what()
+}
+
+async fn apply_step<N: HostNet + UplinkNet, F: Forwarding>(
+    net: &N,
+    fwd: &F,
+    cp: &Checkpoint,
+    step: &Step<'_>,
+) -> Result<(), NetError> {
+    match step {
+        Step::TakeOver => net.take_over(cp).await,
+        Step::GiveBack => net.restore(cp).await,
+        Step::Stp(stp) => net.set_stp(&cp.bridge, *stp).await,
+        Step::Forwarding { ipv6, on, keep_ra } => {
+            for iface in keep_ra.iter() {
+                fwd.set_accept_ra(iface, 2)?;
+            }
+            if *ipv6 {
+                fwd.set_ipv6(*on)
+            } else {
+                fwd.set_ipv4(*on)
+            }
+        }
+    }
+}
+
+/// Put back what `cp` holds: links (a takeover undone, a release re-done), the bridge's STP
+/// settings, the sysctls — each only where it differs now, so it is safe to repeat. Every part
+/// is tried; the first failure is returned.
+async fn roll_back<N: HostNet + UplinkNet, F: Forwarding>(net: &N, fwd: &F, cp: &Checkpoint) -> Result<(), String> {
+    let links = match cp.change {
+        GuardedChange::Takeover => net.restore(cp).await,
+        GuardedChange::Release => net.take_over(cp).await,
+        GuardedChange::Stp | GuardedChange::Forwarding => Ok(()),
+    };
+    let stp = match &cp.bridge_stp {
+        Some(before) => restore_stp(net, &cp.bridge, before).await,
+        None => Ok(()),
+    };
+    let mut sysctls = Ok(());
+    for s in &cp.sysctls {
+        let result = match read_sysctl(fwd, &s.sysctl) {
+            Ok(now) if now == s.value => Ok(()),
+            _ => write_sysctl(fwd, &s.sysctl, s.value),
+        };
+        if sysctls.is_ok() {
+            sysctls = result;
+        }
+    }
+    links.and(stp).and(sysctls).map_err(|e| e.to_string())
+}
+
+async fn bridge_stp<N: HostNet>(net: &N, bridge: &str) -> Result<BridgeAttrs, NetError> {
+    net.links()
+        .await?
+        .into_iter()
+        .find(|l| l.name == bridge)
+        .and_then(|l| l.bridge)
+        .ok_or_else(|| NetError::NoSuchLink { op: "read stp", object: bridge.into() })
+}
+
+/// The bridge's STP state first, then its timers: the kernel checks timer ranges against the
+/// state the bridge is in.
+async fn restore_stp<N: HostNet>(net: &N, bridge: &str, before: &BridgeAttrs) -> Result<(), NetError> {
+    if bridge_stp(net, bridge).await.ok().as_ref() == Some(before) {
+        return Ok(());
+    }
+    let state =
+        StpSettings { enabled: before.stp, forward_delay: None, hello_time: None, max_age: None, priority: None };
+    net.set_stp(bridge, state).await?;
+    net.set_stp(
+        bridge,
+        StpSettings {
+            forward_delay: Some(before.forward_delay),
+            hello_time: Some(before.hello_time),
+            max_age: Some(before.max_age),
+            priority: Some(before.priority),
+            ..state
+        },
+    )
+    .await
+}
+
+fn read_sysctl<F: Forwarding>(fwd: &F, s: &Sysctl) -> Result<u8, NetError> {
+    match s {
+        Sysctl::Ipv4Forwarding => fwd.ipv4().map(u8::from),
+        Sysctl::Ipv6Forwarding => fwd.ipv6().map(u8::from),
+        Sysctl::AcceptRa { iface } => fwd.accept_ra(iface),
+    }
+}
+
+fn write_sysctl<F: Forwarding>(fwd: &F, s: &Sysctl, value: u8) -> Result<(), NetError> {
+    match s {
+        Sysctl::Ipv4Forwarding => fwd.set_ipv4(value != 0),
+        Sysctl::Ipv6Forwarding => fwd.set_ipv6(value != 0),
+        Sysctl::AcceptRa { iface } => fwd.set_accept_ra(iface, value),
     }
 }
 
@@ -172,44 +426,58 @@ fn failed(detail: String) -> TakeoverResult {
     TakeoverResult { verified: false, detail, verify_millis: 0, rollback_millis: None }
 }
 
+/// How often a gateway must answer afresh while verification runs: one that goes away during
+/// verification is noticed within this.
+const REASK: Duration = Duration::from_secs(1);
+
 /// Poll every decider until all passed (the text says which) or `timeout` ran out (the text
-/// says which did not).
-pub async fn verify<N: UplinkNet>(
+/// says which did not). A gateway counts only with an answer given after the change (its
+/// neighbour entry is forgotten first) and asked again every [`REASK`]; all gateways must
+/// answer in the same round. A probe that passed stays passed.
+pub async fn verify_on<N: UplinkNet>(
     net: &N,
-    bridge: &str,
-    gateways: &[IpAddr],
+    gateways: &[(String, IpAddr)],
     probes: &[VerifyProbe],
     timeout: Duration,
 ) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
-    let mut gw_left: Vec<IpAddr> = gateways.to_vec();
+    let mut asked = Vec::with_capacity(gateways.len());
+    for (link, gw) in gateways {
+        let _ = net.forget_neighbour(link, *gw).await;
+        asked.push(Instant::now());
+    }
     let mut probes_left: Vec<VerifyProbe> = probes.to_vec();
-    let mut passed = Vec::new();
+    let mut passed_probes = Vec::new();
     loop {
-        let mut still = Vec::new();
-        for gw in gw_left {
-            match net.neighbour_reachable(bridge, gw).await {
-                Ok(true) => passed.push(format!("gateway {gw} answers ARP/NDP on {bridge}")),
-                _ => still.push(gw),
+        let mut gw_down = Vec::new();
+        for ((link, gw), asked_at) in gateways.iter().zip(asked.iter_mut()) {
+            match net.neighbour_reachable(link, *gw).await {
+                Ok(true) if asked_at.elapsed() >= REASK => {
+                    let _ = net.forget_neighbour(link, *gw).await;
+                    *asked_at = Instant::now();
+                }
+                Ok(true) => {}
+                _ => gw_down.push(format!("gateway {gw} did not answer ARP/NDP on {link}")),
             }
         }
-        gw_left = still;
         let mut still = Vec::new();
         for p in probes_left {
             let budget = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(500));
             if net.probe(&p, budget).await {
-                passed.push(p.to_string());
+                passed_probes.push(p.to_string());
             } else {
                 still.push(p);
             }
         }
         probes_left = still;
-        if gw_left.is_empty() && probes_left.is_empty() {
+        if gw_down.is_empty() && probes_left.is_empty() {
+            let mut passed: Vec<String> =
+                gateways.iter().map(|(link, gw)| format!("gateway {gw} answers ARP/NDP on {link}")).collect();
+            passed.extend(passed_probes);
             return Ok(if passed.is_empty() { "nothing to probe".into() } else { passed.join(", ") });
         }
         if Instant::now() >= deadline {
-            let mut why: Vec<String> =
-                gw_left.iter().map(|g| format!("gateway {g} did not answer ARP/NDP on {bridge}")).collect();
+            let mut why = gw_down;
             why.extend(probes_left.iter().map(|p| format!("{p} did not answer")));
             return Err(format!(
                 "{} within {}",
@@ -221,65 +489,52 @@ pub async fn verify<N: UplinkNet>(
     }
 }
 
+/// [`verify_on`] with every gateway on `bridge`.
+pub async fn verify<N: UplinkNet>(
+    net: &N,
+    bridge: &str,
+    gateways: &[IpAddr],
+    probes: &[VerifyProbe],
+    timeout: Duration,
+) -> Result<String, String> {
+    let on: Vec<(String, IpAddr)> = gateways.iter().map(|g| (bridge.to_string(), *g)).collect();
+    verify_on(net, &on, probes, timeout).await
+}
+
 /// At start, before anything else: restore every checkpoint of a change that was in flight
 /// when virtwarden stopped, and hold that change. Returns what it restored.
-pub async fn restore_pending<N: UplinkNet>(net: &N, journal: &dyn UplinkJournal) -> Vec<String> {
+pub async fn restore_pending<N: HostNet + UplinkNet, F: Forwarding>(
+    net: &N,
+    fwd: &F,
+    journal: &dyn UplinkJournal,
+) -> Vec<String> {
     let pending = journal.load().pending;
     let mut done = Vec::new();
     for cp in pending {
-        match net.restore(&cp).await {
+        match roll_back(net, fwd, &cp).await {
             Ok(()) => {
-                tracing::warn!(port = %cp.port, bridge = %cp.bridge, "restored the checkpoint of an uplink change interrupted by a stop");
+                tracing::warn!(change = %describe(&cp), "restored the checkpoint of a guarded network change interrupted by a stop");
                 let held = HeldUplink {
                     bridge: cp.bridge.clone(),
                     port: cp.port.clone(),
                     reason: "virtwarden stopped during the change; its checkpoint was restored at start".into(),
                     at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     fingerprint: cp.fingerprint.clone(),
+                    change: cp.change,
                 };
                 let _ = journal.change(&mut |u| {
                     u.pending.retain(|p| p != &cp);
-                    u.held.retain(|h| !(h.port == held.port && h.bridge == held.bridge));
+                    u.held.retain(|h| !(h.change == held.change && h.port == held.port && h.bridge == held.bridge));
                     u.held.push(held.clone());
                 });
-                done.push(format!("{} → {}", cp.port, cp.bridge));
+                done.push(describe(&cp));
             }
             Err(e) => {
-                tracing::error!(port = %cp.port, bridge = %cp.bridge, %e, "cannot restore an interrupted uplink change")
+                tracing::error!(change = %describe(&cp), %e, "cannot restore an interrupted guarded network change")
             }
         }
     }
     done
-}
-
-/// Give a taken-over uplink back: everything the takeover moved goes back to the port, which
-/// leaves the bridge. Then its default gateways must answer on the port again; a failure is
-/// reported (the port has its original configuration back, so nothing is rolled forward).
-pub async fn give_back<N: UplinkNet>(net: &N, journal: &dyn UplinkJournal, port: &str, bridge: &str) -> TakeoverResult {
-    let Some(cp) = journal.load().committed.into_iter().find(|c| c.port == port && c.bridge == bridge) else {
-        return failed(format!("no record of taking {port} over into {bridge}; nothing changed"));
-    };
-    let started = Instant::now();
-    if let Err(e) = net.restore(&cp).await {
-        return failed(format!("giving {port} back failed: {e}"));
-    }
-    let _ = journal.change(&mut |u| u.committed.retain(|c| !(c.port == port && c.bridge == bridge)));
-    let verdict = verify(net, port, &cp.gateways(), &[], Duration::from_secs(10)).await;
-    let verify_millis = started.elapsed().as_millis();
-    match verdict {
-        Ok(passed) => TakeoverResult {
-            verified: true,
-            detail: format!("given back and verified in {verify_millis} ms: {passed}"),
-            verify_millis,
-            rollback_millis: None,
-        },
-        Err(why) => TakeoverResult {
-            verified: false,
-            detail: format!("given back, but {why}"),
-            verify_millis,
-            rollback_millis: None,
-        },
-    }
 }
 
 /// Lift the hold on `bridge`'s takeovers. Returns what was held.

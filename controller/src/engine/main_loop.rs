@@ -160,7 +160,7 @@ impl Engine {
                 None => match crate::act::uplink::release(&*self.shared.memory, &domain) {
                     Ok(held) if !held.is_empty() => {
                         let what: Vec<String> =
-                            held.iter().map(|h| format!("{} → {} (held: {})", h.port, h.bridge, h.reason)).collect();
+                            held.iter().map(|h| format!("{} (held: {})", h.what(), h.reason)).collect();
                         let _ = reply.send(Ok(format!("released {}; trying again now", what.join(", "))));
                         self.kick_network(network::NetKick::AllDomains);
                     }

@@ -113,7 +113,7 @@ impl NetworkTask {
         mut notifications: UnboundedReceiver<E>,
     ) {
         // Before anything else: an uplink change interrupted by our own stop is undone.
-        let restored = restore_pending(&net, &*self.shared.memory).await;
+        let restored = restore_pending(&net, &fwd, &*self.shared.memory).await;
         if !restored.is_empty() {
             self.shared.metrics.action("restore-uplink-checkpoint", true);
             self.shared.update_network(|s| {

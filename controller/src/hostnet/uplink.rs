@@ -1,7 +1,8 @@
 //! Taking an uplink over into a bridge, and putting it back: a [`Checkpoint`] holds the port's
 //! and the bridge's MAC, MTU and master and the port's addresses, routes (every table) and
 //! policy rules exactly as the kernel reported them (netlink messages, hex-encoded so the
-//! durable memory can keep them); [`UplinkNet`] takes one, applies the takeover and restores it.
+//! durable memory can keep them), and for the other guarded changes the bridge's STP settings
+//! and the sysctls; [`UplinkNet`] takes one, applies the takeover and restores it.
 //! The rewriting (port → bridge) is pure and tested without a kernel.
 
 use std::net::IpAddr;
@@ -13,6 +14,7 @@ use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteNextHopFlags, RouteProtocol, RouteType,
+    RouteVia,
 };
 use rtnetlink::packet_route::rule::{RuleAttribute, RuleMessage};
 use rtnetlink::{IpVersion, LinkUnspec, RouteMessageBuilder};
@@ -21,9 +23,21 @@ use virtwarden_policies::VerifyProbe;
 
 use super::netlink::NetlinkHost;
 use super::NetError;
+use crate::observe::{BridgeAttrs, GuardedChange, Sysctl};
 
-/// Everything a takeover of `port` into `bridge` changes, as it was before.
+/// A sysctl's value before a guarded change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SysctlValue {
+    #[serde(flatten)]
+    pub sysctl: Sysctl,
+    pub value: u8,
+}
+
+/// Everything a guarded change changes, as it was before: for a takeover of `port` into
+/// `bridge` (or its release) the links, addresses, routes and rules; for an STP change the
+/// bridge's STP settings; for a forwarding change the sysctls.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Checkpoint {
     pub bridge: String,
@@ -44,6 +58,16 @@ pub struct Checkpoint {
     /// until the policy differs).
     #[serde(default)]
     pub fingerprint: String,
+    /// Which change this checkpoint guards (`bridge` is `forwarding` and `port` the family for
+    /// a forwarding change; `port` is empty for an STP change).
+    #[serde(default)]
+    pub change: GuardedChange,
+    /// The bridge's STP settings before an STP change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge_stp: Option<BridgeAttrs>,
+    /// Sysctls before the change, in the order a rollback writes them back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sysctls: Vec<SysctlValue>,
 }
 
 impl Checkpoint {
@@ -262,6 +286,16 @@ pub trait UplinkNet: Send + Sync {
     /// Put everything back as `cp` says. Idempotent: a half-applied takeover (or one already
     /// undone) is restored too, so it is safe after a crash.
     fn restore(&self, cp: &Checkpoint) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
+    /// The gateways of every default route (IPv4 and IPv6, every table, every nexthop of a
+    /// multipath route), with the index of the link each is reached through.
+    fn default_gateways(&self) -> impl std::future::Future<Output = Result<Vec<(u32, IpAddr)>, NetError>> + Send;
+    /// Drop the neighbour entry of `addr` on `link` unless an admin set it (permanent), so the
+    /// next [`UplinkNet::neighbour_reachable`] needs a fresh answer from it.
+    fn forget_neighbour(
+        &self,
+        link: &str,
+        addr: IpAddr,
+    ) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
     /// Ask `link` to resolve `addr` (an ARP request or NDP solicitation) and say whether the
     /// neighbour entry is confirmed reachable.
     fn neighbour_reachable(
@@ -454,7 +488,7 @@ impl UplinkNet for NetlinkHost {
             addresses,
             routes,
             rules,
-            fingerprint: String::new(),
+            ..Default::default()
         })
     }
 
@@ -521,6 +555,33 @@ impl UplinkNet for NetlinkHost {
         }
     }
 
+    async fn default_gateways(&self) -> Result<Vec<(u32, IpAddr)>, NetError> {
+        let mut out: Vec<(u32, IpAddr)> = self
+            .all_routes()
+            .await?
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 0 && r.header.kind == RouteType::Unicast)
+            .flat_map(route_exits)
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    async fn forget_neighbour(&self, link: &str, addr: IpAddr) -> Result<(), NetError> {
+        let (index, ..) = self.link_facts(link).await?;
+        let entries: Vec<_> =
+            self.handle().neighbours().get().execute().try_collect().await.map_err(nl("list neighbours", link))?;
+        for n in entries {
+            let set_by_admin = matches!(n.header.state, NeighbourState::Permanent | NeighbourState::Noarp);
+            if n.header.ifindex == index && !set_by_admin && neighbour_is(&n, addr) {
+                tolerate(self.handle().neighbours().del(n).execute().await, GONE)
+                    .map_err(nl("delete neighbour", link))?;
+            }
+        }
+        Ok(())
+    }
+
     async fn neighbour_reachable(&self, link: &str, addr: IpAddr) -> Result<bool, NetError> {
         let (index, ..) = self.link_facts(link).await?;
         solicit(link, index, addr);
@@ -529,13 +590,45 @@ impl UplinkNet for NetlinkHost {
         Ok(entries.iter().any(|n| {
             n.header.ifindex == index
                 && matches!(n.header.state, NeighbourState::Reachable | NeighbourState::Permanent)
-                && n.attributes.iter().any(|a| match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => IpAddr::V4(*v4) == addr,
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => IpAddr::V6(*v6) == addr,
-                    _ => false,
-                })
+                && neighbour_is(n, addr)
         }))
     }
+}
+
+fn neighbour_is(n: &rtnetlink::packet_route::neighbour::NeighbourMessage, addr: IpAddr) -> bool {
+    n.attributes.iter().any(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => IpAddr::V4(*v4) == addr,
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => IpAddr::V6(*v6) == addr,
+        _ => false,
+    })
+}
+
+/// Where a route's gateways are reached: `(link index, gateway)` of its single path and of
+/// every nexthop of a multipath route. Routes without a gateway (on-link) have none.
+fn route_exits(r: &RouteMessage) -> Vec<(u32, IpAddr)> {
+    let mut out = Vec::new();
+    let oif = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    });
+    if let (Some(oif), Some(gw)) = (oif, route_gateway(r)) {
+        out.push((oif, gw));
+    }
+    for a in &r.attributes {
+        if let RouteAttribute::MultiPath(hops) = a {
+            for h in hops {
+                let gw = h.attributes.iter().find_map(|x| match x {
+                    RouteAttribute::Gateway(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+                    RouteAttribute::Gateway(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                    RouteAttribute::Via(RouteVia::Inet(v4)) => Some(IpAddr::V4(*v4)),
+                    RouteAttribute::Via(RouteVia::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                    _ => None,
+                });
+                out.extend(gw.map(|g| (h.interface_index, g)));
+            }
+        }
+    }
+    out
 }
 
 /// Make the kernel resolve `addr` on `link`: one UDP datagram to the discard port through a

@@ -36,6 +36,54 @@ pub struct ObservedNet {
     /// policy no longer lists them they are given back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taken_over: Vec<(String, String)>,
+    /// The gateways of the default routes (every table), with the link each is reached
+    /// through: a guarded change must leave them answering.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default_gateways: Vec<DefaultGateway>,
+}
+
+/// A default route's gateway and the link it is reached through.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DefaultGateway {
+    pub link: String,
+    pub address: std::net::IpAddr,
+}
+
+/// What a guarded change (one that could cut the host off: checkpoint → apply → verify →
+/// commit or roll back) does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuardedChange {
+    /// An uplink port's addresses, routes and rules move into a bridge.
+    #[default]
+    Takeover,
+    /// They move back to the port (the policy let go of it).
+    Release,
+    /// STP or its timers on a bridge that carries an uplink.
+    Stp,
+    /// IP forwarding while the default route goes through a managed bridge.
+    Forwarding,
+}
+
+/// A sysctl a guarded change writes or whose value decides whether the host stays reachable;
+/// its checkpoint holds the value and a rollback writes it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "sysctl")]
+pub enum Sysctl {
+    Ipv4Forwarding,
+    Ipv6Forwarding,
+    AcceptRa { iface: String },
+}
+
+impl std::fmt::Display for Sysctl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sysctl::Ipv4Forwarding => f.write_str("net.ipv4.ip_forward"),
+            Sysctl::Ipv6Forwarding => f.write_str("net.ipv6.conf.all.forwarding"),
+            Sysctl::AcceptRa { iface } => write!(f, "net.ipv6.conf.{iface}.accept_ra"),
+        }
+    }
 }
 
 /// An uplink port as a takeover into `bridge` would see it.
@@ -65,7 +113,8 @@ pub struct UplinkPort {
     pub managers: Vec<String>,
 }
 
-/// A takeover rolled back after failed verification.
+/// A guarded change (an uplink takeover or release, STP on an uplink bridge, forwarding)
+/// rolled back after failed verification.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeldUplink {
@@ -77,6 +126,22 @@ pub struct HeldUplink {
     pub at: String,
     /// The bridge's policy when it failed: a changed policy is tried again.
     pub fingerprint: String,
+    /// Which change is held (`bridge` is `forwarding` and `port` the family for forwarding,
+    /// `port` is empty for STP).
+    #[serde(default)]
+    pub change: GuardedChange,
+}
+
+impl HeldUplink {
+    /// The held change in words: `up0 → br0`, `STP of br0`, `ipv6 forwarding`.
+    pub fn what(&self) -> String {
+        match self.change {
+            GuardedChange::Takeover => format!("{} → {}", self.port, self.bridge),
+            GuardedChange::Release => format!("release of {} from {}", self.port, self.bridge),
+            GuardedChange::Stp => format!("STP of {}", self.bridge),
+            GuardedChange::Forwarding => format!("{} forwarding", self.port),
+        }
+    }
 }
 
 /// An interface whose IPv6 default route comes from router advertisements.

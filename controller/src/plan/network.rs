@@ -6,7 +6,9 @@ use virtwarden_policies::{DesiredState, Duration, ManagedBridge, UplinkChange, V
 
 use super::flap::{FlapKey, FlapKind};
 use super::{Note, Severity};
-use crate::observe::{DomainState, ObservedHost, ObservedNet, StpSettings};
+use crate::observe::{
+    DefaultGateway, DomainState, GuardedChange, HeldUplink, ObservedHost, ObservedNet, StpSettings, Sysctl,
+};
 
 /// A network change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -16,6 +18,9 @@ pub enum NetActionKind {
     SetUp,
     SetStp {
         stp: StpSettings,
+        /// Set on a bridge that carries an uplink (`allowUplinkChange`): a guarded change.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        guard: Option<Box<Guard>>,
     },
     /// Make the subject (a host interface the policy lists) a port of `bridge`.
     Enslave {
@@ -29,6 +34,9 @@ pub enum NetActionKind {
     SetForwarding {
         family: String,
         on: bool,
+        /// Set while the default route goes through a managed bridge: a guarded change.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        guard: Option<Box<Guard>>,
     },
     /// Take the subject, an uplink, over into `bridge`: MAC, MTU, addresses, routes and rules
     /// move to the bridge, then the port is enslaved; verified, rolled back on failure.
@@ -38,8 +46,10 @@ pub enum NetActionKind {
     },
     /// Give the subject, an uplink virtwarden took over into `bridge`, back: its addresses,
     /// routes and rules return to it and it leaves the bridge (the policy no longer lists it).
+    /// Guarded: a failed verification puts it back into the bridge.
     ReleaseUplink {
         bridge: String,
+        guard: Box<Guard>,
     },
     /// Set `net.ipv6.conf.<subject>.accept_ra`: 2 keeps an RA-learned default route when IPv6
     /// forwarding goes on.
@@ -53,7 +63,7 @@ impl NetActionKind {
         match self {
             NetActionKind::CreateBridge => "create bridge".into(),
             NetActionKind::SetUp => "set up".into(),
-            NetActionKind::SetStp { stp } => {
+            NetActionKind::SetStp { stp, guard } => {
                 let mut parts = vec![format!("stp {}", if stp.enabled { "on" } else { "off" })];
                 for (k, v) in
                     [("forward delay", stp.forward_delay), ("hello", stp.hello_time), ("max age", stp.max_age)]
@@ -65,19 +75,43 @@ impl NetActionKind {
                 if let Some(p) = stp.priority {
                     parts.push(format!("priority {p}"));
                 }
-                format!("set {}", parts.join(", "))
+                let set = format!("set {}", parts.join(", "));
+                match guard {
+                    Some(g) => format!("{set}; {}", g.describe(&self.checkpointed(), "roll back if not")),
+                    None => set,
+                }
             }
             NetActionKind::Enslave { bridge } | NetActionKind::AttachTap { bridge, .. } => {
                 format!("attach to {bridge}")
             }
-            NetActionKind::SetForwarding { family, on } => {
-                format!("set {family} forwarding {}", if *on { "on" } else { "off" })
+            NetActionKind::SetForwarding { family, on, guard } => {
+                let set = format!("set {family} forwarding {}", if *on { "on" } else { "off" });
+                match guard {
+                    Some(g) if !g.keep_ra.is_empty() => format!(
+                        "set accept_ra 2 on {} (keeps the RA-learned default route), then {set}; {}",
+                        g.keep_ra.join(", "),
+                        g.describe(&self.checkpointed(), "roll back if not")
+                    ),
+                    Some(g) => format!("{set}; {}", g.describe(&self.checkpointed(), "roll back if not")),
+                    None => set,
+                }
             }
             NetActionKind::SetAcceptRa { value } => format!("set accept_ra {value}"),
             NetActionKind::TakeOverUplink { bridge, takeover } => takeover.describe(bridge),
-            NetActionKind::ReleaseUplink { bridge } => {
-                format!("give back: addresses, routes and rules from {bridge} back to it, then detach; verify its gateways answer")
-            }
+            NetActionKind::ReleaseUplink { bridge, guard } => format!(
+                "give back: addresses, routes and rules from {bridge} back to it, then detach; {}",
+                guard.describe(&self.checkpointed(), &format!("put it back into {bridge} if not"))
+            ),
+        }
+    }
+
+    /// What the checkpoint of a guarded change holds, in words.
+    fn checkpointed(&self) -> Vec<String> {
+        match self {
+            NetActionKind::SetStp { .. } => vec!["the bridge's STP settings".into()],
+            NetActionKind::SetForwarding { guard: Some(g), .. } => g.sysctls.iter().map(|s| s.to_string()).collect(),
+            NetActionKind::ReleaseUplink { bridge, .. } => vec![format!("what {bridge} holds of it")],
+            _ => Vec::new(),
         }
     }
 
@@ -93,6 +127,53 @@ impl NetActionKind {
             NetActionKind::TakeOverUplink { .. } => "take-over-uplink",
             NetActionKind::ReleaseUplink { .. } => "release-uplink",
         }
+    }
+}
+
+/// What decides a guarded change other than a takeover — STP on a bridge that carries an
+/// uplink, forwarding while the default route goes through a managed bridge, the release of a
+/// taken-over uplink — and the sysctls its checkpoint holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Guard {
+    /// Default gateways that must answer ARP/NDP afresh, each on its link.
+    pub gateways: Vec<DefaultGateway>,
+    /// The policy's own probes.
+    pub probes: Vec<VerifyProbe>,
+    pub verify_timeout: Duration,
+    /// The policy as planned (a held change is retried when it differs).
+    pub fingerprint: String,
+    /// Sysctls the checkpoint holds, written back on rollback.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sysctls: Vec<Sysctl>,
+    /// Interfaces whose `accept_ra` is set to 2 before IPv6 forwarding goes on (their default
+    /// route comes from router advertisements).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keep_ra: Vec<String>,
+}
+
+impl Guard {
+    /// The deciders in words.
+    pub fn deciders(&self) -> Vec<String> {
+        let mut out: Vec<String> =
+            self.gateways.iter().map(|g| format!("gateway {} answers ARP/NDP on {}", g.address, g.link)).collect();
+        out.extend(self.probes.iter().map(|p| p.to_string()));
+        out
+    }
+
+    /// `checkpoint …; verify within 10s: …; roll back if not`.
+    fn describe(&self, checkpoint: &[String], otherwise: &str) -> String {
+        let deciders = self.deciders();
+        format!(
+            "checkpoint {}; verify within {}: {}; {otherwise}",
+            checkpoint.join(", "),
+            self.verify_timeout,
+            if deciders.is_empty() {
+                "nothing to probe (no default gateway, no verify probes)".into()
+            } else {
+                deciders.join(", ")
+            }
+        )
     }
 }
 
@@ -178,7 +259,15 @@ impl NetAction {
     /// The value this action repairs towards, for the flap detector: a new one (a policy edit)
     /// is no revert.
     pub fn flap_wanted(&self) -> String {
-        format!("{:?}", self.kind)
+        // What decides a guarded change is not the value it repairs towards.
+        match &self.kind {
+            NetActionKind::SetStp { stp, .. } => format!("SetStp {{ stp: {stp:?} }}"),
+            NetActionKind::SetForwarding { family, on, .. } => {
+                format!("SetForwarding {{ family: {family:?}, on: {on:?} }}")
+            }
+            NetActionKind::ReleaseUplink { bridge, .. } => format!("ReleaseUplink {{ bridge: {bridge:?} }}"),
+            other => format!("{other:?}"),
+        }
     }
 
     /// The object this action repairs, for the flap detector.
@@ -335,7 +424,7 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
                 actions.push(act(NetActionKind::CreateBridge, "missing, policy wants it".into()));
                 // A new bridge has no ports yet: its STP cannot cut anything off.
                 if let Some(stp) = stp_wanted(b) {
-                    actions.push(act(NetActionKind::SetStp { stp }, "new bridge".into()));
+                    actions.push(act(NetActionKind::SetStp { stp, guard: None }, "new bridge".into()));
                 }
             }
             Some(l) if l.kind.as_deref() != Some("bridge") => {
@@ -356,7 +445,7 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
                 }
                 if let (Some(want), Some(have)) = (stp_wanted(b), l.bridge.as_ref()) {
                     if !stp_matches(have, &want) {
-                        let kind = NetActionKind::SetStp { stp: want };
+                        let kind = NetActionKind::SetStp { stp: want, guard: None };
                         match uplink_guard(b, net) {
                             // STP on (or new timers) stops forwarding on every port for up to
                             // twice the forward delay: the host's uplink included.
@@ -373,7 +462,30 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
                                     &uplink,
                                 ),
                             ),
-                            None => actions.push(act(kind, describe_stp(have))),
+                            None => match stp_guard(b, net) {
+                                None => actions.push(act(kind, describe_stp(have))),
+                                Some(guard) => match held(net, GuardedChange::Stp, name, "", &guard.fingerprint) {
+                                    Some(h) => note(
+                                        &mut notes,
+                                        name,
+                                        Severity::Warning,
+                                        held_after_rollback(
+                                            &format!(
+                                                "{}, policy wants {}",
+                                                describe_stp(have),
+                                                kind.verb().trim_start_matches("set ")
+                                            ),
+                                            h,
+                                            "rolled back",
+                                            name,
+                                        ),
+                                    ),
+                                    None => actions.push(act(
+                                        NetActionKind::SetStp { stp: want, guard: Some(Box::new(guard)) },
+                                        describe_stp(have),
+                                    )),
+                                },
+                            },
                         }
                     }
                 }
@@ -381,7 +493,7 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
         }
         plan_ports(b, net, &taps, &mut actions, &mut notes);
     }
-    plan_releases(desired, net, &mut actions);
+    plan_releases(desired, net, &mut actions, &mut notes);
     plan_taps(desired, net, &taps, &mut actions, &mut notes);
     for (family, want, have) in [
         ("ipv4", desired.ipv4_forwarding.as_ref(), net.forwarding.ipv4),
@@ -390,43 +502,65 @@ pub fn plan_network(desired: &DesiredState, host: &ObservedHost) -> (Vec<NetActi
         let (Some(want), Some(have)) = (want, have) else {
             continue;
         };
-        if family == "ipv6" && want.enabled && !keep_ra_default_routes(net, &want.policy, &mut actions, &mut notes) {
-            continue;
+        let reason = format!("{family} forwarding {}, policy wants {}", on_off(have), on_off(want.enabled));
+        let guard = (want.enabled != have).then(|| forwarding_guard(desired, net, family, want.enabled)).flatten();
+        if let Some(g) = &guard {
+            if let Some(h) = held(net, GuardedChange::Forwarding, "forwarding", family, &g.fingerprint) {
+                notes.push(Note {
+                    subject: "forwarding".into(),
+                    severity: Severity::Warning,
+                    message: held_after_rollback(&reason, h, "rolled back", "forwarding"),
+                });
+                continue;
+            }
+        }
+        let mut keep_ra = Vec::new();
+        if family == "ipv6" && want.enabled {
+            match keep_ra_default_routes(net, &mut notes) {
+                None => continue,
+                // Guarded: setting them is part of the change (its checkpoint holds them).
+                Some(names) if guard.is_some() => keep_ra = names,
+                Some(names) => actions.extend(names.into_iter().map(|n| set_accept_ra_2(n, &want.policy))),
+            }
         }
         if want.enabled != have {
+            let guard = guard.map(|mut g| {
+                g.keep_ra = keep_ra;
+                Box::new(g)
+            });
             actions.push(NetAction {
                 subject: "forwarding".into(),
                 policy: want.policy.clone(),
-                kind: NetActionKind::SetForwarding { family: family.into(), on: want.enabled },
-                reason: format!("{family} forwarding {}, policy wants {}", on_off(have), on_off(want.enabled)),
+                kind: NetActionKind::SetForwarding { family: family.into(), on: want.enabled, guard },
+                reason,
             });
         }
     }
     (actions, notes)
 }
 
+fn set_accept_ra_2(iface: String, policy: &str) -> NetAction {
+    NetAction {
+        subject: iface,
+        policy: policy.to_string(),
+        kind: NetActionKind::SetAcceptRa { value: 2 },
+        reason: "takes its IPv6 default route from router advertisements (accept_ra 1); ipv6 forwarding on would drop that route".into(),
+    }
+}
+
 /// IPv6 forwarding on makes the kernel drop every default route learned from router
 /// advertisements on an interface whose `accept_ra` is 1 (and ignore new RAs there), which cuts
 /// a host off whose IPv6 default route comes from RAs. `accept_ra = 2` keeps accepting them
 /// while forwarding — what an operator turning a host into an IPv6 router does — so it is set on
-/// exactly those interfaces first. Interfaces without an RA-learned default route keep their
-/// setting. Returns false (forwarding held, with a warning) when an interface's `accept_ra`
-/// cannot be read: we cannot tell whether forwarding would cut it off.
-fn keep_ra_default_routes(
-    net: &ObservedNet,
-    policy: &str,
-    actions: &mut Vec<NetAction>,
-    notes: &mut Vec<Note>,
-) -> bool {
+/// exactly those interfaces first: the names returned. Interfaces without an RA-learned default
+/// route keep their setting. Returns None (forwarding held, with a warning) when an interface's
+/// `accept_ra` cannot be read: we cannot tell whether forwarding would cut it off.
+fn keep_ra_default_routes(net: &ObservedNet, notes: &mut Vec<Note>) -> Option<Vec<String>> {
     let mut ok = true;
+    let mut names = Vec::new();
     for ra in &net.ra_default_route {
         match ra.accept_ra {
-            Some(1) => actions.push(NetAction {
-                subject: ra.name.clone(),
-                policy: policy.to_string(),
-                kind: NetActionKind::SetAcceptRa { value: 2 },
-                reason: "takes its IPv6 default route from router advertisements (accept_ra 1); ipv6 forwarding on would drop that route".into(),
-            }),
+            Some(1) => names.push(ra.name.clone()),
             Some(_) => {}
             None => {
                 ok = false;
@@ -441,7 +575,90 @@ fn keep_ra_default_routes(
             }
         }
     }
-    ok
+    ok.then_some(names)
+}
+
+/// The held change `change` of (`bridge`, `port`) planned from the same policy, if any.
+fn held<'a>(
+    net: &'a ObservedNet,
+    change: GuardedChange,
+    bridge: &str,
+    port: &str,
+    fingerprint: &str,
+) -> Option<&'a HeldUplink> {
+    net.held_uplinks
+        .iter()
+        .find(|h| h.change == change && h.bridge == bridge && h.port == port && h.fingerprint == fingerprint)
+}
+
+/// `… → held: verification failed at …: …; rolled back; retried when …`.
+fn held_after_rollback(reason: &str, h: &HeldUplink, undone: &str, release: &str) -> String {
+    format!(
+        "{reason} → held: verification failed at {}: {}; {undone}; retried when the policy changes or after `virtwarden release {release}`",
+        h.at, h.reason
+    )
+}
+
+/// The default gateways reached through any of `links`.
+fn gateways_through(net: &ObservedNet, links: &[&str]) -> Vec<DefaultGateway> {
+    net.default_gateways.iter().filter(|g| links.contains(&g.link.as_str())).cloned().collect()
+}
+
+/// The links whose default routes depend on bridge `b`: itself, its ports and the ports it
+/// lists.
+fn bridge_links<'a>(b: &'a ManagedBridge, net: &'a ObservedNet) -> Vec<&'a str> {
+    let mut links = vec![b.spec.name.as_str()];
+    links.extend(net.ports_of(&b.spec.name));
+    links.extend(b.spec.ports.iter().map(String::as_str));
+    links
+}
+
+/// An STP change on bridge `b` that carries an uplink (itself, a port or a listed port) and
+/// says `allowUplinkChange`: checkpoint its STP settings, verify its gateways and probes.
+fn stp_guard(b: &ManagedBridge, net: &ObservedNet) -> Option<Guard> {
+    let uplink = net
+        .bridge_uplink(&b.spec.name)
+        .or_else(|| b.spec.ports.iter().find_map(|p| net.uplink_reason(p).map(|why| format!("{p} {why}"))));
+    uplink?;
+    Some(Guard {
+        gateways: gateways_through(net, &bridge_links(b, net)),
+        probes: b.spec.verify.clone(),
+        verify_timeout: b.spec.verify_timeout(),
+        fingerprint: bridge_fingerprint(b),
+        sysctls: Vec::new(),
+        keep_ra: Vec::new(),
+    })
+}
+
+/// A forwarding change while a default route goes through a bridge a policy names (itself, a
+/// port, a listed port): checkpoint the forwarding switch (and for IPv6 every `accept_ra` an
+/// RA-learned default route depends on), verify the gateways through those bridges and their
+/// probes, within the longest of their `verifyTimeout`s.
+fn forwarding_guard(desired: &DesiredState, net: &ObservedNet, family: &str, on: bool) -> Option<Guard> {
+    let bridges: Vec<&ManagedBridge> = desired
+        .bridges
+        .iter()
+        .filter(|b| bridge_links(b, net).iter().any(|l| net.default_route.iter().any(|d| d == l)))
+        .collect();
+    if bridges.is_empty() {
+        return None;
+    }
+    let links: Vec<&str> = bridges.iter().flat_map(|b| bridge_links(b, net)).collect();
+    let probes: Vec<VerifyProbe> = bridges.iter().flat_map(|b| b.spec.verify.iter().cloned()).collect();
+    let verify_timeout = bridges.iter().map(|b| b.spec.verify_timeout()).max().unwrap_or_default();
+    let mut sysctls = vec![if family == "ipv6" { Sysctl::Ipv6Forwarding } else { Sysctl::Ipv4Forwarding }];
+    if family == "ipv6" {
+        sysctls.extend(net.ra_default_route.iter().map(|r| Sysctl::AcceptRa { iface: r.name.clone() }));
+    }
+    let fingerprint = serde_json::to_string(&(family, on, &probes, verify_timeout)).unwrap_or_default();
+    Some(Guard {
+        gateways: gateways_through(net, &links),
+        probes,
+        verify_timeout,
+        fingerprint,
+        sysctls,
+        keep_ra: Vec::new(),
+    })
 }
 
 /// Domain data is stale (libvirt disconnected): a tap's name may already belong to another
@@ -555,9 +772,7 @@ fn plan_takeover(
         return None;
     };
     let fingerprint = bridge_fingerprint(b);
-    if let Some(h) =
-        net.held_uplinks.iter().find(|h| h.port == port && h.bridge == bridge && h.fingerprint == fingerprint)
-    {
+    if let Some(h) = held(net, GuardedChange::Takeover, bridge, port, &fingerprint) {
         note(format!(
             "takeover into {bridge} → held: verification failed at {}: {}; rolled back; retried when the policy changes or after `virtwarden release {bridge}`",
             h.at, h.reason
@@ -599,8 +814,10 @@ fn plan_takeover(
 }
 
 /// Uplinks virtwarden took over that the policy no longer lists (the port dropped from
-/// `ports`, `allowUplinkChange` withdrawn, or the bridge gone from the policies) are given back.
-fn plan_releases(desired: &DesiredState, net: &ObservedNet, actions: &mut Vec<NetAction>) {
+/// `ports`, `allowUplinkChange` withdrawn, or the bridge gone from the policies) are given back:
+/// the gateways the bridge reached must answer on the port (and the bridge's probes, if a
+/// policy still names it), else it goes back into the bridge and the release is held.
+fn plan_releases(desired: &DesiredState, net: &ObservedNet, actions: &mut Vec<NetAction>, notes: &mut Vec<Note>) {
     for (port, bridge) in &net.taken_over {
         let still_wanted = desired
             .bridge(bridge)
@@ -609,11 +826,40 @@ fn plan_releases(desired: &DesiredState, net: &ObservedNet, actions: &mut Vec<Ne
         if still_wanted || !on_bridge {
             continue;
         }
+        let policy = desired.bridge(bridge);
+        let reason = format!("taken over into {bridge} by virtwarden; no policy lists it there any more");
+        let fingerprint = policy.map(bridge_fingerprint).unwrap_or_default();
+        if let Some(h) = held(net, GuardedChange::Release, bridge, port, &fingerprint) {
+            notes.push(Note {
+                subject: port.clone(),
+                severity: Severity::Warning,
+                message: held_after_rollback(
+                    &format!("{reason}; give back"),
+                    h,
+                    &format!("rolled back ({port} stays in {bridge})"),
+                    bridge,
+                ),
+            });
+            continue;
+        }
+        let guard = Guard {
+            gateways: gateways_through(net, &[bridge.as_str()])
+                .into_iter()
+                .map(|g| DefaultGateway { link: port.clone(), address: g.address })
+                .collect(),
+            probes: policy.map(|b| b.spec.verify.clone()).unwrap_or_default(),
+            verify_timeout: policy
+                .map(|b| b.spec.verify_timeout())
+                .unwrap_or(virtwarden_policies::DEFAULT_VERIFY_TIMEOUT),
+            fingerprint,
+            sysctls: Vec::new(),
+            keep_ra: Vec::new(),
+        };
         actions.push(NetAction {
             subject: port.clone(),
-            policy: desired.bridge(bridge).map(|b| b.policy.clone()).unwrap_or_default(),
-            kind: NetActionKind::ReleaseUplink { bridge: bridge.clone() },
-            reason: format!("taken over into {bridge} by virtwarden; no policy lists it there any more"),
+            policy: policy.map(|b| b.policy.clone()).unwrap_or_default(),
+            kind: NetActionKind::ReleaseUplink { bridge: bridge.clone(), guard: Box::new(guard) },
+            reason,
         });
     }
 }
@@ -928,7 +1174,8 @@ mod tests {
         assert_eq!(
             lines(&allowed, &uplink_host(&["eth0"], &["br0"])),
             [
-                "br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768 → set stp on",
+                // Allowed, the STP change is guarded (checkpoint, verify, roll back if not).
+                "br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768 → set stp on; checkpoint the bridge's STP settings; verify within 10s: nothing to probe (no default gateway, no verify probes); roll back if not",
                 "eth1: not a port of br0, policy lists it → attach to br0"
             ]
         );
@@ -1061,6 +1308,7 @@ mod tests {
             reason: "tcp 192.0.2.1:22 did not answer within 10s".into(),
             at: "2026-12-06T04:00:00Z".into(),
             fingerprint: bridge_fingerprint(&d.bridges[0]),
+            change: GuardedChange::Takeover,
         };
         assert_eq!(
             lines(&d, &takeover_host(&[], Some(held.clone()))),
@@ -1068,5 +1316,118 @@ mod tests {
         );
         let changed = desired(&format!("{TAKEOVER}      verifyTimeout: 30s\n"));
         assert_eq!(plan_network(&changed, &takeover_host(&[], Some(held))).0.len(), 1);
+    }
+
+    fn gateway(link: &str, address: &str) -> DefaultGateway {
+        DefaultGateway { link: link.into(), address: address.parse().unwrap() }
+    }
+
+    fn held_change(change: GuardedChange, bridge: &str, port: &str, fingerprint: &str) -> HeldUplink {
+        HeldUplink {
+            bridge: bridge.into(),
+            port: port.into(),
+            reason: "ping 192.0.2.99 did not answer within 10s".into(),
+            at: "2026-12-06T04:00:00Z".into(),
+            fingerprint: fingerprint.into(),
+            change,
+        }
+    }
+
+    fn guard_of(a: &NetAction) -> Guard {
+        match &a.kind {
+            NetActionKind::SetStp { guard: Some(g), .. }
+            | NetActionKind::SetForwarding { guard: Some(g), .. }
+            | NetActionKind::ReleaseUplink { guard: g, .. } => (**g).clone(),
+            other => panic!("not guarded: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stp_on_an_allowed_uplink_bridge_is_guarded_and_held_after_a_rollback() {
+        let d = desired(&format!(
+            "{BR0_STP_ETH1}      allowUplinkChange: true\n      verify: [{{ping: {{address: 192.0.2.99}}}}]\n"
+        ));
+        let mut h = uplink_host(&["br0"], &[]);
+        h.net.as_mut().unwrap().default_gateways = vec![gateway("br0", "192.0.2.1"), gateway("eth9", "203.0.113.1")];
+        let (actions, _) = plan_network(&d, &h);
+        assert_eq!(
+            actions[0].line(),
+            "br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768 → set stp on; checkpoint the bridge's STP settings; verify within 10s: gateway 192.0.2.1 answers ARP/NDP on br0, ping 192.0.2.99; roll back if not"
+        );
+        assert_eq!(actions[0].flap_wanted(), format!("SetStp {{ stp: {:?} }}", stp_wanted(&d.bridges[0]).unwrap()));
+        let fingerprint = guard_of(&actions[0]).fingerprint;
+        h.net.as_mut().unwrap().held_uplinks = vec![held_change(GuardedChange::Stp, "br0", "", &fingerprint)];
+        let l = lines(&d, &h);
+        assert_eq!(l[0], "eth1: not a port of br0, policy lists it → attach to br0");
+        assert_eq!(
+            l[1],
+            "warning: br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768, policy wants stp on → held: verification failed at 2026-12-06T04:00:00Z: ping 192.0.2.99 did not answer within 10s; rolled back; retried when the policy changes or after `virtwarden release br0`"
+        );
+        // Another policy is tried again; a bridge without an uplink sets STP plainly.
+        let changed = desired(&format!("{BR0_STP_ETH1}      allowUplinkChange: true\n"));
+        assert!(lines(&changed, &h)[0]
+            .contains("→ set stp on; checkpoint the bridge's STP settings; verify within 10s: gateway 192.0.2.1"));
+        assert_eq!(
+            lines(&changed, &uplink_host(&[], &[]))[0],
+            "br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768 → set stp on"
+        );
+    }
+
+    #[test]
+    fn forwarding_is_guarded_while_the_default_route_goes_through_a_managed_bridge() {
+        let d = desired("  bridges:\n    - name: br0\n  forwarding: { ipv4: true, ipv6: true }\n");
+        let mut h = uplink_host(&["br0"], &[]);
+        {
+            let n = h.net.as_mut().unwrap();
+            n.default_gateways = vec![gateway("br0", "192.0.2.1"), gateway("br0", "fe80::1")];
+            n.forwarding = crate::observe::ForwardingState { ipv4: Some(false), ipv6: Some(false) };
+            n.ra_default_route = vec![crate::observe::RaDefaultRoute { name: "br0".into(), accept_ra: Some(1) }];
+        }
+        assert_eq!(
+            lines(&d, &h)[..2],
+            [
+                "forwarding: ipv4 forwarding off, policy wants on → set ipv4 forwarding on; checkpoint net.ipv4.ip_forward; verify within 10s: gateway 192.0.2.1 answers ARP/NDP on br0, gateway fe80::1 answers ARP/NDP on br0; roll back if not",
+                "forwarding: ipv6 forwarding off, policy wants on → set accept_ra 2 on br0 (keeps the RA-learned default route), then set ipv6 forwarding on; checkpoint net.ipv6.conf.all.forwarding, net.ipv6.conf.br0.accept_ra; verify within 10s: gateway 192.0.2.1 answers ARP/NDP on br0, gateway fe80::1 answers ARP/NDP on br0; roll back if not",
+            ]
+        );
+        // Held after a rollback: neither forwarding nor its accept_ra is touched.
+        let (actions, _) = plan_network(&d, &h);
+        let v6 = guard_of(&actions[1]).fingerprint;
+        h.net.as_mut().unwrap().held_uplinks = vec![held_change(GuardedChange::Forwarding, "forwarding", "ipv6", &v6)];
+        let (actions, notes) = plan_network(&d, &h);
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        assert!(actions[0].line().starts_with("forwarding: ipv4 forwarding off"));
+        assert_eq!(
+            notes[1].line(),
+            "warning: forwarding: ipv6 forwarding off, policy wants on → held: verification failed at 2026-12-06T04:00:00Z: ping 192.0.2.99 did not answer within 10s; rolled back; retried when the policy changes or after `virtwarden release forwarding`"
+        );
+        // No managed bridge carries the default route: plain, as before.
+        let plain = desired("  forwarding: { ipv4: true }\n");
+        assert_eq!(lines(&plain, &h), ["forwarding: ipv4 forwarding off, policy wants on → set ipv4 forwarding on"]);
+    }
+
+    #[test]
+    fn a_release_is_guarded_and_held_after_a_failed_verification() {
+        let d = desired("  bridges:\n    - name: br0\n      verify: [{tcp: {address: 192.0.2.1, port: 22}}]\n");
+        let mut h = uplink_host(&["br0"], &[]);
+        {
+            let n = h.net.as_mut().unwrap();
+            n.taken_over = vec![("eth0".into(), "br0".into())];
+            n.default_gateways = vec![gateway("br0", "192.0.2.1")];
+        }
+        let (actions, _) = plan_network(&d, &h);
+        assert_eq!(
+            actions[0].line(),
+            "eth0: taken over into br0 by virtwarden; no policy lists it there any more → give back: addresses, routes and rules from br0 back to it, then detach; checkpoint what br0 holds of it; verify within 10s: gateway 192.0.2.1 answers ARP/NDP on eth0, tcp 192.0.2.1:22; put it back into br0 if not"
+        );
+        let fingerprint = guard_of(&actions[0]).fingerprint;
+        assert_eq!(fingerprint, bridge_fingerprint(&d.bridges[0]));
+        h.net.as_mut().unwrap().held_uplinks = vec![held_change(GuardedChange::Release, "br0", "eth0", &fingerprint)];
+        assert_eq!(
+            lines(&d, &h)[1..],
+            ["warning: eth0: taken over into br0 by virtwarden; no policy lists it there any more; give back → held: verification failed at 2026-12-06T04:00:00Z: ping 192.0.2.99 did not answer within 10s; rolled back (eth0 stays in br0); retried when the policy changes or after `virtwarden release br0`"]
+        );
+        // The bridge gone from the policies: another policy, tried again.
+        assert_eq!(plan_network(&desired("  forwarding: { ipv4: false }\n"), &h).0.len(), 1);
     }
 }
