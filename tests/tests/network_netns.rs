@@ -451,6 +451,8 @@ async fn stp_change_on_an_uplink_bridge_is_held_back_unless_allowed() {
     sh(&["ip", "link", "set", "br0", "up"]);
     sh(&["ip", "link", "set", "eth1", "master", "br0"]);
     sh(&["ip", "route", "add", "default", "via", "10.1.0.1", "dev", "br0", "onlink"]);
+    // The gateway, known statically: allowed, the STP change is verified by it answering.
+    sh(&["ip", "neigh", "add", "10.1.0.1", "lladdr", "02:00:00:00:00:01", "dev", "br0", "nud", "permanent"]);
     let net = Net::new();
     let stp = "      stp: { enabled: true, forwardDelay: 4 }\n      ports: [eth1]\n";
     let held = net.converge(&policy(&format!("  bridges:\n    - name: br0\n{stp}")), None).await;
