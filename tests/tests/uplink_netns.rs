@@ -390,6 +390,41 @@ async fn takeover_of_an_ipv6_uplink_keeps_its_ra_learned_default_route() {
     assert!(routes.contains("via fe80::1 dev br0"), "{routes}");
     assert!(out(&["ip", "-6", "addr", "show", "dev", "br0"]).contains("2001:db8:1::2/64"));
     assert!(out(&["ip", "-6", "neigh", "show", "fe80::1", "dev", "br0"]).contains("REACHABLE"));
+
+    // IPv6 forwarding now depends on br0: accept_ra 2 on br0 and forwarding are one guarded
+    // change. One that fails verification puts both back.
+    assert_eq!(
+        (sysctl("net/ipv6/conf/br0/accept_ra"), sysctl("net/ipv6/conf/all/forwarding")),
+        ("1".into(), "0".into())
+    );
+    let forwarding = |probe: &str, timeout: &str| {
+        virtwarden_tests::inline_policy(&format!(
+            "  bridges:\n    - name: br0\n      ports: [up0]\n      allowUplinkChange: true\n      verify: [{{ping: {{address: {probe}}}}}]\n      verifyTimeout: {timeout}\n  forwarding: {{ ipv6: true }}\n"
+        ))
+    };
+    let bad = forwarding("2001:db8:1::99", "1s");
+    let text = render_text(&net.plan(&bad).await);
+    assert!(
+        text.contains("forwarding: ipv6 forwarding off, policy wants on → set accept_ra 2 on br0 (keeps the RA-learned default route), \
+                       then set ipv6 forwarding on; checkpoint net.ipv6.conf.all.forwarding, net.ipv6.conf.br0.accept_ra; \
+                       verify within 1s: gateway fe80::1 answers ARP/NDP on br0, ping 2001:db8:1::99; roll back if not\n1 action planned"),
+        "{text}"
+    );
+    let outcomes = net.apply(&bad).await;
+    let err = outcomes[0].error.clone().expect("nothing answers 2001:db8:1::99");
+    assert!(err.contains("rolled back in"), "{err}");
+    assert_eq!(
+        (sysctl("net/ipv6/conf/br0/accept_ra"), sysctl("net/ipv6/conf/all/forwarding")),
+        ("1".into(), "0".into())
+    );
+    // Verified: forwarding on, and the RA-learned default route stays on br0.
+    let outcomes = net.apply(&forwarding("2001:db8:1::1", "10s")).await;
+    assert!(outcomes.len() == 1 && outcomes[0].error.is_none(), "{outcomes:#?}");
+    assert_eq!(
+        (sysctl("net/ipv6/conf/br0/accept_ra"), sysctl("net/ipv6/conf/all/forwarding")),
+        ("2".into(), "1".into())
+    );
+    assert!(out(&["ip", "-6", "route", "show", "default"]).contains("via fe80::1 dev br0"));
 }
 
 #[tokio::test]
