@@ -120,7 +120,7 @@ pub struct TakeoverResult {
 }
 
 /// What a guarded change does between its checkpoint and its verification.
-pub enum Step<'a> {
+enum Step<'a> {
     /// Move the checkpoint's addresses, routes and rules into the bridge, enslave the port.
     TakeOver,
     /// Move them back to the port, detach it.
@@ -166,7 +166,13 @@ pub async fn give_back<N: HostNet + UplinkNet, F: Forwarding>(
         return failed(format!("no record of taking {port} over into {bridge}; nothing changed"));
     };
     let cp = Checkpoint { change: GuardedChange::Release, fingerprint: guard.fingerprint.clone(), ..committed };
-    let gateways = guard_gateways(guard);
+    // The gateways the plan saw through the bridge, and those of the routes that move back.
+    let mut gateways = guard_gateways(guard);
+    for gw in cp.gateways() {
+        if !gateways.iter().any(|(_, g)| *g == gw) {
+            gateways.push((port.to_string(), gw));
+        }
+    }
     transaction(net, fwd, journal, cp, Step::GiveBack, &gateways, &guard.probes, guard.verify_timeout.as_std()).await
 }
 
@@ -487,18 +493,6 @@ pub async fn verify_on<N: UplinkNet>(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// [`verify_on`] with every gateway on `bridge`.
-pub async fn verify<N: UplinkNet>(
-    net: &N,
-    bridge: &str,
-    gateways: &[IpAddr],
-    probes: &[VerifyProbe],
-    timeout: Duration,
-) -> Result<String, String> {
-    let on: Vec<(String, IpAddr)> = gateways.iter().map(|g| (bridge.to_string(), *g)).collect();
-    verify_on(net, &on, probes, timeout).await
 }
 
 /// At start, before anything else: restore every checkpoint of a change that was in flight

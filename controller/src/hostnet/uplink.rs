@@ -709,4 +709,60 @@ mod tests {
         assert_eq!(describe_rule(&rule_onto(&r, "up0", "br0")), "priority 100 iif br0 table 10");
         assert!(decode::<RuleMessage>("zz").is_none(), "a damaged entry is not a panic");
     }
+
+    #[test]
+    fn checkpoints_of_every_change_survive_the_durable_memory() {
+        // Written before STP and sysctls were checkpointed: a takeover.
+        let old: Checkpoint =
+            serde_json::from_str(r#"{"bridge":"br0","port":"up0","portMac":null,"portMtu":1500,"portMaster":null,"bridgeMac":null,"bridgeMtu":1500,"addresses":[],"routes":[],"rules":[],"fingerprint":"f"}"#)
+                .unwrap();
+        assert_eq!(old.change, GuardedChange::Takeover);
+        let forwarding = Checkpoint {
+            bridge: "forwarding".into(),
+            port: "ipv6".into(),
+            change: GuardedChange::Forwarding,
+            sysctls: vec![
+                SysctlValue { sysctl: Sysctl::Ipv6Forwarding, value: 0 },
+                SysctlValue { sysctl: Sysctl::AcceptRa { iface: "br0".into() }, value: 1 },
+            ],
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&forwarding).unwrap();
+        assert!(text.contains(r#"{"sysctl":"acceptRa","iface":"br0","value":1}"#), "{text}");
+        assert_eq!(serde_json::from_str::<Checkpoint>(&text).unwrap(), forwarding);
+        let stp = Checkpoint {
+            bridge: "br0".into(),
+            change: GuardedChange::Stp,
+            bridge_stp: Some(BridgeAttrs {
+                stp: false,
+                forward_delay: 15,
+                hello_time: 2,
+                max_age: 20,
+                priority: 32768,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(serde_json::from_str::<Checkpoint>(&serde_json::to_string(&stp).unwrap()).unwrap(), stp);
+        assert_eq!(Sysctl::AcceptRa { iface: "br0".into() }.to_string(), "net.ipv6.conf.br0.accept_ra");
+    }
+
+    #[test]
+    fn default_gateways_of_single_and_multipath_routes() {
+        let single = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .gateway("192.0.2.1".parse().unwrap())
+            .output_interface(3)
+            .build();
+        assert_eq!(route_exits(&single), [(3, "192.0.2.1".parse().unwrap())]);
+        let mut multi = RouteMessageBuilder::<std::net::Ipv4Addr>::new().build();
+        let hop = |index: u32, gw: &str| {
+            let mut h = rtnetlink::packet_route::route::RouteNextHop::default();
+            h.interface_index = index;
+            h.attributes = vec![RouteAttribute::Gateway(RouteAddress::Inet(gw.parse().unwrap()))];
+            h
+        };
+        multi.attributes.push(RouteAttribute::MultiPath(vec![hop(4, "10.1.0.1"), hop(5, "10.2.0.1")]));
+        assert_eq!(route_exits(&multi), [(4, "10.1.0.1".parse().unwrap()), (5, "10.2.0.1".parse().unwrap())]);
+        let onlink = RouteMessageBuilder::<std::net::Ipv4Addr>::new().output_interface(3).build();
+        assert!(route_exits(&onlink).is_empty(), "no gateway, nothing to ask");
+    }
 }
