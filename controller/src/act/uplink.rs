@@ -134,6 +134,24 @@ enum Step<'a> {
     },
 }
 
+/// What decides a guarded change: default gateways (each on the link it must answer on), the
+/// policy's probes, and the time they have.
+struct Deciders<'a> {
+    gateways: Vec<(String, IpAddr)>,
+    probes: &'a [VerifyProbe],
+    timeout: Duration,
+}
+
+impl<'a> Deciders<'a> {
+    fn of(guard: &'a Guard) -> Self {
+        Deciders {
+            gateways: guard.gateways.iter().map(|g| (g.link.clone(), g.address)).collect(),
+            probes: &guard.probes,
+            timeout: guard.verify_timeout.as_std(),
+        }
+    }
+}
+
 /// Take `port` over into `bridge` as planned; roll back and hold on any failure.
 pub async fn take_over<N: HostNet + UplinkNet, F: Forwarding>(
     net: &N,
@@ -147,8 +165,12 @@ pub async fn take_over<N: HostNet + UplinkNet, F: Forwarding>(
         Ok(cp) => Checkpoint { fingerprint: plan.fingerprint.clone(), ..cp },
         Err(e) => return failed(format!("cannot take a checkpoint: {e}; nothing changed")),
     };
-    let gateways: Vec<(String, IpAddr)> = cp.gateways().into_iter().map(|g| (bridge.to_string(), g)).collect();
-    transaction(net, fwd, journal, cp, Step::TakeOver, &gateways, &plan.probes, plan.verify_timeout.as_std()).await
+    let deciders = Deciders {
+        gateways: cp.gateways().into_iter().map(|g| (bridge.to_string(), g)).collect(),
+        probes: &plan.probes,
+        timeout: plan.verify_timeout.as_std(),
+    };
+    transaction(net, fwd, journal, cp, Step::TakeOver, deciders).await
 }
 
 /// Give a taken-over uplink back: everything the takeover moved goes back to the port, which
@@ -167,13 +189,13 @@ pub async fn give_back<N: HostNet + UplinkNet, F: Forwarding>(
     };
     let cp = Checkpoint { change: GuardedChange::Release, fingerprint: guard.fingerprint.clone(), ..committed };
     // The gateways the plan saw through the bridge, and those of the routes that move back.
-    let mut gateways = guard_gateways(guard);
+    let mut deciders = Deciders::of(guard);
     for gw in cp.gateways() {
-        if !gateways.iter().any(|(_, g)| *g == gw) {
-            gateways.push((port.to_string(), gw));
+        if !deciders.gateways.iter().any(|(_, g)| *g == gw) {
+            deciders.gateways.push((port.to_string(), gw));
         }
     }
-    transaction(net, fwd, journal, cp, Step::GiveBack, &gateways, &guard.probes, guard.verify_timeout.as_std()).await
+    transaction(net, fwd, journal, cp, Step::GiveBack, deciders).await
 }
 
 /// STP settings `stp` on `bridge`, which carries an uplink: its STP settings are the checkpoint.
@@ -196,8 +218,7 @@ pub async fn set_stp<N: HostNet + UplinkNet, F: Forwarding>(
         bridge_stp: Some(before),
         ..Default::default()
     };
-    let gateways = guard_gateways(guard);
-    transaction(net, fwd, journal, cp, Step::Stp(stp), &gateways, &guard.probes, guard.verify_timeout.as_std()).await
+    transaction(net, fwd, journal, cp, Step::Stp(stp), Deciders::of(guard)).await
 }
 
 /// IP forwarding of `family` while the default route depends on a managed bridge: the
@@ -235,26 +256,18 @@ pub async fn set_forwarding<N: HostNet + UplinkNet, F: Forwarding>(
         ..Default::default()
     };
     let step = Step::Forwarding { ipv6: family == "ipv6", on, keep_ra: &guard.keep_ra };
-    let gateways = guard_gateways(guard);
-    transaction(net, fwd, journal, cp, step, &gateways, &guard.probes, guard.verify_timeout.as_std()).await
-}
-
-fn guard_gateways(guard: &Guard) -> Vec<(String, IpAddr)> {
-    guard.gateways.iter().map(|g| (g.link.clone(), g.address)).collect()
+    transaction(net, fwd, journal, cp, step, Deciders::of(guard)).await
 }
 
 /// The transaction: `cp` into the durable memory, `step`, verification, then commit — or roll
 /// back to `cp` and hold the change.
-#[allow(clippy::too_many_arguments)]
 async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
     net: &N,
     fwd: &F,
     journal: &dyn UplinkJournal,
     cp: Checkpoint,
     step: Step<'_>,
-    gateways: &[(String, IpAddr)],
-    probes: &[VerifyProbe],
-    timeout: Duration,
+    deciders: Deciders<'_>,
 ) -> TakeoverResult {
     if let Err(e) = journal.change(&mut |u| u.pending.push(cp.clone())) {
         return failed(format!("cannot record the checkpoint in the durable memory ({e}); nothing changed"));
@@ -263,7 +276,7 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
     let started = Instant::now();
     let verdict = match apply_step(net, fwd, &cp, &step).await {
         Err(e) => Err(format!("applying failed: {e}")),
-        Ok(()) => verify_on(net, gateways, probes, timeout).await,
+        Ok(()) => verify_on(net, &deciders.gateways, deciders.probes, deciders.timeout).await,
     };
     let verify_millis = started.elapsed().as_millis();
     match verdict {
