@@ -228,14 +228,8 @@ pub enum Command {
     Release {
         /// The domain, or the bridge whose held uplink change is tried again.
         domain: String,
-        /// The running service's state directory (its control socket).
-        #[arg(long, default_value = "/run/virtwarden")]
-        state_dir: PathBuf,
-        /// The durable memory, edited directly when no service runs.
-        #[arg(long, default_value = DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
-        #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
-        lock_file: PathBuf,
+        #[command(flatten)]
+        dirs: Dirs,
     },
     /// The durable memory. After it was lost (corrupt, unreadable, or deleted) down domains
     /// are left down (unless `restart: always`) until they are seen running or an admin
@@ -278,15 +272,23 @@ pub enum MemoryAction {
     /// Confirm, after the memory was lost, that domains it left down may be started by their
     /// policies again (check first that none was stopped by an admin or quarantined on purpose).
     Confirm {
-        /// The running service's state directory (its control socket).
-        #[arg(long, default_value = "/run/virtwarden")]
-        state_dir: PathBuf,
-        /// The durable memory, edited directly when no service runs.
-        #[arg(long, default_value = DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
-        #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
-        lock_file: PathBuf,
+        #[command(flatten)]
+        dirs: Dirs,
     },
+}
+
+/// What `release` and `memory confirm` take: the running service to ask, else the durable
+/// memory to edit under the host lock.
+#[derive(Debug, clap::Args)]
+pub struct Dirs {
+    /// The running service's state directory (its control socket).
+    #[arg(long, default_value = "/run/virtwarden")]
+    pub state_dir: PathBuf,
+    /// The durable memory, edited directly when no service runs.
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
+    pub lock_file: PathBuf,
 }
 
 fn parse_parallel(text: &str) -> Result<usize, String> {

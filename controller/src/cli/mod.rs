@@ -10,13 +10,12 @@ mod oneshot;
 mod service;
 
 pub use args::{
-    Cli, Command, DiagnoseArgs, DiagnoseMode, DocumentFormat, HostArgs, LogFormat, MemoryAction, NetworkMode, Output,
-    ServiceArgs, ShowArgs, DEFAULT_DATA_DIR, DEFAULT_POLICIES,
+    Cli, Command, DiagnoseArgs, DiagnoseMode, Dirs, DocumentFormat, HostArgs, LogFormat, MemoryAction, NetworkMode,
+    Output, ServiceArgs, ShowArgs, DEFAULT_DATA_DIR, DEFAULT_POLICIES,
 };
 pub use oneshot::{enforce_ownership, warn_ownership};
 
 use crate::exit;
-use oneshot::Dirs;
 
 /// Run a command, writing results to `out` and problems to `err`. Returns the exit code.
 pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
@@ -30,12 +29,8 @@ pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         Command::Operator { node_name, service, allow_exec_dir } => {
             service::operator(service, node_name, allow_exec_dir, err)
         }
-        Command::Release { domain, state_dir, data_dir, lock_file } => {
-            oneshot::release_cmd(&domain, &Dirs { state_dir, data_dir, lock_file }, out, err)
-        }
-        Command::Memory { action: MemoryAction::Confirm { state_dir, data_dir, lock_file } } => {
-            oneshot::memory_confirm_cmd(&Dirs { state_dir, data_dir, lock_file }, out, err)
-        }
+        Command::Release { domain, dirs } => oneshot::release_cmd(&domain, &dirs, out, err),
+        Command::Memory { action: MemoryAction::Confirm { dirs } } => oneshot::memory_confirm_cmd(&dirs, out, err),
         Command::Diagnose(a) => oneshot::diagnose_cmd(&a, out, err),
         Command::Reload { state_dir } => oneshot::reload_cmd(&state_dir, out, err),
         Command::GenerateAssets { dir } => crate::assets::generate(&dir).map(|()| exit::OK),

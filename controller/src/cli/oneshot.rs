@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use virtwarden_policies::{load_paths_with, LoadError, LoadedPolicies, TrustMode, TrustedOwners};
 
-use super::args::{DiagnoseArgs, DocumentFormat, HostArgs, Output, ShowArgs, DEFAULT_POLICIES};
+use super::args::{DiagnoseArgs, Dirs, DocumentFormat, HostArgs, Output, ShowArgs, DEFAULT_POLICIES};
 use crate::act::network::{apply_net_actions, observe_net};
 use crate::act::{apply_plan_with, ApplyOptions, ApplyReport};
 use crate::diagnose::{self, DiagnoseSource, DomainReport, Target};
@@ -441,13 +441,6 @@ pub(super) fn reload_cmd(
             Ok(exit::RUNTIME)
         }
     }
-}
-
-/// The directories and lock file of the long-running commands.
-pub(super) struct Dirs {
-    pub(super) state_dir: PathBuf,
-    pub(super) data_dir: PathBuf,
-    pub(super) lock_file: PathBuf,
 }
 
 /// Ask the running service through its control socket (`Ok(Err(exit code))` once it answered);
