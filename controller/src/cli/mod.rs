@@ -1,7 +1,8 @@
-//! The command line: one-shot `check`, `plan`, `apply`, `release`, `memory confirm`, `status`,
-//! `schema`, and the long-running `run` and `operator`. Exit codes are part of the interface
-//! (documented in `--help` and docs/cli.md). `args` is the clap schema, `oneshot` the one-shot
-//! commands, `service` the start of `run` and `operator`; this file only dispatches.
+//! The command line: one-shot `check`, `plan`, `apply`, `show`, `diagnose`, `status`, `release`,
+//! `memory confirm`, `reload`, `schema`, and the long-running `run` and `operator`. Exit codes are
+//! part of the interface (documented in `--help` and docs/cli.md). `args` is the clap schema,
+//! `oneshot` the one-shot commands, `service` the start of `run` and `operator`; this file only
+//! dispatches.
 
 use std::io::Write;
 
