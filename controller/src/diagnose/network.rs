@@ -7,10 +7,10 @@ use super::firewall::Flow;
 use super::model::{Check, DomainReport, Finding};
 use super::netfacts::{NetFacts, PortState};
 use super::source::NetworkFacts;
-use super::xml::{DomainSpec, InterfaceSpec};
+use crate::observe::domain_xml::{DomainXmlFacts, InterfaceXml};
 
 pub fn check(
-    spec: &DomainSpec,
+    spec: &DomainXmlFacts,
     domain: &str,
     running: bool,
     net: &NetFacts,
@@ -19,7 +19,7 @@ pub fn check(
 ) {
     for iface in &spec.interfaces {
         let bridge = match iface.kind.as_str() {
-            "bridge" => iface.source.clone(),
+            "bridge" => iface.source().map(str::to_string),
             "network" => match libvirt_network(iface, net, networks, domain, out) {
                 Some(b) => b,
                 None => continue,
@@ -40,13 +40,13 @@ pub fn check(
 
 /// The network exists and is active, forwarding is on for NAT/routed ones; its bridge.
 fn libvirt_network(
-    iface: &InterfaceSpec,
+    iface: &InterfaceXml,
     net: &NetFacts,
     networks: &[NetworkFacts],
     domain: &str,
     out: &mut DomainReport,
 ) -> Option<Option<String>> {
-    let name = iface.source.as_deref()?;
+    let name = iface.source()?;
     let Some(n) = networks.iter().find(|n| n.name == name) else {
         out.findings.push(Finding::error(
             Check::Network,
@@ -106,7 +106,7 @@ fn bridge_ok(bridge: &str, net: &NetFacts, out: &mut DomainReport) -> bool {
     true
 }
 
-fn tap_ok(tap: &str, bridge: &str, iface: &InterfaceSpec, net: &NetFacts, domain: &str, out: &mut DomainReport) {
+fn tap_ok(tap: &str, bridge: &str, iface: &InterfaceXml, net: &NetFacts, domain: &str, out: &mut DomainReport) {
     let Some(link) = net.link(tap) else {
         out.findings.push(Finding::error(
             Check::Network,
@@ -214,11 +214,12 @@ mod tests {
         }
     }
 
-    fn spec(kind: &str, source: &str) -> DomainSpec {
-        DomainSpec {
-            interfaces: vec![InterfaceSpec {
+    fn spec(kind: &str, source: &str) -> DomainXmlFacts {
+        DomainXmlFacts {
+            interfaces: vec![InterfaceXml {
                 kind: kind.into(),
-                source: Some(source.into()),
+                source_bridge: (kind == "bridge").then(|| source.into()),
+                source_network: (kind == "network").then(|| source.into()),
                 target: Some("vnet0".into()),
                 ..Default::default()
             }],
@@ -226,7 +227,7 @@ mod tests {
         }
     }
 
-    fn run(spec: &DomainSpec, net: &NetFacts, networks: &[NetworkFacts]) -> Vec<String> {
+    fn run(spec: &DomainXmlFacts, net: &NetFacts, networks: &[NetworkFacts]) -> Vec<String> {
         let mut out = DomainReport::new("vm1", None, String::new());
         check(spec, "vm1", true, net, networks, &mut out);
         out.findings.iter().map(|f| format!("{}: {}", f.what, f.evidence)).collect()
