@@ -5,9 +5,10 @@
 
 use super::firewall::Flow;
 use super::model::{Check, DomainReport, Finding};
-use super::netfacts::{NetFacts, PortState};
+use super::netfacts::NetFacts;
 use super::source::NetworkFacts;
 use crate::observe::domain_xml::{DomainXmlFacts, InterfaceXml};
+use crate::observe::PortState;
 
 pub fn check(
     spec: &DomainXmlFacts,
@@ -152,7 +153,7 @@ fn tap_ok(tap: &str, bridge: &str, iface: &InterfaceXml, net: &NetFacts, domain:
     }
     match link.port_state {
         Some(s @ (PortState::Listening | PortState::Learning)) => {
-            let delay = net.link(bridge).and_then(|b| b.stp).map(|(_, d)| d).unwrap_or(15);
+            let delay = net.link(bridge).and_then(|b| b.bridge).map(|b| b.forward_delay).unwrap_or(15);
             out.findings.push(Finding::warning(
                 Check::Network,
                 format!("port {tap} on {bridge} is still in STP {} state: it forwards nothing yet", s.as_str()),
@@ -189,21 +190,21 @@ fn firewall(bridge: &str, tap: Option<&str>, domain: &str, net: &NetFacts, out: 
 mod tests {
     use super::*;
     use crate::diagnose::firewall::Firewall;
-    use crate::diagnose::netfacts::Link;
+    use crate::observe::{BridgeAttrs, NetLink};
 
-    fn bridge(name: &str) -> Link {
-        Link {
+    fn bridge(name: &str) -> NetLink {
+        NetLink {
             name: name.into(),
             kind: Some("bridge".into()),
             up: true,
             mtu: 1500,
-            stp: Some((false, 15)),
+            bridge: Some(BridgeAttrs { stp: false, forward_delay: 15, ..Default::default() }),
             ..Default::default()
         }
     }
 
-    fn tap(name: &str, master: Option<&str>) -> Link {
-        Link {
+    fn tap(name: &str, master: Option<&str>) -> NetLink {
+        NetLink {
             name: name.into(),
             kind: Some("tun".into()),
             up: true,
@@ -244,7 +245,7 @@ mod tests {
         let net = NetFacts::default();
         assert_eq!(run(&spec("bridge", "br0"), &net, &[])[0].split(':').next(), Some("bridge br0 does not exist"));
         let net = NetFacts {
-            links: vec![Link { name: "br0".into(), kind: Some("veth".into()), ..Default::default() }],
+            links: vec![NetLink { name: "br0".into(), kind: Some("veth".into()), ..Default::default() }],
             ..Default::default()
         };
         assert_eq!(run(&spec("bridge", "br0"), &net, &[]), vec!["br0 is not a bridge: br0 is a veth interface"]);
@@ -267,7 +268,7 @@ mod tests {
         t.mtu = 9000;
         t.port_state = Some(PortState::Learning);
         let mut b = bridge("br0");
-        b.stp = Some((true, 4));
+        b.bridge = Some(BridgeAttrs { stp: true, forward_delay: 4, ..Default::default() });
         let net = NetFacts { links: vec![b, t], ..Default::default() };
         assert_eq!(
             run(&spec("bridge", "br0"), &net, &[]),
