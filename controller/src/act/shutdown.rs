@@ -93,7 +93,80 @@ pub async fn graceful_shutdown_async(calls: Calls, name: String, timeout: Durati
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::hypervisor::{DomainControl, DomainReader};
+    use crate::observe::{ObservedDomain, ObservedHost};
+
+    /// A guest that is down at its `down_at`-th look after the request (never: `None`).
+    struct Guest {
+        down_at: Option<usize>,
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl Guest {
+        fn call(&self, op: &'static str) -> Result<(), HypervisorError> {
+            self.calls.lock().unwrap().push(op);
+            Ok(())
+        }
+    }
+
+    impl DomainReader for Guest {
+        fn observe_host(&self) -> Result<ObservedHost, HypervisorError> {
+            Ok(ObservedHost::default())
+        }
+        fn observe_domain(&self, _: &str) -> Result<Option<ObservedDomain>, HypervisorError> {
+            Ok(None)
+        }
+        fn domain_state(&self, _: &str) -> Result<Option<DomainState>, HypervisorError> {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push("state");
+            let looks = calls.iter().filter(|c| **c == "state").count();
+            let down = calls.contains(&"destroy") || self.down_at.is_some_and(|n| looks >= n);
+            Ok(Some(if down { DomainState::ShutOff } else { DomainState::Running }))
+        }
+    }
+
+    impl DomainControl for Guest {
+        fn start(&self, _: &str) -> Result<(), HypervisorError> {
+            self.call("start")
+        }
+        fn shutdown(&self, _: &str) -> Result<(), HypervisorError> {
+            self.call("shutdown")
+        }
+        fn destroy(&self, _: &str) -> Result<(), HypervisorError> {
+            self.call("destroy")
+        }
+        fn resume(&self, _: &str) -> Result<(), HypervisorError> {
+            self.call("resume")
+        }
+        fn reset(&self, _: &str) -> Result<(), HypervisorError> {
+            self.call("reset")
+        }
+        fn set_autostart(&self, _: &str, _: bool) -> Result<(), HypervisorError> {
+            self.call("autostart")
+        }
+        fn persistent_xml(&self, _: &str) -> Result<String, HypervisorError> {
+            self.call("dumpxml").map(|_| String::new())
+        }
+        fn define_xml(&self, _: &str, _: &str) -> Result<(), HypervisorError> {
+            self.call("define")
+        }
+    }
+
+    #[test]
+    fn blocking_shutdown_waits_a_poll_between_looks_and_destroys_only_past_the_timeout() {
+        let obliging = Guest { down_at: Some(3), calls: Mutex::default() };
+        let started = Instant::now();
+        graceful_shutdown(&obliging, "vm1", Duration::from_secs(60)).unwrap();
+        assert!(started.elapsed() >= 2 * POLL, "two pauses before the third look");
+        assert_eq!(*obliging.calls.lock().unwrap(), ["shutdown", "state", "state", "state"]);
+
+        let deaf = Guest { down_at: None, calls: Mutex::default() };
+        graceful_shutdown(&deaf, "vm1", Duration::ZERO).unwrap();
+        assert_eq!(*deaf.calls.lock().unwrap(), ["shutdown", "state", "destroy"]);
+    }
 
     #[test]
     fn down_is_done_up_waits_until_the_deadline_then_destroys() {
