@@ -305,6 +305,12 @@ mod tests {
             run(&spec("network", "nope"), &net, &nets)[0],
             "libvirt network nope does not exist: virsh net-list --all shows no nope"
         );
+        // A running domain's live XML names the network's bridge beside the network: the
+        // interface is on network `default`, not on a network called `virbr0`.
+        let mut live = spec("network", "default");
+        live.interfaces[0].source_bridge = Some("virbr0".into());
+        let net = NetFacts { ip_forward: Some(true), ..net };
+        assert_eq!(run(&live, &net, &nets), Vec::<String>::new());
     }
 
     #[test]

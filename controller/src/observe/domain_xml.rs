@@ -148,9 +148,15 @@ pub struct InterfaceXml {
 }
 
 impl InterfaceXml {
-    /// The source observe and diagnose go by: the bridge, else the network, else the device.
+    /// The source observe and diagnose go by, by type: a `network` interface's libvirt network
+    /// (its live XML names the network's bridge too, which is not a network name), a `bridge`
+    /// interface's bridge; for other types the bridge, else the network, else the device.
     pub fn source(&self) -> Option<&str> {
-        self.source_bridge.as_deref().or(self.source_network.as_deref()).or(self.source_dev.as_deref())
+        match self.kind.as_str() {
+            "network" => self.source_network.as_deref(),
+            "bridge" => self.source_bridge.as_deref(),
+            _ => self.source_bridge.as_deref().or(self.source_network.as_deref()).or(self.source_dev.as_deref()),
+        }
     }
 }
 
@@ -485,6 +491,8 @@ mod tests {
         assert_eq!(paths, [Some("/img/a.qcow2"), None, Some("/dev/sdb"), Some("/srv/share"), None, None]);
         let i = &f.interfaces[0];
         assert_eq!((i.source_network.as_deref(), i.source_bridge.as_deref()), (Some("default"), Some("virbr0")));
+        // A running network interface is on network `default`, not on a network called `virbr0`.
+        assert_eq!(i.source(), Some("default"));
         assert_eq!((i.model.as_deref(), i.mtu, i.target.as_deref()), (Some("virtio"), Some(9000), Some("vnet3")));
         assert_eq!(f.consoles[2].source_path.as_deref(), Some("/dev/pts/3"));
         assert_eq!(f.console_logs(), vec!["/var/log/a.console", "/var/log/a.pty.log"]);
