@@ -113,12 +113,9 @@ pub fn read_links() -> Result<Vec<Link>, NetError> {
         rt.block_on(async {
             let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
             tokio::spawn(conn);
-            let msgs: Vec<LinkMessage> =
-                handle.link().get().execute().try_collect().await.map_err(|source| NetError::Netlink {
-                    op: "list links",
-                    object: String::new(),
-                    source,
-                })?;
+            let msgs: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.map_err(|source| {
+                NetError::Netlink { op: "list links", object: String::new(), source: source.into() }
+            })?;
             Ok(links_from(&msgs))
         })
     });
