@@ -32,7 +32,7 @@ impl NetlinkHost {
         self.handle.route().get(msg).execute().try_collect().await.map_err(|source| NetError::Netlink {
             op: "list routes",
             object: String::new(),
-            source,
+            source: source.into(),
         })
     }
 
@@ -55,7 +55,7 @@ impl NetlinkHost {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
                 Err(NetError::NoSuchLink { op, object: name.into() })
             }
-            Err(source) => Err(NetError::Netlink { op, object: name.into(), source }),
+            Err(source) => Err(NetError::Netlink { op, object: name.into(), source: source.into() }),
         }
     }
 }
@@ -67,7 +67,7 @@ pub async fn dump_links(handle: &Handle) -> Result<Vec<NetLink>, NetError> {
         handle.link().get().execute().try_collect().await.map_err(|source| NetError::Netlink {
             op: "list links",
             object: String::new(),
-            source,
+            source: source.into(),
         })?;
     let parsed: Vec<(NetLink, Option<u32>)> = msgs.iter().map(parse_link).collect();
     let names: HashMap<u32, String> = parsed.iter().map(|(l, _)| (l.index, l.name.clone())).collect();
@@ -233,7 +233,7 @@ impl HostNet for NetlinkHost {
             self.handle.address().get().execute().try_collect().await.map_err(|source| NetError::Netlink {
                 op: "list addresses",
                 object: String::new(),
-                source,
+                source: source.into(),
             })?;
         let mut indexes: Vec<u32> =
             addrs.iter().filter(|a| a.header.scope == AddressScope::Universe).map(|a| a.header.index).collect();
@@ -246,7 +246,7 @@ impl HostNet for NetlinkHost {
         self.handle.link().add(LinkBridge::new(name).build()).execute().await.map_err(|source| NetError::Netlink {
             op: "create bridge",
             object: name.into(),
-            source,
+            source: source.into(),
         })
     }
 
@@ -257,7 +257,7 @@ impl HostNet for NetlinkHost {
             .set(LinkUnspec::new_with_index(index).up().build())
             .execute()
             .await
-            .map_err(|source| NetError::Netlink { op: "set up", object: name.into(), source })
+            .map_err(|source| NetError::Netlink { op: "set up", object: name.into(), source: source.into() })
     }
 
     async fn set_stp(&self, bridge: &str, stp: StpSettings) -> Result<(), NetError> {
@@ -283,7 +283,7 @@ impl HostNet for NetlinkHost {
         self.handle.link().change(b.build()).execute().await.map_err(|source| NetError::Netlink {
             op: "set stp",
             object: bridge.into(),
-            source,
+            source: source.into(),
         })
     }
 
@@ -295,6 +295,10 @@ impl HostNet for NetlinkHost {
             .set(LinkUnspec::new_with_index(port_index).controller(bridge_index).build())
             .execute()
             .await
-            .map_err(|source| NetError::Netlink { op: "enslave", object: format!("{port} → {bridge}"), source })
+            .map_err(|source| NetError::Netlink {
+                op: "enslave",
+                object: format!("{port} → {bridge}"),
+                source: source.into(),
+            })
     }
 }

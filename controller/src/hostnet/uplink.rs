@@ -16,39 +16,28 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::packet_route::rule::{RuleAttribute, RuleMessage};
 use rtnetlink::{IpVersion, LinkUnspec, RouteMessageBuilder};
-use serde::{Deserialize, Serialize};
 use virtwarden_policies::VerifyProbe;
 
 use super::netlink::NetlinkHost;
 use super::NetError;
 
-/// Everything a takeover of `port` into `bridge` changes, as it was before.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Checkpoint {
-    pub bridge: String,
-    pub port: String,
-    pub port_mac: Option<String>,
-    pub port_mtu: Option<u32>,
-    /// The port's bridge before (normally none).
-    pub port_master: Option<String>,
-    pub bridge_mac: Option<String>,
-    pub bridge_mtu: Option<u32>,
-    /// The port's addresses that move (global and site scope), as `RTM_NEWADDR` messages.
-    pub addresses: Vec<String>,
-    /// Routes through the port that move (all tables; not the kernel's own), as `RTM_NEWROUTE`.
-    pub routes: Vec<String>,
-    /// Policy rules naming the port (`iif`/`oif`), as `RTM_NEWRULE`.
-    pub rules: Vec<String>,
-    /// The bridge policy the change came from (a change restored after a crash stays held
-    /// until the policy differs).
-    #[serde(default)]
-    pub fingerprint: String,
+pub use virtwarden_core::hostnet::uplink::{Checkpoint, Moves, UplinkNet};
+
+/// A checkpoint's netlink messages in words (only this backend can read them).
+pub trait CheckpointText {
+    /// The default gateways the moved routes use: they must answer on the bridge.
+    fn gateways(&self) -> Vec<IpAddr>;
+    /// The moved addresses as text: `198.51.100.2/24 (valid 3600s)`.
+    fn address_lines(&self) -> Vec<String>;
+    /// The moved routes as text: `default via 198.51.100.1 table 254`.
+    fn route_lines(&self) -> Vec<String>;
+    /// The moved rules as text: `priority 100 iif eth0 table 10`.
+    fn rule_lines(&self) -> Vec<String>;
 }
 
-impl Checkpoint {
+impl CheckpointText for Checkpoint {
     /// The default gateways the moved routes use: they must answer on the bridge.
-    pub fn gateways(&self) -> Vec<IpAddr> {
+    fn gateways(&self) -> Vec<IpAddr> {
         let mut out: Vec<IpAddr> = decode_all::<RouteMessage>(&self.routes)
             .iter()
             .filter(|r| r.header.destination_prefix_length == 0)
@@ -60,17 +49,17 @@ impl Checkpoint {
     }
 
     /// The moved addresses as text: `198.51.100.2/24 (valid 3600s)`.
-    pub fn address_lines(&self) -> Vec<String> {
+    fn address_lines(&self) -> Vec<String> {
         decode_all::<AddressMessage>(&self.addresses).iter().map(describe_address).collect()
     }
 
     /// The moved routes as text: `default via 198.51.100.1 table 254`.
-    pub fn route_lines(&self) -> Vec<String> {
+    fn route_lines(&self) -> Vec<String> {
         decode_all::<RouteMessage>(&self.routes).iter().map(describe_route).collect()
     }
 
     /// The moved rules as text: `priority 100 iif eth0 table 10`.
-    pub fn rule_lines(&self) -> Vec<String> {
+    fn rule_lines(&self) -> Vec<String> {
         decode_all::<RuleMessage>(&self.rules).iter().map(describe_rule).collect()
     }
 }
@@ -249,34 +238,6 @@ fn rule_names(r: &RuleMessage, name: &str) -> bool {
     r.attributes.iter().any(|a| matches!(a, RuleAttribute::Iifname(n) | RuleAttribute::Oifname(n) if n == name))
 }
 
-/// Takeover and restore on the host: the checkpoint/restore seam of uplink changes.
-pub trait UplinkNet: Send + Sync {
-    /// Read what a takeover of `port` into `bridge` changes.
-    fn checkpoint(
-        &self,
-        bridge: &str,
-        port: &str,
-    ) -> impl std::future::Future<Output = Result<Checkpoint, NetError>> + Send;
-    /// Give the bridge the port's MAC and MTU, move addresses, routes and rules, enslave.
-    fn take_over(&self, cp: &Checkpoint) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
-    /// Put everything back as `cp` says. Idempotent: a half-applied takeover (or one already
-    /// undone) is restored too, so it is safe after a crash.
-    fn restore(&self, cp: &Checkpoint) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
-    /// Ask `link` to resolve `addr` (an ARP request or NDP solicitation) and say whether the
-    /// neighbour entry is confirmed reachable.
-    fn neighbour_reachable(
-        &self,
-        link: &str,
-        addr: IpAddr,
-    ) -> impl std::future::Future<Output = Result<bool, NetError>> + Send;
-    /// One attempt of a policy's verify probe, within `timeout`.
-    fn probe(
-        &self,
-        probe: &VerifyProbe,
-        timeout: std::time::Duration,
-    ) -> impl std::future::Future<Output = bool> + Send;
-}
-
 /// An add that finds the object there, or a delete that finds it gone, is success: restore
 /// must be idempotent.
 fn tolerate(result: Result<(), rtnetlink::Error>, codes: &[i32]) -> Result<(), rtnetlink::Error> {
@@ -293,7 +254,7 @@ const GONE: &[i32] = &[libc::ENOENT, libc::ESRCH, libc::EADDRNOTAVAIL, libc::ENO
 const THERE: &[i32] = &[libc::EEXIST];
 
 fn nl<'a>(op: &'static str, object: &'a str) -> impl FnOnce(rtnetlink::Error) -> NetError + 'a {
-    move |source| NetError::Netlink { op, object: object.to_string(), source }
+    move |source| NetError::Netlink { op, object: object.to_string(), source: source.into() }
 }
 
 fn parse_mac(text: &str) -> Option<Vec<u8>> {
@@ -307,7 +268,9 @@ impl NetlinkHost {
         let msg = match links.try_next().await {
             Ok(Some(m)) => m,
             Ok(None) => return Err(NetError::NoSuchLink { op: "checkpoint", object: name.into() }),
-            Err(source) => return Err(NetError::Netlink { op: "checkpoint", object: name.into(), source }),
+            Err(source) => {
+                return Err(NetError::Netlink { op: "checkpoint", object: name.into(), source: source.into() })
+            }
         };
         let mut mac = None;
         let mut mtu = None;
@@ -535,6 +498,19 @@ impl UplinkNet for NetlinkHost {
                     _ => false,
                 })
         }))
+    }
+
+    fn describe(&self, cp: &Checkpoint) -> Moves {
+        Moves {
+            addresses: cp.address_lines(),
+            routes: cp.route_lines(),
+            rules: cp.rule_lines(),
+            gateways: cp.gateways(),
+        }
+    }
+
+    fn managers(&self, link: &str, index: u32) -> Vec<String> {
+        super::managers::managers_of(&Default::default(), link, index)
     }
 }
 

@@ -71,17 +71,20 @@ pub async fn observe_uplinks<N: UplinkNet>(
             }
             let index = link.index;
             match net.checkpoint(&b.spec.name, port).await {
-                Ok(cp) => observed.uplink_ports.push(UplinkPort {
-                    name: port.clone(),
-                    bridge: b.spec.name.clone(),
-                    mac: cp.port_mac.clone(),
-                    mtu: cp.port_mtu,
-                    addresses: cp.address_lines(),
-                    routes: cp.route_lines(),
-                    rules: cp.rule_lines(),
-                    gateways: cp.gateways(),
-                    managers: crate::hostnet::managers::managers_of(&Default::default(), port, index),
-                }),
+                Ok(cp) => {
+                    let moves = net.describe(&cp);
+                    observed.uplink_ports.push(UplinkPort {
+                        name: port.clone(),
+                        bridge: b.spec.name.clone(),
+                        mac: cp.port_mac.clone(),
+                        mtu: cp.port_mtu,
+                        addresses: moves.addresses,
+                        routes: moves.routes,
+                        rules: moves.rules,
+                        gateways: moves.gateways,
+                        managers: net.managers(port, index),
+                    })
+                }
                 Err(e) => tracing::warn!(port = %port, %e, "cannot read what a takeover would move"),
             }
         }
@@ -120,7 +123,7 @@ pub async fn take_over<N: UplinkNet>(
     let applied = net.take_over(&cp).await;
     let verdict = match applied {
         Err(e) => Err(format!("applying failed: {e}")),
-        Ok(()) => verify(net, bridge, &cp.gateways(), &plan.probes, plan.verify_timeout.as_std()).await,
+        Ok(()) => verify(net, bridge, &net.describe(&cp).gateways, &plan.probes, plan.verify_timeout.as_std()).await,
     };
     let verify_millis = started.elapsed().as_millis();
     match verdict {
@@ -264,7 +267,7 @@ pub async fn give_back<N: UplinkNet>(net: &N, journal: &dyn UplinkJournal, port:
         return failed(format!("giving {port} back failed: {e}"));
     }
     let _ = journal.change(&mut |u| u.committed.retain(|c| !(c.port == port && c.bridge == bridge)));
-    let verdict = verify(net, port, &cp.gateways(), &[], Duration::from_secs(10)).await;
+    let verdict = verify(net, port, &net.describe(&cp).gateways, &[], Duration::from_secs(10)).await;
     let verify_millis = started.elapsed().as_millis();
     match verdict {
         Ok(passed) => TakeoverResult {

@@ -254,7 +254,7 @@ pub fn parse_domain_xml(xml: &str) -> Result<DomainXmlFacts, XmlError> {
     Ok(facts)
 }
 
-pub(crate) fn child<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
+pub fn child<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
     node.children().find(|n| n.is_element() && n.tag_name().name() == name)
 }
 
