@@ -16,7 +16,7 @@ DEB_PACKAGES := libvirt-dev pkg-config libvirt-clients gcc iproute2 util-linux \
 TESTBED_URI := test://$(CURDIR)/examples/testbed/node.xml
 VIRTWARDEN := target/debug/virtwarden
 
-.PHONY: help deps deps-ops deb test-systemd install-cockpit prometheusrule build run test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health k8s-testenv fuzz fmt lint crd schema docs clean
+.PHONY: help deps deps-ops deb test-systemd install-cockpit prometheusrule build run test test-fast bench bench-net bench-e2e bench-apply bench-operator bench-health k8s-testenv fuzz fmt lint lint-core crd schema docs clean
 
 help:
 	@echo "make run    build, install missing packages, reconcile the example test-driver host"
@@ -148,9 +148,12 @@ run: build
 k8s-testenv:
 	controller/tests/k8s/testenv.sh
 
+## A test that hangs fails the run after TEST_TIMEOUT (libtest names it: "has been running for over
+## 60 seconds") instead of taking the whole CI budget; the suite takes ~5 min warm, ~10 cold.
+TEST_TIMEOUT ?= 40m
 test: deps deps-ops k8s-testenv
 	$(CARGO) fmt --all -- --check
-	$(CARGO) test --workspace
+	timeout --kill-after=30s $(TEST_TIMEOUT) $(CARGO) test --workspace
 	$(MAKE) test-systemd
 
 ## test-fast: the suite without the end-to-end tests (private libvirtd + QEMU), for local loops.
@@ -210,9 +213,26 @@ bench-health: deps
 fmt:
 	$(CARGO) fmt --all
 
-lint: deps
+lint: deps lint-core
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## lint-core: the engine, planner and model (crate virtwarden-core, core/) stay backend-neutral:
+## none of these crates among its normal or build dependencies, direct or not (ARCHITECTURE.md).
+CORE_FORBIDDEN := virt rtnetlink netlink-packet-route kube k8s-openapi hyper hyper-util
+lint-core:
+	@tree=$$($(CARGO) tree -p virtwarden-core -e normal,build --prefix none) || exit 1; \
+	found=$$(printf '%s\n' "$$tree" | awk '{print $$1}' | sort -u | grep -Fx $(patsubst %,-e %,$(CORE_FORBIDDEN))); \
+	if [ -n "$$found" ]; then \
+	  for c in $$found; do \
+	    echo "lint-core: virtwarden-core (core/) depends on '$$c', through:"; \
+	    $(CARGO) tree -p virtwarden-core -e normal,build -i $$c | sed 's/^/    /'; \
+	  done; \
+	  echo "lint-core: the rule: core/ never depends on a backend crate ($(CORE_FORBIDDEN));"; \
+	  echo "           put the code that needs it in controller/ behind a trait of core (ARCHITECTURE.md)."; \
+	  exit 1; \
+	fi; \
+	echo "lint-core: virtwarden-core depends on none of: $(CORE_FORBIDDEN)"
 
 crd:
 	$(CARGO) run -q -p virtwarden-crd --bin crdgen > examples/k8s/crd.yaml.new

@@ -25,6 +25,7 @@ use virtwarden::guest::{AddressSource, GuestAccess, GuestInterface};
 use virtwarden::hypervisor::HypervisorError;
 use virtwarden::observe::guest_devices::GuestDevices;
 use virtwarden::plan::health::{wake_at, HealthMonitor, HealthSettings, ProbeResult, Step};
+use virtwarden::probe::http::HyperGet;
 use virtwarden::probe::{ProbeSpec, Prober, DEFAULT_CONCURRENCY};
 use virtwarden_policies::{HttpProbe, Probe, TcpProbe};
 
@@ -133,7 +134,7 @@ struct Tally {
 
 fn run(kind: &str, probe: Option<Probe>, n: usize, measure: Duration) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let prober = Arc::new(Prober::new(Arc::new(NoLibvirt), DEFAULT_CONCURRENCY));
+    let prober = Arc::new(Prober::new(Arc::new(NoLibvirt), DEFAULT_CONCURRENCY).with_http(Arc::new(HyperGet)));
     let tally = Arc::new(Tally::default());
     let epoch = Instant::now();
     let settings = HealthSettings { period: PERIOD, timeout: TIMEOUT, failure_threshold: 3, boot_timeout: PERIOD * 30 };

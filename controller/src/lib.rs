@@ -1,27 +1,27 @@
 //! virtwarden: a self-healing reconciliation controller for libvirt/KVM hosts.
 //! observe → plan (pure) → act → verify; front ends (CLI, host service, operator) drive it.
+//!
+//! The engine, planner and model live in the backend-neutral `virtwarden-core` crate (core/);
+//! they are re-exported here under their old paths. This crate holds the backends (libvirt,
+//! netlink and `/proc`, hyper, Kubernetes), diagnosis and the front ends.
 
-pub mod act;
+pub use virtwarden_core::{act, blocking, engine, fsutil, guest, guest_text, hypervisor, memory, observe, plan};
+
 pub mod assets;
-pub mod blocking;
 pub mod cli;
 pub mod diagnose;
-pub mod engine;
 pub mod exit;
-pub mod fsutil;
-pub mod guest;
-pub mod guest_text;
 pub mod host;
 pub mod hostnet;
 pub mod http;
-pub mod hypervisor;
 pub mod libvirt;
 pub mod lock;
 pub mod logging;
-pub mod memory;
-pub mod observe;
 pub mod operator;
-pub mod plan;
-pub mod probe;
+/// Probing guests from the host (`virtwarden_core::probe`) and its HTTP backend (`http`).
+pub mod probe {
+    pub use virtwarden_core::probe::*;
+    pub mod http;
+}
 pub mod service;
 pub mod show;

@@ -9,8 +9,9 @@ use virtwarden::logging::stderr_is_journal;
 
 fn main() {
     let cli = Cli::parse();
-    // The service reports what it does; one-shot commands print their results instead.
-    let default_level = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" };
+    // The services (run, operator) report what they do; one-shot commands print their results instead.
+    let default_level =
+        if matches!(cli.command, Command::Run { .. } | Command::Operator { .. }) { "info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     // Under systemd (stderr is the journal) records go through the native journal protocol:
     // each with its priority and its fields (DOMAIN=…), and no timestamp of our own in the text.

@@ -18,11 +18,12 @@ use crate::http::Probes;
 use crate::libvirt::connect::LibvirtConnector;
 use crate::lock::HostLock;
 
-/// The real backends for a service on libvirt at `uri`: the host-network task when `network`
-/// is on, and diagnosis of failed repairs except on libvirt's test driver (whose domains' paths
+/// The real backends for a service on libvirt at `uri`: hyper's client for `http` health
+/// probes, the host-network task when `network` is on, and diagnosis of failed repairs except on libvirt's test driver (whose domains' paths
 /// are not on this host and whose network is not real).
 pub fn backends(connector: Arc<dyn Connector>, remediations: Registry, uri: &str, network: bool) -> Backends {
     let mut backends = Backends::new(connector, remediations);
+    backends.http_probe = Some(Arc::new(crate::probe::http::HyperGet));
     if network {
         backends.network = Some(crate::hostnet::netlink_runner());
     }

@@ -21,6 +21,7 @@ use virtwarden::observe::console::{firmware_boot_failure, read_tail};
 use virtwarden::observe::DomainState;
 use virtwarden::plan::health::{HealthMonitor, HealthSettings, ProbeFailure, ProbeResult, Step, Verdict};
 use virtwarden::probe::address::discover;
+use virtwarden::probe::http::HyperGet;
 use virtwarden::probe::{ProbeSpec, Prober};
 use virtwarden_policies::{GuestAgentPing, HttpProbe, Probe, TcpProbe};
 
@@ -109,7 +110,7 @@ fn e2e_health_service_killed_or_frozen_fails_the_probe_while_libvirt_says_runnin
     let hv = Arc::new(connect());
     boot_guest(&hv, false);
     let rt = runtime();
-    let prober = Prober::new(hv.clone(), 4);
+    let prober = Prober::new(hv.clone(), 4).with_http(Arc::new(HyperGet));
     // No address in the "policy": found through libvirt's ARP source by the NIC's MAC (the
     // domain has no agent and no libvirt network, so those two sources have nothing).
     let http = spec(healthz(), None);
@@ -147,7 +148,7 @@ fn e2e_health_kernel_panic_leaves_libvirt_saying_running_and_the_probe_failing()
     let _sub = subscribe(&hv, tx).expect("subscribe");
     boot_guest(&hv, false);
     let rt = runtime();
-    let prober = Prober::new(hv.clone(), 4);
+    let prober = Prober::new(hv.clone(), 4).with_http(Arc::new(HyperGet));
     let tcp = spec(Probe::Tcp(TcpProbe { port: 80 }), Some(ip()));
     assert_eq!(rt.block_on(prober.probe(&tcp)).outcome, Ok(()));
     while rx.try_recv().is_ok() {}
@@ -188,7 +189,7 @@ fn e2e_health_no_boot_domain_shows_the_firmware_message_and_is_judged_boot_faile
 
     // The health machine on real time, real probes and the real console log.
     let rt = runtime();
-    let prober = Prober::new(hv.clone(), 4);
+    let prober = Prober::new(hv.clone(), 4).with_http(Arc::new(HyperGet));
     let mut m = HealthMonitor::new(HealthSettings {
         period: Duration::from_millis(500),
         timeout: Duration::from_millis(400),
@@ -234,7 +235,7 @@ fn e2e_health_guest_agent_answers_pings_and_libvirt_reports_agent_and_reset_even
     wait_event(&mut rx, "the agent connecting", |e| agent_event(e, true));
     assert!(hv.guest_devices("web").unwrap().agent_channel);
     let rt = runtime();
-    let prober = Prober::new(hv.clone(), 4);
+    let prober = Prober::new(hv.clone(), 4).with_http(Arc::new(HyperGet));
     let ping = spec(Probe::GuestAgentPing(GuestAgentPing {}), None);
     let r = rt.block_on(prober.probe(&ping));
     assert_eq!((&r.outcome, r.target.as_str()), (&Ok(()), "guest agent"), "{r:?}");
@@ -505,7 +506,7 @@ fn e2e_health_a_guest_agent_claiming_loopback_the_hosts_or_another_guests_addres
     boot_guest(&hv, true);
     wait_event(&mut rx, "the agent connecting", |e| agent_event(e, true));
     let rt = runtime();
-    let prober = Prober::new(hv.clone(), 4);
+    let prober = Prober::new(hv.clone(), 4).with_http(Arc::new(HyperGet));
     // Another managed guest is probed at 10.77.0.3.
     let other = ProbeSpec {
         domain: "db".into(),

@@ -39,7 +39,10 @@ impl Host {
     /// The tap the test driver gave the domain's first interface (it names them itself).
     fn tap(&self, domain: &str) -> String {
         let xml = self.hv.connection().lookup_domain_by_name(domain).unwrap().xml_desc(0).unwrap();
-        virtwarden::diagnose::xml::parse(&xml).unwrap().interfaces[0].target.clone().expect("a live tap name")
+        virtwarden::observe::domain_xml::parse_domain_xml(&xml).unwrap().interfaces[0]
+            .target
+            .clone()
+            .expect("a live tap name")
     }
 
     /// The network findings of one domain, as `what: evidence` lines.

@@ -72,6 +72,12 @@ impl UplinkNet for NoLinks {
     async fn probe(&self, _: &virtwarden_policies::VerifyProbe, _: Duration) -> bool {
         unreachable!("no uplink")
     }
+    fn describe(&self, _: &Checkpoint) -> virtwarden::hostnet::uplink::Moves {
+        unreachable!("no uplink")
+    }
+    fn managers(&self, _: &str, _: u32) -> Vec<String> {
+        unreachable!("no uplink")
+    }
 }
 
 /// IPv4 forwarding off until set; records every write; fails writes when told to.

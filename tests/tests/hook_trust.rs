@@ -1,13 +1,15 @@
 //! A refused `exec` remediation step through the engine against libvirt's test driver: it is not
 //! run, and the domain's status, the metrics and the log say so (operator-mode exec policies).
+//! And the registry's `exec` step as the engine's workers call it, on a test-driver connection.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use virtwarden::act::hook::ExecPolicy;
-use virtwarden::act::remediation::Registry;
+use virtwarden::act::calls::{CallLimits, Calls};
+use virtwarden::act::hook::{ExecPolicy, HookError};
+use virtwarden::act::remediation::{Registry, RemediationContext, RemediationError};
 use virtwarden::engine::status::StatusReport;
 use virtwarden::engine::{Engine, EngineConfig};
 use virtwarden::hypervisor::DomainControl;
@@ -95,4 +97,44 @@ async fn operator_mode_refuses_an_exec_step_outside_the_allowed_directory() {
     );
     assert!(metrics.contains("virtwarden_hooks_refused_total{reason=\"outside-allowed-dir\"}"), "{metrics}");
     assert!(!marker.exists(), "a refused hook never runs");
+}
+
+/// Through the registry, as the engine's workers call it (moved here from `act/hook.rs`: it
+/// needs a libvirt connection, and the core crate has no libvirt).
+#[tokio::test]
+async fn through_the_registry_a_failing_hook_runs_once_and_a_refused_one_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let log = dir.join("log");
+    let h = dir.join("hook.sh");
+    std::fs::write(&h, format!("#!/bin/sh\necho ran >> {}\nexit 1\n", log.display())).unwrap();
+    std::fs::set_permissions(&h, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hv: Arc<dyn virtwarden::hypervisor::Hypervisor> = Arc::new(LibvirtHost::open("test:///default").unwrap());
+    let limits = Arc::new(CallLimits::new(2, Duration::from_secs(5), Duration::from_secs(5)));
+    let calls = Calls::new(limits, Arc::new(|_| {})).with_connection(Some(hv));
+    let ctx = RemediationContext {
+        domain: "test".into(),
+        uuid: String::new(),
+        reason: "crashed".into(),
+        attempt: 1,
+        step: virtwarden::plan::restart::Step {
+            action: virtwarden_policies::RemediationAction::Exec,
+            command: vec![h.to_str().unwrap().into()],
+            timeout: Duration::from_secs(10),
+        },
+        boot: None,
+    };
+    let exec = virtwarden_policies::RemediationAction::Exec;
+    let host = Registry::with_builtins();
+    let err = host.get(exec).unwrap().run(&ctx, &calls).await.unwrap_err();
+    assert!(matches!(err, RemediationError::Hook(HookError::Exit { .. })), "{err}");
+    assert_eq!(err.refused_hook(), None);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "ran\n", "run exactly once");
+    let operator = Registry::with_exec_policy(ExecPolicy::Disabled);
+    let err = operator.get(exec).unwrap().run(&ctx, &calls).await.unwrap_err();
+    assert!(err
+        .refused_hook()
+        .unwrap()
+        .starts_with(&format!("refused to run {}: exec steps are disabled", h.display())));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "ran\n", "a refused hook does not run");
 }

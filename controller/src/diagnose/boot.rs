@@ -7,8 +7,8 @@ use std::path::Path;
 use virtwarden_policies::BootDevice;
 
 use super::model::{io_text, Check, DomainReport, Finding};
-use super::xml::DomainSpec;
 use crate::observe::console::{firmware_boot_failure, read_tail};
+use crate::observe::domain_xml::DomainXmlFacts;
 
 /// One step of the boot order and whether it has something to boot from.
 struct Step {
@@ -19,7 +19,7 @@ struct Step {
     why: String,
 }
 
-pub fn check(spec: &DomainSpec, domain: &str, running: bool, out: &mut DomainReport) {
+pub fn check(spec: &DomainXmlFacts, domain: &str, running: bool, out: &mut DomainReport) {
     if spec.os.kernel.is_some() {
         // Direct kernel boot: the firmware's boot order does not matter, the files do.
         for (what, path) in [("kernel", &spec.os.kernel), ("initrd", &spec.os.initrd)] {
@@ -48,7 +48,7 @@ pub fn check(spec: &DomainSpec, domain: &str, running: bool, out: &mut DomainRep
             }
         }
     }
-    for log in &spec.console_logs {
+    for log in spec.console_logs() {
         console(log, running, out);
     }
 }
@@ -66,7 +66,7 @@ fn file_exists(what: &str, path: &str, domain: &str, out: &mut DomainReport) {
 
 /// The boot order as steps: per-device `<boot order>` when any device has one, else `<os><boot>`
 /// (libvirt's default is `hd`).
-fn steps(spec: &DomainSpec) -> Vec<Step> {
+fn steps(spec: &DomainXmlFacts) -> Vec<Step> {
     let mut per_device: Vec<(u32, Step)> = Vec::new();
     for d in &spec.disks {
         if let Some(o) = d.boot_order {
@@ -78,7 +78,7 @@ fn steps(spec: &DomainSpec) -> Vec<Step> {
     }
     for i in &spec.interfaces {
         if let Some(o) = i.boot_order {
-            let name = format!("network {}", i.mac.as_deref().or(i.source.as_deref()).unwrap_or("interface"));
+            let name = format!("network {}", i.mac.as_deref().or(i.source()).unwrap_or("interface"));
             per_device.push((o, Step { name, media: true, why: String::new() }));
         }
     }
@@ -90,7 +90,7 @@ fn steps(spec: &DomainSpec) -> Vec<Step> {
     order.iter().map(|dev| class_step(spec, *dev)).collect()
 }
 
-fn class_step(spec: &DomainSpec, dev: BootDevice) -> Step {
+fn class_step(spec: &DomainXmlFacts, dev: BootDevice) -> Step {
     let (devices, kind): (&[&str], &str) = match dev {
         BootDevice::Hd => (&["disk", "lun"], "disk"),
         BootDevice::Cdrom => (&["cdrom"], "CD-ROM"),
@@ -114,7 +114,7 @@ fn class_step(spec: &DomainSpec, dev: BootDevice) -> Step {
     Step { name: dev.as_str().to_string(), media, why: if media { String::new() } else { why } }
 }
 
-fn boot_order(spec: &DomainSpec, domain: &str, out: &mut DomainReport) {
+fn boot_order(spec: &DomainXmlFacts, domain: &str, out: &mut DomainReport) {
     let steps = steps(spec);
     let order: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
     let order = format!("boot order [{}]", order.join(", "));
@@ -186,7 +186,7 @@ fn console(path: &str, running: bool, out: &mut DomainReport) {
 mod tests {
     use super::*;
     use crate::diagnose::model::Severity;
-    use crate::diagnose::xml::parse;
+    use crate::observe::domain_xml::parse_domain_xml as parse;
 
     fn run(xml: &str, running: bool) -> DomainReport {
         let spec = parse(xml).unwrap();

@@ -16,7 +16,7 @@ use super::access::{can_open, FileFacts, READ, WRITE};
 use super::identity::{Accounts, QemuUser};
 use super::image::{detect, qcow2_backing, read_head, Format, HEAD_BYTES};
 use super::model::{io_text, Check, DomainReport, Finding};
-use super::xml::{DiskSpec, DomainSpec};
+use crate::observe::domain_xml::{DiskXml, DomainXmlFacts};
 
 /// A qcow2 chain deeper than this is reported as-is rather than followed.
 const MAX_CHAIN: usize = 16;
@@ -36,7 +36,7 @@ pub struct DiskEnv {
     pub deadline: Duration,
 }
 
-pub fn check(spec: &DomainSpec, env: &DiskEnv, out: &mut DomainReport) {
+pub fn check(spec: &DomainXmlFacts, env: &DiskEnv, out: &mut DomainReport) {
     for disk in &spec.disks {
         match disk.kind.as_str() {
             "network" | "volume" | "nvme" | "vhostuser" => {
@@ -56,6 +56,7 @@ pub fn check(spec: &DomainSpec, env: &DiskEnv, out: &mut DomainReport) {
             }
             continue;
         };
+        let source = source.as_str();
         let (d, path, e) = (disk.clone(), PathBuf::from(source), env.clone());
         let name = out.domain.clone();
         let checked = guarded::with_deadline(env.deadline, move || {
@@ -82,7 +83,7 @@ fn secs(d: Duration) -> String {
     virtwarden_policies::Duration(d).to_string()
 }
 
-fn check_image(disk: &DiskSpec, path: &Path, env: &DiskEnv, out: &mut DomainReport) {
+fn check_image(disk: &DiskXml, path: &Path, env: &DiskEnv, out: &mut DomainReport) {
     let label = disk.label();
     if !exists(
         path,
@@ -197,7 +198,7 @@ fn exists(path: &Path, what: &str, fix: &str, out: &mut DomainReport) -> bool {
     }
 }
 
-fn format_mismatch(disk: &DiskSpec, path: &Path, declared: &str, found: Format, words: &str, domain: &str) -> Finding {
+fn format_mismatch(disk: &DiskXml, path: &Path, declared: &str, found: Format, words: &str, domain: &str) -> Finding {
     // No bytes of the image are shown: only which signature matched.
     let evidence = format!("header: {words}; <driver type='{declared}'>");
     if declared == "raw" {
@@ -361,6 +362,7 @@ fn clean_path(p: &Path) -> String {
 mod tests {
     use super::*;
     use crate::diagnose::model::Severity;
+    use crate::observe::domain_xml::DiskSource;
     use std::os::unix::fs::PermissionsExt;
 
     fn who(uid: u32, dynamic: bool) -> QemuUser {
@@ -375,8 +377,8 @@ mod tests {
         }
     }
 
-    fn run(disks: Vec<DiskSpec>, who: &QemuUser, nfs: bool) -> DomainReport {
-        let spec = DomainSpec { disks, ..Default::default() };
+    fn run(disks: Vec<DiskXml>, who: &QemuUser, nfs: bool) -> DomainReport {
+        let spec = DomainXmlFacts { disks, ..Default::default() };
         let accounts = Accounts::parse("root:x:0:0::/:/bin/sh\n", "root:x:0:\n");
         let env = DiskEnv {
             domain: "vm1".into(),
@@ -391,11 +393,11 @@ mod tests {
         out
     }
 
-    fn disk(path: &Path, driver: &str) -> DiskSpec {
-        DiskSpec {
+    fn disk(path: &Path, driver: &str) -> DiskXml {
+        DiskXml {
             device: "disk".into(),
             kind: "file".into(),
-            source: Some(path.display().to_string()),
+            source: Some(DiskSource::File(path.display().to_string())),
             driver_type: Some(driver.into()),
             target: Some("vda".into()),
             ..Default::default()
@@ -480,7 +482,7 @@ mod tests {
         let d = tmp();
         let ok = d.path().join("ok.img");
         std::fs::write(&ok, vec![0u8; 4096]).unwrap();
-        let spec = DomainSpec { disks: vec![disk(&ok, "raw"), disk(&ok, "qcow2")], ..Default::default() };
+        let spec = DomainXmlFacts { disks: vec![disk(&ok, "raw"), disk(&ok, "qcow2")], ..Default::default() };
         let accounts = Accounts::parse("root:x:0:0::/:/bin/sh\n", "root:x:0:\n");
         // statfs standing in for a hung NFS server, on the second disk only.
         let (hold, release) = std::sync::mpsc::channel::<()>();
@@ -582,10 +584,10 @@ mod tests {
     #[test]
     fn empty_cdrom_is_not_a_disk_problem_but_a_sourceless_disk_is() {
         let cd =
-            DiskSpec { device: "cdrom".into(), kind: "file".into(), target: Some("sda".into()), ..Default::default() };
+            DiskXml { device: "cdrom".into(), kind: "file".into(), target: Some("sda".into()), ..Default::default() };
         assert!(run(vec![cd], &who(0, true), false).findings.is_empty());
         let hd =
-            DiskSpec { device: "disk".into(), kind: "file".into(), target: Some("vda".into()), ..Default::default() };
+            DiskXml { device: "disk".into(), kind: "file".into(), target: Some("vda".into()), ..Default::default() };
         assert_eq!(run(vec![hd], &who(0, true), false).findings[0].what, "disk vda has no source");
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use super::access::{FileFacts, READ, WRITE};
 use super::identity::{Accounts, QemuUser};
 use super::model::{io_text, Check, DomainReport, Finding};
-use super::xml::DomainSpec;
+use crate::observe::domain_xml::DomainXmlFacts;
 
 /// `MemAvailable` in KiB from /proc/meminfo's text.
 pub fn mem_available_kib(meminfo: &str) -> Option<u64> {
@@ -18,7 +18,7 @@ pub fn mem_available_kib(meminfo: &str) -> Option<u64> {
 }
 
 /// Memory: only for a domain that would start (a running one has its memory already).
-pub fn check_memory(spec: &DomainSpec, domain: &str, running: bool, meminfo: &Path, out: &mut DomainReport) {
+pub fn check_memory(spec: &DomainXmlFacts, domain: &str, running: bool, meminfo: &Path, out: &mut DomainReport) {
     if running || spec.memory_kib == 0 {
         return;
     }
@@ -42,7 +42,7 @@ pub fn check_memory(spec: &DomainSpec, domain: &str, running: bool, meminfo: &Pa
 }
 
 /// /dev/kvm: exists, is a character device, and QEMU's user can open it read-write.
-pub fn check_kvm(spec: &DomainSpec, kvm: &Path, who: &QemuUser, accounts: &Accounts, out: &mut DomainReport) {
+pub fn check_kvm(spec: &DomainXmlFacts, kvm: &Path, who: &QemuUser, accounts: &Accounts, out: &mut DomainReport) {
     if spec.domain_type != "kvm" {
         return;
     }
@@ -89,7 +89,7 @@ mod tests {
         let mi = dir.path().join("meminfo");
         std::fs::write(&mi, "MemTotal:  1000000 kB\nMemFree:  50000 kB\nMemAvailable:   102400 kB\n").unwrap();
         assert_eq!(mem_available_kib(&std::fs::read_to_string(&mi).unwrap()), Some(102400));
-        let spec = DomainSpec { memory_kib: 2 * 1024 * 1024, ..Default::default() };
+        let spec = DomainXmlFacts { memory_kib: 2 * 1024 * 1024, ..Default::default() };
         let mut out = DomainReport::new("big", None, String::new());
         check_memory(&spec, "big", false, &mi, &mut out);
         assert_eq!(
@@ -108,7 +108,7 @@ mod tests {
         let kvm = dir.path().join("kvm");
         std::fs::write(&kvm, b"").unwrap();
         std::fs::set_permissions(&kvm, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let spec = DomainSpec { domain_type: "kvm".into(), ..Default::default() };
+        let spec = DomainXmlFacts { domain_type: "kvm".into(), ..Default::default() };
         let who = QemuUser {
             uid: 64055,
             gid: 994,

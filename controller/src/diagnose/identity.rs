@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::xml::DomainSpec;
+use crate::observe::domain_xml::DomainXmlFacts;
 
 /// libvirt's built-in QEMU user and group on Debian when qemu.conf names none.
 pub const DEFAULT_USER: &str = "libvirt-qemu";
@@ -159,7 +159,7 @@ impl QemuUser {
 
 /// Work out QEMU's identity for `spec`. `base_label` is libvirt's DAC base label for the
 /// domain type from the capabilities (`+64055:+994`), when known.
-pub fn qemu_user(spec: &DomainSpec, base_label: Option<&str>, conf: &QemuConf, accounts: &Accounts) -> QemuUser {
+pub fn qemu_user(spec: &DomainXmlFacts, base_label: Option<&str>, conf: &QemuConf, accounts: &Accounts) -> QemuUser {
     let dac = spec.seclabels.iter().find(|l| l.model == "dac");
     let no_relabel = dac.is_some_and(|l| l.no_relabel) || spec.seclabels.iter().any(|l| l.kind == "none");
     let (label, source) = match (dac.and_then(|l| l.label.clone()), base_label) {
@@ -211,7 +211,7 @@ pub fn dac_base_label(capabilities_xml: &str, virt_type: &str) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diagnose::xml::SecLabel;
+    use crate::observe::domain_xml::SecLabel;
 
     fn accounts() -> Accounts {
         Accounts::parse(
@@ -235,21 +235,21 @@ mod tests {
     #[test]
     fn qemu_conf_user_with_supplementary_groups() {
         let conf = parse_qemu_conf("user = \"libvirt-qemu\"\ngroup = \"kvm\"\n");
-        let u = qemu_user(&DomainSpec::default(), None, &conf, &accounts());
+        let u = qemu_user(&DomainXmlFacts::default(), None, &conf, &accounts());
         assert_eq!((u.uid, u.gid, u.display()), (64055, 994, "libvirt-qemu:kvm".to_string()));
         // As `ps -o supgrp` shows for QEMU on a Debian host: kvm, libvirt-qemu.
         assert_eq!(u.groups, vec![994, 64055]);
         assert!(u.dynamic_ownership);
         // A user without a group keeps libvirt's default group.
         let conf = parse_qemu_conf("user = \"libvirt-qemu\"\n");
-        let u = qemu_user(&DomainSpec::default(), None, &conf, &accounts());
+        let u = qemu_user(&DomainXmlFacts::default(), None, &conf, &accounts());
         assert_eq!((u.gid, u.groups.clone()), (64055, vec![64055, 994]));
     }
 
     #[test]
     fn domain_seclabel_beats_capabilities_beats_qemu_conf() {
         let conf = parse_qemu_conf("user = \"root\"\n");
-        let mut spec = DomainSpec::default();
+        let mut spec = DomainXmlFacts::default();
         let u = qemu_user(&spec, Some("+64055:+994"), &conf, &accounts());
         assert_eq!(u.display(), "libvirt-qemu:kvm");
         spec.seclabels.push(SecLabel {

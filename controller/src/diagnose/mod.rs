@@ -127,7 +127,8 @@ impl Ctx<'_> {
         };
         let mut r =
             DomainReport::new(name, target.policy.clone(), format!("{} ({})", facts.state.as_str(), facts.reason));
-        let spec = xml::parse(&facts.xml).map_err(|source| DiagnoseError::Xml { domain: name.to_string(), source })?;
+        let spec = crate::observe::domain_xml::parse_domain_xml(&facts.xml)
+            .map_err(|source| DiagnoseError::Xml { domain: name.to_string(), source })?;
         let running = facts.state.is_active();
         let base_label = self.source.dac_base_label(&spec.domain_type);
         let who = identity::qemu_user(&spec, base_label.as_deref(), &self.conf, &self.accounts);

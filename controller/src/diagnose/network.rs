@@ -5,12 +5,13 @@
 
 use super::firewall::Flow;
 use super::model::{Check, DomainReport, Finding};
-use super::netfacts::{NetFacts, PortState};
+use super::netfacts::NetFacts;
 use super::source::NetworkFacts;
-use super::xml::{DomainSpec, InterfaceSpec};
+use crate::observe::domain_xml::{DomainXmlFacts, InterfaceXml};
+use crate::observe::PortState;
 
 pub fn check(
-    spec: &DomainSpec,
+    spec: &DomainXmlFacts,
     domain: &str,
     running: bool,
     net: &NetFacts,
@@ -19,7 +20,7 @@ pub fn check(
 ) {
     for iface in &spec.interfaces {
         let bridge = match iface.kind.as_str() {
-            "bridge" => iface.source.clone(),
+            "bridge" => iface.source().map(str::to_string),
             "network" => match libvirt_network(iface, net, networks, domain, out) {
                 Some(b) => b,
                 None => continue,
@@ -40,13 +41,13 @@ pub fn check(
 
 /// The network exists and is active, forwarding is on for NAT/routed ones; its bridge.
 fn libvirt_network(
-    iface: &InterfaceSpec,
+    iface: &InterfaceXml,
     net: &NetFacts,
     networks: &[NetworkFacts],
     domain: &str,
     out: &mut DomainReport,
 ) -> Option<Option<String>> {
-    let name = iface.source.as_deref()?;
+    let name = iface.source()?;
     let Some(n) = networks.iter().find(|n| n.name == name) else {
         out.findings.push(Finding::error(
             Check::Network,
@@ -106,7 +107,7 @@ fn bridge_ok(bridge: &str, net: &NetFacts, out: &mut DomainReport) -> bool {
     true
 }
 
-fn tap_ok(tap: &str, bridge: &str, iface: &InterfaceSpec, net: &NetFacts, domain: &str, out: &mut DomainReport) {
+fn tap_ok(tap: &str, bridge: &str, iface: &InterfaceXml, net: &NetFacts, domain: &str, out: &mut DomainReport) {
     let Some(link) = net.link(tap) else {
         out.findings.push(Finding::error(
             Check::Network,
@@ -152,7 +153,7 @@ fn tap_ok(tap: &str, bridge: &str, iface: &InterfaceSpec, net: &NetFacts, domain
     }
     match link.port_state {
         Some(s @ (PortState::Listening | PortState::Learning)) => {
-            let delay = net.link(bridge).and_then(|b| b.stp).map(|(_, d)| d).unwrap_or(15);
+            let delay = net.link(bridge).and_then(|b| b.bridge).map(|b| b.forward_delay).unwrap_or(15);
             out.findings.push(Finding::warning(
                 Check::Network,
                 format!("port {tap} on {bridge} is still in STP {} state: it forwards nothing yet", s.as_str()),
@@ -189,21 +190,21 @@ fn firewall(bridge: &str, tap: Option<&str>, domain: &str, net: &NetFacts, out: 
 mod tests {
     use super::*;
     use crate::diagnose::firewall::Firewall;
-    use crate::diagnose::netfacts::Link;
+    use crate::observe::{BridgeAttrs, NetLink};
 
-    fn bridge(name: &str) -> Link {
-        Link {
+    fn bridge(name: &str) -> NetLink {
+        NetLink {
             name: name.into(),
             kind: Some("bridge".into()),
             up: true,
             mtu: 1500,
-            stp: Some((false, 15)),
+            bridge: Some(BridgeAttrs { stp: false, forward_delay: 15, ..Default::default() }),
             ..Default::default()
         }
     }
 
-    fn tap(name: &str, master: Option<&str>) -> Link {
-        Link {
+    fn tap(name: &str, master: Option<&str>) -> NetLink {
+        NetLink {
             name: name.into(),
             kind: Some("tun".into()),
             up: true,
@@ -214,11 +215,12 @@ mod tests {
         }
     }
 
-    fn spec(kind: &str, source: &str) -> DomainSpec {
-        DomainSpec {
-            interfaces: vec![InterfaceSpec {
+    fn spec(kind: &str, source: &str) -> DomainXmlFacts {
+        DomainXmlFacts {
+            interfaces: vec![InterfaceXml {
                 kind: kind.into(),
-                source: Some(source.into()),
+                source_bridge: (kind == "bridge").then(|| source.into()),
+                source_network: (kind == "network").then(|| source.into()),
                 target: Some("vnet0".into()),
                 ..Default::default()
             }],
@@ -226,7 +228,7 @@ mod tests {
         }
     }
 
-    fn run(spec: &DomainSpec, net: &NetFacts, networks: &[NetworkFacts]) -> Vec<String> {
+    fn run(spec: &DomainXmlFacts, net: &NetFacts, networks: &[NetworkFacts]) -> Vec<String> {
         let mut out = DomainReport::new("vm1", None, String::new());
         check(spec, "vm1", true, net, networks, &mut out);
         out.findings.iter().map(|f| format!("{}: {}", f.what, f.evidence)).collect()
@@ -243,7 +245,7 @@ mod tests {
         let net = NetFacts::default();
         assert_eq!(run(&spec("bridge", "br0"), &net, &[])[0].split(':').next(), Some("bridge br0 does not exist"));
         let net = NetFacts {
-            links: vec![Link { name: "br0".into(), kind: Some("veth".into()), ..Default::default() }],
+            links: vec![NetLink { name: "br0".into(), kind: Some("veth".into()), ..Default::default() }],
             ..Default::default()
         };
         assert_eq!(run(&spec("bridge", "br0"), &net, &[]), vec!["br0 is not a bridge: br0 is a veth interface"]);
@@ -266,7 +268,7 @@ mod tests {
         t.mtu = 9000;
         t.port_state = Some(PortState::Learning);
         let mut b = bridge("br0");
-        b.stp = Some((true, 4));
+        b.bridge = Some(BridgeAttrs { stp: true, forward_delay: 4, ..Default::default() });
         let net = NetFacts { links: vec![b, t], ..Default::default() };
         assert_eq!(
             run(&spec("bridge", "br0"), &net, &[]),
@@ -303,6 +305,12 @@ mod tests {
             run(&spec("network", "nope"), &net, &nets)[0],
             "libvirt network nope does not exist: virsh net-list --all shows no nope"
         );
+        // A running domain's live XML names the network's bridge beside the network: the
+        // interface is on network `default`, not on a network called `virbr0`.
+        let mut live = spec("network", "default");
+        live.interfaces[0].source_bridge = Some("virbr0".into());
+        let net = NetFacts { ip_forward: Some(true), ..net };
+        assert_eq!(run(&live, &net, &nets), Vec::<String>::new());
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! [`HostNet`] over rtnetlink. STP and timers go through `link().change()` (RTM_NEWLINK):
 //! `link().set()` sends RTM_SETLINK, which silently ignores IFLA_LINKINFO. Uplinks are read from
 //! every routing table, multipath routes and nexthop objects included, and from the addresses.
+//! [`dump_links`] is the one link reader: the host-network task and diagnose both use it.
 
 use std::collections::HashMap;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressMessage, AddressScope};
 use rtnetlink::packet_route::link::{
-    BridgeStpState, InfoBridge, InfoData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    BridgePortState, BridgeStpState, InfoBridge, InfoBridgePort, InfoData, InfoPortData, LinkAttribute, LinkFlags,
+    LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
@@ -15,7 +17,7 @@ use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessage
 use super::nexthop::NexthopSocket;
 use super::{centis_to_secs, HostNet, NetError};
 use crate::observe::StpSettings;
-use crate::observe::{BridgeAttrs, NetLink};
+use crate::observe::{BridgeAttrs, NetLink, PortState};
 
 /// A netlink connection in the caller's network namespace.
 #[derive(Clone)]
@@ -30,7 +32,7 @@ impl NetlinkHost {
         self.handle.route().get(msg).execute().try_collect().await.map_err(|source| NetError::Netlink {
             op: "list routes",
             object: String::new(),
-            source,
+            source: source.into(),
         })
     }
 
@@ -53,9 +55,45 @@ impl NetlinkHost {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
                 Err(NetError::NoSuchLink { op, object: name.into() })
             }
-            Err(source) => Err(NetError::Netlink { op, object: name.into(), source }),
+            Err(source) => Err(NetError::Netlink { op, object: name.into(), source: source.into() }),
         }
     }
+}
+
+/// Every link of the caller's namespace, sorted by name, with its master's name, bridge
+/// attributes, MTU and port state: one RTM_GETLINK dump.
+pub async fn dump_links(handle: &Handle) -> Result<Vec<NetLink>, NetError> {
+    let msgs: Vec<LinkMessage> =
+        handle.link().get().execute().try_collect().await.map_err(|source| NetError::Netlink {
+            op: "list links",
+            object: String::new(),
+            source: source.into(),
+        })?;
+    let parsed: Vec<(NetLink, Option<u32>)> = msgs.iter().map(parse_link).collect();
+    let names: HashMap<u32, String> = parsed.iter().map(|(l, _)| (l.index, l.name.clone())).collect();
+    let mut links: Vec<NetLink> = parsed
+        .into_iter()
+        .map(|(mut l, master)| {
+            l.master = master.and_then(|i| names.get(&i).cloned());
+            l
+        })
+        .collect();
+    links.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(links)
+}
+
+/// [`dump_links`] for blocking callers (the CLI, or a blocking thread of the engine's runtime):
+/// on its own thread with its own small runtime and connection.
+pub fn read_links() -> Result<Vec<NetLink>, NetError> {
+    let worker = std::thread::spawn(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(NetError::Socket)?;
+        rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
+            tokio::spawn(conn);
+            dump_links(&handle).await
+        })
+    });
+    worker.join().unwrap_or_else(|_| Err(NetError::Socket(std::io::Error::other("netlink reader thread panicked"))))
 }
 
 fn parse_link(msg: &LinkMessage) -> (NetLink, Option<u32>) {
@@ -66,6 +104,7 @@ fn parse_link(msg: &LinkMessage) -> (NetLink, Option<u32>) {
         match attr {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Address(a) if a.len() == 6 => link.mac = Some(format_mac(a)),
+            LinkAttribute::Mtu(m) => link.mtu = *m,
             LinkAttribute::Controller(i) => master = Some(*i),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
@@ -85,6 +124,13 @@ fn parse_link(msg: &LinkMessage) -> (NetLink, Option<u32>) {
                             }
                             link.bridge = Some(b);
                         }
+                        LinkInfo::PortData(InfoPortData::BridgePort(attrs)) => {
+                            for a in attrs {
+                                if let InfoBridgePort::State(s) = a {
+                                    link.port_state = port_state(*s);
+                                }
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -93,6 +139,17 @@ fn parse_link(msg: &LinkMessage) -> (NetLink, Option<u32>) {
         }
     }
     (link, master)
+}
+
+fn port_state(s: BridgePortState) -> Option<PortState> {
+    match s {
+        BridgePortState::Disabled => Some(PortState::Disabled),
+        BridgePortState::Listening => Some(PortState::Listening),
+        BridgePortState::Learning => Some(PortState::Learning),
+        BridgePortState::Forwarding => Some(PortState::Forwarding),
+        BridgePortState::Blocking => Some(PortState::Blocking),
+        _ => None,
+    }
 }
 
 fn format_mac(bytes: &[u8]) -> String {
@@ -129,23 +186,7 @@ fn all_routes(mut msg: RouteMessage) -> RouteMessage {
 
 impl HostNet for NetlinkHost {
     async fn links(&self) -> Result<Vec<NetLink>, NetError> {
-        let msgs: Vec<LinkMessage> =
-            self.handle.link().get().execute().try_collect().await.map_err(|source| NetError::Netlink {
-                op: "list links",
-                object: String::new(),
-                source,
-            })?;
-        let parsed: Vec<(NetLink, Option<u32>)> = msgs.iter().map(parse_link).collect();
-        let names: HashMap<u32, String> = parsed.iter().map(|(l, _)| (l.index, l.name.clone())).collect();
-        let mut links: Vec<NetLink> = parsed
-            .into_iter()
-            .map(|(mut l, master)| {
-                l.master = master.and_then(|i| names.get(&i).cloned());
-                l
-            })
-            .collect();
-        links.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(links)
+        dump_links(&self.handle).await
     }
 
     async fn default_route_links(&self) -> Result<Vec<u32>, NetError> {
@@ -192,7 +233,7 @@ impl HostNet for NetlinkHost {
             self.handle.address().get().execute().try_collect().await.map_err(|source| NetError::Netlink {
                 op: "list addresses",
                 object: String::new(),
-                source,
+                source: source.into(),
             })?;
         let mut indexes: Vec<u32> =
             addrs.iter().filter(|a| a.header.scope == AddressScope::Universe).map(|a| a.header.index).collect();
@@ -205,7 +246,7 @@ impl HostNet for NetlinkHost {
         self.handle.link().add(LinkBridge::new(name).build()).execute().await.map_err(|source| NetError::Netlink {
             op: "create bridge",
             object: name.into(),
-            source,
+            source: source.into(),
         })
     }
 
@@ -216,7 +257,7 @@ impl HostNet for NetlinkHost {
             .set(LinkUnspec::new_with_index(index).up().build())
             .execute()
             .await
-            .map_err(|source| NetError::Netlink { op: "set up", object: name.into(), source })
+            .map_err(|source| NetError::Netlink { op: "set up", object: name.into(), source: source.into() })
     }
 
     async fn set_stp(&self, bridge: &str, stp: StpSettings) -> Result<(), NetError> {
@@ -242,7 +283,7 @@ impl HostNet for NetlinkHost {
         self.handle.link().change(b.build()).execute().await.map_err(|source| NetError::Netlink {
             op: "set stp",
             object: bridge.into(),
-            source,
+            source: source.into(),
         })
     }
 
@@ -254,6 +295,10 @@ impl HostNet for NetlinkHost {
             .set(LinkUnspec::new_with_index(port_index).controller(bridge_index).build())
             .execute()
             .await
-            .map_err(|source| NetError::Netlink { op: "enslave", object: format!("{port} → {bridge}"), source })
+            .map_err(|source| NetError::Netlink {
+                op: "enslave",
+                object: format!("{port} → {bridge}"),
+                source: source.into(),
+            })
     }
 }

@@ -18,61 +18,28 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::packet_route::rule::{RuleAttribute, RuleMessage};
 use rtnetlink::{IpVersion, LinkUnspec, RouteMessageBuilder};
-use serde::{Deserialize, Serialize};
 use virtwarden_policies::VerifyProbe;
 
 use super::netlink::NetlinkHost;
 use super::NetError;
-use crate::observe::{BridgeAttrs, GuardedChange, Sysctl};
 
-/// A sysctl's value before a guarded change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SysctlValue {
-    #[serde(flatten)]
-    pub sysctl: Sysctl,
-    pub value: u8,
-}
+pub use virtwarden_core::hostnet::uplink::{Checkpoint, Moves, SysctlValue, UplinkNet};
 
-/// Everything a guarded change changes, as it was before: for a takeover of `port` into
-/// `bridge` (or its release) the links, addresses, routes and rules; for an STP change the
-/// bridge's STP settings; for a forwarding change the sysctls.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Checkpoint {
-    pub bridge: String,
-    pub port: String,
-    pub port_mac: Option<String>,
-    pub port_mtu: Option<u32>,
-    /// The port's bridge before (normally none).
-    pub port_master: Option<String>,
-    pub bridge_mac: Option<String>,
-    pub bridge_mtu: Option<u32>,
-    /// The port's addresses that move (global and site scope), as `RTM_NEWADDR` messages.
-    pub addresses: Vec<String>,
-    /// Routes through the port that move (all tables; not the kernel's own), as `RTM_NEWROUTE`.
-    pub routes: Vec<String>,
-    /// Policy rules naming the port (`iif`/`oif`), as `RTM_NEWRULE`.
-    pub rules: Vec<String>,
-    /// The bridge policy the change came from (a change restored after a crash stays held
-    /// until the policy differs).
-    #[serde(default)]
-    pub fingerprint: String,
-    /// Which change this checkpoint guards (`bridge` is `forwarding` and `port` the family for
-    /// a forwarding change; `port` is empty for an STP change).
-    #[serde(default)]
-    pub change: GuardedChange,
-    /// The bridge's STP settings before an STP change.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bridge_stp: Option<BridgeAttrs>,
-    /// Sysctls before the change, in the order a rollback writes them back.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub sysctls: Vec<SysctlValue>,
-}
-
-impl Checkpoint {
+/// A checkpoint's netlink messages in words (only this backend can read them).
+pub trait CheckpointText {
     /// The default gateways the moved routes use: they must answer on the bridge.
-    pub fn gateways(&self) -> Vec<IpAddr> {
+    fn gateways(&self) -> Vec<IpAddr>;
+    /// The moved addresses as text: `198.51.100.2/24 (valid 3600s)`.
+    fn address_lines(&self) -> Vec<String>;
+    /// The moved routes as text: `default via 198.51.100.1 table 254`.
+    fn route_lines(&self) -> Vec<String>;
+    /// The moved rules as text: `priority 100 iif eth0 table 10`.
+    fn rule_lines(&self) -> Vec<String>;
+}
+
+impl CheckpointText for Checkpoint {
+    /// The default gateways the moved routes use: they must answer on the bridge.
+    fn gateways(&self) -> Vec<IpAddr> {
         let mut out: Vec<IpAddr> = decode_all::<RouteMessage>(&self.routes)
             .iter()
             .filter(|r| r.header.destination_prefix_length == 0)
@@ -84,17 +51,17 @@ impl Checkpoint {
     }
 
     /// The moved addresses as text: `198.51.100.2/24 (valid 3600s)`.
-    pub fn address_lines(&self) -> Vec<String> {
+    fn address_lines(&self) -> Vec<String> {
         decode_all::<AddressMessage>(&self.addresses).iter().map(describe_address).collect()
     }
 
     /// The moved routes as text: `default via 198.51.100.1 table 254`.
-    pub fn route_lines(&self) -> Vec<String> {
+    fn route_lines(&self) -> Vec<String> {
         decode_all::<RouteMessage>(&self.routes).iter().map(describe_route).collect()
     }
 
     /// The moved rules as text: `priority 100 iif eth0 table 10`.
-    pub fn rule_lines(&self) -> Vec<String> {
+    fn rule_lines(&self) -> Vec<String> {
         decode_all::<RuleMessage>(&self.rules).iter().map(describe_rule).collect()
     }
 }
@@ -273,44 +240,6 @@ fn rule_names(r: &RuleMessage, name: &str) -> bool {
     r.attributes.iter().any(|a| matches!(a, RuleAttribute::Iifname(n) | RuleAttribute::Oifname(n) if n == name))
 }
 
-/// Takeover and restore on the host: the checkpoint/restore seam of uplink changes.
-pub trait UplinkNet: Send + Sync {
-    /// Read what a takeover of `port` into `bridge` changes.
-    fn checkpoint(
-        &self,
-        bridge: &str,
-        port: &str,
-    ) -> impl std::future::Future<Output = Result<Checkpoint, NetError>> + Send;
-    /// Give the bridge the port's MAC and MTU, move addresses, routes and rules, enslave.
-    fn take_over(&self, cp: &Checkpoint) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
-    /// Put everything back as `cp` says. Idempotent: a half-applied takeover (or one already
-    /// undone) is restored too, so it is safe after a crash.
-    fn restore(&self, cp: &Checkpoint) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
-    /// The gateways of every default route (IPv4 and IPv6, every table, every nexthop of a
-    /// multipath route), with the index of the link each is reached through.
-    fn default_gateways(&self) -> impl std::future::Future<Output = Result<Vec<(u32, IpAddr)>, NetError>> + Send;
-    /// Drop the neighbour entry of `addr` on `link` unless an admin set it (permanent), so the
-    /// next [`UplinkNet::neighbour_reachable`] needs a fresh answer from it.
-    fn forget_neighbour(
-        &self,
-        link: &str,
-        addr: IpAddr,
-    ) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
-    /// Ask `link` to resolve `addr` (an ARP request or NDP solicitation) and say whether the
-    /// neighbour entry is confirmed reachable.
-    fn neighbour_reachable(
-        &self,
-        link: &str,
-        addr: IpAddr,
-    ) -> impl std::future::Future<Output = Result<bool, NetError>> + Send;
-    /// One attempt of a policy's verify probe, within `timeout`.
-    fn probe(
-        &self,
-        probe: &VerifyProbe,
-        timeout: std::time::Duration,
-    ) -> impl std::future::Future<Output = bool> + Send;
-}
-
 /// An add that finds the object there, or a delete that finds it gone, is success: restore
 /// must be idempotent.
 fn tolerate(result: Result<(), rtnetlink::Error>, codes: &[i32]) -> Result<(), rtnetlink::Error> {
@@ -327,7 +256,7 @@ const GONE: &[i32] = &[libc::ENOENT, libc::ESRCH, libc::EADDRNOTAVAIL, libc::ENO
 const THERE: &[i32] = &[libc::EEXIST];
 
 fn nl<'a>(op: &'static str, object: &'a str) -> impl FnOnce(rtnetlink::Error) -> NetError + 'a {
-    move |source| NetError::Netlink { op, object: object.to_string(), source }
+    move |source| NetError::Netlink { op, object: object.to_string(), source: source.into() }
 }
 
 fn parse_mac(text: &str) -> Option<Vec<u8>> {
@@ -341,7 +270,9 @@ impl NetlinkHost {
         let msg = match links.try_next().await {
             Ok(Some(m)) => m,
             Ok(None) => return Err(NetError::NoSuchLink { op: "checkpoint", object: name.into() }),
-            Err(source) => return Err(NetError::Netlink { op: "checkpoint", object: name.into(), source }),
+            Err(source) => {
+                return Err(NetError::Netlink { op: "checkpoint", object: name.into(), source: source.into() })
+            }
         };
         let mut mac = None;
         let mut mtu = None;
@@ -593,6 +524,19 @@ impl UplinkNet for NetlinkHost {
                 && neighbour_is(n, addr)
         }))
     }
+
+    fn describe(&self, cp: &Checkpoint) -> Moves {
+        Moves {
+            addresses: cp.address_lines(),
+            routes: cp.route_lines(),
+            rules: cp.rule_lines(),
+            gateways: cp.gateways(),
+        }
+    }
+
+    fn managers(&self, link: &str, index: u32) -> Vec<String> {
+        super::managers::managers_of(&Default::default(), link, index)
+    }
 }
 
 fn neighbour_is(n: &rtnetlink::packet_route::neighbour::NeighbourMessage, addr: IpAddr) -> bool {
@@ -662,6 +606,7 @@ fn solicit(link: &str, index: u32, addr: IpAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observe::{BridgeAttrs, GuardedChange, Sysctl};
     use rtnetlink::packet_route::address::CacheInfo;
 
     #[test]

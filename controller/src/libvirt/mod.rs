@@ -131,8 +131,8 @@ impl LibvirtHost {
             persistent,
             autostart,
             boot,
-            interfaces: live.interfaces,
-            disks: live.disks,
+            interfaces: live.interfaces.iter().map(Into::into).collect(),
+            disks: live.disks.iter().map(Into::into).collect(),
             id: dom.id(),
         })
     }

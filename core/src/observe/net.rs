@@ -210,6 +210,39 @@ pub struct NetLink {
     pub master: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<BridgeAttrs>,
+    /// The MTU (0: not read).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mtu: u32,
+    /// Its STP state as a port of `master`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_state: Option<PortState>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The STP state of a bridge port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PortState {
+    Disabled,
+    Listening,
+    Learning,
+    Forwarding,
+    Blocking,
+}
+
+impl PortState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortState::Disabled => "disabled",
+            PortState::Listening => "listening",
+            PortState::Learning => "learning",
+            PortState::Forwarding => "forwarding",
+            PortState::Blocking => "blocking",
+        }
+    }
 }
 
 /// Bridge attributes, timers in whole seconds (netlink carries centiseconds).

@@ -89,17 +89,20 @@ pub async fn observe_uplinks<N: UplinkNet>(
             }
             let index = link.index;
             match net.checkpoint(&b.spec.name, port).await {
-                Ok(cp) => observed.uplink_ports.push(UplinkPort {
-                    name: port.clone(),
-                    bridge: b.spec.name.clone(),
-                    mac: cp.port_mac.clone(),
-                    mtu: cp.port_mtu,
-                    addresses: cp.address_lines(),
-                    routes: cp.route_lines(),
-                    rules: cp.rule_lines(),
-                    gateways: cp.gateways(),
-                    managers: crate::hostnet::managers::managers_of(&Default::default(), port, index),
-                }),
+                Ok(cp) => {
+                    let moves = net.describe(&cp);
+                    observed.uplink_ports.push(UplinkPort {
+                        name: port.clone(),
+                        bridge: b.spec.name.clone(),
+                        mac: cp.port_mac.clone(),
+                        mtu: cp.port_mtu,
+                        addresses: moves.addresses,
+                        routes: moves.routes,
+                        rules: moves.rules,
+                        gateways: moves.gateways,
+                        managers: net.managers(port, index),
+                    })
+                }
                 Err(e) => tracing::warn!(port = %port, %e, "cannot read what a takeover would move"),
             }
         }
@@ -166,7 +169,7 @@ pub async fn take_over<N: HostNet + UplinkNet, F: Forwarding>(
         Err(e) => return failed(format!("cannot take a checkpoint: {e}; nothing changed")),
     };
     let deciders = Deciders {
-        gateways: cp.gateways().into_iter().map(|g| (bridge.to_string(), g)).collect(),
+        gateways: net.describe(&cp).gateways.into_iter().map(|g| (bridge.to_string(), g)).collect(),
         probes: &plan.probes,
         timeout: plan.verify_timeout.as_std(),
     };
@@ -190,7 +193,7 @@ pub async fn give_back<N: HostNet + UplinkNet, F: Forwarding>(
     let cp = Checkpoint { change: GuardedChange::Release, fingerprint: guard.fingerprint.clone(), ..committed };
     // The gateways the plan saw through the bridge, and those of the routes that move back.
     let mut deciders = Deciders::of(guard);
-    for gw in cp.gateways() {
+    for gw in net.describe(&cp).gateways {
         if !deciders.gateways.iter().any(|(_, g)| *g == gw) {
             deciders.gateways.push((port.to_string(), gw));
         }

@@ -1,5 +1,5 @@
 //! The two small traits everything libvirt-facing goes through: reading domains and
-//! controlling them. One real implementation ([`crate::libvirt`]), recording fakes in tests.
+//! controlling them. One real implementation (the `virtwarden` crate's `libvirt`), recording fakes in tests.
 
 pub mod events;
 

@@ -1,12 +1,10 @@
 //! The devices of a domain that guest health needs: its NICs' MAC addresses (to match the
 //! addresses libvirt reports), the serial console's log file (firmware evidence) and whether a
-//! guest-agent channel exists.
+//! guest-agent channel exists: a view of the one parsed definition ([`super::domain_xml`]).
 
 use std::path::PathBuf;
 
-use roxmltree::{Document, Node};
-
-use super::domain_xml::{child, XmlError};
+use super::domain_xml::{parse_domain_xml, DomainXmlFacts, XmlError};
 
 /// The channel name QEMU's guest agent listens on.
 pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
@@ -37,42 +35,28 @@ pub struct GuestDevices {
 }
 
 pub fn parse_guest_devices(xml: &str) -> Result<GuestDevices, XmlError> {
-    let doc = Document::parse(xml)?;
-    let mut out = GuestDevices::default();
-    let Some(devices) = child(doc.root_element(), "devices") else {
-        return Ok(out);
-    };
-    for dev in devices.children().filter(Node::is_element) {
-        match dev.tag_name().name() {
-            "interface" => {
-                if let Some(mac) = child(dev, "mac").and_then(|m| m.attribute("address")) {
-                    let mac = mac.to_ascii_lowercase();
-                    let tap = child(dev, "target").and_then(|t| t.attribute("dev")).map(str::to_string);
-                    let bridge = child(dev, "source").and_then(|s| s.attribute("bridge")).map(str::to_string);
-                    out.macs.push(mac.clone());
-                    out.nics.push(Nic { mac, tap, bridge });
-                }
-            }
-            // The first serial or console device that is logged to a file: a `type='file'`
-            // source, or a `<log file=…>` beside any other type.
-            "serial" | "console" if out.console_log.is_none() => out.console_log = console_file(dev),
-            "channel" => {
-                let target = child(dev, "target");
-                if target.is_some_and(|t| t.attribute("name") == Some(AGENT_CHANNEL)) {
-                    out.agent_channel = true;
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
+    parse_domain_xml(xml).map(|d| GuestDevices::of(&d))
 }
 
-fn console_file(dev: Node) -> Option<PathBuf> {
-    let source = || child(dev, "source").and_then(|s| s.attribute("path"));
-    let from_source = (dev.attribute("type") == Some("file")).then(source).flatten();
-    let from_log = child(dev, "log").and_then(|l| l.attribute("file"));
-    from_source.or(from_log).map(PathBuf::from)
+impl GuestDevices {
+    /// The health view of a parsed definition: NICs that have a MAC, the first serial or console
+    /// logged to a file, the agent channel.
+    pub fn of(domain: &DomainXmlFacts) -> GuestDevices {
+        let nics: Vec<Nic> = domain
+            .interfaces
+            .iter()
+            .filter_map(|i| {
+                let mac = i.mac.as_deref()?.to_ascii_lowercase();
+                Some(Nic { mac, tap: i.target.clone(), bridge: i.source_bridge.clone() })
+            })
+            .collect();
+        GuestDevices {
+            macs: nics.iter().map(|n| n.mac.clone()).collect(),
+            nics,
+            console_log: domain.console_logs().first().map(PathBuf::from),
+            agent_channel: domain.channels.iter().any(|c| c == AGENT_CHANNEL),
+        }
+    }
 }
 
 #[cfg(test)]

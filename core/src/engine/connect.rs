@@ -1,6 +1,6 @@
 //! The hypervisor connection as the engine sees it: a [`Connector`] opens it (again after each
 //! loss) and reports what it can be trusted with; the engine reconnects without knowing which
-//! backend it talks to. The libvirt connectors live in [`crate::libvirt::connect`].
+//! backend it talks to. The libvirt connectors live in the `virtwarden` crate (`libvirt/connect.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;

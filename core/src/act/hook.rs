@@ -569,48 +569,6 @@ mod tests {
         assert!(marker.exists());
     }
 
-    /// Through the registry, as the engine's workers call it.
-    #[tokio::test]
-    async fn through_the_registry_a_failing_hook_runs_once_and_a_refused_one_is_reported() {
-        use std::sync::Arc;
-
-        use crate::act::calls::{CallLimits, Calls};
-        use crate::act::remediation::{Registry, RemediationContext, RemediationError};
-        use crate::plan::restart::Step;
-        let (_d, dir) = scratch();
-        let log = dir.join("log");
-        let h = script(&dir, "hook.sh", &format!("echo ran >> {}\nexit 1", log.display()));
-        let hv: Arc<dyn crate::hypervisor::Hypervisor> =
-            Arc::new(crate::libvirt::LibvirtHost::open("test:///default").unwrap());
-        let limits = Arc::new(CallLimits::new(2, Duration::from_secs(5), Duration::from_secs(5)));
-        let calls = Calls::new(limits, Arc::new(|_| {})).with_connection(Some(hv));
-        let ctx = RemediationContext {
-            domain: "test".into(),
-            uuid: String::new(),
-            reason: "crashed".into(),
-            attempt: 1,
-            step: Step {
-                action: virtwarden_policies::RemediationAction::Exec,
-                command: vec![p(&h).into()],
-                timeout: Duration::from_secs(10),
-            },
-            boot: None,
-        };
-        let exec = virtwarden_policies::RemediationAction::Exec;
-        let host = Registry::with_builtins();
-        let err = host.get(exec).unwrap().run(&ctx, &calls).await.unwrap_err();
-        assert!(matches!(err, RemediationError::Hook(HookError::Exit { .. })), "{err}");
-        assert_eq!(err.refused_hook(), None);
-        assert_eq!(std::fs::read_to_string(&log).unwrap(), "ran\n", "run exactly once");
-        let operator = Registry::with_exec_policy(ExecPolicy::Disabled);
-        let err = operator.get(exec).unwrap().run(&ctx, &calls).await.unwrap_err();
-        assert!(err
-            .refused_hook()
-            .unwrap()
-            .starts_with(&format!("refused to run {}: exec steps are disabled", h.display())));
-        assert_eq!(std::fs::read_to_string(&log).unwrap(), "ran\n", "a refused hook does not run");
-    }
-
     #[test]
     fn the_excerpt_keeps_the_head_and_the_tail() {
         let mut e = Excerpt::default();

@@ -3,13 +3,14 @@
 //! at a time. Every probe returns a [`ProbeResult`]; nothing here panics or returns an error.
 
 pub mod address;
-pub mod http;
+pub mod connect;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use virtwarden_policies::{Health, Probe};
@@ -64,6 +65,14 @@ impl ProbeSpec {
     }
 }
 
+/// The GET of an `http` probe: a backend, like the hypervisor (hyper's client in the
+/// `virtwarden` crate, `probe::http::HyperGet`; the front ends hand it to the engine).
+pub trait HttpGet: Send + Sync + 'static {
+    /// `GET path` on `addr`; passes on a 2xx or 3xx status (redirects are not followed).
+    /// Timeouts are the caller's.
+    fn get<'a>(&'a self, addr: SocketAddr, path: &'a str) -> BoxFuture<'a, Result<(), ProbeFailure>>;
+}
+
 /// What the prober remembers of one domain between probes.
 #[derive(Debug, Clone, Default)]
 struct Known {
@@ -79,13 +88,26 @@ struct Known {
 /// Runs probes with bounded concurrency and remembers discovered addresses.
 pub struct Prober {
     guest: Arc<dyn GuestAccess>,
+    /// `None`: `http` probes are not run (no evidence either way; see [`Prober::with_http`]).
+    http: Option<Arc<dyn HttpGet>>,
     permits: Arc<Semaphore>,
     known: Mutex<HashMap<String, Known>>,
 }
 
 impl Prober {
     pub fn new(guest: Arc<dyn GuestAccess>, concurrency: usize) -> Self {
-        Prober { guest, permits: Arc::new(Semaphore::new(concurrency.max(1))), known: Mutex::new(HashMap::new()) }
+        Prober {
+            guest,
+            http: None,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Run `http` probes through `http`.
+    pub fn with_http(mut self, http: Arc<dyn HttpGet>) -> Self {
+        self.http = Some(http);
+        self
     }
 
     /// Forget a discovered address (the domain restarted: it may get another lease, its taps
@@ -195,8 +217,11 @@ impl Prober {
         *aimed = Some((ip, nics));
         let addr = SocketAddr::new(ip, port);
         match &spec.probe {
-            Probe::Http(h) => http::http_get(addr, h.path.as_deref().unwrap_or("/")).await,
-            _ => http::tcp_connect(addr).await,
+            Probe::Http(h) => match &self.http {
+                Some(http) => http.get(addr, h.path.as_deref().unwrap_or("/")).await,
+                None => Err(ProbeFailure::Unsupported("no HTTP client was given to the prober".into())),
+            },
+            _ => connect::tcp_connect(addr).await,
         }
     }
 }
@@ -356,7 +381,40 @@ mod tests {
     }
 
     fn prober(guest: Arc<FakeGuest>) -> Prober {
-        Prober::new(guest, DEFAULT_CONCURRENCY)
+        Prober::new(guest, DEFAULT_CONCURRENCY).with_http(Arc::new(StatusLine))
+    }
+
+    /// The HTTP GET of these tests: the answer's status line decides. The real one (hyper's)
+    /// is the `virtwarden` crate's, tested there (`probe/http.rs`).
+    struct StatusLine;
+
+    impl HttpGet for StatusLine {
+        fn get<'a>(&'a self, addr: SocketAddr, path: &'a str) -> BoxFuture<'a, Result<(), ProbeFailure>> {
+            Box::pin(async move {
+                let io = |e: std::io::Error| ProbeFailure::Network(e.to_string());
+                let mut s = connect::connect(addr).await?;
+                let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+                s.write_all(request.as_bytes()).await.map_err(io)?;
+                let mut buf = vec![0u8; 256];
+                let n = s.read(&mut buf).await.map_err(io)?;
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let code = head.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse::<u16>().ok());
+                match code {
+                    None => Err(ProbeFailure::Http(format!("not an HTTP answer: {head:?}"))),
+                    Some(200..=399) => Ok(()),
+                    Some(code) => Err(ProbeFailure::HttpStatus(code)),
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn without_an_http_client_an_http_probe_is_not_run_and_no_evidence() {
+        let server = http_server().await;
+        let p = Prober::new(Arc::new(FakeGuest::default()), DEFAULT_CONCURRENCY);
+        let r = p.probe(&spec(http(server.port(), "/healthz"), Some(server.ip()))).await;
+        assert!(matches!(r.outcome, Err(ProbeFailure::Unsupported(_))), "{r:?}");
+        assert!(!r.outcome.unwrap_err().is_evidence());
     }
 
     /// An HTTP server on 127.0.0.1 answering `/healthz` 200, `/moved` 302, anything else 503.

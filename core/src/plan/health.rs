@@ -107,6 +107,10 @@ pub enum ProbeFailure {
     /// loopback, an address outside its network, …): not probed. No evidence either way.
     #[error("no trusted address: {0}")]
     Untrusted(String),
+    /// This build cannot run the probe (an `http` probe on an engine started without an HTTP
+    /// client): not probed. No evidence either way.
+    #[error("not probed: {0}")]
+    Unsupported(String),
 }
 
 impl ProbeFailure {
@@ -121,13 +125,14 @@ impl ProbeFailure {
             ProbeFailure::Agent(_) => "agent",
             ProbeFailure::Conflict(_) => "address-conflict",
             ProbeFailure::Untrusted(_) => "untrusted-address",
+            ProbeFailure::Unsupported(_) => "unsupported",
         }
     }
 
     /// Whether this says anything about the guest. A probe that could not be aimed at the
     /// domain's own address is no evidence: it neither passes nor counts as a failure.
     pub fn is_evidence(&self) -> bool {
-        !matches!(self, ProbeFailure::Conflict(_) | ProbeFailure::Untrusted(_))
+        !matches!(self, ProbeFailure::Conflict(_) | ProbeFailure::Untrusted(_) | ProbeFailure::Unsupported(_))
     }
 }
 

@@ -98,12 +98,16 @@ pub struct Backends {
     /// The durable memory; `None` opens `config.data_dir` (or keeps it in memory).
     pub memory: Option<Arc<MemoryStore>>,
     /// Runs the host-network task (when `config.network`) on its backends: the front ends hand
-    /// in netlink and `/proc/sys` (`crate::hostnet::netlink_runner`), tests recording or
+    /// in netlink and `/proc/sys` (`virtwarden::hostnet::netlink_runner`), tests recording or
     /// fault-injecting ones through [`network::NetworkTask::run_with`]. The engine builds none.
     pub network: Option<NetworkRunner>,
     /// Says why a repair failed (diagnosis: the domain's disks, logs and the host); `None`: the
     /// failure is reported as the hypervisor worded it.
     pub explain: Option<Arc<dyn Explain>>,
+    /// Runs the GET of `http` health probes (the front ends hand in hyper's client,
+    /// `virtwarden::probe::http::HyperGet`); `None`: `http` probes are not run and count as no
+    /// evidence.
+    pub http_probe: Option<Arc<dyn crate::probe::HttpGet>>,
 }
 
 /// Why a start or repair of a domain failed, in one line, from what the host shows. Read-only;
@@ -127,6 +131,7 @@ impl Backends {
             memory: None,
             network: None,
             explain: None,
+            http_probe: None,
         }
     }
 }
@@ -351,8 +356,15 @@ impl Engine {
         let limits =
             Arc::new(CallLimits::new(config.libvirt_concurrency, config.read_deadline, config.action_deadline));
         let gate = Arc::new(startgate::StartGate::new(config.max_concurrent_starts, backends.clock.clone()));
+        let http_probe = backends.http_probe;
         let shared = Arc::new_cyclic(|weak| Shared {
-            prober: crate::probe::Prober::new(worker::conn_guest(weak), crate::probe::DEFAULT_CONCURRENCY),
+            prober: {
+                let prober = crate::probe::Prober::new(worker::conn_guest(weak), crate::probe::DEFAULT_CONCURRENCY);
+                match http_probe {
+                    Some(http) => prober.with_http(http),
+                    None => prober,
+                }
+            },
             hv: RwLock::new(None),
             book: Mutex::new(Default::default()),
             meta: Mutex::new(meta),

@@ -1,6 +1,6 @@
 //! What guest health needs from the hypervisor beyond domain state: the guest's addresses as
 //! libvirt learns them (guest agent, DHCP lease, ARP), the guest agent's ping, and the devices
-//! that tell where to look. One real implementation ([`crate::libvirt::guest`]), fakes in tests.
+//! that tell where to look. One real implementation (`virtwarden::libvirt::guest`), fakes in tests.
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -1,13 +1,13 @@
-//! The command line: one-shot `check`, `plan`, `apply`, `release`, `memory confirm`, `status`,
-//! `schema`, and the long-running `run` and `operator`. Exit codes are part of the interface
-//! (documented in `--help` and docs/cli.md).
+//! The one-shot commands: `check`, `plan`, `apply` (with its network verify loop), `show`,
+//! `diagnose`, `status`, and `release`, `memory confirm` and `reload`, which ask the running
+//! service first. Each writes its result to `out`, problems to `err`, and returns the exit code.
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
 use virtwarden_policies::{load_paths_with, LoadError, LoadedPolicies, TrustMode, TrustedOwners};
 
+use super::args::{DiagnoseArgs, Dirs, DocumentFormat, HostArgs, Output, ShowArgs, DEFAULT_POLICIES};
 use crate::act::network::{apply_net_actions, observe_net};
 use crate::act::{apply_plan_with, ApplyOptions, ApplyReport};
 use crate::diagnose::{self, DiagnoseSource, DomainReport, Target};
@@ -23,331 +23,6 @@ use crate::observe::{ObservedHost, ObservedNet};
 use crate::plan::startup::waits_text;
 use crate::plan::{plan_ordered_with, render_text, ActionKind, Plan};
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  check   0 valid (files others could write: a warning), 2 invalid policy
-  plan    0 in sync, 3 drift found, 2 invalid policy, 1 runtime error (e.g. cannot connect)
-  apply   0 converged, 1 some action failed or did not stick, 2 invalid or untrusted policy
-  run     0 stopped by SIGTERM/SIGINT, 1 runtime error (e.g. another instance runs), 2 invalid or untrusted policy
-  release 0 released (or was not quarantined), 1 not managed or not reachable
-  memory confirm 0 confirmed (or nothing was lost), 1 not reachable
-  reload  0 reloaded (or unchanged), 2 rejected (the service keeps the last good policy), 1 no service reachable
-  status  0 shown, 1 no status file
-  show    0 shown, 1 runtime error (e.g. cannot connect, no such domain)
-  diagnose 0 nothing found, 3 problems found, 1 runtime error, 2 invalid policy";
-
-#[derive(Debug, Parser)]
-#[command(name = "virtwarden", version, about = "Self-healing reconciliation for libvirt/KVM hosts", after_help = EXIT_CODES)]
-pub struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Text,
-    Json,
-}
-
-/// Whether `plan`/`apply`/`run` look at the host network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum NetworkMode {
-    /// On, except for libvirt's test driver (whose domains are not real, so the host's network
-    /// must not be changed for them).
-    Auto,
-    On,
-    Off,
-}
-
-impl NetworkMode {
-    pub fn enabled_for(self, uri: &str) -> bool {
-        match self {
-            NetworkMode::Auto => !crate::libvirt::is_test_uri(uri),
-            NetworkMode::On => true,
-            NetworkMode::Off => false,
-        }
-    }
-}
-
-/// Whether `plan`/`apply` diagnose the domains they start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DiagnoseMode {
-    /// On, except for libvirt's test driver (its domains never open their files).
-    Auto,
-    On,
-    Off,
-}
-
-impl DiagnoseMode {
-    pub fn enabled_for(self, uri: &str) -> bool {
-        match self {
-            DiagnoseMode::Auto => !crate::libvirt::is_test_uri(uri),
-            DiagnoseMode::On => true,
-            DiagnoseMode::Off => false,
-        }
-    }
-}
-
-/// What `plan` and `apply` take.
-#[derive(Debug, clap::Args)]
-pub struct HostArgs {
-    /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
-    #[arg(long, short = 'c')]
-    pub connect: Option<String>,
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-    pub output: Output,
-    /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
-    #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
-    pub network: NetworkMode,
-    /// virtwarden's durable memory (read only here: why a domain is off, across libvirtd restarts).
-    #[arg(long, default_value = DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
-    /// The host-wide lock `apply` takes (`run` and `operator` hold it too).
-    #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
-    pub lock_file: PathBuf,
-    /// Diagnose the domains `plan` would start and the starts `apply` saw fail.
-    #[arg(long, value_enum, default_value_t = DiagnoseMode::Auto)]
-    pub diagnose: DiagnoseMode,
-    #[arg(required = true, value_name = "PATH")]
-    pub paths: Vec<PathBuf>,
-}
-
-/// Where the durable memory lives by default.
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/virtwarden";
-/// Where `diagnose` finds the managed domains when no `--policies` is given.
-pub const DEFAULT_POLICIES: &str = "/etc/virtwarden/policies";
-
-/// `show`'s document format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DocumentFormat {
-    Yaml,
-    Json,
-}
-
-/// What `show` takes.
-#[derive(Debug, clap::Args)]
-pub struct ShowArgs {
-    /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
-    #[arg(long, short = 'c')]
-    pub connect: Option<String>,
-    #[arg(long, short = 'o', value_enum, default_value_t = DocumentFormat::Yaml)]
-    pub output: DocumentFormat,
-    /// Host network (bridges, forwarding): auto = on unless the URI is libvirt's test driver.
-    #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
-    pub network: NetworkMode,
-    /// Domains to write (default: every domain, and forwarding).
-    #[arg(value_name = "DOMAIN")]
-    pub domains: Vec<String>,
-}
-
-/// What `diagnose` takes.
-#[derive(Debug, clap::Args)]
-pub struct DiagnoseArgs {
-    /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
-    #[arg(long, short = 'c')]
-    pub connect: Option<String>,
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-    pub output: Output,
-    /// Policy file or directory naming the managed domains (repeatable; default
-    /// /etc/virtwarden/policies). An invalid policy exits 2.
-    #[arg(long = "policies", value_name = "PATH")]
-    pub policies: Vec<PathBuf>,
-    /// Host network checks: auto = on unless the URI is libvirt's test driver.
-    #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
-    pub network: NetworkMode,
-    /// qemu.conf, for the user and group QEMU runs as and dynamic_ownership.
-    #[arg(long, default_value = "/etc/libvirt/qemu.conf")]
-    pub qemu_conf: PathBuf,
-    /// Domains to diagnose (default: every managed domain). Unmanaged ones are only read.
-    #[arg(value_name = "DOMAIN")]
-    pub domains: Vec<String>,
-}
-
-/// What both long-running front ends take (`run` and `operator`), with the same meaning.
-#[derive(Debug, clap::Args)]
-pub struct ServiceArgs {
-    /// libvirt URI (default: $LIBVIRT_DEFAULT_URI, then qemu:///system).
-    #[arg(long, short = 'c')]
-    pub connect: Option<String>,
-    /// Full resync period (safety net for missed events).
-    #[arg(long, default_value = "60s")]
-    pub resync: virtwarden_policies::Duration,
-    /// Where to serve /metrics, /healthz and /readyz; `off` disables it.
-    #[arg(long, default_value = "127.0.0.1:9477")]
-    pub metrics_addr: String,
-    /// Status file and control socket directory (`virtwarden status` and `release` use it).
-    #[arg(long, default_value = "/run/virtwarden")]
-    pub state_dir: PathBuf,
-    /// Durable memory: restart history, quarantines, why domains are off (in a pod, mount it
-    /// from the host so it survives pod restarts).
-    #[arg(long, default_value = DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
-    /// The host-wide lock (one writer per host: run, operator, apply).
-    #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
-    pub lock_file: PathBuf,
-    /// Host network (bridges, taps, forwarding): auto = on unless the URI is libvirt's test driver.
-    #[arg(long, value_enum, default_value_t = NetworkMode::Auto)]
-    pub network: NetworkMode,
-    /// At most this many starts of stopped or crashed domains at once (lower startup order
-    /// first); a reset of a running domain is not a start.
-    #[arg(long, default_value_t = crate::engine::DEFAULT_MAX_CONCURRENT_STARTS, value_parser = parse_parallel)]
-    pub max_concurrent_starts: usize,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Validate policy files and directories; print every problem with file:line:column.
-    Check {
-        #[arg(required = true, value_name = "PATH")]
-        paths: Vec<PathBuf>,
-    },
-    /// Show what apply would change, without changing anything.
-    Plan(HostArgs),
-    /// Change the host to match the policies, then re-read it and verify.
-    Apply {
-        #[command(flatten)]
-        host: HostArgs,
-        /// At most this many domains are acted on at once (each domain's own actions run in order).
-        #[arg(long, default_value_t = crate::act::DEFAULT_PARALLEL, value_parser = parse_parallel)]
-        parallel: usize,
-    },
-    /// Run as a host service: react to libvirt events and policy changes, resync periodically.
-    Run {
-        #[command(flatten)]
-        service: ServiceArgs,
-        #[arg(required = true, value_name = "PATH")]
-        paths: Vec<PathBuf>,
-    },
-    /// Run as a Kubernetes operator on this node (DaemonSet): HostPolicy resources instead of files.
-    Operator {
-        /// This node's name (the DaemonSet passes it from the downward API).
-        #[arg(long, env = "NODE_NAME")]
-        node_name: String,
-        #[command(flatten)]
-        service: ServiceArgs,
-        /// Run `exec` remediation steps only when the command resolves inside DIR (owned by root
-        /// and not group- or world-writable); without it every `exec` step is refused, because
-        /// whoever may write a HostPolicy would otherwise run commands as root on this node.
-        #[arg(long, value_name = "DIR")]
-        allow_exec_dir: Option<PathBuf>,
-    },
-    /// Lift a domain's quarantine, or a bridge's held uplink change (NET-OBJECT: the bridge or
-    /// its port), once its cause is fixed, without editing the policy: through the running
-    /// service, or in the durable memory when none runs.
-    Release {
-        /// The domain, or the bridge whose held uplink change is tried again.
-        domain: String,
-        /// The running service's state directory (its control socket).
-        #[arg(long, default_value = "/run/virtwarden")]
-        state_dir: PathBuf,
-        /// The durable memory, edited directly when no service runs.
-        #[arg(long, default_value = DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
-        #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
-        lock_file: PathBuf,
-    },
-    /// The durable memory. After it was lost (corrupt, unreadable, or deleted) down domains
-    /// are left down (unless `restart: always`) until they are seen running or an admin
-    /// confirms with `virtwarden memory confirm`.
-    Memory {
-        #[command(subcommand)]
-        action: MemoryAction,
-    },
-    /// Ask the running service to reload its policy files and wait for its verdict
-    /// (systemd's `ExecReload=`): exit 2 when it rejects them and keeps the last good policy.
-    Reload {
-        /// The running service's state directory (its control socket).
-        #[arg(long, default_value = "/run/virtwarden")]
-        state_dir: PathBuf,
-    },
-    /// Write the man pages (one per command) and the bash, zsh and fish completions into DIR
-    /// (`make deb` packages them).
-    #[command(hide = true)]
-    GenerateAssets {
-        #[arg(value_name = "DIR")]
-        dir: PathBuf,
-    },
-    /// Show what a running `virtwarden run` reports (from its status file).
-    Status {
-        #[arg(long, default_value = "/run/virtwarden")]
-        state_dir: PathBuf,
-        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
-        output: Output,
-    },
-    /// Print the JSON Schema of a HostPolicy document (for editors' YAML language servers).
-    Schema,
-    /// Say why domains cannot boot or be reached, with evidence and the fix. Changes nothing.
-    Diagnose(DiagnoseArgs),
-    /// Print the host as it is now as a HostPolicy that `plan` finds in sync (to adopt a host).
-    Show(ShowArgs),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum MemoryAction {
-    /// Confirm, after the memory was lost, that domains it left down may be started by their
-    /// policies again (check first that none was stopped by an admin or quarantined on purpose).
-    Confirm {
-        /// The running service's state directory (its control socket).
-        #[arg(long, default_value = "/run/virtwarden")]
-        state_dir: PathBuf,
-        /// The durable memory, edited directly when no service runs.
-        #[arg(long, default_value = DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
-        #[arg(long, env = "VIRTWARDEN_LOCK_FILE", default_value = crate::lock::DEFAULT_LOCK_FILE)]
-        lock_file: PathBuf,
-    },
-}
-
-fn parse_parallel(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n) if (1..=1024).contains(&n) => Ok(n),
-        _ => Err(format!("`{text}` is not a number from 1 to 1024")),
-    }
-}
-
-/// Run a one-shot command, writing results to `out` and problems to `err`. Returns the exit code.
-pub fn run(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
-    let result = match command {
-        Command::Check { paths } => check(&paths, out, err),
-        Command::Plan(a) => with_host(&a, None, 1, warn_ownership(), err, |ctx| plan_cmd(ctx, a.output, out)),
-        Command::Apply { host: a, parallel } => {
-            with_host(&a, Some("apply"), parallel, enforce_ownership(), err, |ctx| {
-                apply_cmd(ctx, a.output, &ApplyOptions { parallel }, out)
-            })
-        }
-        Command::Schema => write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK),
-        Command::Run { service, paths } => run_service(service, paths, err),
-        Command::Status { state_dir, output } => status_cmd(&state_dir, output, out, err),
-        Command::Operator { node_name, service, allow_exec_dir } => {
-            let exec = match allow_exec_dir {
-                Some(dir) => crate::act::hook::ExecPolicy::InsideDir(dir),
-                None => crate::act::hook::ExecPolicy::Disabled,
-            };
-            operator_cmd(service, node_name, exec, err)
-        }
-        Command::Release { domain, state_dir, data_dir, lock_file } => {
-            release_cmd(&domain, &Dirs { state_dir, data_dir, lock_file }, out, err)
-        }
-        Command::Memory { action: MemoryAction::Confirm { state_dir, data_dir, lock_file } } => {
-            memory_confirm_cmd(&Dirs { state_dir, data_dir, lock_file }, out, err)
-        }
-        Command::Diagnose(a) => diagnose_cmd(&a, out, err),
-        Command::Reload { state_dir } => reload_cmd(&state_dir, out, err),
-        Command::GenerateAssets { dir } => crate::assets::generate(&dir).map(|()| exit::OK),
-        Command::Show(a) => show_cmd(&a, out, err),
-    };
-    result.unwrap_or(exit::RUNTIME)
-}
-
 /// `apply` and `run` act as root on what the policy files say, so files that someone other than
 /// root (or the service user) could have written are refused.
 pub fn enforce_ownership() -> TrustMode {
@@ -358,6 +33,23 @@ pub fn enforce_ownership() -> TrustMode {
 /// be checked where they are written (a checkout, a home directory) before they are installed.
 pub fn warn_ownership() -> TrustMode {
     TrustMode::Warn(TrustedOwners::of_this_process())
+}
+
+/// `plan`: what `apply` would change; exit 3 when there is drift.
+pub(super) fn plan(a: &HostArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    with_host(a, None, 1, warn_ownership(), err, |ctx| plan_cmd(ctx, a.output, out))
+}
+
+/// `apply`: change the host under the host lock, with at most `parallel` domains at once.
+pub(super) fn apply(a: &HostArgs, parallel: usize, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    with_host(a, Some("apply"), parallel, enforce_ownership(), err, |ctx| {
+        apply_cmd(ctx, a.output, &ApplyOptions { parallel }, out)
+    })
+}
+
+/// `schema`: the JSON Schema of a HostPolicy document.
+pub(super) fn schema(out: &mut dyn Write) -> std::io::Result<i32> {
+    write!(out, "{}", virtwarden_policies::schema::host_policy_schema_json()).map(|_| exit::OK)
 }
 
 /// Load policies; on failure report them on `err` (a failed write must not change the exit
@@ -388,7 +80,7 @@ fn load(paths: &[PathBuf], mode: TrustMode, err: &mut dyn Write) -> std::io::Res
     }
 }
 
-fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+pub(super) fn check(paths: &[PathBuf], out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
     let Some(loaded) = load(paths, warn_ownership(), err)? else {
         return Ok(exit::INVALID_POLICY);
     };
@@ -722,109 +414,11 @@ fn write_apply_text(
     Ok(())
 }
 
-/// The directories and lock file of the long-running commands.
-struct Dirs {
-    state_dir: PathBuf,
-    data_dir: PathBuf,
-    lock_file: PathBuf,
-}
-
-// CLI glue: one parameter per group of flags.
-#[allow(clippy::too_many_arguments)]
-/// What `run` and `operator` check the same way before they start: the metrics address and a
-/// resync period that is not zero. `Err` carries the exit code.
-fn service_settings(
-    s: &ServiceArgs,
-    err: &mut dyn Write,
-) -> std::io::Result<Result<(Option<std::net::SocketAddr>, std::time::Duration), i32>> {
-    let metrics_addr = match parse_metrics_addr(&s.metrics_addr, err)? {
-        Ok(a) => a,
-        Err(code) => return Ok(Err(code)),
-    };
-    if s.resync.as_std().is_zero() {
-        writeln!(err, "error: --resync must be longer than 0s")?;
-        return Ok(Err(exit::INVALID_POLICY));
-    }
-    Ok(Ok((metrics_addr, s.resync.as_std())))
-}
-
-fn run_service(s: ServiceArgs, paths: Vec<PathBuf>, err: &mut dyn Write) -> std::io::Result<i32> {
-    let (metrics_addr, resync) = match service_settings(&s, err)? {
-        Ok(v) => v,
-        Err(code) => return Ok(code),
-    };
-    let uri = resolve_uri(s.connect.as_deref());
-    let opts = crate::host::RunOptions {
-        network: s.network.enabled_for(&uri),
-        uri,
-        resync,
-        metrics_addr,
-        state_dir: s.state_dir,
-        data_dir: s.data_dir,
-        lock_file: s.lock_file,
-        max_concurrent_starts: s.max_concurrent_starts,
-        paths,
-    };
-    Ok(runtime()?.block_on(crate::host::run(opts)))
-}
-
-fn parse_metrics_addr(text: &str, err: &mut dyn Write) -> std::io::Result<Result<Option<std::net::SocketAddr>, i32>> {
-    Ok(match text {
-        "off" | "" => Ok(None),
-        t => match t.parse() {
-            Ok(a) => Ok(Some(a)),
-            Err(e) => {
-                writeln!(err, "error: --metrics-addr {t}: {e} (use HOST:PORT or `off`)")?;
-                Err(exit::INVALID_POLICY)
-            }
-        },
-    })
-}
-
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(16)
-        .thread_name("virtwarden")
-        .enable_all()
-        .build()
-}
-
-// CLI glue: one parameter per group of flags.
-#[allow(clippy::too_many_arguments)]
-fn operator_cmd(
-    s: ServiceArgs,
-    node: String,
-    exec: crate::act::hook::ExecPolicy,
+pub(super) fn reload_cmd(
+    state_dir: &std::path::Path,
+    out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let (metrics_addr, resync) = match service_settings(&s, err)? {
-        Ok(v) => v,
-        Err(code) => return Ok(code),
-    };
-    if let crate::act::hook::ExecPolicy::InsideDir(dir) = &exec {
-        if !dir.is_absolute() {
-            writeln!(err, "error: --allow-exec-dir {}: write an absolute path", dir.display())?;
-            return Ok(exit::INVALID_POLICY);
-        }
-    }
-    let uri = resolve_uri(s.connect.as_deref());
-    let opts = crate::operator::OperatorOptions {
-        exec,
-        network: s.network.enabled_for(&uri),
-        uri,
-        node,
-        resync,
-        metrics_addr,
-        state_dir: s.state_dir,
-        data_dir: s.data_dir,
-        lock_file: s.lock_file,
-        max_concurrent_starts: s.max_concurrent_starts,
-    };
-    Ok(runtime()?.block_on(crate::operator::run(opts)))
-}
-
-fn reload_cmd(state_dir: &std::path::Path, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
     match crate::host::control::request_reload(state_dir) {
         Ok(Some(answer)) if answer.ok => {
             writeln!(out, "{}", answer.message)?;
@@ -898,7 +492,7 @@ fn ask_service_or_open_memory(
     Ok(Ok((store, lock)))
 }
 
-fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+pub(super) fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
     let asked = crate::host::control::request_release(&dirs.state_dir, domain);
     let (store, _lock) = match ask_service_or_open_memory(asked, "release", dirs, out, err)? {
         Ok(offline) => offline,
@@ -936,7 +530,7 @@ fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Wri
     Ok(exit::OK)
 }
 
-fn memory_confirm_cmd(dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+pub(super) fn memory_confirm_cmd(dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
     let asked = crate::host::control::request_confirm_memory(&dirs.state_dir);
     let (store, _lock) = match ask_service_or_open_memory(asked, "memory confirm", dirs, out, err)? {
         Ok(offline) => offline,
@@ -955,7 +549,7 @@ fn memory_confirm_cmd(dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> 
     Ok(exit::OK)
 }
 
-fn status_cmd(
+pub(super) fn status_cmd(
     state_dir: &std::path::Path,
     output: Output,
     out: &mut dyn Write,
@@ -981,7 +575,7 @@ fn status_cmd(
     Ok(exit::OK)
 }
 
-fn diagnose_cmd(args: &DiagnoseArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+pub(super) fn diagnose_cmd(args: &DiagnoseArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
     // Without --policies the default directory is optional when domains are named.
     let explicit = !args.policies.is_empty();
     let paths = if explicit { args.policies.clone() } else { vec![PathBuf::from(DEFAULT_POLICIES)] };
@@ -1032,7 +626,7 @@ fn diagnose_cmd(args: &DiagnoseArgs, out: &mut dyn Write, err: &mut dyn Write) -
     Ok(if report.problems() == 0 { exit::OK } else { exit::PROBLEMS })
 }
 
-fn show_cmd(args: &ShowArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+pub(super) fn show_cmd(args: &ShowArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
     let uri = resolve_uri(args.connect.as_deref());
     let host = match LibvirtHost::open(&uri) {
         Ok(h) => h,
