@@ -9,6 +9,7 @@ pub use virtwarden_core::{act, blocking, engine, fsutil, guest, guest_text, hype
 
 pub mod assets;
 pub mod cli;
+pub mod control;
 pub mod diagnose;
 pub mod exit;
 pub mod host;

@@ -62,7 +62,7 @@ pub struct Start<'a> {
     pub state_dir: &'a Path,
     /// Where the control socket sends `virtwarden reload` requests; `None` refuses them (the
     /// operator, whose policies come from the API server).
-    pub reloads: Option<tokio::sync::mpsc::UnboundedSender<crate::host::control::ReloadReply>>,
+    pub reloads: Option<tokio::sync::mpsc::UnboundedSender<crate::control::ReloadReply>>,
 }
 
 /// A started engine with its endpoint and control socket.
@@ -91,7 +91,7 @@ pub async fn start<P: Probes>(s: Start<'_>, probes: impl FnOnce(&EngineHandle) -
             }
         }
     }
-    match crate::host::control::serve(s.state_dir, engine.clone(), s.reloads) {
+    match crate::control::serve(s.state_dir, engine.clone(), s.reloads) {
         Ok(path) => tracing::debug!(path = %path.display(), "control socket ready"),
         Err(e) => tracing::warn!(%e, who = s.who, "no control socket; `virtwarden release` cannot reach this service"),
     }

@@ -419,7 +419,7 @@ pub(super) fn reload_cmd(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    match crate::host::control::request_reload(state_dir) {
+    match crate::control::request_reload(state_dir) {
         Ok(Some(answer)) if answer.ok => {
             writeln!(out, "{}", answer.message)?;
             Ok(exit::OK)
@@ -432,7 +432,7 @@ pub(super) fn reload_cmd(
             writeln!(
                 err,
                 "error: no service listens on {}",
-                state_dir.join(crate::host::control::CONTROL_SOCKET).display()
+                state_dir.join(crate::control::CONTROL_SOCKET).display()
             )?;
             Ok(exit::RUNTIME)
         }
@@ -447,7 +447,7 @@ pub(super) fn reload_cmd(
 /// when none listens, open the durable memory under the host lock, so no service starts
 /// meanwhile, for the caller to edit.
 fn ask_service_or_open_memory(
-    asked: std::io::Result<Option<crate::host::control::Answer>>,
+    asked: std::io::Result<Option<crate::control::Answer>>,
     who: &str,
     dirs: &Dirs,
     out: &mut dyn Write,
@@ -493,7 +493,7 @@ fn ask_service_or_open_memory(
 }
 
 pub(super) fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
-    let asked = crate::host::control::request_release(&dirs.state_dir, domain);
+    let asked = crate::control::request_release(&dirs.state_dir, domain);
     let (store, _lock) = match ask_service_or_open_memory(asked, "release", dirs, out, err)? {
         Ok(offline) => offline,
         Err(code) => return Ok(code),
@@ -531,7 +531,7 @@ pub(super) fn release_cmd(domain: &str, dirs: &Dirs, out: &mut dyn Write, err: &
 }
 
 pub(super) fn memory_confirm_cmd(dirs: &Dirs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
-    let asked = crate::host::control::request_confirm_memory(&dirs.state_dir);
+    let asked = crate::control::request_confirm_memory(&dirs.state_dir);
     let (store, _lock) = match ask_service_or_open_memory(asked, "memory confirm", dirs, out, err)? {
         Ok(offline) => offline,
         Err(code) => return Ok(code),

@@ -1,7 +1,6 @@
 //! The host service (`virtwarden run`): policy files and SIGHUP feed the engine, systemd gets
 //! READY/STATUS/WATCHDOG, metrics are served on loopback, one instance per host.
 
-pub mod control;
 pub mod reload;
 pub mod watch;
 
@@ -68,7 +67,7 @@ pub async fn run(opts: RunOptions) -> i32 {
         max_concurrent_starts: opts.max_concurrent_starts,
         ..Default::default()
     };
-    let (control_tx, mut control_rx) = mpsc::unbounded_channel::<control::ReloadReply>();
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel::<crate::control::ReloadReply>();
     let start = crate::service::Start {
         who: "run",
         uri: &opts.uri,
