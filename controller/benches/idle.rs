@@ -29,10 +29,15 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `/proc/PID/status` figure in KiB (`VmRSS:`, `RssAnon:`, `RssFile:`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -82,15 +87,19 @@ fn main() {
     let cpu = cpu_seconds(pid) - cpu0;
     let wall = t0.elapsed().as_secs_f64();
     let rss = rss_kib(pid);
+    let (anon, file) = (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:"));
     let _ = child.kill();
     let _ = child.wait();
     println!("virtwarden run, 100 managed domains, no drift, {secs} s idle (one resync in the window)");
     println!(
-        "idle CPU: {:.3} s over {:.0} s = {:.3} % of one core; RSS now {:.1} MiB, peak {:.1} MiB",
+        "idle CPU: {:.3} s over {:.0} s = {:.3} % of one core; RSS now {:.1} MiB (anonymous {:.1}, file {:.1}), \
+         peak {:.1} MiB",
         cpu,
         wall,
         cpu / wall * 100.0,
         rss as f64 / 1024.0,
+        anon as f64 / 1024.0,
+        file as f64 / 1024.0,
         peak as f64 / 1024.0
     );
 }

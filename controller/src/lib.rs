@@ -26,3 +26,4 @@ pub mod probe {
 }
 pub mod service;
 pub mod show;
+pub mod startup_pages;

@@ -95,5 +95,21 @@ pub async fn start<P: Probes>(s: Start<'_>, probes: impl FnOnce(&EngineHandle) -
         Ok(path) => tracing::debug!(path = %path.display(), "control socket ready"),
         Err(e) => tracing::warn!(%e, who = s.who, "no control socket; `virtwarden release` cannot reach this service"),
     }
+    hand_back_startup_pages(engine.clone());
     Ok(Running { engine, task })
+}
+
+/// Once the first resync is done, give back the file pages only start-up touched
+/// (`startup_pages.rs`): an idle service keeps its working set, not its start-up.
+fn hand_back_startup_pages(engine: EngineHandle) {
+    tokio::spawn(async move {
+        let e = engine.clone();
+        // `None`: the engine stopped first (or never got ready in a day): nothing to hand back.
+        if engine.wait_for(std::time::Duration::from_secs(24 * 3600), |_| e.is_ready()).await.is_none() {
+            return;
+        }
+        if let Ok(done) = tokio::task::spawn_blocking(crate::startup_pages::hand_back).await {
+            tracing::debug!(mappings = done.mappings, mib = done.bytes >> 20, "handed back start-up pages");
+        }
+    });
 }
