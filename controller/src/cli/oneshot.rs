@@ -429,11 +429,7 @@ pub(super) fn reload_cmd(
             Ok(exit::INVALID_POLICY)
         }
         Ok(None) => {
-            writeln!(
-                err,
-                "error: no service listens on {}",
-                state_dir.join(crate::control::CONTROL_SOCKET).display()
-            )?;
+            writeln!(err, "error: no service listens on {}", state_dir.join(crate::control::CONTROL_SOCKET).display())?;
             Ok(exit::RUNTIME)
         }
         Err(e) => {

@@ -291,6 +291,36 @@ impl EngineHandle {
     }
 }
 
+impl EngineHandle {
+    /// Wait until the engine is idle, up to `timeout`; false when it was not. Idle: the engine
+    /// loop has handled what was sent to it, every domain worker is parked waiting for an order
+    /// or a timer (not inside an action, a graceful-shutdown wait, a hook), no order waits to
+    /// be taken, no health probe is in flight and no libvirt call is queued, running or hung in
+    /// the engine's pool. Timers still fire later: idle says nothing is under way *now*.
+    /// Woken by each change, never polled.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        // Messages already sent to the engine loop are handled, their orders sent and counted.
+        if !self.ping(timeout).await {
+            return false;
+        }
+        let mut busy = self.shared.busy.subscribe();
+        let mut jobs = self.shared.limits.pool().jobs();
+        let idle = async {
+            loop {
+                if *busy.borrow_and_update() == 0 && *jobs.borrow_and_update() == 0 {
+                    return;
+                }
+                tokio::select! {
+                    _ = busy.changed() => {}
+                    _ = jobs.changed() => {}
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline, idle).await.is_ok()
+    }
+}
+
 /// The engine makes no progress (`/healthz` fails, the systemd watchdog is withheld) when its
 /// own work waits this long: a libvirt call for a thread, a status or memory write to return.
 pub const STALL: Duration = Duration::from_secs(60);
@@ -369,6 +399,7 @@ impl Engine {
             book: Mutex::new(Default::default()),
             meta: Mutex::new(meta),
             status_version: watch::channel(0).0,
+            busy: watch::channel(0).0,
             metrics: Metrics::default(),
             remediations: backends.remediations,
             memory,

@@ -36,6 +36,10 @@ pub(crate) struct Shared {
     pub(super) meta: Mutex<StatusReport>,
     /// Bumped on every status change; the status writer and waiters watch it.
     pub(super) status_version: watch::Sender<u64>,
+    /// Domain work under way: workers not parked waiting for an order or a timer, orders sent
+    /// and not yet taken, health probes in flight. Zero (with no libvirt call in the pool) is
+    /// the engine-idle signal tests wait for.
+    pub(super) busy: watch::Sender<usize>,
     pub(crate) metrics: Metrics,
     pub(crate) remediations: Registry,
     pub(crate) memory: Arc<MemoryStore>,
@@ -203,6 +207,24 @@ impl Shared {
     pub(super) fn kick_network(&self, kick: super::network::NetKick) {
         if let Some(tx) = self.net_kicks.read().ok().and_then(|g| g.clone()) {
             let _ = tx.send(kick);
+        }
+    }
+
+    /// One more piece of domain work under way (see `busy`).
+    pub(super) fn busy_add(&self) {
+        self.busy.send_modify(|n| *n += 1);
+    }
+
+    /// A piece of domain work ended.
+    pub(super) fn busy_sub(&self) {
+        self.busy.send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    /// Send a worker an order, counted as work until the worker takes it.
+    pub(super) fn order(&self, tx: &UnboundedSender<super::worker::Order>, order: super::worker::Order) {
+        self.busy_add();
+        if tx.send(order).is_err() {
+            self.busy_sub();
         }
     }
 
