@@ -22,6 +22,16 @@ use crate::memory::MemoryStore;
 use crate::observe::{ObservedDomain, ObservedNet, ObservedNetwork};
 use crate::plan::restart::Tick;
 
+/// Domain work under way, for the engine-idle signal.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Activity {
+    /// Workers not parked waiting for an order or a timer, orders sent and not yet taken,
+    /// health probes in flight. Zero (with no libvirt call in the pool) is idle.
+    pub busy: usize,
+    /// Parked workers with a timer armed (a look again, a health probe or deadline).
+    pub timers: usize,
+}
+
 /// Which resync round is running and which workers have not looked yet.
 #[derive(Default)]
 pub(crate) struct ResyncRound {
@@ -36,10 +46,8 @@ pub(crate) struct Shared {
     pub(super) meta: Mutex<StatusReport>,
     /// Bumped on every status change; the status writer and waiters watch it.
     pub(super) status_version: watch::Sender<u64>,
-    /// Domain work under way: workers not parked waiting for an order or a timer, orders sent
-    /// and not yet taken, health probes in flight. Zero (with no libvirt call in the pool) is
-    /// the engine-idle signal tests wait for.
-    pub(super) busy: watch::Sender<usize>,
+    /// Domain work under way and timers armed (the engine-idle signal tests wait for).
+    pub(super) activity: watch::Sender<Activity>,
     pub(crate) metrics: Metrics,
     pub(crate) remediations: Registry,
     pub(crate) memory: Arc<MemoryStore>,
@@ -212,12 +220,26 @@ impl Shared {
 
     /// One more piece of domain work under way (see `busy`).
     pub(super) fn busy_add(&self) {
-        self.busy.send_modify(|n| *n += 1);
+        self.activity.send_modify(|a| a.busy += 1);
     }
 
     /// A piece of domain work ended.
     pub(super) fn busy_sub(&self) {
-        self.busy.send_modify(|n| *n = n.saturating_sub(1));
+        self.activity.send_modify(|a| a.busy = a.busy.saturating_sub(1));
+    }
+
+    /// A worker parks (`true`, with a timer armed or not) or wakes (`false`, the timer it had).
+    pub(super) fn park(&self, parked: bool, timer: bool) {
+        self.activity.send_modify(|a| {
+            let t = usize::from(timer);
+            if parked {
+                a.busy = a.busy.saturating_sub(1);
+                a.timers += t;
+            } else {
+                a.busy += 1;
+                a.timers = a.timers.saturating_sub(t);
+            }
+        });
     }
 
     /// Send a worker an order, counted as work until the worker takes it.

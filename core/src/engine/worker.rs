@@ -100,6 +100,8 @@ pub(super) struct Worker {
     backoff_logged: Option<crate::plan::restart::Tick>,
     /// Waiting in `run` for an order or a timer, nothing else to do (not counted as busy).
     parked: bool,
+    /// Parked with a timer armed.
+    parked_timer: bool,
 }
 
 /// Counts as domain work under way (see `Shared::busy`) while it lives.
@@ -151,7 +153,7 @@ fn into_hv(e: crate::act::ActError) -> HypervisorError {
 impl Drop for Worker {
     /// A worker that ends is no longer work under way, nor are the orders it never took.
     fn drop(&mut self) {
-        self.set_parked(true);
+        self.set_parked(true, false);
         self.rx.close();
         while self.rx.try_recv().is_ok() {
             self.shared.busy_sub();
@@ -205,6 +207,7 @@ impl Worker {
             never_started: false,
             backoff_logged: None,
             parked: false,
+            parked_timer: false,
         };
         // Busy until it first parks (see `Shared::busy`).
         w.shared.busy_add();
@@ -226,13 +229,13 @@ impl Worker {
         loop {
             if self.pending.is_empty() && !self.stopping {
                 let health_wake = self.health_wake();
-                self.set_parked(true);
+                self.set_parked(true, wake.is_some() || health_wake.is_some());
                 let next = tokio::select! {
                     o = self.rx.recv() => self.took(o),
                     _ = sleep_until(wake) => Some(Order::Look { event: None, round: None }),
                     _ = sleep_until(health_wake) => Some(Order::HealthTick),
                 };
-                self.set_parked(false);
+                self.set_parked(false, false);
                 self.pending.push_back(next.unwrap_or(Order::Stop));
             }
             while let Ok(o) = self.rx.try_recv() {
@@ -269,14 +272,12 @@ impl Worker {
     }
 
     /// Parked: waiting for an order or a timer with nothing else to do (the engine-idle signal).
-    fn set_parked(&mut self, parked: bool) {
+    fn set_parked(&mut self, parked: bool, timer: bool) {
         if self.parked != parked {
             self.parked = parked;
-            if parked {
-                self.shared.busy_sub();
-            } else {
-                self.shared.busy_add();
-            }
+            let timer = if parked { timer } else { std::mem::take(&mut self.parked_timer) };
+            self.parked_timer = parked && timer;
+            self.shared.park(parked, timer);
         }
     }
 
