@@ -178,7 +178,7 @@ impl Engine {
                 *self.shared.networks.write().unwrap_or_else(|p| p.into_inner()) = networks;
                 self.kick_network(network::NetKick::AllDomains);
             }
-            Msg::Connected(conn) => {
+            Msg::Connected(conn, _busy) => {
                 tracing::info!(uri = %self.connector.uri(), events = conn.has_events(), "connected to libvirt");
                 if let Ok(mut hv) = self.shared.hv.write() {
                     *hv = Some(conn.hypervisor.clone());
@@ -310,7 +310,7 @@ impl Engine {
         self.shared.mark_dirty();
         // Tap actions wait while domain data is stale.
         self.kick_network(network::NetKick::AllDomains);
-        connect::spawn_reconnect(self.connector.clone(), self.events_tx.clone(), self.shared.msg.clone());
+        connect::spawn_reconnect(self.connector.clone(), self.events_tx.clone(), self.shared.clone());
     }
 
     async fn stop(mut self) {

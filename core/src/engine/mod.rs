@@ -141,7 +141,8 @@ enum Msg {
     PolicyRejected(String),
     Resync,
     Shutdown,
-    Connected(Connection),
+    /// A connection, and the reconnection's work under way until the loop has taken it.
+    Connected(Connection, shared::Busy),
     ConnectionLost(String),
     Networks(Vec<ObservedNetwork>),
     /// Look at every managed domain again (the network changed under them).

@@ -32,6 +32,38 @@ pub(crate) struct Activity {
     pub timers: usize,
 }
 
+/// Counts as engine work under way (see `Shared::activity`) while it lives.
+pub(crate) struct Busy(Arc<Shared>);
+
+impl Busy {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        shared.busy_add();
+        Busy(shared)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy_sub();
+    }
+}
+
+/// Work that is under way (a [`Busy`]) waits for a timer meanwhile: not busy, a timer armed.
+pub(crate) struct Waiting(Arc<Shared>);
+
+impl Waiting {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        shared.park(true, true);
+        Waiting(shared)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.park(false, true);
+    }
+}
+
 /// Which resync round is running and which workers have not looked yet.
 #[derive(Default)]
 pub(crate) struct ResyncRound {

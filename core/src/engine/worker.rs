@@ -104,22 +104,6 @@ pub(super) struct Worker {
     parked_timer: bool,
 }
 
-/// Counts as domain work under way (see `Shared::busy`) while it lives.
-pub(super) struct Busy(Arc<Shared>);
-
-impl Busy {
-    pub(super) fn new(shared: Arc<Shared>) -> Self {
-        shared.busy_add();
-        Busy(shared)
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.busy_sub();
-    }
-}
-
 fn is_recovery(kind: &ActionKind) -> bool {
     matches!(kind, ActionKind::Start | ActionKind::Restart | ActionKind::Resume)
 }

@@ -335,7 +335,7 @@ impl Worker {
                     h.wake = None;
                     let (shared, spec, tx) = (self.shared.clone(), h.spec.clone(), self.tx.clone());
                     // A probe in flight is work under way (aborted or not, it ends with the task).
-                    let busy = super::Busy::new(shared.clone());
+                    let busy = crate::engine::shared::Busy::new(shared.clone());
                     let task = tokio::spawn(async move {
                         let result = shared.prober.probe(&spec).await;
                         shared.metrics.probe(&spec.domain, probe_kind(&spec.probe), &result);
