@@ -174,7 +174,7 @@ impl Engine {
                     }
                 },
             },
-            Msg::Networks(networks) => {
+            Msg::Networks(networks, _busy) => {
                 *self.shared.networks.write().unwrap_or_else(|p| p.into_inner()) = networks;
                 self.kick_network(network::NetKick::AllDomains);
             }
@@ -278,11 +278,12 @@ impl Engine {
         }
         let tx = self.shared.msg.clone();
         let deadline = self.config.read_deadline;
+        let busy = super::shared::Busy::new(self.shared.clone());
         let mut list = self.shared.limits.pool().spawn(move || list_networks(hv.as_ref()));
         tokio::spawn(async move {
             match list.within(deadline).await {
                 Some(Ok(Ok(networks))) => {
-                    let _ = tx.send(Msg::Networks(networks));
+                    let _ = tx.send(Msg::Networks(networks, busy));
                 }
                 Some(Ok(Err(e))) => tracing::warn!(%e, "cannot list libvirt networks"),
                 Some(Err(e)) => tracing::warn!(%e, "network listing failed"),

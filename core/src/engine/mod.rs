@@ -144,7 +144,8 @@ enum Msg {
     /// A connection, and the reconnection's work under way until the loop has taken it.
     Connected(Connection, shared::Busy),
     ConnectionLost(String),
-    Networks(Vec<ObservedNetwork>),
+    /// libvirt's networks, and the listing's work under way until the loop has taken them.
+    Networks(Vec<ObservedNetwork>, shared::Busy),
     /// Look at every managed domain again (the network changed under them).
     KickAll,
     /// Liveness probe: the loop answers when it is not stuck.
@@ -297,8 +298,9 @@ impl EngineHandle {
     /// loop has handled what was sent to it, every domain worker is parked waiting for an order
     /// or a timer (not inside an action, a graceful-shutdown wait, a hook), no order waits to
     /// be taken, no health probe is in flight and no libvirt call is queued, running or hung in
-    /// the engine's pool. Timers still fire later: idle says nothing is under way *now*.
-    /// Woken by each change, never polled.
+    /// the engine's pool, no (re)connection is under way (its waits between tries aside).
+    /// Timers still fire later: idle says nothing is under way *now*. The host-network task
+    /// is not counted. Woken by each change, never polled.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
         self.wait_activity(timeout, false).await
     }
