@@ -87,6 +87,19 @@ impl EngineRig {
         }
     }
 
+    /// Wait until the engine is idle and no domain worker has a timer armed (see
+    /// [`EngineHandle::wait_quiet`]): nothing happens to any domain until something from
+    /// outside moves it, however long. Panics with the status otherwise.
+    pub async fn until_quiet(&self) {
+        if !self.engine.wait_quiet(self.wait).await {
+            panic!(
+                "timed out waiting for the engine to be quiet\nstatus: {:#?}\n{}",
+                self.engine.status(),
+                self.context.as_ref().map(|c| c()).unwrap_or_default()
+            );
+        }
+    }
+
     /// Stop the engine and wait for it.
     pub async fn stop(self) {
         self.engine.shutdown();

@@ -66,7 +66,7 @@ pub trait Connector: Send + Sync + 'static {
 
 /// Connect in the background until it works (100 ms doubling to 5 s between tries), then hand
 /// the connection to the engine loop. Engine work under way (see `Shared::activity`) until the
-/// engine loop took the connection, but for the waits between tries (a timer armed).
+/// engine loop took the connection, but for the waits between tries.
 pub(super) fn spawn_reconnect(
     connector: Arc<dyn Connector>,
     events: UnboundedSender<HypervisorEvent>,
@@ -101,7 +101,7 @@ pub(super) fn spawn_reconnect(
     });
 }
 
-/// Wait `d` between tries, a timer armed meanwhile (not busy).
+/// Wait `d` between tries (not busy meanwhile).
 fn pause(shared: &Arc<super::shared::Shared>, d: Duration) -> impl std::future::Future<Output = ()> + Send + 'static {
     let waiting = super::shared::Waiting::new(shared.clone());
     async move {

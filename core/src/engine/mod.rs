@@ -307,8 +307,8 @@ impl EngineHandle {
 
     /// Wait until the engine is idle (see [`EngineHandle::wait_idle`]) and no domain worker has
     /// a timer armed (to look again, to probe, a health deadline): nothing happens to any
-    /// domain until something from outside (a libvirt event, a reload, a reconnection, the
-    /// periodic resync). False when that did not hold within `timeout`.
+    /// domain until something from outside (a libvirt event, libvirt back after an outage, a
+    /// reload, the periodic resync). False when that did not hold within `timeout`.
     pub async fn wait_quiet(&self, timeout: Duration) -> bool {
         self.wait_activity(timeout, true).await
     }

@@ -48,19 +48,21 @@ impl Drop for Busy {
     }
 }
 
-/// Work that is under way (a [`Busy`]) waits for a timer meanwhile: not busy, a timer armed.
+/// Work that is under way (a [`Busy`]) waits for time meanwhile: not busy. Not counted as a
+/// domain worker's timer either: what ends the wait (libvirt back, for a reconnection) comes
+/// from outside.
 pub(crate) struct Waiting(Arc<Shared>);
 
 impl Waiting {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        shared.park(true, true);
+        shared.park(true, false);
         Waiting(shared)
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.park(false, true);
+        self.0.park(false, false);
     }
 }
 
