@@ -611,6 +611,8 @@ mod tests {
         let s = engine.status();
         assert!(s.domains[0].last_outcome.as_deref().is_some_and(|o| o.starts_with("ok")), "{s:#?}");
         assert_eq!(*hv.state.lock().unwrap(), crate::observe::DomainState::Running);
+        // Up as its policy wants, nothing timed either: quiet.
+        assert!(engine.wait_quiet(wait).await);
         engine.shutdown();
         tokio::time::timeout(wait, task).await.expect("the engine stops").unwrap();
     }

@@ -137,6 +137,8 @@ fn into_hv(e: crate::act::ActError) -> HypervisorError {
 impl Drop for Worker {
     /// A worker that ends is no longer work under way, nor are the orders it never took.
     fn drop(&mut self) {
+        // Woken first: a timer it had armed is given back too.
+        self.set_parked(false, false);
         self.set_parked(true, false);
         self.rx.close();
         while self.rx.try_recv().is_ok() {
