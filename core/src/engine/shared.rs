@@ -252,7 +252,7 @@ impl Shared {
         }
     }
 
-    /// One more piece of domain work under way (see `busy`).
+    /// One more piece of engine work under way (see `activity`).
     pub(super) fn busy_add(&self) {
         self.activity.send_modify(|a| a.busy += 1);
     }

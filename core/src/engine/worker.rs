@@ -195,7 +195,7 @@ impl Worker {
             parked: false,
             parked_timer: false,
         };
-        // Busy until it first parks (see `Shared::busy`).
+        // Busy until it first parks (see `Shared::activity`).
         w.shared.busy_add();
         w.refresh_tracker_status();
         w
