@@ -35,6 +35,8 @@ struct Inner {
     max_stuck: usize,
     state: Mutex<State>,
     wake: Condvar,
+    /// Jobs not yet done (queued, running or stuck), for whoever waits for the pool to be idle.
+    jobs: tokio::sync::watch::Sender<usize>,
 }
 
 #[derive(Default)]
@@ -89,6 +91,7 @@ impl Pool {
                 max_stuck,
                 state: Mutex::new(State::default()),
                 wake: Condvar::new(),
+                jobs: tokio::sync::watch::channel(0).0,
             }),
         }
     }
@@ -102,6 +105,8 @@ impl Pool {
             let _ = started_tx.send(());
             let _ = done_tx.send(f());
         });
+        // Counted before any thread can take it, so its end never comes first.
+        self.inner.jobs.send_modify(|n| *n += 1);
         let mut st = self.inner.lock();
         st.next_id += 1;
         let id = st.next_id;
@@ -129,6 +134,11 @@ impl Pool {
 
     pub fn name(&self) -> &'static str {
         self.inner.name
+    }
+
+    /// Sees the number of jobs not yet done (queued, running, or stuck past their caller).
+    pub fn jobs(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.inner.jobs.subscribe()
     }
 }
 
@@ -170,6 +180,7 @@ impl Inner {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job.run));
                 st = self.lock();
                 st.running.remove(&job.id);
+                self.jobs.send_modify(|n| *n -= 1);
                 if job.ctl.swap(DONE, Ordering::AcqRel) == STUCK {
                     st.stuck -= 1;
                     if st.live >= self.workers || st.closed {
@@ -198,6 +209,7 @@ impl Inner {
     fn give_up(self: &Arc<Self>, id: u64, ctl: &AtomicU8) {
         let mut st = self.lock();
         if ctl.compare_exchange(QUEUED, CANCELLED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.jobs.send_modify(|n| *n -= 1);
             return;
         }
         if ctl.compare_exchange(RUNNING, STUCK, Ordering::AcqRel, Ordering::Acquire).is_ok() {

@@ -74,6 +74,32 @@ impl EngineRig {
         self.until("the engine ready", move |_| engine.is_ready()).await;
     }
 
+    /// Wait until the engine is idle (every domain worker parked, no order, probe or libvirt
+    /// call in flight; see [`EngineHandle::wait_idle`]): what has not happened by then will
+    /// not, until a timer or an outside event moves it. Panics with the status otherwise.
+    pub async fn until_idle(&self) {
+        if !self.engine.wait_idle(self.wait).await {
+            panic!(
+                "timed out waiting for the engine to be idle\nstatus: {:#?}\n{}",
+                self.engine.status(),
+                self.context.as_ref().map(|c| c()).unwrap_or_default()
+            );
+        }
+    }
+
+    /// Wait until the engine is idle and no domain worker has a timer armed (see
+    /// [`EngineHandle::wait_quiet`]): nothing happens to any domain until something from
+    /// outside moves it, however long. Panics with the status otherwise.
+    pub async fn until_quiet(&self) {
+        if !self.engine.wait_quiet(self.wait).await {
+            panic!(
+                "timed out waiting for the engine to be quiet\nstatus: {:#?}\n{}",
+                self.engine.status(),
+                self.context.as_ref().map(|c| c()).unwrap_or_default()
+            );
+        }
+    }
+
     /// Stop the engine and wait for it.
     pub async fn stop(self) {
         self.engine.shutdown();

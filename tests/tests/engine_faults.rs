@@ -117,8 +117,10 @@ async fn a_reload_during_a_graceful_shutdown_cancels_it_one_actor_remains() {
         })
         .await;
     assert_eq!(find(&s, "web2").unwrap().last_action.as_deref(), Some("shut down (destroy after 1500ms)"));
-    // Past the old action's timeout (1.5 s) the domain still runs and was never destroyed.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Once the engine is idle nothing of the old action is under way (a shutdown wait still
+    // running would keep its worker busy past its 1.5 s timeout, then destroy): the domain
+    // still runs and was never destroyed.
+    r.until_idle().await;
     assert_eq!(r.faulty.count("destroy", "web2"), 0, "{:?}", r.faulty.calls());
     assert_eq!(r.state("web2"), DomainState::Running);
     r.stop().await;

@@ -65,12 +65,15 @@ pub trait Connector: Send + Sync + 'static {
 }
 
 /// Connect in the background until it works (100 ms doubling to 5 s between tries), then hand
-/// the connection to the engine loop.
+/// the connection to the engine loop. Engine work under way (see `Shared::activity`) until the
+/// engine loop took the connection, but for the waits between tries.
 pub(super) fn spawn_reconnect(
     connector: Arc<dyn Connector>,
     events: UnboundedSender<HypervisorEvent>,
-    engine: UnboundedSender<super::Msg>,
+    shared: Arc<super::shared::Shared>,
 ) {
+    let busy = super::shared::Busy::new(shared.clone());
+    let engine = shared.msg.clone();
     tokio::spawn(async move {
         let attempt = || {
             let c = connector.clone();
@@ -88,12 +91,21 @@ pub(super) fn spawn_reconnect(
             .without_max_times();
         let connected = attempt
             .retry(backoff)
-            .sleep(tokio::time::sleep)
+            .sleep(move |d| pause(&shared, d))
             .when(|_| !engine.is_closed())
             .notify(|e, retry_in| tracing::warn!(%e, ?retry_in, "cannot connect to libvirt"))
             .await;
         if let Ok(conn) = connected {
-            let _ = engine.send(super::Msg::Connected(conn));
+            let _ = engine.send(super::Msg::Connected(conn, busy));
         }
     });
+}
+
+/// Wait `d` between tries (not busy meanwhile).
+fn pause(shared: &Arc<super::shared::Shared>, d: Duration) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let waiting = super::shared::Waiting::new(shared.clone());
+    async move {
+        tokio::time::sleep(d).await;
+        drop(waiting);
+    }
 }

@@ -110,14 +110,14 @@ impl Engine {
                 // Unmanaged domains have no worker: their events are ignored.
                 if let Some(w) = self.workers.get(&ev.domain) {
                     self.shared.startgate.domain_event(&ev.domain);
-                    let _ = w.tx.send(Order::Look { event: Some(ev), round: None });
+                    self.shared.order(&w.tx, Order::Look { event: Some(ev), round: None });
                 }
             }
             // Guest health evidence and faults: the domain's worker records and weighs them.
             HypervisorEvent::Guest(ev) => {
                 tracing::debug!(domain = %ev.domain, event = %ev.kind.text(), "libvirt guest event");
                 if let Some(w) = self.workers.get(&ev.domain) {
-                    let _ = w.tx.send(Order::Guest(ev));
+                    self.shared.order(&w.tx, Order::Guest(ev));
                 }
             }
             HypervisorEvent::ConnectionClosed { reason } => {
@@ -144,13 +144,13 @@ impl Engine {
             }
             Msg::KickAll => {
                 for w in self.workers.values() {
-                    let _ = w.tx.send(Order::Look { event: None, round: None });
+                    self.shared.order(&w.tx, Order::Look { event: None, round: None });
                 }
             }
             Msg::Release { domain, reply } => match self.workers.get(&domain) {
                 Some(w) => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
-                    let _ = w.tx.send(Order::Release(tx));
+                    self.shared.order(&w.tx, Order::Release(tx));
                     tokio::spawn(async move {
                         let text = rx.await.unwrap_or_else(|_| Err("the domain's worker stopped".to_string()));
                         let _ = reply.send(text);
@@ -174,11 +174,11 @@ impl Engine {
                     }
                 },
             },
-            Msg::Networks(networks) => {
+            Msg::Networks(networks, _busy) => {
                 *self.shared.networks.write().unwrap_or_else(|p| p.into_inner()) = networks;
                 self.kick_network(network::NetKick::AllDomains);
             }
-            Msg::Connected(conn) => {
+            Msg::Connected(conn, _busy) => {
                 tracing::info!(uri = %self.connector.uri(), events = conn.has_events(), "connected to libvirt");
                 if let Ok(mut hv) = self.shared.hv.write() {
                     *hv = Some(conn.hypervisor.clone());
@@ -207,7 +207,7 @@ impl Engine {
             let name = managed.spec.name.clone();
             match self.workers.remove(&name) {
                 Some(entry) => {
-                    let _ = entry.tx.send(Order::Policy(Box::new(managed.clone())));
+                    self.shared.order(&entry.tx, Order::Policy(Box::new(managed.clone())));
                     self.shared.update_domain(&name, |s| s.policy = managed.policy.clone());
                     keep.insert(name, entry);
                 }
@@ -230,7 +230,7 @@ impl Engine {
         }
         // Workers left over are unmanaged now: they finish (or cancel) their action and end.
         for (name, entry) in self.workers.drain() {
-            let _ = entry.tx.send(Order::Stop);
+            self.shared.order(&entry.tx, Order::Stop);
             self.shared.remove_domain(&name);
             self.shared.forget_round(&name);
             self.retiring.insert(name, entry.task);
@@ -274,15 +274,16 @@ impl Engine {
         };
         let round = self.shared.begin_round(self.workers.keys().cloned());
         for w in self.workers.values() {
-            let _ = w.tx.send(Order::Look { event: None, round: Some(round) });
+            self.shared.order(&w.tx, Order::Look { event: None, round: Some(round) });
         }
         let tx = self.shared.msg.clone();
         let deadline = self.config.read_deadline;
+        let busy = super::shared::Busy::new(self.shared.clone());
         let mut list = self.shared.limits.pool().spawn(move || list_networks(hv.as_ref()));
         tokio::spawn(async move {
             match list.within(deadline).await {
                 Some(Ok(Ok(networks))) => {
-                    let _ = tx.send(Msg::Networks(networks));
+                    let _ = tx.send(Msg::Networks(networks, busy));
                 }
                 Some(Ok(Err(e))) => tracing::warn!(%e, "cannot list libvirt networks"),
                 Some(Err(e)) => tracing::warn!(%e, "network listing failed"),
@@ -310,13 +311,13 @@ impl Engine {
         self.shared.mark_dirty();
         // Tap actions wait while domain data is stale.
         self.kick_network(network::NetKick::AllDomains);
-        connect::spawn_reconnect(self.connector.clone(), self.events_tx.clone(), self.shared.msg.clone());
+        connect::spawn_reconnect(self.connector.clone(), self.events_tx.clone(), self.shared.clone());
     }
 
     async fn stop(mut self) {
         tracing::info!("stopping: letting in-flight actions finish");
         for w in self.workers.values() {
-            let _ = w.tx.send(Order::Stop);
+            self.shared.order(&w.tx, Order::Stop);
         }
         let tasks: Vec<JoinHandle<()>> =
             self.workers.drain().map(|(_, w)| w.task).chain(self.retiring.drain().map(|(_, t)| t)).collect();

@@ -141,9 +141,11 @@ enum Msg {
     PolicyRejected(String),
     Resync,
     Shutdown,
-    Connected(Connection),
+    /// A connection, and the reconnection's work under way until the loop has taken it.
+    Connected(Connection, shared::Busy),
     ConnectionLost(String),
-    Networks(Vec<ObservedNetwork>),
+    /// libvirt's networks, and the listing's work under way until the loop has taken them.
+    Networks(Vec<ObservedNetwork>, shared::Busy),
     /// Look at every managed domain again (the network changed under them).
     KickAll,
     /// Liveness probe: the loop answers when it is not stuck.
@@ -291,6 +293,50 @@ impl EngineHandle {
     }
 }
 
+impl EngineHandle {
+    /// Wait until the engine is idle, up to `timeout`; false when it was not. Idle: the engine
+    /// loop has handled what was sent to it, every domain worker is parked waiting for an order
+    /// or a timer (not inside an action, a graceful-shutdown wait, a hook), no order waits to
+    /// be taken, no health probe is in flight and no libvirt call is queued, running or hung in
+    /// the engine's pool, no (re)connection is under way (its waits between tries aside).
+    /// Timers still fire later: idle says nothing is under way *now*. The host-network task
+    /// is not counted. Woken by each change, never polled.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        self.wait_activity(timeout, false).await
+    }
+
+    /// Wait until the engine is idle (see [`EngineHandle::wait_idle`]) and no domain worker has
+    /// a timer armed (to look again, to probe, a health deadline): nothing happens to any
+    /// domain until something from outside (a libvirt event, libvirt back after an outage, a
+    /// reload, the periodic resync). False when that did not hold within `timeout`.
+    pub async fn wait_quiet(&self, timeout: Duration) -> bool {
+        self.wait_activity(timeout, true).await
+    }
+
+    async fn wait_activity(&self, timeout: Duration, no_timers: bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        // Messages already sent to the engine loop are handled, their orders sent and counted.
+        if !self.ping(timeout).await {
+            return false;
+        }
+        let mut activity = self.shared.activity.subscribe();
+        let mut jobs = self.shared.limits.pool().jobs();
+        let idle = async {
+            loop {
+                let a = *activity.borrow_and_update();
+                if a.busy == 0 && (!no_timers || a.timers == 0) && *jobs.borrow_and_update() == 0 {
+                    return;
+                }
+                tokio::select! {
+                    _ = activity.changed() => {}
+                    _ = jobs.changed() => {}
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline, idle).await.is_ok()
+    }
+}
+
 /// The engine makes no progress (`/healthz` fails, the systemd watchdog is withheld) when its
 /// own work waits this long: a libvirt call for a thread, a status or memory write to return.
 pub const STALL: Duration = Duration::from_secs(60);
@@ -369,6 +415,7 @@ impl Engine {
             book: Mutex::new(Default::default()),
             meta: Mutex::new(meta),
             status_version: watch::channel(0).0,
+            activity: watch::channel(Default::default()).0,
             metrics: Metrics::default(),
             remediations: backends.remediations,
             memory,
@@ -441,6 +488,134 @@ pub(crate) fn release_free_memory() {
 mod tests {
     use super::*;
     use crate::blocking::PoolStats;
+
+    /// One domain whose `start` blocks until the test lets it go (an action in flight).
+    struct GatedStart {
+        state: Mutex<crate::observe::DomainState>,
+        entered: tokio::sync::Notify,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl crate::hypervisor::DomainReader for GatedStart {
+        fn observe_host(&self) -> Result<crate::observe::ObservedHost, crate::hypervisor::HypervisorError> {
+            Ok(crate::observe::ObservedHost {
+                domains: self.observe_domain("web")?.into_iter().collect(),
+                ..Default::default()
+            })
+        }
+        fn observe_domain(
+            &self,
+            name: &str,
+        ) -> Result<Option<crate::observe::ObservedDomain>, crate::hypervisor::HypervisorError> {
+            Ok((name == "web").then(|| crate::observe::ObservedDomain {
+                name: name.into(),
+                uuid: String::new(),
+                state: *self.state.lock().unwrap(),
+                reason: Default::default(),
+                persistent: true,
+                autostart: false,
+                boot: Default::default(),
+                interfaces: Vec::new(),
+                disks: Vec::new(),
+                id: None,
+            }))
+        }
+    }
+
+    impl crate::hypervisor::DomainControl for GatedStart {
+        fn start(&self, _: &str) -> Result<(), crate::hypervisor::HypervisorError> {
+            self.entered.notify_one();
+            let _ = self.release.lock().unwrap().recv();
+            *self.state.lock().unwrap() = crate::observe::DomainState::Running;
+            Ok(())
+        }
+        fn shutdown(&self, name: &str) -> Result<(), crate::hypervisor::HypervisorError> {
+            self.unexpected("shutdown", name)
+        }
+        fn destroy(&self, name: &str) -> Result<(), crate::hypervisor::HypervisorError> {
+            self.unexpected("destroy", name)
+        }
+        fn resume(&self, name: &str) -> Result<(), crate::hypervisor::HypervisorError> {
+            self.unexpected("resume", name)
+        }
+        fn reset(&self, name: &str) -> Result<(), crate::hypervisor::HypervisorError> {
+            self.unexpected("reset", name)
+        }
+        fn set_autostart(&self, name: &str, _: bool) -> Result<(), crate::hypervisor::HypervisorError> {
+            self.unexpected("set_autostart", name)
+        }
+        fn persistent_xml(&self, name: &str) -> Result<String, crate::hypervisor::HypervisorError> {
+            self.unexpected("persistent_xml", name).map(|_| String::new())
+        }
+        fn define_xml(&self, name: &str, _: &str) -> Result<(), crate::hypervisor::HypervisorError> {
+            self.unexpected("define_xml", name)
+        }
+    }
+
+    impl GatedStart {
+        fn unexpected(&self, op: &'static str, name: &str) -> Result<(), crate::hypervisor::HypervisorError> {
+            Err(crate::hypervisor::HypervisorError::Failed {
+                op,
+                domain: name.into(),
+                message: "not in this test".into(),
+            })
+        }
+    }
+
+    struct Once(Arc<GatedStart>);
+
+    impl Connector for Once {
+        fn uri(&self) -> String {
+            "test:///gated".into()
+        }
+        fn connect(
+            &self,
+            _: tokio::sync::mpsc::UnboundedSender<crate::hypervisor::events::HypervisorEvent>,
+        ) -> Result<Connection, crate::hypervisor::HypervisorError> {
+            Ok(Connection::without_events(self.0.clone()))
+        }
+    }
+
+    fn web(state: &str) -> DesiredState {
+        let text = format!(
+            "apiVersion: virtwarden.io/v1alpha1\nkind: HostPolicy\nmetadata:\n  name: t\nspec:\n  domains:\n    - name: web\n      state: {state}\n"
+        );
+        virtwarden_policies::load_texts([(std::path::Path::new("t.yaml"), text.as_str())])
+            .expect("valid policy")
+            .desired
+    }
+
+    #[tokio::test]
+    async fn idle_once_started_up_and_not_while_an_action_is_in_flight() {
+        let wait = Duration::from_secs(15);
+        let (release, gate) = std::sync::mpsc::channel();
+        let hv = Arc::new(GatedStart {
+            state: Mutex::new(crate::observe::DomainState::ShutOff),
+            entered: tokio::sync::Notify::new(),
+            release: Mutex::new(gate),
+        });
+        let config = EngineConfig { resync: Duration::from_secs(3600), ..Default::default() };
+        let (engine, task) =
+            Engine::spawn(Arc::new(Once(hv.clone())), web("stopped"), config, Registry::with_builtins());
+        // Started up with nothing to do: idle (and ready, the first resync done).
+        assert!(engine.wait_idle(wait).await, "idle after start-up: {:#?}", engine.status());
+        assert!(engine.is_ready());
+        // The start is in flight (its worker acts, its libvirt call runs): not idle.
+        engine.reload(web("running"));
+        tokio::time::timeout(wait, hv.entered.notified()).await.expect("the start was called");
+        assert!(!engine.wait_idle(Duration::from_millis(300)).await, "not idle while the start runs");
+        assert!(!engine.wait_quiet(Duration::from_millis(10)).await);
+        // It returns: idle again, the domain up.
+        release.send(()).unwrap();
+        assert!(engine.wait_idle(wait).await, "idle once the start returned: {:#?}", engine.status());
+        let s = engine.status();
+        assert!(s.domains[0].last_outcome.as_deref().is_some_and(|o| o.starts_with("ok")), "{s:#?}");
+        assert_eq!(*hv.state.lock().unwrap(), crate::observe::DomainState::Running);
+        // Up as its policy wants, nothing timed either: quiet.
+        assert!(engine.wait_quiet(wait).await);
+        engine.shutdown();
+        tokio::time::timeout(wait, task).await.expect("the engine stops").unwrap();
+    }
 
     #[test]
     fn an_unusable_data_directory_is_a_lost_memory_not_a_clean_slate() {

@@ -22,6 +22,50 @@ use crate::memory::MemoryStore;
 use crate::observe::{ObservedDomain, ObservedNet, ObservedNetwork};
 use crate::plan::restart::Tick;
 
+/// Domain work under way, for the engine-idle signal.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Activity {
+    /// Workers not parked waiting for an order or a timer, orders sent and not yet taken,
+    /// health probes in flight. Zero (with no libvirt call in the pool) is idle.
+    pub busy: usize,
+    /// Parked workers with a timer armed (a look again, a health probe or deadline).
+    pub timers: usize,
+}
+
+/// Counts as engine work under way (see `Shared::activity`) while it lives.
+pub(crate) struct Busy(Arc<Shared>);
+
+impl Busy {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        shared.busy_add();
+        Busy(shared)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy_sub();
+    }
+}
+
+/// Work that is under way (a [`Busy`]) waits for time meanwhile: not busy. Not counted as a
+/// domain worker's timer either: what ends the wait (libvirt back, for a reconnection) comes
+/// from outside.
+pub(crate) struct Waiting(Arc<Shared>);
+
+impl Waiting {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        shared.park(true, false);
+        Waiting(shared)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.park(false, false);
+    }
+}
+
 /// Which resync round is running and which workers have not looked yet.
 #[derive(Default)]
 pub(crate) struct ResyncRound {
@@ -36,6 +80,8 @@ pub(crate) struct Shared {
     pub(super) meta: Mutex<StatusReport>,
     /// Bumped on every status change; the status writer and waiters watch it.
     pub(super) status_version: watch::Sender<u64>,
+    /// Domain work under way and timers armed (the engine-idle signal tests wait for).
+    pub(super) activity: watch::Sender<Activity>,
     pub(crate) metrics: Metrics,
     pub(crate) remediations: Registry,
     pub(crate) memory: Arc<MemoryStore>,
@@ -203,6 +249,38 @@ impl Shared {
     pub(super) fn kick_network(&self, kick: super::network::NetKick) {
         if let Some(tx) = self.net_kicks.read().ok().and_then(|g| g.clone()) {
             let _ = tx.send(kick);
+        }
+    }
+
+    /// One more piece of engine work under way (see `activity`).
+    pub(super) fn busy_add(&self) {
+        self.activity.send_modify(|a| a.busy += 1);
+    }
+
+    /// A piece of domain work ended.
+    pub(super) fn busy_sub(&self) {
+        self.activity.send_modify(|a| a.busy = a.busy.saturating_sub(1));
+    }
+
+    /// A worker parks (`true`, with a timer armed or not) or wakes (`false`, the timer it had).
+    pub(super) fn park(&self, parked: bool, timer: bool) {
+        self.activity.send_modify(|a| {
+            let t = usize::from(timer);
+            if parked {
+                a.busy = a.busy.saturating_sub(1);
+                a.timers += t;
+            } else {
+                a.busy += 1;
+                a.timers = a.timers.saturating_sub(t);
+            }
+        });
+    }
+
+    /// Send a worker an order, counted as work until the worker takes it.
+    pub(super) fn order(&self, tx: &UnboundedSender<super::worker::Order>, order: super::worker::Order) {
+        self.busy_add();
+        if tx.send(order).is_err() {
+            self.busy_sub();
         }
     }
 

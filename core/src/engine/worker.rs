@@ -98,6 +98,10 @@ pub(super) struct Worker {
     never_started: bool,
     /// The backoff wait last logged (logged once per wait).
     backoff_logged: Option<crate::plan::restart::Tick>,
+    /// Waiting in `run` for an order or a timer, nothing else to do (not counted as busy).
+    parked: bool,
+    /// Parked with a timer armed.
+    parked_timer: bool,
 }
 
 fn is_recovery(kind: &ActionKind) -> bool {
@@ -127,6 +131,19 @@ fn into_hv(e: crate::act::ActError) -> HypervisorError {
     match e {
         crate::act::ActError::Hypervisor(h) => h,
         other => HypervisorError::Failed { op: "act", domain: String::new(), message: other.to_string() },
+    }
+}
+
+impl Drop for Worker {
+    /// A worker that ends is no longer work under way, nor are the orders it never took.
+    fn drop(&mut self) {
+        // Woken first: a timer it had armed is given back too.
+        self.set_parked(false, false);
+        self.set_parked(true, false);
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {
+            self.shared.busy_sub();
+        }
     }
 }
 
@@ -175,7 +192,11 @@ impl Worker {
             seen: false,
             never_started: false,
             backoff_logged: None,
+            parked: false,
+            parked_timer: false,
         };
+        // Busy until it first parks (see `Shared::activity`).
+        w.shared.busy_add();
         w.refresh_tracker_status();
         w
     }
@@ -194,14 +215,17 @@ impl Worker {
         loop {
             if self.pending.is_empty() && !self.stopping {
                 let health_wake = self.health_wake();
+                self.set_parked(true, wake.is_some() || health_wake.is_some());
                 let next = tokio::select! {
-                    o = self.rx.recv() => o,
+                    o = self.rx.recv() => self.took(o),
                     _ = sleep_until(wake) => Some(Order::Look { event: None, round: None }),
                     _ = sleep_until(health_wake) => Some(Order::HealthTick),
                 };
+                self.set_parked(false, false);
                 self.pending.push_back(next.unwrap_or(Order::Stop));
             }
             while let Ok(o) = self.rx.try_recv() {
+                self.shared.busy_sub();
                 self.pending.push_back(o);
             }
             let mut rounds = Vec::new();
@@ -231,6 +255,24 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Parked: waiting for an order or a timer with nothing else to do (the engine-idle signal).
+    fn set_parked(&mut self, parked: bool, timer: bool) {
+        if self.parked != parked {
+            self.parked = parked;
+            let timer = if parked { timer } else { std::mem::take(&mut self.parked_timer) };
+            self.parked_timer = parked && timer;
+            self.shared.park(parked, timer);
+        }
+    }
+
+    /// An order taken from the inbox is no longer counted as work waiting to be taken.
+    fn took(&self, o: Option<Order>) -> Option<Order> {
+        if o.is_some() {
+            self.shared.busy_sub();
+        }
+        o
     }
 
     /// Start again after a panic: what is remembered is the truth, in-memory state is not.
@@ -312,7 +354,7 @@ impl Worker {
                 biased;
                 r = &mut fut => return Some(r),
                 o = self.rx.recv(), if !self.stopping => {
-                    let o = o.unwrap_or(Order::Stop);
+                    let o = self.took(o).unwrap_or(Order::Stop);
                     let interrupts = match &o {
                         Order::Stop => true,
                         Order::Policy(m) => **m != self.managed,

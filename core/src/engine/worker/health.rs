@@ -334,12 +334,15 @@ impl Worker {
                 Step::Probe(ticket) => {
                     h.wake = None;
                     let (shared, spec, tx) = (self.shared.clone(), h.spec.clone(), self.tx.clone());
+                    // A probe in flight is work under way (aborted or not, it ends with the task).
+                    let busy = crate::engine::shared::Busy::new(shared.clone());
                     let task = tokio::spawn(async move {
                         let result = shared.prober.probe(&spec).await;
                         shared.metrics.probe(&spec.domain, probe_kind(&spec.probe), &result);
                         if let Some(tx) = tx.upgrade() {
-                            let _ = tx.send(Order::Probed { ticket, result });
+                            shared.order(&tx, Order::Probed { ticket, result });
                         }
+                        drop(busy);
                     });
                     h.probe = Some(task.abort_handle());
                     break;
