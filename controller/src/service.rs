@@ -103,10 +103,13 @@ pub async fn start<P: Probes>(s: Start<'_>, probes: impl FnOnce(&EngineHandle) -
 /// (`startup_pages.rs`): an idle service keeps its working set, not its start-up.
 fn hand_back_startup_pages(engine: EngineHandle) {
     tokio::spawn(async move {
+        // Checked each minute as well as on every status change, so a handle held here never
+        // keeps an engine alive that stopped before it was ready.
         let e = engine.clone();
-        // `None`: the engine stopped first (or never got ready in a day): nothing to hand back.
-        if engine.wait_for(std::time::Duration::from_secs(24 * 3600), |_| e.is_ready()).await.is_none() {
-            return;
+        while engine.wait_for(std::time::Duration::from_secs(60), |_| e.is_ready()).await.is_none() {
+            if engine.is_stopped() {
+                return;
+            }
         }
         if let Ok(done) = tokio::task::spawn_blocking(crate::startup_pages::hand_back).await {
             tracing::debug!(mappings = done.mappings, mib = done.bytes >> 20, "handed back start-up pages");

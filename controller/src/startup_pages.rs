@@ -7,7 +7,8 @@
 //! needed, and pages other processes map (a shared libvirt under libvirtd) are left alone.
 //! Writable mappings (data, heap, stacks) are never touched. (docs/benchmarks.md, idle memory.)
 
-/// What was handed back: mappings advised and their total size.
+/// What was advised: the mappings and their total size (an upper bound of what the kernel
+/// paged out: it skips pages other processes map).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct HandedBack {
     pub mappings: usize,

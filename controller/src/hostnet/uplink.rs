@@ -369,6 +369,16 @@ impl NetlinkHost {
     }
 }
 
+/// Keep the first error of a sequence that goes on after one (logging the others).
+fn keep_first(first: &mut Option<NetError>, result: Result<(), NetError>) {
+    if let Err(e) = result {
+        match first {
+            None => *first = Some(e),
+            Some(_) => tracing::warn!(error = %e, "restore step failed (after an earlier failure)"),
+        }
+    }
+}
+
 impl UplinkNet for NetlinkHost {
     async fn checkpoint(&self, bridge: &str, port: &str) -> Result<Checkpoint, NetError> {
         let (port_index, port_mac, port_mtu, master) = self.link_facts(port).await?;
@@ -447,29 +457,33 @@ impl UplinkNet for NetlinkHost {
         self.set_master(port_index, port, Some(bridge)).await
     }
 
+    /// Every step is tried even when one fails (a rollback that stopped after taking the port
+    /// out of the bridge would leave the host with neither path); the first error is returned.
     async fn restore(&self, cp: &Checkpoint) -> Result<(), NetError> {
         let (bridge_index, ..) = self.link_facts(&cp.bridge).await?;
         let (port_index, ..) = self.link_facts(&cp.port).await?;
         let (port, bridge) = (cp.port.as_str(), cp.bridge.as_str());
-        self.set_master(port_index, port, cp.port_master.as_deref()).await?;
+        let mut first = None;
+        keep_first(&mut first, self.set_master(port_index, port, cp.port_master.as_deref()).await);
         for r in decode_all::<RuleMessage>(&cp.rules) {
-            self.del_rule(rule_onto(&r, port, bridge), bridge).await?;
-            self.add_rule(r, port).await?;
+            keep_first(&mut first, self.del_rule(rule_onto(&r, port, bridge), bridge).await);
+            keep_first(&mut first, self.add_rule(r, port).await);
         }
         let routes = decode_all::<RouteMessage>(&cp.routes);
         for r in &routes {
-            self.del_route(route_onto(r, port_index, bridge_index), bridge).await?;
+            keep_first(&mut first, self.del_route(route_onto(r, port_index, bridge_index), bridge).await);
         }
         for a in decode_all::<AddressMessage>(&cp.addresses) {
-            self.del_address(address_onto(&a, port, bridge, bridge_index), bridge).await?;
+            keep_first(&mut first, self.del_address(address_onto(&a, port, bridge, bridge_index), bridge).await);
             let mut back = a;
             back.header.index = port_index;
-            self.add_address(back, port).await?;
+            keep_first(&mut first, self.add_address(back, port).await);
         }
         for r in &routes {
-            self.add_route(route_onto(r, port_index, port_index), port).await?;
+            keep_first(&mut first, self.add_route(route_onto(r, port_index, port_index), port).await);
         }
-        self.set_link(bridge_index, bridge, cp.bridge_mac.as_deref(), cp.bridge_mtu).await
+        keep_first(&mut first, self.set_link(bridge_index, bridge, cp.bridge_mac.as_deref(), cp.bridge_mtu).await);
+        first.map_or(Ok(()), Err)
     }
 
     async fn probe(&self, probe: &VerifyProbe, timeout: std::time::Duration) -> bool {

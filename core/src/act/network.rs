@@ -77,8 +77,24 @@ pub async fn apply_net_actions<N: HostNet + UplinkNet, F: Forwarding>(
     actions: &[NetAction],
 ) -> Vec<NetOutcome> {
     let mut out = Vec::with_capacity(actions.len());
+    // After a rollback that failed the host's network is in no known state: no further guarded
+    // change is checkpointed or verified against it.
+    let mut unknown_state = false;
     for action in actions {
         let started = Instant::now();
+        let is_guarded = matches!(
+            &action.kind,
+            NetActionKind::TakeOverUplink { .. }
+                | NetActionKind::ReleaseUplink { .. }
+                | NetActionKind::SetStp { guard: Some(_), .. }
+                | NetActionKind::SetForwarding { guard: Some(_), .. }
+        );
+        if unknown_state && is_guarded {
+            let error = "not tried: an earlier rollback failed, the host's network is in no known state".to_string();
+            tracing::warn!(subject = %action.subject, action = action.kind.name(), %error, "network action skipped");
+            out.push(NetOutcome { action: action.clone(), error: Some(error), millis: 0, verification: None });
+            continue;
+        }
         let guarded = match &action.kind {
             NetActionKind::TakeOverUplink { bridge, takeover } => {
                 Some(take_over(net, fwd, journal, &action.subject, bridge, takeover).await)
@@ -94,6 +110,7 @@ pub async fn apply_net_actions<N: HostNet + UplinkNet, F: Forwarding>(
             }
             _ => None,
         };
+        unknown_state |= guarded.as_ref().is_some_and(|r| r.rollback_failed);
         let (result, verification) = match guarded {
             Some(r) => (if r.verified { Ok(()) } else { Err(r.detail.clone()) }, Some(r)),
             None => (execute_net_action(net, fwd, action).await.map_err(|e| e.to_string()), None),

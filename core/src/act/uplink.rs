@@ -120,6 +120,9 @@ pub struct TakeoverResult {
     pub verify_millis: u128,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollback_millis: Option<u128>,
+    /// The rollback itself failed: the host's network is in no known state.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback_failed: bool,
 }
 
 /// What a guarded change does between its checkpoint and its verification.
@@ -262,6 +265,20 @@ pub async fn set_forwarding<N: HostNet + UplinkNet, F: Forwarding>(
     transaction(net, fwd, journal, cp, step, Deciders::of(guard)).await
 }
 
+/// Point each gateway at the link its default route uses now (unchanged when it has none, or
+/// when the host cannot be read: verification then says what did not answer where).
+async fn gateways_where_routed_now<N: HostNet + UplinkNet>(net: &N, gateways: &mut [(String, IpAddr)]) {
+    let (Ok(routed), Ok(links)) = (net.default_gateways().await, net.links().await) else {
+        return;
+    };
+    for (link, gw) in gateways.iter_mut() {
+        let now = routed.iter().find(|(_, g)| g == gw).and_then(|(index, _)| links.iter().find(|l| l.index == *index));
+        if let Some(l) = now {
+            link.clone_from(&l.name);
+        }
+    }
+}
+
 /// The transaction: `cp` into the durable memory, `step`, verification, then commit — or roll
 /// back to `cp` and hold the change.
 async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
@@ -270,8 +287,13 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
     journal: &dyn UplinkJournal,
     cp: Checkpoint,
     step: Step<'_>,
-    deciders: Deciders<'_>,
+    mut deciders: Deciders<'_>,
 ) -> TakeoverResult {
+    if matches!(cp.change, GuardedChange::Stp | GuardedChange::Forwarding) {
+        // Planned with the others in one pass, a takeover before this change may have moved the
+        // default route: each gateway answers where its route goes now.
+        gateways_where_routed_now(net, &mut deciders.gateways).await;
+    }
     if let Err(e) = journal.change(&mut |u| u.pending.push(cp.clone())) {
         return failed(format!("cannot record the checkpoint in the durable memory ({e}); nothing changed"));
     }
@@ -285,7 +307,9 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
     match verdict {
         Ok(passed) => {
             let _ = journal.change(&mut |u| {
-                u.pending.retain(|p| p != &cp);
+                // Every checkpoint of this change goes, older ones left by a failed restore too:
+                // restored at a later start, they would undo what was just verified.
+                u.pending.retain(|p| !(p.change == change && p.port == cp.port && p.bridge == cp.bridge));
                 u.held.retain(|h| !(h.change == change && h.port == cp.port && h.bridge == cp.bridge));
                 let same = |p: &Checkpoint| p.port == cp.port && p.bridge == cp.bridge;
                 match change {
@@ -304,6 +328,7 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
                 detail: format!("{verb} in {verify_millis} ms: {passed}"),
                 verify_millis,
                 rollback_millis: None,
+                rollback_failed: false,
             }
         }
         Err(why) => {
@@ -331,6 +356,7 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
             } else {
                 format!("rolled back in {rollback_millis} ms")
             };
+            let rollback_failed = restored.is_err();
             let detail = match restored {
                 Ok(()) => format!(
                     "verification failed after {verify_millis} ms: {why}; {undone}; held until the policy changes or `virtwarden release {release}`"
@@ -338,7 +364,13 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
                 Err(e) => format!("verification failed: {why}; ROLLBACK FAILED: {e} (the checkpoint stays in the durable memory and is restored at the next start)"),
             };
             tracing::warn!(change = %what, %detail, "guarded network change rolled back");
-            TakeoverResult { verified: false, detail, verify_millis, rollback_millis: Some(rollback_millis) }
+            TakeoverResult {
+                verified: false,
+                detail,
+                verify_millis,
+                rollback_millis: Some(rollback_millis),
+                rollback_failed,
+            }
         }
     }
 }
@@ -445,7 +477,7 @@ fn write_sysctl<F: Forwarding>(fwd: &F, s: &Sysctl, value: u8) -> Result<(), Net
 }
 
 fn failed(detail: String) -> TakeoverResult {
-    TakeoverResult { verified: false, detail, verify_millis: 0, rollback_millis: None }
+    TakeoverResult { verified: false, detail, verify_millis: 0, rollback_millis: None, rollback_failed: false }
 }
 
 /// How often a gateway must answer afresh while verification runs: one that goes away during
@@ -540,7 +572,23 @@ pub async fn restore_pending<N: HostNet + UplinkNet, F: Forwarding>(
                 done.push(describe(&cp));
             }
             Err(e) => {
-                tracing::error!(change = %describe(&cp), %e, "cannot restore an interrupted guarded network change")
+                tracing::error!(change = %describe(&cp), %e, "cannot restore an interrupted guarded network change");
+                // Held, so no pass plans the change again on top of a half-restored host; the
+                // checkpoint stays and the next start tries again.
+                let held = HeldUplink {
+                    bridge: cp.bridge.clone(),
+                    port: cp.port.clone(),
+                    reason: format!(
+                        "virtwarden stopped during the change and restoring its checkpoint at start failed: {e}"
+                    ),
+                    at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    fingerprint: cp.fingerprint.clone(),
+                    change: cp.change,
+                };
+                let _ = journal.change(&mut |u| {
+                    u.held.retain(|h| !(h.change == held.change && h.port == held.port && h.bridge == held.bridge));
+                    u.held.push(held.clone());
+                });
             }
         }
     }

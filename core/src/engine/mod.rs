@@ -219,6 +219,11 @@ impl EngineHandle {
         s.metrics.encode()
     }
 
+    /// The engine loop has ended (stopped, or never to answer again).
+    pub fn is_stopped(&self) -> bool {
+        self.shared.msg.is_closed()
+    }
+
     /// Connected and one full resync done.
     pub fn is_ready(&self) -> bool {
         self.shared.ready.load(Ordering::Relaxed)

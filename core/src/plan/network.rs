@@ -342,6 +342,11 @@ pub fn wanted_taps(desired: &DesiredState, host: &ObservedHost) -> Vec<WantedTap
         }
         for iface in &d.interfaces {
             if let (Some(tap), Some(bridge)) = (iface.target.clone(), host.bridge_of(iface)) {
+                // A libvirt network's bridge is libvirt's to manage: its taps are ours to put
+                // back only where a policy names that bridge.
+                if iface.kind == "network" && desired.bridge(&bridge).is_none() {
+                    continue;
+                }
                 out.push(WantedTap {
                     tap,
                     bridge,
@@ -1044,6 +1049,28 @@ mod tests {
             "vnet0: tap of vm1 is not on br0 (bridge recreated or port removed) → attach to br0"
         );
         assert_eq!(actions[0].kind, NetActionKind::AttachTap { bridge: "br0".into(), domain: "vm1".into() });
+    }
+
+    #[test]
+    fn a_detached_tap_of_a_libvirt_network_is_put_back_only_on_a_bridge_a_policy_names() {
+        let on_default = Interface { kind: "network".into(), source: Some("default".into()), ..nic("virbr0") };
+        let mut h = host(
+            on_default,
+            vec![link("virbr0", Some("bridge"), None, None), link("vnet0", Some("tun"), None, Some(TAP_MAC))],
+        );
+        h.networks = vec![crate::observe::ObservedNetwork {
+            name: "default".into(),
+            bridge: Some("virbr0".into()),
+            active: true,
+        }];
+        // libvirt's own bridge, named by no policy: libvirt's business, nothing planned.
+        assert_eq!(plan_network(&desired("  domains:\n    - name: vm1\n"), &h).0, vec![]);
+        // Named by a policy: its domain's tap goes back like any other.
+        let (actions, _) = plan_network(&desired("  domains:\n    - name: vm1\n  bridges:\n    - name: virbr0\n"), &h);
+        assert_eq!(
+            actions.iter().map(NetAction::line).collect::<Vec<_>>(),
+            ["vnet0: tap of vm1 is not on virbr0 (bridge recreated or port removed) → attach to virbr0"]
+        );
     }
 
     #[test]
