@@ -228,6 +228,7 @@ impl Operator {
         heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut api_down = false;
         let mut dirty = true;
+        let mut urgent = false;
         loop {
             let mut reselect = false;
             let synced = selecting && reporting;
@@ -235,7 +236,7 @@ impl Operator {
                 dirty_since = Some(Instant::now());
             }
             let want_round = synced && !api_down && (dirty || !self.pending.is_empty());
-            let due = round_due(dirty_since.filter(|_| dirty), last_round, last_check);
+            let due = round_due(dirty_since.filter(|_| dirty), last_round.filter(|_| !urgent), last_check);
             tokio::select! {
                 ready = &mut selection_ready, if !selecting => {
                     if !ready { return; }
@@ -278,6 +279,7 @@ impl Operator {
                     let (started, writes) = (Instant::now(), self.writes);
                     // What changes while this round runs is seen by the engine's notifications.
                     dirty_since = None;
+                    urgent = false;
                     dirty = !self.write_statuses(&policies.state(), &enactments.state(), &alive).await;
                     if self.writes != writes {
                         last_round = Some(started);
@@ -292,7 +294,8 @@ impl Operator {
                     .find(|n| n.name_any() == self.node)
                     .map(|n| n.labels().clone())
                     .unwrap_or_default();
-                self.reselect(&policies.state(), &labels);
+                // What an admin just changed is reported at once, not after the interval.
+                urgent |= self.reselect(&policies.state(), &labels);
                 dirty = true;
             }
         }
@@ -316,7 +319,8 @@ impl Operator {
 
     /// Recompute this node's selection and put a changed desired state in force. A deleted
     /// policy is simply no longer selected: its domains stay as they are, no longer managed.
-    pub fn reselect(&mut self, all: &[Arc<WatchedHostPolicy>], labels: &BTreeMap<String, String>) {
+    /// True when the selection changed (an edit or a label change that concerns this node).
+    pub fn reselect(&mut self, all: &[Arc<WatchedHostPolicy>], labels: &BTreeMap<String, String>) -> bool {
         for p in all.iter().filter(|p| !p.ignored_fields.is_empty()) {
             if self.warned.insert((p.metadata.uid.clone().unwrap_or_default(), p.metadata.generation)) {
                 tracing::warn!(policy = %p.name_any(), fields = ?p.ignored_fields,
@@ -329,7 +333,9 @@ impl Operator {
             self.engine.reload(selection.desired.clone());
         }
         self.written.retain(|name, _| selection.selected.contains(name));
+        let changed = selection != self.selection;
         self.selection = selection;
+        changed
     }
 
     /// One status round: remove this node's enactments of policies that no longer select it,
@@ -485,7 +491,8 @@ impl Operator {
 }
 
 /// When the next status round may run: `STATUS_DEBOUNCE` after the change that calls for it, and
-/// never sooner than `STATUS_INTERVAL` after the last round that wrote. Without a change
+/// never sooner than `STATUS_INTERVAL` after the last round that wrote (the caller passes no
+/// `last_write` when the selection itself changed: an admin's edit is reported at once). Without a change
 /// (`changed_at` None: only an aggregate waiting for its repair turn) the next look is an
 /// interval after the last one (`last_check`).
 fn round_due(changed_at: Option<Instant>, last_write: Option<Instant>, last_check: Instant) -> Instant {
