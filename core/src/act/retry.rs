@@ -136,32 +136,7 @@ mod tests {
         }
     }
 
-    impl DomainControl for Flaky {
-        fn start(&self, _: &str) -> Result<(), HypervisorError> {
-            self.call("start")
-        }
-        fn shutdown(&self, _: &str) -> Result<(), HypervisorError> {
-            self.call("shutdown")
-        }
-        fn destroy(&self, _: &str) -> Result<(), HypervisorError> {
-            self.call("destroy")
-        }
-        fn resume(&self, _: &str) -> Result<(), HypervisorError> {
-            self.call("resume")
-        }
-        fn reset(&self, _: &str) -> Result<(), HypervisorError> {
-            self.call("reset")
-        }
-        fn set_autostart(&self, _: &str, _: bool) -> Result<(), HypervisorError> {
-            self.call("autostart")
-        }
-        fn persistent_xml(&self, _: &str) -> Result<String, HypervisorError> {
-            self.call("dumpxml").map(|_| String::new())
-        }
-        fn define_xml(&self, _: &str, _: &str) -> Result<(), HypervisorError> {
-            self.call("define")
-        }
-    }
+    crate::act::control_by_call!(Flaky);
 
     #[test]
     fn an_idempotent_call_is_repeated_alone_until_it_works() {

@@ -96,7 +96,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::hypervisor::{DomainControl, DomainReader};
+    use crate::hypervisor::DomainReader;
     use crate::observe::{ObservedDomain, ObservedHost};
 
     /// A guest that is down at its `down_at`-th look after the request (never: `None`).
@@ -128,32 +128,7 @@ mod tests {
         }
     }
 
-    impl DomainControl for Guest {
-        fn start(&self, _: &str) -> Result<(), HypervisorError> {
-            self.call("start")
-        }
-        fn shutdown(&self, _: &str) -> Result<(), HypervisorError> {
-            self.call("shutdown")
-        }
-        fn destroy(&self, _: &str) -> Result<(), HypervisorError> {
-            self.call("destroy")
-        }
-        fn resume(&self, _: &str) -> Result<(), HypervisorError> {
-            self.call("resume")
-        }
-        fn reset(&self, _: &str) -> Result<(), HypervisorError> {
-            self.call("reset")
-        }
-        fn set_autostart(&self, _: &str, _: bool) -> Result<(), HypervisorError> {
-            self.call("autostart")
-        }
-        fn persistent_xml(&self, _: &str) -> Result<String, HypervisorError> {
-            self.call("dumpxml").map(|_| String::new())
-        }
-        fn define_xml(&self, _: &str, _: &str) -> Result<(), HypervisorError> {
-            self.call("define")
-        }
-    }
+    crate::act::control_by_call!(Guest);
 
     #[test]
     fn blocking_shutdown_waits_a_poll_between_looks_and_destroys_only_past_the_timeout() {
