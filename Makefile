@@ -150,10 +150,11 @@ k8s-testenv:
 
 ## A test that hangs fails the run after TEST_TIMEOUT (libtest names it: "has been running for over
 ## 60 seconds") instead of taking the whole CI budget; the suite takes ~5 min warm, ~10 cold.
+## --no-fail-fast: one failing test binary does not hide the others' results (CI shows them all).
 TEST_TIMEOUT ?= 40m
 test: deps deps-ops k8s-testenv
 	$(CARGO) fmt --all -- --check
-	timeout --kill-after=30s $(TEST_TIMEOUT) $(CARGO) test --workspace
+	timeout --kill-after=30s $(TEST_TIMEOUT) $(CARGO) test --workspace --no-fail-fast
 	$(MAKE) test-systemd
 
 ## test-fast: the suite without the end-to-end tests (private libvirtd + QEMU), for local loops.
