@@ -114,8 +114,9 @@ fn e2e_health_service_killed_or_frozen_fails_the_probe_while_libvirt_says_runnin
     // No address in the "policy": found through libvirt's ARP source by the NIC's MAC (the
     // domain has no agent and no libvirt network, so those two sources have nothing).
     let http = spec(healthz(), None);
-    let r = rt.block_on(prober.probe(&http));
-    assert_eq!((&r.outcome, r.address), (&Ok(()), Some(ip())), "{r:?}");
+    // Polled: a TCG guest on a loaded machine may miss one 2 s deadline.
+    let r = probe_until(&rt, &prober, &http, "the probe passing", |r| r.outcome.is_ok());
+    assert_eq!(r.address, Some(ip()), "{r:?}");
     let found = discover(hv.as_ref(), "web", &[]).unwrap();
     assert_eq!((found.address, found.source), (ip(), AddressSource::Arp));
 
@@ -150,7 +151,7 @@ fn e2e_health_kernel_panic_leaves_libvirt_saying_running_and_the_probe_failing()
     let rt = runtime();
     let prober = Prober::new(hv.clone(), 4).with_http(Arc::new(HyperGet));
     let tcp = spec(Probe::Tcp(TcpProbe { port: 80 }), Some(ip()));
-    assert_eq!(rt.block_on(prober.probe(&tcp)).outcome, Ok(()));
+    probe_until(&rt, &prober, &tcp, "the probe passing", |r| r.outcome.is_ok());
     while rx.try_recv().is_ok() {}
 
     assert!(knob(GUEST_IP, "panic").unwrap_or_default().contains("panicking"));
@@ -237,8 +238,8 @@ fn e2e_health_guest_agent_answers_pings_and_libvirt_reports_agent_and_reset_even
     let rt = runtime();
     let prober = Prober::new(hv.clone(), 4).with_http(Arc::new(HyperGet));
     let ping = spec(Probe::GuestAgentPing(GuestAgentPing {}), None);
-    let r = rt.block_on(prober.probe(&ping));
-    assert_eq!((&r.outcome, r.target.as_str()), (&Ok(()), "guest agent"), "{r:?}");
+    let r = probe_until(&rt, &prober, &ping, "the agent answering", |r| r.outcome.is_ok());
+    assert_eq!(r.target.as_str(), "guest agent", "{r:?}");
     // The agent knows the guest's own addresses: the first source asked.
     let found = discover(hv.as_ref(), "web", &[]).unwrap();
     assert_eq!((found.address, found.source), (ip(), AddressSource::Agent));
@@ -278,8 +279,9 @@ fn e2e_health_run_heals_a_dead_service_and_a_kernel_panic_and_leaves_a_guest_wit
         probe: {{http: {{port: 80, path: /healthz}}}}
         address: {GUEST_IP}
         period: 2s
-        timeout: 1s
-        failureThreshold: 2
+        # Generous for a TCG guest on a loaded machine: a slow answer is no breakage here.
+        timeout: 1500ms
+        failureThreshold: 3
         bootTimeout: 170s
     - name: plain
       restart: always
@@ -384,7 +386,11 @@ fn e2e_health_run_restarts_a_guest_whose_kernel_panic_libvirt_reported_and_recor
     wait("pp serves HTTP", BOOT, || http_ok(GUEST_IP));
     assert!(knob(GUEST_IP, "panic").unwrap_or_default().contains("panicking"));
     // libvirt is told (pvpanic), the domain stops (on_crash destroy) and virtwarden starts it.
-    wait("restarted after the panic", T, || d.domain("pp").is_some_and(|s| s["restarts"] == 1));
+    // The crash event may reach the worker only after the restart it caused (it waits while the
+    // start runs), so wait for both before reading.
+    wait("restarted after the panic, the event recorded", T, || {
+        d.domain("pp").is_some_and(|s| s["restarts"] == 1 && s["lastGuestEvent"].is_string())
+    });
     let s = d.domain("pp").unwrap();
     assert_eq!(s["lastGuestEvent"], "guest crashed (crashed/panicked)", "{s}");
     // The restart is immediate (the first start is no restart, so no backoff step): the failure
@@ -454,8 +460,9 @@ fn e2e_health_run_an_arp_spoofer_on_the_bridge_is_an_address_conflict_never_a_re
       health:
         probe: {http: {port: 80, path: /healthz}}
         period: 1s
-        timeout: 500ms
-        failureThreshold: 2
+        # Generous for a TCG guest on a loaded machine: the conflict is under test, not speed.
+        timeout: 900ms
+        failureThreshold: 5
         bootTimeout: 170s
 ",
     ));
@@ -596,7 +603,11 @@ fn e2e_health_run_console_escapes_and_a_mebibyte_of_output_are_bounded_and_clean
     hv.connection().define_domain_xml(&xml).expect("define");
     let hook_out = work().join("hook-reason");
     let hook = work().join("hook.sh");
-    std::fs::write(&hook, format!("#!/bin/sh\nprintf '%s' \"$VIRTWARDEN_REASON\" > {}\n", hook_out.display())).unwrap();
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\nprintf '%s' \"$VIRTWARDEN_REASON\" > {0}.tmp && mv {0}.tmp {0}\n", hook_out.display()),
+    )
+    .unwrap();
     std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let d = Daemon::start(&policy(&format!(
         "  domains:
@@ -623,7 +634,9 @@ fn e2e_health_run_console_escapes_and_a_mebibyte_of_output_are_bounded_and_clean
         assert!(t0.elapsed() < T, "the hook did not run; status: {s:?}\n{}", d.log());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Written whole (renamed into place); the status may follow the hook by a moment.
     let reason = std::fs::read_to_string(&hook_out).unwrap();
+    wait("the failure in status", T, || d.domain("noisy").is_some_and(|s| s["lastFailure"].is_string()));
     let s = d.domain("noisy").unwrap();
     let failure = s["lastFailure"].as_str().unwrap_or_default().to_string();
     for (what, t) in [("hook env", reason.as_str()), ("status", failure.as_str())] {

@@ -9,8 +9,9 @@ use std::time::Duration;
 use testbed::*;
 
 const T: Duration = Duration::from_secs(30);
-/// Well under the daemon's 60 s resync: the start follows the path, not the resync.
-const SOON: Duration = Duration::from_secs(10);
+/// Under the daemon's 60 s resync (the start follows the path, not the resync), and long enough
+/// for a QEMU start on a loaded machine.
+const SOON: Duration = Duration::from_secs(40);
 
 #[test]
 fn e2e_run_starts_a_domain_once_its_required_path_appears() {

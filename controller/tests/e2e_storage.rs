@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use testbed::*;
 
 const T: Duration = Duration::from_secs(60);
-/// Generous: a start takes well under a second here; today's main never starts it at all.
-const START_BOUND: Duration = Duration::from_secs(10);
+/// Generous: a start takes a second or two here; the old main never started it at all. Under the
+/// daemon's 60 s resync, so the start follows the definition, not a resync.
+const START_BOUND: Duration = Duration::from_secs(40);
 const HUNG: usize = 16;
 
 /// A FUSE file system that answers FUSE_INIT and then nothing: lookups under it block until the

@@ -277,7 +277,11 @@ async fn operators_as_the_service_account_enforce_report_and_follow_the_cluster(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     for a in &agents {
-        assert_eq!((a.probe("/healthz"), a.probe("/readyz")), (Some(200), Some(200)), "{}", a.name);
+        // Ready once its last status round went through; polled, as a kubelet would.
+        wait_for(&format!("{} healthy and ready", a.name), 30, || async {
+            ((a.probe("/healthz"), a.probe("/readyz")) == (Some(200), Some(200))).then_some(())
+        })
+        .await;
     }
     for e in enactments(&admin).await {
         let (policy, node) = (&e.spec.policy, &e.spec.node);
@@ -438,27 +442,28 @@ async fn through_an_api_outage_the_node_keeps_enforcing_and_catches_up_in_second
     tokio::time::sleep(Duration::from_secs(5)).await; // the outage lasts a while: the watches back off
     server.start_apiserver().await;
 
-    // An edit right after the server is back reaches the enactment within seconds.
+    // An edit right after the server is back reaches the enactment (in seconds, printed; the
+    // bound is only for a machine under load: watches back off up to 3 s each, then relist).
     let edited = Instant::now();
     put_policy(&admin, "web", &["web1", "web2"], None).await;
-    wait_for("the edit in the enactment", 15, || async {
+    wait_for("the edit in the enactment", 60, || async {
         let e = enactments(&admin).await;
         e.iter().any(|e| e.status.as_ref().is_some_and(|s| s.domains.iter().any(|d| d.name == "web2"))).then_some(())
     })
     .await;
     println!("edit after the API returned → enactment updated: {:?}", edited.elapsed());
-    wait_for("ready again", 15, || async { api_health.problem().is_none().then_some(()) }).await;
+    wait_for("ready again", 60, || async { api_health.problem().is_none().then_some(()) }).await;
     // No duplicate, and the restart made during the outage is reported.
     let all = enactments(&admin).await;
     assert_eq!(all.len(), 1, "{all:#?}");
-    wait_for("the outage's restart in the enactment", 15, || async {
+    wait_for("the outage's restart in the enactment", 60, || async {
         restarts(admin.clone()).await.filter(|r| *r > before)
     })
     .await;
     // The restart is told as an Event in the operator's namespace, regarding the node's Lease,
     // naming the policy.
     let events: Api<Event> = Api::namespaced(admin.clone(), "virtwarden");
-    let restarted = wait_for("a Restarted event", 20, || async {
+    let restarted = wait_for("a Restarted event", 60, || async {
         let list = events.list(&ListParams::default()).await.ok()?;
         list.items.into_iter().find(|e| {
             e.reason.as_deref() == Some("Restarted") && e.note.as_deref().is_some_and(|n| n.contains("destroyed"))

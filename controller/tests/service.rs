@@ -71,7 +71,7 @@ fn status_json(state: &Path) -> Option<serde_json::Value> {
 
 /// Poll the status file (written by another process; there is nothing to subscribe to).
 fn wait_status(state: &Path, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(s) = status_json(state) {
             if cond(&s) {

@@ -103,9 +103,10 @@ fn hook(dir: &std::path::Path, body: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_during_a_graceful_shutdown_cancels_it_one_actor_remains() {
     let faulty = open();
-    // The guest ignores the ACPI request: the worker waits for it, up to shutdownTimeout.
+    // The guest ignores the ACPI request: the worker waits for it, up to shutdownTimeout (long,
+    // so that a slow machine cannot reach it before the reload; a cancelled wait ends at once).
     faulty.arm("shutdown", "web2", Fault::Ignore, 1);
-    let stopped = "  domains:\n    - name: web2\n      state: stopped\n      shutdownTimeout: 1500ms\n";
+    let stopped = "  domains:\n    - name: web2\n      state: stopped\n      shutdownTimeout: 1m\n";
     let r = spawn_on(faulty, policy(stopped), config(None), Registry::with_builtins());
     r.until_calls("shutdown requested", |f| f.count("shutdown", "web2") == 1).await;
     // The policy changes mid-wait: the wait is cancelled, the old action does not go on to
@@ -116,9 +117,9 @@ async fn a_reload_during_a_graceful_shutdown_cancels_it_one_actor_remains() {
             find(s, "web2").is_some_and(|d| d.last_outcome.as_deref().is_some_and(|o| o.starts_with("cancelled")))
         })
         .await;
-    assert_eq!(find(&s, "web2").unwrap().last_action.as_deref(), Some("shut down (destroy after 1500ms)"));
+    assert_eq!(find(&s, "web2").unwrap().last_action.as_deref(), Some("shut down (destroy after 1m)"));
     // Once the engine is idle nothing of the old action is under way (a shutdown wait still
-    // running would keep its worker busy past its 1.5 s timeout, then destroy): the domain
+    // running would keep its worker busy, then destroy after the timeout): the domain
     // still runs and was never destroyed.
     r.until_idle().await;
     assert_eq!(r.faulty.count("destroy", "web2"), 0, "{:?}", r.faulty.calls());
@@ -227,7 +228,9 @@ async fn a_hung_call_stalls_only_its_domain() {
     let faulty = open();
     faulty.arm("observe", "web2", Fault::Hang, 1);
     let spec = "  domains:\n    - name: web2\n      restart: always\n    - name: db1\n      restart: always\n";
-    let r = spawn_on(faulty, policy(spec), config(None), Registry::with_builtins());
+    // A read deadline a starved machine keeps for db1's reads (only web2's call is to hang).
+    let config = EngineConfig { read_deadline: Duration::from_secs(2), ..config(None) };
+    let r = spawn_on(faulty, policy(spec), config, Registry::with_builtins());
     // READY does not wait for the hung domain beyond its deadline.
     r.until("ready despite the hung call", |_| r.engine.is_ready()).await;
     let s = r

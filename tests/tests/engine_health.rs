@@ -187,8 +187,10 @@ async fn paused_guest_is_not_probed_and_not_reset() {
     let probes_before = probe_count(&r.engine.metrics_text());
     // Quiet: no probe in flight and no timer armed that could start one, so none runs until
     // something from outside (a libvirt event, a reload) moves the domain, however long.
+    // A probe already in flight when the pause was seen may still finish and count (it is not
+    // aborted); none more.
     r.until_quiet().await;
-    assert_eq!(probe_count(&r.engine.metrics_text()), probes_before, "no probes while paused");
+    assert!(probe_count(&r.engine.metrics_text()) <= probes_before + 1, "no probes while paused");
     let s = r.engine.status();
     assert_eq!(domain(&s, "web2").restarts, 0);
     assert_eq!(r.host.observe_domain("web2").unwrap().unwrap().state, DomainState::Paused);
@@ -236,8 +238,9 @@ async fn a_libvirt_outage_suspends_probing_and_resets_nobody() {
     let probes = probe_count(&r.engine.metrics_text());
     // Quiet (the reconnection only waits between tries): no probe in flight and no worker
     // timer armed that could start one, so none runs until libvirt is back.
+    // (A probe in flight when the connection dropped may still finish and count; none more.)
     r.until_quiet().await;
-    assert_eq!(probe_count(&r.engine.metrics_text()), probes, "no probes while libvirt is away");
+    assert!(probe_count(&r.engine.metrics_text()) <= probes + 1, "no probes while libvirt is away");
 
     // libvirt is back and so is the service: judged afresh, healthy, never reset.
     let _back = TcpListener::bind(("127.0.0.1", port)).unwrap();

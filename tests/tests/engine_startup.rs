@@ -153,7 +153,9 @@ async fn run_starts_order_groups_in_order_after_their_dependencies_and_delay() {
     assert_eq!(&order[2..], ["app0", "app1", "web1"]);
     let at: HashMap<&str, Instant> = started.iter().map(|(d, t)| (d.as_str(), *t)).collect();
     let gap = at["app0"].duration_since(at["db1"]);
-    assert!(gap >= Duration::from_millis(950), "group 2 started {gap:?} after db1, whose delay is 1s");
+    // The delay counts from db1's start returning, the gap from its event being delivered (which
+    // a loaded machine may hold back): a margin, yet far from the few ms without any delay.
+    assert!(gap >= Duration::from_millis(700), "group 2 started {gap:?} after db1, whose delay is 1s");
     let s = r.until("all running, nothing waits", |s| s.domains.iter().all(|d| d.state.starts_with("running"))).await;
     assert!(s.domains.iter().all(|d| d.waiting_for.is_empty()), "{s:#?}");
     // One start each, and a first start is no restart (issue 18): a wait is not an attempt.

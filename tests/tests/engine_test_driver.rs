@@ -216,7 +216,12 @@ async fn run_then_crash_loop_walks_the_ladder_then_quarantines() {
     let hook_log = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = hook_log.lines().collect();
     assert_eq!(lines.len(), 2, "{hook_log}");
-    assert!(lines[0].starts_with("web2 3 from-test reason=stopped/destroyed"), "{hook_log}");
+    // The reason: the lifecycle event, or the state when a look noticed first.
+    assert!(
+        lines[0].starts_with("web2 3 from-test reason=stopped/destroyed")
+            || lines[0].starts_with("web2 3 from-test reason=shut off (destroyed)"),
+        "{hook_log}"
+    );
     assert!(lines[1].starts_with("web2 4 from-test"), "{hook_log}");
 
     // A reload does not lift a quarantine; `virtwarden release` does, and the domain is

@@ -96,7 +96,9 @@ fn order_groups_after_and_delay_decide_the_start_order() {
     assert_eq!(&names[2..], ["app0", "app1", "web1"]);
     // Group 2 waited for db1's delay.
     let gap = started[at["app0"]].1.duration_since(started[at["db1"]].1);
-    assert!(gap >= Duration::from_millis(950), "group 2 started {gap:?} after db1, its delay is 1s");
+    // The delay counts from db1's start returning, the gap from its event being delivered (which
+    // a loaded machine may hold back): a margin, yet far from the few ms without any delay.
+    assert!(gap >= Duration::from_millis(700), "group 2 started {gap:?} after db1, whose delay is 1s");
     // apply says what each start waited for, in plan (= start) order.
     let waited: Vec<String> = report
         .outcomes

@@ -251,7 +251,7 @@ impl Daemon {
         let d = Daemon { child, state_dir };
         let t0 = Instant::now();
         while !d.status().is_some_and(|s| s["connected"] == true) {
-            assert!(t0.elapsed() < Duration::from_secs(20), "virtwarden not ready after 20s:\n{}", d.log());
+            assert!(t0.elapsed() < Duration::from_secs(60), "virtwarden not ready after 60s:\n{}", d.log());
             std::thread::sleep(Duration::from_millis(2));
         }
         d
