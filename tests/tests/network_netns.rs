@@ -176,7 +176,15 @@ async fn uplink_bridge_port_changes_are_held_back_unless_allowed() {
     if !in_private_netns("uplink_bridge_port_changes_are_held_back_unless_allowed") {
         return;
     }
+    // br0 carries the default route; its gateway is behind eth1 (in a peer namespace), which the
+    // policy lists as br0's port.
+    sh(&["ip", "link", "set", "lo", "up"]);
     sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1-p"]);
+    let gw = virtwarden_tests::peer::PeerNetns::new();
+    gw.take_link("eth1-p");
+    gw.sh(&["ip", "addr", "add", "10.77.0.1/24", "dev", "eth1-p"]);
+    gw.sh(&["ip", "link", "set", "eth1-p", "up"]);
+    sh(&["ip", "link", "set", "eth1", "up"]);
     sh(&["ip", "link", "add", "br0", "type", "bridge"]);
     sh(&["ip", "link", "set", "br0", "up"]);
     sh(&["ip", "addr", "add", "10.77.0.2/24", "dev", "br0"]);
@@ -185,7 +193,13 @@ async fn uplink_bridge_port_changes_are_held_back_unless_allowed() {
     let p = net.plan(&policy("  bridges:\n    - name: br0\n      ports: [eth1]\n"), None).await;
     assert!(p.network.is_empty(), "{}", render_text(&p));
     assert!(render_text(&p).contains("held back: br0 carries a default route (set allowUplinkChange: true to allow)"));
+    // Allowed: a guarded change, kept because the gateway answers on br0 once eth1 is its port.
     let allowed = policy("  bridges:\n    - name: br0\n      allowUplinkChange: true\n      ports: [eth1]\n");
+    let text = render_text(&net.plan(&allowed, None).await);
+    assert!(
+        text.contains("eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify within 10s: gateway 10.77.0.1 answers ARP/NDP on br0; detach if not"),
+        "{text}"
+    );
     assert!(net.converge(&allowed, None).await.is_empty());
     assert_eq!(net.master("eth1").await.as_deref(), Some("br0"));
 }

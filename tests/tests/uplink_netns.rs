@@ -645,3 +645,69 @@ async fn interrupted_stp_and_forwarding_changes_are_restored_at_start() {
             .is_empty());
     }
 }
+
+/// br0 carries the uplink: up0 is its port, the address and default route are on br0.
+fn port_policy(verify: &str) -> DesiredState {
+    virtwarden_tests::inline_policy(&format!(
+        "  bridges:\n    - name: br0\n      ports: [up0, eth1]\n      allowUplinkChange: true\n{verify}"
+    ))
+}
+
+fn eth1_in_br0() -> bool {
+    out(&["ip", "-o", "link", "show", "eth1"]).contains("master br0")
+}
+
+#[tokio::test]
+async fn a_port_attached_to_the_uplink_bridge_is_detached_again_when_the_host_loses_its_lan() {
+    if !in_private_netns("a_port_attached_to_the_uplink_bridge_is_detached_again_when_the_host_loses_its_lan") {
+        return;
+    }
+    let _gw = lan_on_br0();
+    // A second host interface the policy lists as a port of the bridge that carries the uplink.
+    sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p"]);
+    sh(&["ip", "link", "set", "eth1", "up"]);
+    let net = Net::new(MemoryStore::in_memory());
+
+    // Nothing answers 198.51.100.99: the attachment is undone and held.
+    let failing = port_policy("      verify: [{ping: {address: 198.51.100.99}}]\n      verifyTimeout: 2s\n");
+    let text = render_text(&net.plan(&failing).await);
+    assert!(
+        text.contains(
+            "eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify within 2s: \
+             gateway 198.51.100.1 answers ARP/NDP on br0, ping 198.51.100.99; detach if not"
+        ),
+        "{text}"
+    );
+    let outcomes = net.apply(&failing).await;
+    let o = outcomes.iter().find(|o| o.action.subject == "eth1").unwrap();
+    let err = o.error.clone().expect("the ping cannot pass");
+    assert!(err.contains("ping 198.51.100.99 did not answer within 2s") && err.contains("detached again in"), "{err}");
+    assert!(err.contains("held until the policy changes or `virtwarden release br0`"), "{err}");
+    assert!(o.verification.as_ref().is_some_and(|v| !v.verified && v.rollback_millis.is_some()), "{o:#?}");
+    assert!(!eth1_in_br0(), "eth1 detached again");
+    assert!(out(&["ip", "-o", "link", "show", "up0"]).contains("master br0"), "the uplink untouched");
+    assert!(out(&["ip", "route", "show", "default"]).contains("via 198.51.100.1 dev br0"));
+    assert!(net.journal.load().pending.is_empty(), "no checkpoint left once rolled back");
+    let again = net.plan(&failing).await;
+    let text = render_text(&again);
+    assert!(again.network.is_empty(), "{text}");
+    assert!(
+        text.contains("warning: eth1: not a port of br0, policy lists it → held: verification failed at ")
+            && text.contains("detached again; retried when the policy changes or after `virtwarden release br0`"),
+        "{text}"
+    );
+
+    // Released by the admin, with a policy whose deciders answer (the gateway): attached,
+    // verified, kept.
+    assert_eq!(release(&net.journal, "br0").unwrap().len(), 1);
+    let passing = port_policy("      verifyTimeout: 10s\n");
+    let outcomes = net.apply(&passing).await;
+    let o = outcomes.iter().find(|o| o.action.subject == "eth1").unwrap();
+    assert!(o.error.is_none(), "{o:#?}");
+    let v = o.verification.clone().expect("guarded");
+    assert!(v.verified && v.detail.contains("gateway 198.51.100.1 answers ARP/NDP on br0"), "{v:?}");
+    assert!(eth1_in_br0());
+    let memory = net.journal.load();
+    assert!(memory.pending.is_empty() && memory.held.is_empty(), "{memory:#?}");
+    assert!(net.plan(&passing).await.network.is_empty(), "converged");
+}

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::uplink::{give_back, set_forwarding, set_stp, take_over, TakeoverResult, UplinkJournal};
+use super::uplink::{attach_port, give_back, set_forwarding, set_stp, take_over, TakeoverResult, UplinkJournal};
 use crate::hostnet::uplink::UplinkNet;
 use crate::hostnet::{Forwarding, HostNet, NetError};
 use crate::observe::{ForwardingState, ObservedNet, RaDefaultRoute};
@@ -40,7 +40,8 @@ pub async fn execute_net_action<N: HostNet, F: Forwarding>(
         NetActionKind::SetUp => net.set_up(subject).await,
         // Guarded (a `guard`) only through apply_net_actions; alone it only sets.
         NetActionKind::SetStp { stp, .. } => net.set_stp(subject, *stp).await,
-        NetActionKind::Enslave { bridge } | NetActionKind::AttachTap { bridge, .. } => {
+        // Guarded (a `guard`) only through apply_net_actions; alone it only attaches.
+        NetActionKind::Enslave { bridge, .. } | NetActionKind::AttachTap { bridge, .. } => {
             net.enslave(subject, bridge).await
         }
         NetActionKind::SetAcceptRa { value } => fwd.set_accept_ra(subject, *value),
@@ -68,7 +69,8 @@ pub struct NetOutcome {
 }
 
 /// Execute network actions in order, continuing past failures. Guarded changes — uplink
-/// takeovers and releases, actions with a `guard` — run as a transaction (checkpoint in
+/// takeovers and releases, actions with a `guard` (STP, forwarding, a port attached to a bridge
+/// that carries an uplink) — run as a transaction (checkpoint in
 /// `journal`, verify, commit or roll back; see `act::uplink`).
 pub async fn apply_net_actions<N: HostNet + UplinkNet, F: Forwarding>(
     net: &N,
@@ -88,6 +90,7 @@ pub async fn apply_net_actions<N: HostNet + UplinkNet, F: Forwarding>(
                 | NetActionKind::ReleaseUplink { .. }
                 | NetActionKind::SetStp { guard: Some(_), .. }
                 | NetActionKind::SetForwarding { guard: Some(_), .. }
+                | NetActionKind::Enslave { guard: Some(_), .. }
         );
         if unknown_state && is_guarded {
             let error = "not tried: an earlier rollback failed, the host's network is in no known state".to_string();
@@ -107,6 +110,9 @@ pub async fn apply_net_actions<N: HostNet + UplinkNet, F: Forwarding>(
             }
             NetActionKind::SetForwarding { family, on, guard: Some(guard) } => {
                 Some(set_forwarding(net, fwd, journal, family, *on, guard).await)
+            }
+            NetActionKind::Enslave { bridge, guard: Some(guard) } => {
+                Some(attach_port(net, fwd, journal, &action.subject, bridge, guard).await)
             }
             _ => None,
         };

@@ -132,6 +132,8 @@ enum Step<'a> {
     /// Move them back to the port, detach it.
     GiveBack,
     Stp(StpSettings),
+    /// Make the port a port of the bridge.
+    Attach,
     /// `accept_ra = 2` on `keep_ra` first, then the forwarding switch.
     Forwarding {
         ipv6: bool,
@@ -227,6 +229,27 @@ pub async fn set_stp<N: HostNet + UplinkNet, F: Forwarding>(
     transaction(net, fwd, journal, cp, Step::Stp(stp), Deciders::of(guard)).await
 }
 
+/// `port`, another host interface, into `bridge`, which carries an uplink: the checkpoint is
+/// that the port is in no bridge (the plan attaches no port that is in one); a rollback detaches
+/// it again.
+pub async fn attach_port<N: HostNet + UplinkNet, F: Forwarding>(
+    net: &N,
+    fwd: &F,
+    journal: &dyn UplinkJournal,
+    port: &str,
+    bridge: &str,
+    guard: &Guard,
+) -> TakeoverResult {
+    let cp = Checkpoint {
+        bridge: bridge.into(),
+        port: port.into(),
+        change: GuardedChange::Port,
+        fingerprint: guard.fingerprint.clone(),
+        ..Default::default()
+    };
+    transaction(net, fwd, journal, cp, Step::Attach, Deciders::of(guard)).await
+}
+
 /// IP forwarding of `family` while the default route depends on a managed bridge: the
 /// forwarding switch and the `accept_ra` of every interface with an RA-learned default route
 /// are the checkpoint.
@@ -289,7 +312,7 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
     step: Step<'_>,
     mut deciders: Deciders<'_>,
 ) -> TakeoverResult {
-    if matches!(cp.change, GuardedChange::Stp | GuardedChange::Forwarding) {
+    if matches!(cp.change, GuardedChange::Stp | GuardedChange::Forwarding | GuardedChange::Port) {
         // Planned with the others in one pass, a takeover before this change may have moved the
         // default route: each gateway answers where its route goes now.
         gateways_where_routed_now(net, &mut deciders.gateways).await;
@@ -318,7 +341,7 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
                         u.committed.push(cp.clone());
                     }
                     GuardedChange::Release => u.committed.retain(|p| !same(p)),
-                    GuardedChange::Stp | GuardedChange::Forwarding => {}
+                    GuardedChange::Stp | GuardedChange::Forwarding | GuardedChange::Port => {}
                 }
             });
             tracing::info!(change = %what, verify_millis, "guarded network change verified");
@@ -351,10 +374,10 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
                 u.held.push(held.clone());
             });
             let release = if change == GuardedChange::Forwarding { "forwarding" } else { cp.bridge.as_str() };
-            let undone = if change == GuardedChange::Release {
-                format!("put back into {} in {rollback_millis} ms", cp.bridge)
-            } else {
-                format!("rolled back in {rollback_millis} ms")
+            let undone = match change {
+                GuardedChange::Release => format!("put back into {} in {rollback_millis} ms", cp.bridge),
+                GuardedChange::Port => format!("detached again in {rollback_millis} ms"),
+                _ => format!("rolled back in {rollback_millis} ms"),
             };
             let rollback_failed = restored.is_err();
             let detail = match restored {
@@ -390,6 +413,7 @@ async fn apply_step<N: HostNet + UplinkNet, F: Forwarding>(
         Step::TakeOver => net.take_over(cp).await,
         Step::GiveBack => net.restore(cp).await,
         Step::Stp(stp) => net.set_stp(&cp.bridge, *stp).await,
+        Step::Attach => net.enslave(&cp.port, &cp.bridge).await,
         Step::Forwarding { ipv6, on, keep_ra } => {
             for iface in keep_ra.iter() {
                 fwd.set_accept_ra(iface, 2)?;
@@ -410,6 +434,9 @@ async fn roll_back<N: HostNet + UplinkNet, F: Forwarding>(net: &N, fwd: &F, cp: 
     let links = match cp.change {
         GuardedChange::Takeover => net.restore(cp).await,
         GuardedChange::Release => net.take_over(cp).await,
+        // The checkpoint holds only the port's former bridge (none): restoring it detaches the
+        // port; it moved no address, route or rule.
+        GuardedChange::Port => net.restore(cp).await,
         GuardedChange::Stp | GuardedChange::Forwarding => Ok(()),
     };
     let stp = match &cp.bridge_stp {

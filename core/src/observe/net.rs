@@ -64,6 +64,9 @@ pub enum GuardedChange {
     Stp,
     /// IP forwarding while the default route goes through a managed bridge.
     Forwarding,
+    /// Another host interface attached to a bridge that carries an uplink (a second path to
+    /// the LAN can loop it, a wrong one can take the bridge's traffic).
+    Port,
 }
 
 /// A sysctl a guarded change writes or whose value decides whether the host stays reachable;
@@ -133,13 +136,15 @@ pub struct HeldUplink {
 }
 
 impl HeldUplink {
-    /// The held change in words: `up0 → br0`, `STP of br0`, `ipv6 forwarding`.
+    /// The held change in words: `up0 → br0`, `STP of br0`, `ipv6 forwarding`, `attach of eth1
+    /// to br0`.
     pub fn what(&self) -> String {
         match self.change {
             GuardedChange::Takeover => format!("{} → {}", self.port, self.bridge),
             GuardedChange::Release => format!("release of {} from {}", self.port, self.bridge),
             GuardedChange::Stp => format!("STP of {}", self.bridge),
             GuardedChange::Forwarding => format!("{} forwarding", self.port),
+            GuardedChange::Port => format!("attach of {} to {}", self.port, self.bridge),
         }
     }
 }

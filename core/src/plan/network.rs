@@ -25,6 +25,10 @@ pub enum NetActionKind {
     /// Make the subject (a host interface the policy lists) a port of `bridge`.
     Enslave {
         bridge: String,
+        /// Set when `bridge` carries an uplink (`allowUplinkChange`): a guarded change,
+        /// detached again if the host's gateways or the bridge's probes stop answering.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        guard: Option<Box<Guard>>,
     },
     /// Put the subject, a managed domain's tap, back on `bridge`.
     AttachTap {
@@ -81,7 +85,10 @@ impl NetActionKind {
                     None => set,
                 }
             }
-            NetActionKind::Enslave { bridge } | NetActionKind::AttachTap { bridge, .. } => {
+            NetActionKind::Enslave { bridge, guard: Some(g) } => {
+                format!("attach to {bridge}; {}", g.describe(&self.checkpointed(), "detach if not"))
+            }
+            NetActionKind::Enslave { bridge, guard: None } | NetActionKind::AttachTap { bridge, .. } => {
                 format!("attach to {bridge}")
             }
             NetActionKind::SetForwarding { family, on, guard } => {
@@ -111,6 +118,7 @@ impl NetActionKind {
             NetActionKind::SetStp { .. } => vec!["the bridge's STP settings".into()],
             NetActionKind::SetForwarding { guard: Some(g), .. } => g.sysctls.iter().map(|s| s.to_string()).collect(),
             NetActionKind::ReleaseUplink { bridge, .. } => vec![format!("what {bridge} holds of it")],
+            NetActionKind::Enslave { .. } => vec!["that it is in no bridge".into()],
             _ => Vec::new(),
         }
     }
@@ -266,6 +274,7 @@ impl NetAction {
                 format!("SetForwarding {{ family: {family:?}, on: {on:?} }}")
             }
             NetActionKind::ReleaseUplink { bridge, .. } => format!("ReleaseUplink {{ bridge: {bridge:?} }}"),
+            NetActionKind::Enslave { bridge, .. } => format!("Enslave {{ bridge: {bridge:?} }}"),
             other => format!("{other:?}"),
         }
     }
@@ -618,8 +627,8 @@ fn bridge_links<'a>(b: &'a ManagedBridge, net: &'a ObservedNet) -> Vec<&'a str> 
     links
 }
 
-/// An STP change on bridge `b` that carries an uplink (itself, a port or a listed port) and
-/// says `allowUplinkChange`: checkpoint its STP settings, verify its gateways and probes.
+/// An STP or port change on bridge `b` that carries an uplink (itself, a port or a listed port)
+/// and says `allowUplinkChange`: checkpoint, verify its gateways and probes.
 fn stp_guard(b: &ManagedBridge, net: &ObservedNet) -> Option<Guard> {
     let uplink = net
         .bridge_uplink(&b.spec.name)
@@ -738,10 +747,23 @@ fn plan_ports(
             });
             continue;
         }
+        // Allowed, on a bridge that carries an uplink: a guarded change (a second path to the
+        // LAN may loop it; the host's gateways must still answer afterwards).
+        let port_guard = stp_guard(b, net);
+        if let Some(g) = &port_guard {
+            if let Some(h) = held(net, GuardedChange::Port, name, port, &g.fingerprint) {
+                notes.push(Note {
+                    subject: port.clone(),
+                    severity: Severity::Warning,
+                    message: held_after_rollback(&reason, h, "detached again", name),
+                });
+                continue;
+            }
+        }
         actions.push(NetAction {
             subject: port.clone(),
             policy: b.policy.clone(),
-            kind: NetActionKind::Enslave { bridge: name.into() },
+            kind: NetActionKind::Enslave { bridge: name.into(), guard: port_guard.map(Box::new) },
             reason,
         });
     }
@@ -1201,9 +1223,10 @@ mod tests {
         assert_eq!(
             lines(&allowed, &uplink_host(&["eth0"], &["br0"])),
             [
-                // Allowed, the STP change is guarded (checkpoint, verify, roll back if not).
+                // Allowed, the STP change and the new port are guarded (checkpoint, verify, roll
+                // back if not).
                 "br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768 → set stp on; checkpoint the bridge's STP settings; verify within 10s: nothing to probe (no default gateway, no verify probes); roll back if not",
-                "eth1: not a port of br0, policy lists it → attach to br0"
+                "eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify within 10s: nothing to probe (no default gateway, no verify probes); detach if not"
             ]
         );
         // No uplink anywhere near br0: nothing held.
@@ -1364,6 +1387,7 @@ mod tests {
         match &a.kind {
             NetActionKind::SetStp { guard: Some(g), .. }
             | NetActionKind::SetForwarding { guard: Some(g), .. }
+            | NetActionKind::Enslave { guard: Some(g), .. }
             | NetActionKind::ReleaseUplink { guard: g, .. } => (**g).clone(),
             other => panic!("not guarded: {other:?}"),
         }
@@ -1385,7 +1409,10 @@ mod tests {
         let fingerprint = guard_of(&actions[0]).fingerprint;
         h.net.as_mut().unwrap().held_uplinks = vec![held_change(GuardedChange::Stp, "br0", "", &fingerprint)];
         let l = lines(&d, &h);
-        assert_eq!(l[0], "eth1: not a port of br0, policy lists it → attach to br0");
+        assert_eq!(
+            l[0],
+            "eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify within 10s: gateway 192.0.2.1 answers ARP/NDP on br0, ping 192.0.2.99; detach if not"
+        );
         assert_eq!(
             l[1],
             "warning: br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768, policy wants stp on → held: verification failed at 2026-12-06T04:00:00Z: ping 192.0.2.99 did not answer within 10s; rolled back; retried when the policy changes or after `virtwarden release br0`"
@@ -1398,6 +1425,35 @@ mod tests {
             lines(&changed, &uplink_host(&[], &[]))[0],
             "br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768 → set stp on"
         );
+    }
+
+    #[test]
+    fn a_port_attached_to_an_allowed_uplink_bridge_is_guarded_and_held_after_a_rollback() {
+        let d = desired(&format!(
+            "{BR0_STP_ETH1}      allowUplinkChange: true\n      verify: [{{ping: {{address: 192.0.2.99}}}}]\n"
+        ));
+        let mut h = uplink_host(&["br0"], &[]);
+        h.net.as_mut().unwrap().default_gateways = vec![gateway("br0", "192.0.2.1")];
+        let (actions, _) = plan_network(&d, &h);
+        let attach = actions.iter().find(|a| a.subject == "eth1").unwrap();
+        assert_eq!(attach.kind.name(), "attach-port");
+        // The flap detector sees the attachment, not what decides it.
+        assert_eq!(attach.flap_wanted(), "Enslave { bridge: \"br0\" }");
+        let fingerprint = guard_of(attach).fingerprint;
+        h.net.as_mut().unwrap().held_uplinks = vec![held_change(GuardedChange::Port, "br0", "eth1", &fingerprint)];
+        let l = lines(&d, &h);
+        assert!(
+            l.contains(&"warning: eth1: not a port of br0, policy lists it → held: verification failed at 2026-12-06T04:00:00Z: ping 192.0.2.99 did not answer within 10s; detached again; retried when the policy changes or after `virtwarden release br0`".to_string()),
+            "{l:#?}"
+        );
+        assert!(!l.iter().any(|l| l.starts_with("eth1: ")), "{l:#?}");
+        // Another policy tries again; a bridge that carries no uplink attaches plainly.
+        let changed = desired(&format!("{BR0_STP_ETH1}      allowUplinkChange: true\n"));
+        assert!(lines(&changed, &h)
+            .iter()
+            .any(|l| l.starts_with("eth1: not a port of br0, policy lists it → attach to br0; checkpoint")));
+        assert!(lines(&changed, &uplink_host(&[], &[]))
+            .contains(&"eth1: not a port of br0, policy lists it → attach to br0".to_string()));
     }
 
     #[test]
