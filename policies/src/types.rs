@@ -310,8 +310,9 @@ pub struct BridgePolicy {
     /// route in any routing table (multipath and nexthop-object routes included) or with a
     /// global address; it counts when it is the bridge, one of its ports, or a port listed here.
     /// With `true` a listed uplink port is taken over (its MAC, MTU, addresses, routes and rules
-    /// move to the bridge), verified, and rolled back if verification fails; an uplink that a
-    /// DHCP client, NetworkManager or systemd-networkd manages is refused unless `"force"`.
+    /// move to the bridge), verified, and rolled back if verification fails; other listed ports
+    /// and STP changes are verified and rolled back the same way; an uplink that a DHCP client,
+    /// NetworkManager or systemd-networkd manages is refused unless `"force"`.
     #[serde(default, skip_serializing_if = "UplinkChange::is_never")]
     pub allow_uplink_change: UplinkChange,
     /// Probes that must pass after an uplink change, besides the default gateways answering
