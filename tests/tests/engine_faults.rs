@@ -261,6 +261,9 @@ async fn a_hung_call_stalls_only_its_domain() {
     r.engine.resync();
     let s = r.until("web2 observed again", |s| find(s, "web2").is_some_and(|d| d.state.starts_with("running"))).await;
     assert_eq!(find(&s, "web2").unwrap().stalled, None, "no longer stalled");
+    // The released thread returns on its own time (a new one observed web2): idle means no call
+    // is hung in the pool any more.
+    r.until_idle().await;
     let metrics = r.engine.metrics_text();
     assert!(metrics.contains("virtwarden_domain_stalled{domain=\"web2\"} 0"), "{metrics}");
     assert!(metrics.contains("virtwarden_hung_threads{pool=\"libvirt\"} 0"), "{metrics}");
