@@ -204,8 +204,8 @@ async fn takeover_moves_addresses_routes_and_rules_and_keeps_the_gateway_reachab
 }
 
 #[tokio::test]
-async fn failed_verification_is_rolled_back_and_held() {
-    if !in_private_netns("failed_verification_is_rolled_back_and_held") {
+async fn failed_verification_is_rolled_back_within_a_second_and_held() {
+    if !in_private_netns("failed_verification_is_rolled_back_within_a_second_and_held") {
         return;
     }
     let _gw = lan();
@@ -217,8 +217,9 @@ async fn failed_verification_is_rolled_back_and_held() {
     assert!(!v.verified, "{v:?}");
     let err = outcomes[0].error.clone().unwrap();
     assert!(err.contains("ping 198.51.100.99 did not answer within 2s") && err.contains("rolled back in"), "{err}");
-    // How long it took is measured by `make bench-net` (a bound here would be a timing test).
-    assert!(v.rollback_millis.is_some(), "{v:?}");
+    // Back within a second of the verdict (issue 22's bound, the restore's own time; a few ms
+    // here, its p50/p99 are `make bench-net`'s): not a timeout that happened to pass.
+    assert!(v.rollback_millis.is_some_and(|ms| ms < 1000), "{v:?}");
     assert!(up0_is_back(), "up0 has its address, routes and rule again");
     assert!(!out(&["ip", "-4", "addr", "show", "dev", "br0"]).contains("198.51.100.2"));
 
@@ -457,7 +458,7 @@ async fn a_failed_stp_or_forwarding_change_on_the_uplink_bridge_is_rolled_back_a
     for o in &outcomes {
         let err = o.error.clone().unwrap_or_else(|| panic!("verification cannot pass: {o:#?}"));
         assert!(err.contains("ping 198.51.100.99 did not answer within 1s") && err.contains("rolled back in"), "{err}");
-        assert!(o.verification.as_ref().and_then(|v| v.rollback_millis).is_some(), "{o:#?}");
+        assert!(o.verification.as_ref().and_then(|v| v.rollback_millis).is_some_and(|ms| ms < 1000), "{o:#?}");
     }
     assert!(outcomes[1].error.as_ref().unwrap().contains("`virtwarden release forwarding`"));
     assert_eq!(stp_of_br0(), stp_before, "STP off and its forward delay back");
@@ -511,7 +512,7 @@ async fn a_release_whose_gateway_does_not_answer_puts_the_uplink_back_into_the_b
         "{err}"
     );
     assert!(err.contains("held until the policy changes or `virtwarden release br0`"), "{err}");
-    assert!(outcomes[0].verification.as_ref().unwrap().rollback_millis.is_some());
+    assert!(outcomes[0].verification.as_ref().unwrap().rollback_millis.is_some_and(|ms| ms < 1000));
     assert!(br0_holds_up0(), "br0 holds the uplink again");
     assert_eq!(mac_of("br0"), up0_mac);
     let memory = net.journal.load();
