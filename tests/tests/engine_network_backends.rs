@@ -60,6 +60,12 @@ impl UplinkNet for NoLinks {
     async fn restore(&self, _: &Checkpoint) -> Result<(), NetError> {
         unreachable!("no uplink")
     }
+    async fn attach(&self, _: &str, _: &str) -> Result<(), NetError> {
+        unreachable!("no uplink")
+    }
+    async fn detach(&self, _: &str, _: &str) -> Result<(), NetError> {
+        unreachable!("no uplink")
+    }
     async fn default_gateways(&self) -> Result<Vec<(u32, std::net::IpAddr)>, NetError> {
         Ok(Vec::new())
     }

@@ -77,6 +77,14 @@ impl UplinkNet for RefusingHost {
         self.record(format!("restore {} → {}", cp.port, cp.bridge));
         Err(refused("restore", &cp.port))
     }
+    async fn attach(&self, port: &str, bridge: &str) -> Result<(), NetError> {
+        self.record(format!("attach {port} → {bridge}"));
+        Ok(())
+    }
+    async fn detach(&self, port: &str, bridge: &str) -> Result<(), NetError> {
+        self.record(format!("detach {port} from {bridge}"));
+        Err(refused("detach", port))
+    }
     async fn default_gateways(&self) -> Result<Vec<(u32, IpAddr)>, NetError> {
         Ok(Vec::new())
     }

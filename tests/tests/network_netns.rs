@@ -194,10 +194,12 @@ async fn uplink_bridge_port_changes_are_held_back_unless_allowed() {
     assert!(p.network.is_empty(), "{}", render_text(&p));
     assert!(render_text(&p).contains("held back: br0 carries a default route (set allowUplinkChange: true to allow)"));
     // Allowed: a guarded change, kept because the gateway answers on br0 once eth1 is its port.
-    let allowed = policy("  bridges:\n    - name: br0\n      allowUplinkChange: true\n      ports: [eth1]\n");
+    let allowed = policy(
+        "  bridges:\n    - name: br0\n      allowUplinkChange: true\n      verifyTimeout: 2s\n      ports: [eth1]\n",
+    );
     let text = render_text(&net.plan(&allowed, None).await);
     assert!(
-        text.contains("eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify within 10s: gateway 10.77.0.1 answers ARP/NDP on br0; detach if not"),
+        text.contains("eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify throughout 2s: gateway 10.77.0.1 answers ARP/NDP on br0; detach if not"),
         "{text}"
     );
     assert!(net.converge(&allowed, None).await.is_empty());

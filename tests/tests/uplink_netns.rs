@@ -665,16 +665,25 @@ async fn a_port_attached_to_the_uplink_bridge_is_detached_again_when_the_host_lo
     }
     let _gw = lan_on_br0();
     // A second host interface the policy lists as a port of the bridge that carries the uplink.
-    sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p"]);
-    sh(&["ip", "link", "set", "eth1", "up"]);
+    // A MAC lower than br0's (it has up0's): a bridge whose MAC was not set explicitly would
+    // take it.
+    sh(&["ip", "link", "add", "eth1", "address", "02:00:00:00:00:01", "type", "veth", "peer", "name", "eth1p"]);
+    let br0_mac = mac_of("br0");
+    assert_ne!(br0_mac, "02:00:00:00:00:01");
     let net = Net::new(MemoryStore::in_memory());
 
-    // Nothing answers 198.51.100.99: the attachment is undone and held.
+    // Down, it waits: nothing it carries could verify it.
     let failing = port_policy("      verify: [{ping: {address: 198.51.100.99}}]\n      verifyTimeout: 2s\n");
+    let p = net.plan(&failing).await;
+    assert!(!p.network.iter().any(|a| a.subject == "eth1"), "{}", render_text(&p));
+    assert!(render_text(&p).contains("→ waits: br0 carries an uplink and eth1 is down"), "{}", render_text(&p));
+    sh(&["ip", "link", "set", "eth1", "up"]);
+
+    // Nothing answers 198.51.100.99: the attachment is undone and held.
     let text = render_text(&net.plan(&failing).await);
     assert!(
         text.contains(
-            "eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify within 2s: \
+            "eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify throughout 2s: \
              gateway 198.51.100.1 answers ARP/NDP on br0, ping 198.51.100.99; detach if not"
         ),
         "{text}"
@@ -686,6 +695,8 @@ async fn a_port_attached_to_the_uplink_bridge_is_detached_again_when_the_host_lo
     assert!(err.contains("held until the policy changes or `virtwarden release br0`"), "{err}");
     assert!(o.verification.as_ref().is_some_and(|v| !v.verified && v.rollback_millis.is_some()), "{o:#?}");
     assert!(!eth1_in_br0(), "eth1 detached again");
+    assert_eq!(mac_of("br0"), br0_mac, "br0 kept its MAC");
+    assert!(out(&["ip", "-o", "link", "show", "br0"]).contains(",UP"), "br0 still up");
     assert!(out(&["ip", "-o", "link", "show", "up0"]).contains("master br0"), "the uplink untouched");
     assert!(out(&["ip", "route", "show", "default"]).contains("via 198.51.100.1 dev br0"));
     assert!(net.journal.load().pending.is_empty(), "no checkpoint left once rolled back");
@@ -698,17 +709,64 @@ async fn a_port_attached_to_the_uplink_bridge_is_detached_again_when_the_host_lo
         "{text}"
     );
 
-    // Released by the admin, with a policy whose deciders answer (the gateway): attached,
-    // verified, kept.
+    // virtwarden killed mid-change (eth1 attached, its checkpoint pending): the next start
+    // detaches it and holds the change.
+    sh(&["ip", "link", "set", "eth1", "master", "br0"]);
+    let interrupted = virtwarden::hostnet::uplink::Checkpoint {
+        bridge: "br0".into(),
+        port: "eth1".into(),
+        change: virtwarden::observe::GuardedChange::Port,
+        ..Default::default()
+    };
+    net.journal.change(&mut |u| u.pending.push(interrupted.clone())).unwrap();
+    assert_eq!(restore_pending(&net.nl, &net.fwd, &net.journal).await, ["attach of eth1 to br0"]);
+    assert!(!eth1_in_br0(), "detached at start");
+    let memory = net.journal.load();
+    assert!(memory.pending.is_empty() && memory.held.len() == 1, "{memory:#?}");
+    assert!(memory.held[0].reason.starts_with("virtwarden stopped during the change"), "{memory:#?}");
+
+    // Released by the admin, with a policy whose deciders answer (the gateway, still at the end
+    // of the verify time): attached, verified, kept.
     assert_eq!(release(&net.journal, "br0").unwrap().len(), 1);
-    let passing = port_policy("      verifyTimeout: 10s\n");
+    let passing = port_policy("      verifyTimeout: 2s\n");
     let outcomes = net.apply(&passing).await;
     let o = outcomes.iter().find(|o| o.action.subject == "eth1").unwrap();
     assert!(o.error.is_none(), "{o:#?}");
     let v = o.verification.clone().expect("guarded");
     assert!(v.verified && v.detail.contains("gateway 198.51.100.1 answers ARP/NDP on br0"), "{v:?}");
     assert!(eth1_in_br0());
+    assert_eq!(mac_of("br0"), br0_mac, "br0 kept its MAC with a lower-MAC port in it");
     let memory = net.journal.load();
     assert!(memory.pending.is_empty() && memory.held.is_empty(), "{memory:#?}");
     assert!(net.plan(&passing).await.network.is_empty(), "converged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_whose_lan_goes_dark_after_its_first_answers_is_detached_again() {
+    if !in_private_netns("a_port_whose_lan_goes_dark_after_its_first_answers_is_detached_again") {
+        return;
+    }
+    let gw = lan_on_br0();
+    sh(&["ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p"]);
+    sh(&["ip", "link", "set", "eth1", "up"]);
+    let net = Arc::new(Net::new(MemoryStore::in_memory()));
+    // The gateway answers at first; a port's verdict waits for the end of the verify time.
+    let desired = port_policy("      verifyTimeout: 6s\n");
+    let apply = tokio::spawn({
+        let (net, desired) = (net.clone(), desired.clone());
+        async move { net.apply(&desired).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(eth1_in_br0() && out(&["ip", "neigh", "show", "198.51.100.1", "dev", "br0"]).contains("REACHABLE")) {
+        assert!(Instant::now() < deadline, "eth1 was not attached, or the gateway never answered on br0");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!apply.is_finished(), "verification still runs after the first answers");
+    gw.sh(&["ip", "link", "set", "gw0", "down"]);
+    let outcomes = apply.await.unwrap();
+    let o = outcomes.iter().find(|o| o.action.subject == "eth1").unwrap();
+    let err = o.error.clone().expect("the gateway went away during verification");
+    assert!(err.contains("gateway 198.51.100.1 did not answer ARP/NDP on br0 any more at the end of 6s"), "{err}");
+    assert!(err.contains("detached again in"), "{err}");
+    assert!(!eth1_in_br0(), "eth1 detached again");
 }

@@ -486,6 +486,31 @@ impl UplinkNet for NetlinkHost {
         first.map_or(Ok(()), Err)
     }
 
+    async fn attach(&self, port: &str, bridge: &str) -> Result<(), NetError> {
+        let (bridge_index, bridge_mac, ..) = self.link_facts(bridge).await?;
+        if let Some(mac) = bridge_mac.as_deref().and_then(parse_mac) {
+            let keep = LinkUnspec::new_with_index(bridge_index).address(mac).build();
+            self.handle().link().set(keep).execute().await.map_err(nl("keep mac", bridge))?;
+        }
+        crate::hostnet::HostNet::enslave(self, port, bridge).await
+    }
+
+    async fn detach(&self, port: &str, bridge: &str) -> Result<(), NetError> {
+        let gone = |e: &NetError| matches!(e, NetError::NoSuchLink { .. });
+        let (port_index, _, _, master) = match self.link_facts(port).await {
+            Err(e) if gone(&e) => return Ok(()),
+            other => other?,
+        };
+        let (bridge_index, ..) = match self.link_facts(bridge).await {
+            Err(e) if gone(&e) => return Ok(()),
+            other => other?,
+        };
+        if master != Some(bridge_index) {
+            return Ok(());
+        }
+        self.set_master(port_index, port, None).await
+    }
+
     async fn probe(&self, probe: &VerifyProbe, timeout: std::time::Duration) -> bool {
         match *probe {
             VerifyProbe::Tcp { address, port } => {
@@ -702,6 +727,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(serde_json::from_str::<Checkpoint>(&serde_json::to_string(&stp).unwrap()).unwrap(), stp);
+        let port =
+            Checkpoint { bridge: "br0".into(), port: "eth1".into(), change: GuardedChange::Port, ..Default::default() };
+        let text = serde_json::to_string(&port).unwrap();
+        assert!(text.contains(r#""change":"port""#), "{text}");
+        assert_eq!(serde_json::from_str::<Checkpoint>(&text).unwrap(), port);
         assert_eq!(Sysctl::AcceptRa { iface: "br0".into() }.to_string(), "net.ipv6.conf.br0.accept_ra");
     }
 

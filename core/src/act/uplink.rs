@@ -1,7 +1,7 @@
 //! A guarded change as one transaction: checkpoint → apply → verify → commit or roll back.
 //! Guarded are the changes that can cut the host off: an uplink takeover and its release, STP
-//! on a bridge that carries an uplink, forwarding while the default route goes through a
-//! managed bridge. The checkpoint is written to the durable memory before anything changes, so
+//! on a bridge that carries an uplink, another port attached to such a bridge, forwarding while
+//! the default route goes through a managed bridge. The checkpoint is written to the durable memory before anything changes, so
 //! a virtwarden killed mid-change restores it at its next start ([`restore_pending`]). A change
 //! whose verification fails is rolled back and held until the policy changes or an admin
 //! releases it.
@@ -148,6 +148,8 @@ struct Deciders<'a> {
     gateways: Vec<(String, IpAddr)>,
     probes: &'a [VerifyProbe],
     timeout: Duration,
+    /// They must still pass when `timeout` has run, not only once (see [`verify_on`]).
+    throughout: bool,
 }
 
 impl<'a> Deciders<'a> {
@@ -156,6 +158,7 @@ impl<'a> Deciders<'a> {
             gateways: guard.gateways.iter().map(|g| (g.link.clone(), g.address)).collect(),
             probes: &guard.probes,
             timeout: guard.verify_timeout.as_std(),
+            throughout: false,
         }
     }
 }
@@ -177,6 +180,7 @@ pub async fn take_over<N: HostNet + UplinkNet, F: Forwarding>(
         gateways: net.describe(&cp).gateways.into_iter().map(|g| (bridge.to_string(), g)).collect(),
         probes: &plan.probes,
         timeout: plan.verify_timeout.as_std(),
+        throughout: false,
     };
     transaction(net, fwd, journal, cp, Step::TakeOver, deciders).await
 }
@@ -247,7 +251,10 @@ pub async fn attach_port<N: HostNet + UplinkNet, F: Forwarding>(
         fingerprint: guard.fingerprint.clone(),
         ..Default::default()
     };
-    transaction(net, fwd, journal, cp, Step::Attach, Deciders::of(guard)).await
+    // A new port's effect (a loop, a wrong LAN) shows after its first frames, and with STP only
+    // once it forwards: the deciders must still pass when the verify time is over.
+    let deciders = Deciders { throughout: true, ..Deciders::of(guard) };
+    transaction(net, fwd, journal, cp, Step::Attach, deciders).await
 }
 
 /// IP forwarding of `family` while the default route depends on a managed bridge: the
@@ -324,7 +331,7 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
     let started = Instant::now();
     let verdict = match apply_step(net, fwd, &cp, &step).await {
         Err(e) => Err(format!("applying failed: {e}")),
-        Ok(()) => verify_on(net, &deciders.gateways, deciders.probes, deciders.timeout).await,
+        Ok(()) => verify_on(net, &deciders.gateways, deciders.probes, deciders.timeout, deciders.throughout).await,
     };
     let verify_millis = started.elapsed().as_millis();
     match verdict {
@@ -413,7 +420,7 @@ async fn apply_step<N: HostNet + UplinkNet, F: Forwarding>(
         Step::TakeOver => net.take_over(cp).await,
         Step::GiveBack => net.restore(cp).await,
         Step::Stp(stp) => net.set_stp(&cp.bridge, *stp).await,
-        Step::Attach => net.enslave(&cp.port, &cp.bridge).await,
+        Step::Attach => net.attach(&cp.port, &cp.bridge).await,
         Step::Forwarding { ipv6, on, keep_ra } => {
             for iface in keep_ra.iter() {
                 fwd.set_accept_ra(iface, 2)?;
@@ -434,9 +441,9 @@ async fn roll_back<N: HostNet + UplinkNet, F: Forwarding>(net: &N, fwd: &F, cp: 
     let links = match cp.change {
         GuardedChange::Takeover => net.restore(cp).await,
         GuardedChange::Release => net.take_over(cp).await,
-        // The checkpoint holds only the port's former bridge (none): restoring it detaches the
-        // port; it moved no address, route or rule.
-        GuardedChange::Port => net.restore(cp).await,
+        // The port was in no bridge: detached again (when it still is this bridge's port), and
+        // nothing else touched.
+        GuardedChange::Port => net.detach(&cp.port, &cp.bridge).await,
         GuardedChange::Stp | GuardedChange::Forwarding => Ok(()),
     };
     let stp = match &cp.bridge_stp {
@@ -514,14 +521,19 @@ const REASK: Duration = Duration::from_secs(1);
 /// Poll every decider until all passed (the text says which) or `timeout` ran out (the text
 /// says which did not). A gateway counts only with an answer given after the change (its
 /// neighbour entry is forgotten first) and asked again every [`REASK`]; all gateways must
-/// answer in the same round. A probe that passed stays passed.
+/// answer in the same round. A probe that passed stays passed. `throughout`: passing early is
+/// not enough, they must still pass once `timeout` has run (a round caught between a re-ask and
+/// its answer gets up to [`REASK`] more).
 pub async fn verify_on<N: UplinkNet>(
     net: &N,
     gateways: &[(String, IpAddr)],
     probes: &[VerifyProbe],
     timeout: Duration,
+    throughout: bool,
 ) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
+    let give_up = if throughout { deadline + REASK } else { deadline };
+    let mut passed_once = false;
     let mut asked = Vec::with_capacity(gateways.len());
     for (link, gw) in gateways {
         let _ = net.forget_neighbour(link, *gw).await;
@@ -551,18 +563,22 @@ pub async fn verify_on<N: UplinkNet>(
             }
         }
         probes_left = still;
-        if gw_down.is_empty() && probes_left.is_empty() {
+        let all = gw_down.is_empty() && probes_left.is_empty();
+        passed_once |= all;
+        if all && (!throughout || Instant::now() >= deadline) {
             let mut passed: Vec<String> =
                 gateways.iter().map(|(link, gw)| format!("gateway {gw} answers ARP/NDP on {link}")).collect();
             passed.extend(passed_probes);
             return Ok(if passed.is_empty() { "nothing to probe".into() } else { passed.join(", ") });
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= give_up {
             let mut why = gw_down;
             why.extend(probes_left.iter().map(|p| format!("{p} did not answer")));
+            // Throughout: all had answered once, so something stopped answering since.
             return Err(format!(
-                "{} within {}",
+                "{} {} {}",
                 why.join(", "),
+                if passed_once { "any more at the end of" } else { "within" },
                 virtwarden_policies::Duration::from_millis(timeout.as_millis() as u64)
             ));
         }

@@ -22,7 +22,8 @@ pub struct SysctlValue {
 
 /// Everything a guarded change changes, as it was before: for a takeover of `port` into
 /// `bridge` (or its release) the links, addresses, routes and rules; for an STP change the
-/// bridge's STP settings; for a forwarding change the sysctls.
+/// bridge's STP settings; for a forwarding change the sysctls; for a port attached to an
+/// uplink bridge nothing but the names (the port was in no bridge).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Checkpoint {
@@ -82,6 +83,13 @@ pub trait UplinkNet: Send + Sync {
     /// Put everything back as `cp` says. Idempotent: a half-applied takeover (or one already
     /// undone) is restored too, so it is safe after a crash.
     fn restore(&self, cp: &Checkpoint) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
+    /// Make `port` a port of `bridge` without changing the bridge's MAC (set explicitly first,
+    /// so the kernel does not take a lower one from the new port: DHCP reservations and switch
+    /// port security keep seeing the same address).
+    fn attach(&self, port: &str, bridge: &str) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
+    /// Undo [`UplinkNet::attach`]: detach `port` if it is a port of `bridge`; nothing when it
+    /// is gone, or a port of something else now (not ours to take out). Touches nothing else.
+    fn detach(&self, port: &str, bridge: &str) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
     /// The gateways of every default route (IPv4 and IPv6, every table, every nexthop of a
     /// multipath route), with the index of the link each is reached through.
     fn default_gateways(&self) -> impl std::future::Future<Output = Result<Vec<(u32, IpAddr)>, NetError>> + Send;

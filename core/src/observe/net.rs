@@ -116,8 +116,8 @@ pub struct UplinkPort {
     pub managers: Vec<String>,
 }
 
-/// A guarded change (an uplink takeover or release, STP on an uplink bridge, forwarding)
-/// rolled back after failed verification.
+/// A guarded change (an uplink takeover or release, STP on an uplink bridge, a port attached to
+/// one, forwarding) rolled back after failed verification.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeldUplink {

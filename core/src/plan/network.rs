@@ -86,7 +86,7 @@ impl NetActionKind {
                 }
             }
             NetActionKind::Enslave { bridge, guard: Some(g) } => {
-                format!("attach to {bridge}; {}", g.describe(&self.checkpointed(), "detach if not"))
+                format!("attach to {bridge}; {}", g.describe_throughout(&self.checkpointed(), "detach if not"))
             }
             NetActionKind::Enslave { bridge, guard: None } | NetActionKind::AttachTap { bridge, .. } => {
                 format!("attach to {bridge}")
@@ -139,8 +139,8 @@ impl NetActionKind {
 }
 
 /// What decides a guarded change other than a takeover — STP on a bridge that carries an
-/// uplink, forwarding while the default route goes through a managed bridge, the release of a
-/// taken-over uplink — and the sysctls its checkpoint holds.
+/// uplink, a port attached to such a bridge, forwarding while the default route goes through a
+/// managed bridge, the release of a taken-over uplink — and the sysctls its checkpoint holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Guard {
@@ -171,9 +171,18 @@ impl Guard {
 
     /// `checkpoint …; verify within 10s: …; roll back if not`.
     fn describe(&self, checkpoint: &[String], otherwise: &str) -> String {
+        self.describe_as(checkpoint, "within", otherwise)
+    }
+
+    /// `checkpoint …; verify throughout 10s: …; detach if not`: they must still pass at the end.
+    fn describe_throughout(&self, checkpoint: &[String], otherwise: &str) -> String {
+        self.describe_as(checkpoint, "throughout", otherwise)
+    }
+
+    fn describe_as(&self, checkpoint: &[String], how: &str, otherwise: &str) -> String {
         let deciders = self.deciders();
         format!(
-            "checkpoint {}; verify within {}: {}; {otherwise}",
+            "checkpoint {}; verify {how} {}: {}; {otherwise}",
             checkpoint.join(", "),
             self.verify_timeout,
             if deciders.is_empty() {
@@ -748,8 +757,19 @@ fn plan_ports(
             continue;
         }
         // Allowed, on a bridge that carries an uplink: a guarded change (a second path to the
-        // LAN may loop it; the host's gateways must still answer afterwards).
+        // LAN may loop it; the host's gateways must still answer afterwards). A port that is
+        // down carries nothing to verify: attached once it is up (its link event plans it).
         let port_guard = stp_guard(b, net);
+        if port_guard.is_some() && !l.up {
+            notes.push(Note {
+                subject: port.clone(),
+                severity: Severity::Warning,
+                message: format!(
+                    "{reason} → waits: {name} carries an uplink and {port} is down, so attaching it could not be verified; attached once it is up"
+                ),
+            });
+            continue;
+        }
         if let Some(g) = &port_guard {
             if let Some(h) = held(net, GuardedChange::Port, name, port, &g.fingerprint) {
                 notes.push(Note {
@@ -1226,7 +1246,7 @@ mod tests {
                 // Allowed, the STP change and the new port are guarded (checkpoint, verify, roll
                 // back if not).
                 "br0: stp off, forward delay 15s, hello 2s, max age 20s, priority 32768 → set stp on; checkpoint the bridge's STP settings; verify within 10s: nothing to probe (no default gateway, no verify probes); roll back if not",
-                "eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify within 10s: nothing to probe (no default gateway, no verify probes); detach if not"
+                "eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify throughout 10s: nothing to probe (no default gateway, no verify probes); detach if not"
             ]
         );
         // No uplink anywhere near br0: nothing held.
@@ -1411,7 +1431,7 @@ mod tests {
         let l = lines(&d, &h);
         assert_eq!(
             l[0],
-            "eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify within 10s: gateway 192.0.2.1 answers ARP/NDP on br0, ping 192.0.2.99; detach if not"
+            "eth1: not a port of br0, policy lists it → attach to br0; checkpoint that it is in no bridge; verify throughout 10s: gateway 192.0.2.1 answers ARP/NDP on br0, ping 192.0.2.99; detach if not"
         );
         assert_eq!(
             l[1],
@@ -1447,6 +1467,16 @@ mod tests {
             "{l:#?}"
         );
         assert!(!l.iter().any(|l| l.starts_with("eth1: ")), "{l:#?}");
+        // A port that is down waits (nothing to verify); up again, it is planned.
+        let mut down = h.clone();
+        down.net.as_mut().unwrap().held_uplinks.clear();
+        down.net.as_mut().unwrap().links.iter_mut().filter(|l| l.name == "eth1").for_each(|l| l.up = false);
+        assert!(
+            lines(&d, &down).contains(&"warning: eth1: not a port of br0, policy lists it → waits: br0 carries an uplink and eth1 is down, so attaching it could not be verified; attached once it is up".to_string()),
+            "{:#?}",
+            lines(&d, &down)
+        );
+        assert!(!plan_network(&d, &down).0.iter().any(|a| a.subject == "eth1"));
         // Another policy tries again; a bridge that carries no uplink attaches plainly.
         let changed = desired(&format!("{BR0_STP_ETH1}      allowUplinkChange: true\n"));
         assert!(lines(&changed, &h)
