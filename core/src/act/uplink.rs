@@ -324,7 +324,7 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
         // default route: each gateway answers where its route goes now.
         gateways_where_routed_now(net, &mut deciders.gateways).await;
     }
-    if let Err(e) = journal.change(&mut |u| u.pending.push(cp.clone())) {
+    if let Err(e) = record(journal, &mut |u| u.pending.push(cp.clone())) {
         return failed(format!("cannot record the checkpoint in the durable memory ({e}); nothing changed"));
     }
     let (change, what) = (cp.change, describe(&cp));
@@ -336,7 +336,7 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
     let verify_millis = started.elapsed().as_millis();
     match verdict {
         Ok(passed) => {
-            let _ = journal.change(&mut |u| {
+            let _ = record(journal, &mut |u| {
                 // Every checkpoint of this change goes, older ones left by a failed restore too:
                 // restored at a later start, they would undo what was just verified.
                 u.pending.retain(|p| !(p.change == change && p.port == cp.port && p.bridge == cp.bridge));
@@ -373,7 +373,7 @@ async fn transaction<N: HostNet + UplinkNet, F: Forwarding>(
                 fingerprint: cp.fingerprint.clone(),
                 change,
             };
-            let _ = journal.change(&mut |u| {
+            let _ = record(journal, &mut |u| {
                 if restored.is_ok() {
                     u.pending.retain(|p| p != &cp);
                 }
@@ -510,6 +510,19 @@ fn write_sysctl<F: Forwarding>(fwd: &F, s: &Sysctl, value: u8) -> Result<(), Net
     }
 }
 
+/// Write to the durable memory from the network task: the write is fsynced, so on the
+/// service's multi-thread runtime it runs with the worker handed over to other tasks
+/// (`block_in_place`) instead of holding events up behind the disk; a current-thread runtime
+/// (one-shot `apply`) has nothing else to run meanwhile.
+fn record(journal: &dyn UplinkJournal, f: &mut dyn FnMut(&mut UplinkMemory)) -> Result<(), String> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| journal.change(f))
+        }
+        _ => journal.change(f),
+    }
+}
+
 fn failed(detail: String) -> TakeoverResult {
     TakeoverResult { verified: false, detail, verify_millis: 0, rollback_millis: None, rollback_failed: false }
 }
@@ -607,7 +620,7 @@ pub async fn restore_pending<N: HostNet + UplinkNet, F: Forwarding>(
                     fingerprint: cp.fingerprint.clone(),
                     change: cp.change,
                 };
-                let _ = journal.change(&mut |u| {
+                let _ = record(journal, &mut |u| {
                     u.pending.retain(|p| p != &cp);
                     u.held.retain(|h| !(h.change == held.change && h.port == held.port && h.bridge == held.bridge));
                     u.held.push(held.clone());
@@ -628,7 +641,7 @@ pub async fn restore_pending<N: HostNet + UplinkNet, F: Forwarding>(
                     fingerprint: cp.fingerprint.clone(),
                     change: cp.change,
                 };
-                let _ = journal.change(&mut |u| {
+                let _ = record(journal, &mut |u| {
                     u.held.retain(|h| !(h.change == held.change && h.port == held.port && h.bridge == held.bridge));
                     u.held.push(held.clone());
                 });
