@@ -13,6 +13,7 @@ use rtnetlink::packet_route::link::{BridgeStpState, InfoBridge, InfoData, LinkAt
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec};
 use virtwarden::act::remediation::Registry;
 use virtwarden::engine::{Backends, Engine, EngineConfig};
+use virtwarden::hostnet::uplink::Neighbour;
 use virtwarden::hypervisor::DomainReader;
 use virtwarden::libvirt::connect::SharedConnector;
 use virtwarden::libvirt::events::start_event_loop;
@@ -265,7 +266,7 @@ async fn bench_uplink() {
         assert!(!v.verified, "{v:?}");
         // From the verdict: the rollback, then the gateway answering on up0 again.
         let t1 = Instant::now();
-        while !net.neighbour_reachable("up0", gateway).await.unwrap_or(false) {
+        while !net.neighbour_reachable("up0", gateway).await.is_ok_and(|n| n == Neighbour::Reachable) {
             assert!(t1.elapsed() < Duration::from_secs(10), "connectivity not back");
             tokio::time::sleep(Duration::from_micros(200)).await;
         }

@@ -72,7 +72,11 @@ impl UplinkNet for NoLinks {
     async fn forget_neighbour(&self, _: &str, _: std::net::IpAddr) -> Result<(), NetError> {
         unreachable!("no uplink")
     }
-    async fn neighbour_reachable(&self, _: &str, _: std::net::IpAddr) -> Result<bool, NetError> {
+    async fn neighbour_reachable(
+        &self,
+        _: &str,
+        _: std::net::IpAddr,
+    ) -> Result<virtwarden::hostnet::uplink::Neighbour, NetError> {
         unreachable!("no uplink")
     }
     async fn probe(&self, _: &virtwarden_policies::VerifyProbe, _: Duration) -> bool {

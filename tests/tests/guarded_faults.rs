@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use virtwarden::act::network::apply_net_actions;
 use virtwarden::act::uplink::{restore_pending, UplinkJournal, UplinkMemory};
-use virtwarden::hostnet::uplink::{Checkpoint, Moves, UplinkNet};
+use virtwarden::hostnet::uplink::{Checkpoint, Moves, Neighbour, UplinkNet};
 use virtwarden::hostnet::{Forwarding, HostNet, NetError};
 use virtwarden::observe::{GuardedChange, NetLink, StpSettings};
 use virtwarden::plan::network::{NetAction, NetActionKind, Takeover};
@@ -91,8 +91,8 @@ impl UplinkNet for RefusingHost {
     async fn forget_neighbour(&self, _: &str, _: IpAddr) -> Result<(), NetError> {
         Ok(())
     }
-    async fn neighbour_reachable(&self, _: &str, _: IpAddr) -> Result<bool, NetError> {
-        Ok(false)
+    async fn neighbour_reachable(&self, _: &str, _: IpAddr) -> Result<Neighbour, NetError> {
+        Ok(Neighbour::Unanswered)
     }
     async fn probe(&self, _: &VerifyProbe, _: Duration) -> bool {
         false

@@ -467,7 +467,7 @@ async fn stp_change_on_an_uplink_bridge_is_held_back_unless_allowed() {
     sh(&["ip", "link", "set", "br0", "up"]);
     sh(&["ip", "link", "set", "eth1", "master", "br0"]);
     sh(&["ip", "route", "add", "default", "via", "10.1.0.1", "dev", "br0", "onlink"]);
-    // The gateway, known statically: allowed, the STP change is verified by it answering.
+    // The gateway, known statically: the kernel never asks it, so it cannot verify anything.
     sh(&["ip", "neigh", "add", "10.1.0.1", "lladdr", "02:00:00:00:00:01", "dev", "br0", "nud", "permanent"]);
     let net = Net::new();
     let stp = "      stp: { enabled: true, forwardDelay: 4 }\n      ports: [eth1]\n";
@@ -479,8 +479,25 @@ async fn stp_change_on_an_uplink_bridge_is_held_back_unless_allowed() {
         render_text(&held)
     );
     assert!(!net.bridge("br0").await.stp, "STP left off on the uplink bridge");
+    // Allowed, with nothing else to decide: not verified, rolled back, told to name probes.
     let allowed = policy(&format!("  bridges:\n    - name: br0\n      allowUplinkChange: true\n{stp}"));
-    assert!(net.converge(&allowed, None).await.is_empty());
+    let p = net.plan(&allowed, None).await;
+    let outcomes = apply_net_actions(&net.nl, &net.fwd, &net.journal, &p.network).await;
+    let err = outcomes[0].error.clone().unwrap_or_default();
+    assert!(
+        err.contains("gateway 10.1.0.1 on br0 has a neighbour entry set by an admin")
+            && err.contains("name `verify` probes for this bridge"),
+        "{outcomes:#?}"
+    );
+    assert!(!net.bridge("br0").await.stp, "rolled back");
+    // A probe decides (a service on the host itself stands in for one across the LAN).
+    sh(&["ip", "link", "set", "lo", "up"]);
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    let probed = policy(&format!(
+        "  bridges:\n    - name: br0\n      allowUplinkChange: true\n      verify: [{{tcp: {{address: 127.0.0.1, port: {port}}}}}]\n{stp}"
+    ));
+    assert!(net.converge(&probed, None).await.is_empty());
     assert!(net.bridge("br0").await.stp);
 }
 

@@ -11,7 +11,7 @@ use virtwarden::act::uplink::{observe_uplinks, release, restore_pending, UplinkJ
 use virtwarden::engine::status::StatusReport;
 use virtwarden::hostnet::netlink::NetlinkHost;
 use virtwarden::hostnet::sysctl::ProcForwarding;
-use virtwarden::hostnet::uplink::UplinkNet;
+use virtwarden::hostnet::uplink::{Neighbour, UplinkNet};
 use virtwarden::libvirt::LibvirtHost;
 use virtwarden::memory::MemoryStore;
 use virtwarden::observe::ObservedHost;
@@ -532,7 +532,7 @@ async fn a_release_whose_gateway_does_not_answer_puts_the_uplink_back_into_the_b
     gw.sh(&["sysctl", "-qw", "net.ipv4.conf.gw0.arp_ignore=0", "net.ipv4.conf.all.arp_ignore=0"]);
     let gateway = "198.51.100.1".parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !net.nl.neighbour_reachable("br0", gateway).await.unwrap() {
+    while net.nl.neighbour_reachable("br0", gateway).await.unwrap() != Neighbour::Reachable {
         assert!(Instant::now() < deadline, "the gateway does not answer on br0");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -580,7 +580,7 @@ async fn the_gateway_cut_during_verification_rolls_the_takeover_back() {
     gw.sh(&["ip", "link", "set", "gw0", "up"]);
     let gateway = "198.51.100.1".parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !net.nl.neighbour_reachable("up0", gateway).await.unwrap() {
+    while net.nl.neighbour_reachable("up0", gateway).await.unwrap() != Neighbour::Reachable {
         assert!(Instant::now() < deadline, "the gateway does not answer on up0");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -769,4 +769,54 @@ async fn a_port_whose_lan_goes_dark_after_its_first_answers_is_detached_again() 
     assert!(err.contains("gateway 198.51.100.1 did not answer ARP/NDP on br0 any more at the end of 6s"), "{err}");
     assert!(err.contains("detached again in"), "{err}");
     assert!(!eth1_in_br0(), "eth1 detached again");
+}
+
+#[tokio::test]
+async fn a_gateway_entry_set_by_an_admin_decides_nothing_probes_must() {
+    if !in_private_netns("a_gateway_entry_set_by_an_admin_decides_nothing_probes_must") {
+        return;
+    }
+    let gw = lan_on_br0();
+    let _ssh = gw.enter(|| std::net::TcpListener::bind("198.51.100.1:22").unwrap());
+    gw.sh(&["ip", "link", "set", "gw0", "address", "02:00:00:00:00:99"]);
+    // A static ARP entry for the gateway (hardened hosts have them): the kernel never asks it.
+    sh(&["ip", "neigh", "replace", "198.51.100.1", "lladdr", "02:00:00:00:00:99", "nud", "permanent", "dev", "br0"]);
+    // The lowest MAC: br0's is kept explicitly, which flushes its neighbour table; the admin's
+    // entry is put back.
+    sh(&["ip", "link", "add", "eth1", "address", "02:00:00:00:00:01", "type", "veth", "peer", "name", "eth1p"]);
+    sh(&["ip", "link", "set", "eth1", "up"]);
+    let net = Net::new(MemoryStore::in_memory());
+    let permanent = || out(&["ip", "neigh", "show", "198.51.100.1", "dev", "br0"]).contains("PERMANENT");
+
+    // Nothing else decides: not verified, detached again, and told what to do.
+    let bare = port_policy("      verifyTimeout: 2s\n");
+    let outcomes = net.apply(&bare).await;
+    let o = outcomes.iter().find(|o| o.action.subject == "eth1").unwrap();
+    let err = o
+        .error
+        .clone()
+        .unwrap_or_else(|| panic!("a static entry proves nothing: {o:#?} {}", out(&["ip", "neigh", "show"])));
+    assert!(
+        err.contains("gateway 198.51.100.1 on br0 has a neighbour entry set by an admin (permanent or NOARP)")
+            && err.contains("name `verify` probes for this bridge")
+            && err.contains("detached again in"),
+        "{err}"
+    );
+    assert!(!eth1_in_br0());
+    assert!(permanent(), "the admin's entry kept");
+
+    // A probe decides; the static entry is named as not asked.
+    let probed = port_policy("      verify: [{tcp: {address: 198.51.100.1, port: 22}}]\n      verifyTimeout: 2s\n");
+    let outcomes = net.apply(&probed).await;
+    let o = outcomes.iter().find(|o| o.action.subject == "eth1").unwrap();
+    assert!(o.error.is_none(), "{o:#?}");
+    let detail = o.verification.clone().unwrap().detail;
+    assert!(
+        detail.contains("tcp 198.51.100.1:22")
+            && detail.contains("(not asked, its neighbour entry set by an admin: gateway 198.51.100.1 on br0)")
+            && !detail.contains("gateway 198.51.100.1 answers"),
+        "{detail}"
+    );
+    assert!(eth1_in_br0());
+    assert!(permanent(), "the admin's entry kept");
 }

@@ -23,7 +23,7 @@ use virtwarden_policies::VerifyProbe;
 use super::netlink::NetlinkHost;
 use super::NetError;
 
-pub use virtwarden_core::hostnet::uplink::{Checkpoint, Moves, SysctlValue, UplinkNet};
+pub use virtwarden_core::hostnet::uplink::{Checkpoint, Moves, Neighbour, SysctlValue, UplinkNet};
 
 /// A checkpoint's netlink messages in words (only this backend can read them).
 pub trait CheckpointText {
@@ -488,9 +488,27 @@ impl UplinkNet for NetlinkHost {
 
     async fn attach(&self, port: &str, bridge: &str) -> Result<(), NetError> {
         let (bridge_index, bridge_mac, ..) = self.link_facts(bridge).await?;
-        if let Some(mac) = bridge_mac.as_deref().and_then(parse_mac) {
-            let keep = LinkUnspec::new_with_index(bridge_index).address(mac).build();
-            self.handle().link().set(keep).execute().await.map_err(nl("keep mac", bridge))?;
+        let (_, port_mac, ..) = self.link_facts(port).await?;
+        // A bridge whose MAC was never set takes the lowest of its ports' MACs: only a port with
+        // a lower one can change it. Setting it explicitly flushes the bridge's neighbour table
+        // (as the kernel's own change would), entries an admin made permanent included: those
+        // are put back.
+        let (port_mac, bridge_mac) =
+            (port_mac.as_deref().and_then(parse_mac), bridge_mac.as_deref().and_then(parse_mac));
+        if let (Some(p), Some(b)) = (port_mac, bridge_mac) {
+            if p < b {
+                let kept = self.permanent_neighbours(bridge_index, bridge).await?;
+                let keep = LinkUnspec::new_with_index(bridge_index).address(b).build();
+                self.handle().link().set(keep).execute().await.map_err(nl("keep mac", bridge))?;
+                for (ip, lla) in kept {
+                    let add = self.handle().neighbours().add(bridge_index, ip).link_layer_address(&lla);
+                    add.state(NeighbourState::Permanent)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(nl("keep neighbour", bridge))?;
+                }
+            }
         }
         crate::hostnet::HostNet::enslave(self, port, bridge).await
     }
@@ -552,16 +570,18 @@ impl UplinkNet for NetlinkHost {
         Ok(())
     }
 
-    async fn neighbour_reachable(&self, link: &str, addr: IpAddr) -> Result<bool, NetError> {
+    async fn neighbour_reachable(&self, link: &str, addr: IpAddr) -> Result<Neighbour, NetError> {
         let (index, ..) = self.link_facts(link).await?;
         solicit(link, index, addr);
         let entries: Vec<_> =
             self.handle().neighbours().get().execute().try_collect().await.map_err(nl("list neighbours", link))?;
-        Ok(entries.iter().any(|n| {
-            n.header.ifindex == index
-                && matches!(n.header.state, NeighbourState::Reachable | NeighbourState::Permanent)
-                && neighbour_is(n, addr)
-        }))
+        let mut states =
+            entries.iter().filter(|n| n.header.ifindex == index && neighbour_is(n, addr)).map(|n| n.header.state);
+        Ok(match states.next() {
+            Some(NeighbourState::Permanent | NeighbourState::Noarp) => Neighbour::SetByAdmin,
+            Some(NeighbourState::Reachable) => Neighbour::Reachable,
+            _ => Neighbour::Unanswered,
+        })
     }
 
     fn describe(&self, cp: &Checkpoint) -> Moves {
@@ -575,6 +595,30 @@ impl UplinkNet for NetlinkHost {
 
     fn managers(&self, link: &str, index: u32) -> Vec<String> {
         super::managers::managers_of(&Default::default(), link, index)
+    }
+}
+
+impl NetlinkHost {
+    /// The neighbour entries an admin made permanent on link `index`: address and MAC.
+    async fn permanent_neighbours(&self, index: u32, link: &str) -> Result<Vec<(IpAddr, Vec<u8>)>, NetError> {
+        let entries: Vec<_> =
+            self.handle().neighbours().get().execute().try_collect().await.map_err(nl("list neighbours", link))?;
+        Ok(entries
+            .iter()
+            .filter(|n| n.header.ifindex == index && n.header.state == NeighbourState::Permanent)
+            .filter_map(|n| {
+                let ip = n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                    _ => None,
+                })?;
+                let lla = n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(l) => Some(l.clone()),
+                    _ => None,
+                })?;
+                Some((ip, lla))
+            })
+            .collect())
     }
 }
 

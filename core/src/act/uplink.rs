@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use virtwarden_policies::VerifyProbe;
 
-use crate::hostnet::uplink::{Checkpoint, SysctlValue, UplinkNet};
+use crate::hostnet::uplink::{Checkpoint, Neighbour, SysctlValue, UplinkNet};
 use crate::hostnet::{Forwarding, HostNet, NetError};
 use crate::memory::MemoryStore;
 use crate::observe::{
@@ -554,17 +554,37 @@ pub async fn verify_on<N: UplinkNet>(
     }
     let mut probes_left: Vec<VerifyProbe> = probes.to_vec();
     let mut passed_probes = Vec::new();
+    // Gateways whose neighbour entry an admin set: the kernel never asks them, so they decide
+    // nothing; when nothing else could decide, the change is not verified (name probes).
+    let mut set_by_admin = vec![false; gateways.len()];
     loop {
         let mut gw_down = Vec::new();
-        for ((link, gw), asked_at) in gateways.iter().zip(asked.iter_mut()) {
+        for (((link, gw), asked_at), admin) in gateways.iter().zip(asked.iter_mut()).zip(set_by_admin.iter_mut()) {
+            if *admin {
+                continue;
+            }
             match net.neighbour_reachable(link, *gw).await {
-                Ok(true) if asked_at.elapsed() >= REASK => {
+                Ok(Neighbour::SetByAdmin) => *admin = true,
+                Ok(Neighbour::Reachable) if asked_at.elapsed() >= REASK => {
                     let _ = net.forget_neighbour(link, *gw).await;
                     *asked_at = Instant::now();
                 }
-                Ok(true) => {}
+                Ok(Neighbour::Reachable) => {}
                 _ => gw_down.push(format!("gateway {gw} did not answer ARP/NDP on {link}")),
             }
+        }
+        let unchecked: Vec<String> = gateways
+            .iter()
+            .zip(&set_by_admin)
+            .filter(|(_, admin)| **admin)
+            .map(|((link, gw), _)| format!("gateway {gw} on {link}"))
+            .collect();
+        if !unchecked.is_empty() && set_by_admin.iter().all(|a| *a) && probes.is_empty() {
+            return Err(format!(
+                "{} has a neighbour entry set by an admin (permanent or NOARP), which the kernel never asks, so \
+                 nothing can show the host still reaches its LAN: name `verify` probes for this bridge",
+                unchecked.join(", ")
+            ));
         }
         let mut still = Vec::new();
         for p in probes_left {
@@ -579,10 +599,18 @@ pub async fn verify_on<N: UplinkNet>(
         let all = gw_down.is_empty() && probes_left.is_empty();
         passed_once |= all;
         if all && (!throughout || Instant::now() >= deadline) {
-            let mut passed: Vec<String> =
-                gateways.iter().map(|(link, gw)| format!("gateway {gw} answers ARP/NDP on {link}")).collect();
+            let mut passed: Vec<String> = gateways
+                .iter()
+                .zip(&set_by_admin)
+                .filter(|(_, admin)| !**admin)
+                .map(|((link, gw), _)| format!("gateway {gw} answers ARP/NDP on {link}"))
+                .collect();
             passed.extend(passed_probes);
-            return Ok(if passed.is_empty() { "nothing to probe".into() } else { passed.join(", ") });
+            let mut text = if passed.is_empty() { "nothing to probe".into() } else { passed.join(", ") };
+            if !unchecked.is_empty() {
+                text.push_str(&format!(" (not asked, its neighbour entry set by an admin: {})", unchecked.join(", ")));
+            }
+            return Ok(text);
         }
         if Instant::now() >= give_up {
             let mut why = gw_down;

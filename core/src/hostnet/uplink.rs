@@ -20,6 +20,18 @@ pub struct SysctlValue {
     pub value: u8,
 }
 
+/// What the neighbour table says of a gateway during verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Neighbour {
+    /// Confirmed reachable (an answer to the kernel's ARP/NDP request).
+    Reachable,
+    /// Not (yet) answered.
+    Unanswered,
+    /// Set by an admin (permanent) or on a NOARP link: the kernel never asks, so it proves
+    /// nothing about the path.
+    SetByAdmin,
+}
+
 /// Everything a guarded change changes, as it was before: for a takeover of `port` into
 /// `bridge` (or its release) the links, addresses, routes and rules; for an STP change the
 /// bridge's STP settings; for a forwarding change the sysctls; for a port attached to an
@@ -101,12 +113,13 @@ pub trait UplinkNet: Send + Sync {
         addr: IpAddr,
     ) -> impl std::future::Future<Output = Result<(), NetError>> + Send;
     /// Ask `link` to resolve `addr` (an ARP request or NDP solicitation) and say whether the
-    /// neighbour entry is confirmed reachable.
+    /// neighbour entry is confirmed reachable, or one an admin set (permanent, or a NOARP link),
+    /// which the kernel never asks: no answer can be checked.
     fn neighbour_reachable(
         &self,
         link: &str,
         addr: IpAddr,
-    ) -> impl std::future::Future<Output = Result<bool, NetError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Neighbour, NetError>> + Send;
     /// One attempt of a policy's verify probe, within `timeout`.
     fn probe(
         &self,
