@@ -140,6 +140,23 @@ fn stp_and_forwarding_policy(timeout: &str, stp: bool, forwarding: bool) -> Desi
     virtwarden_tests::inline_policy(&spec)
 }
 
+/// `net.apply(desired)` running on its own, to act on the host while it verifies.
+fn spawn_apply(net: &Arc<Net>, desired: &DesiredState) -> tokio::task::JoinHandle<Vec<NetOutcome>> {
+    let (net, desired) = (net.clone(), desired.clone());
+    tokio::spawn(async move { net.apply(&desired).await })
+}
+
+/// Wait (5 s at most) until `port` is br0's port and the gateway answered afresh on br0.
+async fn until_in_br0_and_the_gateway_answers(port: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(out(&["ip", "-o", "link", "show", port]).contains("master br0")
+        && out(&["ip", "neigh", "show", "198.51.100.1", "dev", "br0"]).contains("REACHABLE"))
+    {
+        assert!(Instant::now() < deadline, "{port} was not put into br0, or the gateway never answered on br0");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn up0_is_back() -> bool {
     out(&["ip", "-4", "addr", "show", "dev", "up0"]).contains("198.51.100.2/24")
         && out(&["ip", "route", "show", "default"]).contains("via 198.51.100.1 dev up0")
@@ -554,18 +571,9 @@ async fn the_gateway_cut_during_verification_rolls_the_takeover_back() {
     // after the gateway first answered on br0 (at most 5 s in, below; the gateway is asked
     // again every second, so the cut is seen well before the deadline even on a slow machine).
     let desired = policy("      verify: [{tcp: {address: 198.51.100.1, port: 22}}]\n      verifyTimeout: 12s\n");
-    let apply = tokio::spawn({
-        let (net, desired) = (net.clone(), desired.clone());
-        async move { net.apply(&desired).await }
-    });
+    let apply = spawn_apply(&net, &desired);
     // Applied, and the gateway answered afresh on br0: now its link goes down.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !(out(&["ip", "-o", "link", "show", "up0"]).contains("master br0")
-        && out(&["ip", "neigh", "show", "198.51.100.1", "dev", "br0"]).contains("REACHABLE"))
-    {
-        assert!(Instant::now() < deadline, "the takeover was not applied, or the gateway never answered on br0");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_in_br0_and_the_gateway_answers("up0").await;
     assert!(!apply.is_finished(), "verification still runs when the link is cut");
     gw.sh(&["ip", "link", "set", "gw0", "down"]);
     let outcomes = apply.await.unwrap();
@@ -752,15 +760,8 @@ async fn a_port_whose_lan_goes_dark_after_its_first_answers_is_detached_again() 
     let net = Arc::new(Net::new(MemoryStore::in_memory()));
     // The gateway answers at first; a port's verdict waits for the end of the verify time.
     let desired = port_policy("      verifyTimeout: 6s\n");
-    let apply = tokio::spawn({
-        let (net, desired) = (net.clone(), desired.clone());
-        async move { net.apply(&desired).await }
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !(eth1_in_br0() && out(&["ip", "neigh", "show", "198.51.100.1", "dev", "br0"]).contains("REACHABLE")) {
-        assert!(Instant::now() < deadline, "eth1 was not attached, or the gateway never answered on br0");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let apply = spawn_apply(&net, &desired);
+    until_in_br0_and_the_gateway_answers("eth1").await;
     assert!(!apply.is_finished(), "verification still runs after the first answers");
     gw.sh(&["ip", "link", "set", "gw0", "down"]);
     let outcomes = apply.await.unwrap();

@@ -607,11 +607,7 @@ impl NetlinkHost {
             .iter()
             .filter(|n| n.header.ifindex == index && n.header.state == NeighbourState::Permanent)
             .filter_map(|n| {
-                let ip = n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
-                    _ => None,
-                })?;
+                let ip = neighbour_address(n)?;
                 let lla = n.attributes.iter().find_map(|a| match a {
                     NeighbourAttribute::LinkLayerAddress(l) => Some(l.clone()),
                     _ => None,
@@ -623,10 +619,15 @@ impl NetlinkHost {
 }
 
 fn neighbour_is(n: &rtnetlink::packet_route::neighbour::NeighbourMessage, addr: IpAddr) -> bool {
-    n.attributes.iter().any(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => IpAddr::V4(*v4) == addr,
-        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => IpAddr::V6(*v6) == addr,
-        _ => false,
+    neighbour_address(n) == Some(addr)
+}
+
+/// The IP address a neighbour entry is for.
+fn neighbour_address(n: &rtnetlink::packet_route::neighbour::NeighbourMessage) -> Option<IpAddr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+        _ => None,
     })
 }
 
